@@ -1,0 +1,202 @@
+"""Calibration: run the uncached model over full sampling calls and measure feature redundancy.
+
+For every block and every pair of steps (a, t) it accumulates, averaged over
+calibration samples (each batch element is a sample, features flattened per
+sample): cosine similarity, mean absolute difference (L1) and mean squared
+difference (MSE) of the block's residual-branch outputs r_a and r_t. Memory is
+one sampling call's features at a time, whatever the number of samples.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+
+from .adapters import Block, LayerAdapter, describe
+from .engine import CacheHandle, _AlwaysCompute
+from .plan import scheduler_id
+
+METRICS = ("cosine", "l1", "mse")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-block K x K feature statistics of one model and sampler."""
+
+    blocks: tuple[Block, ...]
+    fingerprint: dict
+    num_steps: int
+    samples: int
+    seed: int
+    date: str
+    scheduler: str | None
+    matrices: dict[str, np.ndarray]  # metric -> [num_blocks, K, K], averaged over samples
+    reuse_error: np.ndarray  # [num_blocks]: mean over step pairs a < t of mean |r_a - r_t|
+
+    def matrix(self, metric: str) -> np.ndarray:
+        if metric not in self.matrices:
+            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        return self.matrices[metric]
+
+    def facts(self) -> dict:
+        """What a plan file records about the calibration it came from."""
+        return {"samples": self.samples, "seed": self.seed, "date": self.date}
+
+    def save(self, path: str | Path) -> Path:
+        """Save as safetensors (arrays) with the metadata in the header; no pickle."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "blocks": [[b.name, b.kind, b.layer] for b in self.blocks],
+            "fingerprint": self.fingerprint,
+            "num_steps": self.num_steps,
+            "samples": self.samples,
+            "seed": self.seed,
+            "date": self.date,
+            "scheduler": self.scheduler,
+        }
+        save_file({**self.matrices, "reuse_error": self.reuse_error}, str(path), metadata={"bac": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("bac", "null") or "null")
+        if meta is None:
+            raise ValueError(f"{path} is not a bac calibration file")
+        arrays = load_file(str(path))
+        return cls(
+            blocks=tuple(Block(n, k, int(l)) for n, k, l in meta["blocks"]),
+            fingerprint=meta["fingerprint"],
+            num_steps=int(meta["num_steps"]),
+            samples=int(meta["samples"]),
+            seed=int(meta["seed"]),
+            date=meta["date"],
+            scheduler=meta["scheduler"],
+            matrices={m: arrays[m] for m in METRICS},
+            reuse_error=arrays["reuse_error"],
+        )
+
+
+def _flatten(out: Any, batch_dim: int) -> torch.Tensor:
+    """A branch output (tensor or tuple of tensors) as [batch, features], float32."""
+    tensors = out if isinstance(out, (tuple, list)) else (out,)
+    parts = [t.detach().movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1).float() for t in tensors if t is not None]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class _Recorder:
+    """Observer that keeps one sampling call's block outputs and folds them into sums."""
+
+    def __init__(self, blocks: tuple[Block, ...], batch_dims: list[int]):
+        self.blocks = blocks
+        self.batch_dims = batch_dims
+        self.features: list[list[torch.Tensor]] = [[] for _ in blocks]
+        self.first_order: list[int] | None = []
+        self.sums: dict[str, torch.Tensor] | None = None
+        self.samples = 0
+        self.num_steps: int | None = None
+
+    def __call__(self, i, fn, args, kwargs):
+        out = fn(*args, **kwargs)
+        if self.first_order is not None and not self.features[i]:
+            self.first_order.append(i)
+        self.features[i].append(_flatten(out, self.batch_dims[i]))
+        return out
+
+    def finish(self, steps: int) -> None:
+        if steps <= 0:
+            raise RuntimeError("the calibration sampling function never called the model")
+        if self.num_steps is None:
+            self.num_steps = steps
+        elif steps != self.num_steps:
+            raise RuntimeError(f"calibration sampling calls ran {self.num_steps} and {steps} steps; use one sampler")
+        if self.first_order is not None:
+            if self.first_order != list(range(len(self.blocks))):
+                ran = [self.blocks[i].name for i in self.first_order]
+                raise RuntimeError(
+                    f"blocks ran in the order {ran}, not in the declared order {[b.name for b in self.blocks]}: "
+                    "register layers in execution order (BUA relies on it)"
+                )
+            self.first_order = None
+        for i, block in enumerate(self.blocks):
+            if len(self.features[i]) != steps:
+                raise RuntimeError(
+                    f"block {block.name} ran {len(self.features[i])} times in a {steps}-step sampling call; "
+                    "each block must run exactly once per denoiser call"
+                )
+            r = torch.stack(self.features[i], dim=1)  # [batch, K, D]
+            self.features[i] = []
+            if not torch.isfinite(r).all():
+                raise FloatingPointError(f"block {block.name} produced NaN or inf during calibration")
+            unit = r / r.norm(dim=2, keepdim=True).clamp_min(1e-12)
+            stats = {
+                "cosine": unit @ unit.transpose(1, 2),
+                "l1": torch.cdist(r, r, p=1) / r.shape[2],
+                "mse": torch.cdist(r, r, p=2, compute_mode="donot_use_mm_for_euclid_dist").square() / r.shape[2],
+            }
+            if self.sums is None:
+                n, k = len(self.blocks), steps
+                self.sums = {m: torch.zeros(n, k, k, dtype=torch.float64) for m in METRICS}
+            for metric, value in stats.items():
+                self.sums[metric][i] += value.sum(0).double().cpu()
+        self.samples += r.shape[0]
+
+
+def calibrate(
+    model: nn.Module,
+    sample_fn: Callable[[Any], Any],
+    inputs: Iterable[Any],
+    *,
+    seed: int = 0,
+    scheduler: Any = None,
+    adapters: Mapping[type, LayerAdapter] | None = None,
+) -> Calibration:
+    """Record every block's residual at every step over full sampling calls.
+
+    ``sample_fn(x)`` runs one complete sampling call (every denoising step) for
+    each ``x`` in ``inputs``; each batch element counts as one sample. The
+    global RNG is seeded with ``seed`` inside a forked RNG state, so the
+    caller's random state is untouched and calibration is reproducible.
+    ``scheduler`` (a diffusers scheduler or a description) is recorded in plans.
+    """
+    spec = describe(model, adapters)
+    recorder = _Recorder(spec.blocks, spec.batch_dims())
+    handle = CacheHandle(model, spec, _AlwaysCompute(len(spec.blocks)), sys.maxsize, observer=recorder)
+    devices = [p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"][:1]
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            for x in inputs:
+                handle.new_trajectory()
+                sample_fn(x)
+                recorder.finish(handle.step + 1)
+    finally:
+        handle.remove()
+    if recorder.sums is None:
+        raise ValueError("calibrate needs at least one calibration input")
+    matrices = {m: (s / recorder.samples).numpy() for m, s in recorder.sums.items()}
+    k = recorder.num_steps
+    upper = np.triu_indices(k, 1)
+    reuse_error = matrices["l1"][:, upper[0], upper[1]].mean(axis=1) if k > 1 else np.zeros(len(spec.blocks))
+    return Calibration(
+        blocks=spec.blocks,
+        fingerprint=dict(spec.fingerprint),
+        num_steps=k,
+        samples=recorder.samples,
+        seed=seed,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        scheduler=scheduler_id(scheduler),
+        matrices=matrices,
+        reuse_error=reuse_error,
+    )

@@ -1,0 +1,257 @@
+"""The engine: equivalence with no caching, exact reuse semantics, statistics, state handling."""
+import pytest
+import torch
+from torch import nn
+
+import bac
+from eval.stack import DecoderStackDenoiser, ddpm_scheduler, sample_actions
+
+
+def every_step(model, k):
+    return bac.make_plan(model, "every-step", num_steps=k)
+
+
+def stack(**kwargs):
+    torch.manual_seed(0)
+    base = dict(action_dim=3, obs_dim=5, horizon=8, width=32, num_layers=3, heads=2)
+    return DecoderStackDenoiser(**{**base, **kwargs}).eval()
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_every_step_plan_is_bit_identical_and_remove_restores(norm_first, batch_first):
+    model, scheduler = stack(norm_first=norm_first, batch_first=batch_first), ddpm_scheduler(12)
+    obs = torch.randn(2, 2, 5)
+    reference = sample_actions(model, scheduler, obs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with bac.accelerate(model, every_step(model, 12), num_steps=12) as handle:
+        cached = sample_actions(model, scheduler, obs)
+        repeated = sample_actions(model, scheduler, obs)  # the cache is cleared per sampling call
+        assert handle.stats()["skipped"] == 0
+    assert torch.equal(cached, reference) and torch.equal(repeated, reference)
+    assert torch.equal(sample_actions(model, scheduler, obs), reference)
+    assert "forward" not in model.decoder.layers[0].__dict__ and not hasattr(model, "_bac_handle")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+class EncoderDenoiser(nn.Module):
+    def __init__(self, norm_first):
+        super().__init__()
+        self.inp = nn.Linear(3, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x, t):
+        return self.out(self.encoder(self.inp(x) + t / 10))
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_encoder_layers_use_the_standard_path(norm_first):
+    torch.manual_seed(0)
+    model = EncoderDenoiser(norm_first).eval()
+    x = torch.randn(2, 6, 3)
+
+    def loop():
+        bac.new_trajectory(model)
+        with torch.no_grad():
+            return [model(x, float(t)) for t in range(5)]
+
+    fused = loop()  # PyTorch may take its fused inference kernel here
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        standard = loop()
+        with bac.accelerate(model, every_step(model, 5)):
+            cached = loop()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert all(torch.equal(a, b) for a, b in zip(cached, standard))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(cached, fused))
+
+
+def manual_cached_loop(model, scheduler, obs, plan, seed=0):
+    """Reference caching written out by hand for the decoder stack (pre-norm)."""
+    steps = plan.update_steps()
+    cache = {}
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((obs.shape[0], model.horizon, model.action_dim), generator=generator)
+    with torch.no_grad():
+        for k, t in enumerate(scheduler.timesteps):
+            timestep = torch.as_tensor(t).expand(obs.shape[0])
+            cond = torch.cat([model.time_emb(timestep)[:, None], model.obs_emb(obs)], 1) + model.cond_pos_emb
+            memory = model.cond_encoder(cond)
+            h = model.input_emb(x) + model.pos_emb
+            for i, layer in enumerate(model.decoder.layers):
+                branches = {
+                    "sa": lambda h: layer._sa_block(layer.norm1(h), model.causal_mask, None, True),
+                    "ca": lambda h: layer._mha_block(layer.norm2(h), memory, None, None, False),
+                    "ffn": lambda h: layer._ff_block(layer.norm3(h)),
+                }
+                for key, branch in branches.items():
+                    name = f"decoder.layers.{i}.{key}"
+                    if k in steps[name]:
+                        cache[name] = branch(h)
+                    h = h + cache[name]
+            eps = model.head(model.ln_f(h))
+            x = scheduler.step(eps, t, x, generator=generator).prev_sample
+    return x
+
+
+def test_cached_output_equals_hand_written_caching(tiny_stack):
+    model, scheduler, obs = tiny_stack
+    calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs])
+    plan = bac.make_plan(calibration, "bac", M=4, n=2)
+    with bac.accelerate(model, plan, num_steps=12):
+        cached = sample_actions(model, scheduler, obs)
+    assert torch.equal(cached, manual_cached_loop(model, scheduler, obs, plan))
+    assert not torch.equal(cached, sample_actions(model, scheduler, obs))  # caching really changed something
+
+
+def test_skipped_blocks_do_not_run_and_counts_match_the_plan(tiny_stack):
+    model, scheduler, obs = tiny_stack
+    plan = bac.make_plan(model, "uniform", num_steps=12, M=3)
+    calls = []
+    handles = [layer.linear1.register_forward_hook(lambda *a: calls.append(1)) for layer in model.decoder.layers]
+    with bac.accelerate(model, plan) as handle:
+        for seed in range(3):
+            sample_actions(model, scheduler, obs, seed=seed)
+        stats = handle.stats()
+    for h in handles:
+        h.remove()
+    assert len(calls) == 3 * 3 * len(model.decoder.layers)  # FFN ran at 3 of 12 steps, 3 calls
+    assert stats["sampling_calls"] == 3 and stats["denoiser_calls"] == 36
+    assert stats["computed"] == 3 * plan.computed_count()
+    assert stats["skipped"] == 3 * plan.skipped_count()
+    assert stats["last_call"] == {"denoiser_calls": 12, "computed": plan.computed_count(),
+                                  "skipped": plan.skipped_count()}
+    for block in plan.blocks:
+        assert stats["per_block"][block.name]["computed"] == 3 * len(block.update_steps)
+
+
+def test_more_steps_than_the_plan_is_an_error(tiny_stack):
+    model, scheduler, obs = tiny_stack
+    plan = bac.make_plan(model, "every-step", num_steps=6)
+    with bac.accelerate(model, plan) as handle:
+        with pytest.raises(bac.StepOverflowError, match="covers 6 denoising steps"):
+            sample_actions(model, scheduler, obs)
+        # forgetting to mark a new sampling call is caught the same way
+        handle.new_trajectory()
+        x = torch.zeros(2, 8, 3)
+        with torch.no_grad():
+            for _ in range(6):
+                model(x, 1, obs)
+            with pytest.raises(bac.StepOverflowError, match="new_trajectory"):
+                model(x, 1, obs)
+
+
+def test_contexts_keep_separate_state(tiny_stack):
+    model, scheduler, obs = tiny_stack
+    plan = bac.make_plan(model, "uniform", num_steps=12, interval=4)
+    x = torch.randn(2, 8, 3)
+    with bac.accelerate(model, plan) as handle, torch.no_grad():
+        handle.new_trajectory()
+        for k in range(12):  # two calls per step, as classifier-free guidance does
+            with handle.context("cond"):
+                model(x, k, obs)
+            with handle.context("uncond"):
+                model(x, k, obs)
+            assert handle.step == -1  # the default context never ran
+        with handle.context("cond"):
+            assert handle.step == 11
+        handle.new_trajectory()
+        with handle.context("cond"):
+            assert handle.step == -1
+        assert handle.stats()["denoiser_calls"] == 24
+    # without contexts the second call per step overflows the plan instead of sharing state
+    with bac.accelerate(model, plan), torch.no_grad():
+        with pytest.raises(bac.StepOverflowError):
+            for k in range(12):
+                model(x, k, obs)
+                model(x, k, obs)
+
+
+def test_double_accelerate_is_an_error_and_remove_is_idempotent(tiny_stack):
+    model, _, _ = tiny_stack
+    plan = every_step(model, 4)
+    handle = bac.accelerate(model, plan)
+    with pytest.raises(RuntimeError, match="already accelerated"):
+        bac.accelerate(model, plan)
+    handle.remove()
+    handle.remove()
+    bac.accelerate(model, plan).remove()
+
+
+def test_flops_per_block_match_the_layer_shapes(tiny_stack):
+    model, _, obs = tiny_stack
+    width, tokens, batch = 32, 8, 2
+    with bac.accelerate(model, every_step(model, 4)) as handle:
+        flops = handle.measure_flops(torch.zeros(batch, tokens, 3), torch.tensor(1), obs)
+        assert handle.stats()["denoiser_calls"] == 0  # measuring is not a step
+    ffn = 2 * (2 * batch * tokens * width * 4 * width)  # two linear layers
+    assert flops["decoder.layers.0.ffn"] == ffn
+    assert flops["total"] > sum(v for k, v in flops.items() if k != "total") > 0
+
+
+def test_ideal_speedup_from_stats_matches_the_plan(tiny_stack):
+    model, scheduler, obs = tiny_stack
+    plan = bac.make_plan(model, "uniform", num_steps=12, M=4)
+    with bac.accelerate(model, plan) as handle:
+        per_block = handle.measure_flops(torch.zeros(2, 8, 3), torch.tensor(1), obs)
+        sample_actions(model, scheduler, obs)
+        stats = handle.stats()
+    total = per_block.pop("total")
+    assert stats["flops"]["ideal_speedup"] == pytest.approx(plan.ideal_speedup(per_block, total))
+    assert 2.5 < stats["flops"]["ideal_speedup"] < 3.0  # 4 of 12 steps, plus a small non-block share
+    assert "ideal speedup" in handle.summary()
+
+
+class ToyLayer(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def mix(self, x):
+        return self.attn(self.norm(x)).softmax(-1) * x
+
+    def forward(self, x):
+        x = x + self.mix(x)
+        return x + self.mlp(x)
+
+
+class ToyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(ToyLayer(8) for _ in range(2))
+
+    def forward(self, x, t):
+        for layer in self.layers:
+            x = layer(x + t)
+        return x
+
+
+def test_user_model_declared_in_one_line():
+    torch.manual_seed(0)
+    model = ToyModel()
+    adapters = {ToyLayer: bac.BranchAttributes({"mix": "sa", "mlp": "ffn"})}
+    spec = bac.describe(model, adapters)
+    assert [(b.name, b.kind, b.layer) for b in spec.blocks] == [
+        ("layers.0.mix", "sa", 0), ("layers.0.mlp", "ffn", 0), ("layers.1.mix", "sa", 1), ("layers.1.mlp", "ffn", 1)]
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        reference = [model(x, 0.1 * k) for k in range(4)]
+        plan = bac.make_plan(spec, "uniform", num_steps=4, interval=2)
+        with bac.accelerate(model, plan, adapters=adapters):
+            cached = [model(x, 0.1 * k) for k in range(4)]
+        with bac.accelerate(model, bac.make_plan(spec, "every-step", num_steps=4), adapters=adapters):
+            identical = [model(x, 0.1 * k) for k in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(identical, reference))
+    assert torch.equal(cached[0], reference[0]) and torch.equal(cached[2], reference[2])
+    assert not torch.equal(cached[1], reference[1])
+    assert "mix" not in model.layers[0].__dict__ and "forward" not in model.layers[0].mlp.__dict__
+
+
+def test_model_without_adapters_is_a_clear_error():
+    with pytest.raises(ValueError, match="register_adapter"):
+        bac.describe(nn.Sequential(nn.Linear(2, 2)))

@@ -1,11 +1,13 @@
 """The caching engine: routes every block through a runner that computes or reuses.
 
 Hot path. A forward pre-hook on the denoiser advances the step counter of the
-active context and points it at that step's precomputed row of the plan (one
-bool per block). Each block's runner then does one list lookup: compute and
-store the residual, or return the stored one. Nothing is allocated, decided on
-the host from tensor values, or scanned per step, so every policy call costs
-the same and latency percentiles stay tight.
+active context and points it at that step's precomputed row of actions (one per
+block: REUSE, COMPUTE, or COMPUTE_AND_STORE). Each block's runner then does one
+list lookup: return the stored residual, or compute it and, only if the next
+step reuses it, store it. Storing only then matters on CPU: a retained output
+cannot be recycled by the allocator, which costs more than the bookkeeping.
+Nothing is allocated, decided on the host from tensor values, or scanned per
+step, so every policy call costs the same and latency percentiles stay tight.
 
 State. Each *context* (``"default"``, or one per classifier-free-guidance
 branch via :meth:`CacheHandle.context`) has its own step counter and cache.
@@ -29,6 +31,18 @@ from .plan import Plan
 Observer = Callable[[int, Callable[..., Any], tuple, dict], Any]
 
 
+REUSE, COMPUTE, COMPUTE_AND_STORE = 0, 1, 2
+
+
+def actions_from_table(table: Sequence[Sequence[bool]]) -> tuple[tuple[int, ...], ...]:
+    """Per step and block: reuse, compute, or compute and store because the next step reuses."""
+    rows = []
+    for k, row in enumerate(table):
+        following = table[k + 1] if k + 1 < len(table) else row
+        rows.append(tuple(COMPUTE_AND_STORE if run and not following[i] else int(run) for i, run in enumerate(row)))
+    return tuple(rows)
+
+
 class StepOverflowError(RuntimeError):
     """The denoiser ran more steps in one sampling call than the plan covers."""
 
@@ -36,7 +50,7 @@ class StepOverflowError(RuntimeError):
 class _Context:
     __slots__ = ("name", "rows", "limit", "step", "row", "cache", "computed", "skipped")
 
-    def __init__(self, name: str, rows: Sequence[Sequence[bool]], limit: int, num_blocks: int):
+    def __init__(self, name: str, rows: Sequence[Sequence[int]], limit: int, num_blocks: int):
         self.name = name
         self.rows = rows
         self.limit = limit
@@ -54,7 +68,7 @@ class _AlwaysCompute(Sequence):
     """Rows of a plan that computes every block at every step, for any step count."""
 
     def __init__(self, num_blocks: int):
-        self._row = (True,) * num_blocks
+        self._row = (COMPUTE,) * num_blocks
 
     def __getitem__(self, step):
         return self._row
@@ -73,7 +87,7 @@ class CacheHandle:
         self,
         model: nn.Module,
         spec: ModelSpec,
-        rows: Sequence[Sequence[bool]],
+        rows: Sequence[Sequence[int]],
         limit: int,
         plan: Plan | None = None,
         observer: Observer | None = None,
@@ -110,10 +124,12 @@ class CacheHandle:
 
         def run(fn, *args, **kwargs):
             state = handle.state
-            if state.row[i]:
+            action = state.row[i]
+            if action:
                 observer = handle.observer
                 out = fn(*args, **kwargs) if observer is None else observer(i, fn, args, kwargs)
-                state.cache[i] = out
+                if action == COMPUTE_AND_STORE:
+                    state.cache[i] = out
                 state.computed[i] += 1
                 return out
             state.skipped[i] += 1
@@ -296,7 +312,7 @@ def accelerate(
     """
     spec = describe(model, adapters)
     plan.check_fits(spec, num_steps=num_steps, scheduler=scheduler)
-    return CacheHandle(model, spec, plan.step_table(), plan.num_steps, plan=plan)
+    return CacheHandle(model, spec, actions_from_table(plan.step_table()), plan.num_steps, plan=plan)
 
 
 def new_trajectory(model: nn.Module) -> None:

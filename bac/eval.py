@@ -1,0 +1,32 @@
+"""``python -m bac.eval``: closed-loop success and control frequency for every caching method.
+
+The entry point of the product's main job (Hydra config ``configs/eval.yaml``);
+the evaluation itself lives in the project's ``eval`` package. This module is
+the one place ``bac`` reaches outside the core.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from eval.run import EvalError, run
+
+    try:
+        result = run(cfg)
+    except EvalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print((Path(result["out_dir"]) / "report.md").read_text())
+    print(f"report: {result['out_dir']}/report.json")
+
+
+if __name__ == "__main__":
+    main()

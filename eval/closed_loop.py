@@ -1,0 +1,77 @@
+"""Seeded closed-loop success with nothing lost: episode results are appended as JSON lines.
+
+Every finished episode is one line ``{"task", "method", "seed", "success", "steps"}``
+written with a single ``write`` and flushed, so an interrupted run (Ctrl-C, a
+killed job) leaves at most one torn last line, which is ignored. Re-running with
+the same output file skips the episodes already there and repeats none.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from envs.rollout import run_episodes
+
+
+def read_episodes(path: Path) -> list[dict]:
+    """Complete lines of an episode log (a torn last line from an interruption is dropped)."""
+    if not path.exists():
+        return []
+    episodes = []
+    for line in path.read_text().splitlines():
+        try:
+            episodes.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return episodes
+
+
+def repair(path: Path) -> None:
+    """Drop a torn last line so that new lines start on a line of their own."""
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        lines = path.read_bytes().split(b"\n")
+        path.write_bytes(b"\n".join(lines[:-1]) + (b"\n" if len(lines) > 1 else b""))
+
+
+def run_task(
+    act: Callable,
+    task: str,
+    method: str,
+    seeds: Iterable[int],
+    log_path: Path,
+    *,
+    n_obs_steps: int,
+    num_envs: int,
+    device: torch.device | str = "cpu",
+    max_episode_steps: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run the episodes of ``seeds`` not yet in ``log_path``; return every result for (task, method).
+
+    ``act(obs_history, generator)`` is the batched policy call; each wave of
+    episodes gets a generator seeded from its first seed, so every method sees
+    the same initial noise on the same episodes (paired comparisons).
+    """
+    seeds = list(seeds)
+    done = {e["seed"]: e for e in read_episodes(log_path) if e["task"] == task and e["method"] == method}
+    todo = [s for s in seeds if s not in done]
+    repair(log_path)
+    with open(log_path, "a") as log, tqdm(total=len(seeds), initial=len(seeds) - len(todo), disable=not progress,
+                                          desc=f"{task} / {method}", leave=False) as bar:
+        for start in range(0, len(todo), num_envs):
+            wave = todo[start : start + num_envs]
+            generator = torch.Generator(device=device).manual_seed(wave[0])
+            for result in run_episodes(lambda obs: act(obs, generator), task, wave, n_obs_steps=n_obs_steps,
+                                       num_envs=num_envs, max_episode_steps=max_episode_steps):
+                record = {"task": task, "method": method, **result}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                done[record["seed"]] = record
+                bar.update(1)
+    return [done[s] for s in seeds]

@@ -1,0 +1,195 @@
+"""Train a diffusion policy on scripted-expert demonstrations.
+
+    python -m policies.train policy=dpt task=push
+    python -m policies.train policy=dpt task=suite export_dir=policies/checkpoints/dpt-metaworld
+
+Datasets are generated on demand (``envs.collect``) and read in robomimic's
+layout. AdamW with linear warm-up and cosine decay (diffusers' schedule), EMA
+weights (diffusers' ``EMAModel``), deterministic seeding. Every
+``checkpoint_every`` steps the full training state goes to ``run_dir`` (resumed
+automatically after an interruption) and the EMA policy is exported to
+``export_dir`` as safetensors + JSON.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from envs.collect import collect
+from envs.dataset import WindowDataset
+
+from .policy import DiffusionPolicy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def task_list(cfg: DictConfig) -> list[str]:
+    return list(cfg.suite) if cfg.task == "suite" else [str(cfg.task)]
+
+
+def load_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int):
+    """All training windows of every task: obs ``[N, To, D]``, actions ``[N, H, A]``, task index ``[N]``."""
+    obs, actions, task_index, sources = [], [], [], {}
+    for i, task in enumerate(tasks):
+        path = collect(task, episodes, out_dir=data_dir, progress=False)
+        data = WindowDataset(path, horizon=horizon, n_obs_steps=n_obs_steps, filter_key="train")
+        o, a = data.window(np.arange(len(data)))
+        obs.append(o)
+        actions.append(a)
+        task_index.append(np.full(len(data), i))
+        sources[task] = {"file": path.name, "train_demos": len(data.demos), "windows": len(data)}
+    as_tensor = lambda parts, dtype: torch.as_tensor(np.concatenate(parts), dtype=dtype)
+    return as_tensor(obs, torch.float32), as_tensor(actions, torch.float32), as_tensor(task_index, torch.long), sources
+
+
+def _optimizer(policy: DiffusionPolicy, cfg: DictConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in policy.model.named_parameters():
+        (decay if p.ndim >= 2 and not name.endswith("pos_emb") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def success_check(policy: DiffusionPolicy, tasks: list[str], episodes: int) -> dict[str, float]:
+    """Closed-loop success rate per task on held-out seeds (100000 and up)."""
+    from envs.rollout import run_episodes
+
+    rates = {}
+    for task in tasks:
+        act = lambda obs, task=task: policy.predict_action(obs, task if len(tasks) > 1 else None)
+        results = list(run_episodes(act, task, range(100_000, 100_000 + episodes), n_obs_steps=policy.n_obs_steps))
+        rates[task] = sum(r["success"] for r in results) / len(results)
+    return rates
+
+
+def train(cfg: DictConfig) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    tasks = task_list(cfg)
+    run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    obs, actions, task_index, sources = load_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps)
+    policy = DiffusionPolicy(
+        cfg.policy.architecture,
+        OmegaConf.to_container(cfg.policy.model),
+        obs_dim=obs.shape[-1],
+        action_dim=actions.shape[-1],
+        horizon=cfg.horizon,
+        n_obs_steps=cfg.n_obs_steps,
+        n_action_steps=cfg.n_action_steps,
+        tasks=tasks,
+    )
+    policy.obs_normalizer.fit(obs)
+    policy.action_normalizer.fit(actions)
+    policy.to(device).train()
+    obs, actions, task_index = obs.to(device), actions.to(device), task_index.to(device)
+
+    optimizer = _optimizer(policy, cfg)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    ema = EMAModel(policy.model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, power=cfg.ema_power)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    step, elapsed = 0, 0.0
+    settings = OmegaConf.to_container(cfg, resolve=True)
+
+    state_path = run_dir / "train_state.pt"
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["settings"]["policy"] != settings["policy"] or state["settings"]["task"] != settings["task"]:
+            raise ValueError(f"{state_path} belongs to another policy or task; use another run_dir or resume=false")
+        policy.load_weights(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        print(f"resumed {state_path} at step {step}")
+
+    def export(loss: float) -> None:
+        exported = copy.deepcopy(policy).eval()
+        ema.copy_to(exported.model.parameters())
+        exported.provenance = {
+            "command": "python -m policies.train " + " ".join(sys.argv[1:]),
+            "settings": settings,
+            "step": step,
+            "loss": loss,
+            "train_seconds": round(elapsed, 1),
+            "datasets": sources,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+        }
+        exported.save(export_dir)
+
+    log = open(run_dir / "log.jsonl", "a")
+    smoothed = math.nan
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"train {cfg.policy.name}-{cfg.task}")
+    while step < cfg.steps:
+        started = time.perf_counter()
+        batch = torch.randint(0, len(obs), (cfg.batch_size,), generator=generator, device=device)
+        loss = policy.compute_loss(obs[batch], actions[batch], task_index[batch], generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+        optimizer.step()
+        lr_schedule.step()
+        ema.step(policy.model.parameters())
+        step += 1
+        elapsed += time.perf_counter() - started
+        value = loss.item()
+        smoothed = value if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * value
+        bar.update(1)
+        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.1e}")
+        if step % cfg.log_every == 0:
+            log.write(json.dumps({"step": step, "loss": smoothed, "lr": lr_schedule.get_last_lr()[0],
+                                  "elapsed": round(elapsed, 1)}) + "\n")
+            log.flush()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save_atomic(
+                {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                 "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed, "settings": settings},
+                state_path,
+            )
+            export(smoothed)
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            exported = DiffusionPolicy.load(export_dir, device=device)
+            rates = success_check(exported, tasks, cfg.eval_episodes)
+            tqdm.write(f"step {step}: closed-loop success " + ", ".join(f"{t} {r:.0%}" for t, r in rates.items()))
+            log.write(json.dumps({"step": step, "success": rates}) + "\n")
+            log.flush()
+    bar.close()
+    log.close()
+    return export_dir
+
+
+@hydra.main(config_path=str(REPO / "configs"), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    path = train(cfg)
+    print(f"policy checkpoint: {path}")
+
+
+if __name__ == "__main__":
+    main()

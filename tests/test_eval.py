@@ -1,0 +1,146 @@
+"""The evaluator: report schema, resume without loss or repeats, reproducibility, clear errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import bac
+import eval.closed_loop as closed_loop
+from eval.run import REPO, EvalError, run
+from policies.policy import DiffusionPolicy
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    policy = DiffusionPolicy("dpt", {"width": 32, "num_layers": 2, "heads": 2}, obs_dim=39, action_dim=4,
+                             tasks=["reach", "push"])
+    policy.obs_normalizer.fit(torch.randn(100, 39))
+    policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
+    return policy.save(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def config(checkpoint, tmp_path, *extra):
+    overrides = [
+        f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=3", "num_envs=2", "max_episode_steps=16",
+        "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3",
+        "latency.repeats=3", "latency.warmup=1", f"out_dir={tmp_path / 'out'}", "progress=false", *extra,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
+
+
+def test_report_schema_and_files(checkpoint, tmp_path):
+    result = run(config(checkpoint, tmp_path))
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema"] == "bac-eval-report/1"
+    assert set(report["methods"]) == {"full", "ddim", "uniform", "unified-acs", "acs", "bac"}
+    for name, m in report["methods"].items():
+        assert m["success"]["episodes"] == 6 and 0 <= m["success"]["rate"] <= 1
+        lo, hi = m["success"]["wilson95"]
+        assert 0 <= lo <= m["success"]["rate"] <= hi <= 1
+        assert set(m["per_task"]) == {"reach", "push"}
+        assert m["paired_vs_full"]["pairs"] == 6
+        assert {"mean_ms", "p50_ms", "p95_ms", "p99_ms", "hz"} <= set(m["latency"])
+        assert m["latency"]["repeats"] == 3 and m["flops_per_call"] > 0
+    assert report["methods"]["full"]["speedup"] == 1.0 and report["methods"]["full"]["skipped_share"] == 0.0
+    bac_entry = report["methods"]["bac"]
+    plan = bac.Plan.load(bac_entry["plan_file"])
+    assert plan.num_steps == 6 and plan.params["M"] == 2
+    assert bac_entry["skipped_share"] == pytest.approx(plan.skipped_count() / (len(plan.blocks) * 6))
+    ddim_steps = report["methods"]["ddim"]["config"]["steps"]
+    assert ddim_steps == max(1, round(6 * bac_entry["flops_per_call"] / report["methods"]["full"]["flops_per_call"]))
+    assert report["calibration"]["samples"] == 4 and report["environment"]["seeds"] == [100000, 100002]
+    assert {"torch", "diffusers", "metaworld"} <= set(report["packages"])
+    for name in ("report.md", "success_vs_speedup.png", "latency.png", "bac_plan.png", "episodes.jsonl"):
+        assert (out / name).stat().st_size > 0
+    assert "| bac |" in (out / "report.md").read_text()
+    assert result["methods"].keys() == report["methods"].keys()
+
+
+def episode_keys(path):
+    return [(e["task"], e["method"], e["seed"]) for e in closed_loop.read_episodes(path)]
+
+
+def test_interrupted_run_resumes_without_losing_or_repeating(checkpoint, tmp_path, monkeypatch):
+    cfg = config(checkpoint, tmp_path, "run_methods=[full,bac]")
+    real = closed_loop.run_episodes
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # one call per wave: reach/full x2, reach/bac x1, then stop
+            raise KeyboardInterrupt
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(closed_loop, "run_episodes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    log = tmp_path / "out" / "episodes.jsonl"
+    first = episode_keys(log)
+    assert len(first) == 5 and len(set(first)) == 5  # reach/full (3) + the first reach/bac wave (2)
+    with open(log, "a") as f:
+        f.write('{"task": "reach", "method": "bac", "se')  # a torn line, as a kill mid-write leaves
+    monkeypatch.setattr(closed_loop, "run_episodes", real)
+    run(cfg)
+    keys = episode_keys(log)
+    assert keys[:5] == first
+    assert len(keys) == len(set(keys)) == 2 * 2 * 3
+    reference = run(config(checkpoint, tmp_path / "fresh", "run_methods=[full,bac]"))
+    resumed = json.loads((tmp_path / "out" / "report.json").read_text())
+    for name in ("full", "bac"):
+        assert resumed["methods"][name]["success"] == reference["methods"][name]["success"]
+
+
+def test_same_seed_same_results(checkpoint, tmp_path):
+    a = run(config(checkpoint, tmp_path / "a", "run_methods=[full,uniform]"))
+    b = run(config(checkpoint, tmp_path / "b", "run_methods=[full,uniform]"))
+    key = lambda path: sorted(map(json.dumps, closed_loop.read_episodes(path / "out" / "episodes.jsonl")))
+    assert key(tmp_path / "a") == key(tmp_path / "b")
+    assert a["methods"]["uniform"]["success"] == b["methods"]["uniform"]["success"]
+
+
+def test_changed_settings_in_the_same_out_dir_are_refused(checkpoint, tmp_path):
+    run(config(checkpoint, tmp_path, "run_methods=[full]"))
+    with pytest.raises(EvalError, match="other settings"):
+        run(config(checkpoint, tmp_path, "run_methods=[full]", "episodes=4"))
+
+
+def cli(*overrides):
+    return subprocess.run([sys.executable, "-m", "bac.eval", *overrides], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["tasks=[fly-to-moon]"], "unknown task 'fly-to-moon'"),
+        (["run_methods=[full,teleport]"], "unknown method(s) ['teleport']"),
+        (["checkpoint=/nonexistent"], "not a policy checkpoint"),
+    ],
+)
+def test_bad_overrides_exit_non_zero_with_a_clear_message(checkpoint, tmp_path, overrides, message):
+    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path}", "calibration.episodes=3", *overrides)
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+def test_plan_for_another_model_is_refused(checkpoint, tmp_path):
+    cfg = config(checkpoint, tmp_path, "run_methods=[bac]", "episodes=0")
+    run(cfg)
+    plan_files = list((checkpoint / "plans").glob("bac-*.json"))
+    other = DiffusionPolicy("dpt", {"width": 64, "num_layers": 2, "heads": 2}, obs_dim=39, action_dim=4,
+                            tasks=["reach", "push"])
+    foreign = bac.make_plan(other.model, "uniform", num_steps=6, M=2)
+    for path in plan_files:
+        foreign.save(path)
+    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'cli'}", "run_methods=[bac]", "episodes=0",
+               "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3")
+    assert done.returncode == 2
+    assert "does not fit this policy/sampler" in done.stderr and "recompute=true" in done.stderr
+    run(config(checkpoint, tmp_path / "again", "run_methods=[bac]", "episodes=0", "calibration.recompute=true"))
+    assert bac.Plan.load(plan_files[0]).model["width"] == 32

@@ -1,11 +1,12 @@
-"""Core benchmark: engine overhead and BAC speedup on a DP-T-sized stack, batch 1, one thread.
+"""Core benchmark: engine overhead and BAC speedup on the paper-size DP-T, batch 1, one thread.
 
     python -m eval.bench_core [--repeats 15] [--out eval/results/bench_core.json]
 
-Three identical copies of the denoiser are timed interleaved in one process
+Three identical copies of the policy are timed interleaved in one process
 (full computation, an every-step plan, a calibrated ``bac`` plan), each timing
-one whole sampling call (100 DDPM steps including the diffusers scheduler), and
-compared as ratios of medians. The ideal speedup is full FLOPs over the FLOPs
+one whole policy call (100 DDPM steps including the diffusers scheduler and
+normalisation), and compared as ratios of medians; the denoiser calls alone
+are timed the same way. The ideal speedup is full FLOPs over the FLOPs
 the plan executes (``torch.utils.flop_counter``); measured/ideal shows how much
 of it survives the work caching cannot remove (embeddings, condition encoder,
 head, scheduler, Python dispatch).
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 import bac
-from eval.stack import DecoderStackDenoiser, ddpm_scheduler, sample_actions
+from policies.policy import DiffusionPolicy
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_core.json"
 
@@ -51,39 +52,39 @@ def _latency(samples: list[float]) -> dict:
 def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed: int) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    full = DecoderStackDenoiser().eval()  # 8 pre-norm layers, width 256, 4 heads, 16 action tokens
-    scheduler = ddpm_scheduler(steps)
-    obs = torch.randn(1, 2, 20)
+    # DP-T at the paper's size: 8 pre-norm layers, width 256, 4 heads, 16 action tokens, 2 observation steps.
+    full = DiffusionPolicy("dpt", {"width": 256, "num_layers": 8, "heads": 4}, obs_dim=39, action_dim=4).eval()
+    full.set_sampler("ddpm", steps)
+    scheduler = full.sampler
+    obs = torch.randn(1, 2, 39)
 
     started = time.perf_counter()
-    calibration = bac.calibrate(
-        full,
-        lambda o: sample_actions(full, scheduler, o),
-        torch.randn(calibration_samples, 1, 2, 20),
-        seed=seed,
-        scheduler=scheduler,
-    )
+    calibration = bac.calibrate(full.model, full.predict_action, [torch.randn(calibration_samples, 2, 39)],
+                                seed=seed, scheduler=scheduler)
     calibration_seconds = time.perf_counter() - started
     plans = {
-        "every-step": bac.make_plan(full, "every-step", num_steps=steps),
+        "every-step": bac.make_plan(full.model, "every-step", num_steps=steps),
         "bac": bac.make_plan(calibration, "bac", M=M, n=n),
     }
-    models = {"full": full} | {name: copy.deepcopy(full) for name in plans}
-    handles = {name: bac.accelerate(models[name], plan, num_steps=steps, scheduler=scheduler) for name, plan in plans.items()}
-    flops = handles["bac"].measure_flops(torch.zeros(1, 16, 10), scheduler.timesteps[0], obs)
+    policies = {"full": full} | {name: copy.deepcopy(full) for name in plans}
+    handles = {name: policies[name].accelerate(plan) for name, plan in plans.items()}
+    x = torch.zeros(1, 16, 4)
+    cond = full.condition(obs)
+    flops = handles["bac"].measure_flops(x, scheduler.timesteps[0], cond)
     call_flops = flops.pop("total")
-
-    x = torch.zeros(1, 16, 10)
 
     @torch.no_grad()
     def denoiser_only(model):
-        """The sampling call's denoiser evaluations alone, without the scheduler update."""
+        """The policy call's denoiser evaluations alone, without scheduler and normalisation."""
         bac.new_trajectory(model)
         for t in scheduler.timesteps:
-            model(x, t, obs)
+            model(x, t, cond)
 
-    calls = {name: (lambda m=model: sample_actions(m, scheduler, obs, seed=seed)) for name, model in models.items()}
-    calls |= {f"{name}/denoiser-only": (lambda m=model: denoiser_only(m)) for name, model in models.items()}
+    def policy_call(policy):
+        return policy.predict_action(obs, generator=torch.Generator().manual_seed(seed))
+
+    calls = {name: (lambda p=policy: policy_call(p)) for name, policy in policies.items()}
+    calls |= {f"{name}/denoiser-only": (lambda m=policy.model: denoiser_only(m)) for name, policy in policies.items()}
     outputs = {name: call() for name, call in calls.items()}  # warm-up, and outputs for the deviation
     for call in calls.values():
         call()
@@ -92,7 +93,7 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
     for r in range(repeats):
         for name in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
             times[name].append(_time_call(calls[name]))
-    # The part of a sampling call no plan can skip: the scheduler's own update.
+    # The part of a policy call no plan can skip: the scheduler's own update.
     scheduler_ms = 1e3 * statistics.median(
         _time_call(lambda: [scheduler.step(x, t, x) for t in scheduler.timesteps]) for _ in range(5)
     )
@@ -109,9 +110,9 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
         "benchmark": "core",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
-            "class": "DecoderStackDenoiser (nn.TransformerDecoderLayer, pre-norm, GELU)",
-            "layers": 8, "width": 256, "heads": 4, "action_tokens": 16, "obs_steps": 2,
-            "parameters": sum(p.numel() for p in full.parameters()),
+            "class": "policies.dpt.TransformerForDiffusion (nn.TransformerDecoderLayer, pre-norm, GELU)",
+            "layers": 8, "width": 256, "heads": 4, "action_tokens": 16, "obs_steps": 2, "obs_dim": 39,
+            "parameters": sum(p.numel() for p in full.model.parameters()),
             "weights": "random (latency depends on the plan, not on the weights)",
         },
         "sampler": {"scheduler": "DDPMScheduler squaredcos_cap_v2", "steps": steps},
@@ -119,7 +120,7 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
                  "calibration_samples": calibration_samples, "calibration_seconds": round(calibration_seconds, 2),
                  "computed_block_evaluations": bac_plan.computed_count(),
                  "skipped_share": bac_plan.skipped_count() / (bac_plan.computed_count() + bac_plan.skipped_count())},
-        "latency_per_sampling_call": latency,
+        "latency_per_policy_call": latency,
         "engine_overhead": latency["every-step"]["median_ms"] / full_ms - 1,
         "speedup": measured,
         "ideal_speedup": ideal,
@@ -132,7 +133,7 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
         },
         "flops_per_denoiser_call": call_flops,
         "block_flops_share": sum(flops.values()) / call_flops,
-        "scheduler_ms_per_sampling_call": scheduler_ms,
+        "scheduler_ms_per_policy_call": scheduler_ms,
         "engine_stats_skipped_share": stats["skipped_share"],
         "relative_l2_deviation_of_actions": float(deviation),
         "goals": {"engine_overhead_at_most": 0.03, "measured_over_ideal_at_least": 0.9},
@@ -154,8 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = run(args.repeats, args.steps, args.M, args.n, args.calibration_samples, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    lat = report["latency_per_sampling_call"]
-    print(f"sampling call, batch 1, 1 thread, {args.steps} steps (median of {args.repeats}, interleaved):")
+    lat = report["latency_per_policy_call"]
+    print(f"policy call, batch 1, 1 thread, {args.steps} steps (median of {args.repeats}, interleaved):")
     for name, l in lat.items():
         print(f"  {name:<24} {l['median_ms']:8.1f} ms  (p95 {l['p95_ms']:.1f})")
     print(f"engine overhead (every-step vs full): {100 * report['engine_overhead']:+.2f}%  (goal <= 3%)")
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  denoiser calls alone (no scheduler): speedup {d['speedup']:.2f}x, measured/ideal "
           f"{d['measured_over_ideal']:.2f}, engine overhead {100 * d['engine_overhead']:+.2f}%")
     print(f"  skipped {100 * report['plan']['skipped_share']:.1f}% of block evaluations; "
-          f"scheduler alone {report['scheduler_ms_per_sampling_call']:.1f} ms per call; report: {args.out}")
+          f"scheduler alone {report['scheduler_ms_per_policy_call']:.1f} ms per call; report: {args.out}")
     return report
 
 

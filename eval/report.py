@@ -48,11 +48,13 @@ def _pct(x) -> str:
 def markdown(report: dict) -> str:
     methods = report["methods"]
     tasks = report["environment"]["tasks"]
+    seeds = report["environment"]["seeds"]
+    episodes = (f"{report['environment']['episodes_per_task']} episodes per task (seeds {seeds[0]}–{seeds[1]})"
+                if seeds else "no episodes (latency only)")
     lines = [
         f"# bac evaluation: {report['policy']['checkpoint']}",
         "",
-        f"Tasks: {', '.join(tasks)}; {report['environment']['episodes_per_task']} episodes per task "
-        f"(seeds {report['environment']['seeds'][0]}–{report['environment']['seeds'][1]}); "
+        f"Tasks: {', '.join(tasks)}; {episodes}; "
         f"latency at batch 1, {report['latency_settings']['threads']} thread(s), "
         f"{report['latency_settings']['repeats']} interleaved repeats.",
         "",

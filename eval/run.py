@@ -54,13 +54,12 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
             raise EvalError(f"unknown policy config {name!r} (no {config_path.relative_to(REPO)})")
         spec = OmegaConf.load(config_path)
         tasks = list(cfg.untrained_tasks)
+        torch.manual_seed(0)  # deterministic random weights, so cached plans stay valid
         policy = DiffusionPolicy(spec.architecture, OmegaConf.to_container(spec.model), obs_dim=39, action_dim=4,
                                  tasks=tasks, provenance={"untrained": name})
-        torch.manual_seed(0)
         obs = np.concatenate([calibration_observations(collect(t, cfg.calibration.episodes, progress=False), 256)
                               for t in tasks])
-        policy.obs_normalizer.fit(obs)
-        policy.action_normalizer.fit(torch.ones(1, 4) * torch.tensor([[-1.0], [1.0]]))
+        policy.obs_normalizer.fit(obs)  # actions keep the identity normalisation: Meta-World's are in [-1, 1]
         return policy.to(cfg.device).eval(), REPO / "outputs" / "eval" / f"untrained-{name}" / "plans", False
     directory = _resolve(cfg.checkpoint)
     try:
@@ -215,7 +214,7 @@ def run(cfg: DictConfig) -> dict:
                    "training_step": policy.provenance.get("step")},
         "environment": {"benchmark": "Meta-World v3, goal-observable, state observations", "tasks": tasks,
                         "episodes_per_task": int(cfg.episodes) if trained else 0,
-                        "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.episodes) - 1],
+                        "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.episodes) - 1] if cfg.episodes > 0 else [],
                         "noise_seed": "per wave of num_envs episodes: its first episode seed"},
         "sampler": {"kind": base_sampler, "steps": base_steps},
         "calibration": (calibration.facts() | {"from": "demonstrations", "file_dir": str(plan_dir)})

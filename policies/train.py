@@ -116,14 +116,15 @@ def train(cfg: DictConfig) -> Path:
 
     state_path = run_dir / "train_state.pt"
     if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
         if state["settings"]["policy"] != settings["policy"] or state["settings"]["task"] != settings["task"]:
             raise ValueError(f"{state_path} belongs to another policy or task; use another run_dir or resume=false")
         policy.load_weights(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
         ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"].cpu() if device.type == "cpu" else state["generator"])
+        ema.to(device)
+        generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         print(f"resumed {state_path} at step {step}")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import bac
-from eval.stack import sample_actions
+from conftest import sample_actions
 
 
 def record_features(model, scheduler, obs):

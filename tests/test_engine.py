@@ -4,23 +4,37 @@ import torch
 from torch import nn
 
 import bac
-from eval.stack import DecoderStackDenoiser, ddpm_scheduler, sample_actions
+from conftest import ddpm_scheduler, sample_actions, tiny_dpt
 
 
 def every_step(model, k):
     return bac.make_plan(model, "every-step", num_steps=k)
 
 
-def stack(**kwargs):
-    torch.manual_seed(0)
-    base = dict(action_dim=3, obs_dim=5, horizon=8, width=32, num_layers=3, heads=2)
-    return DecoderStackDenoiser(**{**base, **kwargs}).eval()
+class DecoderStack(nn.Module):
+    """PyTorch decoder layers in every configuration the built-in adapter supports."""
+
+    def __init__(self, norm_first, batch_first):
+        super().__init__()
+        torch.manual_seed(0)
+        self.horizon, self.action_dim, self.batch_first = 8, 3, batch_first
+        self.inp, self.cond, self.out = nn.Linear(3, 16), nn.Linear(5, 16), nn.Linear(16, 3)
+        layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first, norm_first=norm_first)
+        self.decoder = nn.TransformerDecoder(layer, 2)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(8))
+
+    def forward(self, x, t, obs):
+        h, memory = self.inp(x) + t / 100, self.cond(obs)
+        if not self.batch_first:
+            h, memory = h.transpose(0, 1), memory.transpose(0, 1)
+        h = self.decoder(h, memory, tgt_mask=self.mask, tgt_is_causal=True)
+        return self.out(h if self.batch_first else h.transpose(0, 1))
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_every_step_plan_is_bit_identical_and_remove_restores(norm_first, batch_first):
-    model, scheduler = stack(norm_first=norm_first, batch_first=batch_first), ddpm_scheduler(12)
+    model, scheduler = DecoderStack(norm_first, batch_first).eval(), ddpm_scheduler(12)
     obs = torch.randn(2, 2, 5)
     reference = sample_actions(model, scheduler, obs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -78,7 +92,7 @@ def manual_cached_loop(model, scheduler, obs, plan, seed=0):
     with torch.no_grad():
         for k, t in enumerate(scheduler.timesteps):
             timestep = torch.as_tensor(t).expand(obs.shape[0])
-            cond = torch.cat([model.time_emb(timestep)[:, None], model.obs_emb(obs)], 1) + model.cond_pos_emb
+            cond = torch.cat([model.time_emb(timestep)[:, None], model.cond_obs_emb(obs)], 1) + model.cond_pos_emb
             memory = model.cond_encoder(cond)
             h = model.input_emb(x) + model.pos_emb
             for i, layer in enumerate(model.decoder.layers):

@@ -6,7 +6,8 @@ import torch
 
 import bac
 from bac.plan.__main__ import main as plan_cli
-from eval.stack import DecoderStackDenoiser, ddpm_scheduler, sample_actions
+from conftest import ddpm_scheduler, sample_actions, tiny_dpt
+from policies.dpt import TransformerForDiffusion
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def test_round_trip(calibrated, tmp_path):
     data = json.loads((tmp_path / "plan.json").read_text())
     assert data["schema_version"] == 1 and data["num_steps"] == 12 and data["method"] == "bac"
     assert data["params"] == {"M": 4, "n": 2, "metric": "cosine"}
-    assert data["model"]["class"].endswith("DecoderStackDenoiser") and data["model"]["num_layers"] == 3
+    assert data["model"]["class"].endswith("TransformerForDiffusion") and data["model"]["num_layers"] == 3
     assert data["model"]["width"] == 32 and data["calibration"]["samples"] == 2
     assert data["scheduler"].startswith("DDPMScheduler(")
     first = data["blocks"][0]
@@ -74,11 +75,10 @@ def test_bad_plan_requests(calibrated, call, error, message):
 
 
 def other_model(**changes):
-    base = dict(action_dim=3, obs_dim=5, horizon=8, width=32, num_layers=3, heads=2)
-    return DecoderStackDenoiser(**{**base, **changes})
+    return tiny_dpt(**changes)
 
 
-class Subclass(DecoderStackDenoiser):
+class Subclass(TransformerForDiffusion):
     pass
 
 
@@ -87,8 +87,8 @@ class Subclass(DecoderStackDenoiser):
     [
         (lambda: other_model(width=64), {}, "width=32"),
         (lambda: other_model(num_layers=2), {}, "num_layers=3"),
-        (lambda: Subclass(action_dim=3, obs_dim=5, horizon=8, width=32, num_layers=3, heads=2), {}, "class="),
-        (lambda: other_model(obs_dim=7), {}, "parameter shapes"),
+        (lambda: Subclass(action_dim=3, cond_dim=5, horizon=8, width=32, num_layers=3, heads=2), {}, "class="),
+        (lambda: other_model(cond_dim=7), {}, "parameter shapes"),
         (lambda: other_model(), {"num_steps": 10}, "made for 12 denoising steps, the sampler runs 10"),
         (lambda: other_model(), {"scheduler": ddpm_scheduler(10)}, "scheduler"),
         (lambda: other_model(), {"scheduler": "DDIMScheduler(...)"}, "scheduler"),

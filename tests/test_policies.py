@@ -145,3 +145,12 @@ def test_short_closed_loop_rollout_runs():
     assert [r["seed"] for r in results] == [5, 6, 7]
     assert all(1 <= r["steps"] <= 20 and isinstance(r["success"], bool) for r in results)
     assert all(r["steps"] == 20 for r in results if not r["success"])
+
+
+def test_configured_suites_are_the_default_suite():
+    from omegaconf import OmegaConf
+
+    from envs.metaworld_env import DEFAULT_SUITE
+
+    assert list(OmegaConf.load(REPO / "configs" / "train.yaml").suite) == list(DEFAULT_SUITE)
+    assert list(OmegaConf.load(REPO / "configs" / "eval.yaml").untrained_tasks) == list(DEFAULT_SUITE)

@@ -58,6 +58,9 @@ class LayerAdapter:
 
     branches: tuple[tuple[str, str], ...] = ()
 
+    def check(self, layer: nn.Module) -> None:
+        """Raise ``ValueError`` if this adapter cannot reproduce ``layer`` exactly (called for every layer)."""
+
     def install(self, layer: nn.Module, runners: Sequence[Runner]) -> None:
         raise NotImplementedError
 
@@ -96,6 +99,15 @@ class BranchAttributes(LayerAdapter):
 
     def batch_dim(self, layer: nn.Module) -> int:
         return self._batch_dim
+
+    def check(self, layer: nn.Module) -> None:
+        for attr, _ in self.branches:
+            target = getattr(layer, attr, None)
+            if target is None or not callable(target):
+                raise ValueError(f"{type(layer).__name__}.{attr} is not a callable branch")
+            if (isinstance(target, nn.Module) and "forward" in target.__dict__) or attr in layer.__dict__:
+                raise ValueError(f"{type(layer).__name__}.{attr} is already replaced on the instance "
+                                 "(another accelerator or hook?); remove it first")
 
     def install(self, layer: nn.Module, runners: Sequence[Runner]) -> None:
         for (attr, _), runner in zip(self.branches, runners):
@@ -143,6 +155,11 @@ class ForwardOverride(LayerAdapter):
     def width(self, layer: nn.Module) -> int | None:
         return self._width(layer) if self._width is not None else super().width(layer)
 
+    def check(self, layer: nn.Module) -> None:
+        if "forward" in layer.__dict__:
+            raise ValueError(f"{type(layer).__name__} already has a replaced forward "
+                             "(another accelerator or hook?); remove it first")
+
     def install(self, layer: nn.Module, runners: Sequence[Runner]) -> None:
         layer.forward = partial(self._forward, layer, tuple(runners))
 
@@ -183,14 +200,19 @@ def describe(model: nn.Module, adapters: Mapping[type, LayerAdapter] | None = No
 
     ``adapters`` adds or overrides adapters for this call only. Layers are
     numbered in module registration order, which must be execution order
-    (calibration checks it).
+    (calibration checks it). Every layer is checked by its adapter
+    (:meth:`LayerAdapter.check`), so an unsupported layer fails here, before
+    anything is changed.
     """
     lookup = {**_REGISTRY, **(adapters or {})}
+    accelerated = getattr(model, "_bac_handle", None) is not None  # its replaced forwards are bac's own
     layers: list[tuple[str, nn.Module, LayerAdapter]] = []
     for path, module in model.named_modules():
         adapter = lookup.get(type(module))
         if adapter is None or any(path.startswith(outer + ".") for outer, _, _ in layers):
             continue
+        if not accelerated:
+            adapter.check(module)
         layers.append((path, module, adapter))
     if not layers:
         raise ValueError(

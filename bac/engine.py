@@ -110,11 +110,17 @@ class CacheHandle:
         self.call_flops: int | None = None
 
         runners = [self._make_runner(i) for i in range(len(spec.blocks))]
-        start = 0
-        for _, layer, adapter in spec.layers:
-            end = start + len(adapter.branches)
-            adapter.install(layer, runners[start:end])
-            start = end
+        start, installed = 0, []
+        try:
+            for _, layer, adapter in spec.layers:
+                end = start + len(adapter.branches)
+                adapter.install(layer, runners[start:end])
+                installed.append((layer, adapter))
+                start = end
+        except BaseException:
+            for layer, adapter in installed:  # leave the model as it was
+                adapter.uninstall(layer)
+            raise
         self._hook = model.register_forward_pre_hook(self._advance)
         model._bac_handle = self
 

@@ -269,3 +269,30 @@ def test_user_model_declared_in_one_line():
 def test_model_without_adapters_is_a_clear_error():
     with pytest.raises(ValueError, match="register_adapter"):
         bac.describe(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_failed_install_leaves_the_model_untouched(tiny_stack):
+    model, scheduler, obs = tiny_stack
+    reference = sample_actions(model, scheduler, obs)
+    plan = every_step(model, 12)
+
+    class Refusing(bac.ForwardOverride):
+        def install(self, layer, runners):
+            if layer is model.decoder.layers[2]:
+                raise RuntimeError("cannot install here")
+            super().install(layer, runners)
+
+    builtin = bac.adapters._REGISTRY[nn.TransformerDecoderLayer]
+    refusing = Refusing(builtin.branches, builtin._forward, builtin._batch_dim, builtin._width)
+    with pytest.raises(RuntimeError, match="cannot install"):
+        bac.accelerate(model, plan, adapters={nn.TransformerDecoderLayer: refusing})
+    assert all("forward" not in layer.__dict__ for layer in model.decoder.layers)
+    assert not hasattr(model, "_bac_handle") and not model._forward_pre_hooks
+    assert torch.equal(sample_actions(model, scheduler, obs), reference)
+
+
+def test_layers_replaced_by_someone_else_are_refused(tiny_stack):
+    model, _, _ = tiny_stack
+    model.decoder.layers[1].forward = lambda *a, **k: None
+    with pytest.raises(ValueError, match="already has a replaced forward"):
+        bac.describe(model)

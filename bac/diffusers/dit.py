@@ -1,0 +1,170 @@
+"""Adapter for diffusers' ``BasicTransformerBlock`` in DiT's configuration (``norm_type="ada_norm_zero"``).
+
+The cached feature of every branch is the gated residual, everything the
+branch adds to the stream:
+
+* ``sa``  = ``gate_msa * attn1(LayerNorm(h) * (1 + scale_msa) + shift_msa)``
+* ``ca``  = ``attn2(norm2(h), encoder_hidden_states)`` (only in blocks with cross-attention)
+* ``ffn`` = ``gate_mlp * ff(norm3(h) * (1 + scale_mlp) + shift_mlp)``
+
+The six modulation vectors come from the block's own adaLN-Zero conditioning
+(``norm1.emb``: timestep and class embedding, then ``norm1.linear``); they are
+computed once per denoiser call by the first branch of the layer that runs,
+so a layer whose branches are all reused skips the conditioning MLP as well.
+(FLOP accounting therefore charges it to the ``sa`` branch.)
+
+Supported exactly: ``norm_type="ada_norm_zero"`` with or without
+cross-attention (``cross_attention_dim``), sinusoidal positional embeddings,
+chunked feed-forward and the GLIGEN fuser (which, as a stream-dependent
+extra step outside the three branches, runs at every step). Refused with
+:class:`UnsupportedBlockError`: every other ``norm_type``,
+``only_cross_attention`` and ``double_self_attention``.
+
+Blocks are declared per adapter, not per layer, so the default adapter
+(registered for ``BasicTransformerBlock``, the DiT case) declares ``sa`` and
+``ffn``; for blocks with cross-attention pass
+``adapters=bac.diffusers.adapters_for(model)`` (or
+``{BasicTransformerBlock: bac.diffusers.BASIC_BLOCK_WITH_CA}``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock, _chunked_feed_forward
+from diffusers.models.normalization import AdaLayerNormZero
+from diffusers.utils import logging
+
+from ._common import CheckedOverride, Lazy, UnsupportedBlockError, require_plain
+
+logger = logging.get_logger("diffusers.models.attention")
+
+
+def _modulation(norm1: AdaLayerNormZero, timestep, class_labels, hidden_dtype):
+    # AdaLayerNormZero.forward, without normalising x: same modules, same ops.
+    emb = norm1.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    emb = norm1.linear(norm1.silu(emb))
+    return emb.chunk(6, dim=1)  # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _sa(layer: BasicTransformerBlock, hidden_states, modulation: Lazy, attention_mask, cross_attention_kwargs):
+    shift_msa, scale_msa, gate_msa = modulation()[:3]
+    norm_hidden_states = layer.norm1.norm(hidden_states) * (1 + scale_msa[:, None]) + shift_msa[:, None]
+    if layer.pos_embed is not None:
+        norm_hidden_states = layer.pos_embed(norm_hidden_states)
+    attn_output = layer.attn1(
+        norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **cross_attention_kwargs
+    )
+    return gate_msa.unsqueeze(1) * attn_output
+
+
+def _ca(layer: BasicTransformerBlock, hidden_states, encoder_hidden_states, encoder_attention_mask, kwargs):
+    norm_hidden_states = layer.norm2(hidden_states)
+    if layer.pos_embed is not None:
+        norm_hidden_states = layer.pos_embed(norm_hidden_states)
+    return layer.attn2(
+        norm_hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **kwargs
+    )
+
+
+def _ffn(layer: BasicTransformerBlock, hidden_states, modulation: Lazy):
+    shift_mlp, scale_mlp, gate_mlp = modulation()[3:]
+    norm_hidden_states = layer.norm3(hidden_states)
+    norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    if layer._chunk_size is not None:
+        ff_output = _chunked_feed_forward(layer.ff, norm_hidden_states, layer._chunk_dim, layer._chunk_size)
+    else:
+        ff_output = layer.ff(norm_hidden_states)
+    return gate_mlp.unsqueeze(1) * ff_output
+
+
+def _forward(
+    layer: BasicTransformerBlock,
+    runners,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    timestep: torch.LongTensor | None = None,
+    cross_attention_kwargs: dict[str, Any] | None = None,
+    class_labels: torch.LongTensor | None = None,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``BasicTransformerBlock.forward`` for ``norm_type="ada_norm_zero"``, one runner per branch."""
+    if cross_attention_kwargs is not None:
+        if cross_attention_kwargs.get("scale", None) is not None:
+            logger.warning("Passing `scale` to `cross_attention_kwargs` is deprecated. `scale` will be ignored.")
+    modulation = Lazy(_modulation, layer.norm1, timestep, class_labels, hidden_states.dtype)
+    cross_attention_kwargs = cross_attention_kwargs.copy() if cross_attention_kwargs is not None else {}
+    gligen_kwargs = cross_attention_kwargs.pop("gligen", None)
+
+    sa = runners[0]
+    hidden_states = sa(_sa, layer, hidden_states, modulation, attention_mask, cross_attention_kwargs) + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+    if gligen_kwargs is not None:
+        hidden_states = layer.fuser(hidden_states, gligen_kwargs["objs"])
+
+    if layer.attn2 is not None:
+        ca = runners[1]
+        hidden_states = (
+            ca(_ca, layer, hidden_states, encoder_hidden_states, encoder_attention_mask, cross_attention_kwargs)
+            + hidden_states
+        )
+
+    ffn = runners[-1]
+    hidden_states = ffn(_ffn, layer, hidden_states, modulation) + hidden_states
+    if hidden_states.ndim == 4:
+        hidden_states = hidden_states.squeeze(1)
+    return hidden_states
+
+
+def _check(adapter: CheckedOverride, layer: BasicTransformerBlock) -> None:
+    cross = any(kind == "ca" for _, kind in adapter.branches)
+    if layer.norm_type != "ada_norm_zero":
+        raise UnsupportedBlockError(
+            f"bac.diffusers reproduces BasicTransformerBlock only with norm_type='ada_norm_zero' (DiT), "
+            f"not norm_type={layer.norm_type!r}; declare your own adapter with "
+            "bac.register_adapter(BasicTransformerBlock, ...) or adapters={BasicTransformerBlock: ...}"
+        )
+    if layer.only_cross_attention or layer.double_self_attention:
+        raise UnsupportedBlockError(
+            "bac.diffusers does not support BasicTransformerBlock with only_cross_attention or "
+            "double_self_attention (its attention branches would change kind)"
+        )
+    if type(layer.norm1) is not AdaLayerNormZero or layer.norm1.emb is None:
+        raise UnsupportedBlockError(
+            f"BasicTransformerBlock.norm1 is {type(layer.norm1).__name__} without its own timestep/class "
+            "embedding; bac.diffusers expects DiT's AdaLayerNormZero(dim, num_embeds_ada_norm)"
+        )
+    if (layer.attn2 is not None) != cross:
+        has = "has cross-attention (attn2)" if layer.attn2 is not None else "has no cross-attention"
+        raise UnsupportedBlockError(
+            f"this BasicTransformerBlock {has} but the adapter in use declares branches "
+            f"{[key for key, _ in adapter.branches]}; pass adapters=bac.diffusers.adapters_for(model) "
+            "to bac.describe / bac.calibrate / bac.make_plan / bac.accelerate"
+        )
+    require_plain(layer, ("norm1",))
+
+
+def _width(layer: BasicTransformerBlock) -> int:
+    return layer.dim
+
+
+BASIC_BLOCK = CheckedOverride(
+    [("sa", "sa"), ("ffn", "ffn")], _forward, _check, _width, "BasicTransformerBlock (ada_norm_zero, DiT)"
+)
+BASIC_BLOCK_WITH_CA = CheckedOverride(
+    [("sa", "sa"), ("ca", "ca"), ("ffn", "ffn")],
+    _forward,
+    _check,
+    _width,
+    "BasicTransformerBlock (ada_norm_zero with cross-attention)",
+)
+
+
+def basic_block_adapter(layer: BasicTransformerBlock) -> CheckedOverride:
+    """The adapter that reproduces ``layer`` (raises :class:`UnsupportedBlockError` if none does)."""
+    adapter = BASIC_BLOCK_WITH_CA if getattr(layer, "attn2", None) is not None else BASIC_BLOCK
+    adapter.check(layer)
+    return adapter

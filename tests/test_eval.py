@@ -124,7 +124,7 @@ def cli(*overrides):
     ],
 )
 def test_bad_overrides_exit_non_zero_with_a_clear_message(checkpoint, tmp_path, overrides, message):
-    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path}", "calibration.episodes=3", *overrides)
+    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path}", "tasks=[push]", "calibration.episodes=3", *overrides)
     assert done.returncode == 2
     assert message in done.stderr
 
@@ -138,7 +138,7 @@ def test_plan_for_another_model_is_refused(checkpoint, tmp_path):
     foreign = bac.make_plan(other.model, "uniform", num_steps=6, M=2)
     for path in plan_files:
         foreign.save(path)
-    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'cli'}", "run_methods=[bac]", "episodes=0",
+    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'cli'}", "tasks=[push]", "run_methods=[bac]", "episodes=0",
                "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3")
     assert done.returncode == 2
     assert "does not fit this policy/sampler" in done.stderr and "recompute=true" in done.stderr

@@ -28,7 +28,7 @@ from envs.metaworld_env import ALL_TASKS
 from policies.policy import DiffusionPolicy
 
 from . import report as reporting
-from .closed_loop import read_episodes, run_task
+from .closed_loop import run_task
 from .latency import flops_per_call, measure_latency, summarize
 from .methods import applied, load_or_make_plan, parse_methods, plan_path
 

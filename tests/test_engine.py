@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import bac
-from conftest import ddpm_scheduler, sample_actions, tiny_dpt
+from conftest import ddpm_scheduler, sample_actions
 
 
 def every_step(model, k):

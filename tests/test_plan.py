@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import bac
 from bac.plan.__main__ import main as plan_cli

@@ -127,6 +127,13 @@ def plan_methods() -> list[str]:
     return sorted(_PLAN_METHODS)
 
 
+def needs_calibration(method: str) -> bool:
+    """Whether the registered plan ``method`` is built from a :class:`Calibration`."""
+    if method not in _PLAN_METHODS:
+        raise ValueError(f"unknown plan method {method!r}; registered: {plan_methods()}")
+    return _PLAN_METHODS[method][1]
+
+
 def _check_metric(metric: str) -> bool:
     """Validate ``metric``; return whether the ACS maximises it."""
     if metric not in METRICS:

@@ -152,7 +152,7 @@ def run(cfg: DictConfig) -> dict:
 
     try:
         methods = parse_methods(method_config, cfg.run_methods, base_sampler, base_steps, auto_steps=base_steps)
-        needs_calibration = any(m.plan_method not in (None, "every-step", "uniform") for m in methods)
+        needs_calibration = any(m.plan_method and bac.schedulers.needs_calibration(m.plan_method) for m in methods)
         calibration = load_or_calibrate(cfg, policy, plan_dir, demo_obs) if needs_calibration else None
         plans: dict[str, bac.Plan] = {}
         for method in methods:

@@ -12,31 +12,44 @@ Typical use::
 from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, ModelSpec, describe, register_adapter
 from .calibration import METRICS, Calibration, calibrate
 from .engine import CacheHandle, StepOverflowError, accelerate, new_trajectory
+from .forecast import Reuse, Taylor
+from .methods import Method, available_methods, build_method, register_method
+from .rules import CGTaylor, FirstBlockCache, Rule, Sortblock
 from .plan import Plan, PlanBlock, PlanMismatchError, scheduler_id
 from .schedulers import acs_schedule, bubbling_union, make_plan, plan_methods, register_plan_method
 
 __all__ = [
     "Block",
     "BranchAttributes",
+    "CGTaylor",
     "CacheHandle",
     "Calibration",
+    "FirstBlockCache",
     "ForwardOverride",
     "LayerAdapter",
     "METRICS",
+    "Method",
     "ModelSpec",
     "Plan",
     "PlanBlock",
     "PlanMismatchError",
+    "Reuse",
+    "Rule",
+    "Sortblock",
     "StepOverflowError",
+    "Taylor",
     "accelerate",
+    "available_methods",
     "acs_schedule",
     "bubbling_union",
+    "build_method",
     "calibrate",
     "describe",
     "make_plan",
     "new_trajectory",
     "plan_methods",
     "register_adapter",
+    "register_method",
     "register_plan_method",
     "scheduler_id",
 ]

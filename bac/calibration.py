@@ -9,7 +9,6 @@ one sampling call's features at a time, whatever the number of samples.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,8 +20,9 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from .adapters import Block, LayerAdapter, describe
-from .engine import CacheHandle, _AlwaysCompute
+from .engine import CacheHandle
 from .plan import scheduler_id
+from .rules import AlwaysCompute
 
 METRICS = ("cosine", "l1", "mse")
 
@@ -96,12 +96,17 @@ def _flatten(out: Any, batch_dim: int) -> torch.Tensor:
 
 
 class _Recorder:
-    """Observer that keeps one sampling call's block outputs and folds them into sums."""
+    """Observer that keeps one sampling call's block outputs and folds them into sums.
+
+    Outputs are kept per cache context: each classifier-free-guidance branch
+    is its own trajectory, and its batch elements count as samples of their own.
+    """
 
     def __init__(self, blocks: tuple[Block, ...], batch_dims: list[int]):
         self.blocks = blocks
         self.batch_dims = batch_dims
-        self.features: list[list[torch.Tensor]] = [[] for _ in blocks]
+        self.handle: CacheHandle | None = None
+        self.features: dict[str, list[list[torch.Tensor]]] = {}
         self.first_order: list[int] | None = []
         self.sums: dict[str, torch.Tensor] | None = None
         self.samples = 0
@@ -109,18 +114,18 @@ class _Recorder:
 
     def __call__(self, i, fn, args, kwargs):
         out = fn(*args, **kwargs)
-        if self.first_order is not None and not self.features[i]:
+        context = self.handle.state.name
+        if context not in self.features:
+            self.features[context] = [[] for _ in self.blocks]
+        features = self.features[context]
+        if self.first_order is not None and len(self.features) == 1 and not features[i]:
             self.first_order.append(i)
-        self.features[i].append(_flatten(out, self.batch_dims[i]))
+        features[i].append(_flatten(out, self.batch_dims[i]))
         return out
 
-    def finish(self, steps: int) -> None:
-        if steps <= 0:
+    def finish(self, steps_by_context: Mapping[str, int]) -> None:
+        if not self.features:
             raise RuntimeError("the calibration sampling function never called the model")
-        if self.num_steps is None:
-            self.num_steps = steps
-        elif steps != self.num_steps:
-            raise RuntimeError(f"calibration sampling calls ran {self.num_steps} and {steps} steps; use one sampler")
         if self.first_order is not None:
             if self.first_order != list(range(len(self.blocks))):
                 ran = [self.blocks[i].name for i in self.first_order]
@@ -129,14 +134,27 @@ class _Recorder:
                     "register layers in execution order (BUA relies on it)"
                 )
             self.first_order = None
-        for i, block in enumerate(self.blocks):
-            if len(self.features[i]) != steps:
+        for context, features in self.features.items():
+            steps = steps_by_context[context]
+            if self.num_steps is None:
+                self.num_steps = steps
+            elif steps != self.num_steps:
                 raise RuntimeError(
-                    f"block {block.name} ran {len(self.features[i])} times in a {steps}-step sampling call; "
+                    f"calibration sampling calls ran {self.num_steps} and {steps} steps (context {context!r}); "
+                    "use one sampler"
+                )
+            self._fold(features, steps)
+        self.features = {}
+
+    def _fold(self, features: list[list[torch.Tensor]], steps: int) -> None:
+        for i, block in enumerate(self.blocks):
+            if len(features[i]) != steps:
+                raise RuntimeError(
+                    f"block {block.name} ran {len(features[i])} times in a {steps}-step sampling call; "
                     "each block must run exactly once per denoiser call"
                 )
-            r = torch.stack(self.features[i], dim=1)  # [batch, K, D]
-            self.features[i] = []
+            r = torch.stack(features[i], dim=1)  # [batch, K, D]
+            features[i] = []
             if not torch.isfinite(r).all():
                 raise FloatingPointError(f"block {block.name} produced NaN or inf during calibration")
             unit = r / r.norm(dim=2, keepdim=True).clamp_min(1e-12)
@@ -172,7 +190,8 @@ def calibrate(
     """
     spec = describe(model, adapters)
     recorder = _Recorder(spec.blocks, spec.batch_dims())
-    handle = CacheHandle(model, spec, _AlwaysCompute(len(spec.blocks)), sys.maxsize, observer=recorder)
+    handle = CacheHandle(model, spec, AlwaysCompute(len(spec.blocks)), observer=recorder)
+    recorder.handle = handle
     devices = [p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"][:1]
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
@@ -180,7 +199,7 @@ def calibrate(
             for x in inputs:
                 handle.new_trajectory()
                 sample_fn(x)
-                recorder.finish(handle.step + 1)
+                recorder.finish(handle.steps_run())
     finally:
         handle.remove()
     if recorder.sums is None:

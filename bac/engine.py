@@ -1,59 +1,48 @@
-"""The caching engine: routes every block through a runner that computes or reuses.
+"""The caching engine: routes every block through a runner that computes or stands in.
 
 Hot path. A forward pre-hook on the denoiser advances the step counter of the
-active context and points it at that step's precomputed row of actions (one per
-block: REUSE, COMPUTE, or COMPUTE_AND_STORE). Each block's runner then does one
-list lookup: return the stored residual, or compute it and, only if the next
-step reuses it, store it. Storing only then matters on CPU: a retained output
-cannot be recycled by the allocator, which costs more than the bookkeeping.
-Nothing is allocated, decided on the host from tensor values, or scanned per
-step, so every policy call costs the same and latency percentiles stay tight.
+active context and asks the schedule (:mod:`bac.rules`) for that step's row of
+actions, one bit set per block: ``RUN``, ``STORE`` (a later step stands in for
+this value) and ``NOTIFY`` (a runtime rule looks at the value). Each block's
+runner then does one list lookup: compute the block, or return the stand-in's
+value (the stored residual, or a forecast, see :mod:`bac.forecast`). For a
+static plan nothing is allocated or decided on the host from tensor values, so
+every policy call costs the same and latency percentiles stay tight.
 
 State. Each *context* (``"default"``, or one per classifier-free-guidance
-branch via :meth:`CacheHandle.context`) has its own step counter and cache.
-:meth:`CacheHandle.new_trajectory` (or :func:`new_trajectory` on the model)
-marks the start of a sampling call and clears every context.
+branch via :meth:`CacheHandle.context`) has its own step counter, cache and
+rule state. :meth:`CacheHandle.new_trajectory` (or :func:`new_trajectory` on
+the model) marks the start of a sampling call and clears every context.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import LayerAdapter, ModelSpec, describe
+from .forecast import REUSE, Reuse, Taylor
 from .plan import Plan
+from .rules import NOTIFY, RUN, STORE, AlwaysCompute, BoundSchedule, Rule, StaticRows, actions_from_table
 
 # observer(block_index, fn, args, kwargs) -> output; used by calibration and FLOP counting.
 Observer = Callable[[int, Callable[..., Any], tuple, dict], Any]
 
 
-REUSE, COMPUTE, COMPUTE_AND_STORE = 0, 1, 2
-
-
-def actions_from_table(table: Sequence[Sequence[bool]]) -> tuple[tuple[int, ...], ...]:
-    """Per step and block: reuse, compute, or compute and store because the next step reuses."""
-    rows = []
-    for k, row in enumerate(table):
-        following = table[k + 1] if k + 1 < len(table) else row
-        rows.append(tuple(COMPUTE_AND_STORE if run and not following[i] else int(run) for i, run in enumerate(row)))
-    return tuple(rows)
-
-
 class StepOverflowError(RuntimeError):
-    """The denoiser ran more steps in one sampling call than the plan covers."""
+    """The denoiser ran more steps in one sampling call than the schedule covers."""
 
 
 class _Context:
-    __slots__ = ("name", "rows", "limit", "step", "row", "cache", "computed", "skipped")
+    __slots__ = ("name", "schedule", "step", "row", "cache", "rule_state", "computed", "skipped")
 
-    def __init__(self, name: str, rows: Sequence[Sequence[int]], limit: int, num_blocks: int):
+    def __init__(self, name: str, schedule: BoundSchedule, num_blocks: int):
         self.name = name
-        self.rows = rows
-        self.limit = limit
+        self.schedule = schedule
         self.computed = [0] * num_blocks
         self.skipped = [0] * num_blocks
         self.reset()
@@ -62,19 +51,7 @@ class _Context:
         self.step = -1
         self.row = None
         self.cache: list[Any] = [None] * len(self.computed)
-
-
-class _AlwaysCompute(Sequence):
-    """Rows of a plan that computes every block at every step, for any step count."""
-
-    def __init__(self, num_blocks: int):
-        self._row = (COMPUTE,) * num_blocks
-
-    def __getitem__(self, step):
-        return self._row
-
-    def __len__(self) -> int:
-        return sys.maxsize
+        self.rule_state = self.schedule.new_state()
 
 
 class CacheHandle:
@@ -87,8 +64,8 @@ class CacheHandle:
         self,
         model: nn.Module,
         spec: ModelSpec,
-        rows: Sequence[Sequence[int]],
-        limit: int,
+        schedule: BoundSchedule,
+        standin: Reuse | Taylor = REUSE,
         plan: Plan | None = None,
         observer: Observer | None = None,
     ):
@@ -96,10 +73,10 @@ class CacheHandle:
             raise RuntimeError(f"{type(model).__name__} is already accelerated; call handle.remove() first")
         self.model = model
         self.spec = spec
+        self.schedule = schedule
+        self.standin = standin
         self.plan = plan
         self.observer = observer
-        self._rows = rows
-        self._limit = limit
         self._contexts: dict[str, _Context] = {}
         self.state = self._context_state("default")
         self._trajectories = 0
@@ -131,29 +108,32 @@ class CacheHandle:
         def run(fn, *args, **kwargs):
             state = handle.state
             action = state.row[i]
-            if action:
+            if action & RUN:
                 observer = handle.observer
                 out = fn(*args, **kwargs) if observer is None else observer(i, fn, args, kwargs)
-                if action == COMPUTE_AND_STORE:
-                    state.cache[i] = out
+                if action & STORE:
+                    handle.standin.store(state.cache, i, state.step, out)
+                if action & NOTIFY:
+                    state.schedule.notify(state, i, out)
                 state.computed[i] += 1
                 return out
             state.skipped[i] += 1
-            return state.cache[i]
+            return handle.standin.fill(state.cache, i, state.step)
 
         return run
 
     def _advance(self, module: nn.Module, args: tuple) -> None:
         state = self.state
         step = state.step + 1
-        if step >= state.limit:
+        if step >= state.schedule.limit:
             raise StepOverflowError(
-                f"the plan covers {state.limit} denoising steps but step {step + 1} was requested "
+                f"the schedule covers {state.schedule.limit} denoising steps but step {step + 1} was requested "
                 f"in context {state.name!r}: mark each sampling call with handle.new_trajectory() "
-                "(or bac.new_trajectory(model)), or make a plan for this sampler's step count"
+                "(or bac.new_trajectory(model)), give each classifier-free-guidance branch its own "
+                "handle.context(name), or make the schedule for this sampler's step count"
             )
         state.step = step
-        state.row = state.rows[step]
+        state.row = state.schedule.row(state)
         self._calls += 1
         if self._fresh:
             self._fresh = False
@@ -162,7 +142,7 @@ class CacheHandle:
     # -- control ---------------------------------------------------------------------
     def _context_state(self, name: str) -> _Context:
         if name not in self._contexts:
-            self._contexts[name] = _Context(name, self._rows, self._limit, len(self.spec.blocks))
+            self._contexts[name] = _Context(name, self.schedule, len(self.spec.blocks))
         return self._contexts[name]
 
     def new_trajectory(self) -> None:
@@ -186,6 +166,10 @@ class CacheHandle:
     def step(self) -> int:
         """Step index of the last denoiser call in the active context (-1 before the first)."""
         return self.state.step
+
+    def steps_run(self) -> dict[str, int]:
+        """Denoiser calls of the current trajectory, per context that ran any."""
+        return {name: state.step + 1 for name, state in self._contexts.items() if state.step >= 0}
 
     def remove(self) -> None:
         """Restore the model exactly as it was."""
@@ -220,7 +204,7 @@ class CacheHandle:
             return out
 
         saved = (self.state, self.observer, self._fresh, self._trajectories, self._calls)
-        self.state = _Context("flops", _AlwaysCompute(len(counts)), 1, len(counts))
+        self.state = _Context("flops", AlwaysCompute(len(counts)), len(counts))
         self.observer = count
         try:
             with FlopCounterMode(display=False) as mode, torch.no_grad():
@@ -243,8 +227,10 @@ class CacheHandle:
         total_computed, total_skipped = sum(computed), sum(skipped)
         evaluations = total_computed + total_skipped
         stats: dict[str, Any] = {
-            "method": self.plan.method if self.plan else "calibration",
-            "num_steps": self.plan.num_steps if self.plan else None,
+            "method": self.schedule.name,
+            "params": dict(self.schedule.params),
+            **self.standin.describe(),
+            "num_steps": self.schedule.limit if self.schedule.limit < sys.maxsize else None,
             "num_blocks": len(computed),
             "sampling_calls": trajectories,
             "denoiser_calls": calls,
@@ -303,22 +289,48 @@ class CacheHandle:
 
 def accelerate(
     model: nn.Module,
-    plan: Plan,
+    schedule: "Plan | Rule | Method",
     *,
+    forecast: Reuse | Taylor | None = None,
     num_steps: int | None = None,
     scheduler: Any = None,
     adapters: Mapping[type, LayerAdapter] | None = None,
 ) -> CacheHandle:
-    """Cache ``model``'s blocks according to ``plan``; returns a :class:`CacheHandle`.
+    """Cache ``model``'s blocks; returns a :class:`CacheHandle`.
+
+    ``schedule`` says when each block runs: a :class:`bac.Plan` (static), a
+    runtime rule (:class:`bac.FirstBlockCache`, :class:`bac.CGTaylor`,
+    :class:`bac.Sortblock`), or a :class:`bac.Method` built by name with
+    :func:`bac.build_method`, which carries its own stand-in. ``forecast`` says
+    what stands in for a skipped block: the last value (default) or
+    :class:`bac.Taylor`.
 
     ``num_steps`` and ``scheduler`` (the sampler's step count and scheduler, or
-    its description) are checked against what the plan was made for when given.
+    its description) are checked against what a plan was made for; a runtime
+    rule needs ``num_steps`` so that a sampling call that runs longer (a missed
+    :func:`new_trajectory`, CFG branches sharing one context) is an error.
     Call ``handle.new_trajectory()`` (or ``bac.new_trajectory(model)``) at the
     start of every sampling call; ``handle.remove()`` undoes everything.
     """
+    from .methods import Method
+
+    if isinstance(schedule, Method):
+        if forecast is not None:
+            raise ValueError(f"method {schedule.name!r} already has its stand-in ({schedule.forecast!r})")
+        schedule, forecast = schedule.schedule, schedule.forecast
     spec = describe(model, adapters)
-    plan.check_fits(spec, num_steps=num_steps, scheduler=scheduler)
-    return CacheHandle(model, spec, actions_from_table(plan.step_table()), plan.num_steps, plan=plan)
+    if isinstance(schedule, Plan):
+        schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler)
+        standin = forecast or REUSE
+        rows = actions_from_table(schedule.step_table(), standin.keeps_history)
+        bound = StaticRows(rows, schedule.num_steps, schedule.method, schedule.params)
+        return CacheHandle(model, spec, bound, standin, plan=schedule)
+    if isinstance(schedule, Rule):
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"a runtime rule ({schedule.name}) needs num_steps, the sampler's step count")
+        standin = forecast or schedule.forecast or REUSE
+        return CacheHandle(model, spec, schedule.bind(spec, num_steps), standin)
+    raise TypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
 
 
 def new_trajectory(model: nn.Module) -> None:

@@ -53,6 +53,8 @@ ADAPTERS: dict[type, CheckedOverride] = {
 for _cls, _adapter in ADAPTERS.items():
     register_adapter(_cls, _adapter)
 
+from .pipeline import calibrate, disable_cache, enable_cache  # noqa: E402  (needs the adapters registered)
+
 
 def adapters_for(model: nn.Module) -> dict[type, LayerAdapter]:
     """The adapters that reproduce ``model``'s diffusers blocks, every layer checked now.
@@ -96,4 +98,7 @@ __all__ = [
     "UnsupportedBlockError",
     "WAN_BLOCK",
     "adapters_for",
+    "calibrate",
+    "disable_cache",
+    "enable_cache",
 ]

@@ -1,0 +1,132 @@
+"""Stand-ins: what the engine returns for a block it does not compute.
+
+``Reuse`` returns the block's last computed residual (BAC, FORA, FBCache).
+``Taylor(order)`` forecasts it from the block's computed values with a Taylor
+series whose derivatives are finite differences of those values over step
+indices (TaylorSeer; ``order=1`` is linear extrapolation, as in Sortblock).
+With one computed value a Taylor forecast is that value, so it degrades to
+reuse at the start of a trajectory.
+
+A stand-in keeps its per-block memory in the context's ``cache`` list, so
+classifier-free-guidance branches (separate contexts) never share it. Block
+outputs may be tensors or tuples of tensors (a branch that updates two
+streams); ``None`` entries of a tuple pass through.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+
+def map_outputs(fn: Callable[..., Any], *outputs: Any) -> Any:
+    """Apply ``fn`` to tensors, or elementwise to tuples of tensors (``None`` stays ``None``)."""
+    first = outputs[0]
+    if isinstance(first, (tuple, list)):
+        return tuple(None if parts[0] is None else fn(*parts) for parts in zip(*outputs))
+    return fn(*outputs)
+
+
+def tensors(output: Any) -> list:
+    """The tensors of a block output (a tensor or a tuple of tensors), or of a list of block outputs."""
+    if isinstance(output, (tuple, list)):
+        return [t for part in output for t in tensors(part)]
+    return [] if output is None else [output]
+
+
+def relative_l1(value: Any, reference: Any) -> float:
+    """sum |value - reference| / sum |reference| over every tensor of two block outputs (or lists of them)."""
+    num = den = 0.0
+    for a, b in zip(tensors(value), tensors(reference)):
+        num += (a.float() - b.float()).abs().sum().item()
+        den += b.float().abs().sum().item()
+    return num / den if den > 0 else math.inf
+
+
+class Reuse:
+    """Return the last computed value: the plain cache."""
+
+    name = "reuse"
+    keeps_history = False  # only the computation right before a skip needs storing
+
+    def store(self, cache: list, i: int, step: int, out: Any) -> None:
+        cache[i] = out
+
+    def fill(self, cache: list, i: int, step: int) -> Any:
+        return cache[i]
+
+    def describe(self) -> dict:
+        return {"forecast": None}
+
+
+class TaylorSeries:
+    """Finite-difference derivatives of one block output over step indices.
+
+    ``update(step, x)`` adds a computed value; ``predict(step)`` evaluates the
+    Taylor polynomial around the last computed step. Derivative j at a new
+    point is ``(d_{j-1}(new) - d_{j-1}(old)) / (step - old_step)``, TaylorSeer's
+    recursive approximation.
+    """
+
+    __slots__ = ("order", "step", "terms")
+
+    def __init__(self, order: int):
+        self.order = order
+        self.step: int | None = None
+        self.terms: list = []
+
+    def update(self, step: int, x: Any) -> None:
+        terms = [x]
+        if self.step is not None:
+            dt = float(step - self.step)
+            for j in range(1, min(self.order, len(self.terms)) + 1):
+                terms.append(map_outputs(lambda new, old: (new - old) / dt, terms[j - 1], self.terms[j - 1]))
+        self.step, self.terms = step, terms
+
+    def predict(self, step: int) -> Any:
+        if self.step is None:
+            raise RuntimeError("no computed value to forecast from")
+        dt = float(step - self.step)
+        out = self.terms[0]
+        for j in range(1, len(self.terms)):
+            coefficient = dt**j / math.factorial(j)
+            out = map_outputs(lambda acc, d: acc + d * coefficient, out, self.terms[j])
+        return out
+
+
+class Taylor:
+    """Forecast a skipped block with a Taylor series of order 1 or 2 from its computed values."""
+
+    name = "taylor"
+    keeps_history = True  # every computation before a skip contributes a finite difference
+
+    def __init__(self, order: int = 1):
+        if isinstance(order, bool) or order not in (1, 2):
+            raise ValueError(f"Taylor order must be 1 or 2, got {order!r}")
+        self.order = order
+
+    def store(self, cache: list, i: int, step: int, out: Any) -> None:
+        series = cache[i]
+        if series is None:
+            series = cache[i] = TaylorSeries(self.order)
+        series.update(step, out)
+
+    def fill(self, cache: list, i: int, step: int) -> Any:
+        return cache[i].predict(step)
+
+    def describe(self) -> dict:
+        return {"forecast": "taylor", "order": self.order}
+
+    def __repr__(self) -> str:
+        return f"Taylor(order={self.order})"
+
+
+REUSE = Reuse()
+
+
+def make_forecast(forecast: str | None, order: int = 1) -> Reuse | Taylor:
+    """A stand-in by name: ``None``/``"reuse"`` or ``"taylor"`` (with ``order``)."""
+    if forecast in (None, "reuse"):
+        return REUSE
+    if forecast == "taylor":
+        return Taylor(order)
+    raise ValueError(f"unknown forecast {forecast!r}; expected None, 'reuse' or 'taylor'")

@@ -1,0 +1,308 @@
+"""Schedules: *when* each block is computed, as a row of actions per denoiser call.
+
+An action is a bit set: ``RUN`` (compute the block), ``STORE`` (hand the
+output to the stand-in, because a later step will stand in for it) and
+``NOTIFY`` (pass the output to the schedule, which may then rewrite the rest
+of the row). A block without ``RUN`` is filled in by the stand-in (reuse or
+forecast, see :mod:`bac.forecast`).
+
+* :class:`StaticRows` - a :class:`bac.Plan` (BAC, ACS, uniform, TaylorSeer's
+  interval, ...): rows precomputed once; the hot path is a list lookup.
+* Runtime rules decide from the values computed in the current call:
+  :class:`FirstBlockCache`, :class:`CGTaylor` and :class:`Sortblock`.
+
+A rule is a small configuration object; :meth:`Rule.bind` makes the bound
+schedule for one model, and ``new_state()`` the per-context state (one per
+classifier-free-guidance branch), cleared at every new trajectory.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Sequence
+
+from .adapters import ModelSpec
+from .forecast import Reuse, Taylor, TaylorSeries, relative_l1
+
+RUN, STORE, NOTIFY = 1, 2, 4
+
+
+def actions_from_table(table: Sequence[Sequence[bool]], keeps_history: bool = False) -> tuple[tuple[int, ...], ...]:
+    """Per step and block: compute or not, and store when a later skip needs the value.
+
+    With plain reuse only the computation right before a skipped step is
+    stored (a retained output cannot be recycled by the allocator, which on
+    CPU costs more than the bookkeeping); a forecaster (``keeps_history``)
+    gets every computation that precedes some later skip.
+    """
+    num_steps = len(table)
+    num_blocks = len(table[0]) if num_steps else 0
+    later_skip = [[False] * num_blocks for _ in range(num_steps)]
+    for k in range(num_steps - 2, -1, -1):
+        later_skip[k] = [not table[k + 1][i] or later_skip[k + 1][i] for i in range(num_blocks)]
+    rows = []
+    for k, row in enumerate(table):
+        following = table[k + 1] if k + 1 < num_steps else row
+        needed = later_skip[k] if keeps_history else [not run for run in following]
+        rows.append(tuple((RUN | STORE if needed[i] else RUN) if run else 0 for i, run in enumerate(row)))
+    return tuple(rows)
+
+
+class BoundSchedule:
+    """A schedule bound to one model's blocks (see the module docstring)."""
+
+    name = "schedule"
+    params: dict = {}
+    limit = sys.maxsize  # steps one trajectory may run in a context
+
+    def new_state(self) -> Any:
+        return None
+
+    def row(self, state) -> Sequence[int]:
+        raise NotImplementedError
+
+    def notify(self, state, i: int, out: Any) -> None:
+        """Block ``i`` (whose action has ``NOTIFY``) computed ``out`` at ``state.step``."""
+
+
+class StaticRows(BoundSchedule):
+    """A precomputed action table (from a plan, or every block every step)."""
+
+    def __init__(self, rows: Sequence[Sequence[int]], limit: int, name: str, params: dict | None = None):
+        self.rows = rows
+        self.limit = limit
+        self.name = name
+        self.params = dict(params or {})
+
+    def row(self, state) -> Sequence[int]:
+        return self.rows[state.step]
+
+
+class AlwaysCompute(BoundSchedule):
+    """Every block at every step, for any number of steps (calibration, FLOP counting)."""
+
+    name = "always"
+
+    def __init__(self, num_blocks: int):
+        self._row = (RUN,) * num_blocks
+
+    def row(self, state) -> Sequence[int]:
+        return self._row
+
+
+class Rule:
+    """A runtime rule's configuration; :meth:`bind` makes its schedule for one model."""
+
+    name = "rule"
+    forecast: Reuse | Taylor | None = None  # the stand-in the rule is meant for (None: reuse)
+
+    @property
+    def params(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "forecast"}
+
+    def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False) -> None:
+    valid = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    if not valid or not low <= value <= high or value != value:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind} in [{low}, {high}], got {value!r}")
+
+
+def _probe(spec: ModelSpec) -> int:
+    """Number of leading blocks forming the first layer (the probe of whole-model rules)."""
+    first = spec.blocks[0].layer
+    count = sum(1 for b in spec.blocks if b.layer == first)
+    if count == len(spec.blocks):
+        raise ValueError("a whole-model rule needs at least two layers: the first is the probe, the rest are cached")
+    return count
+
+
+class _ProbeState:
+    __slots__ = ("row", "outputs", "reference", "full_steps")
+
+    def __init__(self, num_blocks: int):
+        self.row = [RUN] * num_blocks
+        self.outputs: list = []
+        self.reference = None
+        self.full_steps = 0
+
+
+class _WholeModelRule(BoundSchedule):
+    """Shared mechanics of FBCache and CG-Taylor: the first layer (probe) always runs, then one decision.
+
+    The probe's blocks are always computed and notify; after the last of them
+    :meth:`decide` says whether the remaining blocks run (and are stored) or
+    are all filled in by the stand-in.
+    """
+
+    def __init__(self, rule: Rule, spec: ModelSpec, limit: int):
+        self.name, self.params, self.limit = rule.name, rule.params, limit
+        self.num_blocks = len(spec.blocks)
+        self.probe = _probe(spec)
+        self._start = (RUN | NOTIFY,) * self.probe + (RUN | STORE,) * (self.num_blocks - self.probe)
+
+    def new_state(self) -> _ProbeState:
+        return _ProbeState(self.num_blocks)
+
+    def row(self, state) -> Sequence[int]:
+        rule_state = state.rule_state
+        rule_state.row[:] = self._start
+        rule_state.outputs = []
+        return rule_state.row
+
+    def notify(self, state, i: int, out: Any) -> None:
+        rule_state = state.rule_state
+        rule_state.outputs.append(out)
+        if i + 1 < self.probe:
+            return
+        if self.decide(state, rule_state):
+            rule_state.full_steps += 1
+        else:
+            rule_state.row[self.probe:] = [0] * (self.num_blocks - self.probe)
+
+    def decide(self, state, rule_state: _ProbeState) -> bool:
+        """True: compute the remaining blocks at this step."""
+        raise NotImplementedError
+
+
+class FirstBlockCache(Rule):
+    """FBCache / TeaCache-like: skip the remaining blocks while the first layer's residual barely changes.
+
+    Every step the first layer's blocks are computed; if the relative L1
+    change of their residuals against the last fully computed step is at most
+    ``threshold``, every other block stands in (its cached residual; their sum
+    is the cached residual of the remaining layers, as in diffusers'
+    ``FirstBlockCache``), otherwise the step runs in full.
+    """
+
+    name = "fbcache"
+
+    def __init__(self, threshold: float = 0.05):
+        _check_number("threshold", threshold, 0.0)
+        self.threshold = float(threshold)
+
+    def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
+        return _FirstBlockCacheSchedule(self, spec, limit)
+
+
+class _FirstBlockCacheSchedule(_WholeModelRule):
+    def decide(self, state, rule_state: _ProbeState) -> bool:
+        if rule_state.reference is not None and relative_l1(rule_state.outputs, rule_state.reference) <= self.params[
+            "threshold"
+        ]:
+            return False
+        rule_state.reference = rule_state.outputs
+        return True
+
+
+class CGTaylor(Rule):
+    """Confidence-gated Taylor forecasting of the whole model.
+
+    The first layer is always computed. Its own Taylor forecast (order
+    ``order``, from its values at fully computed steps) is compared with what
+    it really computed: if the relative L1 error is below ``gate``, every other
+    block is forecast (by linearity, the sum of their forecasts is the Taylor
+    forecast of the last block's output residual); otherwise the step runs in
+    full and every history is updated. The first ``warmup`` steps run in full.
+    """
+
+    name = "cg-taylor"
+
+    def __init__(self, gate: float = 0.05, order: int = 1, warmup: int = 2):
+        _check_number("gate", gate, 0.0)
+        _check_number("warmup", warmup, 1, integer=True)
+        self.gate = float(gate)
+        self.order = order
+        self.warmup = warmup
+        self.forecast = Taylor(order)
+
+    def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
+        return _CGTaylorSchedule(self, spec, limit)
+
+
+class _CGTaylorSchedule(_WholeModelRule):
+    def new_state(self) -> _ProbeState:
+        state = super().new_state()
+        state.reference = [TaylorSeries(self.params["order"]) for _ in range(self.probe)]
+        return state
+
+    def decide(self, state, rule_state: _ProbeState) -> bool:
+        series = rule_state.reference
+        if state.step >= self.params["warmup"]:
+            forecast = [s.predict(state.step) for s in series]
+            if relative_l1(rule_state.outputs, forecast) < self.params["gate"]:
+                return False
+        for s, out in zip(series, rule_state.outputs):
+            s.update(state.step, out)
+        return True
+
+
+class Sortblock(Rule):
+    """Recompute the blocks whose residuals change most; extrapolate the rest.
+
+    Every ``interval`` steps (and during the first ``warmup`` steps) all
+    blocks run, and each block's residual change per step since its previous
+    computation (relative L1) is measured. In between, the ``fraction`` of
+    blocks with the largest change is recomputed and the others are
+    extrapolated linearly (``order=1``) or with a second-order Taylor series.
+    """
+
+    name = "sortblock"
+
+    def __init__(self, fraction: float = 0.5, interval: int = 4, warmup: int = 2, order: int = 1):
+        _check_number("fraction", fraction, 0.0, 1.0)
+        _check_number("interval", interval, 1, integer=True)
+        _check_number("warmup", warmup, 1, integer=True)
+        self.fraction = float(fraction)
+        self.interval = interval
+        self.warmup = warmup
+        self.order = order
+        self.forecast = Taylor(order)
+
+    def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
+        return _SortblockSchedule(self, spec, limit)
+
+
+class _SortState:
+    __slots__ = ("row", "last", "last_step", "change")
+
+    def __init__(self, num_blocks: int):
+        self.row: Sequence[int] = ()
+        self.last: list = [None] * num_blocks
+        self.last_step = [0] * num_blocks
+        self.change = [math.inf] * num_blocks
+
+
+class _SortblockSchedule(BoundSchedule):
+    def __init__(self, rule: Sortblock, spec: ModelSpec, limit: int):
+        self.name, self.params, self.limit = rule.name, rule.params, limit
+        self.num_blocks = len(spec.blocks)
+        self.recomputed = math.ceil(rule.fraction * self.num_blocks)
+        self._full = (RUN | STORE | NOTIFY,) * self.num_blocks
+
+    def new_state(self) -> _SortState:
+        return _SortState(self.num_blocks)
+
+    def row(self, state) -> Sequence[int]:
+        rule_state, step = state.rule_state, state.step
+        warmup, interval = self.params["warmup"], self.params["interval"]
+        if step < warmup or (step - warmup) % interval == 0:
+            rule_state.row = self._full
+        elif (step - warmup) % interval == 1:  # first step after a full one: re-rank
+            ranked = sorted(range(self.num_blocks), key=lambda i: (-rule_state.change[i], i))
+            chosen = set(ranked[: self.recomputed])
+            rule_state.row = tuple(RUN | STORE | NOTIFY if i in chosen else 0 for i in range(self.num_blocks))
+        return rule_state.row
+
+    def notify(self, state, i: int, out: Any) -> None:
+        rule_state = state.rule_state
+        if rule_state.last[i] is not None:
+            distance = state.step - rule_state.last_step[i]
+            rule_state.change[i] = relative_l1(out, rule_state.last[i]) / distance
+        rule_state.last[i], rule_state.last_step[i] = out, state.step

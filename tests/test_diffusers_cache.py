@@ -1,0 +1,256 @@
+"""bac.diffusers.enable_cache: every caching method on DiT, FLUX and Wan, and the DiT pipeline (tiny models, CPU)."""
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from test_diffusers_adapters import CASES, K, all_equal, model_of, sample
+
+import bac
+import bac.diffusers
+from bac import PlanMismatchError
+
+# Parameters under which every method computes every block at every step, and ones that skip.
+EXHAUSTIVE = {
+    "every-step": {},
+    "uniform": {"interval": 1},
+    "unified-acs": {"M": K},
+    "acs": {"M": K},
+    "bac": {"M": K, "n": 2},
+    "taylorseer": {"interval": 1},
+    "fbcache": {"threshold": 0.0},
+    "cg-taylor": {"gate": 0.0},
+    "sortblock": {"fraction": 1.0},
+}
+SKIPPING = {
+    "uniform": {"interval": 2},
+    "unified-acs": {"M": 3},
+    "acs": {"M": 3},
+    "bac": {"M": 3, "n": 2},
+    "bac+taylor": {"M": 3, "n": 2, "forecast": "taylor", "order": 1},
+    "taylorseer": {"interval": 2, "order": 2},
+    "fbcache": {"threshold": 10.0},
+    "cg-taylor": {"gate": 10.0},
+    "sortblock": {"fraction": 0.4, "interval": 3, "warmup": 1},
+}
+# The sub-module doing each branch's work, by block class and branch key: counted independently of bac.
+WITNESS = {
+    ("BasicTransformerBlock", "sa"): "attn1", ("BasicTransformerBlock", "ffn"): "ff",
+    ("FluxTransformerBlock", "attn"): "attn", ("FluxTransformerBlock", "ff"): "ff",
+    ("FluxTransformerBlock", "ff_context"): "ff_context", ("FluxSingleTransformerBlock", "attn_mlp"): "proj_out",
+    ("WanTransformerBlock", "sa"): "attn1", ("WanTransformerBlock", "ca"): "attn2", ("WanTransformerBlock", "ffn"): "ffn",
+}
+CALIBRATIONS = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the arithmetic
+    yield
+    torch.set_num_threads(threads)
+
+
+def calibration_of(case, model):
+    if case.name not in CALIBRATIONS:
+        CALIBRATIONS[case.name] = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2])
+    return CALIBRATIONS[case.name]
+
+
+def enable(case, model, method, params):
+    name = method.split("+")[0]
+    calibration = calibration_of(case, model) if bac.methods.needs_calibration(name) else None
+    return bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
+
+
+def count_witnesses(model):
+    counts, hooks = {}, []
+    for block in bac.describe(model).blocks:
+        path, key = block.name.rsplit(".", 1)
+        layer = model.get_submodule(path)
+        witness = getattr(layer, WITNESS[(type(layer).__name__, key)])
+        counts[block.name] = 0
+        hooks.append(witness.register_forward_hook(
+            lambda *a, name=block.name: counts.__setitem__(name, counts[name] + 1)))
+    return counts, hooks
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("method", sorted(EXHAUSTIVE))
+def test_exhaustive_settings_are_bit_identical_and_disable_restores(name, method):
+    case = CASES[name]
+    model = model_of(case)
+    reference = sample(case, model)
+    handle = enable(case, model, method, EXHAUSTIVE[method])
+    try:
+        cached = sample(case, model)
+        assert handle.stats()["skipped"] == 0
+    finally:
+        bac.diffusers.disable_cache(model)
+    assert all_equal(cached, reference)
+    assert not hasattr(model, "_bac_handle") and "cache_context" not in model.__dict__
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("method", sorted(SKIPPING))
+def test_skipped_evaluations_match_what_the_method_reports(name, method):
+    case = CASES[name]
+    model = model_of(case)
+    reference = sample(case, model)
+    counts, hooks = count_witnesses(model)
+    handle = enable(case, model, method, SKIPPING[method])
+    try:
+        cached = sample(case, model)
+        stats = handle.stats()
+    finally:
+        bac.diffusers.disable_cache(model)
+        for h in hooks:
+            h.remove()
+    assert {block: b["computed"] for block, b in stats["per_block"].items()} == counts
+    assert stats["skipped"] > 0 and stats["computed"] + stats["skipped"] == K * len(counts)
+    assert all(torch.isfinite(out).all() for out in cached) and not all_equal(cached, reference)
+    assert all_equal(sample(case, model), reference)  # disable_cache restored the plain model
+
+
+# --- flow-matching sampling loops as diffusers' FLUX and Wan pipelines run them ----------------
+
+
+@torch.no_grad()
+def flow_loop(case, model, guidance: bool):
+    """FlowMatchEuler sampling; with guidance, two denoiser calls per step in 'cond'/'uncond' contexts."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(K)
+    bac.new_trajectory(model)
+    x, cond = case.inputs(0)
+    negative = {**cond, "encoder_hidden_states": -cond["encoder_hidden_states"]}
+    for t in scheduler.timesteps:
+        timestep = (t / 1000 if case.name == "flux" else t).expand(x.shape[0])
+        with model.cache_context("cond"):
+            noise = model(x, timestep=timestep, **cond_kwargs(case, cond)).sample
+        if guidance:
+            with model.cache_context("uncond"):
+                uncond = model(x, timestep=timestep, **cond_kwargs(case, negative)).sample
+            noise = uncond + 4.0 * (noise - uncond)
+        x = scheduler.step(noise, t, x).prev_sample
+    return x
+
+
+def cond_kwargs(case, cond):
+    return cond if case.name == "flux" else {"encoder_hidden_states": cond["encoder_hidden_states"]}
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+@pytest.mark.parametrize("method", ["fbcache", "taylorseer", "bac"])
+def test_guidance_branches_have_their_own_cache_state(name, method):
+    case = CASES[name]
+    model = model_of(case)
+    reference = flow_loop(case, model, guidance=True)
+    handle = enable(case, model, method, EXHAUSTIVE[method])
+    try:
+        exhaustive = flow_loop(case, model, guidance=True)
+        assert handle.steps_run() == {"cond": K, "uncond": K}
+    finally:
+        bac.diffusers.disable_cache(model)
+    assert torch.equal(exhaustive, reference)
+    # Skipping for real, each branch on its own step counter (one shared counter would overflow)
+    handle = enable(case, model, method, SKIPPING[method])
+    try:
+        guided = flow_loop(case, model, guidance=True)
+        assert handle.steps_run() == {"cond": K, "uncond": K}
+        stats = handle.stats()
+    finally:
+        bac.diffusers.disable_cache(model)
+    assert stats["skipped"] > 0 and stats["denoiser_calls"] == 2 * K
+    assert torch.isfinite(guided).all() and not torch.equal(guided, reference)
+
+
+def test_a_missing_context_is_an_error_not_shared_state():
+    case = CASES["wan"]
+    model = model_of(case)
+    bac.diffusers.enable_cache(model, "fbcache", threshold=0.1, num_inference_steps=K)
+    try:
+        x, cond = case.inputs(0)
+        bac.new_trajectory(model)
+        with pytest.raises(bac.StepOverflowError, match="context"), torch.no_grad():
+            for k in range(K):  # two calls per step, no cache_context: the step count runs out
+                for _ in range(2):
+                    model(x, torch.full((2,), 999 - 100 * k), cond["encoder_hidden_states"])
+    finally:
+        bac.diffusers.disable_cache(model)
+
+
+# --- the DiT pipeline, end to end ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dit_pipe():
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        sample_size=8, patch_size=2, num_layers=3, num_embeds_ada_norm=1000,
+                                        norm_num_groups=1).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipe(pipe, steps=K):
+    return pipe(class_labels=[1, 7], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+@pytest.mark.parametrize("method", sorted(SKIPPING))
+def test_dit_pipeline_runs_every_method_and_disable_restores(dit_pipe, method, tmp_path):
+    pipe = dit_pipe
+    reference = run_pipe(pipe)
+    name = method.split("+")[0]
+    calibration = None
+    if bac.methods.needs_calibration(name):
+        calibration = bac.diffusers.calibrate(pipe, [dict(class_labels=[2, 5], num_inference_steps=K, output_type="np")])
+        assert calibration.num_steps == K and calibration.samples == 4  # guidance batched: 2 labels x 2
+        calibration = calibration.save(tmp_path / "calibration.safetensors")  # enable_cache also takes the file
+    handle = bac.diffusers.enable_cache(pipe, name, calibration=calibration, num_inference_steps=K, **SKIPPING[method])
+    try:
+        assert type(pipe).__name__ == "DiTPipeline" and isinstance(pipe, DiTPipeline)
+        first, second = run_pipe(pipe), run_pipe(pipe)
+        stats = handle.stats()
+    finally:
+        bac.diffusers.disable_cache(pipe)
+    assert type(pipe) is DiTPipeline
+    assert stats["sampling_calls"] == 2 and stats["skipped"] > 0
+    assert (first == second).all()  # each call is a new trajectory
+    assert first.shape == reference.shape and not (first == reference).all()
+    assert (run_pipe(pipe) == reference).all()
+
+
+def test_dit_pipeline_every_step_plan_file_is_bit_identical(dit_pipe, tmp_path):
+    pipe = dit_pipe
+    reference = run_pipe(pipe)
+    plan = bac.make_plan(pipe.transformer, "every-step", num_steps=K).save(tmp_path / "plan.json")
+    bac.diffusers.enable_cache(pipe, plan)
+    try:
+        assert (run_pipe(pipe) == reference).all()
+        with pytest.raises(PlanMismatchError, match=f"enabled for {K} denoising steps"):
+            run_pipe(pipe, steps=K + 2)
+    finally:
+        bac.diffusers.disable_cache(pipe)
+
+
+def test_enable_cache_errors(dit_pipe):
+    pipe = dit_pipe
+    with pytest.raises(ValueError, match="calibration"):
+        bac.diffusers.enable_cache(pipe, "bac", M=3)
+    with pytest.raises(ValueError, match="unknown caching method"):
+        bac.diffusers.enable_cache(pipe, "nope")
+    bac.diffusers.enable_cache(pipe, "fbcache")  # the pipeline's default step count
+    try:
+        with pytest.raises(RuntimeError, match="already enabled"):
+            bac.diffusers.enable_cache(pipe, "fbcache")
+        with pytest.raises(PlanMismatchError, match="num_inference_steps=7"):
+            run_pipe(pipe, steps=7)
+    finally:
+        bac.diffusers.disable_cache(pipe)
+    plan = bac.make_plan(pipe.transformer, "every-step", num_steps=5)
+    with pytest.raises(PlanMismatchError, match="made for 5 steps"):
+        bac.diffusers.enable_cache(pipe, plan, num_inference_steps=K)
+    assert type(pipe) is DiTPipeline and not hasattr(pipe.transformer, "_bac_handle")

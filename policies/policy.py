@@ -192,9 +192,9 @@ class DiffusionPolicy(nn.Module):
             x = self.sampler.step(self.model(x, t, cond), t, x, generator=generator).prev_sample
         return self.action_normalizer.inverse(x[:, : self.n_action_steps])
 
-    def accelerate(self, plan: bac.Plan) -> bac.CacheHandle:
-        """``bac.accelerate`` on the denoiser, checking the plan against this sampler."""
-        return bac.accelerate(self.model, plan, num_steps=self.num_inference_steps, scheduler=self.sampler)
+    def accelerate(self, schedule: bac.Plan | bac.Rule | bac.Method) -> bac.CacheHandle:
+        """``bac.accelerate`` on the denoiser with a plan, rule or named method, checked against this sampler."""
+        return bac.accelerate(self.model, schedule, num_steps=self.num_inference_steps, scheduler=self.sampler)
 
     # -- checkpoints -----------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

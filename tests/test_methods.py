@@ -153,6 +153,25 @@ def test_fbcache_threshold_separates_full_and_cached_steps(calibrated):
     assert skipped[0] == 0 and skipped[0] <= skipped[1] <= skipped[2] and skipped[2] > 0
 
 
+@pytest.mark.parametrize("architecture", ["dpt", "dit"])
+def test_both_policy_architectures_accept_every_method(architecture):
+    from test_policies import act, small_policy
+
+    policy = small_policy(architecture)
+    obs = torch.randn(2, 2, 39)
+    reference = act(policy, obs)
+    calibration = bac.calibrate(policy.model, lambda o: act(policy, o), [obs], scheduler=policy.sampler)
+    steps = policy.num_inference_steps
+    for name in bac.available_methods():
+        params = {k: min(v, steps) if k == "M" else v for k, v in SKIPPING.get(name, {}).items()}
+        with policy.accelerate(bac.build_method(name, calibration, **params)) as handle:
+            actions = act(policy, obs)
+            stats = handle.stats()
+        assert actions.shape == reference.shape and torch.isfinite(actions).all(), name
+        assert (stats["skipped"] > 0) == (name != "every-step"), name
+    assert torch.equal(act(policy, obs), reference)
+
+
 # --- Taylor forecasting ---------------------------------------------------------------------------
 
 

@@ -11,6 +11,14 @@ last frames show the task done rather than cutting at the exact success step, an
 horizon-padding at the episode end repeats a "done" action. Expert, environment and
 seeds are deterministic, so the same arguments write the same data.
 
+``action_noise=sigma`` (DART, Laskey et al. 2017) adds Gaussian noise of that standard
+deviation (seeded per episode) to the hand-motion part of every *executed* action while
+the stored action stays the expert's own action for the state reached. The expert's
+controllers pull the hand back, so the demonstrations also cover states a few
+centimetres off the expert's path, each labelled with its correction: what a cloned
+policy, whose own small errors compound, needs to recover (otherwise it only ever sees
+the expert's exact path).
+
 File layout (robomimic's, so robomimic tools and ``envs.dataset`` read it)::
 
     data            attrs: total (samples), env_args (JSON: env_name, type=2 (gym), env_kwargs),
@@ -18,7 +26,7 @@ File layout (robomimic's, so robomimic tools and ``envs.dataset`` read it)::
     data/demo_i     attrs: num_samples, seed, first_success_step
         obs/state [T, 39]   obs/hand_pos [T, 3]  obs/gripper [T, 1]  obs/object [T, 14]
         obs/goal_pos [T, 3]       next_obs/<same keys>
-        actions [T, 4] (float32, the clipped action actually applied)
+        actions [T, 4] (float32, the expert's clipped action; applied as is unless action_noise)
         rewards [T] (Meta-World's dense reward)   dones [T] (1 at the last step only)
         states [T, nq + nv] (MuJoCo qpos, qvel before the action)
     mask/train, mask/valid   demo names (bytes), robomimic's filter keys
@@ -53,7 +61,7 @@ from envs.metaworld_env import (
 __all__ = ["FORMAT_VERSION", "collect", "dataset_path", "default_data_dir", "rollout_expert"]
 
 #: Bumped whenever what is written changes, so stale caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: reach's expert steers the tool centre (envs.metaworld_env.ReachTCPPolicy)
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _ROBOMIMIC_GYM_TYPE = 2  # robomimic.envs.env_base.EnvType.GYM_TYPE
 
@@ -65,26 +73,36 @@ def default_data_dir() -> Path:
 
 
 def dataset_path(
-    task: str, episodes: int, seed_offset: int = 0, out_dir: str | os.PathLike | None = None
+    task: str, episodes: int, seed_offset: int = 0, out_dir: str | os.PathLike | None = None,
+    action_noise: float = 0.0,
 ) -> Path:
     """Where :func:`collect` writes (and looks for) a dataset."""
     env_id(task)  # validates the name
     task = task.removesuffix("-v3")
     out = Path(out_dir) if out_dir is not None else default_data_dir()
-    return out / f"metaworld_{task}_{episodes}demos_seed{seed_offset}.hdf5"
+    noise = f"_noise{action_noise:g}" if action_noise else ""
+    return out / f"metaworld_{task}_{episodes}demos_seed{seed_offset}{noise}.hdf5"
 
 
 def rollout_expert(
-    env: MetaWorldStateEnv, seed: int, post_success_steps: int = 10
+    env: MetaWorldStateEnv, seed: int, post_success_steps: int = 10, action_noise: float = 0.0
 ) -> dict[str, Any] | None:
-    """One seeded expert episode; the transition arrays, or None if it never succeeded."""
+    """One seeded expert episode; the transition arrays, or None if it never succeeded.
+
+    With ``action_noise`` the executed hand motion is the expert's plus Gaussian noise
+    (seeded by ``seed``); the stored action is the expert's (see the module docstring).
+    """
     obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng([seed, 0xDA27])
     observations, next_observations, actions, rewards, states = [], [], [], [], []
     first_success = None
     while True:
         action = expert_action(env.task, obs)
         states.append(env.sim_state())
-        next_obs, reward, terminated, truncated, info = env.step(action)
+        executed = action.copy()
+        if action_noise:
+            executed[:3] += rng.normal(0.0, action_noise, 3).astype(np.float32)
+        next_obs, reward, terminated, truncated, info = env.step(np.clip(executed, -1.0, 1.0))
         observations.append(obs)
         next_observations.append(next_obs)
         actions.append(action)
@@ -135,6 +153,7 @@ def collect(
     out_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     post_success_steps: int = 10,
+    action_noise: float = 0.0,
     max_episode_steps: int | None = None,
     valid_fraction: float = 0.1,
     progress: bool = True,
@@ -146,6 +165,8 @@ def collect(
         out_dir: directory; ``None`` is :func:`default_data_dir`.
         overwrite: rewrite even if a matching dataset exists.
         post_success_steps: steps kept after the first success.
+        action_noise: standard deviation of the noise added to the executed hand motion
+            (DART; 0: the expert's actions are executed as they are).
         max_episode_steps: episode cap for the expert (default: the env's per-task cap).
         valid_fraction: share of demos in ``mask/valid`` (seeded split, at least one
             demo if there are two or more); the rest are in ``mask/train``.
@@ -153,13 +174,14 @@ def collect(
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
     env = MetaWorldStateEnv(task, max_episode_steps=max_episode_steps)
-    path = dataset_path(env.task, episodes, seed_offset, out_dir)
+    path = dataset_path(env.task, episodes, seed_offset, out_dir, action_noise)
     meta = {
         "format_version": FORMAT_VERSION,
         "task": env.task,
         "episodes": int(episodes),
         "seed_offset": int(seed_offset),
         "post_success_steps": int(post_success_steps),
+        "action_noise": float(action_noise),
         "max_episode_steps": env.max_episode_steps,
         "valid_fraction": float(valid_fraction),
         "expert": type(expert_policy(env.task)).__name__,
@@ -171,10 +193,13 @@ def collect(
             print(f"[envs.collect] reusing {path} (matching metadata)", file=sys.stderr)
             env.close()
             return path
-        raise FileExistsError(
-            f"{path} exists but was collected with other settings or is incomplete "
-            f"(found {existing}, want {meta}); pass overwrite=true to replace it"
-        )
+        if existing is not None and existing.get("format_version", 0) < FORMAT_VERSION:
+            print(f"[envs.collect] {path} is from an older collector; rewriting it", file=sys.stderr)
+        else:
+            raise FileExistsError(
+                f"{path} exists but was collected with other settings or is incomplete "
+                f"(found {existing}, want {meta}); pass overwrite=true to replace it"
+            )
 
     demos: list[tuple[int, dict]] = []
     max_attempts = 2 * episodes + 20  # experts succeed on >= 88 % of seeds
@@ -187,7 +212,7 @@ def collect(
             )
         seed = seed_offset + attempts
         attempts += 1
-        episode = rollout_expert(env, seed, post_success_steps)
+        episode = rollout_expert(env, seed, post_success_steps, action_noise)
         if episode is not None:
             demos.append((seed, episode))
             bar.update(1)
@@ -260,6 +285,7 @@ def _main() -> None:
             out_dir=cfg.out_dir,
             overwrite=cfg.overwrite,
             post_success_steps=cfg.post_success_steps,
+            action_noise=cfg.action_noise,
             max_episode_steps=cfg.max_episode_steps,
             valid_fraction=cfg.valid_fraction,
             progress=cfg.progress,

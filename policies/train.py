@@ -41,11 +41,12 @@ def task_list(cfg: DictConfig) -> list[str]:
     return list(cfg.suite) if cfg.task == "suite" else [str(cfg.task)]
 
 
-def load_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int):
+def load_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int,
+                 action_noise: float = 0.0):
     """All training windows of every task: obs ``[N, To, D]``, actions ``[N, H, A]``, task index ``[N]``."""
     obs, actions, task_index, sources = [], [], [], {}
     for i, task in enumerate(tasks):
-        path = collect(task, episodes, out_dir=data_dir, progress=False)
+        path = collect(task, episodes, out_dir=data_dir, action_noise=action_noise, progress=False)
         data = WindowDataset(path, horizon=horizon, n_obs_steps=n_obs_steps, filter_key="train")
         o, a = data.window(np.arange(len(data)))
         obs.append(o)
@@ -91,7 +92,8 @@ def train(cfg: DictConfig) -> Path:
     run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    obs, actions, task_index, sources = load_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps)
+    obs, actions, task_index, sources = load_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps,
+                                                     cfg.action_noise)
     policy = DiffusionPolicy(
         cfg.policy.architecture,
         OmegaConf.to_container(cfg.policy.model),

@@ -49,6 +49,19 @@ class Block:
     layer: int
 
 
+def forward_replaced(module: nn.Module) -> bool:
+    """Whether ``module`` has an instance ``forward`` other than its own class's (a hook, an accelerator).
+
+    Hook libraries (diffusers' HookRegistry) leave the original bound method on
+    the instance after their hooks are removed; that one computes exactly the
+    class's forward and is not a replacement.
+    """
+    forward = module.__dict__.get("forward")
+    if forward is None:
+        return False
+    return getattr(forward, "__func__", None) is not type(module).forward or getattr(forward, "__self__", None) is not module
+
+
 class LayerAdapter:
     """How to find and route the residual branches of one layer class.
 
@@ -105,7 +118,7 @@ class BranchAttributes(LayerAdapter):
             target = getattr(layer, attr, None)
             if target is None or not callable(target):
                 raise ValueError(f"{type(layer).__name__}.{attr} is not a callable branch")
-            if (isinstance(target, nn.Module) and "forward" in target.__dict__) or attr in layer.__dict__:
+            if (isinstance(target, nn.Module) and forward_replaced(target)) or attr in layer.__dict__:
                 raise ValueError(f"{type(layer).__name__}.{attr} is already replaced on the instance "
                                  "(another accelerator or hook?); remove it first")
 
@@ -156,7 +169,7 @@ class ForwardOverride(LayerAdapter):
         return self._width(layer) if self._width is not None else super().width(layer)
 
     def check(self, layer: nn.Module) -> None:
-        if "forward" in layer.__dict__:
+        if forward_replaced(layer):
             raise ValueError(f"{type(layer).__name__} already has a replaced forward "
                              "(another accelerator or hook?); remove it first")
 

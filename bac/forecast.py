@@ -42,6 +42,20 @@ def relative_l1(value: Any, reference: Any) -> float:
     return num / den if den > 0 else math.inf
 
 
+def stream_sums(outputs: Any) -> list:
+    """Branch outputs summed per tensor shape, in float32.
+
+    For the branches of one pre-norm residual layer this is the layer's
+    output minus its input, per stream (image and text streams of a FLUX
+    block have different shapes): what diffusers' first-block cache compares.
+    """
+    sums: dict = {}
+    for t in tensors(outputs):
+        key = (tuple(t.shape), t.device)
+        sums[key] = t.float() if key not in sums else sums[key] + t.float()
+    return list(sums.values())
+
+
 class Reuse:
     """Return the last computed value: the plain cache."""
 

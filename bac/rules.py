@@ -22,7 +22,7 @@ import sys
 from typing import Any, Sequence
 
 from .adapters import ModelSpec
-from .forecast import Reuse, Taylor, TaylorSeries, relative_l1
+from .forecast import Reuse, Taylor, TaylorSeries, relative_l1, stream_sums
 
 RUN, STORE, NOTIFY = 1, 2, 4
 
@@ -175,10 +175,11 @@ class FirstBlockCache(Rule):
     """FBCache / TeaCache-like: skip the remaining blocks while the first layer's residual barely changes.
 
     Every step the first layer's blocks are computed; if the relative L1
-    change of their residuals against the last fully computed step is at most
-    ``threshold``, every other block stands in (its cached residual; their sum
-    is the cached residual of the remaining layers, as in diffusers'
-    ``FirstBlockCache``), otherwise the step runs in full.
+    change of the layer's residual (its branch outputs summed per stream)
+    against the last fully computed step is at most ``threshold``, every other
+    block stands in (its cached residual; their sum is the cached residual of
+    the remaining layers, as in diffusers' ``FirstBlockCache``), otherwise the
+    step runs in full.
     """
 
     name = "fbcache"
@@ -193,11 +194,10 @@ class FirstBlockCache(Rule):
 
 class _FirstBlockCacheSchedule(_WholeModelRule):
     def decide(self, state, rule_state: _ProbeState) -> bool:
-        if rule_state.reference is not None and relative_l1(rule_state.outputs, rule_state.reference) <= self.params[
-            "threshold"
-        ]:
+        residual = stream_sums(rule_state.outputs)
+        if rule_state.reference is not None and relative_l1(residual, rule_state.reference) <= self.params["threshold"]:
             return False
-        rule_state.reference = rule_state.outputs
+        rule_state.reference = residual
         return True
 
 
@@ -206,7 +206,8 @@ class CGTaylor(Rule):
 
     The first layer is always computed. Its own Taylor forecast (order
     ``order``, from its values at fully computed steps) is compared with what
-    it really computed: if the relative L1 error is below ``gate``, every other
+    it really computed: if the relative L1 error of the forecast layer
+    residual (branch outputs summed per stream) is below ``gate``, every other
     block is forecast (by linearity, the sum of their forecasts is the Taylor
     forecast of the last block's output residual); otherwise the step runs in
     full and every history is updated. The first ``warmup`` steps run in full.
@@ -235,8 +236,8 @@ class _CGTaylorSchedule(_WholeModelRule):
     def decide(self, state, rule_state: _ProbeState) -> bool:
         series = rule_state.reference
         if state.step >= self.params["warmup"]:
-            forecast = [s.predict(state.step) for s in series]
-            if relative_l1(rule_state.outputs, forecast) < self.params["gate"]:
+            forecast = stream_sums([s.predict(state.step) for s in series])
+            if relative_l1(forecast, stream_sums(rule_state.outputs)) < self.params["gate"]:
                 return False
         for s, out in zip(series, rule_state.outputs):
             s.update(state.step, out)

@@ -254,3 +254,51 @@ def test_enable_cache_errors(dit_pipe):
     with pytest.raises(PlanMismatchError, match="made for 5 steps"):
         bac.diffusers.enable_cache(pipe, plan, num_inference_steps=K)
     assert type(pipe) is DiTPipeline and not hasattr(pipe.transformer, "_bac_handle")
+
+
+# --- bac's fbcache against diffusers' own FirstBlockCache -----------------------------------------
+
+
+def test_fbcache_makes_the_same_decisions_as_diffusers_first_block_cache():
+    from diffusers import FirstBlockCacheConfig
+
+    from eval.bench_diffusers import CachingDiT
+
+    torch.manual_seed(0)
+    model = CachingDiT(num_attention_heads=2, attention_head_dim=8, in_channels=4, sample_size=8, patch_size=2,
+                       num_layers=4, num_embeds_ada_norm=1000, norm_num_groups=1).eval()
+    steps = 10
+    blocks_per_layer, layers = 2, 4
+
+    @torch.no_grad()
+    def loop():
+        bac.new_trajectory(model)
+        x, cond = CASES["dit"].inputs(0)
+        for k in range(steps):
+            with model.cache_context("cond"):
+                x = x - 0.1 * model(x, timestep=torch.full((2,), 999 - 60 * k), class_labels=cond["class_labels"]).sample
+        model._reset_stateful_cache()
+        return x
+
+    calls = []
+    hook = model.transformer_blocks[-1].ff.register_forward_hook(lambda *a: calls.append(1))
+    reference = loop()
+    skipped_steps = []
+    try:
+        for threshold in (0.05, 0.15, 0.3):
+            calls.clear()
+            model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+            theirs = loop()
+            model.disable_cache()
+            their_full_steps = len(calls)
+            handle = bac.diffusers.enable_cache(model, "fbcache", threshold=threshold, num_inference_steps=steps)
+            ours = loop()
+            stats = handle.stats()
+            bac.diffusers.disable_cache(model)
+            assert stats["skipped"] == (steps - their_full_steps) * blocks_per_layer * (layers - 1), threshold
+            assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5), threshold
+            skipped_steps.append(steps - their_full_steps)
+    finally:
+        hook.remove()
+    assert skipped_steps[0] < skipped_steps[-1] < steps - 1  # the thresholds span both kinds of step
+    assert torch.equal(loop(), reference)

@@ -5,7 +5,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..adapters import ForwardOverride
+from ..adapters import ForwardOverride, forward_replaced
 
 
 class UnsupportedBlockError(ValueError):
@@ -50,14 +50,14 @@ def require_plain(layer: nn.Module, bypassed: Sequence[str] = ()) -> None:
     instead): a hook or patched forward on them would silently be skipped.
     """
     name = type(layer).__name__
-    if "forward" in layer.__dict__:
+    if forward_replaced(layer):
         raise UnsupportedBlockError(
             f"{name} already has a replaced forward (a diffusers hook such as enable_cache, group offloading or "
             "another accelerator?); remove it before using bac on this model"
         )
     for attr in bypassed:
         module = getattr(layer, attr)
-        if "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks:
+        if forward_replaced(module) or module._forward_hooks or module._forward_pre_hooks:
             raise UnsupportedBlockError(
                 f"{name}.{attr} has a forward hook or a replaced forward; bac's adapter computes {attr} "
                 "from its sub-modules and would skip the hook: remove it before using bac on this model"

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import Any, Mapping
+from typing import Any, Callable
 
 from torch import nn
 
@@ -86,26 +86,32 @@ def _default_steps(pipe: Any) -> int | None:
 
 
 def calibrate(
-    pipe: Any,
-    calls: list[Mapping[str, Any]],
+    target: Any,
+    inputs: list[Any],
     *,
+    sample_fn: Callable[[Any], Any] | None = None,
     seed: int = 0,
 ) -> Calibration:
-    """Record every block's residual over the pipeline calls ``pipe(**call)`` (see :func:`bac.calibrate`).
+    """Record every block's residual over full sampling calls (see :func:`bac.calibrate`).
 
-    Each call is one trajectory; with classifier-free guidance run as two
-    denoiser calls per step, each branch counts as its own trajectory.
+    On a pipeline, each input is the keyword arguments of one pipeline call,
+    ``pipe(**kwargs)``. On a bare transformer, ``sample_fn(input)`` runs one
+    sampling loop. With classifier-free guidance run as two denoiser calls
+    per step inside ``transformer.cache_context("cond" / "uncond")``, each
+    branch counts as its own trajectory.
     """
-    pipe, transformer = _split(pipe)
-    if pipe is None:
-        raise TypeError("bac.diffusers.calibrate runs pipeline calls; for a bare transformer use bac.calibrate")
+    pipe, transformer = _split(target)
+    if sample_fn is None:
+        if pipe is None:
+            raise TypeError("calibrating a bare transformer needs sample_fn, which runs one sampling loop per input")
+        sample_fn = lambda kwargs: pipe(**kwargs)  # noqa: E731
     with _bac_contexts(transformer):
         return calibrate_model(
             transformer,
-            lambda kwargs: pipe(**kwargs),
-            calls,
+            sample_fn,
+            inputs,
             seed=seed,
-            scheduler=pipe.scheduler,
+            scheduler=pipe.scheduler if pipe is not None else None,
             adapters=_adapters(transformer),
         )
 

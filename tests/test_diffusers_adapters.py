@@ -1,4 +1,5 @@
 """bac.diffusers: block adapters for DiT, FLUX and Wan transformers (tiny random models, CPU)."""
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -465,10 +466,16 @@ def test_hooked_blocks_are_refused_and_left_alone():
     model = tiny_dit()
     plan = bac.make_plan(model, "every-step", num_steps=K)
     original = model.transformer_blocks[0].forward
-    model.transformer_blocks[0].forward = original  # what diffusers' hook registry does
+    hooked = functools.partial(lambda *a, **k: original(*a, **k))
+    model.transformer_blocks[0].forward = hooked  # an active hook (diffusers' registry, another accelerator)
     with pytest.raises(UnsupportedBlockError, match="replaced forward"):
         bac.accelerate(model, plan)
-    assert model.transformer_blocks[0].forward is original
+    assert model.transformer_blocks[0].forward is hooked
+    # after its hooks are removed diffusers leaves the original bound method on the instance: that is no hook
+    model.transformer_blocks[0].forward = original
+    reference = sample(CASES["dit"], model)
+    with bac.accelerate(model, plan):
+        assert all_equal(sample(CASES["dit"], model), reference)
     del model.transformer_blocks[0].forward
     hook = model.transformer_blocks[1].norm1.register_forward_hook(lambda *a: None)
     with pytest.raises(UnsupportedBlockError, match="norm1"):

@@ -183,7 +183,9 @@ def calibrate(
     """Record every block's residual at every step over full sampling calls.
 
     ``sample_fn(x)`` runs one complete sampling call (every denoising step) for
-    each ``x`` in ``inputs``; each batch element counts as one sample. The
+    each ``x`` in ``inputs``; each batch element counts as one sample, and the
+    denoiser calls of each cache context (``handle.context(name)``, e.g. the
+    two classifier-free-guidance branches) form trajectories of their own. The
     global RNG is seeded with ``seed`` inside a forked RNG state, so the
     caller's random state is untouched and calibration is reproducible.
     ``scheduler`` (a diffusers scheduler or a description) is recorded in plans.

@@ -13,6 +13,10 @@ and :func:`bac.accelerate` work on ``DiTTransformer2DModel``,
     with bac.accelerate(transformer, plan) as handle:
         ...
 
+and :func:`enable_cache` / :func:`disable_cache` / :func:`calibrate`
+(:mod:`bac.diffusers.pipeline`) do it in one line on a pipeline, with any
+method of :func:`bac.available_methods`.
+
 Every replacement forward computes exactly what diffusers' forward computes
 (an every-step plan is bit-identical to the plain model); a block configured
 in a way the adapter does not reproduce is refused with

@@ -34,3 +34,27 @@ def tiny_stack():
     """A small DP-T (PyTorch decoder layers), a 12-step DDPM sampler, and observations."""
     model = tiny_dpt()
     return model, ddpm_scheduler(12), torch.randn(2, 2, 5)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: thread hand-offs cost more than the arithmetic on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def exhaustive_settings(num_steps: int) -> dict[str, dict]:
+    """Per caching method, parameters under which it computes every block at every step."""
+    return {
+        "every-step": {},
+        "uniform": {"interval": 1},
+        "unified-acs": {"M": num_steps},
+        "acs": {"M": num_steps},
+        "bac": {"M": num_steps, "n": 2},
+        "taylorseer": {"interval": 1, "order": 2},
+        "fbcache": {"threshold": 0.0},
+        "cg-taylor": {"gate": 0.0},
+        "sortblock": {"fraction": 1.0},
+    }

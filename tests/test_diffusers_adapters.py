@@ -13,16 +13,9 @@ import bac
 import bac.diffusers
 from bac.diffusers import UnsupportedBlockError
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 K = 6  # denoiser calls per sampling call
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: thread hand-offs cost 100x the arithmetic on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- tiny models and their sampling loops -------------------------------------------------

@@ -1,25 +1,23 @@
 """bac.diffusers.enable_cache: every caching method on DiT, FLUX and Wan, and the DiT pipeline (tiny models, CPU)."""
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FirstBlockCacheConfig,
+    FlowMatchEulerDiscreteScheduler,
+)
+from conftest import exhaustive_settings
+from eval.bench_diffusers import CachingDiT, count_branches
 from test_diffusers_adapters import CASES, K, all_equal, model_of, sample
 
 import bac
 import bac.diffusers
 from bac import PlanMismatchError
 
-# Parameters under which every method computes every block at every step, and ones that skip.
-EXHAUSTIVE = {
-    "every-step": {},
-    "uniform": {"interval": 1},
-    "unified-acs": {"M": K},
-    "acs": {"M": K},
-    "bac": {"M": K, "n": 2},
-    "taylorseer": {"interval": 1},
-    "fbcache": {"threshold": 0.0},
-    "cg-taylor": {"gate": 0.0},
-    "sortblock": {"fraction": 1.0},
-}
+EXHAUSTIVE = exhaustive_settings(K)
 SKIPPING = {
     "uniform": {"interval": 2},
     "unified-acs": {"M": 3},
@@ -31,24 +29,10 @@ SKIPPING = {
     "cg-taylor": {"gate": 10.0},
     "sortblock": {"fraction": 0.4, "interval": 3, "warmup": 1},
 }
-# The sub-module doing each branch's work, by block class and branch key: counted independently of bac.
-WITNESS = {
-    ("BasicTransformerBlock", "sa"): "attn1", ("BasicTransformerBlock", "ffn"): "ff",
-    ("FluxTransformerBlock", "attn"): "attn", ("FluxTransformerBlock", "ff"): "ff",
-    ("FluxTransformerBlock", "ff_context"): "ff_context", ("FluxSingleTransformerBlock", "attn_mlp"): "proj_out",
-    ("WanTransformerBlock", "sa"): "attn1", ("WanTransformerBlock", "ca"): "attn2", ("WanTransformerBlock", "ffn"): "ffn",
-}
 CALIBRATIONS = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the arithmetic
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 def calibration_of(case, model):
     if case.name not in CALIBRATIONS:
         CALIBRATIONS[case.name] = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2])
@@ -59,18 +43,6 @@ def enable(case, model, method, params):
     name = method.split("+")[0]
     calibration = calibration_of(case, model) if bac.methods.needs_calibration(name) else None
     return bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
-
-
-def count_witnesses(model):
-    counts, hooks = {}, []
-    for block in bac.describe(model).blocks:
-        path, key = block.name.rsplit(".", 1)
-        layer = model.get_submodule(path)
-        witness = getattr(layer, WITNESS[(type(layer).__name__, key)])
-        counts[block.name] = 0
-        hooks.append(witness.register_forward_hook(
-            lambda *a, name=block.name: counts.__setitem__(name, counts[name] + 1)))
-    return counts, hooks
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -95,7 +67,7 @@ def test_skipped_evaluations_match_what_the_method_reports(name, method):
     case = CASES[name]
     model = model_of(case)
     reference = sample(case, model)
-    counts, hooks = count_witnesses(model)
+    counts, hooks = count_branches(model)
     handle = enable(case, model, method, SKIPPING[method])
     try:
         cached = sample(case, model)
@@ -260,10 +232,6 @@ def test_enable_cache_errors(dit_pipe):
 
 
 def test_fbcache_makes_the_same_decisions_as_diffusers_first_block_cache():
-    from diffusers import FirstBlockCacheConfig
-
-    from eval.bench_diffusers import CachingDiT
-
     torch.manual_seed(0)
     model = CachingDiT(num_attention_heads=2, attention_head_dim=8, in_channels=4, sample_size=8, patch_size=2,
                        num_layers=4, num_embeds_ada_norm=1000, norm_num_groups=1).eval()

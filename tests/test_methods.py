@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import sample_actions
+from conftest import exhaustive_settings, sample_actions
 from torch import nn
 
 import bac
@@ -11,18 +11,7 @@ from bac.forecast import TaylorSeries, relative_l1
 
 K = 12  # the tiny_stack sampler's steps
 
-# Parameters that make every method compute every block at every step.
-EXHAUSTIVE = {
-    "every-step": {},
-    "uniform": {"interval": 1},
-    "unified-acs": {"M": K},
-    "acs": {"M": K},
-    "bac": {"M": K, "n": 2},
-    "taylorseer": {"interval": 1, "order": 2},
-    "fbcache": {"threshold": 0.0},
-    "cg-taylor": {"gate": 0.0},
-    "sortblock": {"fraction": 1.0},
-}
+EXHAUSTIVE = exhaustive_settings(K)
 # Parameters that skip a good share of block evaluations on the tiny DP-T.
 SKIPPING = {
     "uniform": {"interval": 3},
@@ -38,14 +27,7 @@ SKIPPING = {
 WITNESS = {"sa": "self_attn", "ca": "multihead_attn", "ffn": "linear1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than the arithmetic
-    yield
-    torch.set_num_threads(threads)
-
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_method_is_registered():
     assert bac.available_methods() == sorted(EXHAUSTIVE)
     assert set(SKIPPING) == set(EXHAUSTIVE) - {"every-step"}

@@ -124,13 +124,12 @@ def _probe(spec: ModelSpec) -> int:
 
 
 class _ProbeState:
-    __slots__ = ("row", "outputs", "reference", "full_steps")
+    __slots__ = ("row", "outputs", "reference")
 
     def __init__(self, num_blocks: int):
         self.row = [RUN] * num_blocks
         self.outputs: list = []
         self.reference = None
-        self.full_steps = 0
 
 
 class _WholeModelRule(BoundSchedule):
@@ -161,9 +160,7 @@ class _WholeModelRule(BoundSchedule):
         rule_state.outputs.append(out)
         if i + 1 < self.probe:
             return
-        if self.decide(state, rule_state):
-            rule_state.full_steps += 1
-        else:
+        if not self.decide(state, rule_state):
             rule_state.row[self.probe:] = [0] * (self.num_blocks - self.probe)
 
     def decide(self, state, rule_state: _ProbeState) -> bool:

@@ -216,12 +216,12 @@ def bac_settings(case: Case, model, calibration: bac.Calibration, steps: int) ->
         ("uniform", {"interval": 4}),
         ("taylorseer", {"interval": 2, "order": 2}),
         ("taylorseer", {"interval": 4, "order": 2}),
-        ("fbcache", {"threshold": 0.1}),
         ("fbcache", {"threshold": 0.3}),
         ("fbcache", {"threshold": 0.6}),
-        ("cg-taylor", {"gate": 0.1}),
+        ("fbcache", {"threshold": 1.0}),
         ("cg-taylor", {"gate": 0.3}),
         ("cg-taylor", {"gate": 0.6}),
+        ("cg-taylor", {"gate": 1.0}),
         ("sortblock", {"fraction": 0.5, "interval": 4}),
         ("sortblock", {"fraction": 0.25, "interval": 4}),
     ]
@@ -257,9 +257,9 @@ def calibrate_magcache(case: Case, model, inputs, steps: int) -> list[float]:
 def diffusers_settings(case: Case, model, inputs, steps: int) -> tuple[list[Setting], dict]:
     notes = {}
     configs = [
-        ("diffusers:FirstBlockCache", "threshold=0.1", lambda: FirstBlockCacheConfig(threshold=0.1)),
         ("diffusers:FirstBlockCache", "threshold=0.3", lambda: FirstBlockCacheConfig(threshold=0.3)),
         ("diffusers:FirstBlockCache", "threshold=0.6", lambda: FirstBlockCacheConfig(threshold=0.6)),
+        ("diffusers:FirstBlockCache", "threshold=1.0", lambda: FirstBlockCacheConfig(threshold=1.0)),
         ("diffusers:TaylorSeerCache", "interval=2",
          lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1,
                                        taylor_factors_dtype=torch.float32, cache_identifiers=case.block_patterns)),
@@ -270,11 +270,11 @@ def diffusers_settings(case: Case, model, inputs, steps: int) -> tuple[list[Sett
     try:
         ratios = calibrate_magcache(case, model, inputs, steps)
         notes["magcache_ratios"] = ratios
-        for threshold in (0.06, 0.24):
+        for threshold, max_skips in ((0.06, 2), (0.24, 4)):
             configs.append((
-                "diffusers:MagCache", f"threshold={threshold}",
-                lambda threshold=threshold: MagCacheConfig(threshold=threshold, num_inference_steps=steps,
-                                                           mag_ratios=ratios),
+                "diffusers:MagCache", f"threshold={threshold} max_skip_steps={max_skips}",
+                lambda threshold=threshold, max_skips=max_skips: MagCacheConfig(
+                    threshold=threshold, max_skip_steps=max_skips, num_inference_steps=steps, mag_ratios=ratios),
             ))
     except Exception as err:  # reported in the output, not hidden
         notes["magcache_error"] = f"{type(err).__name__}: {err}"
@@ -376,10 +376,10 @@ def _jsonable(config: dict) -> dict:
 
 
 def matched(results: list[dict], budget: float) -> dict[str, dict]:
-    """Per method family, the fastest setting whose deviation (relative L2) is within ``budget``."""
+    """Per method family, the fastest setting that skips something, with deviation (relative L2) within ``budget``."""
     best = {}
     for r in results:
-        if r["family"] == "full" or r["rel_l2"] > budget:
+        if r["family"] == "full" or r["skipped_share"] == 0 or r["rel_l2"] > budget:
             continue
         if r["family"] not in best or r["speedup"] > best[r["family"]]["speedup"]:
             best[r["family"]] = r
@@ -421,9 +421,13 @@ def plot(report: dict, path: Path) -> None:
     for ax, model in zip(axes[0], models):
         families = sorted({r["family"] for r in model["results"] if r["family"] != "full"})
         for family in families:
-            points = sorted((r["rel_l2"], r["speedup"]) for r in model["results"] if r["family"] == family)
+            # settings that skipped nothing have zero deviation and no place on a log axis
+            points = sorted((r["rel_l2"], r["speedup"]) for r in model["results"]
+                            if r["family"] == family and r["rel_l2"] > 0)
+            if not points:
+                continue
             style = "--" if family.startswith("diffusers:") else "-"
-            ax.plot([max(p[0], 1e-6) for p in points], [p[1] for p in points], style, marker="o", label=family)
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=family)
         ax.set_xscale("log")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("deviation from full computation (relative L2 of final latents)")
@@ -444,7 +448,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:i]")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.05, 0.2])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.005, 0.01, 0.03],
+                        help="deviation budgets (relative L2) for the matched-deviation summary")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -20,7 +20,7 @@ def _synchronize(device: torch.device) -> None:
 def measure_latency(
     policy: DiffusionPolicy,
     methods: list[Method],
-    plans: dict[str, bac.Plan],
+    schedules: dict[str, bac.Plan | bac.Method],
     obs: torch.Tensor,
     task: str | None,
     *,
@@ -35,13 +35,13 @@ def measure_latency(
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     try:
         for method in methods:
-            with applied(policy, method, plans.get(method.name)):
+            with applied(policy, method, schedules.get(method.name)):
                 for _ in range(warmup):
                     policy.predict_action(obs, task, generator=generator)
         for r in range(repeats):
             shift = r % len(methods)
             for method in methods[shift:] + methods[:shift]:
-                with applied(policy, method, plans.get(method.name)):
+                with applied(policy, method, schedules.get(method.name)):
                     _synchronize(policy.device)
                     start = time.perf_counter()
                     policy.predict_action(obs, task, generator=generator)
@@ -64,9 +64,13 @@ def summarize(seconds: list[float]) -> dict:
     }
 
 
-def flops_per_call(policy: DiffusionPolicy, methods: list[Method], plans: dict[str, bac.Plan], obs: torch.Tensor,
-                   task: str | None) -> tuple[int, dict[str, int]]:
-    """FLOPs of one full denoiser call (measured), and of one policy call per method."""
+def flops_per_call(policy: DiffusionPolicy, methods: list[Method], schedules: dict[str, bac.Plan | bac.Method],
+                   obs: torch.Tensor, task: str | None) -> tuple[int, dict[str, int], dict[str, float]]:
+    """FLOPs of one full denoiser call (measured), and per method FLOPs and skipped share of one policy call.
+
+    Static plans are counted from the plan; runtime rules decide from the data, so they are
+    counted from what one policy call on ``obs`` really computed.
+    """
     probe = bac.make_plan(policy.model, "every-step", num_steps=1)
     cond = policy.condition(obs, task)
     sample = torch.zeros(obs.shape[0], policy.horizon, policy.action_dim, device=policy.device)
@@ -74,13 +78,18 @@ def flops_per_call(policy: DiffusionPolicy, methods: list[Method], plans: dict[s
         per_block = handle.measure_flops(sample, policy.sampler.timesteps[0], cond)
     total = per_block.pop("total")
     non_block = total - sum(per_block.values())
-    result = {}
+    flops, skipped = {}, {}
     for method in methods:
-        plan = plans.get(method.name)
-        if plan is None:
-            result[method.name] = method.steps * total
+        schedule = schedules.get(method.name)
+        plan = schedule.schedule if isinstance(schedule, bac.Method) else schedule
+        if schedule is None:
+            computed = {name: method.steps for name in per_block}
+        elif isinstance(plan, bac.Plan):
+            computed = {b.name: len(b.update_steps) for b in plan.blocks}
         else:
-            result[method.name] = method.steps * non_block + sum(
-                len(b.update_steps) * per_block[b.name] for b in plan.blocks
-            )
-    return total, result
+            with applied(policy, method, schedule) as handle:
+                policy.predict_action(obs, task, generator=torch.Generator(device=policy.device).manual_seed(0))
+                computed = {name: b["computed"] for name, b in handle.stats()["per_block"].items()}
+        flops[method.name] = method.steps * non_block + sum(n * per_block[name] for name, n in computed.items())
+        skipped[method.name] = 1 - sum(computed.values()) / (method.steps * len(per_block))
+    return total, flops, skipped

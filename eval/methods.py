@@ -1,8 +1,10 @@
-"""Acceleration methods compared by the evaluator: a sampler plus, optionally, a bac plan.
+"""Acceleration methods compared by the evaluator: a sampler plus, optionally, a bac caching method.
 
-A method is configured as ``{sampler: ddpm|ddim|dpm, steps: N|auto, plan: <bac plan method>, **plan params}``:
+A method is configured as ``{sampler: ddpm|ddim|dpm, steps: N|auto, cache: <bac method>, **its params}``:
 ``full`` is the plain sampler, ``ddim`` fewer denoising steps (``steps: auto`` matches
-the FLOPs of the ``bac`` method), the caching methods a plan on the full sampler.
+the FLOPs of the ``bac`` method), the caching methods any of :func:`bac.available_methods`
+on the full sampler. Plain plan methods (``bac``, ``acs``, ``uniform``, ...) are cached as
+plan files next to the checkpoint; the others (forecasts, runtime rules) are built per run.
 """
 from __future__ import annotations
 
@@ -20,11 +22,16 @@ class Method:
     name: str
     sampler: str
     steps: int
-    plan_method: str | None = None
-    plan_params: dict = field(default_factory=dict)
+    cache_method: str | None = None
+    cache_params: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, "plan": self.plan_method, **self.plan_params}
+        return {"sampler": self.sampler, "steps": self.steps, "cache": self.cache_method, **self.cache_params}
+
+    @property
+    def plan_file(self) -> bool:
+        """Whether the method is a plain plan, cached as a plan file."""
+        return self.cache_method in bac.plan_methods() and "forecast" not in self.cache_params
 
 
 def parse_methods(config: Mapping[str, Mapping[str, Any]], selected, default_sampler: str, default_steps: int,
@@ -39,30 +46,35 @@ def parse_methods(config: Mapping[str, Mapping[str, Any]], selected, default_sam
         spec = dict(config[name] or {})
         sampler = spec.pop("sampler", default_sampler)
         steps = spec.pop("steps", default_steps)
-        plan_method = spec.pop("plan", None)
+        cache_method = spec.pop("cache", None)
         if steps == "auto":
             if auto_steps is None:
                 raise ValueError(f"method {name!r} has steps=auto, which needs a bac method to match")
             steps = auto_steps
-        if plan_method is not None and plan_method not in bac.plan_methods():
-            raise ValueError(f"method {name!r}: unknown plan {plan_method!r}; known: {bac.plan_methods()}")
-        if plan_method is None and spec:
-            raise ValueError(f"method {name!r}: parameters {sorted(spec)} need a plan")
-        methods.append(Method(name, sampler, int(steps), plan_method, spec))
+        if cache_method is not None and cache_method not in bac.available_methods():
+            raise ValueError(f"method {name!r}: unknown cache method {cache_method!r}; "
+                             f"known: {bac.available_methods()}")
+        if cache_method is None and spec:
+            raise ValueError(f"method {name!r}: parameters {sorted(spec)} need a cache method")
+        methods.append(Method(name, sampler, int(steps), cache_method, spec))
     return methods
 
 
 def plan_path(directory: Path, method: Method) -> Path:
-    params = "-".join(f"{k}{v}" for k, v in sorted(method.plan_params.items()))
-    return directory / f"{method.plan_method}-{params}-{method.sampler}{method.steps}.json"
+    params = "-".join(f"{k}{v}" for k, v in sorted(method.cache_params.items()))
+    return directory / f"{method.cache_method}-{params}-{method.sampler}{method.steps}.json"
 
 
-def load_or_make_plan(policy: DiffusionPolicy, method: Method, calibration: bac.Calibration | None,
-                      directory: Path, recompute: bool) -> bac.Plan:
-    """The method's plan: the cached plan file if it fits, else a new one saved there.
+def load_or_make_schedule(policy: DiffusionPolicy, method: Method, calibration: bac.Calibration | None,
+                          directory: Path, recompute: bool) -> bac.Plan | bac.Method:
+    """The method's schedule: for a plain plan the cached plan file if it fits, else a new one saved there.
 
     A cached plan that does not fit the policy or sampler is an error unless ``recompute``.
     """
+    source = calibration if calibration is not None else policy.model
+    if not method.plan_file:
+        return bac.build_method(method.cache_method, source, num_steps=method.steps, scheduler=policy.sampler,
+                                **method.cache_params)
     path = plan_path(directory, method)
     if path.exists() and not recompute:
         plan = bac.Plan.load(path)
@@ -74,18 +86,18 @@ def load_or_make_plan(policy: DiffusionPolicy, method: Method, calibration: bac.
                 "Re-run with calibration.recompute=true to replace it."
             ) from err
         return plan
-    source = calibration if calibration is not None else policy.model
-    plan = bac.make_plan(source, method.plan_method, num_steps=method.steps, scheduler=policy.sampler,
-                         **method.plan_params)
+    plan = bac.make_plan(source, method.cache_method, num_steps=method.steps, scheduler=policy.sampler,
+                         **method.cache_params)
     plan.save(path)
     return plan
 
 
 @contextlib.contextmanager
-def applied(policy: DiffusionPolicy, method: Method, plan: bac.Plan | None) -> Iterator[bac.CacheHandle | None]:
-    """Set the method's sampler and plan on ``policy`` for the duration of the block."""
+def applied(policy: DiffusionPolicy, method: Method,
+            schedule: bac.Plan | bac.Method | None) -> Iterator[bac.CacheHandle | None]:
+    """Set the method's sampler and caching schedule on ``policy`` for the duration of the block."""
     policy.set_sampler(method.sampler, method.steps)
-    handle = policy.accelerate(plan) if plan is not None else None
+    handle = policy.accelerate(schedule) if schedule is not None else None
     try:
         yield handle
     finally:

@@ -30,7 +30,7 @@ from policies.policy import DiffusionPolicy
 from . import report as reporting
 from .closed_loop import run_task
 from .latency import flops_per_call, measure_latency, summarize
-from .methods import applied, load_or_make_plan, parse_methods, plan_path
+from .methods import applied, load_or_make_schedule, parse_methods, plan_path
 
 REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = "untrained:"
@@ -152,22 +152,23 @@ def run(cfg: DictConfig) -> dict:
 
     try:
         methods = parse_methods(method_config, cfg.run_methods, base_sampler, base_steps, auto_steps=base_steps)
-        needs_calibration = any(m.plan_method and bac.schedulers.needs_calibration(m.plan_method) for m in methods)
+        needs_calibration = any(m.cache_method and bac.methods.needs_calibration(m.cache_method) for m in methods)
         calibration = load_or_calibrate(cfg, policy, plan_dir, demo_obs) if needs_calibration else None
-        plans: dict[str, bac.Plan] = {}
+        plans: dict[str, bac.Plan | bac.Method] = {}
         for method in methods:
-            if method.plan_method is not None:
+            if method.cache_method is not None:
                 if (method.sampler, method.steps) != (base_sampler, base_steps):
-                    raise EvalError(f"method {method.name!r}: plans run on the base sampler "
+                    raise EvalError(f"method {method.name!r}: caching runs on the base sampler "
                                     f"({base_sampler}, {base_steps} steps)")
                 policy.set_sampler(method.sampler, method.steps)
-                plans[method.name] = load_or_make_plan(policy, method, calibration, plan_dir, cfg.calibration.recompute)
+                plans[method.name] = load_or_make_schedule(policy, method, calibration, plan_dir,
+                                                           cfg.calibration.recompute)
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
 
     latency_obs = demo_obs[0][:1].to(policy.device)  # batch 1: one demonstration observation
     latency_task = demo_obs[1][0] if len(policy.tasks) > 1 else None
-    per_step, flops = flops_per_call(policy, methods, plans, latency_obs, latency_task)
+    per_step, flops, skipped = flops_per_call(policy, methods, plans, latency_obs, latency_task)
     auto = [m.name for m in methods if method_config[m.name].get("steps") == "auto"]
     if auto:  # as many steps as the bac method costs
         if "bac" not in plans:
@@ -227,16 +228,14 @@ def run(cfg: DictConfig) -> dict:
         "packages": _versions(),
     }
     for method in methods:
-        plan = plans.get(method.name)
-        evaluations = len(plan.blocks) * plan.num_steps if plan else None
         entry = {
             "config": method.describe(),
-            "plan_file": str(plan_path(plan_dir, method)) if plan else None,
+            "plan_file": str(plan_path(plan_dir, method)) if method.plan_file else None,
             "latency": summarize(latencies[method.name]),
             "speedup": full_p50 / float(np.median(latencies[method.name])),
             "flops_per_call": int(flops[method.name]),
             "ideal_speedup": full_flops / flops[method.name],
-            "skipped_share": plan.skipped_count() / evaluations if plan else 0.0,
+            "skipped_share": skipped[method.name],
         }
         if episodes[method.name]:
             entry["success"] = reporting.success_summary(episodes[method.name])
@@ -246,7 +245,7 @@ def run(cfg: DictConfig) -> dict:
         result["methods"][method.name] = entry
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.md").write_text(reporting.markdown(result))
-    bac_plan = next((plans[m.name] for m in methods if m.plan_method == "bac"), None)
+    bac_plan = next((plans[m.name] for m in methods if m.cache_method == "bac" and m.plan_file), None)
     result["plots"] = reporting.plots(result, latencies, out, bac_plan)
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -144,3 +144,15 @@ def test_plan_for_another_model_is_refused(checkpoint, tmp_path):
     assert "does not fit this policy/sampler" in done.stderr and "recompute=true" in done.stderr
     run(config(checkpoint, tmp_path / "again", "run_methods=[bac]", "episodes=0", "calibration.recompute=true"))
     assert bac.Plan.load(plan_files[0]).model["width"] == 32
+
+
+def test_every_caching_method_runs_closed_loop(checkpoint, tmp_path):
+    report = run(config(checkpoint, tmp_path, "methods=all", "tasks=[push]", "episodes=2"))
+    assert set(report["methods"]) == {"full", "ddim", "uniform", "unified-acs", "acs", "bac", "bac-taylor",
+                                      "taylorseer", "fbcache", "cg-taylor", "sortblock"}
+    for name, m in report["methods"].items():
+        assert m["success"]["episodes"] == 2 and m["latency"]["repeats"] == 3, name
+        assert 0 <= m["skipped_share"] < 1 and m["flops_per_call"] > 0, name
+    assert report["methods"]["taylorseer"]["config"]["cache"] == "taylorseer"
+    assert report["methods"]["taylorseer"]["plan_file"] is None and report["methods"]["bac"]["plan_file"]
+    assert report["methods"]["taylorseer"]["skipped_share"] == pytest.approx(1 - 3 / 6)  # steps 0, 1, 5 of 6

@@ -126,7 +126,7 @@ def enable_cache(
 ) -> CacheHandle:
     """Cache a diffusers pipeline's transformer (or a bare transformer) with ``method``.
 
-    ``method`` is a method name (:func:`bac.methods`: ``bac``, ``taylorseer``,
+    ``method`` is a method name (:func:`bac.available_methods`: ``bac``, ``taylorseer``,
     ``fbcache``, ...) with its ``params``, a :class:`bac.Method`, a
     :class:`bac.Plan` or the path of a plan file. Calibrated methods (``bac``,
     ``acs``, ``unified-acs``) need ``calibration`` (from :func:`calibrate`, or

@@ -45,8 +45,22 @@ def _resolve(path: str) -> Path:
     return p if p.is_absolute() or p.exists() else REPO / p
 
 
+def weights_digest(checkpoint: Path) -> str:
+    """Short SHA-256 of a checkpoint's weights: retrained weights of the same shape get a new one."""
+    digest = hashlib.sha256()
+    with open(checkpoint / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
-    """The policy to evaluate, where its plans are cached, and whether it is trained."""
+    """The policy to evaluate, where its plans are cached, and whether it is trained.
+
+    Plans and calibration of a checkpoint live in ``<checkpoint>/plans/<weights digest>/``:
+    their fit check compares the model's structure only, so a retrained checkpoint of the
+    same shape must not find (and silently reuse) the plans of its predecessor.
+    """
     if str(cfg.checkpoint).startswith(UNTRAINED):
         name = str(cfg.checkpoint)[len(UNTRAINED):]
         config_path = REPO / "configs" / "policy" / f"{name}.yaml"
@@ -66,7 +80,7 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
         policy = DiffusionPolicy.load(directory, device=cfg.device)
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
-    return policy, directory / "plans", True
+    return policy, directory / "plans" / weights_digest(directory), True
 
 
 def resolve_tasks(cfg: DictConfig, policy: DiffusionPolicy) -> list[str]:
@@ -118,6 +132,9 @@ def settings_digest(cfg: DictConfig) -> str:
     keys = ("checkpoint", "tasks", "episodes", "seed", "sampler", "methods", "run_methods", "calibration", "M", "n")
     relevant = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in keys}
     relevant["calibration"] = {k: v for k, v in relevant["calibration"].items() if k != "recompute"}
+    checkpoint = _resolve(str(cfg.checkpoint))
+    if (checkpoint / "model.safetensors").is_file():  # a retrained checkpoint is another run
+        relevant["weights"] = weights_digest(checkpoint)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

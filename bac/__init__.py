@@ -8,6 +8,13 @@ Typical use::
     with bac.accelerate(denoiser, bac.Plan.load("plan.json"), num_steps=100) as handle:
         actions = policy.sample(obs)          # calls bac.new_trajectory(denoiser) first
         print(handle.summary())
+
+Every other caching method (TaylorSeer, FBCache, CG-Taylor, Sortblock, BAC with
+Taylor forecasts) is a schedule plus a stand-in, built by name::
+
+    method = bac.build_method("taylorseer", denoiser, num_steps=100, interval=4)
+    with bac.accelerate(denoiser, method, num_steps=100):
+        ...
 """
 from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, ModelSpec, describe, register_adapter
 from .calibration import METRICS, Calibration, calibrate

@@ -270,3 +270,19 @@ def test_fbcache_makes_the_same_decisions_as_diffusers_first_block_cache():
         hook.remove()
     assert skipped_steps[0] < skipped_steps[-1] < steps - 1  # the thresholds span both kinds of step
     assert torch.equal(loop(), reference)
+
+
+def test_two_transformer_pipelines_and_bare_calibration_are_clear_errors():
+    class TwoStage:  # Wan 2.2's pipeline shape: a high-noise and a low-noise transformer
+        transformer = model_of(CASES["wan"])
+        transformer_2 = model_of(CASES["wan"])
+
+    with pytest.raises(ValueError, match="two transformers"):
+        bac.diffusers.enable_cache(TwoStage(), "fbcache", num_inference_steps=K)
+    with pytest.raises(TypeError, match="sample_fn"):
+        bac.diffusers.calibrate(model_of(CASES["wan"]), [0])
+    with pytest.raises(TypeError, match="neither a transformer nor a pipeline"):
+        bac.diffusers.enable_cache(object(), "fbcache")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        bac.diffusers.enable_cache(model_of(CASES["wan"]), "fbcache")  # a bare transformer has no default
+    assert not hasattr(model_of(CASES["wan"]), "_bac_handle")

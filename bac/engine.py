@@ -104,6 +104,7 @@ class CacheHandle:
     # -- hot path --------------------------------------------------------------------
     def _make_runner(self, i: int) -> Callable[..., Any]:
         handle = self
+        store, fill = self.standin.store, self.standin.fill  # fixed for the handle's lifetime
 
         def run(fn, *args, **kwargs):
             state = handle.state
@@ -112,13 +113,13 @@ class CacheHandle:
                 observer = handle.observer
                 out = fn(*args, **kwargs) if observer is None else observer(i, fn, args, kwargs)
                 if action & STORE:
-                    handle.standin.store(state.cache, i, state.step, out)
+                    store(state.cache, i, state.step, out)
                 if action & NOTIFY:
                     state.schedule.notify(state, i, out)
                 state.computed[i] += 1
                 return out
             state.skipped[i] += 1
-            return handle.standin.fill(state.cache, i, state.step)
+            return fill(state.cache, i, state.step)
 
         return run
 

@@ -59,7 +59,6 @@ def stream_sums(outputs: Any) -> list:
 class Reuse:
     """Return the last computed value: the plain cache."""
 
-    name = "reuse"
     keeps_history = False  # only the computation right before a skip needs storing
 
     def store(self, cache: list, i: int, step: int, out: Any) -> None:
@@ -110,7 +109,6 @@ class TaylorSeries:
 class Taylor:
     """Forecast a skipped block with a Taylor series of order 1 or 2 from its computed values."""
 
-    name = "taylor"
     keeps_history = True  # every computation before a skip contributes a finite difference
 
     def __init__(self, order: int = 1):

@@ -36,7 +36,7 @@ from .adapters import ModelSpec, describe
 from .calibration import Calibration
 from .forecast import REUSE, Reuse, Taylor, make_forecast
 from .plan import Plan, scheduler_id
-from .rules import CGTaylor, FirstBlockCache, Rule, Sortblock
+from .rules import CGTaylor, FirstBlockCache, Rule, Sortblock, check_number
 from .schedulers import make_plan, needs_calibration as plan_needs_calibration, plan_methods
 
 
@@ -134,20 +134,12 @@ def build_method(
     return Method(name, plan, make_forecast(forecast, order), dict(plan.params))
 
 
-def _steps(num_steps: Any) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"this method needs num_steps, the sampler's step count (got {num_steps!r})")
-    return num_steps
-
-
 @register_method("taylorseer")
 def _taylorseer(spec, num_steps, calibration, interval: int = 4, order: int = 2, warmup: int = 1):
     """TaylorSeer: every block computed in the first ``warmup`` steps and then every ``interval`` steps."""
-    num_steps = _steps(num_steps)
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be a positive integer, got {interval!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-        raise ValueError(f"warmup must be a positive integer, got {warmup!r}")
+    check_number("num_steps (the sampler's step count)", num_steps, 1, integer=True)
+    check_number("interval", interval, 1, integer=True)
+    check_number("warmup", warmup, 1, integer=True)
     steps = sorted(set(range(min(warmup, num_steps))) | set(range(warmup, num_steps, interval)))
     params = {"interval": interval, "order": order, "warmup": warmup}
     plan = Plan.from_steps(spec, {b.name: steps for b in spec.blocks}, num_steps, "taylorseer", params)

@@ -107,7 +107,7 @@ class Rule:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
 
 
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False) -> None:
+def check_number(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False) -> None:
     valid = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
     if not valid or not low <= value <= high or value != value:
         kind = "an integer" if integer else "a number"
@@ -145,6 +145,7 @@ class _WholeModelRule(BoundSchedule):
         self.num_blocks = len(spec.blocks)
         self.probe = _probe(spec)
         self._start = (RUN | NOTIFY,) * self.probe + (RUN | STORE,) * (self.num_blocks - self.probe)
+        self._skip_rest = (0,) * (self.num_blocks - self.probe)
 
     def new_state(self) -> _ProbeState:
         return _ProbeState(self.num_blocks)
@@ -161,7 +162,7 @@ class _WholeModelRule(BoundSchedule):
         if i + 1 < self.probe:
             return
         if not self.decide(state, rule_state):
-            rule_state.row[self.probe:] = [0] * (self.num_blocks - self.probe)
+            rule_state.row[self.probe:] = self._skip_rest
 
     def decide(self, state, rule_state: _ProbeState) -> bool:
         """True: compute the remaining blocks at this step."""
@@ -182,7 +183,7 @@ class FirstBlockCache(Rule):
     name = "fbcache"
 
     def __init__(self, threshold: float = 0.05):
-        _check_number("threshold", threshold, 0.0)
+        check_number("threshold", threshold, 0.0)
         self.threshold = float(threshold)
 
     def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
@@ -213,8 +214,8 @@ class CGTaylor(Rule):
     name = "cg-taylor"
 
     def __init__(self, gate: float = 0.05, order: int = 1, warmup: int = 2):
-        _check_number("gate", gate, 0.0)
-        _check_number("warmup", warmup, 1, integer=True)
+        check_number("gate", gate, 0.0)
+        check_number("warmup", warmup, 1, integer=True)
         self.gate = float(gate)
         self.order = order
         self.warmup = warmup
@@ -254,9 +255,9 @@ class Sortblock(Rule):
     name = "sortblock"
 
     def __init__(self, fraction: float = 0.5, interval: int = 4, warmup: int = 2, order: int = 1):
-        _check_number("fraction", fraction, 0.0, 1.0)
-        _check_number("interval", interval, 1, integer=True)
-        _check_number("warmup", warmup, 1, integer=True)
+        check_number("fraction", fraction, 0.0, 1.0)
+        check_number("interval", interval, 1, integer=True)
+        check_number("warmup", warmup, 1, integer=True)
         self.fraction = float(fraction)
         self.interval = interval
         self.warmup = warmup

@@ -1,4 +1,6 @@
 """bac.diffusers.enable_cache: every caching method on DiT, FLUX and Wan, and the DiT pipeline (tiny models, CPU)."""
+import contextlib
+
 import pytest
 import torch
 from diffusers import (
@@ -39,10 +41,16 @@ def calibration_of(case, model):
     return CALIBRATIONS[case.name]
 
 
-def enable(case, model, method, params):
+@contextlib.contextmanager
+def cached(case, model, method, params):
+    """``method`` enabled on ``model`` for the block (its handle), disabled after whatever happens."""
     name = method.split("+")[0]
     calibration = calibration_of(case, model) if bac.methods.needs_calibration(name) else None
-    return bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
+    handle = bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
+    try:
+        yield handle
+    finally:
+        bac.diffusers.disable_cache(model)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -51,13 +59,10 @@ def test_exhaustive_settings_are_bit_identical_and_disable_restores(name, method
     case = CASES[name]
     model = model_of(case)
     reference = sample(case, model)
-    handle = enable(case, model, method, EXHAUSTIVE[method])
-    try:
-        cached = sample(case, model)
+    with cached(case, model, method, EXHAUSTIVE[method]) as handle:
+        outputs = sample(case, model)
         assert handle.stats()["skipped"] == 0
-    finally:
-        bac.diffusers.disable_cache(model)
-    assert all_equal(cached, reference)
+    assert all_equal(outputs, reference)
     assert not hasattr(model, "_bac_handle") and "cache_context" not in model.__dict__
 
 
@@ -68,17 +73,16 @@ def test_skipped_evaluations_match_what_the_method_reports(name, method):
     model = model_of(case)
     reference = sample(case, model)
     counts, hooks = count_branches(model)
-    handle = enable(case, model, method, SKIPPING[method])
     try:
-        cached = sample(case, model)
-        stats = handle.stats()
+        with cached(case, model, method, SKIPPING[method]) as handle:
+            outputs = sample(case, model)
+            stats = handle.stats()
     finally:
-        bac.diffusers.disable_cache(model)
         for h in hooks:
             h.remove()
     assert {block: b["computed"] for block, b in stats["per_block"].items()} == counts
     assert stats["skipped"] > 0 and stats["computed"] + stats["skipped"] == K * len(counts)
-    assert all(torch.isfinite(out).all() for out in cached) and not all_equal(cached, reference)
+    assert all(torch.isfinite(out).all() for out in outputs) and not all_equal(outputs, reference)
     assert all_equal(sample(case, model), reference)  # disable_cache restored the plain model
 
 
@@ -115,21 +119,15 @@ def test_guidance_branches_have_their_own_cache_state(name, method):
     case = CASES[name]
     model = model_of(case)
     reference = flow_loop(case, model, guidance=True)
-    handle = enable(case, model, method, EXHAUSTIVE[method.split("+")[0]])
-    try:
+    with cached(case, model, method, EXHAUSTIVE[method.split("+")[0]]) as handle:
         exhaustive = flow_loop(case, model, guidance=True)
         assert handle.steps_run() == {"cond": K, "uncond": K}
-    finally:
-        bac.diffusers.disable_cache(model)
     assert torch.equal(exhaustive, reference)
     # Skipping for real, each branch on its own step counter (one shared counter would overflow)
-    handle = enable(case, model, method, SKIPPING[method])
-    try:
+    with cached(case, model, method, SKIPPING[method]) as handle:
         guided = flow_loop(case, model, guidance=True)
         assert handle.steps_run() == {"cond": K, "uncond": K}
         stats = handle.stats()
-    finally:
-        bac.diffusers.disable_cache(model)
     assert stats["skipped"] > 0 and stats["denoiser_calls"] == 2 * K
     assert torch.isfinite(guided).all() and not torch.equal(guided, reference)
 

@@ -1,10 +1,11 @@
 """Caching methods on diffusers' DiT, FLUX and Wan transformers: speedup against deviation, in one run.
 
-    python -m eval.bench_diffusers [--models dit flux wan] [--steps 20] [--repeats 3] [--device auto]
+    python -m eval.bench_diffusers [--models dit flux wan dit-digits] [--steps 20] [--repeats 3] [--device auto]
 
 For each transformer (random weights, built from a config shaped like the
 released model, with fewer layers, fewer heads and small latents so that CPU
-time allows; the output states the exact configs) it runs, on the same
+time allows; the output states the exact configs; and ``dit-digits``, a small
+DiT really trained here, see ``eval/digits_dit.py``) it runs, on the same
 initial noise and conditioning, full computation, every bac method at a few
 settings, and diffusers' own caches (``FirstBlockCacheConfig``,
 ``TaylorSeerCacheConfig``, ``MagCacheConfig`` calibrated here with its own
@@ -18,6 +19,9 @@ sub-module (attention, FFN), the same way for bac and for diffusers.
 Random weights make absolute quality meaningless, and a random transformer's
 features change 13-50 % between steps (thresholds tuned on trained models
 never fire): compare methods at matched deviation, not at matched threshold.
+The trained digits DiT shows how the methods behave on real weights, and its
+samples' quality is measured too: the share a digit classifier assigns to the
+class they were generated for.
 
 To run diffusers' caches as peers, this benchmark does what their pipelines
 do not: ``DiTTransformer2DModel`` gets diffusers' ``CacheMixin`` in a
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import io
 import json
 import math
@@ -59,6 +64,7 @@ from diffusers.models.cache_utils import CacheMixin
 
 import bac
 import bac.diffusers
+from eval import digits_dit
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_diffusers"
 
@@ -96,6 +102,12 @@ class Case:
     call: Callable[..., torch.Tensor]
     guidance: float | None = None  # run the transformer twice per step ("cond"/"uncond") when set
     block_patterns: list[str] = field(default_factory=list)  # for diffusers' TaylorSeerCache
+    weights: str = "random"
+    steps: int | None = None  # sampling steps; None: the --steps option
+    quality: Callable[[torch.Tensor, dict], dict] | None = None  # quality measures of the final output
+    # fbcache / cg-taylor / FirstBlockCache thresholds: random features change 13-50 % per step, trained ones 0.5-3 %
+    thresholds: tuple[float, ...] = (0.3, 0.6, 1.0)
+    budgets: tuple[float, ...] | None = None  # deviation budgets of the summary; None: the --budgets option
 
 
 def _dit_inputs(g, device):
@@ -134,10 +146,36 @@ def _wan_call(model, x, t, cond, negative=False):
     return model(x, t.expand(x.shape[0]).to(x.device), text).sample
 
 
+def _digits_build(config):
+    model = CachingDiT(**config)
+    model.load_state_dict(digits_dit.load(digits_dit.DEFAULT_CHECKPOINT).state_dict())
+    return model
+
+
+def _digits_inputs(g, device):
+    labels = torch.arange(digits_dit.NUM_CLASSES).repeat_interleave(DIGITS_PER_CLASS)
+    return torch.randn(len(labels), 1, 16, 16, generator=g).to(device), {"class_labels": labels.to(device)}
+
+
+def _digits_call(model, x, t, cond):
+    return digits_dit.guided_noise(model, x, t, cond["class_labels"], guidance=digits_dit.GUIDANCE)
+
+
+@functools.cache
+def _digit_classifier() -> digits_dit.DigitClassifier:
+    return digits_dit.DigitClassifier()
+
+
+def _digits_quality(images, cond):
+    return {"class_accuracy": _digit_classifier().accuracy(images, cond["class_labels"])}
+
+
+DIGITS_PER_CLASS = 4
+
 CASES = {
     "dit": Case(
         "dit",
-        "DiT-XL/2 (width 1152, 16 heads x 72, patch 2, adaLN-Zero, learned sigma); 8 of 28 layers, 8x8 latent",
+        "shaped like DiT-XL/2 (width 1152, 16 heads x 72, patch 2, adaLN-Zero, learned sigma); 8 of 28 layers, 8x8 latent",
         dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, sample_size=8,
              patch_size=2, num_layers=8, num_embeds_ada_norm=1000, norm_num_groups=32),
         lambda config: CachingDiT(**config),
@@ -150,7 +188,7 @@ CASES = {
     ),
     "flux": Case(
         "flux",
-        "FLUX.1 (head dim 128, RoPE axes 16/56/56, T5 4096-d text, CLIP 768-d pooled, dual- then single-stream); "
+        "shaped like FLUX.1 (head dim 128, RoPE axes 16/56/56, T5 4096-d text, CLIP 768-d pooled, dual- then single-stream); "
         "6 of 24 heads, 2 of 19 dual and 6 of 38 single blocks, 64 image + 16 text tokens",
         dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=6, attention_head_dim=128,
              num_attention_heads=6, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
@@ -163,7 +201,7 @@ CASES = {
     ),
     "wan": Case(
         "wan",
-        "Wan 2.1 T2V (head dim 128, FFN 5.8x width, 4096-d text, patch 1x2x2, classifier-free guidance as two "
+        "shaped like Wan 2.1 T2V (head dim 128, FFN 5.8x width, 4096-d text, patch 1x2x2, classifier-free guidance as two "
         "calls); 6 of 12 heads, 6 of 30 layers, 2x8x8 latent (32 tokens), 16 text tokens",
         dict(patch_size=(1, 2, 2), num_attention_heads=6, attention_head_dim=128, in_channels=16, out_channels=16,
              text_dim=4096, freq_dim=256, ffn_dim=4480, num_layers=6, rope_max_seq_len=1024),
@@ -173,6 +211,23 @@ CASES = {
         _wan_call,
         guidance=5.0,
         block_patterns=[r"blocks\.\d+"],
+    ),
+    "dit-digits": Case(
+        "dit-digits",
+        "DiT trained here (eval/digits_dit.py: adaLN-Zero, 6 layers, width 128, 16x16 pixel digits, patch 2); "
+        f"50-step DDIM, classifier-free guidance {digits_dit.GUIDANCE} batched into one call, "
+        f"{DIGITS_PER_CLASS} samples per class",
+        digits_dit.MODEL_CONFIG,
+        _digits_build,
+        _digits_inputs,
+        digits_dit.scheduler_for_sampling,
+        _digits_call,
+        block_patterns=[r"transformer_blocks\.\d+"],
+        weights="trained on scikit-learn's digits (eval/checkpoints/dit-digits)",
+        steps=50,
+        quality=_digits_quality,
+        thresholds=(0.03, 0.08, 0.2),
+        budgets=(0.04, 0.1, 0.15),  # 50 deterministic DDIM steps on pixels: no method stays under 0.03 and skips much
     ),
 }
 
@@ -209,6 +264,7 @@ class Setting:
 
 def bac_settings(case: Case, model, calibration: bac.Calibration, steps: int) -> list[Setting]:
     grid = [
+        ("bac", {"M": max(2, steps // 6), "n": 3}),
         ("bac", {"M": max(2, steps // 4), "n": 3}),
         ("bac", {"M": max(2, steps * 2 // 5), "n": 3}),
         ("bac+taylor", {"M": max(2, steps // 4), "n": 3, "forecast": "taylor", "order": 1}),
@@ -216,12 +272,8 @@ def bac_settings(case: Case, model, calibration: bac.Calibration, steps: int) ->
         ("uniform", {"interval": 4}),
         ("taylorseer", {"interval": 2, "order": 2}),
         ("taylorseer", {"interval": 4, "order": 2}),
-        ("fbcache", {"threshold": 0.3}),
-        ("fbcache", {"threshold": 0.6}),
-        ("fbcache", {"threshold": 1.0}),
-        ("cg-taylor", {"gate": 0.3}),
-        ("cg-taylor", {"gate": 0.6}),
-        ("cg-taylor", {"gate": 1.0}),
+        *[("fbcache", {"threshold": threshold}) for threshold in case.thresholds],
+        *[("cg-taylor", {"gate": threshold}) for threshold in case.thresholds],
         ("sortblock", {"fraction": 0.5, "interval": 4}),
         ("sortblock", {"fraction": 0.25, "interval": 4}),
     ]
@@ -257,9 +309,8 @@ def calibrate_magcache(case: Case, model, inputs, steps: int) -> list[float]:
 def diffusers_settings(case: Case, model, inputs, steps: int) -> tuple[list[Setting], dict]:
     notes = {}
     configs = [
-        ("diffusers:FirstBlockCache", "threshold=0.3", lambda: FirstBlockCacheConfig(threshold=0.3)),
-        ("diffusers:FirstBlockCache", "threshold=0.6", lambda: FirstBlockCacheConfig(threshold=0.6)),
-        ("diffusers:FirstBlockCache", "threshold=1.0", lambda: FirstBlockCacheConfig(threshold=1.0)),
+        *[("diffusers:FirstBlockCache", f"threshold={threshold}",
+           lambda threshold=threshold: FirstBlockCacheConfig(threshold=threshold)) for threshold in case.thresholds],
         ("diffusers:TaylorSeerCache", "interval=2",
          lambda: TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1, max_order=1,
                                        taylor_factors_dtype=torch.float32, cache_identifiers=case.block_patterns)),
@@ -316,6 +367,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_model(case: Case, steps: int, repeats: int, device: torch.device, seed: int, log) -> dict:
+    steps = case.steps or steps
     torch.manual_seed(seed)
     model = case.build(case.config).to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())
@@ -342,9 +394,11 @@ def bench_model(case: Case, steps: int, repeats: int, device: torch.device, seed
         evaluations = steps * len(counts) * (2 if case.guidance is not None else 1)
         results.append({"family": setting.family, "setting": setting.label,
                         "skipped_share": 1 - sum(counts.values()) / evaluations,
-                        **deviation(out, reference), "finite": bool(torch.isfinite(out).all()), "times": []})
+                        **deviation(out, reference), "finite": bool(torch.isfinite(out).all()),
+                        **(case.quality(out, inputs[1]) if case.quality else {}), "times": []})
         log(f"  {setting.label:<38} skipped {100 * results[-1]['skipped_share']:5.1f}%  "
-            f"rel L2 {results[-1]['rel_l2']:.4f}")
+            f"rel L2 {results[-1]['rel_l2']:.4f}" + "".join(
+                f"  {k} {v:.3f}" for k, v in results[-1].items() if k == "class_accuracy"))
     # timed rounds, interleaved
     for round_index in range(repeats):
         for setting, result in zip(settings, results):
@@ -363,9 +417,10 @@ def bench_model(case: Case, steps: int, repeats: int, device: torch.device, seed
         times = result.pop("times")
         result["median_ms"] = 1e3 * statistics.median(times)
         result["speedup"] = full_ms / result["median_ms"]
-    return {"model": case.name, "shaped_like": case.shaped_like, "config": _jsonable(case.config),
+    return {"model": case.name, "shaped_like": case.shaped_like, "weights": case.weights,
+            "config": _jsonable(case.config),
             "parameters": parameters, "steps": steps, "guidance_calls_per_step": 2 if case.guidance else 1,
-            "results": results, **notes}
+            "budgets": list(case.budgets) if case.budgets else None, "results": results, **notes}
 
 
 def _jsonable(config: dict) -> dict:
@@ -388,17 +443,19 @@ def matched(results: list[dict], budget: float) -> dict[str, dict]:
 
 def markdown(report: dict) -> str:
     lines = [f"# Caching methods on diffusers transformers ({report['device']}, {report['threads']} thread(s))", "",
-             "Random weights: absolute quality is meaningless; compare speedups at matched deviation.", ""]
+             "On random weights absolute quality is meaningless; compare speedups at matched deviation.", ""]
     for model in report["models"]:
-        lines += [f"## {model['model']}: shaped like {model['shaped_like']}", "",
-                  f"{model['parameters'] / 1e6:.0f} M parameters, {model['steps']} steps, "
+        accuracy = "class_accuracy" in model["results"][0]
+        lines += [f"## {model['model']}: {model['shaped_like']}", "",
+                  f"Weights: {model['weights']}. {model['parameters'] / 1e6:.1f} M parameters, {model['steps']} steps, "
                   f"{model['guidance_calls_per_step']} denoiser call(s) per step; "
                   f"full computation {model['results'][0]['median_ms']:.0f} ms per sampling call.", "",
-                  "| method | setting | speedup | skipped | rel. L2 | PSNR dB |", "|---|---|---|---|---|---|"]
+                  "| method | setting | speedup | skipped | rel. L2 | PSNR dB |" + (" class accuracy |" if accuracy else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if accuracy else "")]
         for r in model["results"]:
             lines.append(f"| {r['family']} | {r['setting']} | {r['speedup']:.2f}x | {100 * r['skipped_share']:.0f}% | "
-                         f"{r['rel_l2']:.4f} | {r['psnr_db']:.1f} |")
-        for budget in report["budgets"]:
+                         f"{r['rel_l2']:.4f} | {r['psnr_db']:.1f} |" + (f" {r['class_accuracy']:.2f} |" if accuracy else ""))
+        for budget in model.get("budgets") or report["budgets"]:
             best = matched(model["results"], budget)
             ranked = sorted(best.values(), key=lambda r: -r["speedup"])
             lines += ["", f"Fastest setting per method with relative L2 <= {budget}: " + (", ".join(
@@ -417,8 +474,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = report["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    columns = min(2, len(models))
+    rows = math.ceil(len(models) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.8 * rows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.remove()
+    for ax, model in zip(axes.flat, models):
         families = sorted({r["family"] for r in model["results"] if r["family"] != "full"})
         for family in families:
             # settings that skipped nothing have zero deviation and no place on a log axis
@@ -432,9 +493,10 @@ def plot(report: dict, path: Path) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("deviation from full computation (relative L2 of final latents)")
         ax.set_ylabel("speedup over full computation")
-        ax.set_title(f"{model['model']} ({model['steps']} steps, random weights)", fontsize=10)
+        weights = "random weights" if model["weights"] == "random" else "trained"
+        ax.set_title(f"{model['model']} ({model['steps']} steps, {weights})", fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes.flat[0].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -462,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": torch.get_num_threads()},
-        "notes": ("random weights; speedup = median full latency / median method latency from interleaved rounds; "
+        "notes": ("weights random except dit-digits (trained here); speedup = median full latency / median method latency from interleaved rounds; "
                   "skipped = share of branch evaluations not run (forward hooks on each branch's attention/FFN "
                   "module); diffusers' caches run with CacheMixin added to DiT, cache_context set on every call "
                   "and explicit TaylorSeerCache block patterns (see the module docstring)"),

@@ -20,6 +20,7 @@ from torch import nn
 
 import bac
 
+from .checkpointing import check_fits
 from .dit import DiTPolicyHead
 from .dpt import TransformerForDiffusion
 
@@ -229,16 +230,5 @@ class DiffusionPolicy(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a state dict, naming every missing, unexpected or mis-shaped tensor."""
-        own = self.state_dict()
-        problems = [f"missing {k}" for k in own if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in own]
-        problems += [
-            f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
-            for k, v in state.items() if k in own and v.shape != own[k].shape
-        ]
-        if problems:
-            raise ValueError(
-                f"checkpoint does not fit this {self.architecture} policy ({len(problems)} problems): "
-                + "; ".join(problems[:6])
-            )
+        check_fits(self, state, f"this {self.architecture} policy")
         self.load_state_dict(state)

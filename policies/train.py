@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from envs.collect import collect
 from envs.dataset import WindowDataset
 
+from .checkpointing import TrainingState, check_fits
 from .policy import DiffusionPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +63,6 @@ def _optimizer(policy: DiffusionPolicy, cfg: DictConfig) -> torch.optim.AdamW:
         (decay if p.ndim >= 2 and not name.endswith("pos_emb") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def success_check(policy: DiffusionPolicy, tasks: list[str], episodes: int) -> dict[str, float]:
@@ -116,18 +110,15 @@ def train(cfg: DictConfig) -> Path:
     step, elapsed = 0, 0.0
     settings = OmegaConf.to_container(cfg, resolve=True)
 
+    training_state = TrainingState(policy, optimizer, lr_schedule, ema, generator)
     state_path = run_dir / "train_state.pt"
     if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["settings"]["policy"] != settings["policy"] or state["settings"]["task"] != settings["task"]:
-            raise ValueError(f"{state_path} belongs to another policy or task; use another run_dir or resume=false")
-        policy.load_weights(state["policy"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_schedule"])
-        ema.load_state_dict(state["ema"])
-        ema.to(device)
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+        def same_run(state: dict) -> None:
+            if state["settings"]["policy"] != settings["policy"] or state["settings"]["task"] != settings["task"]:
+                raise ValueError(f"{state_path} belongs to another policy or task; use another run_dir or resume=false")
+            check_fits(policy, state["model"], f"this {policy.architecture} policy")
+
+        state = training_state.restore(state_path, same_run)
         step, elapsed = int(state["step"]), float(state["elapsed"])
         print(f"resumed {state_path} at step {step}")
 
@@ -170,12 +161,7 @@ def train(cfg: DictConfig) -> Path:
                                   "elapsed": round(elapsed, 1)}) + "\n")
             log.flush()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_atomic(
-                {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_schedule": lr_schedule.state_dict(), "ema": ema.state_dict(), "generator": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "step": step, "elapsed": elapsed, "settings": settings},
-                state_path,
-            )
+            training_state.save(state_path, step=step, elapsed=elapsed, settings=settings)
             export(smoothed)
         if cfg.eval_every and step % cfg.eval_every == 0:
             exported = DiffusionPolicy.load(export_dir, device=device)

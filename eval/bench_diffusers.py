@@ -147,9 +147,7 @@ def _wan_call(model, x, t, cond, negative=False):
 
 
 def _digits_build(config):
-    model = CachingDiT(**config)
-    model.load_state_dict(digits_dit.load(digits_dit.DEFAULT_CHECKPOINT).state_dict())
-    return model
+    return digits_dit.load(digits_dit.DEFAULT_CHECKPOINT, model_class=CachingDiT)
 
 
 def _digits_inputs(g, device):

@@ -62,8 +62,8 @@ def digits(side: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.as_tensor(data.target, dtype=torch.long)
 
 
-def build_model() -> DiTTransformer2DModel:
-    return DiTTransformer2DModel(**MODEL_CONFIG)
+def build_model(model_class: type[DiTTransformer2DModel] = DiTTransformer2DModel) -> DiTTransformer2DModel:
+    return model_class(**MODEL_CONFIG)
 
 
 def save(model: DiTTransformer2DModel, directory: Path, info: dict) -> None:
@@ -74,8 +74,10 @@ def save(model: DiTTransformer2DModel, directory: Path, info: dict) -> None:
         {"model": MODEL_CONFIG, "scheduler": SCHEDULER_CONFIG, "training": info}, indent=1) + "\n")
 
 
-def load(directory: Path | str = DEFAULT_CHECKPOINT, device: str | torch.device = "cpu") -> DiTTransformer2DModel:
-    """The exported EMA model; a checkpoint of another shape or configuration is a clear error."""
+def load(directory: Path | str = DEFAULT_CHECKPOINT, device: str | torch.device = "cpu",
+         model_class: type[DiTTransformer2DModel] = DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """The exported EMA model (as ``model_class``, a subclass such as one with diffusers' cache mix-in);
+    a checkpoint of another shape or configuration is a clear error."""
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
@@ -83,7 +85,7 @@ def load(directory: Path | str = DEFAULT_CHECKPOINT, device: str | torch.device 
     config = json.loads((directory / "config.json").read_text())
     if config.get("model") != MODEL_CONFIG:
         raise ValueError(f"{directory} holds a DiT with config {config.get('model')}, this code builds {MODEL_CONFIG}")
-    model = build_model()
+    model = build_model(model_class)
     state = load_file(directory / "model.safetensors")
     check_fits(model, state, f"the digits DiT ({directory})")
     model.load_state_dict(state)
@@ -111,9 +113,10 @@ def sample(model, labels: torch.Tensor, steps: int = 50, guidance: float = GUIDA
     x = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(seed)).to(device)
     scheduler = scheduler_for_sampling()
     scheduler.set_timesteps(steps, device=device)
+    labels = labels.to(device)
     bac.new_trajectory(model)  # a new sampling call for the cache, if one is enabled
     for t in scheduler.timesteps:
-        x = scheduler.step(guided_noise(model, x, t, labels.to(device), guidance), t, x).prev_sample
+        x = scheduler.step(guided_noise(model, x, t, labels, guidance), t, x).prev_sample
     return x
 
 

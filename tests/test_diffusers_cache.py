@@ -33,8 +33,9 @@ SKIPPING = {
 }
 CALIBRATIONS = {}
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def calibration_of(case, model):
     if case.name not in CALIBRATIONS:
         CALIBRATIONS[case.name] = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2])

@@ -16,6 +16,8 @@ Taylor forecasts) is a schedule plus a stand-in, built by name::
     with bac.accelerate(denoiser, method, num_steps=100):
         ...
 """
+__version__ = "0.2.0"
+
 from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, ModelSpec, describe, register_adapter
 from .calibration import METRICS, Calibration, calibrate
 from .engine import CacheHandle, StepOverflowError, accelerate, new_trajectory

@@ -12,12 +12,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from bac.configs import CONFIG_DIR
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from eval.run import EvalError, run
+    from bac.evaluation.run import EvalError, run
 
     try:
         result = run(cfg)

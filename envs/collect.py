@@ -1,7 +1,7 @@
 """Collect scripted-expert demonstrations on a Meta-World task into robomimic's HDF5 layout.
 
-    python -m envs.collect task=push episodes=100            # -> data/metaworld/...
-    python -m envs.collect task=door-open episodes=50 seed_offset=1000 overwrite=true
+    python -m bac.envs.collect task=push episodes=100            # -> data/metaworld/...
+    python -m bac.envs.collect task=door-open episodes=50 seed_offset=1000 overwrite=true
 
 Episode ``k`` of an attempt is reset with seed ``seed_offset + k``; episodes the expert
 fails (e.g. ~4 % of door-open, ~10 % of peg-insert-side) are dropped and the next seed
@@ -50,7 +50,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from envs.metaworld_env import (
+from bac.envs.metaworld_env import (
     OBS_SLICES,
     MetaWorldStateEnv,
     env_id,
@@ -272,12 +272,15 @@ def _split(n: int, valid_fraction: float, seed: int) -> tuple[list[int], list[in
     return sorted(perm[n_valid:].tolist()), sorted(perm[:n_valid].tolist())
 
 
-def _main() -> None:
+def main() -> None:
+    """``bac-collect`` / ``python -m bac.envs.collect``: write expert demonstrations (Hydra ``configs/collect.yaml``)."""
     import hydra
     from omegaconf import DictConfig
 
-    @hydra.main(config_path="../configs", config_name="collect", version_base="1.3")
-    def main(cfg: DictConfig) -> None:
+    from bac.configs import CONFIG_DIR
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="collect", version_base="1.3")
+    def run(cfg: DictConfig) -> None:
         path = collect(
             task=cfg.task,
             episodes=cfg.episodes,
@@ -292,8 +295,8 @@ def _main() -> None:
         )
         print(path)
 
-    main()
+    run()
 
 
 if __name__ == "__main__":
-    _main()
+    main()

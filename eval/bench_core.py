@@ -1,6 +1,6 @@
 """Core benchmark: engine overhead and BAC speedup on the paper-size DP-T, batch 1, one thread.
 
-    python -m eval.bench_core [--repeats 15] [--out eval/results/bench_core.json]
+    python -m bac.evaluation.bench_core [--repeats 15] [--out eval/results/bench_core.json]
 
 Three identical copies of the policy are timed interleaved in one process
 (full computation, an every-step plan, a calibrated ``bac`` plan), each timing
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import bac
-from policies.policy import DiffusionPolicy
+from bac.policies.policy import DiffusionPolicy
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_core.json"
 
@@ -143,7 +143,7 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m eval.bench_core", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bac.evaluation.bench_core", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--M", type=int, default=10)

@@ -1,6 +1,6 @@
 """Caching methods on diffusers' DiT, FLUX and Wan transformers: speedup against deviation, in one run.
 
-    python -m eval.bench_diffusers [--models dit flux wan dit-digits] [--steps 20] [--repeats 3] [--device auto]
+    python -m bac.evaluation.bench_diffusers [--models dit flux wan dit-digits] [--steps 20] [--repeats 3] [--device auto]
 
 For each transformer (random weights, built from a config shaped like the
 released model, with fewer layers, fewer heads and small latents so that CPU
@@ -64,7 +64,7 @@ from diffusers.models.cache_utils import CacheMixin
 
 import bac
 import bac.diffusers
-from eval import digits_dit
+from bac.evaluation import digits_dit
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_diffusers"
 
@@ -501,7 +501,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m eval.bench_diffusers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bac.evaluation.bench_diffusers", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)

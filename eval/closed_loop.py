@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
-from envs.rollout import run_episodes
+from bac.envs.rollout import run_episodes
 
 
 def read_episodes(path: Path) -> list[dict]:

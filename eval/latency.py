@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 import bac
-from policies.policy import DiffusionPolicy
+from bac.policies.policy import DiffusionPolicy
 
 from .methods import Method, applied
 

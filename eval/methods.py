@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import bac
-from policies.policy import DiffusionPolicy
+from bac.policies.policy import DiffusionPolicy
 
 
 @dataclass(frozen=True)

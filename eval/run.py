@@ -22,10 +22,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import bac
-from envs.collect import collect
-from envs.dataset import calibration_observations
-from envs.metaworld_env import ALL_TASKS
-from policies.policy import DiffusionPolicy
+from bac.envs.collect import collect
+from bac.envs.dataset import calibration_observations
+from bac.envs.metaworld_env import ALL_TASKS
+from bac.policies.policy import DiffusionPolicy
 
 from . import report as reporting
 from .closed_loop import run_task

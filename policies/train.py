@@ -1,7 +1,7 @@
 """Train a diffusion policy on scripted-expert demonstrations.
 
-    python -m policies.train policy=dpt task=push
-    python -m policies.train policy=dpt task=suite export_dir=policies/checkpoints/dpt-metaworld
+    python -m bac.policies.train policy=dpt task=push
+    python -m bac.policies.train policy=dpt task=suite export_dir=policies/checkpoints/dpt-metaworld
 
 Datasets are generated on demand (``envs.collect``) and read in robomimic's
 layout. AdamW with linear warm-up and cosine decay (diffusers' schedule), EMA
@@ -28,8 +28,9 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from envs.collect import collect
-from envs.dataset import WindowDataset
+from bac.configs import CONFIG_DIR
+from bac.envs.collect import collect
+from bac.envs.dataset import WindowDataset
 
 from .checkpointing import TrainingState, check_fits
 from .policy import DiffusionPolicy
@@ -67,7 +68,7 @@ def _optimizer(policy: DiffusionPolicy, cfg: DictConfig) -> torch.optim.AdamW:
 
 def success_check(policy: DiffusionPolicy, tasks: list[str], episodes: int) -> dict[str, float]:
     """Closed-loop success rate per task on held-out seeds (100000 and up)."""
-    from envs.rollout import run_episodes
+    from bac.envs.rollout import run_episodes
 
     rates = {}
     for task in tasks:
@@ -126,7 +127,7 @@ def train(cfg: DictConfig) -> Path:
         exported = copy.deepcopy(policy).eval()
         ema.copy_to(exported.model.parameters())
         exported.provenance = {
-            "command": "python -m policies.train " + " ".join(sys.argv[1:]),
+            "command": "python -m bac.policies.train " + " ".join(sys.argv[1:]),
             "settings": settings,
             "step": step,
             "loss": loss,
@@ -174,7 +175,7 @@ def train(cfg: DictConfig) -> Path:
     return export_dir
 
 
-@hydra.main(config_path=str(REPO / "configs"), config_name="train", version_base="1.3")
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     path = train(cfg)
     print(f"policy checkpoint: {path}")

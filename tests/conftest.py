@@ -3,7 +3,7 @@ import torch
 from diffusers import DDPMScheduler
 
 import bac
-from policies.dpt import TransformerForDiffusion
+from bac.policies.dpt import TransformerForDiffusion
 
 
 def ddpm_scheduler(num_steps):

@@ -7,8 +7,8 @@ from safetensors.torch import load_file, save_file
 
 import bac
 import bac.diffusers
-from eval import digits_dit
-from policies.checkpointing import TrainingState
+from bac.evaluation import digits_dit
+from bac.policies.checkpointing import TrainingState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

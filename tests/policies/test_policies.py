@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
 import bac
-from policies.policy import DiffusionPolicy
-from policies.train import REPO, train
+from bac.policies.policy import DiffusionPolicy
+from bac.policies.train import REPO, train
 
 TASKS = ["reach", "push"]
 SMALL = {"dpt": {"width": 32, "num_layers": 2, "heads": 2}, "dit": {"width": 32, "num_layers": 2, "heads": 2}}
@@ -138,7 +138,7 @@ def load_file_bytes(data):
 
 
 def test_short_closed_loop_rollout_runs():
-    from envs.rollout import run_episodes
+    from bac.envs.rollout import run_episodes
 
     policy = small_policy("dpt", tasks=["reach"]).set_sampler("ddim", 3)
     results = list(run_episodes(policy.predict_action, "reach", [5, 6, 7], num_envs=2, max_episode_steps=20))
@@ -150,7 +150,7 @@ def test_short_closed_loop_rollout_runs():
 def test_configured_suites_are_the_default_suite():
     from omegaconf import OmegaConf
 
-    from envs.metaworld_env import DEFAULT_SUITE
+    from bac.envs.metaworld_env import DEFAULT_SUITE
 
     assert list(OmegaConf.load(REPO / "configs" / "train.yaml").suite) == list(DEFAULT_SUITE)
     assert list(OmegaConf.load(REPO / "configs" / "eval.yaml").untrained_tasks) == list(DEFAULT_SUITE)

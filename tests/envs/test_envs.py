@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from envs.collect import collect, dataset_path
-from envs.dataset import WindowDataset, calibration_observations, list_demos, load_episodes
-from envs.metaworld_env import (
+from bac.envs.collect import collect, dataset_path
+from bac.envs.dataset import WindowDataset, calibration_observations, list_demos, load_episodes
+from bac.envs.metaworld_env import (
     DEFAULT_SUITE,
     HAND_ABOVE_TCP,
     MAX_EPISODE_STEPS,

@@ -8,9 +8,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import bac
-import eval.closed_loop as closed_loop
-from eval.run import REPO, EvalError, run
-from policies.policy import DiffusionPolicy
+import bac.evaluation.closed_loop as closed_loop
+from bac.evaluation.run import REPO, EvalError, run
+from bac.policies.policy import DiffusionPolicy
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import bac
 from bac.plan.__main__ import main as plan_cli
 from conftest import ddpm_scheduler, sample_actions, tiny_dpt
-from policies.dpt import TransformerForDiffusion
+from bac.policies.dpt import TransformerForDiffusion
 
 
 @pytest.fixture

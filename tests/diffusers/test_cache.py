@@ -12,7 +12,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 from conftest import exhaustive_settings
-from eval.bench_diffusers import CachingDiT, count_branches
+from bac.evaluation.bench_diffusers import CachingDiT, count_branches
 from test_diffusers_adapters import CASES, K, all_equal, model_of, sample
 
 import bac

@@ -2,30 +2,46 @@
 
 Typical use::
 
-    calibration = bac.calibrate(denoiser, policy.sample, calibration_batches)
+    calibration = bac.calibrate(denoiser, policy_sample, calibration_batches)
     plan = bac.make_plan(calibration, "bac", M=10, n=5)
     plan.save("plan.json")
     with bac.accelerate(denoiser, bac.Plan.load("plan.json"), num_steps=100) as handle:
-        actions = policy.sample(obs)          # calls bac.new_trajectory(denoiser) first
+        actions = policy_sample(obs)          # calls bac.new_trajectory(denoiser) first
         print(handle.summary())
 
-Every other caching method (TaylorSeer, FBCache, CG-Taylor, Sortblock, BAC with
-Taylor forecasts) is a schedule plus a stand-in, built by name::
+Every method (BAC and its ablations, uniform caching, TaylorSeer, FBCache,
+CG-Taylor, Sortblock) is a schedule plus a stand-in, built by name::
 
     method = bac.build_method("taylorseer", denoiser, num_steps=100, interval=4)
     with bac.accelerate(denoiser, method, num_steps=100):
         ...
+
+The core needs torch, numpy and safetensors only; ``bac.diffusers`` (extra
+``diffusers``) adds diffusers' DiT, FLUX and Wan transformers.
 """
 __version__ = "0.2.0"
 
+from .acs import acs_schedule
 from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, ModelSpec, describe, register_adapter
-from .calibration import METRICS, Calibration, calibrate
+from .bua import bubbling_union
+from .calibration import METRICS, Calibration
 from .engine import CacheHandle, StepOverflowError, accelerate, new_trajectory
-from .forecast import Reuse, Taylor
-from .methods import Method, available_methods, build_method, register_method
+from .fit import PlanMismatchError, scheduler_id
+from .methods import (
+    Method,
+    MethodInfo,
+    available_methods,
+    build_method,
+    make_plan,
+    method_info,
+    method_params,
+    needs_calibration,
+    register_method,
+)
+from .plan import Plan, PlanBlock
+from .recorder import calibrate
 from .rules import CGTaylor, FirstBlockCache, Rule, Sortblock
-from .plan import Plan, PlanBlock, PlanMismatchError, scheduler_id
-from .schedulers import acs_schedule, bubbling_union, make_plan, plan_methods, register_plan_method
+from .standins import REUSE, Reuse, Taylor, make_standin
 
 __all__ = [
     "Block",
@@ -38,27 +54,32 @@ __all__ = [
     "LayerAdapter",
     "METRICS",
     "Method",
+    "MethodInfo",
     "ModelSpec",
     "Plan",
     "PlanBlock",
     "PlanMismatchError",
+    "REUSE",
     "Reuse",
     "Rule",
     "Sortblock",
     "StepOverflowError",
     "Taylor",
+    "__version__",
     "accelerate",
-    "available_methods",
     "acs_schedule",
+    "available_methods",
     "bubbling_union",
     "build_method",
     "calibrate",
     "describe",
     "make_plan",
+    "make_standin",
+    "method_info",
+    "method_params",
+    "needs_calibration",
     "new_trajectory",
-    "plan_methods",
     "register_adapter",
     "register_method",
-    "register_plan_method",
     "scheduler_id",
 ]

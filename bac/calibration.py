@@ -1,28 +1,23 @@
-"""Calibration: run the uncached model over full sampling calls and measure feature redundancy.
+"""Calibration data: per-block K x K feature statistics of one model and sampler (made by :func:`bac.calibrate`).
 
-For every block and every pair of steps (a, t) it accumulates, averaged over
-calibration samples (each batch element is a sample, features flattened per
-sample): cosine similarity, mean absolute difference (L1) and mean squared
-difference (MSE) of the block's residual-branch outputs r_a and r_t. Memory is
-one sampling call's features at a time, whatever the number of samples.
+For every block and every pair of steps (a, t), averaged over calibration
+samples: cosine similarity, mean absolute difference (L1) and mean squared
+difference (MSE) of the block's residual-branch outputs r_a and r_t, and each
+block's reuse error. Saved as safetensors with the metadata in the header.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
-import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from torch import nn
 
-from .adapters import Block, LayerAdapter, describe
-from .engine import CacheHandle
-from .plan import scheduler_id
-from .rules import AlwaysCompute
+from .adapters import Block
+from .fit import check_fits
 
 METRICS = ("cosine", "l1", "mse")
 
@@ -46,6 +41,11 @@ class Calibration:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         return self.matrices[metric]
 
+    def check_fits(self, spec, num_steps: int | None = None, scheduler: Any = None) -> None:
+        """Raise :class:`bac.PlanMismatchError` naming the first thing that does not fit ``spec`` / the sampler."""
+        blocks = [(b.name, b.kind, b.layer) for b in self.blocks]
+        check_fits("calibration", self.fingerprint, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler)
+
     def facts(self) -> dict:
         """What a plan file records about the calibration it came from."""
         return {"samples": self.samples, "seed": self.seed, "date": self.date}
@@ -68,8 +68,6 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="numpy") as f:
             meta = json.loads((f.metadata() or {}).get("bac", "null") or "null")
         if meta is None:
@@ -86,138 +84,3 @@ class Calibration:
             matrices={m: arrays[m] for m in METRICS},
             reuse_error=arrays["reuse_error"],
         )
-
-
-def _flatten(out: Any, batch_dim: int) -> torch.Tensor:
-    """A branch output (tensor or tuple of tensors) as [batch, features], float32."""
-    tensors = out if isinstance(out, (tuple, list)) else (out,)
-    parts = [t.detach().movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1).float() for t in tensors if t is not None]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-class _Recorder:
-    """Observer that keeps one sampling call's block outputs and folds them into sums.
-
-    Outputs are kept per cache context: each classifier-free-guidance branch
-    is its own trajectory, and its batch elements count as samples of their own.
-    """
-
-    def __init__(self, blocks: tuple[Block, ...], batch_dims: list[int]):
-        self.blocks = blocks
-        self.batch_dims = batch_dims
-        self.handle: CacheHandle | None = None
-        self.features: dict[str, list[list[torch.Tensor]]] = {}
-        self.first_order: list[int] | None = []
-        self.sums: dict[str, torch.Tensor] | None = None
-        self.samples = 0
-        self.num_steps: int | None = None
-
-    def __call__(self, i, fn, args, kwargs):
-        out = fn(*args, **kwargs)
-        context = self.handle.state.name
-        if context not in self.features:
-            self.features[context] = [[] for _ in self.blocks]
-        features = self.features[context]
-        if self.first_order is not None and len(self.features) == 1 and not features[i]:
-            self.first_order.append(i)
-        features[i].append(_flatten(out, self.batch_dims[i]))
-        return out
-
-    def finish(self, steps_by_context: Mapping[str, int]) -> None:
-        if not self.features:
-            raise RuntimeError("the calibration sampling function never called the model")
-        if self.first_order is not None:
-            if self.first_order != list(range(len(self.blocks))):
-                ran = [self.blocks[i].name for i in self.first_order]
-                raise RuntimeError(
-                    f"blocks ran in the order {ran}, not in the declared order {[b.name for b in self.blocks]}: "
-                    "register layers in execution order (BUA relies on it)"
-                )
-            self.first_order = None
-        for context, features in self.features.items():
-            steps = steps_by_context[context]
-            if self.num_steps is None:
-                self.num_steps = steps
-            elif steps != self.num_steps:
-                raise RuntimeError(
-                    f"calibration sampling calls ran {self.num_steps} and {steps} steps (context {context!r}); "
-                    "use one sampler"
-                )
-            self._fold(features, steps)
-        self.features = {}
-
-    def _fold(self, features: list[list[torch.Tensor]], steps: int) -> None:
-        for i, block in enumerate(self.blocks):
-            if len(features[i]) != steps:
-                raise RuntimeError(
-                    f"block {block.name} ran {len(features[i])} times in a {steps}-step sampling call; "
-                    "each block must run exactly once per denoiser call"
-                )
-            r = torch.stack(features[i], dim=1)  # [batch, K, D]
-            features[i] = []
-            if not torch.isfinite(r).all():
-                raise FloatingPointError(f"block {block.name} produced NaN or inf during calibration")
-            unit = r / r.norm(dim=2, keepdim=True).clamp_min(1e-12)
-            stats = {
-                "cosine": unit @ unit.transpose(1, 2),
-                "l1": torch.cdist(r, r, p=1) / r.shape[2],
-                "mse": torch.cdist(r, r, p=2, compute_mode="donot_use_mm_for_euclid_dist").square() / r.shape[2],
-            }
-            if self.sums is None:
-                n, k = len(self.blocks), steps
-                self.sums = {m: torch.zeros(n, k, k, dtype=torch.float64) for m in METRICS}
-            for metric, value in stats.items():
-                self.sums[metric][i] += value.sum(0).double().cpu()
-        self.samples += r.shape[0]
-
-
-def calibrate(
-    model: nn.Module,
-    sample_fn: Callable[[Any], Any],
-    inputs: Iterable[Any],
-    *,
-    seed: int = 0,
-    scheduler: Any = None,
-    adapters: Mapping[type, LayerAdapter] | None = None,
-) -> Calibration:
-    """Record every block's residual at every step over full sampling calls.
-
-    ``sample_fn(x)`` runs one complete sampling call (every denoising step) for
-    each ``x`` in ``inputs``; each batch element counts as one sample, and the
-    denoiser calls of each cache context (``handle.context(name)``, e.g. the
-    two classifier-free-guidance branches) form trajectories of their own. The
-    global RNG is seeded with ``seed`` inside a forked RNG state, so the
-    caller's random state is untouched and calibration is reproducible.
-    ``scheduler`` (a diffusers scheduler or a description) is recorded in plans.
-    """
-    spec = describe(model, adapters)
-    recorder = _Recorder(spec.blocks, spec.batch_dims())
-    handle = CacheHandle(model, spec, AlwaysCompute(len(spec.blocks)), observer=recorder)
-    recorder.handle = handle
-    devices = [p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"][:1]
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            for x in inputs:
-                handle.new_trajectory()
-                sample_fn(x)
-                recorder.finish(handle.steps_run())
-    finally:
-        handle.remove()
-    if recorder.sums is None:
-        raise ValueError("calibrate needs at least one calibration input")
-    matrices = {m: (s / recorder.samples).numpy() for m, s in recorder.sums.items()}
-    k = recorder.num_steps
-    upper = np.triu_indices(k, 1)
-    reuse_error = matrices["l1"][:, upper[0], upper[1]].mean(axis=1) if k > 1 else np.zeros(len(spec.blocks))
-    return Calibration(
-        blocks=spec.blocks,
-        fingerprint=dict(spec.fingerprint),
-        num_steps=k,
-        samples=recorder.samples,
-        seed=seed,
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        scheduler=scheduler_id(scheduler),
-        matrices=matrices,
-        reuse_error=reuse_error,
-    )

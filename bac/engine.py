@@ -1,11 +1,11 @@
 """The caching engine: routes every block through a runner that computes or stands in.
 
 Hot path. A forward pre-hook on the denoiser advances the step counter of the
-active context and asks the schedule (:mod:`bac.rules`) for that step's row of
+active context and asks the schedule (:mod:`bac.actions`) for that step's row of
 actions, one bit set per block: ``RUN``, ``STORE`` (a later step stands in for
 this value) and ``NOTIFY`` (a runtime rule looks at the value). Each block's
 runner then does one list lookup: compute the block, or return the stand-in's
-value (the stored residual, or a forecast, see :mod:`bac.forecast`). For a
+value (the stored residual, or a forecast, see :mod:`bac.standins`). For a
 static plan nothing is allocated or decided on the host from tensor values, so
 every policy call costs the same and latency percentiles stay tight.
 
@@ -13,21 +13,32 @@ State. Each *context* (``"default"``, or one per classifier-free-guidance
 branch via :meth:`CacheHandle.context`) has its own step counter, cache and
 rule state. :meth:`CacheHandle.new_trajectory` (or :func:`new_trajectory` on
 the model) marks the start of a sampling call and clears every context.
+
+Threads. Every thread that calls the model has contexts of its own, so two
+threads sampling with one accelerated model (an inference worker beside a
+control loop, two robots served by one process) never see each other's cached
+values or step counters. ``new_trajectory`` and ``context`` act on the calling
+thread's state; :meth:`CacheHandle.stats` adds up every thread's counts.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .actions import NOTIFY, RUN, STORE, AlwaysCompute, BoundSchedule, StaticRows, actions_from_table
 from .adapters import LayerAdapter, ModelSpec, describe
-from .forecast import REUSE, Reuse, Taylor
+from .checks import check_number
+from .flops import executed_flops
+from .methods import Method
 from .plan import Plan
-from .rules import NOTIFY, RUN, STORE, AlwaysCompute, BoundSchedule, Rule, StaticRows, actions_from_table
+from .rules import Rule
+from .standins import REUSE, Standin, make_standin
 
 # observer(block_index, fn, args, kwargs) -> output; used by calibration and FLOP counting.
 Observer = Callable[[int, Callable[..., Any], tuple, dict], Any]
@@ -54,6 +65,31 @@ class _Context:
         self.rule_state = self.schedule.new_state()
 
 
+class _ThreadRecord:
+    """One thread's contexts and call counters (kept for the handle's statistics)."""
+
+    __slots__ = ("contexts", "fresh", "trajectories", "calls", "mark")
+
+    def __init__(self):
+        self.contexts: dict[str, _Context] = {}
+        self.fresh = True
+        self.trajectories = 0
+        self.calls = 0
+        self.mark = ([], [], 0, 0)
+
+
+class _PerThread(threading.local):
+    """What the hot path reads: the calling thread's active context and observer."""
+
+    def __init__(self, handle: "CacheHandle"):
+        self.record = _ThreadRecord()
+        self.observer = handle.observer
+        with handle._lock:
+            handle._records.append(self.record)
+        self.state = handle._context_state("default", self.record)
+        self.record.mark = handle._counts([self.record])
+
+
 class CacheHandle:
     """An accelerated model: statistics, trajectory control, and :meth:`remove`.
 
@@ -65,7 +101,7 @@ class CacheHandle:
         model: nn.Module,
         spec: ModelSpec,
         schedule: BoundSchedule,
-        standin: Reuse | Taylor = REUSE,
+        standin: Standin = REUSE,
         plan: Plan | None = None,
         observer: Observer | None = None,
     ):
@@ -77,12 +113,9 @@ class CacheHandle:
         self.standin = standin
         self.plan = plan
         self.observer = observer
-        self._contexts: dict[str, _Context] = {}
-        self.state = self._context_state("default")
-        self._trajectories = 0
-        self._calls = 0
-        self._fresh = True
-        self._mark = self._counts()
+        self._lock = threading.Lock()
+        self._records: list[_ThreadRecord] = []
+        self._local = _PerThread(self)
         self.block_flops: list[int] | None = None
         self.call_flops: int | None = None
 
@@ -103,14 +136,14 @@ class CacheHandle:
 
     # -- hot path --------------------------------------------------------------------
     def _make_runner(self, i: int) -> Callable[..., Any]:
-        handle = self
+        local = self._local
         store, fill = self.standin.store, self.standin.fill  # fixed for the handle's lifetime
 
         def run(fn, *args, **kwargs):
-            state = handle.state
+            state = local.state
             action = state.row[i]
             if action & RUN:
-                observer = handle.observer
+                observer = local.observer
                 out = fn(*args, **kwargs) if observer is None else observer(i, fn, args, kwargs)
                 if action & STORE:
                     store(state.cache, i, state.step, out)
@@ -124,7 +157,8 @@ class CacheHandle:
         return run
 
     def _advance(self, module: nn.Module, args: tuple) -> None:
-        state = self.state
+        local = self._local
+        state = local.state
         step = state.step + 1
         if step >= state.schedule.limit:
             raise StepOverflowError(
@@ -135,42 +169,51 @@ class CacheHandle:
             )
         state.step = step
         state.row = state.schedule.row(state)
-        self._calls += 1
-        if self._fresh:
-            self._fresh = False
-            self._trajectories += 1
+        record = local.record
+        record.calls += 1
+        if record.fresh:
+            record.fresh = False
+            record.trajectories += 1
 
     # -- control ---------------------------------------------------------------------
-    def _context_state(self, name: str) -> _Context:
-        if name not in self._contexts:
-            self._contexts[name] = _Context(name, self.schedule, len(self.spec.blocks))
-        return self._contexts[name]
+    def _context_state(self, name: str, record: _ThreadRecord | None = None) -> _Context:
+        contexts = (record or self._local.record).contexts
+        if name not in contexts:
+            contexts[name] = _Context(name, self.schedule, len(self.spec.blocks))
+        return contexts[name]
 
     def new_trajectory(self) -> None:
-        """Start a new sampling call: every context restarts at step 0 with an empty cache."""
-        for state in self._contexts.values():
+        """Start a new sampling call in this thread: every context restarts at step 0 with an empty cache."""
+        record = self._local.record
+        for state in record.contexts.values():
             state.reset()
-        self._fresh = True
-        self._mark = self._counts()
+        record.fresh = True
+        record.mark = self._counts([record])
 
     @contextlib.contextmanager
     def context(self, name: str) -> Iterator[None]:
-        """Run denoiser calls with the separate cache state ``name`` (e.g. one per CFG branch)."""
-        previous = self.state
-        self.state = self._context_state(name)
+        """Run this thread's denoiser calls with the separate cache state ``name`` (e.g. one per CFG branch)."""
+        local = self._local
+        previous = local.state
+        local.state = self._context_state(name)
         try:
             yield
         finally:
-            self.state = previous
+            local.state = previous
+
+    @property
+    def active_context(self) -> str:
+        """Name of this thread's active context."""
+        return self._local.state.name
 
     @property
     def step(self) -> int:
-        """Step index of the last denoiser call in the active context (-1 before the first)."""
-        return self.state.step
+        """Step index of this thread's last denoiser call in its active context (-1 before the first)."""
+        return self._local.state.step
 
     def steps_run(self) -> dict[str, int]:
-        """Denoiser calls of the current trajectory, per context that ran any."""
-        return {name: state.step + 1 for name, state in self._contexts.items() if state.step >= 0}
+        """Denoiser calls of this thread's current trajectory, per context that ran any."""
+        return {name: state.step + 1 for name, state in self._local.record.contexts.items() if state.step >= 0}
 
     def remove(self) -> None:
         """Restore the model exactly as it was."""
@@ -180,8 +223,9 @@ class CacheHandle:
             adapter.uninstall(layer)
         self._hook.remove()
         del self.model._bac_handle
-        for state in self._contexts.values():
-            state.reset()
+        for record in self._records:
+            for state in record.contexts.values():
+                state.reset()
 
     def __enter__(self) -> "CacheHandle":
         return self
@@ -204,27 +248,36 @@ class CacheHandle:
             counts[i] += mode.get_total_flops() - before
             return out
 
-        saved = (self.state, self.observer, self._fresh, self._trajectories, self._calls)
-        self.state = _Context("flops", AlwaysCompute(len(counts)), len(counts))
-        self.observer = count
+        local, record = self._local, self._local.record
+        saved = (local.state, local.observer, record.fresh, record.trajectories, record.calls)
+        local.state = _Context("flops", AlwaysCompute(len(counts)), len(counts))
+        local.observer = count
         try:
             with FlopCounterMode(display=False) as mode, torch.no_grad():
                 self.model(*args, **kwargs)
         finally:
-            self.state, self.observer, self._fresh, self._trajectories, self._calls = saved
+            local.state, local.observer, record.fresh, record.trajectories, record.calls = saved
         self.block_flops = counts
         self.call_flops = mode.get_total_flops()
         return {block.name: c for block, c in zip(self.spec.blocks, counts)} | {"total": self.call_flops}
 
-    def _counts(self) -> tuple[list[int], list[int], int, int]:
-        computed = [sum(c) for c in zip(*(s.computed for s in self._contexts.values()))]
-        skipped = [sum(c) for c in zip(*(s.skipped for s in self._contexts.values()))]
-        return computed, skipped, self._trajectories, self._calls
+    def _counts(self, records: list[_ThreadRecord] | None = None) -> tuple[list[int], list[int], int, int]:
+        records = list(self._records) if records is None else records
+        contexts = [s for r in records for s in r.contexts.values()]
+        num_blocks = len(self.spec.blocks)
+        computed = [sum(c) for c in zip(*(s.computed for s in contexts))] or [0] * num_blocks
+        skipped = [sum(c) for c in zip(*(s.skipped for s in contexts))] or [0] * num_blocks
+        return computed, skipped, sum(r.trajectories for r in records), sum(r.calls for r in records)
 
     def stats(self) -> dict:
-        """What ran and what was skipped, per block and per sampling call, and FLOPs saved."""
+        """What ran and what was skipped, per block and per sampling call (all threads), and FLOPs saved.
+
+        ``last_call`` is the calling thread's current (or last) sampling call.
+        """
         computed, skipped, trajectories, calls = self._counts()
-        mark_computed, mark_skipped, _, mark_calls = self._mark
+        record = self._local.record
+        this_computed, this_skipped, _, this_calls = self._counts([record])
+        mark_computed, mark_skipped, _, mark_calls = record.mark
         total_computed, total_skipped = sum(computed), sum(skipped)
         evaluations = total_computed + total_skipped
         stats: dict[str, Any] = {
@@ -239,9 +292,9 @@ class CacheHandle:
             "skipped": total_skipped,
             "skipped_share": total_skipped / evaluations if evaluations else 0.0,
             "last_call": {
-                "denoiser_calls": calls - mark_calls,
-                "computed": total_computed - sum(mark_computed),
-                "skipped": total_skipped - sum(mark_skipped),
+                "denoiser_calls": this_calls - mark_calls,
+                "computed": sum(this_computed) - sum(mark_computed),
+                "skipped": sum(this_skipped) - sum(mark_skipped),
             },
             "per_block": {
                 block.name: {"kind": block.kind, "layer": block.layer, "computed": c, "skipped": s}
@@ -251,7 +304,7 @@ class CacheHandle:
         if self.block_flops is not None:
             block_total = sum(self.block_flops)
             non_block = self.call_flops - block_total
-            executed = calls * non_block + sum(c * f for c, f in zip(computed, self.block_flops))
+            executed = executed_flops(self.call_flops, self.block_flops, computed, calls)
             full = calls * self.call_flops
             stats["flops"] = {
                 "per_call_full": self.call_flops,
@@ -290,9 +343,9 @@ class CacheHandle:
 
 def accelerate(
     model: nn.Module,
-    schedule: "Plan | Rule | Method",
+    schedule: Plan | Rule | Method,
     *,
-    forecast: Reuse | Taylor | None = None,
+    standin: str | Standin | None = None,
     num_steps: int | None = None,
     scheduler: Any = None,
     adapters: Mapping[type, LayerAdapter] | None = None,
@@ -302,9 +355,10 @@ def accelerate(
     ``schedule`` says when each block runs: a :class:`bac.Plan` (static), a
     runtime rule (:class:`bac.FirstBlockCache`, :class:`bac.CGTaylor`,
     :class:`bac.Sortblock`), or a :class:`bac.Method` built by name with
-    :func:`bac.build_method`, which carries its own stand-in. ``forecast`` says
-    what stands in for a skipped block: the last value (default) or
-    :class:`bac.Taylor`.
+    :func:`bac.build_method`, which carries its own stand-in. ``standin`` says
+    what stands in for a skipped block of a plan or rule: the last value
+    (default, ``"reuse"``) or a Taylor forecast (``"taylor-1"``, ``"taylor-2"``,
+    :class:`bac.Taylor`).
 
     ``num_steps`` and ``scheduler`` (the sampler's step count and scheduler, or
     its description) are checked against what a plan was made for; a runtime
@@ -313,24 +367,22 @@ def accelerate(
     Call ``handle.new_trajectory()`` (or ``bac.new_trajectory(model)``) at the
     start of every sampling call; ``handle.remove()`` undoes everything.
     """
-    from .methods import Method
-
     if isinstance(schedule, Method):
-        if forecast is not None:
-            raise ValueError(f"method {schedule.name!r} already has its stand-in ({schedule.forecast!r})")
-        schedule, forecast = schedule.schedule, schedule.forecast
+        if standin is not None:
+            raise ValueError(f"method {schedule.name!r} already has its stand-in ({schedule.standin!r})")
+        schedule, standin = schedule.schedule, schedule.standin
     spec = describe(model, adapters)
     if isinstance(schedule, Plan):
         schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler)
-        standin = forecast or REUSE
-        rows = actions_from_table(schedule.step_table(), standin.keeps_history)
+        chosen = make_standin(standin or REUSE)
+        rows = actions_from_table(schedule.step_table(), chosen.keeps_history)
         bound = StaticRows(rows, schedule.num_steps, schedule.method, schedule.params)
-        return CacheHandle(model, spec, bound, standin, plan=schedule)
+        return CacheHandle(model, spec, bound, chosen, plan=schedule)
     if isinstance(schedule, Rule):
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"a runtime rule ({schedule.name}) needs num_steps, the sampler's step count")
-        standin = forecast or schedule.forecast or REUSE
-        return CacheHandle(model, spec, schedule.bind(spec, num_steps), standin)
+        check_number(f"num_steps (a runtime rule, {schedule.name}, needs the sampler's step count)", num_steps, 1,
+                     integer=True)
+        chosen = make_standin(standin or schedule.standin or REUSE)
+        return CacheHandle(model, spec, schedule.bind(spec, num_steps), chosen)
     raise TypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
 
 

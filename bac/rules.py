@@ -1,117 +1,38 @@
-"""Schedules: *when* each block is computed, as a row of actions per denoiser call.
+"""Runtime rules: schedules that decide *when* blocks run from the values computed in the current call.
 
-An action is a bit set: ``RUN`` (compute the block), ``STORE`` (hand the
-output to the stand-in, because a later step will stand in for it) and
-``NOTIFY`` (pass the output to the schedule, which may then rewrite the rest
-of the row). A block without ``RUN`` is filled in by the stand-in (reuse or
-forecast, see :mod:`bac.forecast`).
-
-* :class:`StaticRows` - a :class:`bac.Plan` (BAC, ACS, uniform, TaylorSeer's
-  interval, ...): rows precomputed once; the hot path is a list lookup.
-* Runtime rules decide from the values computed in the current call:
-  :class:`FirstBlockCache`, :class:`CGTaylor` and :class:`Sortblock`.
+* :class:`FirstBlockCache` (FBCache / TeaCache-like), :class:`CGTaylor` and
+  :class:`Sortblock`.
 
 A rule is a small configuration object; :meth:`Rule.bind` makes the bound
-schedule for one model, and ``new_state()`` the per-context state (one per
-classifier-free-guidance branch), cleared at every new trajectory.
+schedule (:class:`bac.actions.BoundSchedule`) for one model, whose
+``new_state()`` is the per-context state, cleared at every new trajectory.
 """
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Sequence
 
+from .actions import NOTIFY, RUN, STORE, BoundSchedule
 from .adapters import ModelSpec
-from .forecast import Reuse, Taylor, TaylorSeries, relative_l1, stream_sums
-
-RUN, STORE, NOTIFY = 1, 2, 4
-
-
-def actions_from_table(table: Sequence[Sequence[bool]], keeps_history: bool = False) -> tuple[tuple[int, ...], ...]:
-    """Per step and block: compute or not, and store when a later skip needs the value.
-
-    With plain reuse only the computation right before a skipped step is
-    stored (a retained output cannot be recycled by the allocator, which on
-    CPU costs more than the bookkeeping); a forecaster (``keeps_history``)
-    gets every computation that precedes some later skip.
-    """
-    num_steps = len(table)
-    num_blocks = len(table[0]) if num_steps else 0
-    later_skip = [[False] * num_blocks for _ in range(num_steps)]
-    for k in range(num_steps - 2, -1, -1):
-        later_skip[k] = [not table[k + 1][i] or later_skip[k + 1][i] for i in range(num_blocks)]
-    rows = []
-    for k, row in enumerate(table):
-        following = table[k + 1] if k + 1 < num_steps else row
-        needed = later_skip[k] if keeps_history else [not run for run in following]
-        rows.append(tuple((RUN | STORE if needed[i] else RUN) if run else 0 for i, run in enumerate(row)))
-    return tuple(rows)
-
-
-class BoundSchedule:
-    """A schedule bound to one model's blocks (see the module docstring)."""
-
-    name = "schedule"
-    params: dict = {}
-    limit = sys.maxsize  # steps one trajectory may run in a context
-
-    def new_state(self) -> Any:
-        return None
-
-    def row(self, state) -> Sequence[int]:
-        raise NotImplementedError
-
-    def notify(self, state, i: int, out: Any) -> None:
-        """Block ``i`` (whose action has ``NOTIFY``) computed ``out`` at ``state.step``."""
-
-
-class StaticRows(BoundSchedule):
-    """A precomputed action table (from a plan, or every block every step)."""
-
-    def __init__(self, rows: Sequence[Sequence[int]], limit: int, name: str, params: dict | None = None):
-        self.rows = rows
-        self.limit = limit
-        self.name = name
-        self.params = dict(params or {})
-
-    def row(self, state) -> Sequence[int]:
-        return self.rows[state.step]
-
-
-class AlwaysCompute(BoundSchedule):
-    """Every block at every step, for any number of steps (calibration, FLOP counting)."""
-
-    name = "always"
-
-    def __init__(self, num_blocks: int):
-        self._row = (RUN,) * num_blocks
-
-    def row(self, state) -> Sequence[int]:
-        return self._row
+from .checks import check_number
+from .standins import Reuse, Taylor, TaylorSeries, relative_l1, stream_sums
 
 
 class Rule:
     """A runtime rule's configuration; :meth:`bind` makes its schedule for one model."""
 
     name = "rule"
-    forecast: Reuse | Taylor | None = None  # the stand-in the rule is meant for (None: reuse)
+    standin: Reuse | Taylor | None = None  # the stand-in the rule is meant for (None: reuse)
 
     @property
     def params(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "forecast"}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "standin"}
 
     def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
-
-
-def check_number(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False) -> None:
-    valid = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    if not valid or not low <= value <= high or value != value:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} in [{low}, {high}], got {value!r}")
 
 
 def _probe(spec: ModelSpec) -> int:
@@ -219,7 +140,7 @@ class CGTaylor(Rule):
         self.gate = float(gate)
         self.order = order
         self.warmup = warmup
-        self.forecast = Taylor(order)
+        self.standin = Taylor(order)
 
     def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
         return _CGTaylorSchedule(self, spec, limit)
@@ -262,7 +183,7 @@ class Sortblock(Rule):
         self.interval = interval
         self.warmup = warmup
         self.order = order
-        self.forecast = Taylor(order)
+        self.standin = Taylor(order)
 
     def bind(self, spec: ModelSpec, limit: int) -> BoundSchedule:
         return _SortblockSchedule(self, spec, limit)

@@ -23,11 +23,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import diffusers
-import numpy as np
 import torch
 
 import bac
 from bac.policies.policy import DiffusionPolicy
+
+from .timing import summarize
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_core.json"
 
@@ -36,17 +37,6 @@ def _time_call(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _latency(samples: list[float]) -> dict:
-    ms = np.array(samples) * 1e3
-    return {
-        "median_ms": float(np.median(ms)),
-        "mean_ms": float(ms.mean()),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "min_ms": float(ms.min()),
-        "repeats": len(samples),
-    }
 
 
 def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed: int) -> dict:
@@ -98,19 +88,19 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
         _time_call(lambda: [scheduler.step(x, t, x) for t in scheduler.timesteps]) for _ in range(5)
     )
 
-    latency = {name: _latency(t) for name, t in times.items()}
-    full_ms = latency["full"]["median_ms"]
+    latency = {name: summarize(t) for name, t in times.items()}
+    full_ms = latency["full"]["p50_ms"]
     bac_plan = plans["bac"]
     ideal = bac_plan.ideal_speedup(flops, call_flops)
-    measured = full_ms / latency["bac"]["median_ms"]
-    measured_denoiser = latency["full/denoiser-only"]["median_ms"] / latency["bac/denoiser-only"]["median_ms"]
+    measured = full_ms / latency["bac"]["p50_ms"]
+    measured_denoiser = latency["full/denoiser-only"]["p50_ms"] / latency["bac/denoiser-only"]["p50_ms"]
     stats = handles["bac"].stats()
     deviation = (outputs["bac"] - outputs["full"]).norm() / outputs["full"].norm()
     return {
         "benchmark": "core",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {
-            "class": "policies.dpt.TransformerForDiffusion (nn.TransformerDecoderLayer, pre-norm, GELU)",
+            "class": "bac.policies.dpt.TransformerForDiffusion (nn.TransformerDecoderLayer, pre-norm, GELU)",
             "layers": 8, "width": 256, "heads": 4, "action_tokens": 16, "obs_steps": 2, "obs_dim": 39,
             "parameters": sum(p.numel() for p in full.model.parameters()),
             "weights": "random (latency depends on the plan, not on the weights)",
@@ -121,15 +111,15 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
                  "computed_block_evaluations": bac_plan.computed_count(),
                  "skipped_share": bac_plan.skipped_count() / (bac_plan.computed_count() + bac_plan.skipped_count())},
         "latency_per_policy_call": latency,
-        "engine_overhead": latency["every-step"]["median_ms"] / full_ms - 1,
+        "engine_overhead": latency["every-step"]["p50_ms"] / full_ms - 1,
         "speedup": measured,
         "ideal_speedup": ideal,
         "measured_over_ideal": measured / ideal,
         "denoiser_only": {
             "speedup": measured_denoiser,
             "measured_over_ideal": measured_denoiser / ideal,
-            "engine_overhead": latency["every-step/denoiser-only"]["median_ms"]
-            / latency["full/denoiser-only"]["median_ms"] - 1,
+            "engine_overhead": latency["every-step/denoiser-only"]["p50_ms"]
+            / latency["full/denoiser-only"]["p50_ms"] - 1,
         },
         "flops_per_denoiser_call": call_flops,
         "block_flops_share": sum(flops.values()) / call_flops,
@@ -158,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     lat = report["latency_per_policy_call"]
     print(f"policy call, batch 1, 1 thread, {args.steps} steps (median of {args.repeats}, interleaved):")
     for name, l in lat.items():
-        print(f"  {name:<24} {l['median_ms']:8.1f} ms  (p95 {l['p95_ms']:.1f})")
+        print(f"  {name:<24} {l['p50_ms']:8.1f} ms  (p95 {l['p95_ms']:.1f})")
     print(f"engine overhead (every-step vs full): {100 * report['engine_overhead']:+.2f}%  (goal <= 3%)")
     print(f"bac M={args.M} n={args.n}: speedup {report['speedup']:.2f}x, ideal {report['ideal_speedup']:.2f}x, "
           f"measured/ideal {report['measured_over_ideal']:.2f}  (goal >= 0.9)")

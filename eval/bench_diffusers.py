@@ -52,7 +52,6 @@ import numpy as np
 import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
-    DiTTransformer2DModel,
     FirstBlockCacheConfig,
     FlowMatchEulerDiscreteScheduler,
     FluxTransformer2DModel,
@@ -60,33 +59,14 @@ from diffusers import (
     TaylorSeerCacheConfig,
     WanTransformer3DModel,
 )
-from diffusers.models.cache_utils import CacheMixin
 
 import bac
 import bac.diffusers
 from bac.evaluation import digits_dit
+from bac.evaluation.branch_counts import count_branches
+from bac.evaluation.digits_dit import CachingDiT
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_diffusers"
-
-# The sub-module doing each branch's work (block class, branch key): counting its calls counts the
-# branch's real evaluations, whoever skips them (bac's engine or a diffusers hook).
-BRANCH_MODULES = {
-    ("BasicTransformerBlock", "sa"): "attn1",
-    ("BasicTransformerBlock", "ca"): "attn2",
-    ("BasicTransformerBlock", "ffn"): "ff",
-    ("FluxTransformerBlock", "attn"): "attn",
-    ("FluxTransformerBlock", "ff"): "ff",
-    ("FluxTransformerBlock", "ff_context"): "ff_context",
-    ("FluxSingleTransformerBlock", "attn_mlp"): "proj_out",
-    ("WanTransformerBlock", "sa"): "attn1",
-    ("WanTransformerBlock", "ca"): "attn2",
-    ("WanTransformerBlock", "ffn"): "ffn",
-}
-
-
-class CachingDiT(CacheMixin, DiTTransformer2DModel):
-    """DiT with diffusers' cache mix-in, which the released class lacks (diffusers 0.42)."""
-
 
 # --- the three transformers and their sampling loops ------------------------------------------------
 
@@ -265,7 +245,7 @@ def bac_settings(case: Case, model, calibration: bac.Calibration, steps: int) ->
         ("bac", {"M": max(2, steps // 6), "n": 3}),
         ("bac", {"M": max(2, steps // 4), "n": 3}),
         ("bac", {"M": max(2, steps * 2 // 5), "n": 3}),
-        ("bac+taylor", {"M": max(2, steps // 4), "n": 3, "forecast": "taylor", "order": 1}),
+        ("bac+taylor", {"M": max(2, steps // 4), "n": 3, "standin": "taylor-1"}),
         ("uniform", {"interval": 2}),
         ("uniform", {"interval": 4}),
         ("taylorseer", {"interval": 2, "order": 2}),
@@ -280,7 +260,7 @@ def bac_settings(case: Case, model, calibration: bac.Calibration, steps: int) ->
         name = family.split("+")[0]
         source = calibration if bac.methods.needs_calibration(name) else model
         method = bac.build_method(name, source, num_steps=steps, **params)  # built once, enabled per call
-        label = f"{family} " + " ".join(f"{k}={v}" for k, v in params.items() if k != "forecast")
+        label = f"{family} " + " ".join(f"{k}={v}" for k, v in params.items() if k != "standin")
         settings.append(Setting(
             family, label,
             lambda method=method: bac.diffusers.enable_cache(model, method, num_inference_steps=steps),
@@ -336,17 +316,6 @@ def diffusers_settings(case: Case, model, inputs, steps: int) -> tuple[list[Sett
 
 
 # --- measurement -------------------------------------------------------------------------------------
-
-
-def count_branches(model) -> tuple[dict[str, int], list]:
-    counts, hooks = {}, []
-    for block in bac.describe(model, bac.diffusers.adapters_for(model)).blocks:
-        path, key = block.name.rsplit(".", 1)
-        layer = model.get_submodule(path)
-        module = getattr(layer, BRANCH_MODULES[(type(layer).__name__, key)])
-        counts[block.name] = 0
-        hooks.append(module.register_forward_hook(lambda *a, n=block.name: counts.__setitem__(n, counts[n] + 1)))
-    return counts, hooks
 
 
 def deviation(x: torch.Tensor, reference: torch.Tensor) -> dict:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -60,6 +61,10 @@ def digits(side: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.as_tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # 0..16 -> -1..1
     images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
     return images, torch.as_tensor(data.target, dtype=torch.long)
+
+
+class CachingDiT(CacheMixin, DiTTransformer2DModel):
+    """DiT with diffusers' cache mix-in, which the released class lacks (diffusers 0.42)."""
 
 
 def build_model(model_class: type[DiTTransformer2DModel] = DiTTransformer2DModel) -> DiTTransformer2DModel:

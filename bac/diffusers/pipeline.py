@@ -31,10 +31,13 @@ from typing import Any, Callable
 from torch import nn
 
 from ..adapters import describe
-from ..calibration import Calibration, calibrate as calibrate_model
+from ..calibration import Calibration
 from ..engine import CacheHandle, accelerate
+from ..fit import PlanMismatchError
 from ..methods import Method, build_method, needs_calibration
-from ..plan import Plan, PlanMismatchError
+from ..plan import Plan
+from ..recorder import calibrate as calibrate_model
+from .blocks import adapters_for
 
 
 def _split(target: Any) -> tuple[Any, nn.Module]:
@@ -50,12 +53,6 @@ def _split(target: Any) -> tuple[Any, nn.Module]:
             "pipelines with one transformer: accelerate each stage's transformer with bac.accelerate instead"
         )
     return target, transformer
-
-
-def _adapters(transformer: nn.Module):
-    from . import adapters_for  # the package registers the adapters on import
-
-    return adapters_for(transformer)
 
 
 @contextlib.contextmanager
@@ -112,7 +109,7 @@ def calibrate(
             inputs,
             seed=seed,
             scheduler=pipe.scheduler if pipe is not None else None,
-            adapters=_adapters(transformer),
+            adapters=adapters_for(transformer),
         )
 
 
@@ -135,7 +132,7 @@ def enable_cache(
     pipe, transformer = _split(target)
     if getattr(transformer, "_bac_diffusers", None) is not None:
         raise RuntimeError("bac caching is already enabled on this transformer; call disable_cache first")
-    adapters = _adapters(transformer)
+    adapters = adapters_for(transformer)
     if isinstance(calibration, (str, os.PathLike)):
         calibration = Calibration.load(calibration)
     if isinstance(method, (os.PathLike,)) or (isinstance(method, str) and method.endswith(".json")):

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..checks import check_number
+from ..fit import PlanMismatchError, check_fits, scheduler_id
+from ..flops import executed_flops
+
 SCHEMA_VERSION = 1
-
-
-class PlanMismatchError(ValueError):
-    """A plan does not fit the model or sampler it is applied to."""
 
 
 @dataclass(frozen=True)
@@ -26,17 +26,6 @@ class PlanBlock:
     kind: str
     layer: int
     update_steps: tuple[int, ...]
-
-
-def scheduler_id(scheduler: Any) -> str | None:
-    """A comparable description of a sampler: a string as is, or a diffusers scheduler's class and config."""
-    if scheduler is None or isinstance(scheduler, str):
-        return scheduler
-    config = getattr(scheduler, "config", None)
-    if config is None:
-        raise TypeError(f"cannot describe scheduler {scheduler!r}: pass a string or a diffusers scheduler")
-    items = {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "trained_betas"}
-    return f"{type(scheduler).__name__}({json.dumps(items, sort_keys=True, default=str)})"
 
 
 @dataclass(frozen=True)
@@ -53,8 +42,7 @@ class Plan:
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
             raise PlanMismatchError(f"plan schema version {self.schema_version}; this bac reads version {SCHEMA_VERSION}")
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        check_number("num_steps", self.num_steps, 1, integer=True)
         names = [b.name for b in self.blocks]
         if len(set(names)) != len(names):
             raise ValueError("plan lists a block twice")
@@ -112,8 +100,8 @@ class Plan:
 
     def ideal_speedup(self, block_flops: Mapping[str, int], call_flops: int) -> float:
         """Full FLOPs over planned FLOPs of one sampling call, given per-call FLOPs."""
-        non_block = call_flops - sum(block_flops[b.name] for b in self.blocks)
-        planned = self.num_steps * non_block + sum(len(b.update_steps) * block_flops[b.name] for b in self.blocks)
+        flops = [block_flops[b.name] for b in self.blocks]
+        planned = executed_flops(call_flops, flops, [len(b.update_steps) for b in self.blocks], self.num_steps)
         return self.num_steps * call_flops / planned
 
     def summary(self) -> str:
@@ -136,31 +124,8 @@ class Plan:
     # -- checks ----------------------------------------------------------------------
     def check_fits(self, spec, num_steps: int | None = None, scheduler: Any = None) -> None:
         """Raise :class:`PlanMismatchError` naming the first thing that does not fit."""
-        for key in ("class", "num_layers", "width"):
-            if self.model.get(key) != spec.fingerprint.get(key):
-                raise PlanMismatchError(
-                    f"plan was made for a model with {key}={self.model.get(key)!r}, "
-                    f"this model has {key}={spec.fingerprint.get(key)!r}"
-                )
-        planned = [(b.name, b.kind, b.layer) for b in self.blocks]
-        actual = [(b.name, b.kind, b.layer) for b in spec.blocks]
-        if planned != actual:
-            extra = sorted(set(planned) - set(actual))
-            missing = sorted(set(actual) - set(planned))
-            raise PlanMismatchError(
-                f"plan blocks do not match the model's: only in plan {extra[:4]}, only in model {missing[:4]}"
-                + ("" if extra or missing else " (same blocks, different order)")
-            )
-        if self.model.get("parameters") != spec.fingerprint.get("parameters"):
-            raise PlanMismatchError(
-                "plan was made for a model with different parameter shapes "
-                f"(digest {self.model.get('parameters')} vs {spec.fingerprint.get('parameters')})"
-            )
-        if num_steps is not None and num_steps != self.num_steps:
-            raise PlanMismatchError(f"plan was made for {self.num_steps} denoising steps, the sampler runs {num_steps}")
-        wanted = scheduler_id(scheduler)
-        if wanted is not None and self.scheduler is not None and wanted != self.scheduler:
-            raise PlanMismatchError(f"plan was made for scheduler {self.scheduler}, the sampler uses {wanted}")
+        blocks = [(b.name, b.kind, b.layer) for b in self.blocks]
+        check_fits("plan", self.model, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler)
 
     # -- files -----------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 import bac
-from conftest import sample_actions
 
 
-def record_features(model, scheduler, obs):
+def record_features(model, scheduler, obs, sample_actions):
     """Every block's residual at every step, recorded independently through forward hooks."""
     features = {}
     hooks = []
@@ -29,11 +28,11 @@ def record_features(model, scheduler, obs):
     return features
 
 
-def test_matrices_match_the_definitions(tiny_stack):
+def test_matrices_match_the_definitions(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs])
     torch.manual_seed(0)  # calibrate seeds the sampler's RNG the same way
-    features = record_features(model, scheduler, obs)
+    features = record_features(model, scheduler, obs, sample_actions)
     k = 12
     assert calibration.num_steps == k and calibration.samples == 2
     for i, block in enumerate(calibration.blocks):
@@ -48,7 +47,7 @@ def test_matrices_match_the_definitions(tiny_stack):
         assert calibration.reuse_error[i] == pytest.approx(np.mean(pairs), rel=1e-4)
 
 
-def test_samples_accumulate_and_calibration_is_reproducible(tiny_stack, tmp_path):
+def test_samples_accumulate_and_calibration_is_reproducible(tiny_stack, tmp_path, sample_actions):
     model, scheduler, obs = tiny_stack
     sample = lambda o: sample_actions(model, scheduler, o, seed=int(torch.randint(1000, ())))
     first = bac.calibrate(model, sample, [obs, obs[:1]], seed=3)
@@ -63,7 +62,7 @@ def test_samples_accumulate_and_calibration_is_reproducible(tiny_stack, tmp_path
     assert bac.make_plan(loaded, "bac", M=4) == bac.make_plan(first, "bac", M=4)
 
 
-def test_calibration_leaves_the_model_and_rng_untouched(tiny_stack):
+def test_calibration_leaves_the_model_and_rng_untouched(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     torch.manual_seed(11)
     expected = torch.rand(3)
@@ -96,7 +95,7 @@ def test_declared_order_must_be_execution_order():
         bac.calibrate(model, sample, [torch.randn(1, 4, 8)])
 
 
-def test_nan_features_and_inconsistent_step_counts_are_errors(tiny_stack):
+def test_nan_features_and_inconsistent_step_counts_are_errors(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     with pytest.raises(FloatingPointError, match="NaN"):
         bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs * float("nan")])

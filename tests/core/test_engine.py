@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 import bac
-from conftest import ddpm_scheduler, sample_actions
 
 
 def every_step(model, k):
@@ -33,7 +32,8 @@ class DecoderStack(nn.Module):
 
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_every_step_plan_is_bit_identical_and_remove_restores(norm_first, batch_first):
+def test_every_step_plan_is_bit_identical_and_remove_restores(norm_first, batch_first, ddpm_scheduler,
+                                                              sample_actions):
     model, scheduler = DecoderStack(norm_first, batch_first).eval(), ddpm_scheduler(12)
     obs = torch.randn(2, 2, 5)
     reference = sample_actions(model, scheduler, obs)
@@ -84,20 +84,18 @@ def test_encoder_layers_use_the_standard_path(norm_first):
 
 
 def manual_cached_loop(model, scheduler, obs, plan, seed=0):
-    """Reference caching written out by hand for the decoder stack (pre-norm)."""
+    """Reference caching written out by hand for the tiny denoiser (pre-norm decoder layers, no masks)."""
     steps = plan.update_steps()
     cache = {}
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn((obs.shape[0], model.horizon, model.action_dim), generator=generator)
     with torch.no_grad():
         for k, t in enumerate(scheduler.timesteps):
-            timestep = torch.as_tensor(t).expand(obs.shape[0])
-            cond = torch.cat([model.time_emb(timestep)[:, None], model.cond_obs_emb(obs)], 1) + model.cond_pos_emb
-            memory = model.cond_encoder(cond)
-            h = model.input_emb(x) + model.pos_emb
+            memory = model.cond_emb(obs)
+            h = model.input_emb(x) + model.time_emb(t)[:, None]
             for i, layer in enumerate(model.decoder.layers):
                 branches = {
-                    "sa": lambda h: layer._sa_block(layer.norm1(h), model.causal_mask, None, True),
+                    "sa": lambda h: layer._sa_block(layer.norm1(h), None, None, False),
                     "ca": lambda h: layer._mha_block(layer.norm2(h), memory, None, None, False),
                     "ffn": lambda h: layer._ff_block(layer.norm3(h)),
                 }
@@ -106,12 +104,12 @@ def manual_cached_loop(model, scheduler, obs, plan, seed=0):
                     if k in steps[name]:
                         cache[name] = branch(h)
                     h = h + cache[name]
-            eps = model.head(model.ln_f(h))
+            eps = model.head(model.norm_out(h))
             x = scheduler.step(eps, t, x, generator=generator).prev_sample
     return x
 
 
-def test_cached_output_equals_hand_written_caching(tiny_stack):
+def test_cached_output_equals_hand_written_caching(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs])
     plan = bac.make_plan(calibration, "bac", M=4, n=2)
@@ -121,7 +119,7 @@ def test_cached_output_equals_hand_written_caching(tiny_stack):
     assert not torch.equal(cached, sample_actions(model, scheduler, obs))  # caching really changed something
 
 
-def test_skipped_blocks_do_not_run_and_counts_match_the_plan(tiny_stack):
+def test_skipped_blocks_do_not_run_and_counts_match_the_plan(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     plan = bac.make_plan(model, "uniform", num_steps=12, M=3)
     calls = []
@@ -142,7 +140,7 @@ def test_skipped_blocks_do_not_run_and_counts_match_the_plan(tiny_stack):
         assert stats["per_block"][block.name]["computed"] == 3 * len(block.update_steps)
 
 
-def test_more_steps_than_the_plan_is_an_error(tiny_stack):
+def test_more_steps_than_the_plan_is_an_error(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     plan = bac.make_plan(model, "every-step", num_steps=6)
     with bac.accelerate(model, plan) as handle:
@@ -206,7 +204,7 @@ def test_flops_per_block_match_the_layer_shapes(tiny_stack):
     assert flops["total"] > sum(v for k, v in flops.items() if k != "total") > 0
 
 
-def test_ideal_speedup_from_stats_matches_the_plan(tiny_stack):
+def test_ideal_speedup_from_stats_matches_the_plan(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     plan = bac.make_plan(model, "uniform", num_steps=12, M=4)
     with bac.accelerate(model, plan) as handle:
@@ -271,7 +269,7 @@ def test_model_without_adapters_is_a_clear_error():
         bac.describe(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_failed_install_leaves_the_model_untouched(tiny_stack):
+def test_failed_install_leaves_the_model_untouched(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     reference = sample_actions(model, scheduler, obs)
     plan = every_step(model, 12)

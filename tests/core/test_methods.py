@@ -3,16 +3,17 @@ import math
 
 import pytest
 import torch
-from conftest import exhaustive_settings, sample_actions
 from torch import nn
 
 import bac
-from bac.forecast import TaylorSeries, relative_l1
+from bac.standins import TaylorSeries, relative_l1
 
-K = 12  # the tiny_stack sampler's steps
+K = 12  # the sampler's steps
 
-EXHAUSTIVE = exhaustive_settings(K)
-# Parameters that skip a good share of block evaluations on the tiny DP-T.
+# the methods of the exhaustive_settings fixture
+EXHAUSTIVE_METHODS = ("acs", "bac", "cg-taylor", "every-step", "fbcache", "sortblock", "taylorseer", "unified-acs",
+                      "uniform")
+# Parameters that skip a good share of block evaluations on the tiny denoiser.
 SKIPPING = {
     "uniform": {"interval": 3},
     "unified-acs": {"M": 4},
@@ -28,16 +29,17 @@ WITNESS = {"sa": "self_attn", "ca": "multihead_attn", "ffn": "linear1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-def test_every_method_is_registered():
-    assert bac.available_methods() == sorted(EXHAUSTIVE)
-    assert set(SKIPPING) == set(EXHAUSTIVE) - {"every-step"}
+
+
+def test_every_method_is_registered(exhaustive_settings):
+    assert EXHAUSTIVE_METHODS == tuple(sorted(exhaustive_settings(K)))
+    assert bac.available_methods() == sorted(exhaustive_settings(K))
+    assert set(SKIPPING) == set(exhaustive_settings(K)) - {"every-step"}
 
 
 @pytest.fixture(scope="module")
-def calibrated():
-    from conftest import ddpm_scheduler, tiny_dpt
-
-    model, scheduler = tiny_dpt(), ddpm_scheduler(K)
+def calibrated(tiny_denoiser, ddpm_scheduler, sample_actions):
+    model, scheduler = tiny_denoiser(), ddpm_scheduler(K)
     obs = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(1))
     calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler)
     return model, scheduler, calibration
@@ -59,12 +61,13 @@ def count_witnesses(model):
     return counts, hooks
 
 
-@pytest.mark.parametrize("name", sorted(EXHAUSTIVE))
-def test_exhaustive_settings_are_bit_identical_and_remove_restores(name, calibrated):
+@pytest.mark.parametrize("name", EXHAUSTIVE_METHODS)
+def test_exhaustive_settings_are_bit_identical_and_remove_restores(name, calibrated, sample_actions,
+                                                                  exhaustive_settings):
     model, scheduler, calibration = calibrated
     obs = torch.randn(3, 2, 5)
     reference = sample_actions(model, scheduler, obs)
-    with bac.accelerate(model, build(name, calibration, **EXHAUSTIVE[name]), num_steps=K) as handle:
+    with bac.accelerate(model, build(name, calibration, **exhaustive_settings(K)[name]), num_steps=K) as handle:
         cached = sample_actions(model, scheduler, obs)
         stats = handle.stats()
     assert torch.equal(cached, reference)
@@ -73,7 +76,7 @@ def test_exhaustive_settings_are_bit_identical_and_remove_restores(name, calibra
 
 
 @pytest.mark.parametrize("name", sorted(SKIPPING))
-def test_skipped_evaluations_are_really_skipped_and_reported(name, calibrated):
+def test_skipped_evaluations_are_really_skipped_and_reported(name, calibrated, sample_actions):
     model, scheduler, calibration = calibrated
     obs = torch.randn(3, 2, 5)
     reference = sample_actions(model, scheduler, obs)
@@ -92,7 +95,7 @@ def test_skipped_evaluations_are_really_skipped_and_reported(name, calibrated):
     assert torch.isfinite(cached[0]).all() and not torch.equal(cached[0], reference)
 
 
-def test_static_method_skips_exactly_what_its_plan_says(calibrated):
+def test_static_method_skips_exactly_what_its_plan_says(calibrated, sample_actions):
     model, scheduler, calibration = calibrated
     method = build("taylorseer", calibration, interval=3, warmup=2)
     assert method.schedule.update_steps()["decoder.layers.0.sa"] == [0, 1, 2, 5, 8, 11]
@@ -101,7 +104,7 @@ def test_static_method_skips_exactly_what_its_plan_says(calibrated):
         assert handle.stats()["skipped"] == method.schedule.skipped_count()
 
 
-def test_whole_model_rules_keep_the_first_layer_and_skip_the_rest(calibrated):
+def test_whole_model_rules_keep_the_first_layer_and_skip_the_rest(calibrated, sample_actions):
     model, scheduler, calibration = calibrated
     blocks = len(calibration.blocks)
     for name, params in [("fbcache", {"threshold": math.inf}), ("cg-taylor", {"gate": math.inf, "warmup": 2})]:
@@ -113,7 +116,7 @@ def test_whole_model_rules_keep_the_first_layer_and_skip_the_rest(calibrated):
         assert stats["skipped"] == (K - full_steps) * (blocks - 3)
 
 
-def test_sortblock_recomputes_the_top_fraction_between_full_steps(calibrated):
+def test_sortblock_recomputes_the_top_fraction_between_full_steps(calibrated, sample_actions):
     model, scheduler, calibration = calibrated
     blocks = len(calibration.blocks)  # 9
     with bac.accelerate(model, build("sortblock", calibration, fraction=0.34, interval=4, warmup=2),
@@ -124,7 +127,7 @@ def test_sortblock_recomputes_the_top_fraction_between_full_steps(calibrated):
     assert stats["computed"] == len(full_steps) * blocks + (K - len(full_steps)) * math.ceil(0.34 * blocks)
 
 
-def test_fbcache_threshold_separates_full_and_cached_steps(calibrated):
+def test_fbcache_threshold_separates_full_and_cached_steps(calibrated, sample_actions):
     model, scheduler, calibration = calibrated
     obs = torch.randn(1, 2, 5)
     skipped = []
@@ -133,25 +136,6 @@ def test_fbcache_threshold_separates_full_and_cached_steps(calibrated):
             sample_actions(model, scheduler, obs)
             skipped.append(handle.stats()["skipped"])
     assert skipped[0] == 0 and skipped[0] <= skipped[1] <= skipped[2] and skipped[2] > 0
-
-
-@pytest.mark.parametrize("architecture", ["dpt", "dit"])
-def test_both_policy_architectures_accept_every_method(architecture):
-    from test_policies import act, small_policy
-
-    policy = small_policy(architecture)
-    obs = torch.randn(2, 2, 39)
-    reference = act(policy, obs)
-    calibration = bac.calibrate(policy.model, lambda o: act(policy, o), [obs], scheduler=policy.sampler)
-    steps = policy.num_inference_steps
-    for name in bac.available_methods():
-        params = {k: min(v, steps) if k == "M" else v for k, v in SKIPPING.get(name, {}).items()}
-        with policy.accelerate(bac.build_method(name, calibration, **params)) as handle:
-            actions = act(policy, obs)
-            stats = handle.stats()
-        assert actions.shape == reference.shape and torch.isfinite(actions).all(), name
-        assert (stats["skipped"] > 0) == (name != "every-step"), name
-    assert torch.equal(act(policy, obs), reference)
 
 
 # --- Taylor forecasting ---------------------------------------------------------------------------
@@ -213,7 +197,7 @@ def test_taylor_stand_in_uses_the_step_index_and_reuse_does_not():
 
     reference = run()
     plan = bac.make_plan(model, "uniform", num_steps=8, interval=3)
-    with bac.accelerate(model, plan, forecast=bac.Taylor(1)):
+    with bac.accelerate(model, plan, standin=bac.Taylor(1)):
         forecast = run()
     with bac.accelerate(model, plan):
         reused = run()
@@ -253,7 +237,7 @@ def test_guidance_branches_keep_separate_state(name, calibrated):
     assert all(torch.equal(a, b) for a, b in zip(together["cond"], alone["cond"]))
 
 
-def test_runtime_rules_need_a_step_count_and_overflow_is_an_error(calibrated):
+def test_runtime_rules_need_a_step_count_and_overflow_is_an_error(calibrated, sample_actions):
     model, scheduler, calibration = calibrated
     with pytest.raises(ValueError, match="num_steps"):
         bac.accelerate(model, bac.FirstBlockCache(0.1))
@@ -268,7 +252,7 @@ def test_runtime_rules_need_a_step_count_and_overflow_is_an_error(calibrated):
     ("sortblock", {"fraction": 1.5}, "fraction"),
     ("taylorseer", {"interval": 0}, "interval"),
     ("fbcache", {"M": 3}, "takes parameters"),
-    ("bac", {"forecast": "spline"}, "forecast"),
+    ("bac", {"standin": "spline"}, "stand-in"),
     ("nope", {}, "unknown caching method"),
 ])
 def test_bad_method_parameters_are_clear_errors(name, params, message, calibrated):

@@ -5,12 +5,10 @@ import pytest
 
 import bac
 from bac.plan.__main__ import main as plan_cli
-from conftest import ddpm_scheduler, sample_actions, tiny_dpt
-from bac.policies.dpt import TransformerForDiffusion
 
 
 @pytest.fixture
-def calibrated(tiny_stack):
+def calibrated(tiny_stack, sample_actions):
     model, scheduler, obs = tiny_stack
     calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler)
     return model, scheduler, obs, calibration
@@ -24,7 +22,7 @@ def test_round_trip(calibrated, tmp_path):
     data = json.loads((tmp_path / "plan.json").read_text())
     assert data["schema_version"] == 1 and data["num_steps"] == 12 and data["method"] == "bac"
     assert data["params"] == {"M": 4, "n": 2, "metric": "cosine"}
-    assert data["model"]["class"].endswith("TransformerForDiffusion") and data["model"]["num_layers"] == 3
+    assert data["model"]["class"].endswith("TinyDenoiser") and data["model"]["num_layers"] == 3
     assert data["model"]["width"] == 32 and data["calibration"]["samples"] == 2
     assert data["scheduler"].startswith("DDPMScheduler(")
     first = data["blocks"][0]
@@ -56,7 +54,7 @@ def test_methods(calibrated):
 @pytest.mark.parametrize(
     "call, error, message",
     [
-        (lambda m, c: bac.make_plan(c, "magic"), ValueError, "unknown plan method"),
+        (lambda m, c: bac.make_plan(c, "magic"), ValueError, "unknown caching method"),
         (lambda m, c: bac.make_plan(c, "bac", M=4, k=3), ValueError, "takes parameters"),
         (lambda m, c: bac.make_plan(m, "bac"), ValueError, "needs a Calibration"),
         (lambda m, c: bac.make_plan(m, "uniform", M=3), ValueError, "needs num_steps"),
@@ -73,30 +71,33 @@ def test_bad_plan_requests(calibrated, call, error, message):
         call(model, calibration)
 
 
-def other_model(**changes):
-    return tiny_dpt(**changes)
+def subclass_of(denoiser_class):
+    class Subclass(denoiser_class):
+        pass
+
+    return Subclass
 
 
-class Subclass(TransformerForDiffusion):
-    pass
-
-
+# Each case: (the tiny_denoiser factory, its class, the ddpm_scheduler factory) -> (model, accelerate's keywords).
 @pytest.mark.parametrize(
-    "make_model, kwargs, message",
+    "make, message",
     [
-        (lambda: other_model(width=64), {}, "width=32"),
-        (lambda: other_model(num_layers=2), {}, "num_layers=3"),
-        (lambda: Subclass(action_dim=3, cond_dim=5, horizon=8, width=32, num_layers=3, heads=2), {}, "class="),
-        (lambda: other_model(cond_dim=7), {}, "parameter shapes"),
-        (lambda: other_model(), {"num_steps": 10}, "made for 12 denoising steps, the sampler runs 10"),
-        (lambda: other_model(), {"scheduler": ddpm_scheduler(10)}, "scheduler"),
-        (lambda: other_model(), {"scheduler": "DDIMScheduler(...)"}, "scheduler"),
+        (lambda other_model, cls, ddpm_scheduler: (other_model(width=64), {}), "width=32"),
+        (lambda other_model, cls, ddpm_scheduler: (other_model(num_layers=2), {}), "num_layers=3"),
+        (lambda other_model, cls, ddpm_scheduler: (
+            subclass_of(cls)(action_dim=3, cond_dim=5, horizon=8, width=32, num_layers=3, heads=2), {}), "class="),
+        (lambda other_model, cls, ddpm_scheduler: (other_model(cond_dim=7), {}), "parameter shapes"),
+        (lambda other_model, cls, ddpm_scheduler: (other_model(), {"num_steps": 10}),
+         "made for 12 denoising steps, the sampler runs 10"),
+        (lambda other_model, cls, ddpm_scheduler: (other_model(), {"scheduler": ddpm_scheduler(10)}), "scheduler"),
+        (lambda other_model, cls, ddpm_scheduler: (other_model(), {"scheduler": "DDIMScheduler(...)"}), "scheduler"),
     ],
 )
-def test_plan_refuses_what_it_does_not_fit(calibrated, make_model, kwargs, message):
+def test_plan_refuses_what_it_does_not_fit(calibrated, make, message, tiny_denoiser, denoiser_class, ddpm_scheduler):
     plan = bac.make_plan(calibrated[3], "bac", M=4, n=2)
+    model, kwargs = make(tiny_denoiser, denoiser_class, ddpm_scheduler)
     with pytest.raises(bac.PlanMismatchError, match=message):
-        bac.accelerate(make_model(), plan, **kwargs)
+        bac.accelerate(model, plan, **kwargs)
 
 
 def test_plan_with_other_blocks_is_refused(calibrated, tmp_path):
@@ -118,7 +119,7 @@ def test_plan_with_other_blocks_is_refused(calibrated, tmp_path):
         (lambda d: d["blocks"][0].update(update_steps=[0, 5, 3]), ValueError, "sorted"),
         (lambda d: d["blocks"][0].update(update_steps=[0, 12]), ValueError, "below 12"),
         (lambda d: d["blocks"][0].pop("kind"), ValueError, "malformed"),
-        (lambda d: d.update(num_steps=0), ValueError, "positive"),
+        (lambda d: d.update(num_steps=0), ValueError, r"num_steps must be an integer in \[1"),
     ],
 )
 def test_malformed_plan_files(calibrated, tmp_path, edit, error, message):

@@ -1,11 +1,8 @@
 """bac.diffusers: block adapters for DiT, FLUX and Wan transformers (tiny random models, CPU)."""
 import functools
-from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, WanTransformer3DModel
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
@@ -15,115 +12,7 @@ from bac.diffusers import UnsupportedBlockError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-K = 6  # denoiser calls per sampling call
-
-
-# --- tiny models and their sampling loops -------------------------------------------------
-
-
-def tiny_dit(**changes):
-    torch.manual_seed(0)
-    config = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, sample_size=8, patch_size=2,
-                  num_layers=2, num_embeds_ada_norm=1000, norm_num_groups=1)
-    return DiTTransformer2DModel(**{**config, **changes}).eval()
-
-
-def tiny_flux():
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10,
-                                  axes_dims_rope=(2, 2, 4)).eval()
-
-
-def tiny_wan():
-    torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
-                                 rope_max_seq_len=32).eval()
-
-
-def dit_inputs(seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 8, 8, generator=g).to(dtype), {"class_labels": torch.tensor([3, 7])}
-
-
-def dit_call(model, x, k, cond):
-    timestep = torch.full((2,), 999 - 190 * k, dtype=torch.long)
-    return model(x, timestep=timestep, class_labels=cond["class_labels"]).sample
-
-
-def flux_inputs(seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    img_ids = torch.stack([torch.zeros(16), torch.arange(16) // 4, torch.arange(16) % 4], dim=1)
-    cond = {"encoder_hidden_states": torch.randn(2, 5, 12, generator=g).to(dtype),
-            "pooled_projections": torch.randn(2, 10, generator=g).to(dtype),
-            "img_ids": img_ids, "txt_ids": torch.zeros(5, 3)}
-    return torch.randn(2, 16, 4, generator=g).to(dtype), cond
-
-
-def flux_call(model, x, k, cond):
-    return model(x, timestep=torch.full((2,), 1 - k / K, dtype=x.dtype), **cond).sample
-
-
-def wan_inputs(seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, 2, 8, 8, generator=g).to(dtype), {"encoder_hidden_states": torch.randn(
-        2, 6, 16, generator=g).to(dtype)}
-
-
-def wan_call(model, x, k, cond, per_token=False):
-    timestep = torch.full((2, 32) if per_token else (2,), 999 - 190 * k)  # per token: Wan 2.2 TI2V's 4-d temb
-    return model(x, timestep, cond["encoder_hidden_states"]).sample
-
-
-@dataclass
-class Case:
-    name: str
-    build: Callable
-    inputs: Callable
-    call: Callable
-    blocks: list
-
-
-CASES = {
-    "dit": Case("dit", tiny_dit, dit_inputs, dit_call, [
-        ("transformer_blocks.0.sa", "sa", 0), ("transformer_blocks.0.ffn", "ffn", 0),
-        ("transformer_blocks.1.sa", "sa", 1), ("transformer_blocks.1.ffn", "ffn", 1)]),
-    "flux": Case("flux", tiny_flux, flux_inputs, flux_call, [
-        ("transformer_blocks.0.attn", "sa", 0), ("transformer_blocks.0.ff", "ffn", 0),
-        ("transformer_blocks.0.ff_context", "ffn", 0),
-        ("transformer_blocks.1.attn", "sa", 1), ("transformer_blocks.1.ff", "ffn", 1),
-        ("transformer_blocks.1.ff_context", "ffn", 1),
-        ("single_transformer_blocks.0.attn_mlp", "ffn", 2), ("single_transformer_blocks.1.attn_mlp", "ffn", 3)]),
-    "wan": Case("wan", tiny_wan, wan_inputs, wan_call, [
-        ("blocks.0.sa", "sa", 0), ("blocks.0.ca", "ca", 0), ("blocks.0.ffn", "ffn", 0),
-        ("blocks.1.sa", "sa", 1), ("blocks.1.ca", "ca", 1), ("blocks.1.ffn", "ffn", 1)]),
-}
-MODELS = {}
-
-
-def model_of(case):
-    if case.name not in MODELS:
-        MODELS[case.name] = case.build()
-    return MODELS[case.name]
-
-
-@torch.no_grad()
-def sample(case, model, seed=0, update=True, dtype=torch.float32, call=None):
-    """One sampling call: K denoiser calls with falling timesteps; x follows a simple Euler-like rule."""
-    bac.new_trajectory(model)
-    x, cond = case.inputs(seed, dtype)
-    outputs = []
-    for k in range(K):
-        out = (call or case.call)(model, x, k, cond)
-        outputs.append(out)
-        if update:
-            x = x - 0.1 * out
-    return outputs
-
-
-def all_equal(a, b):
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+CASE_NAMES = ("dit", "flux", "wan")  # the conftest's cases
 
 
 def instance_state(model):
@@ -133,9 +22,10 @@ def instance_state(model):
 # --- description ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_describe_finds_the_blocks_in_execution_order(name):
-    case = CASES[name]
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_describe_finds_the_blocks_in_execution_order(name, cases, model_of):
+    assert tuple(cases) == CASE_NAMES
+    case = cases[name]
     model = model_of(case)
     spec = bac.describe(model)
     assert [(b.name, b.kind, b.layer) for b in spec.blocks] == case.blocks
@@ -147,9 +37,9 @@ def test_describe_finds_the_blocks_in_execution_order(name):
 # --- equivalence ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_every_step_plan_is_bit_identical_and_remove_restores(name):
-    case = CASES[name]
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_every_step_plan_is_bit_identical_and_remove_restores(name, cases, model_of, sample, all_equal, K):
+    case = cases[name]
     model = model_of(case)
     reference = sample(case, model)
     before = instance_state(model)
@@ -165,9 +55,9 @@ def test_every_step_plan_is_bit_identical_and_remove_restores(name):
 
 
 @pytest.mark.parametrize("name, dtype", [("dit", torch.float16), ("flux", torch.float16), ("wan", torch.bfloat16)])
-def test_every_step_plan_is_bit_identical_in_half_precision(name, dtype):
+def test_every_step_plan_is_bit_identical_in_half_precision(name, dtype, cases, sample, all_equal, K):
     # FLUX clips fp16 streams after each block; Wan adds residuals in float32 and casts back.
-    case = CASES[name]
+    case = cases[name]
     model = case.build().to(dtype)
     reference = sample(case, model, dtype=dtype)
     assert reference[-1].dtype == dtype and all(torch.isfinite(r).all() for r in reference)
@@ -176,8 +66,8 @@ def test_every_step_plan_is_bit_identical_in_half_precision(name, dtype):
     assert all_equal(cached, reference)
 
 
-def test_flux_fp16_clipping_is_reproduced():
-    case = CASES["flux"]
+def test_flux_fp16_clipping_is_reproduced(cases, sample, all_equal, K):
+    case = cases["flux"]
     model = case.build().to(torch.float16)
     with torch.no_grad():  # make both kinds of block overflow fp16, so diffusers' clip fires
         model.transformer_blocks[1].ff_context.net[2].weight.mul_(3e5)
@@ -194,12 +84,12 @@ def test_flux_fp16_clipping_is_reproduced():
     assert all_equal(cached, reference)
 
 
-def test_wan_per_token_timesteps_are_bit_identical():
-    case = CASES["wan"]
+def test_wan_per_token_timesteps_are_bit_identical(cases, model_of, sample, all_equal, K):
+    case = cases["wan"]
     model = model_of(case)
 
     def call(m, x, k, cond):
-        return wan_call(m, x, k, cond, per_token=True)
+        return case.call(m, x, k, cond, per_token=True)
 
     ndims = []
     hook = model.blocks[0].register_forward_pre_hook(lambda m, args: ndims.append(args[2].ndim))
@@ -216,9 +106,9 @@ def test_wan_per_token_timesteps_are_bit_identical():
 # --- caching --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_uniform_plan_skips_whole_branches(name):
-    case = CASES[name]
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_uniform_plan_skips_whole_branches(name, cases, model_of, sample, K):
+    case = cases[name]
     model = model_of(case)
     plan = bac.make_plan(model, "uniform", num_steps=K, interval=2)  # update at steps 0, 2, 4
     reference = sample(case, model, update=False)
@@ -256,9 +146,9 @@ def test_uniform_plan_skips_whole_branches(name):
 
 
 @torch.no_grad()
-def dit_manual(model, plan, seed=0):
+def dit_manual(model, plan, inputs, K, seed=0):
     steps, cache = plan.update_steps(), {}
-    x, cond = dit_inputs(seed)
+    x, cond = inputs(seed)
     labels, p = cond["class_labels"], model.patch_size
     outputs = []
     for k in range(K):
@@ -349,9 +239,9 @@ MANUAL_BLOCKS = {
 }
 
 
-def manual_cached_sample(case, model, plan):
+def manual_cached_sample(case, model, plan, K):
     if case.name == "dit":
-        return dit_manual(model, plan)
+        return dit_manual(model, plan, case.inputs, K)
     # The model's own embeddings and head; each block's forward replaced by hand-written caching.
     steps, cache, step = plan.update_steps(), {}, [0]
     blocks = [(f"{attr}.{i}", block, make) for attr, make in MANUAL_BLOCKS[case.name]
@@ -373,10 +263,10 @@ def manual_cached_sample(case, model, plan):
     return outputs
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASE_NAMES)
 @pytest.mark.parametrize("method", ["bac", "uniform", "staggered"])
-def test_cached_output_equals_hand_written_caching(name, method):
-    case = CASES[name]
+def test_cached_output_equals_hand_written_caching(name, method, cases, model_of, sample, all_equal, K):
+    case = cases[name]
     model = model_of(case)
     if method == "bac":
         calibration = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2])
@@ -394,7 +284,7 @@ def test_cached_output_equals_hand_written_caching(name, method):
     with bac.accelerate(model, plan, num_steps=K) as handle:
         cached = sample(case, model)
         assert handle.stats()["skipped"] == plan.skipped_count()
-    manual = manual_cached_sample(case, model, plan)
+    manual = manual_cached_sample(case, model, plan, K)
     assert all_equal(cached, manual)
     assert torch.equal(cached[0], reference[0]) and not all_equal(cached, reference)
 
@@ -416,7 +306,7 @@ class BlockStack(nn.Module):
         return x
 
 
-def test_dit_blocks_with_cross_attention_need_their_adapter():
+def test_dit_blocks_with_cross_attention_need_their_adapter(all_equal):
     model = BlockStack(cross_attention_dim=12, norm_type="ada_norm_zero", num_embeds_ada_norm=100,
                        activation_fn="gelu-approximate").eval()
     with pytest.raises(UnsupportedBlockError, match="adapters_for"):
@@ -455,8 +345,8 @@ def test_unsupported_basic_block_configurations_are_refused(block):
     assert "forward" not in model.blocks[0].__dict__
 
 
-def test_hooked_blocks_are_refused_and_left_alone():
-    model = tiny_dit()
+def test_hooked_blocks_are_refused_and_left_alone(cases, sample, all_equal, K):
+    model = cases["dit"].build()
     plan = bac.make_plan(model, "every-step", num_steps=K)
     original = model.transformer_blocks[0].forward
     hooked = functools.partial(lambda *a, **k: original(*a, **k))
@@ -466,10 +356,10 @@ def test_hooked_blocks_are_refused_and_left_alone():
     assert model.transformer_blocks[0].forward is hooked
     # after its hooks are removed diffusers leaves the original bound method on the instance: that is no hook
     model.transformer_blocks[0].forward = original
-    reference = sample(CASES["dit"], model)
+    reference = sample(cases["dit"], model)
     with bac.accelerate(model, plan):
-        assert all_equal(sample(CASES["dit"], model), reference)
-    assert all_equal(sample(CASES["dit"], model), reference)  # removing bac also drops the leftover
+        assert all_equal(sample(cases["dit"], model), reference)
+    assert all_equal(sample(cases["dit"], model), reference)  # removing bac also drops the leftover
     hook = model.transformer_blocks[1].norm1.register_forward_hook(lambda *a: None)
     with pytest.raises(UnsupportedBlockError, match="norm1"):
         bac.calibrate(model, lambda seed: None, [0])

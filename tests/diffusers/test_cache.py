@@ -11,21 +11,23 @@ from diffusers import (
     FirstBlockCacheConfig,
     FlowMatchEulerDiscreteScheduler,
 )
-from conftest import exhaustive_settings
-from bac.evaluation.bench_diffusers import CachingDiT, count_branches
-from test_diffusers_adapters import CASES, K, all_equal, model_of, sample
 
 import bac
 import bac.diffusers
 from bac import PlanMismatchError
+from bac.evaluation.branch_counts import count_branches
+from bac.evaluation.digits_dit import CachingDiT
 
-EXHAUSTIVE = exhaustive_settings(K)
+CASE_NAMES = ("dit", "flux", "wan")  # the conftest's cases
+# the methods of the exhaustive_settings fixture
+EXHAUSTIVE_METHODS = ("acs", "bac", "cg-taylor", "every-step", "fbcache", "sortblock", "taylorseer", "unified-acs",
+                      "uniform")
 SKIPPING = {
     "uniform": {"interval": 2},
     "unified-acs": {"M": 3},
     "acs": {"M": 3},
     "bac": {"M": 3, "n": 2},
-    "bac+taylor": {"M": 3, "n": 2, "forecast": "taylor", "order": 1},
+    "bac+taylor": {"M": 3, "n": 2, "standin": "taylor-1"},
     "taylorseer": {"interval": 2, "order": 2},
     "fbcache": {"threshold": 10.0},
     "cg-taylor": {"gate": 10.0},
@@ -36,41 +38,49 @@ CALIBRATIONS = {}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def calibration_of(case, model):
-    if case.name not in CALIBRATIONS:
-        CALIBRATIONS[case.name] = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2])
-    return CALIBRATIONS[case.name]
+@pytest.fixture(scope="session")
+def cached(sample, K):
+    """``with cached(case, model, method, params) as handle``: ``method`` enabled on ``model`` for the block,
+    disabled after whatever happens."""
+
+    def calibration_of(case, model):
+        if case.name not in CALIBRATIONS:
+            CALIBRATIONS[case.name] = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2])
+        return CALIBRATIONS[case.name]
+
+    @contextlib.contextmanager
+    def cached(case, model, method, params):
+        name = method.split("+")[0]
+        calibration = calibration_of(case, model) if bac.methods.needs_calibration(name) else None
+        handle = bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
+        try:
+            yield handle
+        finally:
+            bac.diffusers.disable_cache(model)
+
+    return cached
 
 
-@contextlib.contextmanager
-def cached(case, model, method, params):
-    """``method`` enabled on ``model`` for the block (its handle), disabled after whatever happens."""
-    name = method.split("+")[0]
-    calibration = calibration_of(case, model) if bac.methods.needs_calibration(name) else None
-    handle = bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
-    try:
-        yield handle
-    finally:
-        bac.diffusers.disable_cache(model)
-
-
-@pytest.mark.parametrize("name", CASES)
-@pytest.mark.parametrize("method", sorted(EXHAUSTIVE))
-def test_exhaustive_settings_are_bit_identical_and_disable_restores(name, method):
-    case = CASES[name]
+@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("method", EXHAUSTIVE_METHODS)
+def test_exhaustive_settings_are_bit_identical_and_disable_restores(name, method, cases, model_of, sample,
+                                                                    all_equal, K, cached, exhaustive_settings):
+    assert EXHAUSTIVE_METHODS == tuple(sorted(exhaustive_settings(K)))
+    case = cases[name]
     model = model_of(case)
     reference = sample(case, model)
-    with cached(case, model, method, EXHAUSTIVE[method]) as handle:
+    with cached(case, model, method, exhaustive_settings(K)[method]) as handle:
         outputs = sample(case, model)
         assert handle.stats()["skipped"] == 0
     assert all_equal(outputs, reference)
     assert not hasattr(model, "_bac_handle") and "cache_context" not in model.__dict__
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASE_NAMES)
 @pytest.mark.parametrize("method", sorted(SKIPPING))
-def test_skipped_evaluations_match_what_the_method_reports(name, method):
-    case = CASES[name]
+def test_skipped_evaluations_match_what_the_method_reports(name, method, cases, model_of, sample, all_equal, K,
+                                                          cached):
+    case = cases[name]
     model = model_of(case)
     reference = sample(case, model)
     counts, hooks = count_branches(model)
@@ -91,8 +101,8 @@ def test_skipped_evaluations_match_what_the_method_reports(name, method):
 
 
 @torch.no_grad()
-def flow_loop(case, model, guidance: bool):
-    """FlowMatchEuler sampling; with guidance, two denoiser calls per step in 'cond'/'uncond' contexts."""
+def flow_loop(case, model, K, guidance: bool):
+    """FlowMatchEuler sampling (K steps); with guidance, two denoiser calls per step in 'cond'/'uncond' contexts."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(K)
     bac.new_trajectory(model)
@@ -116,25 +126,26 @@ def cond_kwargs(case, cond):
 
 @pytest.mark.parametrize("name", ["flux", "wan"])
 @pytest.mark.parametrize("method", sorted(SKIPPING))
-def test_guidance_branches_have_their_own_cache_state(name, method):
-    case = CASES[name]
+def test_guidance_branches_have_their_own_cache_state(name, method, cases, model_of, K, cached,
+                                                        exhaustive_settings):
+    case = cases[name]
     model = model_of(case)
-    reference = flow_loop(case, model, guidance=True)
-    with cached(case, model, method, EXHAUSTIVE[method.split("+")[0]]) as handle:
-        exhaustive = flow_loop(case, model, guidance=True)
+    reference = flow_loop(case, model, K, guidance=True)
+    with cached(case, model, method, exhaustive_settings(K)[method.split("+")[0]]) as handle:
+        exhaustive = flow_loop(case, model, K, guidance=True)
         assert handle.steps_run() == {"cond": K, "uncond": K}
     assert torch.equal(exhaustive, reference)
     # Skipping for real, each branch on its own step counter (one shared counter would overflow)
     with cached(case, model, method, SKIPPING[method]) as handle:
-        guided = flow_loop(case, model, guidance=True)
+        guided = flow_loop(case, model, K, guidance=True)
         assert handle.steps_run() == {"cond": K, "uncond": K}
         stats = handle.stats()
     assert stats["skipped"] > 0 and stats["denoiser_calls"] == 2 * K
     assert torch.isfinite(guided).all() and not torch.equal(guided, reference)
 
 
-def test_a_missing_context_is_an_error_not_shared_state():
-    case = CASES["wan"]
+def test_a_missing_context_is_an_error_not_shared_state(cases, model_of, K):
+    case = cases["wan"]
     model = model_of(case)
     bac.diffusers.enable_cache(model, "fbcache", threshold=0.1, num_inference_steps=K)
     try:
@@ -165,15 +176,15 @@ def dit_pipe():
     return pipe
 
 
-def run_pipe(pipe, steps=K):
+def run_pipe(pipe, steps):
     return pipe(class_labels=[1, 7], num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                 output_type="np").images
 
 
 @pytest.mark.parametrize("method", sorted(SKIPPING))
-def test_dit_pipeline_runs_every_method_and_disable_restores(dit_pipe, method, tmp_path):
+def test_dit_pipeline_runs_every_method_and_disable_restores(dit_pipe, method, tmp_path, K):
     pipe = dit_pipe
-    reference = run_pipe(pipe)
+    reference = run_pipe(pipe, K)
     name = method.split("+")[0]
     calibration = None
     if bac.methods.needs_calibration(name):
@@ -183,7 +194,7 @@ def test_dit_pipeline_runs_every_method_and_disable_restores(dit_pipe, method, t
     handle = bac.diffusers.enable_cache(pipe, name, calibration=calibration, num_inference_steps=K, **SKIPPING[method])
     try:
         assert type(pipe).__name__ == "DiTPipeline" and isinstance(pipe, DiTPipeline)
-        first, second = run_pipe(pipe), run_pipe(pipe)
+        first, second = run_pipe(pipe, K), run_pipe(pipe, K)
         stats = handle.stats()
     finally:
         bac.diffusers.disable_cache(pipe)
@@ -191,23 +202,23 @@ def test_dit_pipeline_runs_every_method_and_disable_restores(dit_pipe, method, t
     assert stats["sampling_calls"] == 2 and stats["skipped"] > 0
     assert (first == second).all()  # each call is a new trajectory
     assert first.shape == reference.shape and not (first == reference).all()
-    assert (run_pipe(pipe) == reference).all()
+    assert (run_pipe(pipe, K) == reference).all()
 
 
-def test_dit_pipeline_every_step_plan_file_is_bit_identical(dit_pipe, tmp_path):
+def test_dit_pipeline_every_step_plan_file_is_bit_identical(dit_pipe, tmp_path, K):
     pipe = dit_pipe
-    reference = run_pipe(pipe)
+    reference = run_pipe(pipe, K)
     plan = bac.make_plan(pipe.transformer, "every-step", num_steps=K).save(tmp_path / "plan.json")
     bac.diffusers.enable_cache(pipe, plan)
     try:
-        assert (run_pipe(pipe) == reference).all()
+        assert (run_pipe(pipe, K) == reference).all()
         with pytest.raises(PlanMismatchError, match=f"enabled for {K} denoising steps"):
             run_pipe(pipe, steps=K + 2)
     finally:
         bac.diffusers.disable_cache(pipe)
 
 
-def test_enable_cache_errors(dit_pipe):
+def test_enable_cache_errors(dit_pipe, K):
     pipe = dit_pipe
     with pytest.raises(ValueError, match="calibration"):
         bac.diffusers.enable_cache(pipe, "bac", M=3)
@@ -230,7 +241,7 @@ def test_enable_cache_errors(dit_pipe):
 # --- bac's fbcache against diffusers' own FirstBlockCache -----------------------------------------
 
 
-def test_fbcache_makes_the_same_decisions_as_diffusers_first_block_cache():
+def test_fbcache_makes_the_same_decisions_as_diffusers_first_block_cache(cases):
     torch.manual_seed(0)
     model = CachingDiT(num_attention_heads=2, attention_head_dim=8, in_channels=4, sample_size=8, patch_size=2,
                        num_layers=4, num_embeds_ada_norm=1000, norm_num_groups=1).eval()
@@ -240,7 +251,7 @@ def test_fbcache_makes_the_same_decisions_as_diffusers_first_block_cache():
     @torch.no_grad()
     def loop():
         bac.new_trajectory(model)
-        x, cond = CASES["dit"].inputs(0)
+        x, cond = cases["dit"].inputs(0)
         for k in range(steps):
             with model.cache_context("cond"):
                 x = x - 0.1 * model(x, timestep=torch.full((2,), 999 - 60 * k), class_labels=cond["class_labels"]).sample
@@ -271,17 +282,17 @@ def test_fbcache_makes_the_same_decisions_as_diffusers_first_block_cache():
     assert torch.equal(loop(), reference)
 
 
-def test_two_transformer_pipelines_and_bare_calibration_are_clear_errors():
+def test_two_transformer_pipelines_and_bare_calibration_are_clear_errors(cases, model_of, K):
     class TwoStage:  # Wan 2.2's pipeline shape: a high-noise and a low-noise transformer
-        transformer = model_of(CASES["wan"])
-        transformer_2 = model_of(CASES["wan"])
+        transformer = model_of(cases["wan"])
+        transformer_2 = model_of(cases["wan"])
 
     with pytest.raises(ValueError, match="two transformers"):
         bac.diffusers.enable_cache(TwoStage(), "fbcache", num_inference_steps=K)
     with pytest.raises(TypeError, match="sample_fn"):
-        bac.diffusers.calibrate(model_of(CASES["wan"]), [0])
+        bac.diffusers.calibrate(model_of(cases["wan"]), [0])
     with pytest.raises(TypeError, match="neither a transformer nor a pipeline"):
         bac.diffusers.enable_cache(object(), "fbcache")
     with pytest.raises(ValueError, match="num_inference_steps"):
-        bac.diffusers.enable_cache(model_of(CASES["wan"]), "fbcache")  # a bare transformer has no default
-    assert not hasattr(model_of(CASES["wan"]), "_bac_handle")
+        bac.diffusers.enable_cache(model_of(cases["wan"]), "fbcache")  # a bare transformer has no default
+    assert not hasattr(model_of(cases["wan"]), "_bac_handle")

@@ -91,7 +91,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_foreign_checkpoints_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="eval.digits_dit train"):
+    with pytest.raises(FileNotFoundError, match="bac.evaluation.digits_dit train"):
         digits_dit.load(tmp_path / "missing")
     wrong = tmp_path / "wrong-config"
     digits_dit.save(digits_dit.build_model(), wrong, {})

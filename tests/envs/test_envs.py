@@ -27,7 +27,7 @@ from bac.envs.metaworld_env import (
     make_vector_env,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 OBJ, GOAL = slice(4, 7), slice(36, 39)
 
 

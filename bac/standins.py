@@ -59,6 +59,8 @@ def stream_sums(outputs: Any) -> list:
 class Reuse:
     """Return the last computed value: the plain cache."""
 
+    name = "reuse"
+
     keeps_history = False  # only the computation right before a skip needs storing
 
     def store(self, cache: list, i: int, step: int, out: Any) -> None:
@@ -68,7 +70,7 @@ class Reuse:
         return cache[i]
 
     def describe(self) -> dict:
-        return {"forecast": None}
+        return {"standin": "reuse"}
 
 
 class TaylorSeries:
@@ -126,7 +128,7 @@ class Taylor:
         return cache[i].predict(step)
 
     def describe(self) -> dict:
-        return {"forecast": "taylor", "order": self.order}
+        return {"standin": f"taylor-{self.order}"}
 
     def __repr__(self) -> str:
         return f"Taylor(order={self.order})"
@@ -134,11 +136,15 @@ class Taylor:
 
 REUSE = Reuse()
 
+Standin = Reuse | Taylor
 
-def make_forecast(forecast: str | None, order: int = 1) -> Reuse | Taylor:
-    """A stand-in by name: ``None``/``"reuse"`` or ``"taylor"`` (with ``order``)."""
-    if forecast in (None, "reuse"):
+
+def make_standin(standin: "str | Standin") -> Standin:
+    """A stand-in by name: ``"reuse"``, ``"taylor-1"`` or ``"taylor-2"`` (or a stand-in, returned as is)."""
+    if isinstance(standin, (Reuse, Taylor)):
+        return standin
+    if standin == "reuse":
         return REUSE
-    if forecast == "taylor":
-        return Taylor(order)
-    raise ValueError(f"unknown forecast {forecast!r}; expected None, 'reuse' or 'taylor'")
+    if isinstance(standin, str) and standin.startswith("taylor-") and standin[7:] in ("1", "2"):
+        return Taylor(int(standin[7:]))
+    raise ValueError(f"unknown stand-in {standin!r}; expected 'reuse', 'taylor-1' or 'taylor-2'")

@@ -1,0 +1,63 @@
+"""What a plan or calibration was made for, and the check that it fits a model and sampler."""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+
+class PlanMismatchError(ValueError):
+    """A plan or calibration does not fit the model or sampler it is applied to."""
+
+
+def scheduler_id(scheduler: Any) -> str | None:
+    """A comparable description of a sampler: a string as is, or a diffusers scheduler's class and config."""
+    if scheduler is None or isinstance(scheduler, str):
+        return scheduler
+    config = getattr(scheduler, "config", None)
+    if config is None:
+        raise TypeError(f"cannot describe scheduler {scheduler!r}: pass a string or a diffusers scheduler")
+    items = {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "trained_betas"}
+    return f"{type(scheduler).__name__}({json.dumps(items, sort_keys=True, default=str)})"
+
+
+def check_fits(
+    what: str,
+    fingerprint: dict,
+    blocks: Sequence[tuple[str, str, int]],
+    num_steps: int,
+    scheduler: str | None,
+    spec,
+    wanted_steps: int | None = None,
+    wanted_scheduler: Any = None,
+) -> None:
+    """Raise :class:`PlanMismatchError` naming the first thing ``what`` (a plan, a calibration) was not made for.
+
+    ``fingerprint``, ``blocks`` (name, kind, layer), ``num_steps`` and ``scheduler``
+    describe what it was made for; ``spec`` (a :class:`bac.ModelSpec`) is the
+    model, ``wanted_steps`` / ``wanted_scheduler`` the sampler (``None``: unchecked).
+    """
+    for key in ("class", "num_layers", "width"):
+        if fingerprint.get(key) != spec.fingerprint.get(key):
+            raise PlanMismatchError(
+                f"{what} was made for a model with {key}={fingerprint.get(key)!r}, "
+                f"this model has {key}={spec.fingerprint.get(key)!r}"
+            )
+    planned = [tuple(b) for b in blocks]
+    actual = [(b.name, b.kind, b.layer) for b in spec.blocks]
+    if planned != actual:
+        extra = sorted(set(planned) - set(actual))
+        missing = sorted(set(actual) - set(planned))
+        raise PlanMismatchError(
+            f"{what} blocks do not match the model's: only in {what} {extra[:4]}, only in model {missing[:4]}"
+            + ("" if extra or missing else " (same blocks, different order)")
+        )
+    if fingerprint.get("parameters") != spec.fingerprint.get("parameters"):
+        raise PlanMismatchError(
+            f"{what} was made for a model with different parameter shapes "
+            f"(digest {fingerprint.get('parameters')} vs {spec.fingerprint.get('parameters')})"
+        )
+    if wanted_steps is not None and wanted_steps != num_steps:
+        raise PlanMismatchError(f"{what} was made for {num_steps} denoising steps, the sampler runs {wanted_steps}")
+    wanted = scheduler_id(wanted_scheduler)
+    if wanted is not None and scheduler is not None and wanted != scheduler:
+        raise PlanMismatchError(f"{what} was made for scheduler {scheduler}, the sampler uses {wanted}")

@@ -1,0 +1,108 @@
+"""Variants: the configurations the evaluator compares, each a sampler plus, optionally, a bac caching method.
+
+A variant is configured (``configs/methods/*.yaml``) as ``{sampler: ddpm|ddim|dpm, steps: N|auto,
+cache: <bac method>, **its parameters}``: ``full`` is the plain sampler, ``ddim`` fewer
+denoising steps (``steps: auto`` matches the FLOPs of the ``bac`` variant), the caching
+variants any of :func:`bac.available_methods` on the full sampler (``standin: taylor-1``
+replaces a method's stand-in). Plans of calibrated methods are cached as plan files next to
+the calibration; the others are rebuilt every run (they are a few list operations).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import bac
+from bac.policies.policy import DiffusionPolicy
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared configuration: ``sampler`` with ``steps``, cached by ``method`` (``None``: no caching)."""
+
+    name: str
+    sampler: str
+    steps: int
+    method: str | None = None
+    params: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "cache": self.method, **self.params}
+
+    @property
+    def keeps_plan_file(self) -> bool:
+        """Whether the variant's plan comes from a calibration and is cached as a plan file."""
+        return self.method is not None and bac.needs_calibration(self.method)
+
+
+def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sampler: str, default_steps: int,
+                   auto_steps: int | None = None) -> list[Variant]:
+    """Variants named in ``selected`` (all if empty), from ``config``; ``auto`` steps resolve to ``auto_steps``."""
+    names = list(selected) or list(config)
+    unknown = [n for n in names if n not in config]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; configured methods: {sorted(config)}")
+    variants = []
+    for name in names:
+        spec = dict(config[name] or {})
+        sampler = spec.pop("sampler", default_sampler)
+        steps = spec.pop("steps", default_steps)
+        method = spec.pop("cache", None)
+        if steps == "auto":
+            if auto_steps is None:
+                raise ValueError(f"method {name!r} has steps=auto, which needs a bac method to match")
+            steps = auto_steps
+        if method is None and spec:
+            raise ValueError(f"method {name!r}: parameters {sorted(spec)} need a cache method")
+        if method is not None:
+            bac.method_params(method, **{k: v for k, v in spec.items() if k != "standin"})  # names and values
+            if "standin" in spec:
+                bac.make_standin(spec["standin"])
+        variants.append(Variant(name, sampler, int(steps), method, spec))
+    return variants
+
+
+def plan_path(directory: Path, variant: Variant) -> Path:
+    params = "-".join(f"{k}{v}" for k, v in sorted(variant.params.items()) if k != "standin")
+    return directory / f"{variant.method}-{params}-{variant.sampler}{variant.steps}.json"
+
+
+def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Calibration | None,
+                  directory: Path, recompute: bool) -> bac.Method:
+    """The variant's caching method; a calibrated plan comes from its cached plan file when that fits.
+
+    A cached plan that does not fit the policy or sampler is an error unless ``recompute``.
+    """
+    source = calibration if calibration is not None else policy.model
+    method = bac.build_method(variant.method, source, num_steps=variant.steps, scheduler=policy.sampler,
+                              **variant.params)
+    if not variant.keeps_plan_file:
+        return method
+    path = plan_path(directory, variant)
+    if path.exists() and not recompute:
+        plan = bac.Plan.load(path)
+        try:
+            plan.check_fits(bac.describe(policy.model), num_steps=policy.num_inference_steps, scheduler=policy.sampler)
+        except bac.PlanMismatchError as err:
+            raise bac.PlanMismatchError(
+                f"cached plan {path} does not fit this policy/sampler: {err}. "
+                "Re-run with calibration.recompute=true to replace it."
+            ) from err
+        return dataclasses.replace(method, schedule=plan)
+    method.schedule.save(path)
+    return method
+
+
+@contextlib.contextmanager
+def applied(policy: DiffusionPolicy, variant: Variant, method: bac.Method | None) -> Iterator[bac.CacheHandle | None]:
+    """Set the variant's sampler and caching method on ``policy`` for the duration of the block."""
+    policy.set_sampler(variant.sampler, variant.steps)
+    handle = policy.accelerate(method) if method is not None else None
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -369,9 +369,9 @@ _NO_LIMIT = 2**62
 register_envs()
 
 
-def _make_for_vector(task: str, max_episode_steps: int | None, terminate_on_success: bool):
+def _make_for_vector(task: str, max_episode_steps: int | None, terminate_on_success: bool, render: dict):
     # Module-level (picklable) so AsyncVectorEnv workers can rebuild it.
-    return MetaWorldStateEnv(task, max_episode_steps, terminate_on_success)
+    return MetaWorldStateEnv(task, max_episode_steps, terminate_on_success, **render)
 
 
 def make_vector_env(
@@ -382,6 +382,7 @@ def make_vector_env(
     max_episode_steps: int | None = None,
     terminate_on_success: bool = False,
     autoreset_mode: gym.vector.AutoresetMode = gym.vector.AutoresetMode.NEXT_STEP,
+    **render: Any,
 ) -> gym.vector.VectorEnv:
     """A batch of ``num_envs`` copies of one task for batched closed-loop evaluation.
 
@@ -392,9 +393,11 @@ def make_vector_env(
     Args:
         asynchronous: one subprocess per env (``AsyncVectorEnv``); on 2 cores the
             synchronous version is usually as fast, since a step costs ~0.4 ms.
+        render: ``render_mode="rgb_array"``, ``camera_name``, ``width``, ``height`` of every env
+            (``venv.render()`` then gives one frame per env).
     """
     fns = [
-        functools.partial(_make_for_vector, task, max_episode_steps, terminate_on_success)
+        functools.partial(_make_for_vector, task, max_episode_steps, terminate_on_success, render)
         for _ in range(num_envs)
     ]
     cls = gym.vector.AsyncVectorEnv if asynchronous else gym.vector.SyncVectorEnv

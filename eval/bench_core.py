@@ -26,6 +26,7 @@ import diffusers
 import torch
 
 import bac
+from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
 
 from .timing import summarize
@@ -43,13 +44,15 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     # DP-T at the paper's size: 8 pre-norm layers, width 256, 4 heads, 16 action tokens, 2 observation steps.
-    full = DiffusionPolicy("dpt", {"width": 256, "num_layers": 8, "heads": 4}, obs_dim=39, action_dim=4).eval()
+    config = PolicyConfig.build("dpt", {"width": 256, "num_layers": 8, "heads": 4}, state_dim=39, action_dim=4)
+    full = DiffusionPolicy(config).eval()
     full.set_sampler("ddpm", steps)
     scheduler = full.sampler
     obs = torch.randn(1, 2, 39)
 
     started = time.perf_counter()
-    calibration = bac.calibrate(full.model, full.predict_action, [torch.randn(calibration_samples, 2, 39)],
+    calibration = bac.calibrate(full.model, full.predict_action_chunk,
+                                [{"observation.state": torch.randn(calibration_samples, 2, 39)}],
                                 seed=seed, scheduler=scheduler)
     calibration_seconds = time.perf_counter() - started
     plans = {
@@ -59,7 +62,7 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
     policies = {"full": full} | {name: copy.deepcopy(full) for name in plans}
     handles = {name: policies[name].accelerate(plan) for name, plan in plans.items()}
     x = torch.zeros(1, 16, 4)
-    cond = full.condition(obs)
+    cond = full.condition({"observation.state": obs})
     flops = handles["bac"].measure_flops(x, scheduler.timesteps[0], cond)
     call_flops = flops.pop("total")
 
@@ -71,7 +74,7 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
             model(x, t, cond)
 
     def policy_call(policy):
-        return policy.predict_action(obs, generator=torch.Generator().manual_seed(seed))
+        return policy.predict_action_chunk({"observation.state": obs}, generator=torch.Generator().manual_seed(seed))
 
     calls = {name: (lambda p=policy: policy_call(p)) for name, policy in policies.items()}
     calls |= {f"{name}/denoiser-only": (lambda m=policy.model: denoiser_only(m)) for name, policy in policies.items()}

@@ -40,7 +40,6 @@ import io
 import json
 import math
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -65,6 +64,7 @@ import bac.diffusers
 from bac.evaluation import digits_dit
 from bac.evaluation.branch_counts import count_branches
 from bac.evaluation.digits_dit import CachingDiT
+from bac.evaluation.timing import summarize, synchronize
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_diffusers"
 
@@ -328,11 +328,6 @@ def deviation(x: torch.Tensor, reference: torch.Tensor) -> dict:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_model(case: Case, steps: int, repeats: int, device: torch.device, seed: int, log) -> dict:
     steps = case.steps or steps
     torch.manual_seed(seed)
@@ -371,19 +366,18 @@ def bench_model(case: Case, steps: int, repeats: int, device: torch.device, seed
         for setting, result in zip(settings, results):
             setting.enable()
             try:
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 sample(case, model, *inputs, steps)
-                _sync(device)
+                synchronize(device)
                 result["times"].append(time.perf_counter() - start)
             finally:
                 setting.disable()
         log(f"  round {round_index + 1}/{repeats}: full {1e3 * results[0]['times'][-1]:.0f} ms")
-    full_ms = 1e3 * statistics.median(results[0]["times"])
+    full_ms = summarize(results[0]["times"])["p50_ms"]
     for result in results:
-        times = result.pop("times")
-        result["median_ms"] = 1e3 * statistics.median(times)
-        result["speedup"] = full_ms / result["median_ms"]
+        result["latency"] = summarize(result.pop("times"))
+        result["speedup"] = full_ms / result["latency"]["p50_ms"]
     return {"model": case.name, "shaped_like": case.shaped_like, "weights": case.weights,
             "config": _jsonable(case.config),
             "parameters": parameters, "steps": steps, "guidance_calls_per_step": 2 if case.guidance else 1,
@@ -416,7 +410,7 @@ def markdown(report: dict) -> str:
         lines += [f"## {model['model']}: {model['shaped_like']}", "",
                   f"Weights: {model['weights']}. {model['parameters'] / 1e6:.1f} M parameters, {model['steps']} steps, "
                   f"{model['guidance_calls_per_step']} denoiser call(s) per step; "
-                  f"full computation {model['results'][0]['median_ms']:.0f} ms per sampling call.", "",
+                  f"full computation {model['results'][0]['latency']['p50_ms']:.0f} ms per sampling call.", "",
                   "| method | setting | speedup | skipped | rel. L2 | PSNR dB |" + (" class accuracy |" if accuracy else ""),
                   "|---|---|---|---|---|---|" + ("---|" if accuracy else "")]
         for r in model["results"]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from tqdm import tqdm
 
-from bac.envs.rollout import run_episodes
+from bac.runtime import ChunkingPolicy, run_episodes
 
 
 def read_episodes(path: Path) -> list[dict]:
@@ -39,23 +39,22 @@ def repair(path: Path) -> None:
 
 
 def run_task(
-    act: Callable,
+    policy: ChunkingPolicy,
     task: str,
     method: str,
     seeds: Iterable[int],
     log_path: Path,
     *,
-    n_obs_steps: int,
     num_envs: int,
-    device: torch.device | str = "cpu",
     max_episode_steps: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Run the episodes of ``seeds`` not yet in ``log_path``; return every result for (task, method).
 
-    ``act(obs_history, generator)`` is the batched policy call; each wave of
-    episodes gets a generator seeded from its first seed, so every method sees
-    the same initial noise on the same episodes (paired comparisons).
+    The policy runs through ``bac.runtime`` (chunked execution, ``task`` passed as
+    its ``task`` feature); each wave of episodes gets a generator on the policy's
+    device seeded from its first seed, so every method sees the same initial noise
+    on the same episodes (paired comparisons).
     """
     seeds = list(seeds)
     done = {e["seed"]: e for e in read_episodes(log_path) if e["task"] == task and e["method"] == method}
@@ -65,9 +64,9 @@ def run_task(
                                           desc=f"{task} / {method}", leave=False) as bar:
         for start in range(0, len(todo), num_envs):
             wave = todo[start : start + num_envs]
-            generator = torch.Generator(device=device).manual_seed(wave[0])
-            for result in run_episodes(lambda obs: act(obs, generator), task, wave, n_obs_steps=n_obs_steps,
-                                       num_envs=num_envs, max_episode_steps=max_episode_steps):
+            generator = torch.Generator(device=policy.device).manual_seed(wave[0])
+            for result in run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
+                                       generator=generator):
                 record = {"task": task, "method": method, **result}
                 log.write(json.dumps(record) + "\n")
                 log.flush()

@@ -1,7 +1,7 @@
 """The evaluator behind ``python -m bac.eval``: success and control frequency for every method.
 
 Data path: load the policy checkpoint -> calibration observations from the
-demonstrations -> load or calibrate the plans (cached next to the checkpoint)
+demonstrations -> load or calibrate the plans (cached under ``plan_cache``)
 -> seeded, paired, vectorised rollouts per task and method (appended as JSON
 lines, resumable) -> interleaved batch-1 latency -> report JSON, Markdown table
 and plots in the output directory.
@@ -29,10 +29,10 @@ from bac.policies.policy import DiffusionPolicy
 
 from . import report as reporting
 from .closed_loop import run_task
-from .latency import flops_per_call, measure_latency, summarize
-from .methods import applied, load_or_make_schedule, parse_methods, plan_path
+from .latency import flops_per_call, measure_latency
+from .timing import summarize
+from .variants import applied, load_or_build, parse_variants, plan_path
 
-REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = "untrained:"
 
 
@@ -41,8 +41,14 @@ class EvalError(Exception):
 
 
 def _resolve(path: str) -> Path:
+    """A checkpoint directory: a path as given, else the shipped checkpoint of that name (package data)."""
     p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p
+    if p.is_absolute() or p.exists():
+        return p
+    import bac.policies
+
+    shipped = Path(bac.policies.__file__).resolve().parent / "checkpoints" / p.name
+    return shipped if shipped.is_dir() else p
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -57,30 +63,56 @@ def weights_digest(checkpoint: Path) -> str:
 def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
     """The policy to evaluate, where its plans are cached, and whether it is trained.
 
-    Plans and calibration of a checkpoint live in ``<checkpoint>/plans/<weights digest>/``:
-    their fit check compares the model's structure only, so a retrained checkpoint of the
-    same shape must not find (and silently reuse) the plans of its predecessor.
+    Plans and calibration of a checkpoint live in ``<plan_cache>/<checkpoint>-<weights digest>/``
+    (a shipped checkpoint may sit in a read-only install): their fit check compares the model's
+    structure only, so a retrained checkpoint of the same shape must not find (and silently
+    reuse) the plans of its predecessor.
     """
+    from bac.configs import CONFIG_DIR
+    from bac.envs.metaworld_env import make_env
+    from bac.policies.config import PolicyConfig
+    from bac.runtime import check_compatible
+
+    def env_spaces(task: str):
+        env = make_env(task)
+        try:
+            return env.observation_space, env.action_space
+        finally:
+            env.close()
+
     if str(cfg.checkpoint).startswith(UNTRAINED):
         name = str(cfg.checkpoint)[len(UNTRAINED):]
-        config_path = REPO / "configs" / "policy" / f"{name}.yaml"
+        config_path = CONFIG_DIR / "policy" / f"{name}.yaml"
         if not config_path.exists():
-            raise EvalError(f"unknown policy config {name!r} (no {config_path.relative_to(REPO)})")
+            raise EvalError(f"unknown policy config {name!r} (no configs/policy/{name}.yaml)")
         spec = OmegaConf.load(config_path)
         tasks = list(cfg.untrained_tasks)
+        if not tasks:
+            raise EvalError("untrained_tasks is empty: an untrained policy takes its shapes from the first task's env")
+        observation_space, action_space = env_spaces(tasks[0])  # the feature shapes come from the env
+        try:
+            config = PolicyConfig.build(spec.architecture, OmegaConf.to_container(spec.model, resolve=True),
+                                        state_dim=int(observation_space.shape[0]), action_dim=int(action_space.shape[0]),
+                                        tasks=tasks, provenance={"untrained": name})
+        except ValueError as err:
+            raise EvalError(f"configs/policy/{name}.yaml: {err}") from err
         torch.manual_seed(0)  # deterministic random weights, so cached plans stay valid
-        policy = DiffusionPolicy(spec.architecture, OmegaConf.to_container(spec.model), obs_dim=39, action_dim=4,
-                                 tasks=tasks, provenance={"untrained": name})
+        policy = DiffusionPolicy(config)
         obs = np.concatenate([calibration_observations(collect(t, cfg.calibration.episodes, progress=False), 256)
                               for t in tasks])
-        policy.obs_normalizer.fit(obs)  # actions keep the identity normalisation: Meta-World's are in [-1, 1]
-        return policy.to(cfg.device).eval(), REPO / "outputs" / "eval" / f"untrained-{name}" / "plans", False
+        policy.obs_normalizer.fit(obs)
+        bounds = np.stack([action_space.low, action_space.high])
+        if np.isfinite(bounds).all():  # actions span the env's action space (Meta-World's [-1, 1]: the identity)
+            policy.action_normalizer.fit(bounds)
+        return policy.to(cfg.device).eval(), Path(cfg.plan_cache) / f"untrained-{name}", False
     directory = _resolve(cfg.checkpoint)
     try:
         policy = DiffusionPolicy.load(directory, device=cfg.device)
+        if policy.tasks:  # the checkpoint's features must fit the env it is evaluated on
+            check_compatible(policy, *env_spaces(policy.tasks[0]))
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
-    return policy, directory / "plans" / weights_digest(directory), True
+    return policy, Path(cfg.plan_cache) / f"{directory.name}-{weights_digest(directory)}", True
 
 
 def resolve_tasks(cfg: DictConfig, policy: DiffusionPolicy) -> list[str]:
@@ -97,8 +129,11 @@ def resolve_tasks(cfg: DictConfig, policy: DiffusionPolicy) -> list[str]:
     return tasks
 
 
-def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> tuple[torch.Tensor, list[str]]:
-    """Calibration observations from the demonstrations (never from evaluation episodes), spread over tasks."""
+def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
+    """Calibration observations from the demonstrations (never from evaluation episodes), spread over tasks.
+
+    One policy batch: ``observation.state`` ``[N, n_obs_steps, D]`` and a ``task`` name per sample.
+    """
     tasks = policy.tasks or [cfg.tasks[0]]
     per_task = -(-int(cfg.calibration.samples) // len(tasks))
     obs, names = [], []
@@ -106,24 +141,22 @@ def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> tuple[torch.T
         path = collect(task, cfg.calibration.episodes, progress=False)
         obs.append(calibration_observations(path, per_task, seed=cfg.calibration.seed, n_obs_steps=policy.n_obs_steps))
         names += [task] * per_task
-    return torch.as_tensor(np.concatenate(obs), dtype=torch.float32), names
+    return {"observation.state": torch.as_tensor(np.concatenate(obs), dtype=torch.float32), "task": names}
 
 
-def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path,
-                      batch: tuple[torch.Tensor, list[str]]) -> bac.Calibration:
+def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, batch: dict) -> bac.Calibration:
     path = plan_dir / (f"calibration-{policy.sampler_kind}{policy.num_inference_steps}"
                        f"-n{cfg.calibration.samples}-seed{cfg.calibration.seed}.safetensors")
     if path.exists() and not cfg.calibration.recompute:
         calibration = bac.Calibration.load(path)
-        fingerprint = bac.describe(policy.model).fingerprint
-        if calibration.fingerprint != fingerprint or calibration.scheduler != bac.scheduler_id(policy.sampler):
-            raise EvalError(f"cached calibration {path} was made for another policy or sampler; "
-                            "re-run with calibration.recompute=true to replace it")
+        try:
+            calibration.check_fits(bac.describe(policy.model), policy.num_inference_steps, policy.sampler)
+        except bac.PlanMismatchError as err:
+            raise EvalError(f"cached calibration {path} does not fit this policy or sampler ({err}); "
+                            "re-run with calibration.recompute=true to replace it") from err
         return calibration
-    obs, names = batch
-    task = names if len(policy.tasks) > 1 else None
-    calibration = bac.calibrate(policy.model, lambda o: policy.predict_action(o, task), [obs],
-                                seed=cfg.calibration.seed, scheduler=policy.sampler)
+    calibration = bac.calibrate(policy.model, policy.predict_action_chunk, [batch], seed=cfg.calibration.seed,
+                                scheduler=policy.sampler)
     calibration.save(path)
     return calibration
 
@@ -142,7 +175,7 @@ def output_dir(cfg: DictConfig) -> Path:
     if cfg.out_dir != "auto":
         return Path(cfg.out_dir)
     name = str(cfg.checkpoint).replace(UNTRAINED, "untrained-").rstrip("/").split("/")[-1]
-    return REPO / "outputs" / "eval" / f"{name}-{settings_digest(cfg)}"
+    return Path("outputs") / "eval" / f"{name}-{settings_digest(cfg)}"
 
 
 def _versions() -> dict:
@@ -154,6 +187,33 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built: dict, tasks: list[str],
+                out: Path) -> list[dict]:
+    """One rollout GIF per variant and task (``video=true``): the first evaluation seed, at batch 1.
+
+    Existing videos are kept, so a resumed run records only what is missing.
+    """
+    from bac.envs.video import video_path, write_video
+    from bac.runtime import record_episode
+
+    settings, records = cfg.video_settings, []
+    for variant in variants:
+        for task in tasks:
+            path = video_path(out, variant.name, task)
+            record = {"method": variant.name, "task": task, "seed": int(cfg.seed), "path": str(path)}
+            if path.exists():
+                records.append(record)
+                continue
+            with applied(policy, variant, built.get(variant.name)):
+                generator = torch.Generator(device=policy.device).manual_seed(int(cfg.seed))
+                result, frames = record_episode(policy, task, int(cfg.seed), generator=generator,
+                                                max_episode_steps=cfg.max_episode_steps,
+                                                camera_name=str(settings.camera), size=int(settings.size))
+            write_video(frames, path, fps=float(settings.fps))
+            records.append(record | result)
+    return records
 
 
 def run(cfg: DictConfig) -> dict:
@@ -168,30 +228,28 @@ def run(cfg: DictConfig) -> dict:
     demo_obs = calibration_batch(cfg, policy)
 
     try:
-        methods = parse_methods(method_config, cfg.run_methods, base_sampler, base_steps, auto_steps=base_steps)
-        needs_calibration = any(m.cache_method and bac.methods.needs_calibration(m.cache_method) for m in methods)
+        variants = parse_variants(method_config, cfg.run_methods, base_sampler, base_steps, auto_steps=base_steps)
+        needs_calibration = any(v.method and bac.needs_calibration(v.method) for v in variants)
         calibration = load_or_calibrate(cfg, policy, plan_dir, demo_obs) if needs_calibration else None
-        plans: dict[str, bac.Plan | bac.Method] = {}
-        for method in methods:
-            if method.cache_method is not None:
-                if (method.sampler, method.steps) != (base_sampler, base_steps):
-                    raise EvalError(f"method {method.name!r}: caching runs on the base sampler "
+        built: dict[str, bac.Method] = {}
+        for variant in variants:
+            if variant.method is not None:
+                if (variant.sampler, variant.steps) != (base_sampler, base_steps):
+                    raise EvalError(f"method {variant.name!r}: caching runs on the base sampler "
                                     f"({base_sampler}, {base_steps} steps)")
-                policy.set_sampler(method.sampler, method.steps)
-                plans[method.name] = load_or_make_schedule(policy, method, calibration, plan_dir,
-                                                           cfg.calibration.recompute)
+                policy.set_sampler(variant.sampler, variant.steps)
+                built[variant.name] = load_or_build(policy, variant, calibration, plan_dir, cfg.calibration.recompute)
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
 
-    latency_obs = demo_obs[0][:1].to(policy.device)  # batch 1: one demonstration observation
-    latency_task = demo_obs[1][0] if len(policy.tasks) > 1 else None
-    per_step, flops, skipped = flops_per_call(policy, methods, plans, latency_obs, latency_task)
-    auto = [m.name for m in methods if method_config[m.name].get("steps") == "auto"]
+    latency_batch = {key: value[:1] for key, value in demo_obs.items()}  # batch 1: one demonstration observation
+    per_step, flops, skipped = flops_per_call(policy, variants, built, latency_batch)
+    auto = [v.name for v in variants if method_config[v.name].get("steps") == "auto"]
     if auto:  # as many steps as the bac method costs
-        if "bac" not in plans:
+        if "bac" not in built:
             raise EvalError(f"method(s) {auto} have steps=auto, which needs the 'bac' method in the same run")
         matched = max(1, round(flops["bac"] / per_step))
-        methods = [dataclasses.replace(m, steps=matched) if m.name in auto else m for m in methods]
+        variants = [dataclasses.replace(v, steps=matched) if v.name in auto else v for v in variants]
         flops |= {name: matched * per_step for name in auto}
     full_flops = base_steps * per_step
 
@@ -204,23 +262,22 @@ def run(cfg: DictConfig) -> dict:
     run_file.write_text(json.dumps({"digest": digest, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
 
     # Closed-loop success, paired over seeds.
-    episodes: dict[str, list[dict]] = {m.name: [] for m in methods}
+    episodes: dict[str, list[dict]] = {v.name: [] for v in variants}
     seeds = range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes))
     log_path = out / "episodes.jsonl"
     if trained and cfg.episodes > 0:
         for task in tasks:
-            task_arg = task if len(policy.tasks) > 1 else None
-            for method in methods:
-                with applied(policy, method, plans.get(method.name)):
-                    episodes[method.name] += run_task(
-                        lambda obs, g: policy.predict_action(obs, task_arg, generator=g), task, method.name, seeds,
-                        log_path, n_obs_steps=policy.n_obs_steps, num_envs=int(cfg.num_envs), device=policy.device,
+            for variant in variants:
+                with applied(policy, variant, built.get(variant.name)):
+                    episodes[variant.name] += run_task(
+                        policy, task, variant.name, seeds, log_path, num_envs=int(cfg.num_envs),
                         max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
                     )
+    videos = save_videos(cfg, policy, variants, built, tasks, out) if trained and cfg.video else []
 
-    latencies = measure_latency(policy, methods, plans, latency_obs, latency_task, repeats=int(cfg.latency.repeats),
+    latencies = measure_latency(policy, variants, built, latency_batch, repeats=int(cfg.latency.repeats),
                                 warmup=int(cfg.latency.warmup), threads=int(cfg.latency.threads))
-    reference = "full" if "full" in latencies else methods[0].name
+    reference = "full" if "full" in latencies else variants[0].name
     full_p50 = float(np.median(latencies[reference]))
     result = {
         "schema": reporting.REPORT_SCHEMA,
@@ -240,29 +297,30 @@ def run(cfg: DictConfig) -> dict:
         "latency_settings": {"batch": 1, "threads": int(cfg.latency.threads), "repeats": int(cfg.latency.repeats),
                              "warmup": int(cfg.latency.warmup), "device": str(policy.device), "interleaved": True},
         "reference_method": reference,
+        "videos": videos,
         "methods": {},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0]},
         "packages": _versions(),
     }
-    for method in methods:
+    for variant in variants:
         entry = {
-            "config": method.describe(),
-            "plan_file": str(plan_path(plan_dir, method)) if method.plan_file else None,
-            "latency": summarize(latencies[method.name]),
-            "speedup": full_p50 / float(np.median(latencies[method.name])),
-            "flops_per_call": int(flops[method.name]),
-            "ideal_speedup": full_flops / flops[method.name],
-            "skipped_share": skipped[method.name],
+            "config": variant.describe(),
+            "plan_file": str(plan_path(plan_dir, variant)) if variant.keeps_plan_file else None,
+            "latency": summarize(latencies[variant.name]),
+            "speedup": full_p50 / float(np.median(latencies[variant.name])),
+            "flops_per_call": int(flops[variant.name]),
+            "ideal_speedup": full_flops / flops[variant.name],
+            "skipped_share": skipped[variant.name],
         }
-        if episodes[method.name]:
-            entry["success"] = reporting.success_summary(episodes[method.name])
-            entry["per_task"] = {t: reporting.success_summary([e for e in episodes[method.name] if e["task"] == t])
+        if episodes[variant.name]:
+            entry["success"] = reporting.success_summary(episodes[variant.name])
+            entry["per_task"] = {t: reporting.success_summary([e for e in episodes[variant.name] if e["task"] == t])
                                  for t in tasks}
-            entry["paired_vs_full"] = reporting.paired_difference(episodes[method.name], episodes[reference])
-        result["methods"][method.name] = entry
+            entry["paired_vs_full"] = reporting.paired_difference(episodes[variant.name], episodes[reference])
+        result["methods"][variant.name] = entry
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.md").write_text(reporting.markdown(result))
-    bac_plan = next((plans[m.name] for m in methods if m.cache_method == "bac" and m.plan_file), None)
+    bac_plan = next((built[v.name].schedule for v in variants if v.method == "bac"), None)
     result["plots"] = reporting.plots(result, latencies, out, bac_plan)
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

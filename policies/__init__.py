@@ -1,0 +1,12 @@
+"""Transformer diffusion policies with LeRobot's policy interface.
+
+- :mod:`policies.config`: typed configs (:class:`~bac.policies.config.PolicyConfig`, one model
+  config per architecture) and the feature spec (``observation.state``, ``task``, ``action``),
+  stored in a checkpoint's ``config.json``.
+- :mod:`policies.policy`: :class:`~bac.policies.policy.DiffusionPolicy`: ``reset()``,
+  ``predict_action_chunk(batch)``, ``select_action(batch)``; checkpoints.
+- :mod:`policies.dpt`, :mod:`policies.dit`: the DP-T and DiT denoisers.
+- :mod:`policies.train`: ``python -m bac.policies.train`` (Hydra).
+
+Nothing is imported here, so ``import bac.policies.dpt`` does not load diffusers.
+"""

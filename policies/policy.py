@@ -1,16 +1,32 @@
-"""A diffusion policy: denoiser, normalisation, diffusers noise schedules, checkpoints.
+"""A diffusion policy with LeRobot's interface: denoiser, normalisation, diffusers noise schedules, checkpoints.
 
-``predict_action(obs_history)`` runs one sampling call (it marks the start of a
-trajectory for bac's cache) and returns the chunk of actions to execute.
+The interface (``PreTrainedPolicy``'s, without depending on LeRobot):
+
+* ``reset()`` at the start of every episode: clears the observation history and
+  the action queue.
+* ``predict_action_chunk(batch) -> [B, n_action_steps, A]``: one sampling call (it
+  marks the start of a trajectory for bac's cache) on a batch whose
+  ``observation.state`` is the stacked history ``[B, n_obs_steps, D]``.
+* ``select_action(batch) -> [B, A]``: the next action for the *current*
+  observation (``observation.state`` ``[B, D]``). The policy keeps the last
+  ``n_obs_steps`` observations (at reset the first one is repeated, as training
+  windows are padded) and a queue of ``n_action_steps`` actions, and calls
+  ``predict_action_chunk`` only when the queue is empty (receding horizon).
+
+A batch is a dict of the features named in :attr:`PolicyConfig.input_features`:
+``observation.state`` (tensor or array) and ``task`` (a task name, or one per
+sample; one of :attr:`tasks`). Both calls take an optional ``generator=``.
+A missing feature, a wrong shape, NaN or an unknown task raises ``ValueError``.
+
 Checkpoints are a directory with ``model.safetensors`` (EMA weights and the
-normalisation statistics) and ``config.json`` (architecture, normalisation
-shapes, tasks, noise schedule, provenance); nothing is unpickled.
+normalisation statistics) and ``config.json`` (:class:`PolicyConfig`: architecture,
+typed model config, feature spec, tasks, noise schedule, provenance); nothing is
+unpickled.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -21,18 +37,13 @@ from torch import nn
 import bac
 
 from .checkpointing import check_fits
+from .config import ACTION, STATE, TASK, PolicyConfig, PolicyFeature
 from .dit import DiTPolicyHead
 from .dpt import TransformerForDiffusion
 
 ARCHITECTURES = {"dpt": TransformerForDiffusion, "dit": DiTPolicyHead}
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
-CHECKPOINT_FORMAT = "bac-policy/1"
-DEFAULT_NOISE = {
-    "num_train_timesteps": 100,
-    "beta_schedule": "squaredcos_cap_v2",
-    "clip_sample": True,
-    "prediction_type": "epsilon",
-}
+Batch = Mapping[str, Any]
 
 
 class Normalizer(nn.Module):
@@ -62,62 +73,90 @@ class Normalizer(nn.Module):
 
 
 class DiffusionPolicy(nn.Module):
-    def __init__(
-        self,
-        architecture: str,
-        model: dict,
-        obs_dim: int,
-        action_dim: int,
-        horizon: int = 16,
-        n_obs_steps: int = 2,
-        n_action_steps: int = 8,
-        tasks: Sequence[str] = (),
-        noise_scheduler: dict | None = None,
-        provenance: dict | None = None,
-    ):
+    """``DiffusionPolicy(config)``: a :class:`PolicyConfig` (``PolicyConfig.build(...)`` or a checkpoint's)."""
+
+    name = "diffusion"
+
+    def __init__(self, config: PolicyConfig, *legacy: Any, **legacy_kwargs: Any):
+        if not isinstance(config, PolicyConfig) or legacy or legacy_kwargs:
+            raise TypeError("DiffusionPolicy(config) takes one PolicyConfig: DiffusionPolicy(PolicyConfig.build("
+                            "architecture, model, state_dim=..., action_dim=..., tasks=[...], horizon=..., ...)), "
+                            f"got {type(config).__name__}" + (" and more arguments" if legacy or legacy_kwargs else ""))
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(ARCHITECTURES)}")
-        if not 1 <= n_action_steps <= horizon:
-            raise ValueError(f"n_action_steps must be in [1, horizon={horizon}], got {n_action_steps}")
-        self.architecture, self.model_kwargs = architecture, dict(model)
-        self.obs_dim, self.action_dim = obs_dim, action_dim
-        self.horizon, self.n_obs_steps, self.n_action_steps = horizon, n_obs_steps, n_action_steps
-        self.tasks = list(tasks)
-        self.noise_config = {**DEFAULT_NOISE, **(noise_scheduler or {})}
-        self.provenance = dict(provenance or {})
-        cond_dim = obs_dim + (len(self.tasks) if len(self.tasks) > 1 else 0)
-        self.model = ARCHITECTURES[architecture](
-            action_dim=action_dim, cond_dim=cond_dim, horizon=horizon, n_obs_steps=n_obs_steps, **self.model_kwargs
+        self.config = config
+        self.model = ARCHITECTURES[config.architecture](
+            action_dim=config.action_dim, cond_dim=config.cond_dim, horizon=config.horizon,
+            n_obs_steps=config.n_obs_steps, **self.model_kwargs,
         )
-        self.obs_normalizer = Normalizer(obs_dim)
-        self.action_normalizer = Normalizer(action_dim)
+        self.obs_normalizer = Normalizer(config.state_dim)
+        self.action_normalizer = Normalizer(config.action_dim)
         self.noise_scheduler = DDPMScheduler(**self.noise_config)
         self.set_sampler("ddpm")
+        self.reset()
 
     # -- configuration -----------------------------------------------------------------
-    def config(self) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "architecture": self.architecture,
-            "model": self.model_kwargs,
-            "obs_dim": self.obs_dim,
-            "action_dim": self.action_dim,
-            "horizon": self.horizon,
-            "n_obs_steps": self.n_obs_steps,
-            "n_action_steps": self.n_action_steps,
-            "tasks": self.tasks,
-            "noise_scheduler": self.noise_config,
-            "provenance": self.provenance,
-        }
+    @property
+    def architecture(self) -> str:
+        return self.config.architecture
+
+    @property
+    def model_kwargs(self) -> dict:
+        """The typed model config as a plain dict (reports, plan descriptions)."""
+        return {k: getattr(self.config.model, k) for k in self.config.model.__dataclass_fields__}
+
+    @property
+    def input_features(self) -> dict[str, PolicyFeature]:
+        return self.config.input_features
+
+    @property
+    def output_features(self) -> dict[str, PolicyFeature]:
+        return self.config.output_features
+
+    @property
+    def obs_dim(self) -> int:
+        return self.config.state_dim
+
+    @property
+    def action_dim(self) -> int:
+        return self.config.action_dim
+
+    @property
+    def horizon(self) -> int:
+        return self.config.horizon
+
+    @property
+    def n_obs_steps(self) -> int:
+        return self.config.n_obs_steps
+
+    @property
+    def n_action_steps(self) -> int:
+        return self.config.n_action_steps
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config.tasks)
+
+    @property
+    def noise_config(self) -> dict:
+        scheduler = self.config.noise_scheduler
+        return {k: getattr(scheduler, k) for k in scheduler.__dataclass_fields__}
+
+    @property
+    def provenance(self) -> dict:
+        return self.config.provenance
+
+    @provenance.setter
+    def provenance(self, value: dict) -> None:
+        self.config = self.config.replace(provenance=dict(value))
 
     def set_sampler(self, kind: str = "ddpm", steps: int | None = None) -> "DiffusionPolicy":
         """Sample with DDPM (all training steps by default), DDIM or DPM-Solver++ (fewer steps)."""
         if kind not in SAMPLERS:
             raise ValueError(f"unknown sampler {kind!r}; expected one of {sorted(SAMPLERS)}")
-        steps = steps or self.noise_config["num_train_timesteps"]
-        if not 1 <= steps <= self.noise_config["num_train_timesteps"]:
-            raise ValueError(f"sampler steps must be in [1, {self.noise_config['num_train_timesteps']}], got {steps}")
+        train_steps = self.config.noise_scheduler.num_train_timesteps
+        steps = steps or train_steps
+        if not 1 <= steps <= train_steps:
+            raise ValueError(f"sampler steps must be in [1, {train_steps}], got {steps}")
         self.sampler = SAMPLERS[kind].from_config(self.noise_scheduler.config)
         self.sampler_kind, self.num_inference_steps = kind, steps
         self.sampler.set_timesteps(steps)
@@ -128,70 +167,120 @@ class DiffusionPolicy(nn.Module):
         return self.obs_normalizer.scale.device
 
     # -- inputs ----------------------------------------------------------------------
+    def _state(self, batch: Batch, history: bool) -> torch.Tensor:
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"a policy batch is a dict of features {sorted(self.input_features)}, "
+                             f"got {type(batch).__name__}")
+        missing = [name for name in self.input_features if name not in batch]
+        if missing:
+            raise ValueError(f"observation is missing feature(s) {missing}; this policy reads "
+                             f"{ {n: f.type for n, f in self.input_features.items()} }")
+        unknown = sorted(k for k in batch if k.startswith("observation.") and k not in self.input_features)
+        if unknown:
+            raise ValueError(f"this policy does not read {unknown}; its observation features are "
+                             f"{sorted(n for n in self.input_features if n.startswith('observation.'))}")
+        try:
+            state = torch.as_tensor(batch[STATE], dtype=torch.float32, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"feature {STATE!r} is not a numeric array: {err}") from err
+        expected = [self.n_obs_steps, self.obs_dim] if history else [self.obs_dim]
+        if state.ndim != len(expected) + 1 or list(state.shape[1:]) != expected:
+            where = "observation history" if history else "current observation"
+            raise ValueError(f"feature {STATE!r} ({where}) must have shape [batch, {', '.join(map(str, expected))}], "
+                             f"got {list(state.shape)}")
+        if not torch.isfinite(state).all():
+            raise ValueError(f"feature {STATE!r} contains NaN or inf")
+        return state
+
     def _task_indices(self, task, batch: int) -> torch.Tensor | None:
-        """Task names (one, or one per sample) or a tensor of task indices -> indices; None if single-task."""
-        if len(self.tasks) <= 1:
-            names = [] if task is None or isinstance(task, torch.Tensor) else [task] if isinstance(task, str) else task
-            if any(name != self.tasks[0] for name in names) if self.tasks else names:
-                raise ValueError(f"this policy was trained on {self.tasks or 'no named task'} only, not {task!r}")
+        """Task names (one, or one per sample) or a tensor of task indices -> indices; None without one-hot."""
+        if TASK not in self.input_features:
             return None
-        if task is None:
-            raise ValueError(f"this policy is conditioned on the task; pass task= one of {self.tasks}")
         if isinstance(task, torch.Tensor):
             indices = task.to(self.device).reshape(-1)
             if indices.numel() != batch or indices.min() < 0 or indices.max() >= len(self.tasks):
                 raise ValueError(f"task indices must be {batch} values in [0, {len(self.tasks)})")
-            return indices
+            return indices if self.config.conditions_on_task else None
         names = [task] * batch if isinstance(task, str) else list(task)
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError(f"feature {TASK!r} must be a task name or one name per sample, got {task!r}")
         if len(names) != batch:
             raise ValueError(f"{len(names)} task names for a batch of {batch}")
         unknown = sorted(set(names) - set(self.tasks))
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this policy knows {self.tasks}")
+            raise ValueError(f"unknown task(s) {unknown}; this policy was trained on {self.tasks}")
+        if not self.config.conditions_on_task:
+            return None
         return torch.tensor([self.tasks.index(n) for n in names], device=self.device)
 
-    def condition(self, obs: torch.Tensor | np.ndarray, task: str | Sequence[str] | None = None) -> torch.Tensor:
-        """Normalised observation history (plus task one-hot) as the denoiser's condition ``[B, To, C]``."""
-        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        expected = (self.n_obs_steps, self.obs_dim)
-        if obs.ndim != 3 or tuple(obs.shape[1:]) != expected:
-            raise ValueError(f"observation history must have shape [batch, {expected[0]}, {expected[1]}], got {list(obs.shape)}")
-        if not torch.isfinite(obs).all():
-            raise ValueError("observation contains NaN or inf")
-        cond = self.obs_normalizer(obs)
-        tasks = self._task_indices(task, obs.shape[0])
+    def condition(self, batch: Batch) -> torch.Tensor:
+        """The denoiser's condition ``[B, n_obs_steps, C]`` of a batch with the stacked observation history:
+        normalised ``observation.state`` (plus the task one-hot for a multi-task policy)."""
+        state = self._state(batch, history=True)
+        cond = self.obs_normalizer(state)
+        tasks = self._task_indices(batch.get(TASK), state.shape[0])
         if tasks is not None:
             onehot = nn.functional.one_hot(tasks, len(self.tasks)).to(cond.dtype)
             cond = torch.cat([cond, onehot[:, None].expand(-1, self.n_obs_steps, -1)], dim=-1)
         return cond
 
-    # -- training and inference ------------------------------------------------------
-    def compute_loss(self, obs: torch.Tensor, actions: torch.Tensor, task=None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """Epsilon-prediction MSE on a batch of (observation history, action chunk)."""
-        cond = self.condition(obs, task)
-        target = self.action_normalizer(actions.to(self.device))
+    # -- training --------------------------------------------------------------------
+    def compute_loss(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Epsilon-prediction MSE on a batch of observation histories and ``action`` chunks ``[B, horizon, A]``.
+
+        ``batch["task"]`` may also be a tensor of indices into :attr:`tasks` (the trainer's form).
+        """
+        cond = self.condition(batch)
+        actions = torch.as_tensor(batch[ACTION], dtype=torch.float32, device=self.device)
+        if list(actions.shape[1:]) != [self.horizon, self.action_dim]:
+            raise ValueError(f"feature {ACTION!r} must have shape [batch, {self.horizon}, {self.action_dim}], "
+                             f"got {list(actions.shape)}")
+        target = self.action_normalizer(actions)
         noise = torch.randn(target.shape, generator=generator, device=self.device)
-        steps = torch.randint(0, self.noise_config["num_train_timesteps"], (target.shape[0],),
+        steps = torch.randint(0, self.config.noise_scheduler.num_train_timesteps, (target.shape[0],),
                               generator=generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(target, noise, steps)
         return nn.functional.mse_loss(self.model(noisy, steps, cond), noise)
 
+    # -- inference -------------------------------------------------------------------
+    def reset(self) -> None:
+        """Start a new episode: forget the observation history and the queued actions."""
+        self._history: torch.Tensor | None = None
+        self._queue: list[torch.Tensor] = []
+
     @torch.no_grad()
-    def predict_action(
-        self,
-        obs: torch.Tensor | np.ndarray,
-        task: str | Sequence[str] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """One sampling call: the ``[B, n_action_steps, action_dim]`` actions to execute next."""
-        cond = self.condition(obs, task)
+    def predict_action_chunk(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One sampling call: the ``[B, n_action_steps, action_dim]`` actions to execute next.
+
+        ``batch["observation.state"]`` is the observation history ``[B, n_obs_steps, D]``.
+        """
+        cond = self.condition(batch)
         bac.new_trajectory(self.model)
         self.sampler.set_timesteps(self.num_inference_steps)  # multistep solvers keep per-call state
         x = torch.randn((cond.shape[0], self.horizon, self.action_dim), generator=generator, device=self.device)
         for t in self.sampler.timesteps:
             x = self.sampler.step(self.model(x, t, cond), t, x, generator=generator).prev_sample
         return self.action_normalizer.inverse(x[:, : self.n_action_steps])
+
+    @torch.no_grad()
+    def select_action(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The next action ``[B, action_dim]`` for the current observation ``observation.state`` ``[B, D]``.
+
+        Keeps the last ``n_obs_steps`` observations (the first one repeated after
+        :meth:`reset`) and samples a new chunk only when the queue is empty.
+        """
+        state = self._state(batch, history=False)
+        if self._history is None:
+            self._history = state[:, None].expand(-1, self.n_obs_steps, -1).clone()
+        elif self._history.shape[0] != state.shape[0]:
+            raise ValueError(f"batch of {state.shape[0]} observations after {self._history.shape[0]}; "
+                             "call reset() before a new batch of episodes")
+        else:
+            self._history = torch.cat([self._history[:, 1:], state[:, None]], dim=1)
+        if not self._queue:
+            chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator)
+            self._queue = list(chunk.unbind(1))
+        return self._queue.pop(0)
 
     def accelerate(self, schedule: bac.Plan | bac.Rule | bac.Method) -> bac.CacheHandle:
         """``bac.accelerate`` on the denoiser with a plan, rule or named method, checked against this sampler."""
@@ -202,15 +291,8 @@ class DiffusionPolicy(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps(self.config(), indent=1) + "\n")
+        self.config.save(directory / "config.json")
         return directory
-
-    @classmethod
-    def from_config(cls, config: dict) -> "DiffusionPolicy":
-        config = dict(config)
-        if config.pop("format", None) != CHECKPOINT_FORMAT:
-            raise ValueError(f"not a {CHECKPOINT_FORMAT} checkpoint config")
-        return cls(**config)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
@@ -220,11 +302,12 @@ class DiffusionPolicy(nn.Module):
         config_path, weights_path = directory / "config.json", directory / "model.safetensors"
         if not config_path.is_file() or not weights_path.is_file():
             raise FileNotFoundError(f"{directory} is not a policy checkpoint (needs config.json and model.safetensors)")
-        config = json.loads(config_path.read_text())
+        config = PolicyConfig.load(config_path)
+        stored = config.to_dict()
         for key, value in (expect or {}).items():
-            if config.get(key) != value:
-                raise ValueError(f"checkpoint {directory} has {key}={config.get(key)!r}, expected {value!r}")
-        policy = cls.from_config(config)
+            if stored.get(key) != value:
+                raise ValueError(f"checkpoint {directory} has {key}={stored.get(key)!r}, expected {value!r}")
+        policy = cls(config)
         policy.load_weights(load_file(str(weights_path)))
         return policy.to(device).eval()
 

@@ -33,9 +33,8 @@ from bac.envs.collect import collect
 from bac.envs.dataset import WindowDataset
 
 from .checkpointing import TrainingState, check_fits
+from .config import PolicyConfig
 from .policy import DiffusionPolicy
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def task_list(cfg: DictConfig) -> list[str]:
@@ -66,14 +65,23 @@ def _optimizer(policy: DiffusionPolicy, cfg: DictConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def policy_config(cfg: DictConfig, state_dim: int, action_dim: int, tasks: list[str]) -> PolicyConfig:
+    """The typed config of the policy to train: ``cfg.policy`` (architecture, model) and the chunking settings."""
+    try:
+        return PolicyConfig.build(cfg.policy.architecture, OmegaConf.to_container(cfg.policy.model, resolve=True),
+                                  state_dim=state_dim, action_dim=action_dim, tasks=tasks, horizon=cfg.horizon,
+                                  n_obs_steps=cfg.n_obs_steps, n_action_steps=cfg.n_action_steps)
+    except ValueError as err:
+        raise ValueError(f"policy settings ({cfg.policy.name}): {err}") from err
+
+
 def success_check(policy: DiffusionPolicy, tasks: list[str], episodes: int) -> dict[str, float]:
     """Closed-loop success rate per task on held-out seeds (100000 and up)."""
-    from bac.envs.rollout import run_episodes
+    from bac.runtime import run_episodes
 
     rates = {}
     for task in tasks:
-        act = lambda obs, task=task: policy.predict_action(obs, task if len(tasks) > 1 else None)
-        results = list(run_episodes(act, task, range(100_000, 100_000 + episodes), n_obs_steps=policy.n_obs_steps))
+        results = list(run_episodes(policy, task, range(100_000, 100_000 + episodes)))
         rates[task] = sum(r["success"] for r in results) / len(results)
     return rates
 
@@ -87,18 +95,10 @@ def train(cfg: DictConfig) -> Path:
     run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    policy_config(cfg, 1, 1, tasks)  # refuse bad policy settings before collecting any data
     obs, actions, task_index, sources = load_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps,
                                                      cfg.action_noise)
-    policy = DiffusionPolicy(
-        cfg.policy.architecture,
-        OmegaConf.to_container(cfg.policy.model),
-        obs_dim=obs.shape[-1],
-        action_dim=actions.shape[-1],
-        horizon=cfg.horizon,
-        n_obs_steps=cfg.n_obs_steps,
-        n_action_steps=cfg.n_action_steps,
-        tasks=tasks,
-    )
+    policy = DiffusionPolicy(policy_config(cfg, obs.shape[-1], actions.shape[-1], tasks))
     policy.obs_normalizer.fit(obs)
     policy.action_normalizer.fit(actions)
     policy.to(device).train()
@@ -144,7 +144,8 @@ def train(cfg: DictConfig) -> Path:
     while step < cfg.steps:
         started = time.perf_counter()
         batch = torch.randint(0, len(obs), (cfg.batch_size,), generator=generator, device=device)
-        loss = policy.compute_loss(obs[batch], actions[batch], task_index[batch], generator=generator)
+        loss = policy.compute_loss({"observation.state": obs[batch], "action": actions[batch], "task": task_index[batch]},
+                                   generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)

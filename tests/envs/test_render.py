@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from bac.envs import tasks
-from bac.envs.metaworld_env import MetaWorldStateEnv, env_id, expert_action, make_env
-from bac.envs.video import record_episode, save_videos, video_path, write_video
+from bac.envs.metaworld_env import MetaWorldStateEnv, env_id, make_env
+from bac.envs.video import video_path, write_video
 
 OBS_DIM, ACT_DIM = 39, 4
 
@@ -201,60 +201,6 @@ def test_write_video_round_trips(tmp_path):
         write_video([np.zeros((4, 4), dtype=np.uint8)], tmp_path / "gray.gif")
 
 
-def test_record_episode_runs_chunks_like_the_evaluator():
-    histories = []
-
-    def act(history):
-        histories.append(history.copy())
-        return np.full((1, 3, ACT_DIM), 2.0)  # out of range: must be clipped to 1
-
-    episode = record_episode(act, "reach", seed=5, n_obs_steps=2, max_steps=7, size=(24, 32))
-    assert episode.steps == 7 and not episode.success
-    assert len(episode.frames) == 8 and episode.frames[0].shape == (24, 32, 3)
-    assert len(histories) == 3  # chunks of 3 actions: 3 + 3 + 1, cut at the cap
-    assert all(h.shape == (1, 2, OBS_DIM) and h.dtype == np.float32 for h in histories)
-    np.testing.assert_array_equal(histories[0][0, 0], histories[0][0, 1])  # padded at reset
-    # the same episode without a camera: clipped actions, the same observations
-    env = make_env("reach")
-    obs, _ = env.reset(seed=5)
-    np.testing.assert_array_equal(histories[0][0, 1], obs.astype(np.float32))
-    for _ in range(3):
-        obs, *_ = env.step(np.ones(ACT_DIM, dtype=np.float32))
-    np.testing.assert_array_equal(histories[1][0, 1], obs.astype(np.float32))
-    env.close()
-
-
-def test_record_episode_stops_at_first_success():
-    def expert(history):
-        return expert_action("reach", history[:, -1].astype(np.float64))[:, None]  # [1, 1, 4]
-
-    episode = record_episode(expert, "reach", seed=0, size=16)
-    assert episode.success and episode.steps < tasks.MAX_EPISODE_STEPS["reach"]
-    assert len(episode.frames) == episode.steps + 1
-
-
-def test_save_videos_one_per_method_and_task(tmp_path):
-    calls = []
-
-    def factory(scale):
-        def make_act(task, seed):
-            calls.append((scale, task, seed))
-            return lambda history: np.full((1, 2, ACT_DIM), scale)
-
-        return make_act
-
-    acts = {"every-step": factory(0.5), "bac M=10/n 2": factory(-0.5)}
-    records = save_videos(acts, ["reach"], tmp_path, seed={"reach": 9}, max_steps=4, size=16, fps=20)
-    assert [(r["method"], r["task"], r["seed"], r["steps"], r["skipped"]) for r in records] == [
-        ("every-step", "reach", 9, 4, False),
-        ("bac M=10/n 2", "reach", 9, 4, False),
-    ]
-    assert calls == [(0.5, "reach", 9), (-0.5, "reach", 9)]
-    paths = sorted(p.name for p in (tmp_path / "videos").iterdir())
-    assert paths == ["bac_M=10_n_2-reach.gif", "every-step-reach.gif"]
+def test_video_paths_are_safe_file_names(tmp_path):
     assert video_path(tmp_path, "every-step", "reach") == tmp_path / "videos" / "every-step-reach.gif"
-    with Image.open(tmp_path / "videos" / "every-step-reach.gif") as gif:
-        assert gif.n_frames == 5 and gif.size == (16, 16) and gif.info["duration"] == 50
-    # resuming skips the videos already written
-    again = save_videos(acts, ["reach"], tmp_path, seed=9, max_steps=4, size=16)
-    assert all(r["skipped"] and r["success"] is None for r in again) and len(calls) == 2
+    assert video_path(tmp_path, "bac M=10/n 2", "reach").name == "bac_M=10_n_2-reach.gif"

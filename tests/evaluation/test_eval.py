@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,27 +10,40 @@ from hydra import compose, initialize_config_dir
 
 import bac
 import bac.evaluation.closed_loop as closed_loop
-from bac.evaluation.run import REPO, EvalError, run
+from bac.configs import CONFIG_DIR
+from bac.evaluation.run import EvalError, load_policy, run
+from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(width=32, state_dim=39):
+    return PolicyConfig.build("dpt", {"width": width, "num_layers": 2, "heads": 2}, state_dim=state_dim, action_dim=4,
+                              tasks=["reach", "push"])
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    policy = DiffusionPolicy("dpt", {"width": 32, "num_layers": 2, "heads": 2}, obs_dim=39, action_dim=4,
-                             tasks=["reach", "push"])
+    policy = DiffusionPolicy(tiny_config())
     policy.obs_normalizer.fit(torch.randn(100, 39))
     policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
     return policy.save(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def plan_cache(checkpoint):
+    return Path(checkpoint).parent / "plans"
 
 
 def config(checkpoint, tmp_path, *extra):
     overrides = [
         f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=3", "num_envs=2", "max_episode_steps=16",
         "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3",
-        "latency.repeats=3", "latency.warmup=1", f"out_dir={tmp_path / 'out'}", "progress=false", *extra,
+        "latency.repeats=3", "latency.warmup=1", f"out_dir={tmp_path / 'out'}", "progress=false",
+        f"plan_cache={plan_cache(checkpoint)}", *extra,
     ]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="eval", overrides=overrides)
 
 
@@ -124,7 +138,7 @@ def cli(*overrides):
     ],
 )
 def test_bad_overrides_exit_non_zero_with_a_clear_message(checkpoint, tmp_path, overrides, message):
-    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path}", "tasks=[push]", "calibration.episodes=3", *overrides)
+    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path}", f"plan_cache={tmp_path / 'plans'}", "tasks=[push]", "calibration.episodes=3", *overrides)
     assert done.returncode == 2
     assert message in done.stderr
 
@@ -132,14 +146,14 @@ def test_bad_overrides_exit_non_zero_with_a_clear_message(checkpoint, tmp_path, 
 def test_plan_for_another_model_is_refused(checkpoint, tmp_path):
     cfg = config(checkpoint, tmp_path, "run_methods=[bac]", "episodes=0")
     run(cfg)
-    plan_files = list((checkpoint / "plans").glob("*/bac-*.json"))
+    plan_files = list(plan_cache(checkpoint).glob("tiny-*/bac-*.json"))
     assert plan_files
-    other = DiffusionPolicy("dpt", {"width": 64, "num_layers": 2, "heads": 2}, obs_dim=39, action_dim=4,
-                            tasks=["reach", "push"])
+    other = DiffusionPolicy(tiny_config(width=64))
     foreign = bac.make_plan(other.model, "uniform", num_steps=6, M=2)
     for path in plan_files:
         foreign.save(path)
-    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'cli'}", "tasks=[push]", "run_methods=[bac]", "episodes=0",
+    done = cli(f"checkpoint={checkpoint}", f"out_dir={tmp_path / 'cli'}", f"plan_cache={plan_cache(checkpoint)}",
+               "tasks=[push]", "run_methods=[bac]", "episodes=0",
                "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3")
     assert done.returncode == 2
     assert "does not fit this policy/sampler" in done.stderr and "recompute=true" in done.stderr
@@ -157,3 +171,35 @@ def test_every_caching_method_runs_closed_loop(checkpoint, tmp_path):
     assert report["methods"]["taylorseer"]["config"]["cache"] == "taylorseer"
     assert report["methods"]["taylorseer"]["plan_file"] is None and report["methods"]["bac"]["plan_file"]
     assert report["methods"]["taylorseer"]["skipped_share"] == pytest.approx(1 - 3 / 6)  # steps 0, 1, 5 of 6
+
+
+def test_untrained_policy_takes_its_features_from_the_env(tmp_path):
+    cfg = config("untrained:dpt", tmp_path, "untrained_tasks=[reach,push]")
+    policy, _, trained = load_policy(cfg)
+    assert not trained and policy.tasks == ["reach", "push"]
+    assert policy.input_features["observation.state"].shape == (39,) and "task" in policy.input_features
+    assert policy.output_features["action"].shape == (4,)
+    assert torch.equal(policy.action_normalizer.scale, torch.ones(4))  # Meta-World's [-1, 1]: the identity
+    assert torch.equal(policy.action_normalizer.offset, torch.zeros(4))
+
+
+def test_checkpoint_that_does_not_fit_the_env_is_refused(tmp_path):
+    DiffusionPolicy(tiny_config(state_dim=38)).save(tmp_path / "wrong")
+    with pytest.raises(EvalError, match=r"'observation.state' is \[38\], the environment's observations are \[39\]"):
+        load_policy(config(tmp_path / "wrong", tmp_path))
+
+
+def test_video_writes_one_gif_per_method_and_task(checkpoint, tmp_path):
+    from PIL import Image
+
+    report = run(config(checkpoint, tmp_path, "run_methods=[full,bac]", "tasks=[reach]", "episodes=1", "video=true",
+                        "video_settings.size=32"))
+    videos = {(v["method"], v["task"]): v for v in report["videos"]}
+    assert set(videos) == {("full", "reach"), ("bac", "reach")}
+    for v in videos.values():
+        with Image.open(v["path"]) as gif:
+            assert gif.size == (32, 32) and gif.n_frames > 1
+        assert v["seed"] == 100000 and 1 <= v["steps"] <= 16
+    again = run(config(checkpoint, tmp_path, "run_methods=[full,bac]", "tasks=[reach]", "episodes=1", "video=true",
+                       "video_settings.size=32"))
+    assert all("steps" not in v for v in again["videos"])  # resumed: kept, not recorded again

@@ -1,0 +1,423 @@
+"""Typed policy configuration and the feature spec, as stored in a checkpoint's ``config.json``.
+
+A policy declares what it reads and writes as named features, after LeRobot's
+conventions: ``observation.state`` (a state vector), ``observation.images.<camera>``
+(images), ``task`` (the task as a language string) and ``action``. A batch handed to
+a policy is a dict keyed by these names (see :mod:`bac.policies.policy`).
+
+Today's policies read ``observation.state`` and ``task``; the task is one of the
+names in :attr:`PolicyConfig.tasks` and enters the denoiser's condition as a one-hot
+(for more than one task). Image features are part of the format but refused by
+:class:`PolicyConfig` until a policy with an image encoder exists.
+
+``config.json`` is :meth:`PolicyConfig.to_dict` (``"format": "bac-policy/2"``).
+Checkpoints written before features existed (``"format": "bac-policy/1"``, with
+``obs_dim``/``action_dim``) are converted on load by :func:`from_legacy`; the
+conversion is recorded in ``provenance["converted_from"]``. Every other mismatch
+(a missing, unknown or mistyped field, an impossible shape) is a ``ValueError``
+naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+CONFIG_FORMAT = "bac-policy/2"
+LEGACY_FORMAT = "bac-policy/1"
+
+STATE = "observation.state"
+IMAGE_PREFIX = "observation.images."
+TASK = "task"
+ACTION = "action"
+FEATURE_TYPES = ("state", "image", "language", "action")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+PREDICTION_TYPES = ("epsilon",)  # the training loss regresses the noise
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _typed_fields(cls, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Check ``data`` against a dataclass of scalar fields: no unknown keys, right types; defaults fill gaps."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; {cls.__name__} has {known}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}: missing field {f.name!r}")
+            continue
+        value, kind = data[f.name], hints[f.name]
+        if not _is(value, kind):
+            raise ValueError(f"{where}.{f.name} must be {kind.__name__}, got {value!r}")
+        values[f.name] = float(value) if kind is float else value
+    return values
+
+
+# ------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class DPTConfig:
+    """DP-T (``policies.dpt.TransformerForDiffusion``): decoder layers with causal self-attention."""
+
+    width: int = 256
+    num_layers: int = 8
+    heads: int = 4
+    dropout: float = 0.1
+    causal_attn: bool = True
+
+    def __post_init__(self) -> None:
+        _check_transformer(self)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """DiT head (``policies.dit.DiTPolicyHead``): adaLN-Zero blocks."""
+
+    width: int = 256
+    num_layers: int = 8
+    heads: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_transformer(self)
+
+
+def _check_transformer(config) -> None:
+    name = type(config).__name__
+    for key in ("width", "num_layers", "heads"):
+        if not _is(getattr(config, key), int) or getattr(config, key) < 1:
+            raise ValueError(f"{name}.{key} must be a positive int, got {getattr(config, key)!r}")
+    if config.width % config.heads:
+        raise ValueError(f"{name}: width {config.width} is not divisible by heads {config.heads}")
+    if not _is(config.dropout, float) or not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout!r}")
+
+
+MODEL_CONFIGS: dict[str, type] = {"dpt": DPTConfig, "dit": DiTConfig}
+ModelConfig = DPTConfig | DiTConfig
+
+
+def model_config(architecture: str, model: Mapping[str, Any] | ModelConfig | None = None) -> ModelConfig:
+    """The typed model config of ``architecture`` from a mapping (defaults fill missing fields)."""
+    if architecture not in MODEL_CONFIGS:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(MODEL_CONFIGS)}")
+    cls = MODEL_CONFIGS[architecture]
+    if isinstance(model, cls):
+        return model
+    if dataclasses.is_dataclass(model):
+        raise ValueError(f"a {type(model).__name__} is not the model config of architecture {architecture!r}")
+    return cls(**_typed_fields(cls, model or {}, "model"))
+
+
+@dataclass(frozen=True)
+class NoiseSchedulerConfig:
+    """diffusers' ``DDPMScheduler`` settings the policy is trained with (samplers derive from it)."""
+
+    num_train_timesteps: int = 100
+    beta_schedule: str = "squaredcos_cap_v2"
+    clip_sample: bool = True
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if not _is(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
+            raise ValueError(f"noise_scheduler.num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"noise_scheduler.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"noise_scheduler.prediction_type must be one of {PREDICTION_TYPES}, "
+                             f"got {self.prediction_type!r}")
+
+
+# ----------------------------------------------------------------------------- features
+@dataclass(frozen=True)
+class PolicyFeature:
+    """One named input or output: ``type`` is state, image, language or action; ``shape`` excludes batch and time.
+
+    ``shape`` is ``(D,)`` for state and action vectors, ``(C, H, W)`` for images and
+    ``()`` for a language string.
+    """
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.type not in FEATURE_TYPES:
+            raise ValueError(f"feature {self.name!r}: type must be one of {FEATURE_TYPES}, got {self.type!r}")
+        shape = self.shape
+        if not isinstance(shape, (tuple, list)) or not all(_is(n, int) and n >= 1 for n in shape):
+            raise ValueError(f"feature {self.name!r}: shape must be a list of positive ints, got {shape!r}")
+        object.__setattr__(self, "shape", tuple(shape))
+        expected_rank = {"state": 1, "action": 1, "image": 3, "language": 0}[self.type]
+        if len(self.shape) != expected_rank:
+            raise ValueError(f"feature {self.name!r}: a {self.type} feature has {expected_rank} dimension(s), "
+                             f"got shape {list(self.shape)}")
+        expected_name = {"state": STATE, "action": ACTION, "language": TASK}.get(self.type)
+        if expected_name and self.name != expected_name:
+            raise ValueError(f"a {self.type} feature must be named {expected_name!r}, got {self.name!r}")
+        if self.type == "image" and (not self.name.startswith(IMAGE_PREFIX) or self.name == IMAGE_PREFIX):
+            raise ValueError(f"an image feature must be named {IMAGE_PREFIX}<camera>, got {self.name!r}")
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "PolicyFeature":
+        if not isinstance(data, Mapping) or set(data) != {"type", "shape"}:
+            raise ValueError(f"feature {name!r} must be {{'type': ..., 'shape': [...]}}, got {data!r}")
+        return cls(name, data["type"], data["shape"])
+
+
+def state_features(state_dim: int, tasks: Sequence[str] = ()) -> dict[str, PolicyFeature]:
+    """Inputs of a state-based policy: ``observation.state`` ``(state_dim,)``, and ``task`` if it knows tasks."""
+    features = {STATE: PolicyFeature(STATE, "state", (state_dim,))}
+    if tasks:
+        features[TASK] = PolicyFeature(TASK, "language", ())
+    return features
+
+
+def action_features(action_dim: int) -> dict[str, PolicyFeature]:
+    return {ACTION: PolicyFeature(ACTION, "action", (action_dim,))}
+
+
+# ------------------------------------------------------------------------------- policy
+_FIELDS = ("architecture", "model", "input_features", "output_features", "horizon", "n_obs_steps",
+           "n_action_steps", "tasks", "noise_scheduler", "provenance")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Everything needed to rebuild a policy before its weights load (``config.json``).
+
+    Build one with :meth:`build` (from dimensions) or :meth:`from_dict` (from JSON).
+    """
+
+    architecture: str
+    model: ModelConfig
+    input_features: dict[str, PolicyFeature]
+    output_features: dict[str, PolicyFeature]
+    horizon: int = 16
+    n_obs_steps: int = 2
+    n_action_steps: int = 8
+    tasks: tuple[str, ...] = ()
+    noise_scheduler: NoiseSchedulerConfig = field(default_factory=NoiseSchedulerConfig)
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in MODEL_CONFIGS:
+            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {sorted(MODEL_CONFIGS)}")
+        if not isinstance(self.model, MODEL_CONFIGS[self.architecture]):
+            raise ValueError(f"model must be a {MODEL_CONFIGS[self.architecture].__name__} for architecture "
+                             f"{self.architecture!r}, got {type(self.model).__name__}")
+        for key in ("horizon", "n_obs_steps", "n_action_steps"):
+            if not _is(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key} must be a positive int, got {getattr(self, key)!r}")
+        if self.n_action_steps > self.horizon:
+            raise ValueError(f"n_action_steps must be in [1, horizon={self.horizon}], got {self.n_action_steps}")
+        tasks = self.tasks
+        if isinstance(tasks, str) or not all(isinstance(t, str) and t for t in tasks):
+            raise ValueError(f"tasks must be a list of task names, got {tasks!r}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks must be distinct, got {list(tasks)}")
+        object.__setattr__(self, "tasks", tuple(tasks))
+        if not isinstance(self.noise_scheduler, NoiseSchedulerConfig):
+            raise ValueError(f"noise_scheduler must be a NoiseSchedulerConfig, got {type(self.noise_scheduler).__name__}")
+        if not isinstance(self.provenance, dict):
+            raise ValueError(f"provenance must be a mapping, got {type(self.provenance).__name__}")
+        self._check_features()
+
+    def _check_features(self) -> None:
+        for where, features in (("input_features", self.input_features), ("output_features", self.output_features)):
+            if not isinstance(features, Mapping) or not all(isinstance(f, PolicyFeature) for f in features.values()):
+                raise ValueError(f"{where} must map names to PolicyFeature")
+            for name, feature in features.items():
+                if name != feature.name:
+                    raise ValueError(f"{where}: key {name!r} holds feature {feature.name!r}")
+        inputs, outputs = self.input_features, self.output_features
+        images = [n for n, f in inputs.items() if f.type == "image"]
+        if images:
+            raise ValueError(f"image features {images}: this policy has no image encoder yet "
+                             f"(inputs can be {STATE!r} and {TASK!r})")
+        if set(outputs) != {ACTION} or outputs[ACTION].type != "action":
+            raise ValueError(f"output_features must be exactly {{{ACTION!r}: action}}, got {sorted(outputs)}")
+        wrong = sorted(n for n, f in inputs.items() if f.type not in ("state", "language"))
+        if wrong:
+            raise ValueError(f"input_features {wrong} must be of type state, image or language")
+        if STATE not in inputs:
+            raise ValueError(f"input_features must include {STATE!r}, got {sorted(inputs)}")
+        if self.tasks and TASK not in inputs:
+            raise ValueError(f"a policy trained on tasks {list(self.tasks)} needs the input feature {TASK!r}")
+        if not self.tasks and TASK in inputs:
+            raise ValueError(f"input feature {TASK!r} needs the list of task names (tasks=[...])")
+
+    # -- derived ---------------------------------------------------------------------
+    @property
+    def state_dim(self) -> int:
+        return self.input_features[STATE].shape[0]
+
+    @property
+    def action_dim(self) -> int:
+        return self.output_features[ACTION].shape[0]
+
+    @property
+    def conditions_on_task(self) -> bool:
+        """Whether the task enters the condition (as a one-hot): for more than one task."""
+        return len(self.tasks) > 1
+
+    @property
+    def cond_dim(self) -> int:
+        return self.state_dim + (len(self.tasks) if self.conditions_on_task else 0)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def build(cls, architecture: str, model: Mapping[str, Any] | ModelConfig | None = None, *,
+              state_dim: int, action_dim: int, tasks: Sequence[str] = (),
+              noise_scheduler: Mapping[str, Any] | NoiseSchedulerConfig | None = None,
+              **settings: Any) -> "PolicyConfig":
+        """A state-based policy's config: features from the dimensions, typed model config from a mapping.
+
+        ``settings`` are the remaining fields (``horizon``, ``n_obs_steps``, ``n_action_steps``,
+        ``provenance``).
+        """
+        unknown = sorted(set(settings) - {"horizon", "n_obs_steps", "n_action_steps", "provenance"})
+        if unknown:
+            raise ValueError(f"unknown policy setting(s) {unknown}")
+        if not isinstance(noise_scheduler, NoiseSchedulerConfig):
+            noise_scheduler = NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, noise_scheduler or {},
+                                                                   "noise_scheduler"))
+        for key, value in (("state_dim", state_dim), ("action_dim", action_dim)):
+            if not _is(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+        if isinstance(tasks, str):
+            raise ValueError(f"tasks must be a list of task names, got {tasks!r}")
+        settings["provenance"] = dict(settings.get("provenance") or {})
+        return cls(
+            architecture=architecture,
+            model=model_config(architecture, model),
+            input_features=state_features(state_dim, tasks),
+            output_features=action_features(action_dim),
+            tasks=tuple(tasks),
+            noise_scheduler=noise_scheduler,
+            **settings,
+        )
+
+    def replace(self, **changes: Any) -> "PolicyConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- JSON --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": CONFIG_FORMAT,
+            "type": "diffusion",
+            "architecture": self.architecture,
+            "model": dataclasses.asdict(self.model),
+            "input_features": {n: f.to_dict() for n, f in self.input_features.items()},
+            "output_features": {n: f.to_dict() for n, f in self.output_features.items()},
+            "horizon": self.horizon,
+            "n_obs_steps": self.n_obs_steps,
+            "n_action_steps": self.n_action_steps,
+            "tasks": list(self.tasks),
+            "noise_scheduler": dataclasses.asdict(self.noise_scheduler),
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PolicyConfig":
+        """Parse ``config.json``; an old ``bac-policy/1`` config is converted (see :func:`from_legacy`)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a policy config is a JSON object, got {type(data).__name__}")
+        fmt = data.get("format")
+        if fmt == LEGACY_FORMAT:
+            return from_legacy(data)
+        if fmt != CONFIG_FORMAT:
+            raise ValueError(f"config format {fmt!r} is not {CONFIG_FORMAT!r} (or the convertible {LEGACY_FORMAT!r})")
+        if data.get("type", "diffusion") != "diffusion":
+            raise ValueError(f"config type {data.get('type')!r} is not a diffusion policy")
+        body = {k: v for k, v in data.items() if k not in ("format", "type")}
+        missing = [k for k in _FIELDS if k not in body and k not in ("provenance",)]
+        if missing:
+            raise ValueError(f"policy config is missing field(s) {missing}")
+        unknown = sorted(set(body) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"policy config has unknown field(s) {unknown}; expected {list(_FIELDS)}")
+        for key in ("input_features", "output_features"):
+            if not isinstance(body[key], Mapping):
+                raise ValueError(f"{key} must map feature names to {{type, shape}}, got {body[key]!r}")
+        if not isinstance(body["tasks"], list):
+            raise ValueError(f"tasks must be a list of task names, got {body['tasks']!r}")
+        architecture = body["architecture"]
+        if not isinstance(architecture, str):
+            raise ValueError(f"architecture must be one of {sorted(MODEL_CONFIGS)}, got {architecture!r}")
+        return cls(
+            architecture=architecture,
+            model=model_config(architecture, body["model"]),
+            input_features={n: PolicyFeature.from_dict(n, f) for n, f in body["input_features"].items()},
+            output_features={n: PolicyFeature.from_dict(n, f) for n, f in body["output_features"].items()},
+            horizon=body["horizon"],
+            n_obs_steps=body["n_obs_steps"],
+            n_action_steps=body["n_action_steps"],
+            tasks=tuple(body["tasks"]),
+            noise_scheduler=NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, body["noise_scheduler"],
+                                                                 "noise_scheduler")),
+            provenance=dict(body.get("provenance") or {}),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PolicyConfig":
+        """Read a ``config.json``; every problem is a ``ValueError`` naming the file and the field."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from err
+
+
+_LEGACY_FIELDS = ("format", "architecture", "model", "obs_dim", "action_dim", "horizon", "n_obs_steps",
+                  "n_action_steps", "tasks", "noise_scheduler", "provenance")
+
+
+def from_legacy(data: Mapping[str, Any]) -> PolicyConfig:
+    """Convert a ``bac-policy/1`` config (``obs_dim``/``action_dim``, untyped model dict) to a :class:`PolicyConfig`.
+
+    The features are ``observation.state`` ``(obs_dim,)``, ``task`` when it names tasks,
+    and ``action`` ``(action_dim,)``; the weights need no change. Rewrite a checkpoint with
+    ``PolicyConfig.load(dir / "config.json").save(dir / "config.json")``.
+    """
+    unknown = sorted(set(data) - set(_LEGACY_FIELDS))
+    if unknown:
+        raise ValueError(f"{LEGACY_FORMAT} config has unknown field(s) {unknown}")
+    missing = [k for k in ("architecture", "obs_dim", "action_dim") if k not in data]
+    if missing:
+        raise ValueError(f"{LEGACY_FORMAT} config is missing field(s) {missing}")
+    provenance = dict(data.get("provenance") or {})
+    provenance["converted_from"] = LEGACY_FORMAT
+    settings = {k: data[k] for k in ("horizon", "n_obs_steps", "n_action_steps") if k in data}
+    return PolicyConfig.build(data["architecture"], data.get("model"), state_dim=data["obs_dim"],
+                              action_dim=data["action_dim"], tasks=tuple(data.get("tasks") or ()),
+                              noise_scheduler=data.get("noise_scheduler"), provenance=provenance, **settings)

@@ -1,0 +1,149 @@
+"""Seeded episodes of a chunking policy on gymnasium vector envs, in waves of ``num_envs``.
+
+The policy is driven through its interface: ``reset()`` at the start of a wave, then
+one ``select_action(batch)`` per environment step with the current observations
+(``{"observation.state": [B, D], "task": [task] * B}``); the policy keeps the
+observation history and its queue of ``n_action_steps`` actions and samples a new
+chunk when the queue runs empty, so each chunk is executed open loop. Actions are
+clipped to the environment's action space. One seed per environment; an episode
+ends at its first success or at the step cap, and its result is final from then on
+(environments that finish early idle until the wave ends).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, runtime_checkable
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+STATE, TASK = "observation.state", "task"
+
+
+@runtime_checkable
+class ChunkingPolicy(Protocol):
+    """What the runtime needs of a policy (LeRobot's ``PreTrainedPolicy`` interface)."""
+
+    input_features: Mapping[str, Any]
+    output_features: Mapping[str, Any]
+    device: torch.device
+
+    def reset(self) -> None: ...
+
+    def select_action(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+    def predict_action_chunk(self, batch: Mapping[str, Any],
+                             generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+def _shape(feature: Any) -> tuple[int, ...]:
+    return tuple(feature.shape)
+
+
+def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, action_space: gym.Space) -> None:
+    """Raise ``ValueError`` unless the policy's features fit one environment's spaces."""
+    inputs, outputs = policy.input_features, policy.output_features
+    if not isinstance(observation_space, gym.spaces.Box):
+        raise ValueError(f"the runtime maps Box observations to {STATE!r}; got a {type(observation_space).__name__}")
+    images = [name for name in inputs if name.startswith("observation.images.")]
+    if images:
+        raise ValueError(f"the policy reads images {images}; this environment gives a state vector only")
+    if STATE not in inputs or _shape(inputs[STATE]) != tuple(observation_space.shape):
+        raise ValueError(f"the policy's {STATE!r} is {list(_shape(inputs[STATE])) if STATE in inputs else 'absent'}, "
+                         f"the environment's observations are {list(observation_space.shape)}")
+    if not isinstance(action_space, gym.spaces.Box) or _shape(outputs["action"]) != tuple(action_space.shape):
+        raise ValueError(f"the policy's actions are {list(_shape(outputs['action']))}, "
+                         f"the environment's action space is {action_space}")
+
+
+def observation_batch(obs: np.ndarray, task: str) -> dict[str, Any]:
+    """The policy batch of a vector env's observations ``[B, D]``: float32 ``observation.state`` and ``task``."""
+    obs = np.asarray(obs)
+    return {STATE: torch.as_tensor(obs.astype(np.float32)), TASK: [task] * obs.shape[0]}
+
+
+def run_episodes(
+    policy: ChunkingPolicy,
+    task: str,
+    seeds: Iterable[int],
+    *,
+    num_envs: int = 10,
+    max_episode_steps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[dict]:
+    """Yield one result per seed, ``{"seed", "success", "steps"}``, as each wave of ``num_envs`` finishes.
+
+    ``generator`` (default: torch's global RNG) draws the sampling noise of every wave in turn.
+    """
+    from bac.envs.metaworld_env import make_vector_env
+
+    seeds = [int(s) for s in seeds]
+    for start in range(0, len(seeds), num_envs):
+        wave = seeds[start : start + num_envs]
+        venv = make_vector_env(task, len(wave), max_episode_steps=max_episode_steps, terminate_on_success=True)
+        try:
+            yield from run_wave(policy, venv, task, wave, generator=generator)
+        finally:
+            venv.close()
+
+
+def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seeds: list[int], *,
+             generator: torch.Generator | None = None,
+             on_step: Callable[[gym.vector.VectorEnv], None] | None = None) -> list[dict]:
+    """One wave: reset ``venv`` with one seed per env, step until every episode is done.
+
+    ``on_step(venv)`` runs after the reset and after every step (e.g. to render a frame).
+    """
+    check_compatible(policy, venv.single_observation_space, venv.single_action_space)
+    low, high = venv.single_action_space.low, venv.single_action_space.high
+    obs, _ = venv.reset(seed=seeds)
+    policy.reset()
+    if on_step is not None:
+        on_step(venv)
+    done = np.zeros(len(seeds), dtype=bool)
+    success = np.zeros(len(seeds), dtype=bool)
+    steps = np.zeros(len(seeds), dtype=int)
+    while not done.all():
+        action = policy.select_action(observation_batch(obs, task), generator=generator)
+        action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
+        if action.shape != (len(seeds), *venv.single_action_space.shape):
+            raise ValueError(f"policy returned actions of shape {list(action.shape)}, expected "
+                             f"{[len(seeds), *venv.single_action_space.shape]}")
+        obs, _, terminated, truncated, info = venv.step(np.clip(action, low, high))
+        if on_step is not None:
+            on_step(venv)
+        active = ~done
+        steps[active] += 1
+        success[active] |= np.asarray(info["success"], dtype=bool)[active]
+        done |= active & (terminated | truncated)
+    policy.reset()
+    return [{"seed": s, "success": bool(ok), "steps": int(n)} for s, ok, n in zip(seeds, success, steps)]
+
+
+def record_episode(
+    policy: ChunkingPolicy,
+    task: str,
+    seed: int,
+    *,
+    generator: torch.Generator | None = None,
+    max_episode_steps: int | None = None,
+    camera_name: str = "corner",
+    size: int = 128,
+) -> tuple[dict, list[np.ndarray]]:
+    """One seeded episode run exactly as :func:`run_episodes` runs it, with a ``[size, size, 3]`` frame per step.
+
+    Returns the episode's result (``{"seed", "success", "steps"}``) and its ``steps + 1``
+    frames (one after the reset, one after every step). Rendering does not change the
+    state observations, so with the same ``generator`` this is the evaluated episode.
+    """
+    from bac.envs.metaworld_env import make_vector_env
+
+    frames: list[np.ndarray] = []
+    venv = make_vector_env(task, 1, max_episode_steps=max_episode_steps, terminate_on_success=True,
+                           render_mode="rgb_array", camera_name=camera_name, width=size, height=size)
+    try:
+        [result] = run_wave(policy, venv, task, [int(seed)], generator=generator,
+                            on_step=lambda v: frames.append(v.render()[0]))
+    finally:
+        venv.close()
+    return result, frames[: result["steps"] + 1]

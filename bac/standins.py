@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from .checks import check_number
+
 
 def map_outputs(fn: Callable[..., Any], *outputs: Any) -> Any:
     """Apply ``fn`` to tensors, or elementwise to tuples of tensors (``None`` stays ``None``)."""
@@ -114,9 +116,8 @@ class Taylor:
     keeps_history = True  # every computation before a skip contributes a finite difference
 
     def __init__(self, order: int = 1):
-        if isinstance(order, bool) or order not in (1, 2):
-            raise ValueError(f"Taylor order must be 1 or 2, got {order!r}")
-        self.order = order
+        check_number("Taylor order", order, 1, 2, integer=True)
+        self.order = int(order)
 
     def store(self, cache: list, i: int, step: int, out: Any) -> None:
         series = cache[i]

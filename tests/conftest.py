@@ -31,3 +31,19 @@ def exhaustive_settings():
         }
 
     return settings
+
+
+@pytest.fixture(scope="session")
+def skipping_settings():
+    """Per caching method but every-step, parameters that skip a good share of block evaluations on the tests'
+    tiny denoisers and policies (cap ``M`` at the sampler's step count)."""
+    return {
+        "uniform": {"interval": 3},
+        "unified-acs": {"M": 4},
+        "acs": {"M": 4},
+        "bac": {"M": 4, "n": 2},
+        "taylorseer": {"interval": 3, "order": 2},
+        "fbcache": {"threshold": 10.0},
+        "cg-taylor": {"gate": 10.0},
+        "sortblock": {"fraction": 0.34, "interval": 4},
+    }

@@ -400,29 +400,16 @@ def test_configured_suites_are_the_default_suite():
     assert list(OmegaConf.load(CONFIG_DIR / "eval.yaml").untrained_tasks) == list(DEFAULT_SUITE)
 
 
-# Parameters that skip a good share of block evaluations (M is capped at the policy's step count).
-SKIPPING = {
-    "uniform": {"interval": 3},
-    "unified-acs": {"M": 4},
-    "acs": {"M": 4},
-    "bac": {"M": 4, "n": 2},
-    "taylorseer": {"interval": 3, "order": 2},
-    "fbcache": {"threshold": 10.0},
-    "cg-taylor": {"gate": 10.0},
-    "sortblock": {"fraction": 0.34, "interval": 4},
-}
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("architecture", ["dpt", "dit"])
-def test_both_policy_architectures_accept_every_method(architecture):
+def test_both_policy_architectures_accept_every_method(architecture, skipping_settings):
     policy = tiny_policy(architecture)
     obs = torch.randn(2, 2, 39)
     reference = chunk(policy, obs)
     calibration = bac.calibrate(policy.model, lambda o: chunk(policy, o), [obs], scheduler=policy.sampler)
     steps = policy.num_inference_steps
     for name in bac.available_methods():
-        params = {k: min(v, steps) if k == "M" else v for k, v in SKIPPING.get(name, {}).items()}
+        params = {k: min(v, steps) if k == "M" else v for k, v in skipping_settings.get(name, {}).items()}
         with policy.accelerate(bac.build_method(name, calibration, **params)) as handle:
             actions = chunk(policy, obs)
             stats = handle.stats()

@@ -26,7 +26,16 @@ from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, Mo
 from .bua import bubbling_union
 from .calibration import METRICS, Calibration
 from .engine import CacheHandle, StepOverflowError, accelerate, new_trajectory
-from .fit import PlanMismatchError, scheduler_id
+from .errors import (
+    BacError,
+    CacheStateError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NonFiniteError,
+    PlanMismatchError,
+)
+from .fit import scheduler_id
 from .methods import (
     Method,
     MethodInfo,
@@ -44,11 +53,16 @@ from .rules import CGTaylor, FirstBlockCache, Rule, Sortblock
 from .standins import REUSE, Reuse, Taylor, make_standin
 
 __all__ = [
+    "BacError",
     "Block",
     "BranchAttributes",
     "CGTaylor",
     "CacheHandle",
+    "CacheStateError",
     "Calibration",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
     "FirstBlockCache",
     "ForwardOverride",
     "LayerAdapter",
@@ -56,6 +70,7 @@ __all__ = [
     "Method",
     "MethodInfo",
     "ModelSpec",
+    "NonFiniteError",
     "Plan",
     "PlanBlock",
     "PlanMismatchError",

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .actions import NOTIFY, RUN, STORE, AlwaysCompute, BoundSchedule, StaticRows, actions_from_table
 from .adapters import LayerAdapter, ModelSpec, describe
 from .checks import check_number
+from .errors import CacheStateError
 from .flops import executed_flops
 from .methods import Method
 from .plan import Plan
@@ -44,7 +45,7 @@ from .standins import REUSE, Standin, make_standin
 Observer = Callable[[int, Callable[..., Any], tuple, dict], Any]
 
 
-class StepOverflowError(RuntimeError):
+class StepOverflowError(CacheStateError):
     """The denoiser ran more steps in one sampling call than the schedule covers."""
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-
-class PlanMismatchError(ValueError):
-    """A plan or calibration does not fit the model or sampler it is applied to."""
+from .errors import PlanMismatchError
 
 
 def scheduler_id(scheduler: Any) -> str | None:

@@ -62,14 +62,15 @@ __all__ = ["FORMAT_VERSION", "collect", "dataset_path", "default_data_dir", "rol
 
 #: Bumped whenever what is written changes, so stale caches are not reused.
 FORMAT_VERSION = 2  # 2: reach's expert steers the tool centre (envs.metaworld_env.ReachTCPPolicy)
-_REPO_ROOT = Path(__file__).resolve().parents[1]
 _ROBOMIMIC_GYM_TYPE = 2  # robomimic.envs.env_base.EnvType.GYM_TYPE
 
 
 def default_data_dir() -> Path:
-    """``<repo>/data/metaworld`` (``data/`` is gitignored); ``./data/metaworld`` if not in a repo checkout."""
-    root = _REPO_ROOT if (_REPO_ROOT / "configs").is_dir() else Path.cwd()
-    return root / "data" / "metaworld"
+    """``$BAC_DATA_DIR/metaworld``, else ``./data/metaworld`` under the current directory (gitignored in the repo).
+
+    Never inside the installed package, which may be read-only.
+    """
+    return Path(os.environ.get("BAC_DATA_DIR", "data")) / "metaworld"
 
 
 def dataset_path(

@@ -48,6 +48,9 @@ class BoundSchedule:
     name = "schedule"
     params: dict = {}
     limit = sys.maxsize  # steps one trajectory may run in a context
+    # True: a trajectory must run exactly `limit` steps (a plan's rows are made for that sampler);
+    # runtime rules decide step by step, so a shorter run is no error for them
+    exact_length = False
 
     def new_state(self) -> Any:
         return None
@@ -61,6 +64,8 @@ class BoundSchedule:
 
 class StaticRows(BoundSchedule):
     """A precomputed action table (from a plan, or every block every step)."""
+
+    exact_length = True
 
     def __init__(self, rows: Sequence[Sequence[int]], limit: int, name: str, params: dict | None = None):
         self.rows = rows

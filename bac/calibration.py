@@ -4,6 +4,11 @@ For every block and every pair of steps (a, t), averaged over calibration
 samples: cosine similarity, mean absolute difference (L1) and mean squared
 difference (MSE) of the block's residual-branch outputs r_a and r_t, and each
 block's reuse error. Saved as safetensors with the metadata in the header.
+
+``fingerprint["weights"]`` is the digest of the weights it was recorded on
+(:func:`bac.adapters.weights_digest`); :meth:`Calibration.check_fits` refuses a
+model with other weights unless ``allow_other_weights``. Files written before
+bac recorded it have no digest: they load, and are not checked against weights.
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from .adapters import Block
+from .adapters import KINDS, Block
+from .errors import PlanMismatchError
 from .fit import check_fits
 
 METRICS = ("cosine", "l1", "mse")
@@ -41,10 +47,21 @@ class Calibration:
             raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
         return self.matrices[metric]
 
-    def check_fits(self, spec, num_steps: int | None = None, scheduler: Any = None) -> None:
-        """Raise :class:`bac.PlanMismatchError` naming the first thing that does not fit ``spec`` / the sampler."""
+    @property
+    def weights(self) -> str | None:
+        """Digest of the weights this was recorded on (``None`` for files from before bac recorded it)."""
+        return self.fingerprint.get("weights")
+
+    def check_fits(self, spec, num_steps: int | None = None, scheduler: Any = None,
+                   allow_other_weights: bool = False) -> None:
+        """Raise :class:`bac.PlanMismatchError` naming the first thing that does not fit ``spec`` / the sampler.
+
+        Includes the weights (hashed now) unless ``allow_other_weights`` or the
+        calibration has no weights digest (an older file).
+        """
         blocks = [(b.name, b.kind, b.layer) for b in self.blocks]
-        check_fits("calibration", self.fingerprint, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler)
+        check_fits("calibration", self.fingerprint, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler,
+                   allow_other_weights)
 
     def facts(self) -> dict:
         """What a plan file records about the calibration it came from."""
@@ -68,18 +85,61 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        with safe_open(str(path), framework="numpy") as f:
-            meta = json.loads((f.metadata() or {}).get("bac", "null") or "null")
-        if meta is None:
-            raise ValueError(f"{path} is not a bac calibration file")
-        arrays = load_file(str(path))
+        """Read a calibration file; a missing, truncated, corrupt or malformed one is a :class:`bac.PlanMismatchError`."""
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                text = (f.metadata() or {}).get("bac")
+            arrays = load_file(str(path))
+        except (OSError, SafetensorError) as err:
+            raise PlanMismatchError(f"cannot read calibration file {path} (missing, truncated or not safetensors): "
+                                    f"{err}") from None
+        if text is None:
+            raise PlanMismatchError(f"{path} is not a bac calibration file (no 'bac' metadata)")
+
+        def bad(what: str) -> PlanMismatchError:
+            return PlanMismatchError(f"malformed calibration file {path}: {what}")
+
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise bad(f"its metadata is not JSON: {err}") from None
+        if not isinstance(meta, dict):
+            raise bad("its metadata is not a JSON object")
+        missing = [k for k in ("blocks", "fingerprint", "num_steps", "samples", "seed", "date", "scheduler")
+                   if k not in meta]
+        if missing:
+            raise bad(f"field {', '.join(missing)} missing")
+
+        def integer(key: str, low: int) -> int:
+            value = meta[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise bad(f"field {key} must be an integer >= {low}, got {value!r}")
+            return value
+
+        blocks = meta["blocks"]
+        if not isinstance(blocks, list) or not blocks or not all(
+            isinstance(b, list) and len(b) == 3 and isinstance(b[0], str) and b[1] in KINDS
+            and isinstance(b[2], int) and not isinstance(b[2], bool) for b in blocks
+        ):
+            raise bad("field blocks must be a non-empty list of [name, kind, layer]")
+        if not isinstance(meta["fingerprint"], dict):
+            raise bad("field fingerprint must be an object")
+        if meta["scheduler"] is not None and not isinstance(meta["scheduler"], str):
+            raise bad("field scheduler must be a string or null")
+        num_steps, n = integer("num_steps", 1), len(blocks)
+        for name, shape in [(m, (n, num_steps, num_steps)) for m in METRICS] + [("reuse_error", (n,))]:
+            if name not in arrays:
+                raise bad(f"array {name!r} missing")
+            if arrays[name].shape != shape:
+                raise bad(f"array {name!r} has shape {arrays[name].shape}, expected {shape} "
+                          f"({n} blocks, {num_steps} steps)")
         return cls(
-            blocks=tuple(Block(n, k, int(l)) for n, k, l in meta["blocks"]),
+            blocks=tuple(Block(name, kind, layer) for name, kind, layer in blocks),
             fingerprint=meta["fingerprint"],
-            num_steps=int(meta["num_steps"]),
-            samples=int(meta["samples"]),
-            seed=int(meta["seed"]),
-            date=meta["date"],
+            num_steps=num_steps,
+            samples=integer("samples", 1),
+            seed=integer("seed", -(2**63)),
+            date=str(meta["date"]),
             scheduler=meta["scheduler"],
             matrices={m: arrays[m] for m in METRICS},
             reuse_error=arrays["reuse_error"],

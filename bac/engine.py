@@ -14,6 +14,29 @@ branch via :meth:`CacheHandle.context`) has its own step counter, cache and
 rule state. :meth:`CacheHandle.new_trajectory` (or :func:`new_trajectory` on
 the model) marks the start of a sampling call and clears every context.
 
+Checks that keep cached state honest (each raises :class:`bac.CacheStateError`):
+
+* Shapes. At step 0 of each context the pre-hook records the shape of the
+  denoiser's first tensor argument (positional, else keyword); every later
+  step compares it, one tuple comparison per denoiser call. Another shape
+  (a batch of 2 after 1) would add residuals cached for one shape to the
+  other (broadcast silently, or fail deep inside torch), so it is an error,
+  and the calling thread's trajectory is cleared first: the next call (after
+  ``new_trajectory()``, or even without) starts afresh.
+* Length. A static plan is made for K denoiser calls per sampling call; a
+  sampler that runs fewer (a plan for 20 steps on a 10-step sampler) would use
+  the plan's first rows only. That is only known once the sampling call is
+  over, so it is checked when the next :meth:`~CacheHandle.new_trajectory`
+  starts, at :meth:`~CacheHandle.end_trajectory` and at
+  :meth:`~CacheHandle.remove` (also on leaving ``with accelerate(...)``),
+  for the calling thread: every context that ran 1 to K-1 steps is reported,
+  once. Not at :meth:`~CacheHandle.stats`, which may be read in the middle of
+  a call (a step callback, a monitoring thread). A call whose last denoiser
+  call raised (an error, Ctrl-C in the model) was interrupted, not short, and
+  is not reported. Runtime rules decide per step, so a shorter call is no
+  error for them. Pass ``num_steps`` to :func:`accelerate` to check the step
+  count before anything runs.
+
 Threads. Every thread that calls the model has contexts of its own, so two
 threads sampling with one accelerated model (an inference worker beside a
 control loop, two robots served by one process) never see each other's cached
@@ -50,7 +73,7 @@ class StepOverflowError(CacheStateError):
 
 
 class _Context:
-    __slots__ = ("name", "schedule", "step", "row", "cache", "rule_state", "computed", "skipped")
+    __slots__ = ("name", "schedule", "step", "row", "cache", "rule_state", "computed", "skipped", "shape", "done")
 
     def __init__(self, name: str, schedule: BoundSchedule, num_blocks: int):
         self.name = name
@@ -61,6 +84,8 @@ class _Context:
 
     def reset(self) -> None:
         self.step = -1
+        self.done = -1  # step of the last denoiser call that returned (an interrupted call leaves it behind)
+        self.shape = None  # the first tensor input's shape at step 0: what the cached values are for
         self.row = None
         self.cache: list[Any] = [None] * len(self.computed)
         self.rule_state = self.schedule.new_state()
@@ -69,11 +94,12 @@ class _Context:
 class _ThreadRecord:
     """One thread's contexts and call counters (kept for the handle's statistics)."""
 
-    __slots__ = ("contexts", "fresh", "trajectories", "calls", "mark")
+    __slots__ = ("contexts", "fresh", "closed", "trajectories", "calls", "mark")
 
     def __init__(self):
         self.contexts: dict[str, _Context] = {}
         self.fresh = True
+        self.closed = False  # the current trajectory's length was checked (end_trajectory)
         self.trajectories = 0
         self.calls = 0
         self.mark = ([], [], 0, 0)
@@ -132,7 +158,8 @@ class CacheHandle:
             for layer, adapter in installed:  # leave the model as it was
                 adapter.uninstall(layer)
             raise
-        self._hook = model.register_forward_pre_hook(self._advance)
+        self._hook = model.register_forward_pre_hook(self._advance, with_kwargs=True)
+        self._done_hook = model.register_forward_hook(self._finish)
         model._bac_handle = self
 
     # -- hot path --------------------------------------------------------------------
@@ -157,7 +184,7 @@ class CacheHandle:
 
         return run
 
-    def _advance(self, module: nn.Module, args: tuple) -> None:
+    def _advance(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         local = self._local
         state = local.state
         step = state.step + 1
@@ -168,6 +195,19 @@ class CacheHandle:
                 "(or bac.new_trajectory(model)), give each classifier-free-guidance branch its own "
                 "handle.context(name), or make the schedule for this sampler's step count"
             )
+        shape = _input_shape(args, kwargs)
+        if step == 0:
+            state.shape = shape
+        elif shape != state.shape:
+            expected = state.shape
+            self._restart(local.record)  # the cached values are unusable; the next call starts afresh
+            raise CacheStateError(
+                f"the denoiser's input has shape {_shape_text(shape)} at step {step} of this sampling call "
+                f"(context {state.name!r}), but the call started with shape {_shape_text(expected)}, which the "
+                "cached block outputs are for (another batch size in the middle of a trajectory?). Call "
+                "handle.new_trajectory() (or bac.new_trajectory(model)) at the start of every sampling call; "
+                "this thread's cache has been cleared"
+            )
         state.step = step
         state.row = state.schedule.row(state)
         record = local.record
@@ -176,6 +216,10 @@ class CacheHandle:
             record.fresh = False
             record.trajectories += 1
 
+    def _finish(self, module: nn.Module, args: tuple, output: Any) -> None:
+        state = self._local.state
+        state.done = state.step  # this call returned: a trajectory that stops here ended, not broke off
+
     # -- control ---------------------------------------------------------------------
     def _context_state(self, name: str, record: _ThreadRecord | None = None) -> _Context:
         contexts = (record or self._local.record).contexts
@@ -183,13 +227,55 @@ class CacheHandle:
             contexts[name] = _Context(name, self.schedule, len(self.spec.blocks))
         return contexts[name]
 
-    def new_trajectory(self) -> None:
-        """Start a new sampling call in this thread: every context restarts at step 0 with an empty cache."""
-        record = self._local.record
+    def _restart(self, record: _ThreadRecord) -> None:
         for state in record.contexts.values():
             state.reset()
         record.fresh = True
+        record.closed = False
         record.mark = self._counts([record])
+
+    def _short_runs(self, record: _ThreadRecord) -> dict[str, int]:
+        """Contexts of ``record``'s trajectory that ran 1 to K-1 steps of a K-step plan, and did not break off."""
+        if record.closed or not self.schedule.exact_length:
+            return {}
+        limit = self.schedule.limit
+        return {name: s.step + 1 for name, s in record.contexts.items() if 0 <= s.step < limit - 1 and s.done == s.step}
+
+    def _short_error(self, short: dict[str, int], when: str) -> CacheStateError:
+        ran = ", ".join(f"{n} in context {name!r}" for name, n in short.items())
+        return CacheStateError(
+            f"{when} ran {ran} of the plan's {self.schedule.limit} denoising steps, so only the plan's first rows "
+            "were used: the sampler runs fewer steps than the plan was made for. Make the plan for this sampler's "
+            "step count, and pass num_steps= (the sampler's step count) to bac.accelerate to check it up front"
+        )
+
+    def new_trajectory(self) -> None:
+        """Start a new sampling call in this thread: every context restarts at step 0 with an empty cache.
+
+        Raises :class:`bac.CacheStateError` if the previous call ran fewer
+        denoiser calls than a static plan covers (see the module docstring);
+        the new call has started all the same, so a retry goes through.
+        """
+        record = self._local.record
+        short = self._short_runs(record)
+        self._restart(record)
+        if short:
+            raise self._short_error(short, "the previous sampling call")
+
+    def end_trajectory(self) -> None:
+        """Mark the end of this thread's sampling call and check its length now.
+
+        Raises :class:`bac.CacheStateError` if a context ran fewer denoiser calls
+        than the plan covers; either way the call counts as checked, so the next
+        :meth:`new_trajectory` or :meth:`remove` does not report it again. The
+        cached values stay until the next :meth:`new_trajectory`. Optional:
+        without it the check happens at the next ``new_trajectory`` or ``remove``.
+        """
+        record = self._local.record
+        short = self._short_runs(record)
+        record.closed = True
+        if short:
+            raise self._short_error(short, "this sampling call")
 
     @contextlib.contextmanager
     def context(self, name: str) -> Iterator[None]:
@@ -217,22 +303,35 @@ class CacheHandle:
         return {name: state.step + 1 for name, state in self._local.record.contexts.items() if state.step >= 0}
 
     def remove(self) -> None:
-        """Restore the model exactly as it was."""
+        """Restore the model exactly as it was.
+
+        Then raises :class:`bac.CacheStateError` if this thread's last sampling
+        call ran fewer denoiser calls than the plan covers (the model is
+        restored all the same). Leaving ``with accelerate(...)`` on an
+        exception restores without that check, so the exception is not masked.
+        """
+        self._remove(check=True)
+
+    def _remove(self, check: bool) -> None:
         if getattr(self.model, "_bac_handle", None) is not self:
             return
+        short = self._short_runs(self._local.record) if check else {}
         for _, layer, adapter in self.spec.layers:
             adapter.uninstall(layer)
         self._hook.remove()
+        self._done_hook.remove()
         del self.model._bac_handle
         for record in self._records:
             for state in record.contexts.values():
                 state.reset()
+        if short:
+            raise self._short_error(short, "the last sampling call")
 
     def __enter__(self) -> "CacheHandle":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self._remove(check=exc_type is None)
 
     # -- measurement -----------------------------------------------------------------
     def measure_flops(self, *args, **kwargs) -> dict[str, int]:
@@ -350,6 +449,7 @@ def accelerate(
     num_steps: int | None = None,
     scheduler: Any = None,
     adapters: Mapping[type, LayerAdapter] | None = None,
+    allow_other_weights: bool = False,
 ) -> CacheHandle:
     """Cache ``model``'s blocks; returns a :class:`CacheHandle`.
 
@@ -365,8 +465,18 @@ def accelerate(
     its description) are checked against what a plan was made for; a runtime
     rule needs ``num_steps`` so that a sampling call that runs longer (a missed
     :func:`new_trajectory`, CFG branches sharing one context) is an error.
+    Without ``num_steps``, a sampler that runs fewer steps than a plan covers
+    is reported when its sampling call is over (see the module docstring).
     Call ``handle.new_trajectory()`` (or ``bac.new_trajectory(model)``) at the
     start of every sampling call; ``handle.remove()`` undoes everything.
+
+    A plan made from a calibration must be applied to the weights it was
+    calibrated on (their digest is compared; hashing costs about 25 ms for a
+    9 M-parameter model, once per call of ``accelerate``), else
+    :class:`bac.PlanMismatchError`; ``allow_other_weights=True`` applies it
+    anyway (e.g. a plan calibrated on one checkpoint, knowingly reused for a
+    fine-tuned one). Uncalibrated plans (``every-step``, ``uniform``,
+    ``taylorseer``) fit any weights.
     """
     if isinstance(schedule, Method):
         if standin is not None:
@@ -374,7 +484,7 @@ def accelerate(
         schedule, standin = schedule.schedule, schedule.standin
     spec = describe(model, adapters)
     if isinstance(schedule, Plan):
-        schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler)
+        schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler, allow_other_weights=allow_other_weights)
         chosen = make_standin(standin or REUSE)
         rows = actions_from_table(schedule.step_table(), chosen.keeps_history)
         bound = StaticRows(rows, schedule.num_steps, schedule.method, schedule.params)
@@ -387,11 +497,28 @@ def accelerate(
     raise TypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
 
 
+def _input_shape(args: tuple, kwargs: dict) -> torch.Size | None:
+    """Shape of a denoiser call's first tensor argument (positional, else keyword); ``None`` if it has none."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value.shape
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value.shape
+    return None
+
+
+def _shape_text(shape: torch.Size | None) -> str:
+    return "(no tensor)" if shape is None else str(list(shape))
+
+
 def new_trajectory(model: nn.Module) -> None:
     """Mark the start of a sampling call on ``model``; does nothing if it is not accelerated.
 
     Policies call this at the top of their sampling function so that caching
-    needs no other cooperation from the caller.
+    needs no other cooperation from the caller. Raises
+    :class:`bac.CacheStateError` if the previous call ran fewer steps than the
+    plan covers (:meth:`CacheHandle.new_trajectory`).
     """
     handle = getattr(model, "_bac_handle", None)
     if handle is not None:

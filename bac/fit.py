@@ -27,12 +27,19 @@ def check_fits(
     spec,
     wanted_steps: int | None = None,
     wanted_scheduler: Any = None,
+    allow_other_weights: bool = False,
 ) -> None:
     """Raise :class:`PlanMismatchError` naming the first thing ``what`` (a plan, a calibration) was not made for.
 
     ``fingerprint``, ``blocks`` (name, kind, layer), ``num_steps`` and ``scheduler``
     describe what it was made for; ``spec`` (a :class:`bac.ModelSpec`) is the
     model, ``wanted_steps`` / ``wanted_scheduler`` the sampler (``None``: unchecked).
+
+    A fingerprint with a ``"weights"`` digest (a calibration, and plans made
+    from one) must match :meth:`bac.ModelSpec.weights_digest` of the model
+    unless ``allow_other_weights``; one without it (uncalibrated plans, and
+    files written before bac recorded weights) is not checked against weights.
+    The weights are hashed last, only when everything else fits.
     """
     for key in ("class", "num_layers", "width"):
         if fingerprint.get(key) != spec.fingerprint.get(key):
@@ -59,3 +66,13 @@ def check_fits(
     wanted = scheduler_id(wanted_scheduler)
     if wanted is not None and scheduler is not None and wanted != scheduler:
         raise PlanMismatchError(f"{what} was made for scheduler {scheduler}, the sampler uses {wanted}")
+    made_on = fingerprint.get("weights")
+    if made_on is not None and not allow_other_weights:
+        actual_weights = spec.weights_digest()
+        if made_on != actual_weights:
+            raise PlanMismatchError(
+                f"{what} was calibrated on other weights than this model's (weights digest {made_on}, "
+                f"this model {actual_weights}; another checkpoint, or a fine-tuned or re-cast copy): recalibrate "
+                "on this model (bac.calibrate, then bac.make_plan), or pass allow_other_weights=True "
+                "(bac.accelerate, check_fits) to use it anyway"
+            )

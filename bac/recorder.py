@@ -3,7 +3,9 @@
 :func:`calibrate` runs the uncached model through the engine with an
 observer on every block, folds one sampling call's features at a time into
 the statistics of :class:`bac.Calibration` (memory is one call's features,
-whatever the number of samples), and checks execution order and finiteness.
+whatever the number of samples), and checks execution order, finiteness and
+that every input has samples. The calibration records the digest of the
+weights it ran on, so plans made from it refuse other weights.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .actions import AlwaysCompute
 from .adapters import Block, LayerAdapter, describe
 from .calibration import METRICS, Calibration
 from .engine import CacheHandle
+from .errors import DataError, NonFiniteError
 from .fit import scheduler_id
 
 
@@ -44,6 +47,7 @@ class _Recorder:
         self.sums: dict[str, torch.Tensor] | None = None
         self.samples = 0
         self.num_steps: int | None = None
+        self.input = 0  # index of the calibration input being run, for error messages
 
     def __call__(self, i, fn, args, kwargs):
         out = fn(*args, **kwargs)
@@ -53,6 +57,10 @@ class _Recorder:
         features = self.features[context]
         if self.first_order is not None and len(self.features) == 1 and not features[i]:
             self.first_order.append(i)
+        first = next(t for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None)
+        if first.shape[self.batch_dims[i]] == 0:  # would add nothing but divide by a sample count of 0
+            raise DataError(f"calibration input {self.input} is a batch of 0 samples "
+                            f"(block {self.blocks[i].name} got batch size 0); give every input at least one sample")
         features[i].append(_flatten(out, self.batch_dims[i]))
         return out
 
@@ -89,7 +97,8 @@ class _Recorder:
             r = torch.stack(features[i], dim=1)  # [batch, K, D]
             features[i] = []
             if not torch.isfinite(r).all():
-                raise FloatingPointError(f"block {block.name} produced NaN or inf during calibration")
+                raise NonFiniteError(f"block {block.name} produced NaN or inf during calibration "
+                                     f"(input {self.input}); check the model's weights and the calibration inputs")
             unit = r / r.norm(dim=2, keepdim=True).clamp_min(1e-12)
             stats = {
                 "cosine": unit @ unit.transpose(1, 2),
@@ -122,8 +131,14 @@ def calibrate(
     global RNG is seeded with ``seed`` inside a forked RNG state, so the
     caller's random state is untouched and calibration is reproducible.
     ``scheduler`` (a diffusers scheduler or a description) is recorded in plans.
+
+    The result records :func:`bac.adapters.weights_digest` of ``model``: plans
+    made from it are refused on other weights (see :meth:`bac.Plan.check_fits`).
+    An input whose batch has no samples is a :class:`bac.DataError`, a block
+    output with NaN or inf a :class:`bac.NonFiniteError`.
     """
     spec = describe(model, adapters)
+    weights = spec.weights_digest()  # before sampling: what the statistics are of
     recorder = _Recorder(spec.blocks, spec.batch_dims())
     handle = CacheHandle(model, spec, AlwaysCompute(len(spec.blocks)), observer=recorder)
     recorder.handle = handle
@@ -131,21 +146,22 @@ def calibrate(
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
-            for x in inputs:
+            for index, x in enumerate(inputs):
+                recorder.input = index
                 handle.new_trajectory()
                 sample_fn(x)
                 recorder.finish(handle.steps_run())
     finally:
         handle.remove()
     if recorder.sums is None:
-        raise ValueError("calibrate needs at least one calibration input")
+        raise DataError("calibrate needs at least one calibration input")
     matrices = {m: (s / recorder.samples).numpy() for m, s in recorder.sums.items()}
     k = recorder.num_steps
     upper = np.triu_indices(k, 1)
     reuse_error = matrices["l1"][:, upper[0], upper[1]].mean(axis=1) if k > 1 else np.zeros(len(spec.blocks))
     return Calibration(
         blocks=spec.blocks,
-        fingerprint=dict(spec.fingerprint),
+        fingerprint={**spec.fingerprint, "weights": weights},
         num_steps=k,
         samples=recorder.samples,
         seed=seed,

@@ -23,6 +23,14 @@ express, and it needs the global ``ObsUtils`` modality registry initialised firs
 This reader is equivalent on low-dim data (checked against robomimic 0.3.0) and
 loads everything into memory (``hdf5_cache_mode="low_dim"``): these datasets are
 a few MB.
+
+Validation, once at load: every selected demo must have ``actions`` and the requested
+``obs/<key>`` datasets (numeric, low-dim), as many observation rows as actions (and as
+its ``num_samples`` attribute says), the same width of every key and of the actions in
+every demo (and the widths a caller expects: ``obs_dim=``, ``action_dim=``), at least
+one sample, and no NaN or inf. Every failure is a :class:`bac.DataError` naming the
+file and the demo (``... data/demo_7: actions has 40 rows, obs/state 41``); a missing key
+or filter key is also a ``KeyError``, a missing file also a ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ import h5py
 import numpy as np
 import torch
 
+from bac.errors import ConfigError, DataError
+
 __all__ = [
     "WindowDataset",
     "calibration_observations",
@@ -42,62 +52,133 @@ __all__ = [
 ]
 
 
+class DataKeyError(DataError, KeyError):
+    """A demo or file lacks a key: a :class:`bac.DataError` that ``except KeyError`` also catches."""
+
+    __str__ = Exception.__str__  # KeyError's str() would quote the message
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A dataset file does not exist."""
+
+
+def _open(path: str | os.PathLike) -> h5py.File:
+    if not os.path.isfile(path):
+        raise DataFileNotFoundError(f"dataset {os.fspath(path)} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"{os.fspath(path)} is not a readable HDF5 file: {err}") from err
+
+
+def _demo_names(f: h5py.File, path, filter_key: str | None) -> list[str]:
+    if "data" not in f or not isinstance(f["data"], h5py.Group):
+        raise DataKeyError(f"{path} has no 'data' group: not robomimic's layout (data/demo_i/obs, actions)")
+    if filter_key is not None:
+        if f"mask/{filter_key}" not in f:
+            have = list(f["mask"].keys()) if "mask" in f else []
+            raise DataKeyError(f"{path} has no filter key {filter_key!r} (has {have})")
+        names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in f[f"mask/{filter_key}"][()]]
+        absent = [n for n in names if n not in f["data"]]
+        if absent:
+            raise DataKeyError(f"{path}: mask/{filter_key} lists {absent[:5]}, which data/ does not have")
+    else:
+        names = list(f["data"].keys())
+    wrong = [n for n in names if not (n.startswith("demo_") and n[5:].isdigit())]
+    if wrong:
+        raise DataError(f"{path}: {wrong[:5]} are not robomimic demo names (demo_<i>)")
+    return sorted(names, key=lambda n: int(n[5:]))
+
+
 def list_demos(path: str | os.PathLike, filter_key: str | None = None) -> list[str]:
     """Demo names in robomimic's order (by the integer after ``demo_``).
 
     ``filter_key`` selects ``mask/<filter_key>`` (e.g. ``"train"``, ``"valid"``).
     """
-    with h5py.File(path, "r") as f:
-        if filter_key is not None:
-            if f"mask/{filter_key}" not in f:
-                have = list(f["mask"].keys()) if "mask" in f else []
-                raise KeyError(f"{path} has no filter key {filter_key!r} (has {have})")
-            names = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in f[f"mask/{filter_key}"][()]]
-        else:
-            names = list(f["data"].keys())
-    return sorted(names, key=lambda n: int(n[5:]))
+    with _open(path) as f:
+        return _demo_names(f, path, filter_key)
+
+
+def _array(g: h5py.Group, key: str, where: str) -> np.ndarray:
+    """A numeric low-dim dataset of a demo as float32 ``[T, width]``, with NaN/inf refused."""
+    if key not in g or not isinstance(g[key], h5py.Dataset):
+        have = sorted(k for k in g.keys()) if isinstance(g, h5py.Group) else []
+        raise DataKeyError(f"{where} has no {key!r} (has {have})")
+    try:
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused below
+            arr = np.asarray(g[key][()], dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{where}: {key} is not numeric ({err})") from err
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise DataError(f"{where}: {key} has shape {list(arr.shape)}: only low-dim (state) keys are supported")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(f"{where}: {key} has {int(bad.sum())} NaN/inf value(s), the first at row {row}, column {col} "
+                        "(float32: values beyond 3.4e38 overflow to inf)")
+    return arr
 
 
 def load_episodes(
     path: str | os.PathLike,
     obs_keys: Sequence[str] = ("state",),
     filter_key: str | None = None,
+    obs_dim: int | None = None,
+    action_dim: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Each demo as ``{"name", "obs": [T, obs_dim], "actions": [T, act_dim]}`` (float32).
+    """Each demo as ``{"name", "obs": [T, obs_dim], "actions": [T, act_dim]}`` (float32), validated.
 
-    Observations are the ``obs/<key>`` datasets concatenated in ``obs_keys`` order.
-    ``T`` is the demo's ``num_samples`` attribute (robomimic's), or the length of
-    ``actions`` if a file lacks it.
+    Observations are the ``obs/<key>`` datasets concatenated in ``obs_keys`` order. ``T``
+    is the number of actions; every ``obs/<key>`` must have as many rows (and the demo's
+    ``num_samples`` attribute, robomimic's, must agree where present). ``obs_dim`` and
+    ``action_dim``, when given, are the widths the caller (a policy) expects. See the
+    module docstring for every check; each failure is a :class:`bac.DataError` naming the
+    file and the demo.
     """
     if isinstance(obs_keys, str):
         obs_keys = (obs_keys,)
     episodes = []
-    with h5py.File(path, "r") as f:
-        for name in list_demos(path, filter_key):
+    widths: dict[str, tuple[int, str]] = {}  # key -> (width, first demo): every demo must agree
+
+    def same_width(key: str, width: int, where: str, name: str) -> None:
+        first = widths.setdefault(key, (width, name))
+        if first[0] != width:
+            raise DataError(f"{where}: {key} is {width} wide, {first[1]}'s is {first[0]}")
+
+    with _open(path) as f:
+        for name in _demo_names(f, path, filter_key):
+            where = f"{os.fspath(path)}: data/{name}"
             g = f[f"data/{name}"]
-            actions = np.asarray(g["actions"][()], dtype=np.float32)
-            n = int(g.attrs.get("num_samples", len(actions)))
+            actions = _array(g, "actions", where)
+            rows = len(actions)
+            if rows == 0:
+                raise DataError(f"{where}: actions has 0 rows: a demo needs at least one sample")
+            if "num_samples" in g.attrs and int(g.attrs["num_samples"]) != rows:
+                raise DataError(f"{where}: num_samples attribute says {int(g.attrs['num_samples'])}, "
+                                f"actions has {rows} rows")
+            if "obs" not in g or not isinstance(g["obs"], h5py.Group):
+                raise DataKeyError(f"{where} has no 'obs' group (has {sorted(g.keys())})")
             parts = []
             for key in obs_keys:
                 if key not in g["obs"]:
-                    raise KeyError(
-                        f"{path}:{name} has no obs key {key!r} (has {sorted(g['obs'].keys())})"
-                    )
-                arr = np.asarray(g["obs"][key][()], dtype=np.float32)
-                if arr.ndim == 1:
-                    arr = arr[:, None]
-                if arr.ndim != 2:
-                    raise ValueError(
-                        f"obs key {key!r} has shape {arr.shape}: only low-dim (state) keys are supported"
-                    )
-                parts.append(arr[:n])
-            if actions.ndim == 1:
-                actions = actions[:, None]
-            episodes.append(
-                {"name": name, "obs": np.concatenate(parts, axis=1), "actions": actions[:n]}
-            )
+                    raise DataKeyError(f"{where} has no obs key {key!r} (has {sorted(g['obs'].keys())})")
+                arr = _array(g["obs"], key, where + "/obs")
+                if len(arr) != rows:
+                    raise DataError(f"{where}: actions has {rows} rows, obs/{key} {len(arr)}")
+                same_width(f"obs/{key}", arr.shape[1], where, name)
+                parts.append(arr)
+            same_width("actions", actions.shape[1], where, name)
+            obs = np.concatenate(parts, axis=1)
+            if obs_dim is not None and obs.shape[1] != obs_dim:
+                raise DataError(f"{where}: observations (obs/{'+'.join(obs_keys)}) are {obs.shape[1]} wide, "
+                                f"the policy expects {obs_dim}")
+            if action_dim is not None and actions.shape[1] != action_dim:
+                raise DataError(f"{where}: actions are {actions.shape[1]} wide, the policy expects {action_dim}")
+            episodes.append({"name": name, "obs": obs, "actions": actions})
     if not episodes:
-        raise ValueError(f"{path} has no demonstrations (filter key {filter_key!r})")
+        raise DataError(f"{os.fspath(path)} has no demonstrations (filter key {filter_key!r})")
     return episodes
 
 
@@ -117,6 +198,9 @@ class WindowDataset(torch.utils.data.Dataset):
         n_obs_steps: observation history length.
         filter_key: robomimic filter key under ``mask/`` (``"train"`` / ``"valid"``),
             or None for every demo.
+        obs_dim, action_dim: the widths the caller expects (a policy's), checked in every demo.
+
+    The demos are validated once, here (:func:`load_episodes`).
     """
 
     def __init__(
@@ -126,15 +210,17 @@ class WindowDataset(torch.utils.data.Dataset):
         horizon: int = 16,
         n_obs_steps: int = 2,
         filter_key: str | None = None,
+        obs_dim: int | None = None,
+        action_dim: int | None = None,
     ) -> None:
         if horizon < 1 or n_obs_steps < 1:
-            raise ValueError("horizon and n_obs_steps must be >= 1")
+            raise ConfigError(f"horizon and n_obs_steps must be >= 1, got {horizon} and {n_obs_steps}")
         self.path = os.fspath(path)
         self.obs_keys = (obs_keys,) if isinstance(obs_keys, str) else tuple(obs_keys)
         self.horizon = int(horizon)
         self.n_obs_steps = int(n_obs_steps)
         self.filter_key = filter_key
-        episodes = load_episodes(path, self.obs_keys, filter_key)
+        episodes = load_episodes(path, self.obs_keys, filter_key, obs_dim=obs_dim, action_dim=action_dim)
         self.demos = [ep["name"] for ep in episodes]
         lengths = np.array([len(ep["actions"]) for ep in episodes], dtype=np.int64)
         self.episode_ends = np.cumsum(lengths)  # exclusive end of each demo in the flat arrays
@@ -196,6 +282,7 @@ def calibration_observations(
     obs_keys: Sequence[str] = ("state",),
     n_obs_steps: int = 2,
     filter_key: str | None = None,
+    obs_dim: int | None = None,
 ) -> np.ndarray:
     """``n`` observation histories ``[n, n_obs_steps, obs_dim]`` (float32) from demos.
 
@@ -203,9 +290,9 @@ def calibration_observations(
     not on evaluation episodes (which would leak the test set). Timesteps are drawn
     uniformly over all frames of the selected demos (so every phase of the task is
     represented), without replacement when ``n`` allows, from ``seed``; histories are
-    padded at demo starts like the training windows.
+    padded at demo starts like the training windows. ``obs_dim``: the policy's, checked in every demo.
     """
-    ds = WindowDataset(path, obs_keys, horizon=1, n_obs_steps=n_obs_steps, filter_key=filter_key)
+    ds = WindowDataset(path, obs_keys, horizon=1, n_obs_steps=n_obs_steps, filter_key=filter_key, obs_dim=obs_dim)
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(ds), size=n, replace=n > len(ds))
     return ds.window(idx)[0]

@@ -14,18 +14,35 @@ names in :attr:`PolicyConfig.tasks` and enters the denoiser's condition as a one
 Checkpoints written before features existed (``"format": "bac-policy/1"``, with
 ``obs_dim``/``action_dim``) are converted on load by :func:`from_legacy`; the
 conversion is recorded in ``provenance["converted_from"]``. Every other mismatch
-(a missing, unknown or mistyped field, an impossible shape) is a ``ValueError``
-naming the field.
+(a missing, unknown or mistyped field, an impossible shape) is a :class:`bac.ConfigError`
+(a ``ValueError``) naming the field; :meth:`PolicyConfig.load` turns it into a
+:class:`bac.CheckpointError` naming the file as well.
+
+A ``bac-policy/2`` ``config.json`` lists every field: a missing model or noise-scheduler
+field is refused rather than filled with a default (a default ``heads`` would load
+weights trained with other heads without complaint). Defaults fill gaps only when a
+config is built (:meth:`PolicyConfig.build`) or converted from ``bac-policy/1``.
+
+Identity: :meth:`PolicyConfig.identity` is the part of a config that decides what the
+weights compute (architecture, typed model config, feature spec, horizon, history,
+tasks in one-hot order, noise schedule); :meth:`PolicyConfig.fingerprint` is its
+digest. ``DiffusionPolicy.save`` stores both in the weights file's metadata, and the
+weights file's sha256 in ``config.json`` (the optional ``"weights"`` field,
+:class:`WeightsRecord`), so that a checkpoint can tell its weights from others.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from bac.errors import CheckpointError, ConfigError
 
 CONFIG_FORMAT = "bac-policy/2"
 LEGACY_FORMAT = "bac-policy/1"
@@ -49,24 +66,27 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _typed_fields(cls, data: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """Check ``data`` against a dataclass of scalar fields: no unknown keys, right types; defaults fill gaps."""
+def _typed_fields(cls, data: Mapping[str, Any], where: str, complete: bool = False) -> dict[str, Any]:
+    """Check ``data`` against a dataclass of scalar fields: no unknown keys, right types; defaults fill gaps
+    unless ``complete`` (every field must be present)."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; {cls.__name__} has {known}")
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; {cls.__name__} has {known}")
     values = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ValueError(f"{where}: missing field {f.name!r}")
+            if complete or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
+                raise ConfigError(f"{where}: missing field {f.name!r}" + (
+                    f" (a saved config lists every field of {cls.__name__}; a default could differ from "
+                    "what the weights were trained with)" if complete else ""))
             continue
         value, kind = data[f.name], hints[f.name]
         if not _is(value, kind):
-            raise ValueError(f"{where}.{f.name} must be {kind.__name__}, got {value!r}")
+            raise ConfigError(f"{where}.{f.name} must be {kind.__name__}, got {value!r}")
         values[f.name] = float(value) if kind is float else value
     return values
 
@@ -103,27 +123,30 @@ def _check_transformer(config) -> None:
     name = type(config).__name__
     for key in ("width", "num_layers", "heads"):
         if not _is(getattr(config, key), int) or getattr(config, key) < 1:
-            raise ValueError(f"{name}.{key} must be a positive int, got {getattr(config, key)!r}")
+            raise ConfigError(f"{name}.{key} must be a positive int, got {getattr(config, key)!r}")
     if config.width % config.heads:
-        raise ValueError(f"{name}: width {config.width} is not divisible by heads {config.heads}")
+        raise ConfigError(f"{name}: width {config.width} is not divisible by heads {config.heads}")
     if not _is(config.dropout, float) or not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout!r}")
+        raise ConfigError(f"{name}.dropout must be in [0, 1), got {config.dropout!r}")
 
 
 MODEL_CONFIGS: dict[str, type] = {"dpt": DPTConfig, "dit": DiTConfig}
 ModelConfig = DPTConfig | DiTConfig
 
 
-def model_config(architecture: str, model: Mapping[str, Any] | ModelConfig | None = None) -> ModelConfig:
-    """The typed model config of ``architecture`` from a mapping (defaults fill missing fields)."""
+def model_config(architecture: str, model: Mapping[str, Any] | ModelConfig | None = None,
+                 complete: bool = False) -> ModelConfig:
+    """The typed model config of ``architecture`` from a mapping (defaults fill missing fields unless ``complete``)."""
     if architecture not in MODEL_CONFIGS:
-        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(MODEL_CONFIGS)}")
+        raise ConfigError(f"unknown architecture {architecture!r}; expected one of {sorted(MODEL_CONFIGS)}")
     cls = MODEL_CONFIGS[architecture]
     if isinstance(model, cls):
         return model
     if dataclasses.is_dataclass(model):
-        raise ValueError(f"a {type(model).__name__} is not the model config of architecture {architecture!r}")
-    return cls(**_typed_fields(cls, model or {}, "model"))
+        raise ConfigError(f"a {type(model).__name__} is not the model config of architecture {architecture!r}")
+    if model is None and complete:
+        raise ConfigError(f"model: missing (architecture {architecture!r} needs {cls.__name__}'s fields)")
+    return cls(**_typed_fields(cls, model or {}, "model", complete))
 
 
 @dataclass(frozen=True)
@@ -137,11 +160,11 @@ class NoiseSchedulerConfig:
 
     def __post_init__(self) -> None:
         if not _is(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
-            raise ValueError(f"noise_scheduler.num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
+            raise ConfigError(f"noise_scheduler.num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"noise_scheduler.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+            raise ConfigError(f"noise_scheduler.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"noise_scheduler.prediction_type must be one of {PREDICTION_TYPES}, "
+            raise ConfigError(f"noise_scheduler.prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {self.prediction_type!r}")
 
 
@@ -160,20 +183,20 @@ class PolicyFeature:
 
     def __post_init__(self) -> None:
         if self.type not in FEATURE_TYPES:
-            raise ValueError(f"feature {self.name!r}: type must be one of {FEATURE_TYPES}, got {self.type!r}")
+            raise ConfigError(f"feature {self.name!r}: type must be one of {FEATURE_TYPES}, got {self.type!r}")
         shape = self.shape
         if not isinstance(shape, (tuple, list)) or not all(_is(n, int) and n >= 1 for n in shape):
-            raise ValueError(f"feature {self.name!r}: shape must be a list of positive ints, got {shape!r}")
+            raise ConfigError(f"feature {self.name!r}: shape must be a list of positive ints, got {shape!r}")
         object.__setattr__(self, "shape", tuple(shape))
         expected_rank = {"state": 1, "action": 1, "image": 3, "language": 0}[self.type]
         if len(self.shape) != expected_rank:
-            raise ValueError(f"feature {self.name!r}: a {self.type} feature has {expected_rank} dimension(s), "
+            raise ConfigError(f"feature {self.name!r}: a {self.type} feature has {expected_rank} dimension(s), "
                              f"got shape {list(self.shape)}")
         expected_name = {"state": STATE, "action": ACTION, "language": TASK}.get(self.type)
         if expected_name and self.name != expected_name:
-            raise ValueError(f"a {self.type} feature must be named {expected_name!r}, got {self.name!r}")
+            raise ConfigError(f"a {self.type} feature must be named {expected_name!r}, got {self.name!r}")
         if self.type == "image" and (not self.name.startswith(IMAGE_PREFIX) or self.name == IMAGE_PREFIX):
-            raise ValueError(f"an image feature must be named {IMAGE_PREFIX}<camera>, got {self.name!r}")
+            raise ConfigError(f"an image feature must be named {IMAGE_PREFIX}<camera>, got {self.name!r}")
 
     def to_dict(self) -> dict:
         return {"type": self.type, "shape": list(self.shape)}
@@ -181,7 +204,7 @@ class PolicyFeature:
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> "PolicyFeature":
         if not isinstance(data, Mapping) or set(data) != {"type", "shape"}:
-            raise ValueError(f"feature {name!r} must be {{'type': ..., 'shape': [...]}}, got {data!r}")
+            raise ConfigError(f"feature {name!r} must be {{'type': ..., 'shape': [...]}}, got {data!r}")
         return cls(name, data["type"], data["shape"])
 
 
@@ -200,6 +223,36 @@ def action_features(action_dim: int) -> dict[str, PolicyFeature]:
 # ------------------------------------------------------------------------------- policy
 _FIELDS = ("architecture", "model", "input_features", "output_features", "horizon", "n_obs_steps",
            "n_action_steps", "tasks", "noise_scheduler", "provenance")
+# What decides the function the weights compute. Not n_action_steps (how many actions of a chunk are
+# executed) and not provenance (the record): changing those in config.json is legitimate.
+IDENTITY_FIELDS = ("architecture", "model", "input_features", "output_features", "horizon", "n_obs_steps",
+                   "tasks", "noise_scheduler")
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """``config.json``'s ``"weights"`` field: the weights file it was saved with (name, size, sha256)."""
+
+    file: str
+    bytes: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if self.file != WEIGHTS_FILE:
+            raise ConfigError(f"weights.file must be {WEIGHTS_FILE!r}, got {self.file!r}")
+        if not _is(self.bytes, int) or self.bytes < 0:
+            raise ConfigError(f"weights.bytes must be a non-negative int, got {self.bytes!r}")
+        if not (isinstance(self.sha256, str) and len(self.sha256) == 64
+                and all(c in "0123456789abcdef" for c in self.sha256)):
+            raise ConfigError(f"weights.sha256 must be 64 lower-case hex digits, got {self.sha256!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "WeightsRecord":
+        return cls(**_typed_fields(cls, data, "weights", complete=True))
 
 
 @dataclass(frozen=True)
@@ -222,50 +275,50 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if self.architecture not in MODEL_CONFIGS:
-            raise ValueError(f"unknown architecture {self.architecture!r}; expected one of {sorted(MODEL_CONFIGS)}")
+            raise ConfigError(f"unknown architecture {self.architecture!r}; expected one of {sorted(MODEL_CONFIGS)}")
         if not isinstance(self.model, MODEL_CONFIGS[self.architecture]):
-            raise ValueError(f"model must be a {MODEL_CONFIGS[self.architecture].__name__} for architecture "
+            raise ConfigError(f"model must be a {MODEL_CONFIGS[self.architecture].__name__} for architecture "
                              f"{self.architecture!r}, got {type(self.model).__name__}")
         for key in ("horizon", "n_obs_steps", "n_action_steps"):
             if not _is(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive int, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key} must be a positive int, got {getattr(self, key)!r}")
         if self.n_action_steps > self.horizon:
-            raise ValueError(f"n_action_steps must be in [1, horizon={self.horizon}], got {self.n_action_steps}")
+            raise ConfigError(f"n_action_steps must be in [1, horizon={self.horizon}], got {self.n_action_steps}")
         tasks = self.tasks
         if isinstance(tasks, str) or not all(isinstance(t, str) and t for t in tasks):
-            raise ValueError(f"tasks must be a list of task names, got {tasks!r}")
+            raise ConfigError(f"tasks must be a list of task names, got {tasks!r}")
         if len(set(tasks)) != len(tasks):
-            raise ValueError(f"tasks must be distinct, got {list(tasks)}")
+            raise ConfigError(f"tasks must be distinct, got {list(tasks)}")
         object.__setattr__(self, "tasks", tuple(tasks))
         if not isinstance(self.noise_scheduler, NoiseSchedulerConfig):
-            raise ValueError(f"noise_scheduler must be a NoiseSchedulerConfig, got {type(self.noise_scheduler).__name__}")
+            raise ConfigError(f"noise_scheduler must be a NoiseSchedulerConfig, got {type(self.noise_scheduler).__name__}")
         if not isinstance(self.provenance, dict):
-            raise ValueError(f"provenance must be a mapping, got {type(self.provenance).__name__}")
+            raise ConfigError(f"provenance must be a mapping, got {type(self.provenance).__name__}")
         self._check_features()
 
     def _check_features(self) -> None:
         for where, features in (("input_features", self.input_features), ("output_features", self.output_features)):
             if not isinstance(features, Mapping) or not all(isinstance(f, PolicyFeature) for f in features.values()):
-                raise ValueError(f"{where} must map names to PolicyFeature")
+                raise ConfigError(f"{where} must map names to PolicyFeature")
             for name, feature in features.items():
                 if name != feature.name:
-                    raise ValueError(f"{where}: key {name!r} holds feature {feature.name!r}")
+                    raise ConfigError(f"{where}: key {name!r} holds feature {feature.name!r}")
         inputs, outputs = self.input_features, self.output_features
         images = [n for n, f in inputs.items() if f.type == "image"]
         if images:
-            raise ValueError(f"image features {images}: this policy has no image encoder yet "
+            raise ConfigError(f"image features {images}: this policy has no image encoder yet "
                              f"(inputs can be {STATE!r} and {TASK!r})")
         if set(outputs) != {ACTION} or outputs[ACTION].type != "action":
-            raise ValueError(f"output_features must be exactly {{{ACTION!r}: action}}, got {sorted(outputs)}")
+            raise ConfigError(f"output_features must be exactly {{{ACTION!r}: action}}, got {sorted(outputs)}")
         wrong = sorted(n for n, f in inputs.items() if f.type not in ("state", "language"))
         if wrong:
-            raise ValueError(f"input_features {wrong} must be of type state, image or language")
+            raise ConfigError(f"input_features {wrong} must be of type state, image or language")
         if STATE not in inputs:
-            raise ValueError(f"input_features must include {STATE!r}, got {sorted(inputs)}")
+            raise ConfigError(f"input_features must include {STATE!r}, got {sorted(inputs)}")
         if self.tasks and TASK not in inputs:
-            raise ValueError(f"a policy trained on tasks {list(self.tasks)} needs the input feature {TASK!r}")
+            raise ConfigError(f"a policy trained on tasks {list(self.tasks)} needs the input feature {TASK!r}")
         if not self.tasks and TASK in inputs:
-            raise ValueError(f"input feature {TASK!r} needs the list of task names (tasks=[...])")
+            raise ConfigError(f"input feature {TASK!r} needs the list of task names (tasks=[...])")
 
     # -- derived ---------------------------------------------------------------------
     @property
@@ -298,15 +351,15 @@ class PolicyConfig:
         """
         unknown = sorted(set(settings) - {"horizon", "n_obs_steps", "n_action_steps", "provenance"})
         if unknown:
-            raise ValueError(f"unknown policy setting(s) {unknown}")
+            raise ConfigError(f"unknown policy setting(s) {unknown}")
         if not isinstance(noise_scheduler, NoiseSchedulerConfig):
             noise_scheduler = NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, noise_scheduler or {},
                                                                    "noise_scheduler"))
         for key, value in (("state_dim", state_dim), ("action_dim", action_dim)):
             if not _is(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive int, got {value!r}")
+                raise ConfigError(f"{key} must be a positive int, got {value!r}")
         if isinstance(tasks, str):
-            raise ValueError(f"tasks must be a list of task names, got {tasks!r}")
+            raise ConfigError(f"tasks must be a list of task names, got {tasks!r}")
         settings["provenance"] = dict(settings.get("provenance") or {})
         return cls(
             architecture=architecture,
@@ -320,6 +373,16 @@ class PolicyConfig:
 
     def replace(self, **changes: Any) -> "PolicyConfig":
         return dataclasses.replace(self, **changes)
+
+    # -- identity ----------------------------------------------------------------------
+    def identity(self) -> dict:
+        """The fields that decide what the weights compute (JSON values; see ``IDENTITY_FIELDS``)."""
+        data = self.to_dict()
+        return {k: data[k] for k in IDENTITY_FIELDS}
+
+    def fingerprint(self) -> str:
+        """sha256 of :meth:`identity` as canonical JSON: equal fingerprints, interchangeable weights."""
+        return identity_digest(self.identity())
 
     # -- JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -340,34 +403,40 @@ class PolicyConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PolicyConfig":
-        """Parse ``config.json``; an old ``bac-policy/1`` config is converted (see :func:`from_legacy`)."""
+        """Parse ``config.json``; an old ``bac-policy/1`` config is converted (see :func:`from_legacy`).
+
+        The optional ``"weights"`` field belongs to the checkpoint, not to the config: it is
+        checked (:class:`WeightsRecord`) and left out; :func:`read_config` returns it.
+        """
         if not isinstance(data, Mapping):
-            raise ValueError(f"a policy config is a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"a policy config is a JSON object, got {type(data).__name__}")
         fmt = data.get("format")
         if fmt == LEGACY_FORMAT:
             return from_legacy(data)
         if fmt != CONFIG_FORMAT:
-            raise ValueError(f"config format {fmt!r} is not {CONFIG_FORMAT!r} (or the convertible {LEGACY_FORMAT!r})")
+            raise ConfigError(f"config format {fmt!r} is not {CONFIG_FORMAT!r} (or the convertible {LEGACY_FORMAT!r})")
         if data.get("type", "diffusion") != "diffusion":
-            raise ValueError(f"config type {data.get('type')!r} is not a diffusion policy")
-        body = {k: v for k, v in data.items() if k not in ("format", "type")}
+            raise ConfigError(f"config type {data.get('type')!r} is not a diffusion policy")
+        body = {k: v for k, v in data.items() if k not in ("format", "type", "weights")}
+        if "weights" in data:
+            WeightsRecord.from_dict(data["weights"])
         missing = [k for k in _FIELDS if k not in body and k not in ("provenance",)]
         if missing:
-            raise ValueError(f"policy config is missing field(s) {missing}")
+            raise ConfigError(f"policy config is missing field(s) {missing}")
         unknown = sorted(set(body) - set(_FIELDS))
         if unknown:
-            raise ValueError(f"policy config has unknown field(s) {unknown}; expected {list(_FIELDS)}")
+            raise ConfigError(f"policy config has unknown field(s) {unknown}; expected {list(_FIELDS)}")
         for key in ("input_features", "output_features"):
             if not isinstance(body[key], Mapping):
-                raise ValueError(f"{key} must map feature names to {{type, shape}}, got {body[key]!r}")
+                raise ConfigError(f"{key} must map feature names to {{type, shape}}, got {body[key]!r}")
         if not isinstance(body["tasks"], list):
-            raise ValueError(f"tasks must be a list of task names, got {body['tasks']!r}")
+            raise ConfigError(f"tasks must be a list of task names, got {body['tasks']!r}")
         architecture = body["architecture"]
         if not isinstance(architecture, str):
-            raise ValueError(f"architecture must be one of {sorted(MODEL_CONFIGS)}, got {architecture!r}")
+            raise ConfigError(f"architecture must be one of {sorted(MODEL_CONFIGS)}, got {architecture!r}")
         return cls(
             architecture=architecture,
-            model=model_config(architecture, body["model"]),
+            model=model_config(architecture, body["model"], complete=True),
             input_features={n: PolicyFeature.from_dict(n, f) for n, f in body["input_features"].items()},
             output_features={n: PolicyFeature.from_dict(n, f) for n, f in body["output_features"].items()},
             horizon=body["horizon"],
@@ -375,27 +444,64 @@ class PolicyConfig:
             n_action_steps=body["n_action_steps"],
             tasks=tuple(body["tasks"]),
             noise_scheduler=NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, body["noise_scheduler"],
-                                                                 "noise_scheduler")),
+                                                                 "noise_scheduler", complete=True)),
             provenance=dict(body.get("provenance") or {}),
         )
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, weights: WeightsRecord | None = None) -> Path:
+        """Write ``config.json`` (with the checkpoint's ``weights`` record, if given); a crash leaves the old file."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        data = self.to_dict()
+        if weights is not None:
+            data["weights"] = weights.to_dict()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "PolicyConfig":
-        """Read a ``config.json``; every problem is a ``ValueError`` naming the file and the field."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        try:
-            return cls.from_dict(data)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: {err}") from err
+        """Read a ``config.json``; every problem is a :class:`bac.CheckpointError` naming the file and the field."""
+        return read_config(path)[0]
+
+
+def read_config(path: str | Path) -> tuple[PolicyConfig, WeightsRecord | None]:
+    """A checkpoint's ``config.json``: the config and its ``weights`` record (None in files saved before it).
+
+    Every problem (unreadable, not JSON, a wrong field) is a :class:`bac.CheckpointError` naming the file.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON: {err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from err
+    try:
+        config = PolicyConfig.from_dict(data)
+        weights = WeightsRecord.from_dict(data["weights"]) if "weights" in data else None
+    except (ValueError, TypeError) as err:  # TypeError: a value of a type no check anticipated
+        raise CheckpointError(f"{path}: {err}") from err
+    return config, weights
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    """sha256 of an identity dict as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted field names whose values differ between two identity dicts, with both values."""
+    out = []
+    for key in sorted(set(saved) | set(current), key=str):
+        name = f"{prefix}{key}"
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += identity_differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: weights saved with {a!r}, config has {b!r}")
+    return out
 
 
 _LEGACY_FIELDS = ("format", "architecture", "model", "obs_dim", "action_dim", "horizon", "n_obs_steps",
@@ -411,10 +517,10 @@ def from_legacy(data: Mapping[str, Any]) -> PolicyConfig:
     """
     unknown = sorted(set(data) - set(_LEGACY_FIELDS))
     if unknown:
-        raise ValueError(f"{LEGACY_FORMAT} config has unknown field(s) {unknown}")
+        raise ConfigError(f"{LEGACY_FORMAT} config has unknown field(s) {unknown}")
     missing = [k for k in ("architecture", "obs_dim", "action_dim") if k not in data]
     if missing:
-        raise ValueError(f"{LEGACY_FORMAT} config is missing field(s) {missing}")
+        raise ConfigError(f"{LEGACY_FORMAT} config is missing field(s) {missing}")
     provenance = dict(data.get("provenance") or {})
     provenance["converted_from"] = LEGACY_FORMAT
     settings = {k: data[k] for k in ("horizon", "n_obs_steps", "n_action_steps") if k in data}

@@ -16,12 +16,26 @@ The interface (``PreTrainedPolicy``'s, without depending on LeRobot):
 A batch is a dict of the features named in :attr:`PolicyConfig.input_features`:
 ``observation.state`` (tensor or array) and ``task`` (a task name, or one per
 sample; one of :attr:`tasks`). Both calls take an optional ``generator=``.
-A missing feature, a wrong shape, NaN or an unknown task raises ``ValueError``.
+A missing feature, a wrong shape, a batch of 0, NaN or inf, or an unknown task raises
+:class:`bac.DataError` (a ``ValueError``) naming the feature.
+
+Output guard: every sampled chunk is checked once (``torch.isfinite(actions).all()``,
+a few microseconds). Non-finite actions raise :class:`bac.NonFiniteError`, which says
+which inputs are far outside the training range (beyond ``EXTREME`` times the
+normaliser's range; such values are not refused before sampling, only named when the
+output is bad) and whether any weight is non-finite (checked only then). With
+``on_nonfinite="hold"``, :meth:`DiffusionPolicy.select_action` instead repeats the last
+finite action of each failed sample for that chunk and appends the event to
+:attr:`DiffusionPolicy.nonfinite_events`; it still raises when a sample has no finite
+action since :meth:`~DiffusionPolicy.reset`. ``predict_action_chunk`` always raises.
 
 Checkpoints are a directory with ``model.safetensors`` (EMA weights and the
 normalisation statistics) and ``config.json`` (:class:`PolicyConfig`: architecture,
 typed model config, feature spec, tasks, noise schedule, provenance); nothing is
-unpickled.
+unpickled. :meth:`DiffusionPolicy.save` also writes the weights file's sha256 into
+``config.json`` and the config's architecture fingerprint into the weights' metadata;
+:meth:`DiffusionPolicy.load` checks both (:mod:`bac.policies.checkpointing`). Every
+load failure is a :class:`bac.CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -31,19 +45,23 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import bac
+from bac.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 
-from .checkpointing import check_fits
-from .config import ACTION, STATE, TASK, PolicyConfig, PolicyFeature
+from .checkpointing import CheckpointNotFoundError, check_fits, nonfinite_tensors, read_weights, save_weights
+from .config import ACTION, STATE, TASK, WEIGHTS_FILE, PolicyConfig, PolicyFeature, read_config
 from .dit import DiTPolicyHead
 from .dpt import TransformerForDiffusion
 
 ARCHITECTURES = {"dpt": TransformerForDiffusion, "dit": DiTPolicyHead}
 SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
 Batch = Mapping[str, Any]
+ON_NONFINITE = ("raise", "hold")
+# Normalised inputs live in [-1, 1] on the training data; this many times that range is no longer an
+# unusual observation but a unit error or a broken sensor (named only when the actions come out non-finite).
+EXTREME = 1e6
 
 
 class Normalizer(nn.Module):
@@ -73,11 +91,12 @@ class Normalizer(nn.Module):
 
 
 class DiffusionPolicy(nn.Module):
-    """``DiffusionPolicy(config)``: a :class:`PolicyConfig` (``PolicyConfig.build(...)`` or a checkpoint's)."""
+    """``DiffusionPolicy(config, on_nonfinite="raise")``: a :class:`PolicyConfig` (``PolicyConfig.build(...)``
+    or a checkpoint's); ``on_nonfinite`` is ``"raise"`` or ``"hold"`` (see the module docstring)."""
 
     name = "diffusion"
 
-    def __init__(self, config: PolicyConfig, *legacy: Any, **legacy_kwargs: Any):
+    def __init__(self, config: PolicyConfig, *legacy: Any, on_nonfinite: str = "raise", **legacy_kwargs: Any):
         if not isinstance(config, PolicyConfig) or legacy or legacy_kwargs:
             raise TypeError("DiffusionPolicy(config) takes one PolicyConfig: DiffusionPolicy(PolicyConfig.build("
                             "architecture, model, state_dim=..., action_dim=..., tasks=[...], horizon=..., ...)), "
@@ -92,6 +111,10 @@ class DiffusionPolicy(nn.Module):
         self.action_normalizer = Normalizer(config.action_dim)
         self.noise_scheduler = DDPMScheduler(**self.noise_config)
         self.set_sampler("ddpm")
+        self.on_nonfinite = on_nonfinite
+        # Chunks held by on_nonfinite="hold": {"samples": [...], "message": ...}; kept across reset() so the
+        # runtime can report them after an episode.
+        self.nonfinite_events: list[dict] = []
         self.reset()
 
     # -- configuration -----------------------------------------------------------------
@@ -142,6 +165,17 @@ class DiffusionPolicy(nn.Module):
         return {k: getattr(scheduler, k) for k in scheduler.__dataclass_fields__}
 
     @property
+    def on_nonfinite(self) -> str:
+        """What :meth:`select_action` does with a non-finite chunk: ``"raise"`` or ``"hold"``."""
+        return self._on_nonfinite
+
+    @on_nonfinite.setter
+    def on_nonfinite(self, value: str) -> None:
+        if value not in ON_NONFINITE:
+            raise ConfigError(f"on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
+        self._on_nonfinite = value
+
+    @property
     def provenance(self) -> dict:
         return self.config.provenance
 
@@ -152,11 +186,11 @@ class DiffusionPolicy(nn.Module):
     def set_sampler(self, kind: str = "ddpm", steps: int | None = None) -> "DiffusionPolicy":
         """Sample with DDPM (all training steps by default), DDIM or DPM-Solver++ (fewer steps)."""
         if kind not in SAMPLERS:
-            raise ValueError(f"unknown sampler {kind!r}; expected one of {sorted(SAMPLERS)}")
+            raise ConfigError(f"unknown sampler {kind!r}; expected one of {sorted(SAMPLERS)}")
         train_steps = self.config.noise_scheduler.num_train_timesteps
         steps = steps or train_steps
         if not 1 <= steps <= train_steps:
-            raise ValueError(f"sampler steps must be in [1, {train_steps}], got {steps}")
+            raise ConfigError(f"sampler steps must be in [1, {train_steps}], got {steps}")
         self.sampler = SAMPLERS[kind].from_config(self.noise_scheduler.config)
         self.sampler_kind, self.num_inference_steps = kind, steps
         self.sampler.set_timesteps(steps)
@@ -169,27 +203,33 @@ class DiffusionPolicy(nn.Module):
     # -- inputs ----------------------------------------------------------------------
     def _state(self, batch: Batch, history: bool) -> torch.Tensor:
         if not isinstance(batch, Mapping):
-            raise ValueError(f"a policy batch is a dict of features {sorted(self.input_features)}, "
-                             f"got {type(batch).__name__}")
+            raise DataError(f"a policy batch is a dict of features {sorted(self.input_features)}, "
+                            f"got {type(batch).__name__}")
         missing = [name for name in self.input_features if name not in batch]
         if missing:
-            raise ValueError(f"observation is missing feature(s) {missing}; this policy reads "
-                             f"{ {n: f.type for n, f in self.input_features.items()} }")
+            raise DataError(f"observation is missing feature(s) {missing}; this policy reads "
+                            f"{ {n: f.type for n, f in self.input_features.items()} }")
         unknown = sorted(k for k in batch if k.startswith("observation.") and k not in self.input_features)
         if unknown:
-            raise ValueError(f"this policy does not read {unknown}; its observation features are "
-                             f"{sorted(n for n in self.input_features if n.startswith('observation.'))}")
+            raise DataError(f"this policy does not read {unknown}; its observation features are "
+                            f"{sorted(n for n in self.input_features if n.startswith('observation.'))}")
         try:
             state = torch.as_tensor(batch[STATE], dtype=torch.float32, device=self.device)
         except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"feature {STATE!r} is not a numeric array: {err}") from err
+            raise DataError(f"feature {STATE!r} is not a numeric array: {err}") from err
         expected = [self.n_obs_steps, self.obs_dim] if history else [self.obs_dim]
         if state.ndim != len(expected) + 1 or list(state.shape[1:]) != expected:
             where = "observation history" if history else "current observation"
-            raise ValueError(f"feature {STATE!r} ({where}) must have shape [batch, {', '.join(map(str, expected))}], "
-                             f"got {list(state.shape)}")
-        if not torch.isfinite(state).all():
-            raise ValueError(f"feature {STATE!r} contains NaN or inf")
+            raise DataError(f"feature {STATE!r} ({where}) must have shape [batch, {', '.join(map(str, expected))}], "
+                            f"got {list(state.shape)}")
+        if state.shape[0] == 0:
+            raise DataError(f"feature {STATE!r} has batch size 0 (shape {list(state.shape)}): "
+                            "a policy call needs at least one observation")
+        finite = torch.isfinite(state)
+        if not finite.all():
+            samples = (~finite).flatten(1).any(1).nonzero().flatten().tolist()
+            raise DataError(f"feature {STATE!r} contains NaN or inf in sample(s) {samples[:8]} (float32: finite "
+                            "values beyond 3.4e38 overflow to inf)")
         return state
 
     def _task_indices(self, task, batch: int) -> torch.Tensor | None:
@@ -199,16 +239,19 @@ class DiffusionPolicy(nn.Module):
         if isinstance(task, torch.Tensor):
             indices = task.to(self.device).reshape(-1)
             if indices.numel() != batch or indices.min() < 0 or indices.max() >= len(self.tasks):
-                raise ValueError(f"task indices must be {batch} values in [0, {len(self.tasks)})")
+                raise DataError(f"feature {TASK!r}: task indices must be {batch} values in [0, {len(self.tasks)})")
             return indices if self.config.conditions_on_task else None
-        names = [task] * batch if isinstance(task, str) else list(task)
-        if not all(isinstance(n, str) for n in names):
-            raise ValueError(f"feature {TASK!r} must be a task name or one name per sample, got {task!r}")
+        try:
+            names = [task] * batch if isinstance(task, str) else list(task)
+        except TypeError:  # not iterable (a number, None)
+            names = None
+        if names is None or not all(isinstance(n, str) for n in names):
+            raise DataError(f"feature {TASK!r} must be a task name or one name per sample, got {task!r}")
         if len(names) != batch:
-            raise ValueError(f"{len(names)} task names for a batch of {batch}")
+            raise DataError(f"feature {TASK!r}: {len(names)} task names for a batch of {batch}")
         unknown = sorted(set(names) - set(self.tasks))
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; this policy was trained on {self.tasks}")
+            raise DataError(f"feature {TASK!r}: unknown task(s) {unknown}; this policy was trained on {self.tasks}")
         if not self.config.conditions_on_task:
             return None
         return torch.tensor([self.tasks.index(n) for n in names], device=self.device)
@@ -216,7 +259,9 @@ class DiffusionPolicy(nn.Module):
     def condition(self, batch: Batch) -> torch.Tensor:
         """The denoiser's condition ``[B, n_obs_steps, C]`` of a batch with the stacked observation history:
         normalised ``observation.state`` (plus the task one-hot for a multi-task policy)."""
-        state = self._state(batch, history=True)
+        return self._condition(self._state(batch, history=True), batch)
+
+    def _condition(self, state: torch.Tensor, batch: Batch) -> torch.Tensor:
         cond = self.obs_normalizer(state)
         tasks = self._task_indices(batch.get(TASK), state.shape[0])
         if tasks is not None:
@@ -231,10 +276,12 @@ class DiffusionPolicy(nn.Module):
         ``batch["task"]`` may also be a tensor of indices into :attr:`tasks` (the trainer's form).
         """
         cond = self.condition(batch)
+        if ACTION not in batch:
+            raise DataError(f"a training batch needs the feature {ACTION!r} [batch, {self.horizon}, {self.action_dim}]")
         actions = torch.as_tensor(batch[ACTION], dtype=torch.float32, device=self.device)
-        if list(actions.shape[1:]) != [self.horizon, self.action_dim]:
-            raise ValueError(f"feature {ACTION!r} must have shape [batch, {self.horizon}, {self.action_dim}], "
-                             f"got {list(actions.shape)}")
+        if list(actions.shape[1:]) != [self.horizon, self.action_dim] or actions.shape[0] != cond.shape[0]:
+            raise DataError(f"feature {ACTION!r} must have shape [batch, {self.horizon}, {self.action_dim}], "
+                            f"got {list(actions.shape)} (observations: batch {cond.shape[0]})")
         target = self.action_normalizer(actions)
         noise = torch.randn(target.shape, generator=generator, device=self.device)
         steps = torch.randint(0, self.config.noise_scheduler.num_train_timesteps, (target.shape[0],),
@@ -244,43 +291,102 @@ class DiffusionPolicy(nn.Module):
 
     # -- inference -------------------------------------------------------------------
     def reset(self) -> None:
-        """Start a new episode: forget the observation history and the queued actions."""
+        """Start a new episode: forget the observation history, the queued actions and the last action
+        (which ``on_nonfinite="hold"`` would repeat). :attr:`nonfinite_events` is kept."""
         self._history: torch.Tensor | None = None
         self._queue: list[torch.Tensor] = []
+        self._last_action: torch.Tensor | None = None
 
-    @torch.no_grad()
-    def predict_action_chunk(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One sampling call: the ``[B, n_action_steps, action_dim]`` actions to execute next.
-
-        ``batch["observation.state"]`` is the observation history ``[B, n_obs_steps, D]``.
-        """
-        cond = self.condition(batch)
+    def _sample(self, batch: Batch, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checked observation history and the sampled, unchecked actions ``[B, n_action_steps, A]``."""
+        state = self._state(batch, history=True)
+        cond = self._condition(state, batch)
         bac.new_trajectory(self.model)
         self.sampler.set_timesteps(self.num_inference_steps)  # multistep solvers keep per-call state
         x = torch.randn((cond.shape[0], self.horizon, self.action_dim), generator=generator, device=self.device)
         for t in self.sampler.timesteps:
             x = self.sampler.step(self.model(x, t, cond), t, x, generator=generator).prev_sample
-        return self.action_normalizer.inverse(x[:, : self.n_action_steps])
+        return state, self.action_normalizer.inverse(x[:, : self.n_action_steps])
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One sampling call: the ``[B, n_action_steps, action_dim]`` actions to execute next.
+
+        ``batch["observation.state"]`` is the observation history ``[B, n_obs_steps, D]``. Non-finite
+        actions raise :class:`bac.NonFiniteError` (whatever :attr:`on_nonfinite` says; see the module
+        docstring), with the chunk in ``err.actions`` and the failed samples in ``err.samples``.
+        """
+        state, actions = self._sample(batch, generator)
+        if not torch.isfinite(actions).all():  # the guard: one reduction per chunk; diagnosis only on failure
+            raise self._nonfinite_error(state, actions)
+        return actions
+
+    @torch.no_grad()
+    def _nonfinite_error(self, state: torch.Tensor, actions: torch.Tensor) -> NonFiniteError:
+        """Why a chunk is not finite: which samples, which inputs are extreme, which weights are non-finite."""
+        bad = ~torch.isfinite(actions).flatten(1).all(1)
+        samples = bad.nonzero().flatten().tolist()
+        parts = [f"policy produced non-finite actions (NaN/inf) for sample(s) {samples[:8]} of {len(bad)}"]
+        normalised = self.obs_normalizer(state).abs().nan_to_num(nan=float("inf"))  # 1 = the training range
+        extreme = normalised > EXTREME
+        if extreme.any():
+            dims = extreme.flatten(0, 1).any(0).nonzero().flatten().tolist()
+            rows = extreme.flatten(1).any(1).nonzero().flatten().tolist()
+            parts.append(f"input {STATE!r} is far outside the training range in sample(s) {rows[:8]}, dims "
+                         f"{dims[:8]}: up to {state.abs().max().item():.3g} raw, {normalised.max().item():.3g} "
+                         f"times the normaliser's range (limit {EXTREME:g}); check units and sensors")
+        else:
+            parts.append(f"inputs are finite and within {EXTREME:g} times the training range")
+        weights = nonfinite_tensors(self.state_dict())
+        if weights:
+            parts.append(f"NaN/inf in {len(weights)} weight tensor(s) {weights[:6]}: the weights are corrupt")
+        else:
+            parts.append("every weight is finite")
+        if getattr(self.model, "_bac_handle", None) is not None:
+            parts.append("a bac cache is active on the denoiser: run without it to see whether caching causes this")
+        err = NonFiniteError("; ".join(parts))
+        err.actions, err.samples = actions, samples
+        return err
 
     @torch.no_grad()
     def select_action(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         """The next action ``[B, action_dim]`` for the current observation ``observation.state`` ``[B, D]``.
 
         Keeps the last ``n_obs_steps`` observations (the first one repeated after
-        :meth:`reset`) and samples a new chunk only when the queue is empty.
+        :meth:`reset`) and samples a new chunk only when the queue is empty. A non-finite
+        chunk raises :class:`bac.NonFiniteError`, or with ``on_nonfinite="hold"`` is replaced,
+        for the failed samples, by their last action (repeated for that chunk; the event goes
+        to :attr:`nonfinite_events`); hold raises too when a failed sample has no last action
+        since :meth:`reset`.
         """
         state = self._state(batch, history=False)
         if self._history is None:
             self._history = state[:, None].expand(-1, self.n_obs_steps, -1).clone()
         elif self._history.shape[0] != state.shape[0]:
-            raise ValueError(f"batch of {state.shape[0]} observations after {self._history.shape[0]}; "
-                             "call reset() before a new batch of episodes")
+            raise DataError(f"feature {STATE!r}: batch of {state.shape[0]} observations after "
+                            f"{self._history.shape[0]}; call reset() before a new batch of episodes")
         else:
             self._history = torch.cat([self._history[:, 1:], state[:, None]], dim=1)
         if not self._queue:
-            chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator)
+            try:
+                chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator)
+            except NonFiniteError as err:
+                if self.on_nonfinite != "hold" or getattr(err, "actions", None) is None:
+                    raise
+                chunk = self._hold(err)
             self._queue = list(chunk.unbind(1))
-        return self._queue.pop(0)
+        self._last_action = self._queue.pop(0)
+        return self._last_action
+
+    def _hold(self, err: NonFiniteError) -> torch.Tensor:
+        """``err``'s chunk with each failed sample's rows replaced by that sample's last action."""
+        if self._last_action is None:
+            raise NonFiniteError(f"{err}; on_nonfinite='hold' has no finite action to hold "
+                                 "(this is the first chunk since reset())") from err
+        chunk = err.actions.clone()
+        chunk[err.samples] = self._last_action[err.samples, None].expand(-1, chunk.shape[1], -1)
+        self.nonfinite_events.append({"samples": list(err.samples), "message": str(err)})
+        return chunk
 
     def accelerate(self, schedule: bac.Plan | bac.Rule | bac.Method) -> bac.CacheHandle:
         """``bac.accelerate`` on the denoiser with a plan, rule or named method, checked against this sampler."""
@@ -288,30 +394,44 @@ class DiffusionPolicy(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        """Write ``model.safetensors`` (with the architecture fingerprint) and ``config.json`` (with the
+        weights' sha256). Each file is replaced atomically, weights first: a crash in between leaves
+        a checkpoint whose sha256 does not match, which :meth:`load` refuses."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
-        self.config.save(directory / "config.json")
+        record = save_weights(self.state_dict(), directory / WEIGHTS_FILE, self.config)
+        self.config.save(directory / "config.json", weights=record)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu",
-             expect: dict[str, Any] | None = None) -> "DiffusionPolicy":
-        """Load a checkpoint directory; ``expect`` (e.g. ``{"architecture": "dpt"}``) must match its config."""
+             expect: dict[str, Any] | None = None, on_nonfinite: str = "raise") -> "DiffusionPolicy":
+        """Load a checkpoint directory; ``expect`` (e.g. ``{"architecture": "dpt"}``) must match its config.
+
+        Every failure is a :class:`bac.CheckpointError` naming the file: a missing file
+        (also a ``FileNotFoundError``), a bad ``config.json``, unreadable or truncated weights,
+        weights that do not fit the config (names, shapes, the fingerprint of the config they
+        were saved with), a sha256 that differs from the one ``config.json`` records, NaN/inf
+        weights. Checkpoints saved before the sha256 and fingerprint existed load without those
+        two checks (nothing to compare with); ``load(d).save(d)`` adds them.
+        """
         directory = Path(directory)
-        config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-        if not config_path.is_file() or not weights_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a policy checkpoint (needs config.json and model.safetensors)")
-        config = PolicyConfig.load(config_path)
+        config_path, weights_path = directory / "config.json", directory / WEIGHTS_FILE
+        missing = [p.name for p in (config_path, weights_path) if not p.is_file()]
+        if missing:
+            raise CheckpointNotFoundError(f"{directory} is not a policy checkpoint (needs config.json and "
+                                          f"{WEIGHTS_FILE}; missing {missing})")
+        config, record = read_config(config_path)
         stored = config.to_dict()
         for key, value in (expect or {}).items():
             if stored.get(key) != value:
-                raise ValueError(f"checkpoint {directory} has {key}={stored.get(key)!r}, expected {value!r}")
-        policy = cls(config)
-        policy.load_weights(load_file(str(weights_path)))
+                raise CheckpointError(f"checkpoint {directory} has {key}={stored.get(key)!r}, expected {value!r}")
+        policy = cls(config, on_nonfinite=on_nonfinite)
+        state = read_weights(weights_path, config, record, policy, f"this {config.architecture} policy")
+        policy.load_state_dict(state)
         return policy.to(device).eval()
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a state dict, naming every missing, unexpected or mis-shaped tensor."""
+        """Load a state dict, naming every missing, unexpected or mis-shaped tensor (:class:`bac.CheckpointError`)."""
         check_fits(self, state, f"this {self.architecture} policy")
         self.load_state_dict(state)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from bac.configs import CONFIG_DIR
+from bac.errors import CheckpointError, ConfigError
 from bac.envs.collect import collect
 from bac.envs.dataset import WindowDataset
 
@@ -42,12 +43,19 @@ def task_list(cfg: DictConfig) -> list[str]:
 
 
 def load_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int,
-                 action_noise: float = 0.0):
-    """All training windows of every task: obs ``[N, To, D]``, actions ``[N, H, A]``, task index ``[N]``."""
+                 action_noise: float = 0.0, obs_dim: int | None = None, action_dim: int | None = None):
+    """All training windows of every task: obs ``[N, To, D]``, actions ``[N, H, A]``, task index ``[N]``.
+
+    Every demo is validated at load (:mod:`bac.envs.dataset`: keys, lengths, NaN); its widths must be
+    ``obs_dim`` / ``action_dim`` when given, and otherwise those of the first task's file (one policy
+    is trained on all of them). Each failure is a :class:`bac.DataError` naming the file and the demo.
+    """
     obs, actions, task_index, sources = [], [], [], {}
     for i, task in enumerate(tasks):
         path = collect(task, episodes, out_dir=data_dir, action_noise=action_noise, progress=False)
-        data = WindowDataset(path, horizon=horizon, n_obs_steps=n_obs_steps, filter_key="train")
+        data = WindowDataset(path, horizon=horizon, n_obs_steps=n_obs_steps, filter_key="train",
+                             obs_dim=obs_dim, action_dim=action_dim)
+        obs_dim, action_dim = data.obs_dim, data.action_dim
         o, a = data.window(np.arange(len(data)))
         obs.append(o)
         actions.append(a)
@@ -72,7 +80,7 @@ def policy_config(cfg: DictConfig, state_dim: int, action_dim: int, tasks: list[
                                   state_dim=state_dim, action_dim=action_dim, tasks=tasks, horizon=cfg.horizon,
                                   n_obs_steps=cfg.n_obs_steps, n_action_steps=cfg.n_action_steps)
     except ValueError as err:
-        raise ValueError(f"policy settings ({cfg.policy.name}): {err}") from err
+        raise ConfigError(f"policy settings ({cfg.policy.name}): {err}") from err
 
 
 def success_check(policy: DiffusionPolicy, tasks: list[str], episodes: int) -> dict[str, float]:
@@ -116,7 +124,8 @@ def train(cfg: DictConfig) -> Path:
     if cfg.resume and state_path.exists():
         def same_run(state: dict) -> None:
             if state["settings"]["policy"] != settings["policy"] or state["settings"]["task"] != settings["task"]:
-                raise ValueError(f"{state_path} belongs to another policy or task; use another run_dir or resume=false")
+                raise CheckpointError(f"{state_path} belongs to another policy or task; use another run_dir or "
+                                      "resume=false")
             check_fits(policy, state["model"], f"this {policy.architecture} policy")
 
         state = training_state.restore(state_path, same_run)

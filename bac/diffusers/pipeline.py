@@ -33,7 +33,7 @@ from torch import nn
 from ..adapters import describe
 from ..calibration import Calibration
 from ..engine import CacheHandle, accelerate
-from ..fit import PlanMismatchError
+from ..errors import CacheStateError, PlanMismatchError
 from ..methods import Method, build_method, needs_calibration
 from ..plan import Plan
 from ..recorder import calibrate as calibrate_model
@@ -173,10 +173,12 @@ def disable_cache(target: Any) -> None:
     if state is None:
         return
     handle, stack, pipe, original_class, _ = state
-    handle.remove()
-    stack.close()
-    if pipe is not None:
-        pipe.__class__ = original_class
+    try:
+        handle.remove()  # may report a bare transformer's short sampling loop, after restoring it
+    finally:
+        stack.close()
+        if pipe is not None:
+            pipe.__class__ = original_class
 
 
 _CACHING_CLASSES: dict[type, type] = {}
@@ -200,8 +202,11 @@ def _caching_class(cls: type) -> type:
             handle.new_trajectory()
             result = cls.__call__(self, *args, **kwargs)
             ran = handle.steps_run()
-            if handle.plan is not None and any(n != steps for n in ran.values()):
-                raise PlanMismatchError(f"the plan covers {steps} denoiser calls per context, the pipeline ran {ran}")
+            try:
+                handle.end_trajectory()  # checked here, so the next call or disable_cache does not report it again
+            except CacheStateError as err:
+                raise PlanMismatchError(
+                    f"the plan covers {steps} denoiser calls per context, the pipeline ran {ran}") from err
             return result
 
         _CACHING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})

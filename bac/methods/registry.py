@@ -141,7 +141,9 @@ def build_method(
     (``"reuse"``, ``"taylor-1"``, ``"taylor-2"`` or a stand-in) replaces the
     method's own. Static schedules need ``num_steps`` unless ``source`` is a
     calibration, which fixes it; ``scheduler`` (default: the calibration's) is
-    recorded in the plan and checked when it is applied.
+    recorded in the plan and checked when it is applied. A plan of a method
+    that needs a calibration records the calibration's weights digest and
+    refuses other weights (see :meth:`bac.Plan.check_fits`).
     """
     info = method_info(name)
     values = method_params(name, **params)
@@ -162,9 +164,11 @@ def build_method(
     schedule, own_standin = info.build(values, source, num_steps, calibration)
     recorded = {k: v for k, v in dataclasses.asdict(values).items() if v is not None}
     if info.static and isinstance(schedule, Mapping):
+        # only a plan planned from calibration statistics depends on the weights they were recorded on
+        weights = calibration.weights if calibration is not None and info.needs_calibration else None
         schedule = Plan.from_steps(
             source, schedule, num_steps, name, recorded, scheduler=scheduler,
-            calibration=calibration.facts() if calibration else None,
+            calibration=calibration.facts() if calibration else None, weights=weights,
         )
     elif info.static or not isinstance(schedule, Rule):
         wanted = "update steps per block" if info.static else "a bac.Rule"

@@ -3,21 +3,140 @@
 A plan is JSON (SPEC section 5): schema version, the model fingerprint, the
 step count and scheduler, the method and its parameters, per block its kind,
 layer and sorted update steps, and calibration facts. A plan refuses to load
-onto a model, block set, step count or scheduler it was not made for, and the
-error names the mismatch.
+onto a model, block set, step count, scheduler or (for a calibrated plan)
+weights it was not made for, and the error names the mismatch.
+
+Reading is strict: every field must have its type (an update step written as
+``2.7`` or ``"3"`` is an error, not step 2), unknown fields are refused, and
+every problem with a file (missing, truncated, not JSON, a wrong field) is a
+:class:`bac.PlanMismatchError` naming the file and the field.
+
+Weights. A plan made from a calibration records the calibration's weights
+digest in ``model["weights"]`` (:func:`bac.adapters.weights_digest`); applying
+it to a model with other weights is refused unless ``allow_other_weights``.
+Plans that do not depend on weights (``every-step``, ``uniform``, TaylorSeer)
+and version-1 plans written before the digest was recorded have no
+``"weights"`` and are not checked against weights. The digest is an optional
+key of the version-1 fingerprint, so the schema version stays 1.
 """
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..adapters import KINDS
 from ..checks import check_number
-from ..fit import PlanMismatchError, check_fits, scheduler_id
+from ..errors import PlanMismatchError
+from ..fit import check_fits, scheduler_id
 from ..flops import executed_flops
 
 SCHEMA_VERSION = 1
+
+# Field types of a plan file; a key of MODEL_FIELDS marked optional may be absent.
+_TOP_FIELDS = ("schema_version", "method", "params", "num_steps", "blocks", "model", "scheduler", "calibration")
+_BLOCK_FIELDS = ("name", "kind", "layer", "update_steps")
+_MODEL_FIELDS = {"class": (str,), "num_layers": (int,), "width": (int, type(None)), "parameters": (str,),
+                 "weights": (str,)}
+_MODEL_OPTIONAL = ("weights",)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer and not a bool (JSON ``true`` is not step 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", float: "a number",
+             int: "an integer", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+class _Reader:
+    """Validates a plan's JSON data field by field; errors name ``source`` and the field's path."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, message: str) -> PlanMismatchError:
+        return PlanMismatchError(f"malformed plan {self.source}: {message}")
+
+    def wrong(self, where: str, expected: str, value: Any) -> PlanMismatchError:
+        return self.fail(f"field {where} must be {expected}, got {_type_name(value)} {value!r}"[:400])
+
+    def fields(self, data: Any, where: str, known: Sequence[str], optional: Sequence[str] = ()) -> dict:
+        if not isinstance(data, Mapping):
+            raise self.wrong(where, "an object", data) if where else self.fail(
+                f"expected a JSON object, got {_type_name(data)}")
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            raise self.fail(f"unknown field{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(repr(f'{where}.{k}' if where else k) for k in unknown)}")
+        missing = [k for k in known if k not in data and k not in optional]
+        if missing:
+            names = ", ".join(f"{where}.{k}" if where else k for k in missing)
+            raise self.fail(f"field {names} is missing" if len(missing) == 1 else f"fields {names} are missing")
+        return dict(data)
+
+    def integer(self, value: Any, where: str, low: int = 0) -> int:
+        if not _is_int(value) or value < low:
+            raise self.wrong(where, f"an integer >= {low}", value)
+        return int(value)
+
+    def string(self, value: Any, where: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.wrong(where, "a non-empty string", value)
+        return value
+
+    def mapping(self, value: Any, where: str) -> dict:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise self.wrong(where, "an object", value)
+        return dict(value)
+
+    def read(self, data: Any) -> dict:
+        data = self.fields(data, "", _TOP_FIELDS, optional=("scheduler", "calibration"))
+        version = data.pop("schema_version")
+        if version != SCHEMA_VERSION or not _is_int(version):
+            raise PlanMismatchError(
+                f"plan {self.source}: schema version {version!r}; this bac reads version {SCHEMA_VERSION}")
+        num_steps = data["num_steps"]
+        if not _is_int(num_steps) or num_steps < 1:
+            raise self.fail(f"num_steps must be an integer in [1, inf], got {num_steps!r}")
+        data["method"] = self.string(data["method"], "method")
+        data["params"] = self.mapping(data["params"], "params")
+        model = self.fields(data["model"], "model", tuple(_MODEL_FIELDS), _MODEL_OPTIONAL)
+        for key, value in model.items():
+            if not isinstance(value, _MODEL_FIELDS[key]) or isinstance(value, bool):
+                expected = " or ".join(_type_name(t()) if t is not type(None) else "null" for t in _MODEL_FIELDS[key])
+                raise self.wrong(f"model.{key}", expected, value)
+        data["model"] = model
+        scheduler = data.get("scheduler")
+        if scheduler is not None and not isinstance(scheduler, str):
+            raise self.wrong("scheduler", "a string or null", scheduler)
+        if data.get("calibration") is not None:
+            data["calibration"] = self.mapping(data["calibration"], "calibration")
+        blocks = data["blocks"]
+        if not isinstance(blocks, list) or not blocks:
+            raise self.wrong("blocks", "a non-empty list", blocks)
+        data["blocks"] = tuple(self.block(b, f"blocks[{i}]") for i, b in enumerate(blocks))
+        return data
+
+    def block(self, data: Any, where: str) -> "PlanBlock":
+        data = self.fields(data, where, _BLOCK_FIELDS)
+        kind = data["kind"]
+        if kind not in KINDS:
+            raise self.wrong(f"{where}.kind", f"one of {KINDS}", kind)
+        steps = data["update_steps"]
+        if not isinstance(steps, list):
+            raise self.wrong(f"{where}.update_steps", "a list of integers", steps)
+        return PlanBlock(
+            self.string(data["name"], f"{where}.name"),
+            kind,
+            self.integer(data["layer"], f"{where}.layer"),
+            tuple(self.integer(s, f"{where}.update_steps[{j}]") for j, s in enumerate(steps)),
+        )
 
 
 @dataclass(frozen=True)
@@ -42,16 +161,23 @@ class Plan:
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
             raise PlanMismatchError(f"plan schema version {self.schema_version}; this bac reads version {SCHEMA_VERSION}")
-        check_number("num_steps", self.num_steps, 1, integer=True)
+        try:
+            check_number("num_steps", self.num_steps, 1, integer=True)
+        except ValueError as err:
+            raise PlanMismatchError(str(err)) from None
         names = [b.name for b in self.blocks]
         if len(set(names)) != len(names):
-            raise ValueError("plan lists a block twice")
+            raise PlanMismatchError("plan lists a block twice")
         for b in self.blocks:
             steps = list(b.update_steps)
+            if not all(_is_int(s) for s in steps):
+                raise PlanMismatchError(f"block {b.name}: update steps must be integers, got {steps}")
             if not steps or steps[0] != 0:
-                raise ValueError(f"block {b.name}: update steps must start with step 0 (nothing is cached before it)")
+                raise PlanMismatchError(
+                    f"block {b.name}: update steps must start with step 0 (nothing is cached before it)")
             if steps != sorted(set(steps)) or steps[-1] >= self.num_steps:
-                raise ValueError(f"block {b.name}: update steps must be sorted, unique and below {self.num_steps}")
+                raise PlanMismatchError(
+                    f"block {b.name}: update steps must be sorted, unique and below {self.num_steps}")
 
     @classmethod
     def from_steps(
@@ -63,20 +189,33 @@ class Plan:
         params: Mapping[str, Any] | None = None,
         scheduler: Any = None,
         calibration: Mapping[str, Any] | None = None,
+        weights: str | None = None,
     ) -> "Plan":
-        """Build a plan for the blocks of ``spec`` (a :class:`bac.ModelSpec`)."""
+        """Build a plan for the blocks of ``spec`` (a :class:`bac.ModelSpec` or a :class:`bac.Calibration`).
+
+        ``weights`` is the weights digest the plan depends on (a calibrated
+        plan's, from its calibration); ``None`` for plans that fit any weights.
+        """
         missing = [b.name for b in spec.blocks if b.name not in update_steps]
         if missing:
             raise ValueError(f"no update steps for blocks {missing}")
+        for b in spec.blocks:  # int(2.7) would silently become step 2
+            bad = [s for s in update_steps[b.name] if not _is_int(s)]
+            if bad:
+                raise ValueError(f"block {b.name}: update steps must be integers, got {bad[:4]}")
         blocks = tuple(
             PlanBlock(b.name, b.kind, b.layer, tuple(int(s) for s in update_steps[b.name])) for b in spec.blocks
         )
+        model = {k: v for k, v in spec.fingerprint.items() if k != "weights"}
+        if weights is not None:
+            model["weights"] = weights
+        check_number("num_steps", num_steps, 1, integer=True)
         return cls(
             method,
             dict(params or {}),
             int(num_steps),
             blocks,
-            dict(spec.fingerprint),
+            model,
             scheduler_id(scheduler),
             dict(calibration) if calibration else None,
         )
@@ -122,10 +261,20 @@ class Plan:
         return "\n".join(lines)
 
     # -- checks ----------------------------------------------------------------------
-    def check_fits(self, spec, num_steps: int | None = None, scheduler: Any = None) -> None:
-        """Raise :class:`PlanMismatchError` naming the first thing that does not fit."""
+    def check_fits(self, spec, num_steps: int | None = None, scheduler: Any = None,
+                   allow_other_weights: bool = False) -> None:
+        """Raise :class:`bac.PlanMismatchError` naming the first thing that does not fit ``spec`` or the sampler.
+
+        ``spec`` is the model's :class:`bac.ModelSpec` (:func:`bac.describe`);
+        ``num_steps`` / ``scheduler`` the sampler's (``None``: not checked). A
+        calibrated plan must have been calibrated on this model's weights
+        (the weights are hashed, about 25 ms for a 9 M-parameter model) unless
+        ``allow_other_weights``; plans without a weights digest (uncalibrated
+        methods, files from before the digest) are not checked against weights.
+        """
         blocks = [(b.name, b.kind, b.layer) for b in self.blocks]
-        check_fits("plan", self.model, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler)
+        check_fits("plan", self.model, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler,
+                   allow_other_weights)
 
     # -- files -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -134,19 +283,17 @@ class Plan:
         return {"schema_version": data.pop("schema_version"), **data}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        data = dict(data)
-        version = data.pop("schema_version", None)
-        if version != SCHEMA_VERSION:
-            raise PlanMismatchError(f"plan schema version {version!r}; this bac reads version {SCHEMA_VERSION}")
+    def from_dict(cls, data: Mapping[str, Any], source: str = "data") -> "Plan":
+        """A plan from its JSON data, checked field by field (see the module docstring).
+
+        Every problem is a :class:`bac.PlanMismatchError` naming ``source``
+        (the file, for :meth:`load`) and the field.
+        """
+        fields = _Reader(source).read(data)
         try:
-            blocks = tuple(
-                PlanBlock(b["name"], b["kind"], int(b["layer"]), tuple(int(s) for s in b["update_steps"]))
-                for b in data.pop("blocks")
-            )
-            return cls(blocks=blocks, schema_version=version, **data)
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"malformed plan: {err}") from err
+            return cls(schema_version=SCHEMA_VERSION, **fields)
+        except PlanMismatchError as err:
+            raise PlanMismatchError(f"malformed plan {source}: {err}") from None
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -156,7 +303,16 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a plan file; a missing, unreadable, truncated or malformed file is a :class:`bac.PlanMismatchError`."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise PlanMismatchError(f"cannot read plan file {path}: {err}") from err
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PlanMismatchError(f"plan file {path} is not valid JSON (truncated?): {err}") from None
+        return cls.from_dict(data, source=f"file {path}")
 
     def heatmap(self, path: str | Path | None = None, ax=None):
         """Draw blocks (rows) by steps (columns), updated vs reused; save to ``path`` if given."""

@@ -1,10 +1,15 @@
-"""``python -m bac.plan show PLAN.json [--heatmap OUT.png]``: summary and blocks-by-steps heatmap."""
+"""``python -m bac.plan show PLAN.json [--heatmap OUT.png]``: summary and blocks-by-steps heatmap.
+
+Any :class:`bac.BacError` (a missing, truncated or malformed plan file) is one
+line on stderr and exit status 2.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+from ..errors import BacError
 from . import Plan
 
 
@@ -19,13 +24,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plan = Plan.load(args.plan)
-    except (OSError, ValueError) as err:
-        print(f"error: cannot read plan {args.plan}: {err}", file=sys.stderr)
+    except BacError as err:  # the message names the file and the field
+        print("error: cannot read plan: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     print(plan.summary())
     if not args.no_heatmap:
         out = args.heatmap or args.plan.with_suffix(".png")
-        plan.heatmap(out)
+        try:
+            plan.heatmap(out)
+        except OSError as err:  # an unwritable image path is the user's to fix, not a bug
+            print(f"error: cannot write heatmap {out}: {err}", file=sys.stderr)
+            return 2
         print(f"heatmap written to {out}")
     return 0
 

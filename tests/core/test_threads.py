@@ -1,6 +1,7 @@
 """One accelerated model, several threads: each thread has its own cache state."""
 import threading
 
+import pytest
 import torch
 
 import bac
@@ -68,3 +69,6 @@ def test_context_and_new_trajectory_act_on_the_calling_thread_only(tiny_stack):
             assert handle.active_context == "uncond"
         run_in_threads([handle.new_trajectory])
         assert handle.step == 0  # the other thread's new trajectory left this one alone
+        # ... and did not report this thread's call, which ran 1 of the plan's 12 steps: removing does
+        with pytest.raises(bac.CacheStateError, match="ran 1 in context 'default' of the plan's 12"):
+            handle.remove()

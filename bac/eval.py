@@ -6,24 +6,21 @@ the one place ``bac`` reaches outside the core.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from bac.cli import report_errors
 from bac.configs import CONFIG_DIR
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
+@report_errors
 def main(cfg: DictConfig) -> None:
-    from bac.evaluation.run import EvalError, run
+    from bac.evaluation.run import run
 
-    try:
-        result = run(cfg)
-    except EvalError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    result = run(cfg)
     print((Path(result["out_dir"]) / "report.md").read_text())
     print(f"report: {result['out_dir']}/report.json")
 

@@ -278,10 +278,20 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from bac.cli import BOOL, FLOAT, INT, STR, check_settings, report_errors
     from bac.configs import CONFIG_DIR
 
+    settings = {
+        "task": (STR, None, False), "episodes": (INT, 1, False), "seed_offset": (INT, 0, False),
+        "out_dir": (STR, None, True), "overwrite": (BOOL, None, False), "post_success_steps": (INT, 0, False),
+        "action_noise": (FLOAT, 0, False), "max_episode_steps": (INT, 1, True),
+        "valid_fraction": (FLOAT, 0, False), "progress": (BOOL, None, False),
+    }
+
     @hydra.main(config_path=str(CONFIG_DIR), config_name="collect", version_base="1.3")
+    @report_errors
     def run(cfg: DictConfig) -> None:
+        check_settings(cfg, settings, CONFIG_DIR / "collect.yaml")
         path = collect(
             task=cfg.task,
             episodes=cfg.episodes,

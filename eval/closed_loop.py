@@ -3,7 +3,8 @@
 Every finished episode is one line ``{"task", "method", "seed", "success", "steps"}``
 written with a single ``write`` and flushed, so an interrupted run (Ctrl-C, a
 killed job) leaves at most one torn last line, which is ignored. Re-running with
-the same output file skips the episodes already there and repeats none.
+the same output file skips the episodes already there and repeats none, and gives
+the same results as an uninterrupted run (waves are fixed slices of the seed list).
 """
 from __future__ import annotations
 
@@ -58,15 +59,20 @@ def run_task(
     """
     seeds = list(seeds)
     done = {e["seed"]: e for e in read_episodes(log_path) if e["task"] == task and e["method"] == method}
-    todo = [s for s in seeds if s not in done]
+    # Waves are fixed slices of the full seed list, so a wave's noise (seeded from its first seed) and its
+    # batch never depend on where an earlier run stopped; a wave cut short is rerun whole, its missing
+    # episodes written, the others (already logged) not repeated.
+    waves = [seeds[i : i + num_envs] for i in range(0, len(seeds), num_envs)]
+    todo = [wave for wave in waves if any(s not in done for s in wave)]
     repair(log_path)
-    with open(log_path, "a") as log, tqdm(total=len(seeds), initial=len(seeds) - len(todo), disable=not progress,
-                                          desc=f"{task} / {method}", leave=False) as bar:
-        for start in range(0, len(todo), num_envs):
-            wave = todo[start : start + num_envs]
+    with open(log_path, "a") as log, tqdm(total=len(seeds), initial=len(done.keys() & set(seeds)),
+                                          disable=not progress, desc=f"{task} / {method}", leave=False) as bar:
+        for wave in todo:
             generator = torch.Generator(device=policy.device).manual_seed(wave[0])
             for result in run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
                                        generator=generator):
+                if result["seed"] in done:
+                    continue
                 record = {"task": task, "method": method, **result}
                 log.write(json.dumps(record) + "\n")
                 log.flush()

@@ -10,13 +10,21 @@ REPORT_SCHEMA = "bac-eval-report/1"
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
-    """Wilson score interval of a binomial proportion."""
+    """Wilson score interval of a binomial proportion.
+
+    The interval always contains the observed rate and lies in [0, 1]: at 0% or 100% the closed form
+    misses the bound by one ulp (wilson(6, 6) upper = 0.9999999999999999), which made error bars negative.
+    """
     if n == 0:
         return [0.0, 1.0]
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    if successes == 0:
+        return [0.0, min(1.0, centre + half)]
+    if successes == n:
+        return [max(0.0, centre - half), 1.0]
+    return [max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))]
 
 
 def success_summary(episodes: list[dict]) -> dict:

@@ -22,6 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import bac
+from bac.cli import BOOL, INT, SEQ, STR, check_settings
+from bac.configs import CONFIG_DIR
+from bac.errors import ConfigError
 from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
 from bac.envs.metaworld_env import ALL_TASKS
@@ -36,8 +39,27 @@ from .variants import applied, load_or_build, parse_variants, plan_path
 UNTRAINED = "untrained:"
 
 
-class EvalError(Exception):
-    """A bad setting: reported as one clear line and a non-zero exit."""
+class EvalError(ConfigError):
+    """A bad evaluation setting: reported as one clear line and exit status 2."""
+
+
+# Checked before any work starts (bac.cli.check_settings); the policy and methods check their own fields.
+SETTINGS = {
+    "checkpoint": (STR, None, False), "untrained_tasks": (SEQ, None, False), "tasks": (SEQ, None, False),
+    "episodes": (INT, 0, False), "seed": (INT, 0, False), "max_episode_steps": (INT, 1, True),
+    "num_envs": (INT, 1, False), "sampler.kind": (STR, None, False), "sampler.steps": (INT, 1, False),
+    "M": (INT, 1, False), "n": (INT, 0, False), "run_methods": (SEQ, None, False),
+    "calibration.samples": (INT, 1, False), "calibration.seed": (INT, 0, False),
+    "calibration.episodes": (INT, 1, False), "calibration.recompute": (BOOL, None, False),
+    "latency.repeats": (INT, 1, False), "latency.warmup": (INT, 0, False), "latency.threads": (INT, 1, False),
+    "device": (STR, None, False), "plan_cache": (STR, None, False), "video": (BOOL, None, False),
+    "video_settings.size": (INT, 16, False), "video_settings.fps": (INT, 1, False),
+    "out_dir": (STR, None, False), "progress": (BOOL, None, False),
+}
+
+
+def check_eval_settings(cfg: DictConfig) -> None:
+    check_settings(cfg, SETTINGS, CONFIG_DIR / "eval.yaml")
 
 
 def _resolve(path: str) -> Path:
@@ -217,6 +239,7 @@ def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_eval_settings(cfg)
     policy, plan_dir, trained = load_policy(cfg)
     tasks = resolve_tasks(cfg, policy)
     try:

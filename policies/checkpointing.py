@@ -29,7 +29,7 @@ from torch import nn
 
 from bac.errors import CheckpointError
 
-from .config import WEIGHTS_FILE, PolicyConfig, WeightsRecord, identity_differences, identity_digest
+from .config import PolicyConfig, WeightsRecord, identity_differences, identity_digest
 
 WEIGHTS_FORMAT = "bac-weights/1"
 _HEADER_LIMIT = 100_000_000  # safetensors' own limit on the JSON header

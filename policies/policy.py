@@ -188,7 +188,10 @@ class DiffusionPolicy(nn.Module):
         if kind not in SAMPLERS:
             raise ConfigError(f"unknown sampler {kind!r}; expected one of {sorted(SAMPLERS)}")
         train_steps = self.config.noise_scheduler.num_train_timesteps
-        steps = steps or train_steps
+        if steps is None:
+            steps = train_steps
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ConfigError(f"sampler steps must be an integer, got {steps!r}")
         if not 1 <= steps <= train_steps:
             raise ConfigError(f"sampler steps must be in [1, {train_steps}], got {steps}")
         self.sampler = SAMPLERS[kind].from_config(self.noise_scheduler.config)

@@ -28,6 +28,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from bac.cli import BOOL, FLOAT, INT, SEQ, STR, check_settings, report_errors
 from bac.configs import CONFIG_DIR
 from bac.errors import CheckpointError, ConfigError
 from bac.envs.collect import collect
@@ -185,8 +186,24 @@ def train(cfg: DictConfig) -> Path:
     return export_dir
 
 
+# Checked before any data is collected (bac.cli.check_settings); the policy group checks its own fields.
+SETTINGS = {
+    "task": (STR, None, False), "suite": (SEQ, None, False), "episodes": (INT, 1, False),
+    "data_dir": (STR, None, True), "action_noise": (FLOAT, 0, False), "horizon": (INT, 1, False),
+    "n_obs_steps": (INT, 1, False), "n_action_steps": (INT, 1, False), "steps": (INT, 1, False),
+    "batch_size": (INT, 1, False), "lr": (FLOAT, 0, False), "weight_decay": (FLOAT, 0, False),
+    "warmup_steps": (INT, 0, False), "ema_power": (FLOAT, 0, False), "ema_max_decay": (FLOAT, 0, False),
+    "seed": (INT, 0, False), "device": (STR, None, False), "threads": (INT, 1, True),
+    "run_dir": (STR, None, False), "export_dir": (STR, None, False), "checkpoint_every": (INT, 1, False),
+    "log_every": (INT, 1, False), "resume": (BOOL, None, False), "eval_every": (INT, 0, False),
+    "eval_episodes": (INT, 1, False), "progress": (BOOL, None, False),
+}
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+@report_errors
 def main(cfg: DictConfig) -> None:
+    check_settings(cfg, SETTINGS, CONFIG_DIR / "train.yaml")
     path = train(cfg)
     print(f"policy checkpoint: {path}")
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import debug_requested
 from ..errors import BacError
 from . import Plan
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = Plan.load(args.plan)
     except BacError as err:  # the message names the file and the field
+        if debug_requested():
+            raise
         print("error: cannot read plan: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     print(plan.summary())

@@ -203,3 +203,90 @@ def test_video_writes_one_gif_per_method_and_task(checkpoint, tmp_path):
     again = run(config(checkpoint, tmp_path, "run_methods=[full,bac]", "tasks=[reach]", "episodes=1", "video=true",
                        "video_settings.size=32"))
     assert all("steps" not in v for v in again["videos"])  # resumed: kept, not recorded again
+
+
+def eval_overrides(checkpoint, out):
+    return [f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=3", "num_envs=2", "max_episode_steps=16",
+            "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3",
+            "latency.repeats=2", "latency.warmup=0", f"out_dir={out}", "progress=false",
+            f"plan_cache={plan_cache(checkpoint)}", "run_methods=[full,bac]"]
+
+
+@pytest.mark.parametrize("lines_before_kill", [1, 4])
+def test_killed_run_resumes_with_nothing_lost_or_repeated(checkpoint, tmp_path, lines_before_kill):
+    """SIGKILL while episodes are being written (then a torn line, as a kill mid-write leaves): the rerun
+    completes the log with every episode once and the same results as an uninterrupted run."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    log = out / "episodes.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "bac.eval", *eval_overrides(checkpoint, out)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.exists() and log.read_text().count("\n") >= lines_before_kill:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(log, "a") as f:
+        f.write('{"task": "push", "method": "bac", "se')
+    resumed = cli(*eval_overrides(checkpoint, out))
+    assert resumed.returncode == 0, resumed.stderr
+    reference = cli(*eval_overrides(checkpoint, tmp_path / "fresh"))
+    assert reference.returncode == 0, reference.stderr
+    keys = episode_keys(log)
+    assert len(keys) == len(set(keys)) == 2 * 2 * 3
+    episodes = lambda path: sorted(map(json.dumps, closed_loop.read_episodes(path)))
+    assert episodes(log) == episodes(tmp_path / "fresh" / "episodes.jsonl")
+    report = lambda path: {k: m["success"] for k, m in json.loads((path / "report.json").read_text())["methods"].items()}
+    assert report(out) == report(tmp_path / "fresh")
+
+
+@pytest.mark.parametrize(
+    "module, overrides, message",
+    [
+        ("bac.eval", ["episodes=-3"], "setting episodes must be >= 0, got -3"),
+        ("bac.eval", ["seed=-5"], "setting seed must be >= 0, got -5"),
+        ("bac.eval", ["num_envs=0"], "setting num_envs must be >= 1, got 0"),
+        ("bac.eval", ["sampler.steps=0"], "setting sampler.steps must be >= 1, got 0"),
+        ("bac.eval", ["episodes=ten"], "setting episodes must be an integer, got 'ten'"),
+        ("bac.eval", ["video=1"], "setting video must be true or false"),
+        ("bac.eval", ["+episode=2"], "unknown setting 'episode' (not in eval.yaml); did you mean 'episodes'?"),
+        ("bac.policies.train", ["steps=0"], "setting steps must be >= 1, got 0"),
+        ("bac.policies.train", ["+lr_decay=2"], "unknown setting 'lr_decay'"),
+        ("bac.envs.collect", ["episodes=0"], "setting episodes must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_settings_are_refused_before_any_work(tmp_path, module, overrides, message):
+    done = subprocess.run([sys.executable, "-m", module, *overrides], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: " + message] or (len(errors) == 1 and message in errors[0]), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any(tmp_path.iterdir()), "work started (files were written) before the setting was refused"
+
+
+def test_debug_mode_keeps_the_traceback(tmp_path):
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "bac.eval", "num_envs=0"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120, env={**os.environ, "BAC_DEBUG": "1"})
+    assert done.returncode != 0 and "Traceback" in done.stderr and "num_envs must be >= 1" in done.stderr
+
+
+@pytest.mark.parametrize("n", [1, 6, 11, 21, 22, 27, 31, 44, 100])
+@pytest.mark.parametrize("all_succeed", [True, False])
+def test_wilson_interval_contains_the_rate_at_zero_and_full_success(n, all_succeed):
+    from bac.evaluation.report import wilson
+
+    k = n if all_succeed else 0
+    lo, hi = wilson(k, n)
+    rate = k / n
+    assert 0.0 <= lo <= rate <= hi <= 1.0
+    assert (rate - lo) >= 0 and (hi - rate) >= 0  # matplotlib error bars
+    assert (hi == 1.0) if all_succeed else (lo == 0.0)

@@ -325,3 +325,33 @@ def test_a_batch_change_without_reset_is_a_data_error():
     policy.reset()
     policy.select_action(batch(torch.zeros(2, 39)))
     raises(bac.DataError, lambda: policy.select_action(batch(torch.zeros(3, 39))), "call reset()")
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RSS is read from Linux's /proc")
+def test_a_thousand_cached_policy_calls_keep_memory_flat():
+    """Cached features are replaced, not accumulated, across calls (no growth per trajectory)."""
+    policy = tiny_policy()
+    handle = policy.accelerate(bac.build_method("uniform", policy.model, num_steps=4, scheduler=policy.sampler, M=2))
+    obs = torch.randn(1, policy.n_obs_steps, 39)
+    with torch.no_grad():
+        for seed in range(100):  # warm-up: allocator pools and lazy state reach their steady size
+            chunk(policy, obs, seed)
+        before = _rss_bytes()
+        for seed in range(1000):
+            chunk(policy, obs, seed)
+        after = _rss_bytes()
+    handle.remove()
+    assert after - before < 5 * 2**20, f"RSS grew by {(after - before) / 2**20:.1f} MiB over 1000 cached calls"
+
+
+@pytest.mark.parametrize("steps", [0, -1, 2.5, True, "4"])
+def test_sampler_step_counts_that_are_not_positive_integers_are_refused(steps):
+    with pytest.raises(bac.ConfigError, match="sampler steps must be"):
+        tiny_policy().set_sampler("ddim", steps)

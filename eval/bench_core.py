@@ -9,7 +9,8 @@ normalisation), and compared as ratios of medians; the denoiser calls alone
 are timed the same way. The ideal speedup is full FLOPs over the FLOPs
 the plan executes (``torch.utils.flop_counter``); measured/ideal shows how much
 of it survives the work caching cannot remove (embeddings, condition encoder,
-head, scheduler, Python dispatch).
+head, scheduler, Python dispatch). The cost of the policy's input and output
+finiteness guards is reported alone, as a share of a full and of a ``bac`` call.
 """
 from __future__ import annotations
 
@@ -91,6 +92,16 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
         _time_call(lambda: [scheduler.step(x, t, x) for t in scheduler.timesteps]) for _ in range(5)
     )
 
+    # The policy's finiteness guards (input state and sampled chunk, once per call), timed alone; the engine's
+    # per-step input-shape check is part of engine_overhead (every-step plan vs no engine).
+    chunk = outputs["full"]
+
+    def guards():
+        for _ in range(1000):
+            bool(torch.isfinite(obs).all()) and bool(torch.isfinite(chunk).all())
+
+    guard_us = 1e3 * statistics.median(_time_call(guards) for _ in range(5))  # ms per 1000 calls = us per call
+
     latency = {name: summarize(t) for name, t in times.items()}
     full_ms = latency["full"]["p50_ms"]
     bac_plan = plans["bac"]
@@ -115,6 +126,9 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
                  "skipped_share": bac_plan.skipped_count() / (bac_plan.computed_count() + bac_plan.skipped_count())},
         "latency_per_policy_call": latency,
         "engine_overhead": latency["every-step"]["p50_ms"] / full_ms - 1,
+        "guards": {"finiteness_checks_us_per_policy_call": guard_us,
+                   "share_of_full_call": guard_us / (1e3 * full_ms),
+                   "share_of_bac_call": guard_us / (1e3 * latency["bac"]["p50_ms"])},
         "speedup": measured,
         "ideal_speedup": ideal,
         "measured_over_ideal": measured / ideal,

@@ -3,7 +3,8 @@
 The core tests depend on bac alone (no policy code): the denoiser is built here directly from
 ``nn.TransformerDecoderLayer``, for which bac has a built-in adapter. Fixtures: ``denoiser_class``,
 ``tiny_denoiser`` (a seeded factory), ``ddpm_scheduler`` (a factory), ``sample_actions`` (one sampling call),
-``tiny_stack`` (model, 12-step sampler, observations).
+``tiny_stack`` (model, 12-step sampler, observations), ``calibrated`` (a tiny denoiser, its sampler of the
+test module's ``K`` steps and a calibration of it; once per module).
 """
 import math
 
@@ -101,3 +102,11 @@ def sample_actions():
 def tiny_stack():
     """The tiny denoiser (PyTorch decoder layers), a 12-step DDPM sampler, and observations."""
     return _tiny_denoiser(), _ddpm_scheduler(12), torch.randn(2, 2, 5)
+
+
+@pytest.fixture(scope="module")
+def calibrated(request, tiny_denoiser, ddpm_scheduler, sample_actions):
+    model, scheduler = tiny_denoiser(), ddpm_scheduler(request.module.K)
+    obs = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(1))
+    calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler)
+    return model, scheduler, calibration

@@ -10,14 +10,6 @@ K = 12  # the plan's steps
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_denoiser, ddpm_scheduler, sample_actions):
-    model, scheduler = tiny_denoiser(), ddpm_scheduler(K)
-    obs = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(1))
-    calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler)
-    return model, scheduler, calibration
-
-
 # (method, parameters): a plan with reuse, a plan with Taylor forecasts, a runtime rule; every-step for exactness
 METHODS = {
     "every-step": {},

@@ -18,14 +18,6 @@ K = 12
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_denoiser, ddpm_scheduler, sample_actions):
-    model, scheduler = tiny_denoiser(), ddpm_scheduler(K)
-    obs = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(1))
-    calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler)
-    return model, scheduler, calibration
-
-
 @pytest.fixture
 def plan_data(calibrated):
     return bac.make_plan(calibrated[2], "bac", M=4, n=2).to_dict()

@@ -27,14 +27,6 @@ def test_every_method_is_registered(exhaustive_settings, skipping_settings):
     assert SKIPPING_METHODS == tuple(sorted(skipping_settings))
 
 
-@pytest.fixture(scope="module")
-def calibrated(tiny_denoiser, ddpm_scheduler, sample_actions):
-    model, scheduler = tiny_denoiser(), ddpm_scheduler(K)
-    obs = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(1))
-    calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler)
-    return model, scheduler, calibration
-
-
 def build(name, calibration, **params):
     return bac.build_method(name, calibration, num_steps=K, **params)
 

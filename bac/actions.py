@@ -51,9 +51,16 @@ class BoundSchedule:
     # True: a trajectory must run exactly `limit` steps (a plan's rows are made for that sampler);
     # runtime rules decide step by step, so a shorter run is no error for them
     exact_length = False
+    # True: the rows do not depend on the data (never NOTIFY), so what ran is known from the step count
+    # alone (:meth:`ran`) and the hot path counts nothing
+    static = False
 
     def new_state(self) -> Any:
         return None
+
+    def ran(self, steps: int) -> tuple[list[int], list[int]]:
+        """Per block, how often the first ``steps`` rows compute and skip it (static schedules only)."""
+        raise NotImplementedError
 
     def row(self, state) -> Sequence[int]:
         raise NotImplementedError
@@ -66,24 +73,39 @@ class StaticRows(BoundSchedule):
     """A precomputed action table (from a plan, or every block every step)."""
 
     exact_length = True
+    static = True
 
     def __init__(self, rows: Sequence[Sequence[int]], limit: int, name: str, params: dict | None = None):
+        if any(action & NOTIFY for row in rows for action in row):
+            raise ValueError("static rows cannot NOTIFY: what runs must not depend on the data")
         self.rows = rows
         self.limit = limit
         self.name = name
         self.params = dict(params or {})
+        # computed[k][i]: how often block i runs in the first k rows
+        self._computed = [[0] * len(rows[0])] if rows else [[]]
+        for row in rows:
+            self._computed.append([c + bool(a & RUN) for c, a in zip(self._computed[-1], row)])
 
     def row(self, state) -> Sequence[int]:
         return self.rows[state.step]
+
+    def ran(self, steps: int) -> tuple[list[int], list[int]]:
+        computed = self._computed[steps]
+        return list(computed), [steps - c for c in computed]
 
 
 class AlwaysCompute(BoundSchedule):
     """Every block at every step, for any number of steps (calibration, FLOP counting)."""
 
     name = "always"
+    static = True
 
     def __init__(self, num_blocks: int):
         self._row = (RUN,) * num_blocks
 
     def row(self, state) -> Sequence[int]:
         return self._row
+
+    def ran(self, steps: int) -> tuple[list[int], list[int]]:
+        return [steps] * len(self._row), [0] * len(self._row)

@@ -78,11 +78,23 @@ class _Context:
     def __init__(self, name: str, schedule: BoundSchedule, num_blocks: int):
         self.name = name
         self.schedule = schedule
+        # Per-block totals. A static schedule's runners count nothing: its trajectories are folded in
+        # here from the rows they ran when they end (reset); a runtime rule's runners count each block.
         self.computed = [0] * num_blocks
         self.skipped = [0] * num_blocks
+        self.step = -1
         self.reset()
 
+    def counts(self) -> tuple[list[int], list[int]]:
+        """Computed and skipped totals per block, the current trajectory included."""
+        if not self.schedule.static or self.step < 0:
+            return self.computed, self.skipped
+        computed, skipped = self.schedule.ran(self.step + 1)
+        return [a + b for a, b in zip(self.computed, computed)], [a + b for a, b in zip(self.skipped, skipped)]
+
     def reset(self) -> None:
+        if self.schedule.static and self.step >= 0:
+            self.computed, self.skipped = self.counts()
         self.step = -1
         self.done = -1  # step of the last denoiser call that returned (an interrupted call leaves it behind)
         self.shape = None  # the first tensor input's shape at step 0: what the cached values are for
@@ -166,6 +178,20 @@ class CacheHandle:
     def _make_runner(self, i: int) -> Callable[..., Any]:
         local = self._local
         store, fill = self.standin.store, self.standin.fill  # fixed for the handle's lifetime
+
+        if self.schedule.static:  # rows never NOTIFY; counts come from the rows (_Context.counts)
+            def run_static(fn, *args, **kwargs):
+                state = local.state
+                action = state.row[i]
+                if action & RUN:
+                    observer = local.observer
+                    out = fn(*args, **kwargs) if observer is None else observer(i, fn, args, kwargs)
+                    if action & STORE:
+                        store(state.cache, i, state.step, out)
+                    return out
+                return fill(state.cache, i, state.step)
+
+            return run_static
 
         def run(fn, *args, **kwargs):
             state = local.state
@@ -363,10 +389,10 @@ class CacheHandle:
 
     def _counts(self, records: list[_ThreadRecord] | None = None) -> tuple[list[int], list[int], int, int]:
         records = list(self._records) if records is None else records
-        contexts = [s for r in records for s in r.contexts.values()]
+        counts = [s.counts() for r in records for s in r.contexts.values()]
         num_blocks = len(self.spec.blocks)
-        computed = [sum(c) for c in zip(*(s.computed for s in contexts))] or [0] * num_blocks
-        skipped = [sum(c) for c in zip(*(s.skipped for s in contexts))] or [0] * num_blocks
+        computed = [sum(c) for c in zip(*(c for c, _ in counts))] or [0] * num_blocks
+        skipped = [sum(c) for c in zip(*(s for _, s in counts))] or [0] * num_blocks
         return computed, skipped, sum(r.trajectories for r in records), sum(r.calls for r in records)
 
     def stats(self) -> dict:

@@ -80,10 +80,20 @@ class DiTPolicyHead(nn.Module):
             nn.init.zeros_(zero.weight)
             nn.init.zeros_(zero.bias)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
-        batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
-        c = self.time_emb(timestep) + self.obs_emb(cond.flatten(1))
+    def prepare(self, cond: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The condition vector for every step of one sampling call, ``[K, B, width]``, computed once
+        (the observation embedding is the same at every step); pass ``prepared=result[i]``."""
+        times = self.time_emb(timesteps.to(cond.device))
+        return times[:, None] + self.obs_emb(cond.flatten(1))[None]
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, cond: torch.Tensor,
+                prepared: torch.Tensor | None = None) -> torch.Tensor:
+        if prepared is None:
+            batch = sample.shape[0]
+            timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
+            c = self.time_emb(timestep) + self.obs_emb(cond.flatten(1))
+        else:
+            c = prepared
         x = self.input_emb(sample) + self.pos_emb
         for block in self.blocks:
             x = block(x, c)

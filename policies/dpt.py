@@ -2,18 +2,38 @@
 
 Encoder-decoder. Condition tokens are a sinusoidal timestep token plus one token
 per observation step, with learned position embeddings, passed through a small
-MLP condition encoder. The decoder is a stack of pre-norm layers (PyTorch's
-``nn.TransformerDecoderLayer``, as in the reference implementation) with causal
-self-attention over the action tokens, cross-attention to the condition tokens
-and a GELU FFN; then a final norm and a linear head. bac caches its blocks
-through the built-in adapter for ``nn.TransformerDecoderLayer``.
+MLP condition encoder. The decoder is a stack of pre-norm layers (the parameters
+of PyTorch's ``nn.TransformerDecoderLayer``, as in the reference implementation)
+with causal self-attention over the action tokens, cross-attention to the
+condition tokens and a GELU FFN; then a final norm and a linear head.
+
+Per-call work is done once per call. The condition encoder is position-wise, so
+within one sampling call the observation tokens' encoding is the same at every
+step and the timestep token's depends on the step only:
+:meth:`TransformerForDiffusion.prepare` encodes all of them for the sampler's
+timesteps in one pass, and ``forward(..., prepared=prepared[i])`` skips the
+encoder (equal to the per-step encoding within float rounding, tested to 1e-6).
+
+Functional branches. Each residual branch (norm included) is one method of
+:class:`DecoderLayer`, computed by a pure function of tensors (:data:`BRANCHES`):
+the same arithmetic as PyTorch's layer (bit-identical on CPU, tested) without
+``nn.MultiheadAttention``'s per-call argument handling, which at batch 1 costs
+about as much as the attention itself. bac caches the three methods
+(``BranchAttributes``); :meth:`TransformerForDiffusion.compile_blocks` swaps in
+``torch.compile``\\ d versions of the three functions, one graph each shared by
+every layer (weights are arguments), so the caching decisions stay in eager
+Python between compiled blocks and a static plan never recompiles.
 """
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+import bac
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -28,6 +48,92 @@ class SinusoidalEmbedding(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         angles = t.float()[:, None] * self.freqs[None]
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, E] -> [B, heads, L, E / heads]."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[B, heads, L, d] -> [B, L, heads * d]."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def self_attention(x, norm_w, norm_b, eps: float, in_w, in_b, out_w, out_b, heads: int, causal: bool,
+                   attn_dropout: float, dropout: float, training: bool):
+    """Pre-norm self-attention branch of ``nn.TransformerDecoderLayer`` (``norm1``, ``self_attn``, ``dropout1``)."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
+    q, k, v = (_heads(p, heads) for p in F.linear(h, in_w, in_b).chunk(3, dim=-1))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_dropout if training else 0.0, is_causal=causal)
+    return F.dropout(F.linear(_merge(out), out_w, out_b), dropout, training)
+
+
+def cross_attention(x, memory, norm_w, norm_b, eps: float, in_w, in_b, out_w, out_b, heads: int,
+                    attn_dropout: float, dropout: float, training: bool):
+    """Pre-norm cross-attention branch (``norm2``, ``multihead_attn`` over ``memory``, ``dropout2``)."""
+    width = x.shape[-1]
+    h = F.layer_norm(x, (width,), norm_w, norm_b, eps)
+    q = _heads(F.linear(h, in_w[:width], in_b[:width]), heads)
+    k, v = (_heads(p, heads) for p in F.linear(memory, in_w[width:], in_b[width:]).chunk(2, dim=-1))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_dropout if training else 0.0)
+    return F.dropout(F.linear(_merge(out), out_w, out_b), dropout, training)
+
+
+def feed_forward(x, norm_w, norm_b, eps: float, w1, b1, w2, b2, dropout: float, training: bool):
+    """Pre-norm GELU FFN branch (``norm3``, ``linear1``, ``dropout``, ``linear2``, ``dropout3``)."""
+    h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
+    h = F.dropout(F.gelu(F.linear(h, w1, b1)), dropout, training)
+    return F.dropout(F.linear(h, w2, b2), dropout, training)
+
+
+BRANCHES = SimpleNamespace(self_attention=self_attention, cross_attention=cross_attention, feed_forward=feed_forward)
+_COMPILED: dict[tuple, SimpleNamespace] = {}
+
+
+def compiled_branches(**options) -> SimpleNamespace:
+    """``torch.compile``\\ d :data:`BRANCHES`, made once per set of options (``mode``, ``backend``, ...)."""
+    key = tuple(sorted(options.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = SimpleNamespace(**{name: torch.compile(fn, fullgraph=True, dynamic=False, **options)
+                                            for name, fn in vars(BRANCHES).items()})
+    return _COMPILED[key]
+
+
+class DecoderLayer(nn.TransformerDecoderLayer):
+    """A pre-norm GELU ``nn.TransformerDecoderLayer`` (same parameters, same names, same values) whose
+    residual branches are the methods :meth:`sa`, :meth:`ca` and :meth:`ffn` (see the module docstring)."""
+
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool):
+        super().__init__(width, heads, 4 * width, dropout=dropout, activation="gelu", batch_first=True,
+                         norm_first=True)
+        self.heads, self.causal = heads, causal
+        self.branches = BRANCHES
+
+    def sa(self, x: torch.Tensor) -> torch.Tensor:
+        a, norm = self.self_attn, self.norm1
+        return self.branches.self_attention(x, norm.weight, norm.bias, norm.eps, a.in_proj_weight, a.in_proj_bias,
+                                            a.out_proj.weight, a.out_proj.bias, self.heads, self.causal, a.dropout,
+                                            self.dropout1.p, self.training)
+
+    def ca(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        a, norm = self.multihead_attn, self.norm2
+        return self.branches.cross_attention(x, memory, norm.weight, norm.bias, norm.eps, a.in_proj_weight,
+                                             a.in_proj_bias, a.out_proj.weight, a.out_proj.bias, self.heads,
+                                             a.dropout, self.dropout2.p, self.training)
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm3
+        return self.branches.feed_forward(x, norm.weight, norm.bias, norm.eps, self.linear1.weight, self.linear1.bias,
+                                          self.linear2.weight, self.linear2.bias, self.dropout.p, self.training)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = x + self.sa(x)
+        x = x + self.ca(x, memory)
+        return x + self.ffn(x)
+
+
+bac.register_adapter(DecoderLayer, bac.BranchAttributes({"sa": "sa", "ca": "ca", "ffn": "ffn"}))
 
 
 class TransformerForDiffusion(nn.Module):
@@ -53,12 +159,8 @@ class TransformerForDiffusion(nn.Module):
         self.cond_obs_emb = nn.Linear(cond_dim, width)
         self.cond_pos_emb = nn.Parameter(torch.zeros(1, 1 + n_obs_steps, width))
         self.cond_encoder = nn.Sequential(nn.Linear(width, 4 * width), nn.Mish(), nn.Linear(4 * width, width))
-        layer = nn.TransformerDecoderLayer(
-            width, heads, 4 * width, dropout=dropout, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.decoder = nn.TransformerDecoder(layer, num_layers)
-        mask = nn.Transformer.generate_square_subsequent_mask(horizon) if causal_attn else None
-        self.register_buffer("causal_mask", mask, persistent=False)
+        # nn.TransformerDecoder only holds the layers (its state-dict names): forward loops over them directly.
+        self.decoder = nn.TransformerDecoder(DecoderLayer(width, heads, dropout, causal_attn), num_layers)
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, action_dim)
         self.apply(self._init_weights)
@@ -82,11 +184,43 @@ class TransformerForDiffusion(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
-        batch = sample.shape[0]
-        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
-        tokens = torch.cat([self.time_emb(timestep)[:, None], self.cond_obs_emb(cond)], dim=1)
-        memory = self.cond_encoder(tokens + self.cond_pos_emb)
+    def compile_blocks(self, enable: bool = True, **options) -> "TransformerForDiffusion":
+        """Compute every layer's branches with ``torch.compile``\\ d functions (``enable=False``: eager again).
+
+        ``options`` go to ``torch.compile`` (``mode="reduce-overhead"`` adds CUDA graphs on a GPU).
+        """
+        branches = compiled_branches(**options) if enable else BRANCHES
+        for layer in self.decoder.layers:
+            layer.branches = branches
+        return self
+
+    def _encode(self, time_tokens: torch.Tensor, obs_tokens: torch.Tensor) -> torch.Tensor:
+        return self.cond_encoder(torch.cat([time_tokens, obs_tokens], dim=1) + self.cond_pos_emb)
+
+    def prepare(self, cond: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The condition encoder's output for every step of one sampling call: ``[K, B, 1 + To, width]``.
+
+        One encoder pass over the K timestep tokens and the observation tokens (the encoder is
+        position-wise); pass ``prepared=result[i]`` with the i-th timestep.
+        """
+        steps, batch = timesteps.shape[0], cond.shape[0]
+        pos = self.cond_pos_emb[0]
+        time_tokens = self.time_emb(timesteps.to(cond.device)) + pos[0]
+        obs_tokens = (self.cond_obs_emb(cond) + pos[1:]).flatten(0, 1)
+        encoded = self.cond_encoder(torch.cat([time_tokens, obs_tokens]))
+        time_part = encoded[:steps, None, None].expand(steps, batch, 1, -1)
+        obs_part = encoded[steps:].unflatten(0, (batch, -1))[None].expand(steps, -1, -1, -1)
+        return torch.cat([time_part, obs_part], dim=2)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, cond: torch.Tensor,
+                prepared: torch.Tensor | None = None) -> torch.Tensor:
+        if prepared is None:
+            batch = sample.shape[0]
+            timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
+            memory = self._encode(self.time_emb(timestep)[:, None], self.cond_obs_emb(cond))
+        else:
+            memory = prepared
         x = self.input_emb(sample) + self.pos_emb
-        x = self.decoder(x, memory, tgt_mask=self.causal_mask, tgt_is_causal=self.causal_mask is not None)
+        for layer in self.decoder.layers:
+            x = layer(x, memory)
         return self.head(self.ln_f(x))

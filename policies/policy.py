@@ -49,6 +49,7 @@ from torch import nn
 
 import bac
 from bac.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from bac.sampling import FusedSampler
 
 from .checkpointing import CheckpointNotFoundError, check_fits, nonfinite_tensors, read_weights, save_weights
 from .config import ACTION, STATE, TASK, WEIGHTS_FILE, PolicyConfig, PolicyFeature, read_config
@@ -194,9 +195,15 @@ class DiffusionPolicy(nn.Module):
             raise ConfigError(f"sampler steps must be an integer, got {steps!r}")
         if not 1 <= steps <= train_steps:
             raise ConfigError(f"sampler steps must be in [1, {train_steps}], got {steps}")
-        self.sampler = SAMPLERS[kind].from_config(self.noise_scheduler.config)
-        self.sampler_kind, self.num_inference_steps = kind, steps
-        self.sampler.set_timesteps(steps)
+        sampler = SAMPLERS[kind].from_config(self.noise_scheduler.config)
+        sampler.set_timesteps(steps)
+        values, counts = sampler.timesteps.unique(return_counts=True)
+        if (counts > 1).any():  # e.g. DPM-Solver++ at 100 of 100 training steps: NaN actions from there on
+            raise ConfigError(f"sampler {kind!r} with {steps} steps repeats timestep(s) "
+                              f"{values[counts > 1].tolist()} (diffusers' spacing for this step count); "
+                              "choose another step count")
+        self.sampler, self.sampler_kind, self.num_inference_steps = sampler, kind, steps
+        self.fused_sampler = FusedSampler(sampler)
         return self
 
     @property
@@ -305,10 +312,12 @@ class DiffusionPolicy(nn.Module):
         state = self._state(batch, history=True)
         cond = self._condition(state, batch)
         bac.new_trajectory(self.model)
-        self.sampler.set_timesteps(self.num_inference_steps)  # multistep solvers keep per-call state
+        sampler = self.fused_sampler
+        sampler.start()  # multistep solvers keep per-call state
+        prepared = self.model.prepare(cond, sampler.timesteps)  # per-call invariants, computed once
         x = torch.randn((cond.shape[0], self.horizon, self.action_dim), generator=generator, device=self.device)
-        for t in self.sampler.timesteps:
-            x = self.sampler.step(self.model(x, t, cond), t, x, generator=generator).prev_sample
+        for i, t in enumerate(sampler.timesteps):
+            x = sampler.step(i, self.model(x, t, cond, prepared=prepared[i]), x, generator=generator)
         return state, self.action_normalizer.inverse(x[:, : self.n_action_steps])
 
     @torch.no_grad()

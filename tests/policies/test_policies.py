@@ -42,17 +42,21 @@ def chunk(policy, obs, seed=0, task="push"):
 
 
 @torch.no_grad()
-def direct_denoising(policy, obs, tasks, generator):
-    """The sampling loop as the policy ran it before the feature interface, written out on the same generator."""
+def direct_denoising(policy, obs, tasks, generator, prepared=False):
+    """The sampling loop as the policy ran it before the executor, written out with diffusers' own
+    ``scheduler.step`` on the same generator; ``prepared=True`` takes the condition encoding from
+    ``model.prepare`` (once per call) instead of the encoder at every step."""
     cond = policy.obs_normalizer(torch.as_tensor(obs, dtype=torch.float32))
     if len(policy.tasks) > 1:
         index = torch.tensor([policy.tasks.index(t) for t in tasks])
         onehot = torch.nn.functional.one_hot(index, len(policy.tasks)).float()
         cond = torch.cat([cond, onehot[:, None].expand(-1, policy.n_obs_steps, -1)], dim=-1)
     policy.sampler.set_timesteps(policy.num_inference_steps)
+    memory = policy.model.prepare(cond, policy.sampler.timesteps) if prepared else None
     x = torch.randn((cond.shape[0], policy.horizon, policy.action_dim), generator=generator)
-    for t in policy.sampler.timesteps:
-        x = policy.sampler.step(policy.model(x, t, cond), t, x, generator=generator).prev_sample
+    for i, t in enumerate(policy.sampler.timesteps):
+        out = policy.model(x, t, cond, prepared=memory[i]) if prepared else policy.model(x, t, cond)
+        x = policy.sampler.step(out, t, x, generator=generator).prev_sample
     return policy.action_normalizer.inverse(x[:, : policy.n_action_steps])
 
 
@@ -60,15 +64,33 @@ def direct_denoising(policy, obs, tasks, generator):
 @pytest.mark.parametrize("architecture", ["dpt", "dit"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
 def test_predict_action_chunk_is_the_direct_denoising_loop(architecture, sampler):
+    """Bit-identical to diffusers' step on the prepared condition (the fused sampler is exact); equal
+    to the per-step encoder within float32 rounding (one encoder pass over other rows: another
+    matmul blocking)."""
     policy = tiny_policy(architecture).set_sampler(sampler, 6)
     obs, tasks = torch.randn(3, 2, 39), ["push", "reach", "push"]
     actions = policy.predict_action_chunk(batch(obs, tasks), generator=torch.Generator().manual_seed(4))
     assert actions.shape == (3, 8, 4)
-    assert torch.equal(actions, direct_denoising(policy, obs, tasks, torch.Generator().manual_seed(4)))
+    assert torch.equal(actions, direct_denoising(policy, obs, tasks, torch.Generator().manual_seed(4), prepared=True))
+    per_step = direct_denoising(policy, obs, tasks, torch.Generator().manual_seed(4))
+    assert (actions - per_step).abs().max() <= 1e-5 * per_step.abs().max()  # DPM's unclipped x grows large
     torch.manual_seed(9)  # no generator: torch's global RNG, as bac.calibrate seeds it
     global_rng = policy.predict_action_chunk(batch(obs, tasks))
     torch.manual_seed(9)
-    assert torch.equal(global_rng, direct_denoising(policy, obs, tasks, None))
+    assert torch.equal(global_rng, direct_denoising(policy, obs, tasks, None, prepared=True))
+
+
+@pytest.mark.parametrize("architecture", ["dpt", "dit"])
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_prepared_condition_is_the_per_step_encoding(architecture, num_samples):
+    policy = tiny_policy(architecture).set_sampler("ddpm", 10)
+    model, cond = policy.model, torch.randn(num_samples, 2, policy.config.cond_dim)
+    x, timesteps = torch.randn(num_samples, 16, 4), policy.sampler.timesteps
+    prepared = model.prepare(cond, timesteps)
+    assert prepared.shape[:2] == (len(timesteps), num_samples)
+    for i, t in enumerate(timesteps):
+        plain, fast = model(x, t, cond), model(x, t, cond, prepared=prepared[i])
+        assert (plain - fast).abs().max() <= 1e-6 * plain.abs().max()
 
 
 def test_shipped_policy_gives_the_actions_of_the_previous_implementation():
@@ -77,7 +99,7 @@ def test_shipped_policy_gives_the_actions_of_the_previous_implementation():
     obs = torch.randn(3, 2, 39, generator=torch.Generator().manual_seed(123)) * 0.3
     tasks = ["push", "reach", "door-open"]
     actions = policy.predict_action_chunk(batch(obs, tasks), generator=torch.Generator().manual_seed(7))
-    assert torch.equal(actions, direct_denoising(policy, obs, tasks, torch.Generator().manual_seed(7)))
+    assert torch.equal(actions, direct_denoising(policy, obs, tasks, torch.Generator().manual_seed(7), prepared=True))
     first = torch.tensor([[0.15840750932693481, 0.1486029028892517, 0.8663755059242249, 0.3674325942993164],
                           [0.8401256799697876, 0.9800902605056763, 0.37375861406326294, 0.9574580788612366],
                           [0.4259468615055084, -0.34056010842323303, -0.4832330048084259, 0.7125040888786316]])
@@ -416,3 +438,26 @@ def test_both_policy_architectures_accept_every_method(architecture, skipping_se
         assert actions.shape == reference.shape and torch.isfinite(actions).all(), name
         assert (stats["skipped"] > 0) == (name != "every-step"), name
     assert torch.equal(chunk(policy, obs), reference)
+
+
+@pytest.mark.parametrize("num_samples", [1, 3, 50])
+@pytest.mark.parametrize("causal", [True, False])
+def test_functional_decoder_layer_is_pytorchs_layer(num_samples, causal):
+    """DP-T's branches are functional calls; they compute PyTorch's own pre-norm layer, bit for bit."""
+    from bac.policies.dpt import DecoderLayer
+
+    torch.manual_seed(1)
+    layer = DecoderLayer(64, 4, dropout=0.0, causal=causal).eval()
+    for p in layer.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    x, memory = torch.randn(num_samples, 16, 64), torch.randn(num_samples, 3, 64)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(16) if causal else None
+    with torch.no_grad():
+        reference = torch.nn.TransformerDecoderLayer.forward(layer, x, memory, tgt_mask=mask, tgt_is_causal=causal)
+        ours = layer(x, memory)
+    # In eval mode without a mask, nn.MultiheadAttention takes its fused inference kernel (other rounding).
+    assert torch.equal(ours, reference) if causal else (ours - reference).abs().max() <= 1e-6 * reference.abs().max()
+    layer.train()  # dropout 0: training mode is PyTorch's plain path, which the functions reproduce exactly
+    with torch.no_grad():
+        trained = torch.nn.TransformerDecoderLayer.forward(layer, x, memory, tgt_mask=mask, tgt_is_causal=causal)
+        assert torch.equal(layer(x, memory), trained)

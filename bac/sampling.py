@@ -1,0 +1,451 @@
+"""A fused sampler step: diffusers' ``scheduler.step`` with its per-step scalar work done once, up front.
+
+Why: in a cached batch-1 policy call the model is cheap, and diffusers' ``scheduler.step`` costs a fifth
+of the call: about thirty tiny tensor operations per step, most of them on 0-dim tensors
+(``alphas_cumprod`` lookups, ``** 0.5``, ``previous_timestep``'s two ``nonzero`` searches, DPM-Solver's
+``log``/``exp`` of sigmas). They depend on the step index only, so :class:`FusedSampler` computes them
+once, when it is built, and its :meth:`FusedSampler.step` does only the operations on the sample-sized
+tensors.
+
+Use::
+
+    scheduler.set_timesteps(K)
+    sampler = FusedSampler(scheduler)          # reads the scheduler's arrays and config once
+    sampler.start()                            # per sampling call (DPM-Solver keeps the previous x0)
+    for i, t in enumerate(sampler.timesteps):
+        x = sampler.step(i, model(x, t), x, generator=g)
+
+Supported (diffusers 0.42; anything else raises :class:`bac.errors.ConfigError` naming the
+scheduler, the field and its value, at construction, never a silently different answer):
+
+* ``DDPMScheduler``: ``prediction_type`` epsilon, sample or v_prediction; ``clip_sample`` on or off
+  (any ``clip_sample_range``); ``variance_type`` fixed_small, fixed_small_log or fixed_large; no
+  ``thresholding``. Any beta schedule, timestep spacing, offset, zero-SNR rescaling, custom timesteps.
+* ``DDIMScheduler``: what ``step(model_output, t, sample)`` does with its defaults ``eta=0.0`` and
+  ``use_clipped_model_output=False`` (deterministic; the generator is ignored, as diffusers ignores
+  it); prediction epsilon, sample or v_prediction; ``clip_sample`` on or off; ``set_alpha_to_one``
+  either way; no ``thresholding``.
+* ``DPMSolverMultistepScheduler``: ``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2,
+  ``solver_type`` midpoint or heun, ``lower_order_final``/``euler_at_final`` either way,
+  ``final_sigmas_type`` zero or sigma_min, prediction epsilon, sample or v_prediction; no
+  thresholding, no learned variance, no flow sigmas. The sigma-schedule options (Karras, exponential,
+  beta, Lu lambdas, ``lambda_min_clipped``, spacing) only shape the ``sigmas`` and ``timesteps`` arrays,
+  which are read as they are. The trajectory must start at index 0 (no ``set_begin_index(k > 0)``).
+* ``FlowMatchEulerDiscreteScheduler``: any ``shift``, dynamic shifting (``set_timesteps(K, mu=...)``),
+  ``shift_terminal``, ``invert_sigmas``, Karras/exponential/beta sigmas, custom sigmas (all only shape
+  the arrays), ``stochastic_sampling`` on or off; no ``per_token_timesteps``.
+
+Exactness: ``step(i, out, x, generator=g)`` is BIT-IDENTICAL (same bit patterns: ``torch.equal``, and
+-0.0 and NaN too) to ``scheduler.step(out, scheduler.timesteps[i], x, generator=g).prev_sample`` on a
+fresh trajectory (after ``set_timesteps``), steps taken in order, for float32, float64, float16,
+bfloat16 and mixed (bf16 model output, float32 sample) inputs; tests/core/test_sampling.py checks every
+step of every supported config, on CUDA too where there is a GPU. Why it holds: the per-step
+coefficients are the very 0-dim float32 tensors ``step`` computes (same expressions, same operand
+order, computed on 0-dim tensors so the same CPU code path), kept where the scheduler keeps them
+(on the CPU for DDPM, DDIM and DPM-Solver). That matters on CUDA: a CUDA ``x / c`` with a CPU scalar
+``c`` is computed as ``x * (1 / c)``, which differs in the last bit from the true division a CUDA
+``c`` gets, so moving the coefficients to the GPU would *break* bit-identity; CPU 0-dim tensors are
+passed to the CUDA kernels as scalar arguments, with no copy and no synchronization. The operations on
+the big tensors are diffusers' own, in its order and with every operand in the same position: that
+matters, since PyTorch's float16/bfloat16 CPU kernels use a 0-dim float32 *second* operand at float32
+precision but round a *first* one to the tensor's dtype (``x * c`` and ``c * x`` differ in the last
+bit). Where the result has the dtype and shape of a fresh intermediate, it is written into it
+(in place or ``out=``) instead of a new tensor, so a step allocates fewer sample-sized tensors than
+diffusers' (DDPM epsilon: 4 instead of 10).
+Noise is drawn as diffusers' ``randn_tensor`` draws it (the same ``torch.randn`` call: shape, dtype,
+device, generator), at the same points, so a seeded generator gives the same noise. No per-step ``.item()``,
+``nonzero`` or host synchronization; the per-step host work is indexing the precomputed plan.
+
+Like the scheduler, DPM-Solver keeps a reference to the previous step's data prediction (for
+``prediction_type="sample"`` that is the model output itself: don't modify it in place before the
+next step). The schedule is a snapshot: after ``set_timesteps`` with other arguments, build a new
+sampler. Inputs are never modified; the returned sample is a new tensor.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from bac.errors import ConfigError
+
+__all__ = ["FusedSampler"]
+
+ANY = None  # a config field whose value the fused step handles whatever it is (it only shapes the arrays)
+_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+_BETAS = {f: ANY for f in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                           "timestep_spacing", "steps_offset", "rescale_betas_zero_snr")}
+_UNUSED_WITHOUT_THRESHOLDING = {"dynamic_thresholding_ratio": ANY, "sample_max_value": ANY}
+
+# Per scheduler class: each __init__ field -> ANY or the values the fused step implements. A field of
+# __init__ missing here (a newer diffusers) is refused rather than guessed at.
+_RULES: dict[type, dict[str, tuple | None]] = {
+    DDPMScheduler: {
+        **_BETAS, **_UNUSED_WITHOUT_THRESHOLDING,
+        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large"),
+        "clip_sample": ANY, "clip_sample_range": ANY,
+        "prediction_type": _PREDICTIONS,
+        "thresholding": (False,),
+    },
+    DDIMScheduler: {
+        **_BETAS, **_UNUSED_WITHOUT_THRESHOLDING,
+        "clip_sample": ANY, "clip_sample_range": ANY, "set_alpha_to_one": ANY,
+        "prediction_type": _PREDICTIONS,
+        "thresholding": (False,),
+    },
+    DPMSolverMultistepScheduler: {
+        **_BETAS, **_UNUSED_WITHOUT_THRESHOLDING,
+        "solver_order": (1, 2),
+        "prediction_type": _PREDICTIONS,
+        "thresholding": (False,),
+        "algorithm_type": ("dpmsolver++",),
+        "solver_type": ("midpoint", "heun"),
+        "lower_order_final": ANY, "euler_at_final": ANY,
+        "use_karras_sigmas": ANY, "use_exponential_sigmas": ANY, "use_beta_sigmas": ANY, "use_lu_lambdas": ANY,
+        "use_flow_sigmas": (False,),
+        "flow_shift": ANY, "use_dynamic_shifting": ANY, "time_shift_type": ANY,  # act through flow sigmas only
+        "final_sigmas_type": ("zero", "sigma_min"),
+        "lambda_min_clipped": ANY,
+        "variance_type": (None,),
+    },
+    FlowMatchEulerDiscreteScheduler: {
+        f: ANY for f in ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+                         "base_image_seq_len", "max_image_seq_len", "invert_sigmas", "shift_terminal",
+                         "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "time_shift_type",
+                         "stochastic_sampling")
+    },
+}
+
+_DDIM_ETA = 0.0  # DDIMScheduler.step's default eta: the deterministic sampler
+
+
+def _check_config(scheduler: Any) -> None:
+    cls = type(scheduler)
+    rules = _RULES[cls]
+    fields = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for field in fields:  # keys of config outside __init__ (from_config of another class) are ignored by diffusers too
+        value = scheduler.config.get(field)
+        if field not in rules:
+            raise ConfigError(f"FusedSampler: {cls.__name__} config field {field}={value!r} is unknown to the fused "
+                              f"step (written for diffusers 0.42); use scheduler.step")
+        allowed = rules[field]
+        if allowed is not ANY and value not in allowed:
+            raise ConfigError(f"FusedSampler: {cls.__name__} {field}={value!r} is not supported; "
+                              f"supported: {', '.join(repr(a) for a in allowed)}")
+
+
+def _noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' ``randn_tensor(shape, generator=generator, device=device, dtype=dtype)``, the same draw.
+
+    Where ``randn_tensor`` makes exactly one ``torch.randn(shape, generator, device, dtype)`` call (no
+    generator, or one generator on that device, on a CPU or CUDA device), that call is made directly
+    (its checks cost more than the draw on a tiny sample); anything else goes to ``randn_tensor``.
+    """
+    if device.type in ("cpu", "cuda") and (generator is None or (type(generator) is torch.Generator
+                                                                and generator.device == device)):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _first_index(scheduler: Any) -> int:
+    """The step index DPM-Solver and FlowMatchEuler give their first ``step``, as ``_init_step_index`` does."""
+    if scheduler.begin_index is not None:
+        return scheduler.begin_index
+    try:
+        return scheduler.index_for_timestep(scheduler.timesteps[0].to(scheduler.timesteps.device))
+    except IndexError:  # FlowMatchEuler: the first timestep is not in its own schedule (NaN)
+        raise ConfigError(f"FusedSampler: {type(scheduler).__name__}'s first timestep {scheduler.timesteps[0]!r} is "
+                          f"not found in its own schedule; diffusers' step would fail too") from None
+
+
+class FusedSampler:
+    """``scheduler.step`` fused from coefficients precomputed once (see the module docstring).
+
+    ``FusedSampler(scheduler)`` takes a supported diffusers scheduler on which ``set_timesteps`` has been
+    called. ``timesteps`` (the scheduler's tensor, for the model calls) and ``num_steps``;
+    :meth:`start` before each trajectory, then :meth:`step` for ``i = 0 .. num_steps - 1`` in order.
+    """
+
+    def __init__(self, scheduler: Any):
+        builders = {
+            DDPMScheduler: self._build_ddpm,
+            DDIMScheduler: self._build_ddim,
+            DPMSolverMultistepScheduler: self._build_dpm,
+            FlowMatchEulerDiscreteScheduler: self._build_flow,
+        }
+        build = builders.get(type(scheduler))
+        if build is None:
+            raise ConfigError(f"FusedSampler: scheduler {type(scheduler).__name__} is not supported; supported: "
+                              f"{', '.join(c.__name__ for c in builders)}")
+        _check_config(scheduler)
+        self.kind = type(scheduler).__name__
+        self.timesteps: torch.Tensor = scheduler.timesteps
+        self.num_steps = len(self.timesteps)
+        if self.num_steps < 1:
+            raise ConfigError(f"FusedSampler: {self.kind} has no timesteps; call set_timesteps first")
+        self._plan: list[tuple[Callable, tuple]] = build(scheduler)
+        self.start()
+
+    def __repr__(self) -> str:
+        return f"FusedSampler({self.kind}, num_steps={self.num_steps})"
+
+    def start(self) -> None:
+        """Begin a trajectory: forget DPM-Solver's previous data prediction."""
+        self._prev_x0: torch.Tensor | None = None
+        self._last = -1
+
+    def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """``scheduler.step(model_output, timesteps[i], sample, generator=generator).prev_sample``, bit for bit."""
+        fn, c = self._plan[i]
+        return fn(c, model_output, sample, generator)
+
+    # -- DDPM --------------------------------------------------------------------------------------
+    def _build_ddpm(self, s: DDPMScheduler) -> list:
+        cfg = s.config
+        if s.variance_type != cfg.variance_type:
+            raise ConfigError(f"FusedSampler: DDPMScheduler.variance_type={s.variance_type!r} differs from its "
+                              f"config's {cfg.variance_type!r}")
+        clip = cfg.clip_sample_range if (not cfg.thresholding and cfg.clip_sample) else None
+        fn = {"epsilon": self._ddpm_epsilon, "sample": self._ddpm_sample,
+              "v_prediction": self._ddpm_v}[cfg.prediction_type]
+        plan = []
+        for t in s.timesteps:  # the 0-dim tensors a `for t in scheduler.timesteps` loop passes to step
+            # DDPMScheduler.step, steps 1, 2 and 4, verbatim.
+            prev_t = s.previous_timestep(t)
+            alpha_prod_t = s.alphas_cumprod[t]
+            alpha_prod_t_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.one
+            beta_prod_t = 1 - alpha_prod_t
+            beta_prod_t_prev = 1 - alpha_prod_t_prev
+            current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+            current_beta_t = 1 - current_alpha_t
+            sqrt_alpha, sqrt_beta = alpha_prod_t ** (0.5), beta_prod_t ** (0.5)
+            x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
+            sample_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
+            # step 6: noise for t > 0, scaled by std (fixed_small_log's _get_variance is the std already).
+            std = None
+            if t > 0:
+                std = s._get_variance(t, predicted_variance=None)
+                if s.variance_type != "fixed_small_log":
+                    std = std ** 0.5
+            plan.append((fn, (sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std)))
+        return plan
+
+    @staticmethod
+    def _ddpm_finish(x: torch.Tensor, std, model_output: torch.Tensor, generator) -> torch.Tensor:
+        """``x + variance``: x is a fresh tensor of the step's result dtype and shape."""
+        if std is None:
+            return x.add_(0)  # diffusers adds the int 0 (turns -0.0 into 0.0)
+        noise = _noise(model_output.shape, generator, model_output.device, model_output.dtype)
+        return x.add_(torch.mul(std, noise, out=noise))  # variance = std * noise
+
+    def _ddpm_epsilon(self, c, model_output, sample, generator):
+        sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
+        x = sample - sqrt_beta * model_output  # fresh, result dtype/shape of both inputs: in place from here
+        x.div_(sqrt_alpha)
+        if clip is not None:
+            x.clamp_(-clip, clip)
+        torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
+        return self._ddpm_finish(x, std, model_output, generator)
+
+    def _ddpm_sample(self, c, model_output, sample, generator):
+        _, _, clip, x0_coeff, sample_coeff, std = c
+        if clip is not None:
+            x0 = model_output.clamp(-clip, clip)
+            torch.mul(x0_coeff, x0, out=x0)
+        else:
+            x0 = x0_coeff * model_output
+        x = x0 + sample_coeff * sample  # out of place: x0 has model_output's dtype only
+        return self._ddpm_finish(x, std, model_output, generator)
+
+    def _ddpm_v(self, c, model_output, sample, generator):
+        sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
+        x = sqrt_alpha * sample - sqrt_beta * model_output
+        if clip is not None:
+            x.clamp_(-clip, clip)
+        torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
+        return self._ddpm_finish(x, std, model_output, generator)
+
+    # -- DDIM (eta = 0) ------------------------------------------------------------------------------
+    def _build_ddim(self, s: DDIMScheduler) -> list:
+        cfg = s.config
+        if getattr(s, "num_inference_steps", None) is None:
+            raise ConfigError("FusedSampler: DDIMScheduler.num_inference_steps is None; call set_timesteps first")
+        clip = cfg.clip_sample_range if (not cfg.thresholding and cfg.clip_sample) else None
+        fn = {"epsilon": self._ddim_epsilon, "sample": self._ddim_sample,
+              "v_prediction": self._ddim_v}[cfg.prediction_type]
+        plan = []
+        for t in s.timesteps:
+            # DDIMScheduler.step, steps 1, 2, 5, 6 and 7, verbatim, with eta = 0.0.
+            prev_timestep = t - s.config.num_train_timesteps // s.num_inference_steps
+            alpha_prod_t = s.alphas_cumprod[t]
+            alpha_prod_t_prev = s.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else s.final_alpha_cumprod
+            beta_prod_t = 1 - alpha_prod_t
+            variance = s._get_variance(t, prev_timestep)
+            std_dev_t = _DDIM_ETA * variance ** (0.5)
+            direction_coeff = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
+            x0_coeff = alpha_prod_t_prev ** (0.5)
+            plan.append((fn, (alpha_prod_t ** (0.5), beta_prod_t ** (0.5), clip, x0_coeff, direction_coeff)))
+        return plan
+
+    @staticmethod
+    def _ddim_epsilon(c, model_output, sample, generator):
+        sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
+        x = sample - sqrt_beta * model_output
+        x.div_(sqrt_alpha)
+        if clip is not None:
+            x.clamp_(-clip, clip)
+        return torch.mul(x0_coeff, x, out=x).add_(direction_coeff * model_output)
+
+    @staticmethod
+    def _ddim_sample(c, model_output, sample, generator):
+        sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
+        eps = sample - sqrt_alpha * model_output  # from the unclipped x0 = model_output, as diffusers does
+        torch.mul(direction_coeff, eps.div_(sqrt_beta), out=eps)  # the direction
+        if clip is not None:
+            x0 = model_output.clamp(-clip, clip)
+            torch.mul(x0_coeff, x0, out=x0)
+        else:
+            x0 = x0_coeff * model_output
+        return torch.add(x0, eps, out=eps)  # x0 + direction into eps, which has the result dtype
+
+    @staticmethod
+    def _ddim_v(c, model_output, sample, generator):
+        sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
+        x0 = sqrt_alpha * sample - sqrt_beta * model_output
+        eps = sqrt_alpha * model_output + sqrt_beta * sample
+        if clip is not None:
+            x0.clamp_(-clip, clip)
+        return torch.mul(x0_coeff, x0, out=x0).add_(torch.mul(direction_coeff, eps, out=eps))
+
+    # -- DPM-Solver++ multistep (orders 1 and 2) -----------------------------------------------------
+    def _build_dpm(self, s: DPMSolverMultistepScheduler) -> list:
+        cfg = s.config
+        name = "DPMSolverMultistepScheduler"
+        if getattr(s, "num_inference_steps", None) is None:
+            raise ConfigError(f"FusedSampler: {name}.num_inference_steps is None; call set_timesteps first")
+        k = len(s.timesteps)
+        if len(s.sigmas) != k + 1:
+            raise ConfigError(f"FusedSampler: {name} has {len(s.sigmas)} sigmas for {k} timesteps; expected {k + 1}")
+        first = _first_index(s)
+        if first != 0:
+            raise ConfigError(f"FusedSampler: {name} would start its trajectory at step index {first} (begin_index "
+                              f"or a repeated first timestep); the fused step starts at 0")
+        conv = s._sigma_to_alpha_sigma_t
+        prediction = cfg.prediction_type
+        plan = []
+        for j in range(k):  # j is the scheduler's step_index
+            # DPMSolverMultistepScheduler.step: which update it takes at this step_index.
+            lower_order_final = (j == k - 1) and (
+                cfg.euler_at_final or (cfg.lower_order_final and k < 15) or cfg.final_sigmas_type == "zero")
+            lower_order_second = (j == k - 2) and cfg.lower_order_final and k < 15
+            lower_order_nums = min(j, cfg.solver_order)
+            # convert_model_output's coefficients
+            alpha_j, sigma_j = conv(s.sigmas[j])
+            if cfg.solver_order == 1 or lower_order_nums < 1 or lower_order_final:
+                # dpm_solver_first_order_update, verbatim
+                sigma_t, sigma_s = s.sigmas[j + 1], s.sigmas[j]
+                alpha_t, sigma_t = conv(sigma_t)
+                alpha_s, sigma_s = conv(sigma_s)
+                lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+                lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+                h = lambda_t - lambda_s
+                plan.append((self._dpm_first, (j, prediction, alpha_j, sigma_j,
+                                               sigma_t / sigma_s, alpha_t * (torch.exp(-h) - 1.0))))
+            elif cfg.solver_order == 2 or lower_order_nums < 2 or lower_order_second:
+                # multistep_dpm_solver_second_order_update, verbatim
+                sigma_t, sigma_s0, sigma_s1 = s.sigmas[j + 1], s.sigmas[j], s.sigmas[j - 1]
+                alpha_t, sigma_t = conv(sigma_t)
+                alpha_s0, sigma_s0 = conv(sigma_s0)
+                alpha_s1, sigma_s1 = conv(sigma_s1)
+                lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+                lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+                lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+                h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+                r0 = h_0 / h
+                if cfg.solver_type == "midpoint":  # x_t = a*sample - b*D0 - c*D1
+                    fn, d1_coeff = self._dpm_midpoint, 0.5 * (alpha_t * (torch.exp(-h) - 1.0))
+                else:  # heun: x_t = a*sample - b*D0 + c*D1
+                    fn, d1_coeff = self._dpm_heun, alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+                plan.append((fn, (j, prediction, alpha_j, sigma_j, sigma_t / sigma_s0,
+                                  alpha_t * (torch.exp(-h) - 1.0), 1.0 / r0, d1_coeff)))
+            else:  # unreachable: solver_order is checked to be 1 or 2
+                raise ConfigError(f"FusedSampler: {name} solver_order={cfg.solver_order!r} is not supported")
+        return plan
+
+    @staticmethod
+    def _dpm_x0(prediction, alpha, sigma, model_output, sample):
+        """convert_model_output for dpmsolver++."""
+        if prediction == "epsilon":
+            x0 = sample - sigma * model_output
+            return x0.div_(alpha)
+        if prediction == "sample":
+            return model_output
+        return alpha * sample - sigma * model_output  # v_prediction
+
+    def _dpm_first(self, c, model_output, sample, generator):
+        j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff = c
+        x0 = self._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample)
+        self._prev_x0, self._last = x0, j
+        sample = sample.to(torch.float32)
+        prev = sample_coeff * sample - d0_coeff * x0
+        return prev.to(x0.dtype)
+
+    def _dpm_second(self, c, model_output, sample):
+        j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff, inv_r0, d1_coeff = c
+        if self._last != j - 1:
+            raise RuntimeError(f"FusedSampler.step({j}) follows step({self._last}); DPM-Solver's steps run in order "
+                               f"from 0 after start()")
+        m0, m1 = self._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample), self._prev_x0
+        self._prev_x0, self._last = m0, j
+        d1 = m0 - m1
+        torch.mul(inv_r0, d1, out=d1)  # D1 = (1.0 / r0) * (m0 - m1)
+        torch.mul(d1_coeff, d1, out=d1)
+        sample = sample.to(torch.float32)
+        return sample_coeff * sample - d0_coeff * m0, d1, m0.dtype
+
+    def _dpm_midpoint(self, c, model_output, sample, generator):
+        prev, d1, dtype = self._dpm_second(c, model_output, sample)
+        return (prev - d1).to(dtype)
+
+    def _dpm_heun(self, c, model_output, sample, generator):
+        prev, d1, dtype = self._dpm_second(c, model_output, sample)
+        return (prev + d1).to(dtype)
+
+    # -- FlowMatchEuler ------------------------------------------------------------------------------
+    def _build_flow(self, s: FlowMatchEulerDiscreteScheduler) -> list:
+        name = "FlowMatchEulerDiscreteScheduler"
+        if getattr(s, "num_inference_steps", None) is None:
+            raise ConfigError(f"FusedSampler: {name}.num_inference_steps is None; call set_timesteps first")
+        k = len(s.timesteps)
+        if len(s.sigmas) != k + 1:
+            raise ConfigError(f"FusedSampler: {name} has {len(s.sigmas)} sigmas for {k} timesteps; expected {k + 1}")
+        first = _first_index(s)
+        if first != 0:
+            raise ConfigError(f"FusedSampler: {name} would start its trajectory at step index {first} (begin_index "
+                              f"or a repeated first timestep); the fused step starts at 0")
+        plan = []
+        for j in range(k):
+            sigma, sigma_next = s.sigmas[j], s.sigmas[j + 1]
+            if s.config.stochastic_sampling:
+                plan.append((self._flow_stochastic, (sigma, sigma_next, 1.0 - sigma_next)))
+            else:
+                plan.append((self._flow_euler, (sigma_next - sigma,)))
+        return plan
+
+    @staticmethod
+    def _flow_euler(c, model_output, sample, generator):
+        (dt,) = c
+        return (sample.to(torch.float32) + dt * model_output).to(model_output.dtype)
+
+    @staticmethod
+    def _flow_stochastic(c, model_output, sample, generator):
+        sigma, sigma_next, keep = c
+        sample = sample.to(torch.float32)
+        x0 = sample - sigma * model_output
+        noise = _noise(sample.shape, generator, sample.device, sample.dtype)
+        torch.mul(keep, x0, out=x0)  # (1 - s') * x0 + s' * noise
+        return x0.add_(torch.mul(sigma_next, noise, out=noise)).to(model_output.dtype)

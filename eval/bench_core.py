@@ -1,16 +1,26 @@
-"""Core benchmark: engine overhead and BAC speedup on the paper-size DP-T, batch 1, one thread.
+"""Core benchmark: what one batch-1 policy call costs, per configuration, eager and compiled.
 
-    python -m bac.evaluation.bench_core [--repeats 15] [--out eval/results/bench_core.json]
+    python -m bac.evaluation.bench_core [--repeats 15] [--models shipped,paper] [--no-compile]
 
-Three identical copies of the policy are timed interleaved in one process
-(full computation, an every-step plan, a calibrated ``bac`` plan), each timing
-one whole policy call (100 DDPM steps including the diffusers scheduler and
-normalisation), and compared as ratios of medians; the denoiser calls alone
-are timed the same way. The ideal speedup is full FLOPs over the FLOPs
-the plan executes (``torch.utils.flop_counter``); measured/ideal shows how much
-of it survives the work caching cannot remove (embeddings, condition encoder,
-head, scheduler, Python dispatch). The cost of the policy's input and output
-finiteness guards is reported alone, as a share of a full and of a ``bac`` call.
+For the shipped DP-T (trained, 4 layers of width 128) and the paper-size DP-T (8 layers of width
+256, random weights: latency depends on the plan, not on the weights), one thread, batch 1:
+
+* ``reference/*``: what a user runs without this product: diffusers' ``scheduler.step``, the
+  condition encoder at every step, PyTorch's own ``nn.TransformerDecoderLayer.forward`` (the
+  reference implementation's modules), with fewer DDIM steps as the speed lever.
+* the policy's own call (the per-call executor: fused sampler step, condition encoded once per
+  call, functional branches; :mod:`bac.sampling`, :mod:`bac.policies.dpt`) for full DDPM-100,
+  an every-step plan (the engine's overhead), bac and uniform plans, DDIM-k and bac on DDIM-10;
+* ``compiled/*``: the same with ``model.compile_blocks()`` (one ``torch.compile`` graph per branch
+  kind, shared by every layer; the plan's decisions stay in eager Python), and
+  ``compiled-whole/*``: the whole denoiser under ``torch.compile`` (no caching possible).
+
+Every configuration is timed interleaved (the order rotates per repeat), as medians, in one
+process; ratios are within this run. FLOPs are counted over a whole policy call
+(``torch.utils.flop_counter``), so the ideal speedup of a configuration is reference FLOPs over its
+FLOPs and measured/ideal says how much of the FLOP saving becomes time. After warm-up, the compiled
+configurations must compile nothing more: the frames torch._dynamo compiles, its graph breaks and
+recompiles during the timed repeats are counted and reported (goal: 0).
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ from pathlib import Path
 
 import diffusers
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import bac
 from bac.policies.config import PolicyConfig
@@ -33,118 +45,182 @@ from bac.policies.policy import DiffusionPolicy
 from .timing import summarize
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_core.json"
+SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "checkpoints" / "dpt-metaworld"
+# (name, sampler, steps, method, method params)
+CONFIGS = [
+    ("full", "ddpm", 100, None, {}),
+    ("every-step", "ddpm", 100, "every-step", {}),
+    ("bac-M10", "ddpm", 100, "bac", {"M": 10, "n": 5}),
+    ("uniform-M10", "ddpm", 100, "uniform", {"M": 10}),
+    ("ddim-5", "ddim", 5, None, {}),
+    ("ddim-10", "ddim", 10, None, {}),
+    ("bac-M3-ddim10", "ddim", 10, "bac", {"M": 3, "n": 5}),
+]
+REFERENCE = [("reference/full", "ddpm", 100), ("reference/ddim-5", "ddim", 5), ("reference/ddim-10", "ddim", 10)]
+COMPILED = ["full", "bac-M10", "ddim-5", "ddim-10", "bac-M3-ddim10"]
+COMPILED_WHOLE = ["full", "ddim-5"]
 
 
-def _time_call(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def reference_call(policy: DiffusionPolicy, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    """The policy's sampling written with diffusers and PyTorch's modules only (no executor, no bac)."""
+    model, sampler = policy.model, policy.sampler
+    cond = policy.condition(batch)
+    mask = nn.Transformer.generate_square_subsequent_mask(model.horizon)
+    sampler.set_timesteps(policy.num_inference_steps)
+    x = torch.randn((cond.shape[0], model.horizon, model.action_dim), generator=generator)
+    for t in sampler.timesteps:
+        timestep = t.reshape(-1).expand(cond.shape[0])
+        memory = model.cond_encoder(torch.cat([model.time_emb(timestep)[:, None], model.cond_obs_emb(cond)], dim=1)
+                                    + model.cond_pos_emb)
+        h = model.input_emb(x) + model.pos_emb
+        for layer in model.decoder.layers:
+            h = nn.TransformerDecoderLayer.forward(layer, h, memory, tgt_mask=mask, tgt_is_causal=True)
+        x = sampler.step(model.head(model.ln_f(h)), t, x, generator=generator).prev_sample
+    return policy.action_normalizer.inverse(x[:, : policy.n_action_steps])
 
 
-def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed: int) -> dict:
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    # DP-T at the paper's size: 8 pre-norm layers, width 256, 4 heads, 16 action tokens, 2 observation steps.
-    config = PolicyConfig.build("dpt", {"width": 256, "num_layers": 8, "heads": 4}, state_dim=39, action_dim=4)
-    full = DiffusionPolicy(config).eval()
-    full.set_sampler("ddpm", steps)
-    scheduler = full.sampler
-    obs = torch.randn(1, 2, 39)
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as mode:
+        fn()
+    return mode.get_total_flops()
 
-    started = time.perf_counter()
-    calibration = bac.calibrate(full.model, full.predict_action_chunk,
-                                [{"observation.state": torch.randn(calibration_samples, 2, 39)}],
-                                seed=seed, scheduler=scheduler)
-    calibration_seconds = time.perf_counter() - started
-    plans = {
-        "every-step": bac.make_plan(full.model, "every-step", num_steps=steps),
-        "bac": bac.make_plan(calibration, "bac", M=M, n=n),
-    }
-    policies = {"full": full} | {name: copy.deepcopy(full) for name in plans}
-    handles = {name: policies[name].accelerate(plan) for name, plan in plans.items()}
-    x = torch.zeros(1, 16, 4)
-    cond = full.condition({"observation.state": obs})
-    flops = handles["bac"].measure_flops(x, scheduler.timesteps[0], cond)
-    call_flops = flops.pop("total")
 
-    @torch.no_grad()
-    def denoiser_only(model):
-        """The policy call's denoiser evaluations alone, without scheduler and normalisation."""
-        bac.new_trajectory(model)
-        for t in scheduler.timesteps:
-            model(x, t, cond)
+def _dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
 
-    def policy_call(policy):
-        return policy.predict_action_chunk({"observation.state": obs}, generator=torch.Generator().manual_seed(seed))
+    return {"frames_compiled": sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
 
-    calls = {name: (lambda p=policy: policy_call(p)) for name, policy in policies.items()}
-    calls |= {f"{name}/denoiser-only": (lambda m=policy.model: denoiser_only(m)) for name, policy in policies.items()}
-    outputs = {name: call() for name, call in calls.items()}  # warm-up, and outputs for the deviation
-    for call in calls.values():
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    order = list(calls)
-    for r in range(repeats):
-        for name in order[r % len(order):] + order[: r % len(order)]:  # rotate who goes first
-            times[name].append(_time_call(calls[name]))
-    # The part of a policy call no plan can skip: the scheduler's own update.
-    scheduler_ms = 1e3 * statistics.median(
-        _time_call(lambda: [scheduler.step(x, t, x) for t in scheduler.timesteps]) for _ in range(5)
-    )
 
-    # The policy's finiteness guards (input state and sampled chunk, once per call), timed alone; the engine's
-    # per-step input-shape check is part of engine_overhead (every-step plan vs no engine).
-    chunk = outputs["full"]
+def bench_model(label: str, policy: DiffusionPolicy, obs: torch.Tensor, repeats: int, compile_: bool,
+                calibration_samples: int, seed: int) -> dict:
+    batch = {"observation.state": obs, "task": policy.tasks[0]} if policy.tasks else {"observation.state": obs}
+    generator = lambda: torch.Generator().manual_seed(seed)  # noqa: E731  the same noise for every call
+    calls, policies = {}, {}
+    calibrations: dict[tuple, bac.Calibration] = {}
 
-    def guards():
-        for _ in range(1000):
-            bool(torch.isfinite(obs).all()) and bool(torch.isfinite(chunk).all())
+    def configured(sampler: str, steps: int, method: str | None, params: dict, compiled: str | None):
+        p = copy.deepcopy(policy).set_sampler(sampler, steps)
+        if method is not None:
+            source = p.model
+            if bac.needs_calibration(method):
+                key = (sampler, steps)
+                if key not in calibrations:
+                    calib_batch = {**batch, "observation.state": torch.randn(calibration_samples, *obs.shape[1:],
+                                                                              generator=torch.Generator().manual_seed(seed))}
+                    if "task" in batch:
+                        calib_batch["task"] = [batch["task"]] * calibration_samples
+                    calibrations[key] = bac.calibrate(p.model, p.predict_action_chunk, [calib_batch], seed=seed,
+                                                      scheduler=p.sampler)
+                source = calibrations[key]
+            p.accelerate(bac.build_method(method, source, num_steps=steps, scheduler=p.sampler, **params))
+        if compiled == "blocks":
+            p.model.compile_blocks()
+        elif compiled == "whole":
+            p.model.compile()
+        return p
 
-    guard_us = 1e3 * statistics.median(_time_call(guards) for _ in range(5))  # ms per 1000 calls = us per call
+    for name, sampler, steps, method, params in CONFIGS:
+        policies[name] = configured(sampler, steps, method, params, None)
+    for name, sampler, steps in REFERENCE:
+        policies[name] = copy.deepcopy(policy).set_sampler(sampler, steps)
+    if compile_:
+        spec = {c[0]: c for c in CONFIGS}
+        for name in COMPILED:
+            policies[f"compiled/{name}"] = configured(*spec[name][1:], "blocks")
+        for name in COMPILED_WHOLE:
+            policies[f"compiled-whole/{name}"] = configured(*spec[name][1:], "whole")
+    for name, p in policies.items():
+        if name.startswith("reference/"):
+            calls[name] = lambda p=p: reference_call(p, batch, generator())
+        else:
+            calls[name] = lambda p=p: p.predict_action_chunk(batch, generator=generator())
+
+    with torch.no_grad():
+        flops = {name: _flops(call) for name, call in calls.items() if not name.startswith("compiled")}
+        started = time.perf_counter()
+        outputs = {name: call() for name, call in calls.items()}  # warm-up (compiles), outputs for deviations
+        warmup_seconds = time.perf_counter() - started
+        for call in calls.values():
+            call()
+        torch._dynamo.utils.counters.clear()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        order = list(calls)
+        for r in range(repeats):
+            for name in order[r % len(order):] + order[: r % len(order)]:
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - start)
+        dynamo_after_warmup = _dynamo_counts()
 
     latency = {name: summarize(t) for name, t in times.items()}
-    full_ms = latency["full"]["p50_ms"]
-    bac_plan = plans["bac"]
-    ideal = bac_plan.ideal_speedup(flops, call_flops)
-    measured = full_ms / latency["bac"]["p50_ms"]
-    measured_denoiser = latency["full/denoiser-only"]["p50_ms"] / latency["bac/denoiser-only"]["p50_ms"]
-    stats = handles["bac"].stats()
-    deviation = (outputs["bac"] - outputs["full"]).norm() / outputs["full"].norm()
+    p50 = {name: l["p50_ms"] for name, l in latency.items()}
+    reference = outputs["reference/full"]
+    rows = {}
+    for name in calls:
+        base = name.split("/", 1)[1] if name.startswith("compiled") else name
+        f = flops.get(name, flops.get(base))
+        rows[name] = {
+            "p50_ms": p50[name], "p95_ms": latency[name]["p95_ms"], "hz": latency[name]["hz"],
+            "speedup_vs_reference_full": p50["reference/full"] / p50[name],
+            "speedup_vs_full": p50["full"] / p50[name],
+            "flops_per_call": f,
+            "ideal_vs_reference_full": flops["reference/full"] / f,
+            "ideal_vs_full": flops["full"] / f,
+            "relative_l2_deviation_vs_reference_full": float((outputs[name] - reference).norm() / reference.norm()),
+        }
+        rows[name]["measured_over_ideal_vs_full"] = rows[name]["speedup_vs_full"] / rows[name]["ideal_vs_full"]
+        rows[name]["measured_over_ideal_vs_reference_full"] = (rows[name]["speedup_vs_reference_full"]
+                                                               / rows[name]["ideal_vs_reference_full"])
+    result = {
+        "model": {"label": label, **policy.model_kwargs, "parameters": sum(p.numel() for p in policy.model.parameters()),
+                  "weights": "trained (shipped checkpoint)" if label == "shipped" else "random"},
+        "configs": {name: {"sampler": s, "steps": k, "method": m, **prm} for name, s, k, m, prm in CONFIGS},
+        "latency": latency,
+        "rows": rows,
+        "engine_overhead_every_step": p50["every-step"] / p50["full"] - 1,
+        "executor_speedup_full": p50["reference/full"] / p50["full"],
+        "executor_speedup_ddim5": p50["reference/ddim-5"] / p50["ddim-5"],
+        "warmup_seconds": warmup_seconds,
+    }
+    if compile_:
+        result["compiled"] = {
+            "dynamo_during_timed_repeats": dynamo_after_warmup,
+            "speedup_eager_to_compiled": {n: p50[n] / p50[f"compiled/{n}"] for n in COMPILED},
+            "speedup_eager_to_compiled_whole": {n: p50[n] / p50[f"compiled-whole/{n}"] for n in COMPILED_WHOLE},
+            "bac_over_full_eager": p50["full"] / p50["bac-M10"],
+            "bac_over_full_compiled_blocks": p50["compiled/full"] / p50["compiled/bac-M10"],
+            "bac_over_full_compiled_whole": p50["compiled-whole/full"] / p50["compiled/bac-M10"],
+        }
+        c = result["compiled"]
+        c["compiled_ratio_share_of_eager"] = c["bac_over_full_compiled_whole"] / c["bac_over_full_eager"]
+    return result
+
+
+def run(repeats: int, models: list[str], compile_: bool, calibration_samples: int, seed: int) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    results = {}
+    for label in models:
+        if label == "shipped":
+            policy = DiffusionPolicy.load(SHIPPED)
+            obs = torch.randn(1, policy.n_obs_steps, policy.obs_dim, generator=torch.Generator().manual_seed(seed))
+        elif label == "paper":
+            config = PolicyConfig.build("dpt", {"width": 256, "num_layers": 8, "heads": 4}, state_dim=39, action_dim=4)
+            policy = DiffusionPolicy(config).eval()
+            obs = torch.randn(1, 2, 39, generator=torch.Generator().manual_seed(seed))
+        else:
+            raise SystemExit(f"unknown model {label!r}; expected shipped or paper")
+        results[label] = bench_model(label, policy, obs, repeats, compile_, calibration_samples, seed)
     return {
         "benchmark": "core",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {
-            "class": "bac.policies.dpt.TransformerForDiffusion (nn.TransformerDecoderLayer, pre-norm, GELU)",
-            "layers": 8, "width": 256, "heads": 4, "action_tokens": 16, "obs_steps": 2, "obs_dim": 39,
-            "parameters": sum(p.numel() for p in full.model.parameters()),
-            "weights": "random (latency depends on the plan, not on the weights)",
-        },
-        "sampler": {"scheduler": "DDPMScheduler squaredcos_cap_v2", "steps": steps},
-        "plan": {"method": "bac", "M": M, "n": n, "metric": "cosine",
-                 "calibration_samples": calibration_samples, "calibration_seconds": round(calibration_seconds, 2),
-                 "computed_block_evaluations": bac_plan.computed_count(),
-                 "skipped_share": bac_plan.skipped_count() / (bac_plan.computed_count() + bac_plan.skipped_count())},
-        "latency_per_policy_call": latency,
-        "engine_overhead": latency["every-step"]["p50_ms"] / full_ms - 1,
-        "guards": {"finiteness_checks_us_per_policy_call": guard_us,
-                   "share_of_full_call": guard_us / (1e3 * full_ms),
-                   "share_of_bac_call": guard_us / (1e3 * latency["bac"]["p50_ms"])},
-        "speedup": measured,
-        "ideal_speedup": ideal,
-        "measured_over_ideal": measured / ideal,
-        "denoiser_only": {
-            "speedup": measured_denoiser,
-            "measured_over_ideal": measured_denoiser / ideal,
-            "engine_overhead": latency["every-step/denoiser-only"]["p50_ms"]
-            / latency["full/denoiser-only"]["p50_ms"] - 1,
-        },
-        "flops_per_denoiser_call": call_flops,
-        "block_flops_share": sum(flops.values()) / call_flops,
-        "scheduler_ms_per_policy_call": scheduler_ms,
-        "engine_stats_skipped_share": stats["skipped_share"],
-        "relative_l2_deviation_of_actions": float(deviation),
-        "goals": {"engine_overhead_at_most": 0.03, "measured_over_ideal_at_least": 0.9},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": 1,
+        "batch": 1, "threads": 1, "repeats": repeats, "interleaved": True,
+        "models": results,
+        "goals": {"engine_overhead_at_most": 0.03, "measured_over_ideal_at_least": 0.9,
+                  "compiled_ratio_share_of_eager_at_least": 0.9, "dynamo_after_warmup": 0},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "diffusers": diffusers.__version__},
     }
 
@@ -152,28 +228,28 @@ def run(repeats: int, steps: int, M: int, n: int, calibration_samples: int, seed
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bac.evaluation.bench_core", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--M", type=int, default=10)
-    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--models", default="shipped,paper")
+    parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--calibration-samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    report = run(args.repeats, args.steps, args.M, args.n, args.calibration_samples, args.seed)
+    report = run(args.repeats, args.models.split(","), not args.no_compile, args.calibration_samples, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    lat = report["latency_per_policy_call"]
-    print(f"policy call, batch 1, 1 thread, {args.steps} steps (median of {args.repeats}, interleaved):")
-    for name, l in lat.items():
-        print(f"  {name:<24} {l['p50_ms']:8.1f} ms  (p95 {l['p95_ms']:.1f})")
-    print(f"engine overhead (every-step vs full): {100 * report['engine_overhead']:+.2f}%  (goal <= 3%)")
-    print(f"bac M={args.M} n={args.n}: speedup {report['speedup']:.2f}x, ideal {report['ideal_speedup']:.2f}x, "
-          f"measured/ideal {report['measured_over_ideal']:.2f}  (goal >= 0.9)")
-    d = report["denoiser_only"]
-    print(f"  denoiser calls alone (no scheduler): speedup {d['speedup']:.2f}x, measured/ideal "
-          f"{d['measured_over_ideal']:.2f}, engine overhead {100 * d['engine_overhead']:+.2f}%")
-    print(f"  skipped {100 * report['plan']['skipped_share']:.1f}% of block evaluations; "
-          f"scheduler alone {report['scheduler_ms_per_policy_call']:.1f} ms per call; report: {args.out}")
+    for label, r in report["models"].items():
+        print(f"{label} DP-T, batch 1, 1 thread, median of {args.repeats} interleaved calls:")
+        print(f"  {'configuration':<28}{'ms':>9}{'x ref':>8}{'x full':>8}{'ideal':>8}{'meas/ideal':>11}")
+        for name, row in r["rows"].items():
+            print(f"  {name:<28}{row['p50_ms']:9.2f}{row['speedup_vs_reference_full']:8.2f}"
+                  f"{row['speedup_vs_full']:8.2f}{row['ideal_vs_full']:8.2f}{row['measured_over_ideal_vs_full']:11.2f}")
+        print(f"  engine overhead (every-step vs full): {100 * r['engine_overhead_every_step']:+.2f}%  (goal <= 3%)")
+        if "compiled" in r:
+            c = r["compiled"]
+            print(f"  compiled: dynamo after warm-up {c['dynamo_during_timed_repeats']}; bac/full eager "
+                  f"{c['bac_over_full_eager']:.2f}x, compiled {c['bac_over_full_compiled_whole']:.2f}x vs whole-model "
+                  f"compiled full ({100 * c['compiled_ratio_share_of_eager']:.0f}% of eager; goal >= 90%)")
+    print(f"report: {args.out}")
     return report
 
 

@@ -60,13 +60,18 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    # F.dropout is the identity outside training, but still costs a call per branch at batch 1
+    return F.dropout(x, p, True) if training and p > 0 else x
+
+
 def self_attention(x, norm_w, norm_b, eps: float, in_w, in_b, out_w, out_b, heads: int, causal: bool,
                    attn_dropout: float, dropout: float, training: bool):
     """Pre-norm self-attention branch of ``nn.TransformerDecoderLayer`` (``norm1``, ``self_attn``, ``dropout1``)."""
     h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
     q, k, v = (_heads(p, heads) for p in F.linear(h, in_w, in_b).chunk(3, dim=-1))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_dropout if training else 0.0, is_causal=causal)
-    return F.dropout(F.linear(_merge(out), out_w, out_b), dropout, training)
+    return _dropout(F.linear(_merge(out), out_w, out_b), dropout, training)
 
 
 def cross_attention(x, memory, norm_w, norm_b, eps: float, in_w, in_b, out_w, out_b, heads: int,
@@ -77,14 +82,14 @@ def cross_attention(x, memory, norm_w, norm_b, eps: float, in_w, in_b, out_w, ou
     q = _heads(F.linear(h, in_w[:width], in_b[:width]), heads)
     k, v = (_heads(p, heads) for p in F.linear(memory, in_w[width:], in_b[width:]).chunk(2, dim=-1))
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn_dropout if training else 0.0)
-    return F.dropout(F.linear(_merge(out), out_w, out_b), dropout, training)
+    return _dropout(F.linear(_merge(out), out_w, out_b), dropout, training)
 
 
 def feed_forward(x, norm_w, norm_b, eps: float, w1, b1, w2, b2, dropout: float, training: bool):
     """Pre-norm GELU FFN branch (``norm3``, ``linear1``, ``dropout``, ``linear2``, ``dropout3``)."""
     h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
-    h = F.dropout(F.gelu(F.linear(h, w1, b1)), dropout, training)
-    return F.dropout(F.linear(h, w2, b2), dropout, training)
+    h = _dropout(F.gelu(F.linear(h, w1, b1)), dropout, training)
+    return _dropout(F.linear(h, w2, b2), dropout, training)
 
 
 BRANCHES = SimpleNamespace(self_attention=self_attention, cross_attention=cross_attention, feed_forward=feed_forward)

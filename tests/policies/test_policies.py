@@ -461,3 +461,49 @@ def test_functional_decoder_layer_is_pytorchs_layer(num_samples, causal):
     with torch.no_grad():
         trained = torch.nn.TransformerDecoderLayer.forward(layer, x, memory, tgt_mask=mask, tgt_is_causal=causal)
         assert torch.equal(layer(x, memory), trained)
+
+
+def test_compiled_blocks_run_a_static_plan_without_recompiling():
+    """compile_blocks: one graph per branch kind, shared by every layer; after warm-up a cached call and a
+    full call compile nothing more (no graph break, no recompile: the plan's decisions stay outside)."""
+    from torch._dynamo.utils import counters
+
+    from bac.policies.dpt import BRANCHES
+
+    policy = tiny_policy("dpt").set_sampler("ddim", 6)
+    obs = batch(torch.randn(1, 2, 39))
+    eager = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(0))
+    plan = bac.make_plan(policy.model, "uniform", num_steps=6, M=3)
+    with policy.accelerate(plan):
+        cached_eager = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(0))
+    policy.model.compile_blocks()
+    try:
+        with policy.accelerate(plan):
+            policy.predict_action_chunk(obs)  # warm-up: compiles the three branch graphs
+        policy.predict_action_chunk(obs)
+        counters.clear()
+        with policy.accelerate(plan):
+            cached = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(0))
+        full = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(0))
+        assert sum(counters["stats"].values()) == 0 and not counters["graph_break"] and not counters["recompiles"]
+    finally:
+        policy.model.compile_blocks(False)
+    torch.testing.assert_close(full, eager, rtol=0, atol=1e-5)  # inductor's fused kernels round differently
+    torch.testing.assert_close(cached, cached_eager, rtol=0, atol=1e-5)
+    assert all(layer.branches is BRANCHES for layer in policy.model.decoder.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_blocks_on_gpu():
+    policy = tiny_policy("dpt").set_sampler("ddim", 6).to("cuda")
+    obs = batch(torch.randn(1, 2, 39))
+    plan = bac.make_plan(policy.model, "uniform", num_steps=6, M=3)
+    with policy.accelerate(plan):
+        eager = policy.predict_action_chunk(obs, generator=torch.Generator("cuda").manual_seed(0))
+        policy.model.compile_blocks(mode="reduce-overhead")
+        try:
+            for _ in range(3):
+                graphed = policy.predict_action_chunk(obs, generator=torch.Generator("cuda").manual_seed(0))
+        finally:
+            policy.model.compile_blocks(False)
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=1e-4)

@@ -1,9 +1,10 @@
-"""Core benchmark: what one batch-1 policy call costs, per configuration, eager and compiled.
+"""Core benchmark: what one policy call costs, per configuration, eager and compiled.
 
-    python -m bac.evaluation.bench_core [--repeats 15] [--models shipped,paper] [--no-compile]
+    python -m bac.evaluation.bench_core [--repeats 15] [--models shipped,paper] [--batches 1,50] [--no-compile]
 
 For the shipped DP-T (trained, 4 layers of width 128) and the paper-size DP-T (8 layers of width
-256, random weights: latency depends on the plan, not on the weights), one thread, batch 1:
+256, random weights: latency depends on the plan, not on the weights), one thread, at batch 1 (a
+robot's real-time call; compiled configurations too) and batch 50 (the evaluator's vector env):
 
 * ``reference/*``: what a user runs without this product: diffusers' ``scheduler.step``, the
   condition encoder at every step, PyTorch's own ``nn.TransformerDecoderLayer.forward`` (the
@@ -28,7 +29,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -198,25 +198,28 @@ def bench_model(label: str, policy: DiffusionPolicy, obs: torch.Tensor, repeats:
     return result
 
 
-def run(repeats: int, models: list[str], compile_: bool, calibration_samples: int, seed: int) -> dict:
+def run(repeats: int, models: list[str], batches: list[int], compile_: bool, calibration_samples: int,
+        seed: int) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     results = {}
     for label in models:
         if label == "shipped":
             policy = DiffusionPolicy.load(SHIPPED)
-            obs = torch.randn(1, policy.n_obs_steps, policy.obs_dim, generator=torch.Generator().manual_seed(seed))
         elif label == "paper":
             config = PolicyConfig.build("dpt", {"width": 256, "num_layers": 8, "heads": 4}, state_dim=39, action_dim=4)
             policy = DiffusionPolicy(config).eval()
-            obs = torch.randn(1, 2, 39, generator=torch.Generator().manual_seed(seed))
         else:
             raise SystemExit(f"unknown model {label!r}; expected shipped or paper")
-        results[label] = bench_model(label, policy, obs, repeats, compile_, calibration_samples, seed)
+        for batch in batches:  # compiled configurations at batch 1 only (the real-time case)
+            obs = torch.randn(batch, policy.n_obs_steps, policy.obs_dim, generator=torch.Generator().manual_seed(seed))
+            key = label if batch == 1 else f"{label}/batch{batch}"
+            results[key] = bench_model(label, policy, obs, repeats, compile_ and batch == 1, calibration_samples, seed)
+            results[key]["batch"] = batch
     return {
         "benchmark": "core",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "batch": 1, "threads": 1, "repeats": repeats, "interleaved": True,
+        "batches": batches, "threads": 1, "repeats": repeats, "interleaved": True,
         "models": results,
         "goals": {"engine_overhead_at_most": 0.03, "measured_over_ideal_at_least": 0.9,
                   "compiled_ratio_share_of_eager_at_least": 0.9, "dynamo_after_warmup": 0},
@@ -229,16 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bac.evaluation.bench_core", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--models", default="shipped,paper")
+    parser.add_argument("--batches", default="1,50", help="batch sizes (the closed-loop evaluator steps 50 envs)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--calibration-samples", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    report = run(args.repeats, args.models.split(","), not args.no_compile, args.calibration_samples, args.seed)
+    report = run(args.repeats, args.models.split(","), [int(b) for b in args.batches.split(",")], not args.no_compile, args.calibration_samples, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for label, r in report["models"].items():
-        print(f"{label} DP-T, batch 1, 1 thread, median of {args.repeats} interleaved calls:")
+        print(f"{label} DP-T, batch {r['batch']}, 1 thread, median of {args.repeats} interleaved calls:")
         print(f"  {'configuration':<28}{'ms':>9}{'x ref':>8}{'x full':>8}{'ideal':>8}{'meas/ideal':>11}")
         for name, row in r["rows"].items():
             print(f"  {name:<28}{row['p50_ms']:9.2f}{row['speedup_vs_reference_full']:8.2f}"

@@ -154,6 +154,13 @@ def bench_model(label: str, policy: DiffusionPolicy, obs: torch.Tensor, repeats:
                 times[name].append(time.perf_counter() - start)
         dynamo_after_warmup = _dynamo_counts()
 
+    # The policy's finiteness guards (input state and sampled chunk, once per call), timed alone.
+    chunk = outputs["full"]
+    started = time.perf_counter()
+    for _ in range(1000):
+        bool(torch.isfinite(obs).all()) and bool(torch.isfinite(chunk).all())
+    guard_us = 1e3 * (time.perf_counter() - started)  # ms per 1000 calls = us per call
+
     latency = {name: summarize(t) for name, t in times.items()}
     p50 = {name: l["p50_ms"] for name, l in latency.items()}
     reference = outputs["reference/full"]
@@ -183,6 +190,9 @@ def bench_model(label: str, policy: DiffusionPolicy, obs: torch.Tensor, repeats:
         "executor_speedup_full": p50["reference/full"] / p50["full"],
         "executor_speedup_ddim5": p50["reference/ddim-5"] / p50["ddim-5"],
         "warmup_seconds": warmup_seconds,
+        "guards": {"finiteness_checks_us_per_policy_call": guard_us,
+                   "share_of_full_call": guard_us / (1e3 * p50["full"]),
+                   "share_of_bac_call": guard_us / (1e3 * p50["bac-M10"])},
     }
     if compile_:
         result["compiled"] = {

@@ -52,12 +52,18 @@ CONFIGS = [
     ("every-step", "ddpm", 100, "every-step", {}),
     ("bac-M10", "ddpm", 100, "bac", {"M": 10, "n": 5}),
     ("uniform-M10", "ddpm", 100, "uniform", {"M": 10}),
+    ("ddim-3", "ddim", 3, None, {}),
+    ("ddim-4", "ddim", 4, None, {}),
     ("ddim-5", "ddim", 5, None, {}),
     ("ddim-10", "ddim", 10, None, {}),
     ("bac-M3-ddim10", "ddim", 10, "bac", {"M": 3, "n": 5}),
+    ("uniform-M3-ddim10", "ddim", 10, "uniform", {"M": 3}),
+    ("bac-M2-ddim5", "ddim", 5, "bac", {"M": 2, "n": 5}),
+    ("uniform-M3-ddim5", "ddim", 5, "uniform", {"M": 3}),
 ]
-REFERENCE = [("reference/full", "ddpm", 100), ("reference/ddim-5", "ddim", 5), ("reference/ddim-10", "ddim", 10)]
-COMPILED = ["full", "bac-M10", "ddim-5", "ddim-10", "bac-M3-ddim10"]
+REFERENCE = [("reference/full", "ddpm", 100), ("reference/ddim-3", "ddim", 3), ("reference/ddim-4", "ddim", 4),
+             ("reference/ddim-5", "ddim", 5), ("reference/ddim-10", "ddim", 10)]
+COMPILED = ["full", "bac-M10", "ddim-4", "ddim-5", "bac-M3-ddim10", "bac-M2-ddim5"]
 COMPILED_WHOLE = ["full", "ddim-5"]
 
 

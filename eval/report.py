@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPORT_SCHEMA = "bac-eval-report/1"
+REPORT_SCHEMA = "bac-eval-report/2"  # 2: a calibration per sampler; exact paired statistics
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
@@ -32,20 +32,62 @@ def success_summary(episodes: list[dict]) -> dict:
     return {"episodes": n, "successes": k, "rate": k / n if n else None, "wilson95": wilson(k, n)}
 
 
+def mcnemar_exact(only_method: int, only_reference: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs under H0 are Binomial(b + c, 1/2)."""
+    from scipy.stats import binomtest
+
+    discordant = only_method + only_reference
+    return 1.0 if discordant == 0 else float(binomtest(only_method, discordant, 0.5).pvalue)
+
+
+def _hybrid_score(p1: float, wilson1: list[float], p2: float, wilson2: list[float], phi: float) -> list[float]:
+    """Newcombe's square-and-add of Wilson limits for p1 - p2, with correlation ``phi`` (0: independent)."""
+    (l1, u1), (l2, u2) = wilson1, wilson2
+    d = p1 - p2
+    lower = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return [max(-1.0, min(d, lower)), min(1.0, max(d, upper))]
+
+
+def newcombe_paired(both: int, only_method: int, only_reference: int, neither: int, z: float = 1.96) -> list[float]:
+    """95% interval for the paired difference of success rates (method - reference), Newcombe (1998,
+    Stat Med 17:2635) method 10: Wilson intervals of both marginal rates combined with the pairs'
+    correlation. Unlike the normal approximation it never collapses to [0, 0] when every pair agrees.
+    """
+    a, b, c, d = both, only_method, only_reference, neither
+    n = a + b + c + d
+    if n == 0:
+        return [-1.0, 1.0]
+    p1, p2 = (a + b) / n, (a + c) / n
+    denominator = (a + b) * (c + d) * (a + c) * (b + d)
+    numerator = a * d - b * c
+    if numerator > 0:  # Newcombe's continuity adjustment of phi
+        numerator = max(numerator - n / 2, 0.0)
+    phi = numerator / math.sqrt(denominator) if denominator else 0.0
+    return _hybrid_score(p1, wilson(a + b, n, z), p2, wilson(a + c, n, z), phi)
+
+
 def paired_difference(method: list[dict], reference: list[dict]) -> dict:
-    """Success difference to the reference on the same (task, seed) episodes, with a normal 95% interval."""
-    ref = {(e["task"], e["seed"]): e["success"] for e in reference}
-    diffs = np.array([float(e["success"]) - float(ref[(e["task"], e["seed"])])
-                      for e in method if (e["task"], e["seed"]) in ref])
-    if diffs.size == 0:
+    """Success difference to the reference on the same (task, seed) episodes: the 2x2 table of paired
+    outcomes, Newcombe's paired 95% interval (method 10) and the exact McNemar p-value."""
+    ref = {(e["task"], e["seed"]): bool(e["success"]) for e in reference}
+    pairs = [(bool(e["success"]), ref[(e["task"], e["seed"])]) for e in method if (e["task"], e["seed"]) in ref]
+    if not pairs:
         return {"pairs": 0}
-    half = 1.96 * diffs.std(ddof=1) / math.sqrt(diffs.size) if diffs.size > 1 else math.inf
+    both = sum(m and r for m, r in pairs)
+    only_method = sum(m and not r for m, r in pairs)
+    only_reference = sum(r and not m for m, r in pairs)
+    neither = len(pairs) - both - only_method - only_reference
     return {
-        "pairs": int(diffs.size),
-        "mean": float(diffs.mean()),
-        "ci95": [float(diffs.mean() - half), float(diffs.mean() + half)],
-        "only_method_succeeded": int((diffs > 0).sum()),
-        "only_reference_succeeded": int((diffs < 0).sum()),
+        "pairs": len(pairs),
+        "mean": (only_method - only_reference) / len(pairs),
+        "ci95": newcombe_paired(both, only_method, only_reference, neither),
+        "ci_method": "newcombe-10",
+        "mcnemar_p": mcnemar_exact(only_method, only_reference),
+        "both_succeeded": both,
+        "only_method_succeeded": only_method,
+        "only_reference_succeeded": only_reference,
+        "both_failed": neither,
     }
 
 
@@ -66,8 +108,9 @@ def markdown(report: dict) -> str:
         f"latency at batch 1, {report['latency_settings']['threads']} thread(s), "
         f"{report['latency_settings']['repeats']} interleaved repeats.",
         "",
-        "| method | settings | success % (95% CI) | Δ vs full (paired) | p50 ms | p99 ms | Hz | speedup | GFLOPs/call | skipped |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | settings | success % (95% CI) | Δ vs full (paired 95% CI) | McNemar p | p50 ms | p99 ms | Hz "
+        "| speedup | GFLOPs/call | skipped |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
         s = m.get("success") or {}
@@ -79,7 +122,8 @@ def markdown(report: dict) -> str:
             f"| {name} | {settings} | "
             + (f"{_pct(s.get('rate'))} ({_pct(ci[0])}–{_pct(ci[1])})" if s.get("episodes") else "—")
             + " | "
-            + (f"{100 * d['mean']:+.1f} ({100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f})" if d.get("pairs") else "—")
+            + (f"{100 * d['mean']:+.1f} ({100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}) | {d['mcnemar_p']:.2f}"
+               if d.get("pairs") else "— | —")
             + f" | {lat['p50_ms']:.1f} | {lat['p99_ms']:.1f} | {lat['hz']:.1f} | {m['speedup']:.2f}x"
             f" | {m['flops_per_call'] / 1e9:.3f} | {_pct(m['skipped_share'])}% |"
         )

@@ -47,11 +47,25 @@ def config(checkpoint, tmp_path, *extra):
         return compose(config_name="eval", overrides=overrides)
 
 
+def test_caching_on_a_few_step_sampler_beside_full(checkpoint, tmp_path):
+    """methods=front: bac on DDIM-4 runs in the same run as full DDPM, with its own calibration."""
+    cfg = config(checkpoint, tmp_path, "methods=front", "run_methods=[full,ddim-4,bac-M2-ddim4]", "episodes=2",
+                 "tasks=[reach]")
+    report = run(cfg)
+    assert sorted(report["calibration"]) == ["ddim4"]  # full and plain DDIM need none
+    entry = report["methods"]["bac-M2-ddim4"]
+    plan = bac.Plan.load(entry["plan_file"])
+    assert plan.num_steps == 4 and plan.params["M"] == 2 and "ddim4" in Path(entry["plan_file"]).name
+    ddim = report["methods"]["ddim-4"]
+    assert entry["flops_per_call"] < ddim["flops_per_call"] < report["methods"]["full"]["flops_per_call"]
+    assert entry["success"]["episodes"] == 2 and entry["paired_vs_full"]["pairs"] == 2
+
+
 def test_report_schema_and_files(checkpoint, tmp_path):
     result = run(config(checkpoint, tmp_path))
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
-    assert report["schema"] == "bac-eval-report/1"
+    assert report["schema"] == "bac-eval-report/2"
     assert set(report["methods"]) == {"full", "ddim", "uniform", "unified-acs", "acs", "bac"}
     for name, m in report["methods"].items():
         assert m["success"]["episodes"] == 6 and 0 <= m["success"]["rate"] <= 1
@@ -68,7 +82,9 @@ def test_report_schema_and_files(checkpoint, tmp_path):
     assert bac_entry["skipped_share"] == pytest.approx(plan.skipped_count() / (len(plan.blocks) * 6))
     ddim_steps = report["methods"]["ddim"]["config"]["steps"]
     assert ddim_steps == max(1, round(6 * bac_entry["flops_per_call"] / report["methods"]["full"]["flops_per_call"]))
-    assert report["calibration"]["samples"] == 4 and report["environment"]["seeds"] == [100000, 100002]
+    assert list(report["calibration"]) == ["ddpm6"] and report["calibration"]["ddpm6"]["samples"] == 4
+    assert report["environment"]["seeds"] == [100000, 100002]
+    assert bac_entry["paired_vs_full"]["ci_method"] == "newcombe-10" and 0 <= bac_entry["paired_vs_full"]["mcnemar_p"] <= 1
     assert {"torch", "diffusers", "metaworld"} <= set(report["packages"])
     for name in ("report.md", "success_vs_speedup.png", "latency.png", "bac_plan.png", "episodes.jsonl"):
         assert (out / name).stat().st_size > 0
@@ -146,7 +162,7 @@ def test_bad_overrides_exit_non_zero_with_a_clear_message(checkpoint, tmp_path, 
 def test_plan_for_another_model_is_refused(checkpoint, tmp_path):
     cfg = config(checkpoint, tmp_path, "run_methods=[bac]", "episodes=0")
     run(cfg)
-    plan_files = list(plan_cache(checkpoint).glob("tiny-*/bac-*.json"))
+    plan_files = list(plan_cache(checkpoint).glob("tiny-*/bac-*-ddpm6.json"))
     assert plan_files
     other = DiffusionPolicy(tiny_config(width=64))
     foreign = bac.make_plan(other.model, "uniform", num_steps=6, M=2)

@@ -1,0 +1,72 @@
+"""Paired statistics for 0/1 outcomes: exact McNemar and Newcombe's paired interval (method 10)."""
+import math
+import random
+
+import pytest
+
+from bac.evaluation.report import _hybrid_score, mcnemar_exact, newcombe_paired, paired_difference, wilson
+
+
+def brute_force_mcnemar(b: int, c: int) -> float:
+    """Two-sided exact binomial p: the probability of tables at most as likely as the observed one."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    probability = [math.comb(n, k) / 2**n for k in range(n + 1)]
+    return min(1.0, sum(p for p in probability if p <= probability[b] * (1 + 1e-7)))
+
+
+def test_square_and_add_reproduces_newcombes_published_example():
+    """Newcombe (1998, Stat Med 17:873), example (a): 56/70 vs 48/80, method 10: 0.0524 to 0.3339.
+    The paired method is the same square-and-add of Wilson limits, with the pairs' correlation."""
+    low, high = _hybrid_score(56 / 70, wilson(56, 70), 48 / 80, wilson(48, 80), phi=0.0)
+    assert low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
+
+
+def test_all_pairs_agreeing_gives_an_interval_around_zero_with_width():
+    for both, neither in [(300, 0), (290, 10), (0, 50), (25, 25)]:
+        low, high = newcombe_paired(both, 0, 0, neither)
+        assert low < 0 < high and high - low > 0.005
+    assert mcnemar_exact(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("b,c", [(0, 1), (1, 0), (3, 7), (12, 2), (5, 5), (0, 9), (20, 31)])
+def test_mcnemar_is_the_exact_binomial(b, c):
+    assert mcnemar_exact(b, c) == pytest.approx(brute_force_mcnemar(b, c), rel=1e-9)
+
+
+def test_swapping_method_and_reference_negates_the_interval():
+    for a, b, c, d in [(36, 12, 2, 0), (280, 4, 9, 7), (10, 0, 3, 1), (1, 0, 0, 0)]:
+        low, high = newcombe_paired(a, b, c, d)
+        swapped = newcombe_paired(a, c, b, d)
+        assert swapped == pytest.approx([-high, -low], abs=1e-12)
+
+
+def test_interval_contains_the_difference_and_stays_in_range():
+    rng = random.Random(0)
+    tables = [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 50, 0, 0), (0, 0, 50, 0)]
+    tables += [tuple(rng.randint(0, 40) for _ in range(4)) for _ in range(300)]
+    for a, b, c, d in tables:
+        if a + b + c + d == 0:
+            continue
+        low, high = newcombe_paired(a, b, c, d)
+        diff = (b - c) / (a + b + c + d)
+        assert -1.0 <= low <= diff <= high <= 1.0 and high > low
+
+
+def test_more_discordance_on_one_side_moves_the_interval():
+    assert newcombe_paired(280, 0, 12, 8)[1] < 0  # the reference alone succeeded 12 times: clearly worse
+    assert newcombe_paired(280, 2, 4, 14)[0] < 0 < newcombe_paired(280, 2, 4, 14)[1]
+
+
+def test_paired_difference_on_episodes():
+    def episodes(outcomes):
+        return [{"task": "push", "seed": i, "success": s} for i, s in enumerate(outcomes)]
+
+    method = episodes([1, 1, 0, 1, 0, 1])
+    reference = episodes([1, 0, 0, 1, 1, 1])
+    d = paired_difference(method, reference)
+    assert (d["both_succeeded"], d["only_method_succeeded"], d["only_reference_succeeded"], d["both_failed"]) == (3, 1, 1, 1)
+    assert d["pairs"] == 6 and d["mean"] == 0.0 and d["ci_method"] == "newcombe-10"
+    assert d["ci95"] == pytest.approx(newcombe_paired(3, 1, 1, 1)) and d["mcnemar_p"] == 1.0
+    assert paired_difference(method, episodes([]))["pairs"] == 0

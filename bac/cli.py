@@ -57,8 +57,8 @@ def check_settings(cfg: DictConfig, rules: Mapping[str, Rule], config_file: Path
     in ``config_file`` nor in ``rules`` were added with ``+key=...`` and are most likely typos.
     """
     primary = OmegaConf.load(config_file)
-    groups = {str(k) for entry in primary.get("defaults", []) if isinstance(entry, Mapping)
-              for k in entry if not str(k).startswith("override")}
+    groups = {str(k).removeprefix("override ") for entry in primary.get("defaults", []) if isinstance(entry, Mapping)
+              for k in entry}
     known = (set(primary.keys()) - {"defaults"}) | groups | {key.split(".")[0] for key in rules} | {"hydra"}
     for key in cfg.keys():
         if key not in known:

@@ -29,12 +29,13 @@ from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
 from bac.envs.metaworld_env import ALL_TASKS
 from bac.policies.policy import DiffusionPolicy
+from bac.policies.tuned import TunedConfig
 
 from . import report as reporting
 from .closed_loop import run_task
 from .latency import flops_per_call, measure_latency
 from .timing import summarize
-from .variants import applied, load_or_build, parse_variants, plan_path
+from .variants import Variant, applied, load_or_build, parse_variants, plan_path
 
 UNTRAINED = "untrained:"
 
@@ -54,7 +55,7 @@ SETTINGS = {
     "latency.repeats": (INT, 1, False), "latency.warmup": (INT, 0, False), "latency.threads": (INT, 1, False),
     "device": (STR, None, False), "plan_cache": (STR, None, False), "video": (BOOL, None, False),
     "video_settings.size": (INT, 16, False), "video_settings.fps": (INT, 1, False),
-    "out_dir": (STR, None, False), "progress": (BOOL, None, False),
+    "out_dir": (STR, None, False), "progress": (BOOL, None, False), "tuned": (STR, None, True),
 }
 
 
@@ -183,8 +184,22 @@ def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, 
     return calibration
 
 
+def tuned_variant(policy: DiffusionPolicy, path: Path) -> tuple[Variant, bac.Method | None]:
+    """The ``tuned=`` variant: a ``python -m bac.tune`` pick, with its own plan file (checked to fit)."""
+    tuned = TunedConfig.load(path)
+    variant = Variant("tuned", tuned.sampler, tuned.steps, tuned.method, dict(tuned.params))
+    plan = tuned.load_plan()
+    if plan is None:
+        return variant, None
+    policy.set_sampler(tuned.sampler, tuned.steps)
+    plan.check_fits(bac.describe(policy.model), num_steps=policy.num_inference_steps, scheduler=policy.sampler)
+    standin = bac.make_standin(tuned.params["standin"]) if "standin" in tuned.params else bac.REUSE
+    return variant, bac.Method(tuned.method, plan, standin, dict(tuned.params))
+
+
 def settings_digest(cfg: DictConfig) -> str:
-    keys = ("checkpoint", "tasks", "episodes", "seed", "sampler", "methods", "run_methods", "calibration", "M", "n")
+    keys = ("checkpoint", "tasks", "episodes", "seed", "sampler", "methods", "run_methods", "calibration", "M", "n",
+            "tuned")
     relevant = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in keys}
     relevant["calibration"] = {k: v for k, v in relevant["calibration"].items() if k != "recompute"}
     checkpoint = _resolve(str(cfg.checkpoint))
@@ -266,13 +281,18 @@ def run(cfg: DictConfig) -> dict:
                         calibrations[key] = load_or_calibrate(cfg, policy, plan_dir, demo_obs)
                     calibration = calibrations[key]
                 built[variant.name] = load_or_build(policy, variant, calibration, plan_dir, cfg.calibration.recompute)
+        if cfg.tuned is not None:  # a bac.tune pick, evaluated beside the configured methods
+            variant, method = tuned_variant(policy, Path(cfg.tuned))
+            variants.append(variant)
+            if method is not None:
+                built[variant.name] = method
         policy.set_sampler(base_sampler, base_steps)
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
 
     latency_batch = {key: value[:1] for key, value in demo_obs.items()}  # batch 1: one demonstration observation
     per_step, flops, skipped = flops_per_call(policy, variants, built, latency_batch)
-    auto = [v.name for v in variants if method_config[v.name].get("steps") == "auto"]
+    auto = [v.name for v in variants if method_config.get(v.name, {}).get("steps") == "auto"]
     if auto:  # as many steps as the bac method costs
         if "bac" not in built:
             raise EvalError(f"method(s) {auto} have steps=auto, which needs the 'bac' method in the same run")
@@ -333,7 +353,8 @@ def run(cfg: DictConfig) -> dict:
     for variant in variants:
         entry = {
             "config": variant.describe(),
-            "plan_file": str(plan_path(plan_dir, variant)) if variant.keeps_plan_file else None,
+            "plan_file": (str(TunedConfig.load(Path(cfg.tuned)).plan_path()) if variant.name == "tuned"
+                          else str(plan_path(plan_dir, variant)) if variant.keeps_plan_file else None),
             "latency": summarize(latencies[variant.name]),
             "speedup": full_p50 / float(np.median(latencies[variant.name])),
             "flops_per_call": int(flops[variant.name]),

@@ -404,6 +404,14 @@ class DiffusionPolicy(nn.Module):
         """``bac.accelerate`` on the denoiser with a plan, rule or named method, checked against this sampler."""
         return bac.accelerate(self.model, schedule, num_steps=self.num_inference_steps, scheduler=self.sampler)
 
+    def use_tuned(self, path: str | Path) -> bac.CacheHandle | None:
+        """Apply a ``python -m bac.tune`` result (``tuned.json``): its sampler and plan, in one line.
+
+        Returns the cache handle (``None`` when the tuned pick is a plain sampler)."""
+        from .tuned import TunedConfig
+
+        return TunedConfig.load(path).apply(self)
+
     # -- checkpoints -----------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` (with the architecture fingerprint) and ``config.json`` (with the

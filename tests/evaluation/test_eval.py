@@ -306,3 +306,100 @@ def test_wilson_interval_contains_the_rate_at_zero_and_full_success(n, all_succe
     assert 0.0 <= lo <= rate <= hi <= 1.0
     assert (rate - lo) >= 0 and (hi - rate) >= 0  # matplotlib error bars
     assert (hi == 1.0) if all_succeed else (lo == 0.0)
+
+
+# ------------------------------------------------------------------ the tuner (python -m bac.tune)
+def tune_config(checkpoint, tmp_path, *extra):
+    overrides = [
+        f"checkpoint={checkpoint}", "tasks=[reach]", "episodes=2", "num_envs=2", "max_episode_steps=16",
+        "sampler.steps=6", "n=2", "calibration.samples=4", "calibration.episodes=3", "latency.repeats=3",
+        "latency.warmup=1", "run_methods=[full,ddim-4,bac-M2-ddim4]", f"out_dir={tmp_path / 'tune'}",
+        "progress=false", f"plan_cache={plan_cache(checkpoint)}", *extra,
+    ]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="tune", overrides=overrides)
+
+
+def test_tuner_picks_the_fastest_candidate_within_tolerance_and_it_loads_in_one_line(checkpoint, tmp_path):
+    from bac.evaluation.tune import tune
+    from bac.policies.tuned import TunedConfig
+
+    result = tune(tune_config(checkpoint, tmp_path))
+    candidates = result["candidates"]
+    assert set(candidates) == {"full", "ddim-4", "bac-M2-ddim4"} and result["calibration_seeds"] == [0, 1]
+    reference = candidates["full"]["rate"]
+    within = [n for n, c in candidates.items() if 100 * (reference - c["rate"]) <= 2.0]
+    assert result["lossless"] and result["pick"] == min(within, key=lambda n: candidates[n]["p50_ms"])
+    for name, c in candidates.items():  # the front: nobody at least as good on both and better on one
+        dominated = any(o["successes"] >= c["successes"] and o["p50_ms"] <= c["p50_ms"]
+                        and (o["successes"] > c["successes"] or o["p50_ms"] < c["p50_ms"]) for o in candidates.values())
+        assert c["on_front"] == (not dominated)
+    out = tmp_path / "tune"
+    assert (out / "front.png").stat().st_size > 0 and json.loads((out / "tune.json").read_text())["pick"] == result["pick"]
+
+    tuned = TunedConfig.load(out / "tuned.json")
+    picked = candidates[result["pick"]]["config"]
+    assert (tuned.sampler, tuned.steps, tuned.method) == (picked["sampler"], picked["steps"], picked["cache"])
+    policy, by_hand = DiffusionPolicy.load(checkpoint), DiffusionPolicy.load(checkpoint)
+    handle = policy.use_tuned(out / "tuned.json")
+    assert (policy.sampler_kind, policy.num_inference_steps) == (tuned.sampler, tuned.steps)
+    by_hand.set_sampler(tuned.sampler, tuned.steps)
+    plan = tuned.load_plan()
+    hand_handle = by_hand.accelerate(plan) if plan is not None else None
+    obs = {"observation.state": torch.randn(1, 2, 39), "task": "reach"}
+    assert torch.equal(policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(1)),
+                       by_hand.predict_action_chunk(obs, generator=torch.Generator().manual_seed(1)))
+    assert (handle is None) == (hand_handle is None) == (tuned.method is None)
+
+    # The evaluator takes the pick as method "tuned", beside the others.
+    report = run(config(checkpoint, tmp_path / "eval", "run_methods=[full]", "episodes=1", "tasks=[reach]",
+                        f"tuned={out / 'tuned.json'}"))
+    assert set(report["methods"]) == {"full", "tuned"}
+    assert report["methods"]["tuned"]["config"]["steps"] == tuned.steps
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["seed=99990", "episodes=20"], "reach the evaluation seeds"),
+    (["budget_ms=0.001"], "no candidate fits the budget"),
+    (["budget_ms=10", "rate_hz=50"], "budget_ms or rate_hz, not both"),
+    (["tolerance_points=-1"], "tolerance_points must be >= 0"),
+    (["run_methods=[ddim-4]", "methods=steps", "~methods.full"], "need 'full'"),
+])
+def test_tuner_refuses_bad_settings(checkpoint, tmp_path, extra, message):
+    from bac.evaluation.tune import tune
+
+    with pytest.raises(bac.ConfigError, match=message):
+        tune(tune_config(checkpoint, tmp_path, *extra))
+
+
+def test_pick_rules():
+    from bac.evaluation.tune import pick
+
+    def c(successes, ms):
+        return {"successes": successes, "rate": successes / 100, "p50_ms": ms}
+
+    candidates = {"full": c(90, 100.0), "a": c(89, 10.0), "b": c(87, 5.0), "c": c(80, 1.0)}
+    assert pick(candidates, 2.0, None) == ("a", True)
+    assert pick(candidates, 3.0, None) == ("b", True)
+    assert pick(candidates, 3.0, 4.0) == ("c", False)  # nothing lossless fits: the most successful that does
+    with pytest.raises(bac.ConfigError, match="no candidate fits"):
+        pick(candidates, 2.0, 0.5)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"color": "red"}, r"unknown field\(s\) \['color'\]"),
+    ({"steps": "4"}, "field 'steps' has the wrong type"),
+    ({"steps": True}, "field 'steps' has the wrong type"),
+    ({"plan": "missing.json"}, "does not exist"),
+    ({"plan": None}, "'method' and 'plan' must both be set or both be null"),
+    ({"format": "bac-tuned/0"}, "field 'format' must be"),
+])
+def test_tuned_file_reader_is_strict(tmp_path, edit, message):
+    from bac.policies.tuned import TunedConfig
+
+    (tmp_path / "plan.json").write_text("{}")
+    path = TunedConfig("ddim", 4, "bac", {"M": 2}, "plan.json").save(tmp_path / "tuned.json")
+    data = json.loads(path.read_text()) | edit
+    path.write_text(json.dumps(data))
+    with pytest.raises(bac.ConfigError, match=message):
+        TunedConfig.load(path)

@@ -1,0 +1,93 @@
+"""A tuned configuration: the sampler settings and the caching plan ``python -m bac.tune`` picked.
+
+A JSON file (``tuned.json``) next to its plan file::
+
+    {"format": "bac-tuned/1", "sampler": "ddim", "steps": 5, "method": "bac", "params": {"M": 2, "n": 5},
+     "plan": "plan.json", "weights": "<weights digest of the calibrated model>", "tolerance_points": 2.0,
+     "budget_ms": null, "found": {...what the tuner measured...}}
+
+``method`` and ``plan`` are ``null`` when caching did not win (the pick is a plain sampler).
+One line applies it: ``policy.use_tuned("outputs/tune/.../tuned.json")`` (or
+:meth:`TunedConfig.apply`); the plan is checked against the policy's model, weights and
+sampler as any plan is. Every problem with the file is a :class:`bac.ConfigError` naming the file
+and the field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bac
+from bac.errors import ConfigError
+
+FORMAT = "bac-tuned/1"
+_FIELDS = {"format": str, "sampler": str, "steps": int, "method": (str, type(None)), "params": dict,
+           "plan": (str, type(None)), "weights": (str, type(None)), "tolerance_points": (int, float),
+           "budget_ms": (int, float, type(None)), "found": dict}
+
+
+@dataclass(frozen=True)
+class TunedConfig:
+    sampler: str
+    steps: int
+    method: str | None = None
+    params: dict = field(default_factory=dict)
+    plan: str | None = None  # the plan file, relative to the tuned file
+    weights: str | None = None  # digest of the weights the plan was calibrated on
+    tolerance_points: float = 2.0
+    budget_ms: float | None = None
+    found: dict = field(default_factory=dict)  # what the tuner measured (success, latency, candidates)
+    path: Path | None = field(default=None, compare=False)  # where it was read from
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = {"format": FORMAT, **{k: v for k, v in asdict(self).items() if k != "path"}}
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TunedConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"tuned configuration {path} does not exist (python -m bac.tune writes tuned.json)")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"tuned configuration {path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"tuned configuration {path} must be a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise ConfigError(f"{path}: field 'format' must be {FORMAT!r}, got {data.get('format')!r}")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown field(s) {unknown}; expected {sorted(_FIELDS)}")
+        for name in ("sampler", "steps"):
+            if name not in data:
+                raise ConfigError(f"{path}: field {name!r} is missing")
+        for name, kinds in _FIELDS.items():
+            value = data.get(name)
+            if name in data and (not isinstance(value, kinds) or isinstance(value, bool)):
+                raise ConfigError(f"{path}: field {name!r} has the wrong type ({type(value).__name__}: {value!r})")
+        if (data.get("method") is None) != (data.get("plan") is None):
+            raise ConfigError(f"{path}: fields 'method' and 'plan' must both be set or both be null")
+        if data.get("plan") is not None and not (path.parent / data["plan"]).is_file():
+            raise ConfigError(f"{path}: field 'plan' names {path.parent / data['plan']}, which does not exist")
+        data.pop("format")
+        return cls(**data, path=path)
+
+    def plan_path(self) -> Path | None:
+        if self.plan is None:
+            return None
+        return (self.path.parent if self.path is not None else Path(".")) / self.plan
+
+    def load_plan(self) -> bac.Plan | None:
+        path = self.plan_path()
+        return bac.Plan.load(path) if path is not None else None
+
+    def apply(self, policy: Any) -> bac.CacheHandle | None:
+        """Set ``policy``'s sampler and accelerate it with the plan; returns the handle (``None``: no caching)."""
+        policy.set_sampler(self.sampler, self.steps)
+        plan = self.load_plan()
+        return policy.accelerate(plan) if plan is not None else None

@@ -150,6 +150,21 @@ def _noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _sigma_steps(s: Any) -> int:
+    """The step count of a sigma-based scheduler (DPM-Solver, flow matching), checked to start at step 0."""
+    name = type(s).__name__
+    if getattr(s, "num_inference_steps", None) is None:
+        raise ConfigError(f"FusedSampler: {name}.num_inference_steps is None; call set_timesteps first")
+    k = len(s.timesteps)
+    if len(s.sigmas) != k + 1:
+        raise ConfigError(f"FusedSampler: {name} has {len(s.sigmas)} sigmas for {k} timesteps; expected {k + 1}")
+    first = _first_index(s)
+    if first != 0:
+        raise ConfigError(f"FusedSampler: {name} would start its trajectory at step index {first} (begin_index "
+                          f"or a repeated first timestep); the fused step starts at 0")
+    return k
+
+
 def _first_index(scheduler: Any) -> int:
     """The step index DPM-Solver and FlowMatchEuler give their first ``step``, as ``_init_step_index`` does."""
     if scheduler.begin_index is not None:
@@ -324,16 +339,7 @@ class FusedSampler:
     # -- DPM-Solver++ multistep (orders 1 and 2) -----------------------------------------------------
     def _build_dpm(self, s: DPMSolverMultistepScheduler) -> list:
         cfg = s.config
-        name = "DPMSolverMultistepScheduler"
-        if getattr(s, "num_inference_steps", None) is None:
-            raise ConfigError(f"FusedSampler: {name}.num_inference_steps is None; call set_timesteps first")
-        k = len(s.timesteps)
-        if len(s.sigmas) != k + 1:
-            raise ConfigError(f"FusedSampler: {name} has {len(s.sigmas)} sigmas for {k} timesteps; expected {k + 1}")
-        first = _first_index(s)
-        if first != 0:
-            raise ConfigError(f"FusedSampler: {name} would start its trajectory at step index {first} (begin_index "
-                              f"or a repeated first timestep); the fused step starts at 0")
+        k = _sigma_steps(s)
         conv = s._sigma_to_alpha_sigma_t
         prediction = cfg.prediction_type
         plan = []
@@ -373,7 +379,7 @@ class FusedSampler:
                 plan.append((fn, (j, prediction, alpha_j, sigma_j, sigma_t / sigma_s0,
                                   alpha_t * (torch.exp(-h) - 1.0), 1.0 / r0, d1_coeff)))
             else:  # unreachable: solver_order is checked to be 1 or 2
-                raise ConfigError(f"FusedSampler: {name} solver_order={cfg.solver_order!r} is not supported")
+                raise ConfigError(f"FusedSampler: DPMSolverMultistepScheduler solver_order={cfg.solver_order!r} is not supported")
         return plan
 
     @staticmethod
@@ -417,16 +423,7 @@ class FusedSampler:
 
     # -- FlowMatchEuler ------------------------------------------------------------------------------
     def _build_flow(self, s: FlowMatchEulerDiscreteScheduler) -> list:
-        name = "FlowMatchEulerDiscreteScheduler"
-        if getattr(s, "num_inference_steps", None) is None:
-            raise ConfigError(f"FusedSampler: {name}.num_inference_steps is None; call set_timesteps first")
-        k = len(s.timesteps)
-        if len(s.sigmas) != k + 1:
-            raise ConfigError(f"FusedSampler: {name} has {len(s.sigmas)} sigmas for {k} timesteps; expected {k + 1}")
-        first = _first_index(s)
-        if first != 0:
-            raise ConfigError(f"FusedSampler: {name} would start its trajectory at step index {first} (begin_index "
-                              f"or a repeated first timestep); the fused step starts at 0")
+        k = _sigma_steps(s)
         plan = []
         for j in range(k):
             sigma, sigma_next = s.sigmas[j], s.sigmas[j + 1]

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import bac
 from bac.flops import executed_flops
@@ -48,8 +50,9 @@ def measure_latency(
 
 
 def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: dict[str, bac.Method],
-                   batch: Batch) -> tuple[int, dict[str, int], dict[str, float]]:
-    """FLOPs of one full denoiser call (measured), and per method FLOPs and skipped share of one policy call.
+                   batch: Batch) -> tuple[int, dict[str, int], dict[str, float], Callable[[int], int]]:
+    """FLOPs of one full denoiser call (measured), per method FLOPs and skipped share of one policy call, and
+    the FLOPs of the per-call condition encoding for a step count (``prepare_flops(steps)``).
 
     Static plans are counted from the plan; runtime rules decide from the data, so they are
     counted from what one policy call on ``batch`` really computed.
@@ -57,9 +60,17 @@ def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: d
     probe = bac.make_plan(policy.model, "every-step", num_steps=1)
     cond = policy.condition(batch)
     sample = torch.zeros(cond.shape[0], policy.horizon, policy.action_dim, device=policy.device)
-    with bac.accelerate(policy.model, probe) as handle:
-        per_block = handle.measure_flops(sample, policy.sampler.timesteps[0], cond)
+    timestep = policy.sampler.timesteps[:1]
+    # The denoiser as the policy calls it: the condition encoded once per call (prepare), not per step.
+    with bac.accelerate(policy.model, probe) as handle, torch.no_grad():
+        per_block = handle.measure_flops(sample, timestep[0], cond, prepared=policy.model.prepare(cond, timestep)[0])
     total = per_block.pop("total")
+
+    def prepare_flops(steps: int) -> int:
+        with FlopCounterMode(display=False) as mode, torch.no_grad():
+            policy.model.prepare(cond, torch.zeros(steps, device=policy.device))
+        return mode.get_total_flops()
+
     flops, skipped = {}, {}
     for method in methods:
         schedule = schedules.get(method.name)
@@ -73,6 +84,6 @@ def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: d
                 policy.predict_action_chunk(batch, generator=torch.Generator(device=policy.device).manual_seed(0))
                 computed = {name: b["computed"] for name, b in handle.stats()["per_block"].items()}
         flops[method.name] = executed_flops(total, list(per_block.values()), [computed[name] for name in per_block],
-                                            method.steps)
+                                            method.steps) + prepare_flops(method.steps)
         skipped[method.name] = 1 - sum(computed.values()) / (method.steps * len(per_block))
-    return total, flops, skipped
+    return total, flops, skipped, prepare_flops

@@ -188,13 +188,12 @@ def tuned_variant(policy: DiffusionPolicy, path: Path) -> tuple[Variant, bac.Met
     """The ``tuned=`` variant: a ``python -m bac.tune`` pick, with its own plan file (checked to fit)."""
     tuned = TunedConfig.load(path)
     variant = Variant("tuned", tuned.sampler, tuned.steps, tuned.method, dict(tuned.params))
-    plan = tuned.load_plan()
-    if plan is None:
-        return variant, None
     policy.set_sampler(tuned.sampler, tuned.steps)
-    plan.check_fits(bac.describe(policy.model), num_steps=policy.num_inference_steps, scheduler=policy.sampler)
-    standin = bac.make_standin(tuned.params["standin"]) if "standin" in tuned.params else bac.REUSE
-    return variant, bac.Method(tuned.method, plan, standin, dict(tuned.params))
+    method = tuned.method_for(policy)  # the stand-in policy.use_tuned(path) applies
+    if method is not None:
+        method.schedule.check_fits(bac.describe(policy.model), num_steps=policy.num_inference_steps,
+                                   scheduler=policy.sampler)
+    return variant, method
 
 
 def settings_digest(cfg: DictConfig) -> str:
@@ -291,15 +290,15 @@ def run(cfg: DictConfig) -> dict:
         raise EvalError(str(err)) from err
 
     latency_batch = {key: value[:1] for key, value in demo_obs.items()}  # batch 1: one demonstration observation
-    per_step, flops, skipped = flops_per_call(policy, variants, built, latency_batch)
+    per_step, flops, skipped, prepare_flops = flops_per_call(policy, variants, built, latency_batch)
     auto = [v.name for v in variants if method_config.get(v.name, {}).get("steps") == "auto"]
     if auto:  # as many steps as the bac method costs
         if "bac" not in built:
             raise EvalError(f"method(s) {auto} have steps=auto, which needs the 'bac' method in the same run")
         matched = max(1, round(flops["bac"] / per_step))
         variants = [dataclasses.replace(v, steps=matched) if v.name in auto else v for v in variants]
-        flops |= {name: matched * per_step for name in auto}
-    full_flops = base_steps * per_step
+        flops |= {name: matched * per_step + prepare_flops(matched) for name in auto}
+    full_flops = base_steps * per_step + prepare_flops(base_steps)
 
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,13 +32,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+import bac
 from bac.cli import FLOAT, check_settings
 from bac.configs import CONFIG_DIR
 from bac.errors import ConfigError
 from bac.policies.tuned import TunedConfig
 
 from .run import SETTINGS as EVAL_SETTINGS
-from .run import _resolve, run, weights_digest
+from .run import _resolve, load_policy, run, settings_digest, weights_digest
 
 EVALUATION_SEED = 100000  # configs/eval.yaml's first evaluation seed; demonstrations use seeds from 0
 REFERENCE = "full"
@@ -55,9 +56,16 @@ def check_tune_settings(cfg: DictConfig) -> None:
                           "evaluation of its pick stays held out")
     if cfg.budget_ms is not None and cfg.rate_hz is not None:
         raise ConfigError("set budget_ms or rate_hz, not both")
-    if OmegaConf.select(cfg, f"methods.{REFERENCE}", default=None) is None:
+    if OmegaConf.select(cfg, f"methods.{REFERENCE}", default=None) is None or (
+            cfg.run_methods and REFERENCE not in cfg.run_methods):
         raise ConfigError(f"the candidate methods need {REFERENCE!r} (DDPM with all steps): the reference "
                           "the tolerance is measured from")
+    for name in cfg.run_methods or cfg.methods.keys():
+        cache = OmegaConf.select(cfg, f"methods.{name}.cache", default=None)
+        if cache is not None and cache in bac.available_methods() and not bac.method_info(cache).static:
+            raise ConfigError(f"candidate {name!r} caches with the runtime rule {cache!r}; a tuned file holds a "
+                              "static plan, so the tuner compares static plans and plain samplers only (leave it "
+                              "out with run_methods=[...])")
 
 
 def budget(cfg: DictConfig) -> float | None:
@@ -131,21 +139,25 @@ def tune(cfg: DictConfig) -> dict:
         "eval_report": str(out / "eval" / "report.json"),
     }
     (out / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
-    write_tuned(cfg, candidates[chosen], out, limit, result)
+    write_tuned(cfg, eval_cfg, candidates[chosen], out, limit, result)
     plot_front(candidates, chosen, out / "front.png")
     return result
 
 
-def write_tuned(cfg: DictConfig, candidate: dict, out: Path, limit: float | None, result: dict) -> Path:
+def write_tuned(cfg: DictConfig, eval_cfg: DictConfig, candidate: dict, out: Path, limit: float | None,
+                result: dict) -> Path:
     config = dict(candidate["config"])
     sampler, steps, method = config.pop("sampler"), config.pop("steps"), config.pop("cache")
     plan = None
     if method is not None:
-        if candidate["plan_file"] is None:
-            raise ConfigError(f"candidate {result['pick']!r} caches with {method!r}, which has no plan file; "
-                              "the tuner picks static plans only")
         plan = "plan.json"
-        shutil.copyfile(candidate["plan_file"], out / plan)
+        if candidate["plan_file"] is not None:  # a calibrated plan: the evaluator's cached plan file
+            shutil.copyfile(candidate["plan_file"], out / plan)
+        else:  # an uncalibrated static plan (uniform, taylorseer): the evaluator rebuilds it every run
+            policy = load_policy(eval_cfg)[0]
+            policy.set_sampler(sampler, int(steps))
+            bac.build_method(method, policy.model, num_steps=int(steps), scheduler=policy.sampler,
+                             **{k: v for k, v in config.items() if k != "standin"}).schedule.save(out / plan)
     checkpoint = _resolve(str(cfg.checkpoint))
     found = {"successes": candidate["successes"], "episodes": candidate["episodes"], "p50_ms": candidate["p50_ms"],
              "speedup_vs_reference": candidate["speedup"], "lossless": result["lossless"],
@@ -183,5 +195,8 @@ def plot_front(candidates: dict[str, dict], chosen: str, path: Path) -> None:
 
 
 def _digest(cfg: DictConfig) -> str:
-    text = json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+    """What the results depend on (the evaluator's settings digest, weights included, plus the tuner's
+    own): ``progress``, ``latency.*`` or ``device`` do not move the output, so the same run resumes there."""
+    tuner = {k: cfg.get(k) for k in TUNE_KEYS}
+    text = settings_digest(cfg) + json.dumps(tuner, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]

@@ -70,6 +70,16 @@ class TunedConfig:
             value = data.get(name)
             if name in data and (not isinstance(value, kinds) or isinstance(value, bool)):
                 raise ConfigError(f"{path}: field {name!r} has the wrong type ({type(value).__name__}: {value!r})")
+        if data["steps"] < 1:
+            raise ConfigError(f"{path}: field 'steps' must be >= 1, got {data['steps']}")
+        if data.get("method") is not None:
+            params = {k: v for k, v in data.get("params", {}).items() if k != "standin"}
+            try:
+                bac.method_params(data["method"], **params)
+                if "standin" in data.get("params", {}):
+                    bac.make_standin(data["params"]["standin"])
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{path}: fields 'method'/'params': {err}") from err
         if (data.get("method") is None) != (data.get("plan") is None):
             raise ConfigError(f"{path}: fields 'method' and 'plan' must both be set or both be null")
         if data.get("plan") is not None and not (path.parent / data["plan"]).is_file():
@@ -86,8 +96,34 @@ class TunedConfig:
         path = self.plan_path()
         return bac.Plan.load(path) if path is not None else None
 
-    def apply(self, policy: Any) -> bac.CacheHandle | None:
-        """Set ``policy``'s sampler and accelerate it with the plan; returns the handle (``None``: no caching)."""
-        policy.set_sampler(self.sampler, self.steps)
+    def method_for(self, policy: Any) -> bac.Method | None:
+        """The caching method to accelerate ``policy`` with (``None``: no caching), its stand-in included.
+
+        The stand-in is the one the tuner measured: ``params["standin"]`` when set, else the method's
+        own (``taylorseer`` forecasts; the calibrated plans reuse). Call after the sampler is set.
+        """
         plan = self.load_plan()
-        return policy.accelerate(plan) if plan is not None else None
+        if plan is None:
+            return None
+        params = {k: v for k, v in self.params.items() if k != "standin"}
+        try:
+            if "standin" in self.params:
+                standin = bac.make_standin(self.params["standin"])
+            elif bac.needs_calibration(self.method):  # their builders bring no stand-in of their own: reuse
+                standin = bac.REUSE
+            else:  # an uncalibrated static method (uniform, taylorseer): its builder names its stand-in
+                standin = bac.build_method(self.method, policy.model, num_steps=self.steps, scheduler=policy.sampler,
+                                           **params).standin
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{self.path}: fields 'method'/'params' ({self.method!r}, {self.params}): {err}") from err
+        return bac.Method(self.method, plan, standin, dict(self.params))
+
+    def apply(self, policy: Any) -> bac.CacheHandle | None:
+        """Set ``policy``'s sampler and accelerate it with the plan; returns the handle (``None``: no caching).
+
+        ``policy`` is a :class:`bac.policies.policy.DiffusionPolicy` (``set_sampler``, ``accelerate``); the
+        plan is checked against its model, weights and sampler (:class:`bac.PlanMismatchError`).
+        """
+        policy.set_sampler(self.sampler, self.steps)
+        method = self.method_for(policy)
+        return policy.accelerate(method) if method is not None else None

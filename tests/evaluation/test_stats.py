@@ -23,6 +23,21 @@ def test_square_and_add_reproduces_newcombes_published_example():
     assert low == pytest.approx(0.0524, abs=1e-4) and high == pytest.approx(0.3339, abs=1e-4)
 
 
+def test_paired_interval_and_mcnemar_reproduce_a_published_paired_example():
+    """Cavo et al. (2012), complete response before/after consolidation: [[59, 6], [16, 80]], n = 161.
+    Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), ch. 8; the expected
+    output in the test suite of their R package contingencytables (tests/testthat/test-ch8.R):
+    Newcombe square-and-add (method 10) -0.0621 (95% CI -0.1186 to -0.0046), McNemar exact
+    conditional P = 0.052479. Here a*d - b*c = 4624 > n/2, so Newcombe's phi adjustment is exercised."""
+    low, high = newcombe_paired(59, 6, 16, 80)
+    assert low == pytest.approx(-0.1186, abs=5e-5) and high == pytest.approx(-0.0046, abs=5e-5)
+    assert mcnemar_exact(6, 16) == pytest.approx(0.052479, abs=5e-7)
+    # Without the adjustment (phi from a*d - b*c itself) the limits differ in the fourth decimal.
+    p1, p2 = 65 / 161, 75 / 161
+    unadjusted = _hybrid_score(p1, wilson(65, 161), p2, wilson(75, 161), (59 * 80 - 6 * 16) / math.sqrt(65 * 96 * 75 * 86))
+    assert abs(unadjusted[0] - low) > 5e-4 or abs(unadjusted[1] - high) > 5e-4
+
+
 def test_all_pairs_agreeing_gives_an_interval_around_zero_with_width():
     for both, neither in [(300, 0), (290, 10), (0, 50), (25, 25)]:
         low, high = newcombe_paired(both, 0, 0, neither)
@@ -44,7 +59,8 @@ def test_swapping_method_and_reference_negates_the_interval():
 
 def test_interval_contains_the_difference_and_stays_in_range():
     rng = random.Random(0)
-    tables = [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 50, 0, 0), (0, 0, 50, 0)]
+    tables = [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 50, 0, 0), (0, 0, 50, 0),
+              (300, 0, 0, 0), (0, 0, 0, 300), (1, 1, 7, 12)]  # n = 1, all success, all failure, 0 < ad-bc <= n/2
     tables += [tuple(rng.randint(0, 40) for _ in range(4)) for _ in range(300)]
     for a, b, c, d in tables:
         if a + b + c + d == 0:

@@ -1,0 +1,114 @@
+"""The tuner's tuned file for every kind of static pick, and the settings it refuses before any work.
+
+The end-to-end tuner run (pick, front, ``use_tuned``, ``bac.eval tuned=``) is in test_eval.py; these
+cases need no episodes: they write the tuned file of a given candidate the way :func:`tune` does.
+"""
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import bac
+from bac.configs import CONFIG_DIR
+from bac.evaluation.run import tuned_variant
+from bac.evaluation.tune import TUNE_KEYS, check_tune_settings, write_tuned
+from bac.policies.config import PolicyConfig
+from bac.policies.policy import DiffusionPolicy
+from bac.policies.tuned import TunedConfig
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = PolicyConfig.build("dpt", {"width": 32, "num_layers": 2, "heads": 2}, state_dim=39, action_dim=4,
+                                tasks=["reach", "push"])
+    policy = DiffusionPolicy(config)
+    policy.obs_normalizer.fit(torch.randn(100, 39))
+    policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
+    return policy.save(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def tune_config(checkpoint, tmp_path, *extra):
+    overrides = [f"checkpoint={checkpoint}", "tasks=[reach]", "episodes=2", "num_envs=2", "sampler.steps=6",
+                 f"out_dir={tmp_path / 'tune'}", "progress=false", f"plan_cache={tmp_path / 'plans'}", *extra]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="tune", overrides=overrides)
+
+
+def tuned_file(checkpoint, tmp_path, config: dict) -> TunedConfig:
+    """The tuned file ``tune`` writes when ``config`` (a candidate of tune.json) is the pick."""
+    cfg = tune_config(checkpoint, tmp_path)
+    eval_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in TUNE_KEYS])
+    out = tmp_path / "tune"
+    out.mkdir()
+    candidate = {"config": config, "plan_file": None, "successes": 2, "episodes": 2, "p50_ms": 1.0, "speedup": 3.0}
+    result = {"lossless": True, "candidates": {"full": {"successes": 2}}, "calibration_seeds": [0, 1],
+              "tasks": ["reach"], "pick": "x"}
+    return TunedConfig.load(write_tuned(cfg, eval_cfg, candidate, out, None, result))
+
+
+def actions(policy):
+    obs = {"observation.state": torch.randn(2, 2, 39, generator=torch.Generator().manual_seed(3)), "task": "reach"}
+    return policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("config, standin", [
+    ({"sampler": "ddim", "steps": 4, "cache": "uniform", "M": 2}, "reuse"),
+    ({"sampler": "ddim", "steps": 5, "cache": "taylorseer", "interval": 2, "order": 1}, "taylor-1"),
+    ({"sampler": "ddim", "steps": 4, "cache": "uniform", "M": 2, "standin": "taylor-2"}, "taylor-2"),
+])
+def test_uncalibrated_pick_gets_its_plan_and_stand_in(checkpoint, tmp_path, config, standin):
+    """A uniform or taylorseer pick has no cached plan file: the tuner writes its plan, and the policy and the
+    evaluator apply it with the stand-in the tuner measured."""
+    tuned = tuned_file(checkpoint, tmp_path, dict(config))
+    assert tuned.plan == "plan.json" and (tmp_path / "tune" / "plan.json").is_file()
+    assert (tuned.sampler, tuned.steps, tuned.method) == (config["sampler"], config["steps"], config["cache"])
+
+    policy, by_hand = DiffusionPolicy.load(checkpoint), DiffusionPolicy.load(checkpoint)
+    handle = policy.use_tuned(tuned.path)
+    assert handle is not None and (policy.sampler_kind, policy.num_inference_steps) == (tuned.sampler, tuned.steps)
+    by_hand.set_sampler(tuned.sampler, tuned.steps)
+    params = {k: v for k, v in config.items() if k not in ("sampler", "steps", "cache")}
+    method = bac.build_method(config["cache"], by_hand.model, num_steps=tuned.steps, scheduler=by_hand.sampler,
+                              **params)
+    assert method.standin.describe() == tuned.method_for(policy).standin.describe() == {"standin": standin}
+    assert method.schedule.to_dict()["blocks"] == tuned.load_plan().to_dict()["blocks"]
+    with by_hand.accelerate(method):
+        assert torch.equal(actions(policy), actions(by_hand))
+    handle.remove()
+    _, evaluated = tuned_variant(DiffusionPolicy.load(checkpoint), tuned.path)  # python -m bac.eval tuned=...
+    assert evaluated.standin.describe() == {"standin": standin}
+
+
+def test_plain_sampler_pick_has_no_plan(checkpoint, tmp_path):
+    tuned = tuned_file(checkpoint, tmp_path, {"sampler": "ddim", "steps": 3, "cache": None})
+    assert (tuned.method, tuned.plan) == (None, None) and not (tmp_path / "tune" / "plan.json").exists()
+    policy = DiffusionPolicy.load(checkpoint)
+    assert policy.use_tuned(tuned.path) is None and policy.num_inference_steps == 3
+    assert tuned.found["calibration_seeds"] == [0, 1] and tuned.weights is not None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["run_methods=[ddim-4,bac-M2-ddim4]"], "need 'full'"),
+    (["methods=all", "run_methods=[full,fbcache]"], "runtime rule 'fbcache'"),
+    (["seed=100000", "episodes=1"], "reach the evaluation seeds"),
+])
+def test_tuner_refuses_before_any_work(checkpoint, tmp_path, extra, message):
+    with pytest.raises(bac.ConfigError, match=message):
+        check_tune_settings(tune_config(checkpoint, tmp_path, *extra))
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"steps": 0}, "field 'steps' must be >= 1"),
+    ({"params": {"M": 2, "Q": 1}}, r"fields 'method'/'params'.*not \['Q'\]"),
+    ({"params": {"M": 2, "standin": "taylor-9"}}, "unknown stand-in"),
+    ({"method": "nope"}, "unknown caching method 'nope'"),
+])
+def test_tuned_reader_checks_steps_and_method_params(tmp_path, edit, message):
+    (tmp_path / "plan.json").write_text("{}")
+    path = TunedConfig("ddim", 4, "bac", {"M": 2}, "plan.json").save(tmp_path / "tuned.json")
+    path.write_text(json.dumps(json.loads(path.read_text()) | edit))
+    with pytest.raises(bac.ConfigError, match=message):
+        TunedConfig.load(path)

@@ -60,10 +60,11 @@ CONFIGS = [
     ("uniform-M3-ddim10", "ddim", 10, "uniform", {"M": 3}),
     ("bac-M2-ddim5", "ddim", 5, "bac", {"M": 2, "n": 5}),
     ("uniform-M3-ddim5", "ddim", 5, "uniform", {"M": 3}),
+    ("uniform-M2-ddim4", "ddim", 4, "uniform", {"M": 2}),
 ]
 REFERENCE = [("reference/full", "ddpm", 100), ("reference/ddim-3", "ddim", 3), ("reference/ddim-4", "ddim", 4),
              ("reference/ddim-5", "ddim", 5), ("reference/ddim-10", "ddim", 10)]
-COMPILED = ["full", "bac-M10", "ddim-4", "ddim-5", "bac-M3-ddim10", "bac-M2-ddim5"]
+COMPILED = ["full", "bac-M10", "ddim-4", "ddim-5", "bac-M3-ddim10", "uniform-M2-ddim4"]
 COMPILED_WHOLE = ["full", "ddim-5"]
 
 

@@ -201,6 +201,8 @@ def settings_digest(cfg: DictConfig) -> str:
             "tuned")
     relevant = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in keys}
     relevant["calibration"] = {k: v for k, v in relevant["calibration"].items() if k != "recompute"}
+    if relevant["tuned"] is None:  # no tuned file: the digest of runs made before the setting existed
+        del relevant["tuned"]
     checkpoint = _resolve(str(cfg.checkpoint))
     if (checkpoint / "model.safetensors").is_file():  # a retrained checkpoint is another run
         relevant["weights"] = weights_digest(checkpoint)

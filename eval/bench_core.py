@@ -96,7 +96,7 @@ def _flops(fn) -> int:
 def _dynamo_counts() -> dict:
     from torch._dynamo.utils import counters
 
-    return {"frames_compiled": sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)),
+    return {"frames_compiled": counters["stats"].get("unique_graphs", 0),
             "graph_breaks": sum(counters["graph_break"].values()),
             "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
 

@@ -184,8 +184,8 @@ def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, 
     return calibration
 
 
-def tuned_variant(policy: DiffusionPolicy, path: Path) -> tuple[Variant, bac.Method | None]:
-    """The ``tuned=`` variant: a ``python -m bac.tune`` pick, with its own plan file (checked to fit)."""
+def tuned_variant(policy: DiffusionPolicy, path: Path) -> tuple[Variant, bac.Method | None, Path | None]:
+    """The ``tuned=`` variant: a ``python -m bac.tune`` pick, its method (plan checked to fit) and plan file."""
     tuned = TunedConfig.load(path)
     variant = Variant("tuned", tuned.sampler, tuned.steps, tuned.method, dict(tuned.params))
     policy.set_sampler(tuned.sampler, tuned.steps)
@@ -193,7 +193,7 @@ def tuned_variant(policy: DiffusionPolicy, path: Path) -> tuple[Variant, bac.Met
     if method is not None:
         method.schedule.check_fits(bac.describe(policy.model), num_steps=policy.num_inference_steps,
                                    scheduler=policy.sampler)
-    return variant, method
+    return variant, method, tuned.plan_path()
 
 
 def settings_digest(cfg: DictConfig) -> str:
@@ -282,8 +282,9 @@ def run(cfg: DictConfig) -> dict:
                         calibrations[key] = load_or_calibrate(cfg, policy, plan_dir, demo_obs)
                     calibration = calibrations[key]
                 built[variant.name] = load_or_build(policy, variant, calibration, plan_dir, cfg.calibration.recompute)
+        tuned_plan = None
         if cfg.tuned is not None:  # a bac.tune pick, evaluated beside the configured methods
-            variant, method = tuned_variant(policy, Path(cfg.tuned))
+            variant, method, tuned_plan = tuned_variant(policy, Path(cfg.tuned))
             variants.append(variant)
             if method is not None:
                 built[variant.name] = method
@@ -354,7 +355,7 @@ def run(cfg: DictConfig) -> dict:
     for variant in variants:
         entry = {
             "config": variant.describe(),
-            "plan_file": (str(TunedConfig.load(Path(cfg.tuned)).plan_path()) if variant.name == "tuned"
+            "plan_file": (str(tuned_plan) if variant.name == "tuned"
                           else str(plan_path(plan_dir, variant)) if variant.keeps_plan_file else None),
             "latency": summarize(latencies[variant.name]),
             "speedup": full_p50 / float(np.median(latencies[variant.name])),

@@ -78,7 +78,7 @@ def test_uncalibrated_pick_gets_its_plan_and_stand_in(checkpoint, tmp_path, conf
     with by_hand.accelerate(method):
         assert torch.equal(actions(policy), actions(by_hand))
     handle.remove()
-    _, evaluated = tuned_variant(DiffusionPolicy.load(checkpoint), tuned.path)  # python -m bac.eval tuned=...
+    _, evaluated, _ = tuned_variant(DiffusionPolicy.load(checkpoint), tuned.path)  # python -m bac.eval tuned=...
     assert evaluated.standin.describe() == {"standin": standin}
 
 

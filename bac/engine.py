@@ -86,7 +86,8 @@ class _Context:
         self.reset()
 
     def counts(self) -> tuple[list[int], list[int]]:
-        """Computed and skipped totals per block, the current trajectory included."""
+        """Computed and skipped totals per block, the current trajectory included (for a static schedule,
+        from its rows: a step interrupted inside the model counts as run whole)."""
         if not self.schedule.static or self.step < 0:
             return self.computed, self.skipped
         computed, skipped = self.schedule.ran(self.step + 1)

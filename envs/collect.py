@@ -31,6 +31,13 @@ File layout (robomimic's, so robomimic tools and ``envs.dataset`` read it)::
         states [T, nq + nv] (MuJoCo qpos, qvel before the action)
     mask/train, mask/valid   demo names (bytes), robomimic's filter keys
 
+With ``cameras=[corner3, ...]`` every step also stores an RGB frame per camera
+(``obs/<camera>_image [T, image_size, image_size, 3]`` uint8, robomimic's ``<camera>_image``
+naming, rendered with the fast settings of ``envs.metaworld_env``; not repeated under
+``next_obs``) and every demo gets ``attrs["instruction"]``: the task's training paraphrases
+(``envs.instructions``) in turn, for language-conditioned policies. Tasks without
+instructions collect images with no instruction attribute.
+
 A file whose ``bac_collect`` metadata matches the request is reused, not rewritten,
 unless ``overwrite=true``; a file with other metadata is an error without it. Files
 are written to a temporary name and renamed, so an interrupted run leaves no
@@ -50,7 +57,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+from bac.envs.instructions import INSTRUCTIONS, instruction, train_instructions
 from bac.envs.metaworld_env import (
+    CAMERAS,
     OBS_SLICES,
     MetaWorldStateEnv,
     env_id,
@@ -75,31 +84,37 @@ def default_data_dir() -> Path:
 
 def dataset_path(
     task: str, episodes: int, seed_offset: int = 0, out_dir: str | os.PathLike | None = None,
-    action_noise: float = 0.0,
+    action_noise: float = 0.0, cameras: tuple[str, ...] = (), image_size: int = 84,
 ) -> Path:
     """Where :func:`collect` writes (and looks for) a dataset."""
     env_id(task)  # validates the name
     task = task.removesuffix("-v3")
     out = Path(out_dir) if out_dir is not None else default_data_dir()
     noise = f"_noise{action_noise:g}" if action_noise else ""
-    return out / f"metaworld_{task}_{episodes}demos_seed{seed_offset}{noise}.hdf5"
+    images = f"_{'+'.join(cameras)}_{image_size}px" if cameras else ""
+    return out / f"metaworld_{task}_{episodes}demos_seed{seed_offset}{noise}{images}.hdf5"
 
 
 def rollout_expert(
-    env: MetaWorldStateEnv, seed: int, post_success_steps: int = 10, action_noise: float = 0.0
+    env: MetaWorldStateEnv, seed: int, post_success_steps: int = 10, action_noise: float = 0.0,
+    cameras: tuple[str, ...] = (),
 ) -> dict[str, Any] | None:
     """One seeded expert episode; the transition arrays, or None if it never succeeded.
 
     With ``action_noise`` the executed hand motion is the expert's plus Gaussian noise
     (seeded by ``seed``); the stored action is the expert's (see the module docstring).
+    ``cameras``: also a frame per camera of every observation (``images[camera]``).
     """
     obs, _ = env.reset(seed=seed)
     rng = np.random.default_rng([seed, 0xDA27])
     observations, next_observations, actions, rewards, states = [], [], [], [], []
+    frames: dict[str, list[np.ndarray]] = {camera: [] for camera in cameras}
     first_success = None
     while True:
         action = expert_action(env.task, obs)
         states.append(env.sim_state())
+        for camera in cameras:
+            frames[camera].append(env.render_camera(camera))
         executed = action.copy()
         if action_noise:
             executed[:3] += rng.normal(0.0, action_noise, 3).astype(np.float32)
@@ -126,6 +141,7 @@ def rollout_expert(
         "rewards": np.asarray(rewards, dtype=np.float64),
         "dones": dones,
         "states": np.asarray(states, dtype=np.float64),
+        "images": {camera: np.stack(f) for camera, f in frames.items()},
         "first_success_step": first_success,
     }
 
@@ -158,6 +174,8 @@ def collect(
     max_episode_steps: int | None = None,
     valid_fraction: float = 0.1,
     progress: bool = True,
+    cameras: tuple[str, ...] | list[str] = (),
+    image_size: int = 84,
 ) -> Path:
     """Write (or reuse) ``episodes`` successful expert demonstrations; returns the path.
 
@@ -171,11 +189,18 @@ def collect(
         max_episode_steps: episode cap for the expert (default: the env's per-task cap).
         valid_fraction: share of demos in ``mask/valid`` (seeded split, at least one
             demo if there are two or more); the rest are in ``mask/train``.
+        cameras: cameras (``envs.metaworld_env.CAMERAS``) whose frames are stored per step,
+            ``image_size`` pixels square; with them every demo also gets an instruction.
     """
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
-    env = MetaWorldStateEnv(task, max_episode_steps=max_episode_steps)
-    path = dataset_path(env.task, episodes, seed_offset, out_dir, action_noise)
+    cameras = tuple(cameras)
+    unknown = sorted(set(cameras) - set(CAMERAS))
+    if unknown or len(set(cameras)) != len(cameras):
+        raise ValueError(f"cameras must be distinct names from {list(CAMERAS)}, got {list(cameras)}")
+    env = MetaWorldStateEnv(task, max_episode_steps=max_episode_steps, width=image_size, height=image_size)
+    path = dataset_path(env.task, episodes, seed_offset, out_dir, action_noise, cameras, image_size)
+    labelled = bool(cameras) and env.task in INSTRUCTIONS
     meta = {
         "format_version": FORMAT_VERSION,
         "task": env.task,
@@ -188,6 +213,9 @@ def collect(
         "expert": type(expert_policy(env.task)).__name__,
         "metaworld": importlib_metadata.version("metaworld"),
     }
+    if cameras:  # image datasets only, so the metadata of existing state datasets is unchanged
+        meta.update(cameras=list(cameras), image_size=int(image_size),
+                    instructions=list(train_instructions(env.task)) if labelled else [])
     if path.exists() and not overwrite:
         existing = _read_meta(path)
         if existing == meta:
@@ -213,7 +241,7 @@ def collect(
             )
         seed = seed_offset + attempts
         attempts += 1
-        episode = rollout_expert(env, seed, post_success_steps, action_noise)
+        episode = rollout_expert(env, seed, post_success_steps, action_noise, cameras)
         if episode is not None:
             demos.append((seed, episode))
             bar.update(1)
@@ -237,8 +265,12 @@ def collect(
                 for prefix in ("obs", "next_obs"):
                     for key, arr in _obs_groups(ep[prefix]).items():
                         g.create_dataset(f"{prefix}/{key}", data=arr)
+                for camera, frames in ep["images"].items():
+                    g.create_dataset(f"obs/{camera}_image", data=frames, chunks=(1, *frames.shape[1:]))
                 for key in ("actions", "rewards", "dones", "states"):
                     g.create_dataset(key, data=ep[key])
+                if labelled:
+                    g.attrs["instruction"] = instruction(env.task, i)
                 n = len(ep["actions"])
                 g.attrs["num_samples"] = n
                 g.attrs["seed"] = seed
@@ -278,7 +310,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from bac.cli import BOOL, FLOAT, INT, STR, check_settings, report_errors
+    from bac.cli import BOOL, FLOAT, INT, SEQ, STR, check_settings, report_errors
     from bac.configs import CONFIG_DIR
 
     settings = {
@@ -286,6 +318,7 @@ def main() -> None:
         "out_dir": (STR, None, True), "overwrite": (BOOL, None, False), "post_success_steps": (INT, 0, False),
         "action_noise": (FLOAT, 0, False), "max_episode_steps": (INT, 1, True),
         "valid_fraction": (FLOAT, 0, False), "progress": (BOOL, None, False),
+        "cameras": (SEQ, None, False), "image_size": (INT, 8, False),
     }
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="collect", version_base="1.3")
@@ -303,6 +336,8 @@ def main() -> None:
             max_episode_steps=cfg.max_episode_steps,
             valid_fraction=cfg.valid_fraction,
             progress=cfg.progress,
+            cameras=tuple(cfg.cameras),
+            image_size=cfg.image_size,
         )
         print(path)
 

@@ -296,3 +296,56 @@ def calibration_observations(
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(ds), size=n, replace=n > len(ds))
     return ds.window(idx)[0]
+
+
+def _frames(g: h5py.Group, key: str, where: str, rows: int, image_size: int | None) -> np.ndarray:
+    """A demo's ``obs/<camera>_image`` as uint8 ``[T, S, S, 3]``, checked."""
+    if key not in g["obs"] or not isinstance(g["obs"][key], h5py.Dataset):
+        raise DataKeyError(f"{where} has no obs key {key!r} (has {sorted(g['obs'].keys())})")
+    frames = g["obs"][key]
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise DataError(f"{where}: obs/{key} must be uint8 [T, H, W, 3] frames, got {frames.dtype} {list(frames.shape)}")
+    if len(frames) != rows:
+        raise DataError(f"{where}: actions has {rows} rows, obs/{key} {len(frames)}")
+    if image_size is not None and frames.shape[1:3] != (image_size, image_size):
+        raise DataError(f"{where}: obs/{key} frames are {frames.shape[2]} x {frames.shape[1]}, the policy reads "
+                        f"{image_size} x {image_size}")
+    return frames[()]
+
+
+class ImageLanguageWindows:
+    """Training windows of a language-labelled image dataset (``envs.collect`` with ``cameras``).
+
+    ``windows`` is the :class:`WindowDataset` over the ``state_keys`` (e.g. ``("hand_pos", "gripper")``)
+    and the actions; ``frames[camera]`` holds every frame of the selected demos, uint8
+    ``[N, S, S, 3]`` in the same flat order, so window ``i``'s current image is ``frames[camera][i]``;
+    ``instructions[i]`` is the instruction of window ``i``'s demo (its ``attrs["instruction"]``). Every
+    demo must have the frames (uint8, one per action, ``image_size`` square when given) and an
+    instruction; each failure is a :class:`bac.DataError` naming the file and the demo.
+    """
+
+    def __init__(self, path: str | os.PathLike, state_keys: Sequence[str], cameras: Sequence[str], horizon: int,
+                 n_obs_steps: int = 1, filter_key: str | None = None, state_dim: int | None = None,
+                 action_dim: int | None = None, image_size: int | None = None) -> None:
+        self.windows = WindowDataset(path, state_keys, horizon, n_obs_steps, filter_key, state_dim, action_dim)
+        self.cameras = tuple(cameras)
+        frames: dict[str, list[np.ndarray]] = {camera: [] for camera in self.cameras}
+        instructions: list[str] = []
+        with _open(path) as f:
+            for name, start, end in zip(self.windows.demos, self.windows._starts, self.windows.episode_ends):
+                where = f"{os.fspath(path)}: data/{name}"
+                g = f[f"data/{name}"]
+                for camera in self.cameras:
+                    frames[camera].append(_frames(g, f"{camera}_image", where, int(end - start), image_size))
+                text = g.attrs.get("instruction")
+                if isinstance(text, bytes):
+                    text = text.decode("utf-8")
+                if not isinstance(text, str) or not text.strip():
+                    raise DataError(f"{where} has no instruction attribute (collect with cameras=[...] on a task "
+                                    "of envs.instructions)")
+                instructions += [text] * int(end - start)
+        self.frames = {camera: np.concatenate(parts) for camera, parts in frames.items()}
+        self.instructions = instructions
+
+    def __len__(self) -> int:
+        return len(self.windows)

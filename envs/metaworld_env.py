@@ -248,7 +248,7 @@ class MetaWorldStateEnv(gym.Env):
         self.render_mode = render_mode
         self.camera_name = str(camera_name)
         self.width, self.height = int(width), int(height)
-        self._renderer: _FastRenderer | None = None
+        self._renderers: dict[str, _FastRenderer] = {}
         self.task = _check_task(task)
         self.max_episode_steps = int(
             max_episode_steps
@@ -326,14 +326,22 @@ class MetaWorldStateEnv(gym.Env):
                 "render() called without a render_mode; make the env with render_mode='rgb_array'"
             )
             return None
-        if self._renderer is None:
-            self._renderer = _FastRenderer(self._env.model, self.camera_name, self.width, self.height)
-        return self._renderer.render(self._env.data)
+        return self.render_camera(self.camera_name)
+
+    def render_camera(self, camera: str) -> np.ndarray:
+        """A frame of any camera of :data:`CAMERAS` (``[height, width, 3]`` uint8), whatever ``render_mode`` is.
+
+        One renderer per camera, made on its first frame; what image-based policies read
+        (``observation.images.<camera>``), several cameras per step if they like."""
+        renderer = self._renderers.get(camera)
+        if renderer is None:
+            renderer = self._renderers[camera] = _FastRenderer(self._env.model, camera, self.width, self.height)
+        return renderer.render(self._env.data)
 
     def close(self) -> None:
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        for renderer in self._renderers.values():
+            renderer.close()
+        self._renderers.clear()
         self._env.close()
 
 

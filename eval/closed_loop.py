@@ -49,13 +49,15 @@ def run_task(
     num_envs: int,
     max_episode_steps: int | None = None,
     progress: bool = True,
+    instructions=None,
 ) -> list[dict]:
     """Run the episodes of ``seeds`` not yet in ``log_path``; return every result for (task, method).
 
     The policy runs through ``bac.runtime`` (chunked execution, ``task`` passed as
     its ``task`` feature); each wave of episodes gets a generator on the policy's
     device seeded from its first seed, so every method sees the same initial noise
-    on the same episodes (paired comparisons).
+    on the same episodes (paired comparisons). ``instructions(seed)``: each episode's
+    instruction, for a policy that reads instructions (see ``bac.runtime.run_episodes``).
     """
     seeds = list(seeds)
     done = {e["seed"]: e for e in read_episodes(log_path) if e["task"] == task and e["method"] == method}
@@ -70,7 +72,7 @@ def run_task(
         for wave in todo:
             generator = torch.Generator(device=policy.device).manual_seed(wave[0])
             for result in run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
-                                       generator=generator):
+                                       generator=generator, instructions=instructions):
                 if result["seed"] in done:
                     continue
                 record = {"task": task, "method": method, **result}

@@ -15,6 +15,9 @@ from .timing import synchronize
 from .variants import Variant, applied
 
 
+PREFIX = "vision-language prefix"
+
+
 def measure_latency(
     policy: DiffusionPolicy,
     methods: list[Variant],
@@ -25,11 +28,17 @@ def measure_latency(
     warmup: int,
     threads: int,
 ) -> dict[str, list[float]]:
-    """Seconds per ``predict_action_chunk(batch)`` call (a batch of 1); methods take turns, the first one rotating."""
+    """Seconds per ``predict_action_chunk(batch)`` call (a batch of 1); methods take turns, the first one rotating.
+
+    For a policy that reads images, also :data:`PREFIX`: the seconds of ``policy.condition(batch)`` alone
+    (the observation prefix a VLA head encodes once per call), timed in the same rotation.
+    """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     generator = torch.Generator(device=policy.device).manual_seed(0)
     times: dict[str, list[float]] = {m.name: [] for m in methods}
+    if policy.cameras:
+        times[PREFIX] = []
     try:
         for method in methods:
             with applied(policy, method, schedules.get(method.name)):
@@ -44,6 +53,13 @@ def measure_latency(
                     policy.predict_action_chunk(batch, generator=generator)
                     synchronize(policy.device)
                     times[method.name].append(time.perf_counter() - start)
+            if policy.cameras:
+                with torch.no_grad():
+                    synchronize(policy.device)
+                    start = time.perf_counter()
+                    policy.condition(batch)
+                    synchronize(policy.device)
+                    times[PREFIX].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous_threads)
     return times
@@ -52,14 +68,17 @@ def measure_latency(
 def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: dict[str, bac.Method],
                    batch: Batch) -> tuple[int, dict[str, int], dict[str, float], Callable[[int], int]]:
     """FLOPs of one full denoiser call (measured), per method FLOPs and skipped share of one policy call, and
-    the FLOPs of the per-call condition encoding for a step count (``prepare_flops(steps)``).
+    the FLOPs of the per-call work for a step count (``prepare_flops(steps)``: the condition, a VLA head's
+    vision-language prefix included, and ``model.prepare``).
 
     Static plans are counted from the plan; runtime rules decide from the data, so they are
     counted from what one policy call on ``batch`` really computed.
     """
     probe = bac.make_plan(policy.model, "every-step", num_steps=1)
-    cond = policy.condition(batch)
-    sample = torch.zeros(cond.shape[0], policy.horizon, policy.action_dim, device=policy.device)
+    with torch.no_grad():
+        cond = policy.condition(batch)
+    size = len(batch["observation.state"])
+    sample = torch.zeros(size, policy.horizon, policy.action_dim, device=policy.device)
     timestep = policy.sampler.timesteps[:1]
     # The denoiser as the policy calls it: the condition encoded once per call (prepare), not per step.
     with bac.accelerate(policy.model, probe) as handle, torch.no_grad():
@@ -68,7 +87,7 @@ def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: d
 
     def prepare_flops(steps: int) -> int:
         with FlopCounterMode(display=False) as mode, torch.no_grad():
-            policy.model.prepare(cond, torch.zeros(steps, device=policy.device))
+            policy.model.prepare(policy.condition(batch), torch.zeros(steps, device=policy.device))
         return mode.get_total_flops()
 
     flops, skipped = {}, {}

@@ -27,13 +27,14 @@ from bac.configs import CONFIG_DIR
 from bac.errors import ConfigError
 from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
+from bac.envs.instructions import instruction, swapped_task
 from bac.envs.metaworld_env import ALL_TASKS
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
 
 from . import report as reporting
 from .closed_loop import run_task
-from .latency import flops_per_call, measure_latency
+from .latency import PREFIX, flops_per_call, measure_latency
 from .timing import summarize
 from .variants import Variant, applied, load_or_build, parse_variants, plan_path
 
@@ -48,7 +49,8 @@ class EvalError(ConfigError):
 SETTINGS = {
     "checkpoint": (STR, None, False), "untrained_tasks": (SEQ, None, False), "tasks": (SEQ, None, False),
     "episodes": (INT, 0, False), "seed": (INT, 0, False), "max_episode_steps": (INT, 1, True),
-    "num_envs": (INT, 1, False), "sampler.kind": (STR, None, False), "sampler.steps": (INT, 1, False),
+    "num_envs": (INT, 1, False), "sampler.kind": (STR, None, True), "sampler.steps": (INT, 1, True),
+    "instructions": (STR, None, False),
     "M": (INT, 1, False), "n": (INT, 0, False), "run_methods": (SEQ, None, False),
     "calibration.samples": (INT, 1, False), "calibration.seed": (INT, 0, False),
     "calibration.episodes": (INT, 1, False), "calibration.recompute": (BOOL, None, False),
@@ -152,19 +154,68 @@ def resolve_tasks(cfg: DictConfig, policy: DiffusionPolicy) -> list[str]:
     return tasks
 
 
+INSTRUCTION_SETS = ("held_out", "train", "swapped")
+
+
+def episode_instructions(cfg: DictConfig, policy: DiffusionPolicy, task: str):
+    """The instruction of each episode (``seed -> text``) for a policy that reads instructions, else None.
+
+    ``instructions``: ``held_out`` (the paraphrases no demonstration uses, in turn by seed), ``train``
+    (the demonstrations' own), or ``swapped`` (the held-out paraphrases of the *other* task of the
+    shared-scene pair: does the policy follow the words or the scene?).
+    """
+    if not policy.reads_instructions:
+        return None
+    if cfg.instructions not in INSTRUCTION_SETS:
+        raise EvalError(f"instructions must be one of {INSTRUCTION_SETS}, got {cfg.instructions!r}")
+    try:
+        source = swapped_task(task) if cfg.instructions == "swapped" else task
+        instruction(source, 0)
+    except KeyError as err:
+        raise EvalError(str(err.args[0])) from err
+    held_out = cfg.instructions != "train"
+    return lambda seed: instruction(source, seed, held_out=held_out)
+
+
 def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
     """Calibration observations from the demonstrations (never from evaluation episodes), spread over tasks.
 
-    One policy batch: ``observation.state`` ``[N, n_obs_steps, D]`` and a ``task`` name per sample.
+    One policy batch: ``observation.state`` ``[N, n_obs_steps, D]`` and a ``task`` name per sample; for a
+    policy that reads images and instructions, the demonstrations' frames and instructions too.
     """
     tasks = policy.tasks or [cfg.tasks[0]]
     per_task = -(-int(cfg.calibration.samples) // len(tasks))
+    if policy.cameras:
+        return image_calibration_batch(cfg, policy, tasks, per_task)
     obs, names = [], []
     for task in tasks:
         path = collect(task, cfg.calibration.episodes, progress=False)
         obs.append(calibration_observations(path, per_task, seed=cfg.calibration.seed, n_obs_steps=policy.n_obs_steps))
         names += [task] * per_task
     return {"observation.state": torch.as_tensor(np.concatenate(obs), dtype=torch.float32), "task": names}
+
+
+def image_calibration_batch(cfg: DictConfig, policy: DiffusionPolicy, tasks: list[str], per_task: int) -> dict:
+    """``calibration_batch`` of a vision-language policy: state, frames and instructions of demonstration frames."""
+    from bac.envs.dataset import ImageLanguageWindows
+    from bac.policies.vla import frames_to_images
+
+    size = policy.config.model.image_size
+    keys = policy.input_features["observation.state"].keys or ("state",)
+    state, images, texts = [], {c: [] for c in policy.cameras}, []
+    for task in tasks:
+        path = collect(task, cfg.calibration.episodes, progress=False, cameras=policy.cameras, image_size=size)
+        data = ImageLanguageWindows(path, keys, policy.cameras, horizon=1, n_obs_steps=policy.n_obs_steps,
+                                    image_size=size, state_dim=policy.obs_dim)
+        index = np.random.default_rng(cfg.calibration.seed).choice(len(data), size=per_task, replace=per_task > len(data))
+        state.append(data.windows.window(index)[0])
+        for camera in policy.cameras:
+            images[camera].append(data.frames[camera][index])
+        texts += [data.instructions[i] for i in index]
+    batch = {"observation.state": torch.as_tensor(np.concatenate(state), dtype=torch.float32), "task": texts}
+    for camera, frames in images.items():
+        batch[f"observation.images.{camera}"] = frames_to_images(np.concatenate(frames)).to(policy.device)
+    return batch
 
 
 def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, batch: dict) -> bac.Calibration:
@@ -259,7 +310,10 @@ def run(cfg: DictConfig) -> dict:
     policy, plan_dir, trained = load_policy(cfg)
     tasks = resolve_tasks(cfg, policy)
     try:
-        policy.set_sampler(cfg.sampler.kind, cfg.sampler.steps)
+        if cfg.sampler.kind is not None:  # null: the policy's own default sampler
+            policy.set_sampler(cfg.sampler.kind, cfg.sampler.steps)
+        elif cfg.sampler.steps is not None:
+            policy.set_sampler(policy.sampler_kind, cfg.sampler.steps)
     except ValueError as err:
         raise EvalError(str(err)) from err
     base_sampler, base_steps = policy.sampler_kind, policy.num_inference_steps
@@ -322,11 +376,13 @@ def run(cfg: DictConfig) -> dict:
                     episodes[variant.name] += run_task(
                         policy, task, variant.name, seeds, log_path, num_envs=int(cfg.num_envs),
                         max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
+                        instructions=episode_instructions(cfg, policy, task),
                     )
     videos = save_videos(cfg, policy, variants, built, tasks, out) if trained and cfg.video else []
 
     latencies = measure_latency(policy, variants, built, latency_batch, repeats=int(cfg.latency.repeats),
                                 warmup=int(cfg.latency.warmup), threads=int(cfg.latency.threads))
+    prefix_times = latencies.pop(PREFIX, None)
     reference = "full" if "full" in latencies else variants[0].name
     full_p50 = float(np.median(latencies[reference]))
     result = {
@@ -337,7 +393,9 @@ def run(cfg: DictConfig) -> dict:
         "policy": {"checkpoint": str(cfg.checkpoint), "architecture": policy.architecture, "trained": trained,
                    "tasks": policy.tasks, "model": policy.model_kwargs,
                    "training_step": policy.provenance.get("step")},
-        "environment": {"benchmark": "Meta-World v3, goal-observable, state observations", "tasks": tasks,
+        "environment": {"benchmark": "Meta-World v3, goal-observable, " + (
+                            f"images ({', '.join(policy.cameras)}) and instructions ({cfg.instructions})"
+                            if policy.cameras else "state observations"), "tasks": tasks,
                         "episodes_per_task": int(cfg.episodes) if trained else 0,
                         "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.episodes) - 1] if cfg.episodes > 0 else [],
                         "noise_seed": "per wave of num_envs episodes: its first episode seed"},
@@ -347,6 +405,10 @@ def run(cfg: DictConfig) -> dict:
         "latency_settings": {"batch": 1, "threads": int(cfg.latency.threads), "repeats": int(cfg.latency.repeats),
                              "warmup": int(cfg.latency.warmup), "device": str(policy.device), "interleaved": True},
         "reference_method": reference,
+        # A VLA head's vision-language prefix runs once per call and caching never touches it: its share of a
+        # call bounds the end-to-end speedup (the speedups below are end to end).
+        "prefix": None if prefix_times is None else {
+            "latency": summarize(prefix_times), "share_of_reference": float(np.median(prefix_times)) / full_p50},
         "videos": videos,
         "methods": {},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0]},
@@ -363,6 +425,8 @@ def run(cfg: DictConfig) -> dict:
             "ideal_speedup": full_flops / flops[variant.name],
             "skipped_share": skipped[variant.name],
         }
+        if prefix_times is not None:
+            entry["prefix_share"] = float(np.median(prefix_times)) / float(np.median(latencies[variant.name]))
         if episodes[variant.name]:
             entry["success"] = reporting.success_summary(episodes[variant.name])
             entry["per_task"] = {t: reporting.success_summary([e for e in episodes[variant.name] if e["task"] == t])

@@ -53,7 +53,7 @@ TASK = "task"
 ACTION = "action"
 FEATURE_TYPES = ("state", "image", "language", "action")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-PREDICTION_TYPES = ("epsilon",)  # the training loss regresses the noise
+PREDICTION_TYPES = ("epsilon", "sample")  # the training loss regresses the noise, or the clean actions (RDT)
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -85,6 +85,8 @@ def _typed_fields(cls, data: Mapping[str, Any], where: str, complete: bool = Fal
                     "what the weights were trained with)" if complete else ""))
             continue
         value, kind = data[f.name], hints[f.name]
+        if kind is tuple and isinstance(value, list):  # JSON has lists only
+            value = tuple(value)
         if not _is(value, kind):
             raise ConfigError(f"{where}.{f.name} must be {kind.__name__}, got {value!r}")
         values[f.name] = float(value) if kind is float else value
@@ -130,8 +132,59 @@ def _check_transformer(config) -> None:
         raise ConfigError(f"{name}.dropout must be in [0, 1), got {config.dropout!r}")
 
 
-MODEL_CONFIGS: dict[str, type] = {"dpt": DPTConfig, "dit": DiTConfig}
-ModelConfig = DPTConfig | DiTConfig
+@dataclass(frozen=True)
+class VLAHeadConfig:
+    """Fields every vision-language-action head shares (``policies.vla``): the transformer and its prefix.
+
+    ``cameras`` name the ``observation.images.<camera>`` inputs; ``image_size`` their side in pixels;
+    ``crop_pad`` the random-shift augmentation in training (pixels of replicate padding, then a crop
+    back to ``image_size``; 0: off).
+    """
+
+    width: int = 128
+    num_layers: int = 6
+    heads: int = 4
+    dropout: float = 0.0
+    cameras: tuple = ("corner3",)
+    image_size: int = 84
+    crop_pad: int = 4
+
+    def __post_init__(self) -> None:
+        _check_transformer(self)
+        cameras = self.cameras
+        if isinstance(cameras, str) or not cameras or not all(isinstance(c, str) and c for c in cameras):
+            raise ConfigError(f"{type(self).__name__}.cameras must be a non-empty list of camera names, got {cameras!r}")
+        if len(set(cameras)) != len(cameras):
+            raise ConfigError(f"{type(self).__name__}.cameras must be distinct, got {list(cameras)}")
+        object.__setattr__(self, "cameras", tuple(cameras))
+        if not _is(self.image_size, int) or self.image_size < 16:
+            raise ConfigError(f"{type(self).__name__}.image_size must be an int >= 16, got {self.image_size!r}")
+        if not _is(self.crop_pad, int) or not 0 <= self.crop_pad < self.image_size // 4:
+            raise ConfigError(f"{type(self).__name__}.crop_pad must be an int in [0, image_size / 4), got {self.crop_pad!r}")
+
+
+@dataclass(frozen=True)
+class GR00TConfig(VLAHeadConfig):
+    """GR00T-style head (``policies.gr00t``): a DiT over [state, actions], alternating cross-attention to the
+    vision-language tokens and self-attention, timestep through adaLN; flow matching."""
+
+
+@dataclass(frozen=True)
+class RDTConfig(VLAHeadConfig):
+    """RDT-style head (``policies.rdt``): [timestep, state, actions] tokens; each layer self-attends, then
+    cross-attends to the language tokens (even layers) or the image tokens (odd layers); DDPM."""
+
+
+@dataclass(frozen=True)
+class Pi0Config(VLAHeadConfig):
+    """pi0-style action expert (``policies.pi0``): in every layer the action tokens attend to that layer's
+    keys/values of the vision-language prefix (computed once per call, a VLM's KV cache) and to themselves."""
+
+
+MODEL_CONFIGS: dict[str, type] = {"dpt": DPTConfig, "dit": DiTConfig, "gr00t": GR00TConfig, "rdt": RDTConfig,
+                                  "pi0": Pi0Config}
+VLA_ARCHITECTURES = ("gr00t", "rdt", "pi0")
+ModelConfig = DPTConfig | DiTConfig | GR00TConfig | RDTConfig | Pi0Config
 
 
 def model_config(architecture: str, model: Mapping[str, Any] | ModelConfig | None = None,
@@ -161,11 +214,56 @@ class NoiseSchedulerConfig:
     def __post_init__(self) -> None:
         if not _is(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
             raise ConfigError(f"noise_scheduler.num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
+        if not _is(self.clip_sample, bool):
+            raise ConfigError(f"noise_scheduler.clip_sample must be true or false, got {self.clip_sample!r}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"noise_scheduler.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"noise_scheduler.prediction_type must be one of {PREDICTION_TYPES}, "
                              f"got {self.prediction_type!r}")
+
+    kind = "ddpm"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # no "kind": the format of every checkpoint saved before flow matching
+
+
+@dataclass(frozen=True)
+class FlowMatchingConfig:
+    """Rectified-flow training (pi0, GR00T): ``x_s = (1 - s) x_0 + s noise``, the model predicts the velocity
+    ``noise - x_0`` at ``timestep = s * num_train_timesteps``; sampled with diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` (``shift``). ``s`` is drawn as pi0 draws it in training,
+    ``s = 0.001 + 0.999 * Beta(1.5, 1)`` (more weight on the noisy end)."""
+
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    kind: str = "flow_matching"
+
+    def __post_init__(self) -> None:
+        if self.kind != "flow_matching":
+            raise ConfigError(f"noise_scheduler.kind must be 'flow_matching', got {self.kind!r}")
+        if not _is(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
+            raise ConfigError(f"noise_scheduler.num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
+        if not _is(self.shift, float) or self.shift <= 0:
+            raise ConfigError(f"noise_scheduler.shift must be a positive number, got {self.shift!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def noise_scheduler_config(data: Mapping[str, Any] | NoiseSchedulerConfig | FlowMatchingConfig | None,
+                           complete: bool = False) -> NoiseSchedulerConfig | FlowMatchingConfig:
+    """``{"kind": "flow_matching", ...}`` is flow matching; a mapping without ``kind`` is DDPM (every saved DDPM config)."""
+    if isinstance(data, (NoiseSchedulerConfig, FlowMatchingConfig)):
+        return data
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"noise_scheduler must be a mapping, got {type(data).__name__}")
+    if data.get("kind") == "flow_matching":
+        return FlowMatchingConfig(**_typed_fields(FlowMatchingConfig, data, "noise_scheduler", complete))
+    if "kind" in data:
+        raise ConfigError(f"noise_scheduler.kind must be 'flow_matching' (or absent for DDPM), got {data['kind']!r}")
+    return NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, data, "noise_scheduler", complete))
 
 
 # ----------------------------------------------------------------------------- features
@@ -180,8 +278,15 @@ class PolicyFeature:
     name: str
     type: str
     shape: tuple[int, ...]
+    keys: tuple[str, ...] | None = None  # state only: the named observation parts it concatenates (None: all)
 
     def __post_init__(self) -> None:
+        if self.keys is not None:
+            if self.type != "state" or isinstance(self.keys, str) or not self.keys or not all(
+                    isinstance(k, str) and k for k in self.keys):
+                raise ConfigError(f"feature {self.name!r}: keys are a non-empty list of observation names, for a "
+                                  f"state feature only; got {self.keys!r}")
+            object.__setattr__(self, "keys", tuple(self.keys))
         if self.type not in FEATURE_TYPES:
             raise ConfigError(f"feature {self.name!r}: type must be one of {FEATURE_TYPES}, got {self.type!r}")
         shape = self.shape
@@ -199,21 +304,30 @@ class PolicyFeature:
             raise ConfigError(f"an image feature must be named {IMAGE_PREFIX}<camera>, got {self.name!r}")
 
     def to_dict(self) -> dict:
-        return {"type": self.type, "shape": list(self.shape)}
+        data = {"type": self.type, "shape": list(self.shape)}
+        if self.keys is not None:  # absent otherwise, so older configs keep their fingerprint
+            data["keys"] = list(self.keys)
+        return data
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> "PolicyFeature":
-        if not isinstance(data, Mapping) or set(data) != {"type", "shape"}:
-            raise ConfigError(f"feature {name!r} must be {{'type': ..., 'shape': [...]}}, got {data!r}")
-        return cls(name, data["type"], data["shape"])
+        if not isinstance(data, Mapping) or not {"type", "shape"} <= set(data) <= {"type", "shape", "keys"}:
+            raise ConfigError(f"feature {name!r} must be {{'type': ..., 'shape': [...]}} (a state may add "
+                              f"'keys': [...]), got {data!r}")
+        return cls(name, data["type"], data["shape"], data.get("keys"))
 
 
-def state_features(state_dim: int, tasks: Sequence[str] = ()) -> dict[str, PolicyFeature]:
+def state_features(state_dim: int, tasks: Sequence[str] = (), keys: Sequence[str] | None = None) -> dict[str, PolicyFeature]:
     """Inputs of a state-based policy: ``observation.state`` ``(state_dim,)``, and ``task`` if it knows tasks."""
-    features = {STATE: PolicyFeature(STATE, "state", (state_dim,))}
+    features = {STATE: PolicyFeature(STATE, "state", (state_dim,), None if keys is None else tuple(keys))}
     if tasks:
         features[TASK] = PolicyFeature(TASK, "language", ())
     return features
+
+
+def image_features(cameras: Sequence[str], size: int) -> dict[str, PolicyFeature]:
+    """``observation.images.<camera>`` ``(3, size, size)`` per camera (float in [0, 1], LeRobot's layout)."""
+    return {IMAGE_PREFIX + c: PolicyFeature(IMAGE_PREFIX + c, "image", (3, size, size)) for c in cameras}
 
 
 def action_features(action_dim: int) -> dict[str, PolicyFeature]:
@@ -270,7 +384,7 @@ class PolicyConfig:
     n_obs_steps: int = 2
     n_action_steps: int = 8
     tasks: tuple[str, ...] = ()
-    noise_scheduler: NoiseSchedulerConfig = field(default_factory=NoiseSchedulerConfig)
+    noise_scheduler: NoiseSchedulerConfig | FlowMatchingConfig = field(default_factory=NoiseSchedulerConfig)
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -290,8 +404,9 @@ class PolicyConfig:
         if len(set(tasks)) != len(tasks):
             raise ConfigError(f"tasks must be distinct, got {list(tasks)}")
         object.__setattr__(self, "tasks", tuple(tasks))
-        if not isinstance(self.noise_scheduler, NoiseSchedulerConfig):
-            raise ConfigError(f"noise_scheduler must be a NoiseSchedulerConfig, got {type(self.noise_scheduler).__name__}")
+        if not isinstance(self.noise_scheduler, (NoiseSchedulerConfig, FlowMatchingConfig)):
+            raise ConfigError(f"noise_scheduler must be a NoiseSchedulerConfig or FlowMatchingConfig, got "
+                              f"{type(self.noise_scheduler).__name__}")
         if not isinstance(self.provenance, dict):
             raise ConfigError(f"provenance must be a mapping, got {type(self.provenance).__name__}")
         self._check_features()
@@ -304,13 +419,24 @@ class PolicyConfig:
                 if name != feature.name:
                     raise ConfigError(f"{where}: key {name!r} holds feature {feature.name!r}")
         inputs, outputs = self.input_features, self.output_features
-        images = [n for n, f in inputs.items() if f.type == "image"]
-        if images:
-            raise ConfigError(f"image features {images}: this policy has no image encoder yet "
-                             f"(inputs can be {STATE!r} and {TASK!r})")
+        images = sorted(n for n, f in inputs.items() if f.type == "image")
+        if self.is_vla:
+            expected = sorted(IMAGE_PREFIX + c for c in self.model.cameras)
+            if images != expected:
+                raise ConfigError(f"a {self.architecture} head with cameras {list(self.model.cameras)} reads image "
+                                  f"features {expected}, the feature spec has {images}")
+            size = self.model.image_size
+            wrong = [n for n in images if inputs[n].shape != (3, size, size)]
+            if wrong:
+                raise ConfigError(f"image features {wrong} must be [3, {size}, {size}] (model.image_size)")
+            if TASK not in inputs:
+                raise ConfigError(f"a vision-language-action head needs the language feature {TASK!r}")
+        elif images:
+            raise ConfigError(f"image features {images}: architecture {self.architecture!r} has no image encoder "
+                             f"(the vision-language-action heads {list(VLA_ARCHITECTURES)} do)")
         if set(outputs) != {ACTION} or outputs[ACTION].type != "action":
             raise ConfigError(f"output_features must be exactly {{{ACTION!r}: action}}, got {sorted(outputs)}")
-        wrong = sorted(n for n, f in inputs.items() if f.type not in ("state", "language"))
+        wrong = sorted(n for n, f in inputs.items() if f.type not in ("state", "language", "image"))
         if wrong:
             raise ConfigError(f"input_features {wrong} must be of type state, image or language")
         if STATE not in inputs:
@@ -330,9 +456,23 @@ class PolicyConfig:
         return self.output_features[ACTION].shape[0]
 
     @property
+    def is_vla(self) -> bool:
+        """A vision-language-action head: images and a free-text instruction (``task``), no task one-hot."""
+        return self.architecture in VLA_ARCHITECTURES
+
+    @property
+    def is_flow(self) -> bool:
+        return isinstance(self.noise_scheduler, FlowMatchingConfig)
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return tuple(self.model.cameras) if self.is_vla else ()
+
+    @property
     def conditions_on_task(self) -> bool:
-        """Whether the task enters the condition (as a one-hot): for more than one task."""
-        return len(self.tasks) > 1
+        """Whether the task enters the condition as a one-hot: for more than one task, state policies only
+        (a VLA head reads the instruction's language tokens instead)."""
+        return len(self.tasks) > 1 and not self.is_vla
 
     @property
     def cond_dim(self) -> int:
@@ -342,29 +482,34 @@ class PolicyConfig:
     @classmethod
     def build(cls, architecture: str, model: Mapping[str, Any] | ModelConfig | None = None, *,
               state_dim: int, action_dim: int, tasks: Sequence[str] = (),
-              noise_scheduler: Mapping[str, Any] | NoiseSchedulerConfig | None = None,
-              **settings: Any) -> "PolicyConfig":
-        """A state-based policy's config: features from the dimensions, typed model config from a mapping.
+              noise_scheduler: Mapping[str, Any] | NoiseSchedulerConfig | FlowMatchingConfig | None = None,
+              state_keys: Sequence[str] | None = None, **settings: Any) -> "PolicyConfig":
+        """A policy's config: features from the dimensions, typed model config from a mapping.
 
-        ``settings`` are the remaining fields (``horizon``, ``n_obs_steps``, ``n_action_steps``,
-        ``provenance``).
+        A vision-language-action architecture also gets one image feature per ``model.cameras`` and the
+        language feature ``task``. ``state_keys`` names the observation parts ``observation.state``
+        concatenates (e.g. ``["hand_pos", "gripper"]``; None: the whole observation). ``settings`` are
+        the remaining fields (``horizon``, ``n_obs_steps``, ``n_action_steps``, ``provenance``).
         """
         unknown = sorted(set(settings) - {"horizon", "n_obs_steps", "n_action_steps", "provenance"})
         if unknown:
             raise ConfigError(f"unknown policy setting(s) {unknown}")
-        if not isinstance(noise_scheduler, NoiseSchedulerConfig):
-            noise_scheduler = NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, noise_scheduler or {},
-                                                                   "noise_scheduler"))
+        noise_scheduler = noise_scheduler_config(noise_scheduler)
         for key, value in (("state_dim", state_dim), ("action_dim", action_dim)):
             if not _is(value, int) or value < 1:
                 raise ConfigError(f"{key} must be a positive int, got {value!r}")
         if isinstance(tasks, str):
             raise ConfigError(f"tasks must be a list of task names, got {tasks!r}")
         settings["provenance"] = dict(settings.get("provenance") or {})
+        model = model_config(architecture, model)
+        inputs = state_features(state_dim, tasks, state_keys)
+        if architecture in VLA_ARCHITECTURES:
+            inputs.update(image_features(model.cameras, model.image_size))
+            inputs[TASK] = PolicyFeature(TASK, "language", ())
         return cls(
             architecture=architecture,
-            model=model_config(architecture, model),
-            input_features=state_features(state_dim, tasks),
+            model=model,
+            input_features=inputs,
             output_features=action_features(action_dim),
             tasks=tuple(tasks),
             noise_scheduler=noise_scheduler,
@@ -390,14 +535,14 @@ class PolicyConfig:
             "format": CONFIG_FORMAT,
             "type": "diffusion",
             "architecture": self.architecture,
-            "model": dataclasses.asdict(self.model),
+            "model": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.model).items()},
             "input_features": {n: f.to_dict() for n, f in self.input_features.items()},
             "output_features": {n: f.to_dict() for n, f in self.output_features.items()},
             "horizon": self.horizon,
             "n_obs_steps": self.n_obs_steps,
             "n_action_steps": self.n_action_steps,
             "tasks": list(self.tasks),
-            "noise_scheduler": dataclasses.asdict(self.noise_scheduler),
+            "noise_scheduler": self.noise_scheduler.to_dict(),
             "provenance": self.provenance,
         }
 
@@ -443,8 +588,7 @@ class PolicyConfig:
             n_obs_steps=body["n_obs_steps"],
             n_action_steps=body["n_action_steps"],
             tasks=tuple(body["tasks"]),
-            noise_scheduler=NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, body["noise_scheduler"],
-                                                                 "noise_scheduler", complete=True)),
+            noise_scheduler=noise_scheduler_config(body["noise_scheduler"], complete=True),
             provenance=dict(body.get("provenance") or {}),
         )
 

@@ -44,7 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from torch import nn
 
 import bac
@@ -52,12 +52,23 @@ from bac.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 from bac.sampling import FusedSampler
 
 from .checkpointing import CheckpointNotFoundError, check_fits, nonfinite_tensors, read_weights, save_weights
-from .config import ACTION, STATE, TASK, WEIGHTS_FILE, PolicyConfig, PolicyFeature, read_config
+from .config import ACTION, IMAGE_PREFIX, STATE, TASK, WEIGHTS_FILE, PolicyConfig, PolicyFeature, read_config
 from .dit import DiTPolicyHead
 from .dpt import TransformerForDiffusion
+from .gr00t import GR00THead
+from .language import CACHE_FILE, LanguageCache
+from .pi0 import Pi0Head
+from .rdt import RDTHead
+from .vla import random_shift
 
-ARCHITECTURES = {"dpt": TransformerForDiffusion, "dit": DiTPolicyHead}
-SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+ARCHITECTURES = {"dpt": TransformerForDiffusion, "dit": DiTPolicyHead, "gr00t": GR00THead, "rdt": RDTHead,
+                 "pi0": Pi0Head}
+SAMPLERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
+            "flow": FlowMatchEulerDiscreteScheduler}
+FLOW_SAMPLERS = ("flow",)
+#: The sampler a policy starts with: all training steps of DDPM, or the head's published default
+#: (GR00T N1: 4 Euler steps; pi0: 10; RDT-1B: DPM-Solver++ at 20).
+DEFAULT_SAMPLERS = {"gr00t": ("flow", 4), "pi0": ("flow", 10), "rdt": ("dpm", 20)}
 Batch = Mapping[str, Any]
 ON_NONFINITE = ("raise", "hold")
 # Normalised inputs live in [-1, 1] on the training data; this many times that range is no longer an
@@ -104,14 +115,21 @@ class DiffusionPolicy(nn.Module):
                             f"got {type(config).__name__}" + (" and more arguments" if legacy or legacy_kwargs else ""))
         super().__init__()
         self.config = config
+        sizes = ({"state_dim": config.state_dim} if config.is_vla else {"cond_dim": config.cond_dim})
         self.model = ARCHITECTURES[config.architecture](
-            action_dim=config.action_dim, cond_dim=config.cond_dim, horizon=config.horizon,
-            n_obs_steps=config.n_obs_steps, **self.model_kwargs,
+            action_dim=config.action_dim, horizon=config.horizon, n_obs_steps=config.n_obs_steps,
+            **sizes, **self.model_kwargs,
         )
         self.obs_normalizer = Normalizer(config.state_dim)
         self.action_normalizer = Normalizer(config.action_dim)
-        self.noise_scheduler = DDPMScheduler(**self.noise_config)
-        self.set_sampler("ddpm")
+        if config.is_flow:
+            self.noise_scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=config.noise_scheduler.num_train_timesteps, shift=config.noise_scheduler.shift)
+        else:
+            self.noise_scheduler = DDPMScheduler(**self.noise_config)
+        # A VLA head reads free-text instructions: their frozen language tokens, encoded once each.
+        self.language = LanguageCache() if config.is_vla else None
+        self.set_sampler(*DEFAULT_SAMPLERS.get(config.architecture, ("ddpm", None)))
         self.on_nonfinite = on_nonfinite
         # Chunks held by on_nonfinite="hold": {"samples": [...], "message": ...}; kept across reset() so the
         # runtime can report them after an episode.
@@ -162,8 +180,11 @@ class DiffusionPolicy(nn.Module):
 
     @property
     def noise_config(self) -> dict:
-        scheduler = self.config.noise_scheduler
-        return {k: getattr(scheduler, k) for k in scheduler.__dataclass_fields__}
+        return self.config.noise_scheduler.to_dict()
+
+    @property
+    def cameras(self) -> tuple[str, ...]:
+        return self.config.cameras
 
     @property
     def on_nonfinite(self) -> str:
@@ -185,9 +206,16 @@ class DiffusionPolicy(nn.Module):
         self.config = self.config.replace(provenance=dict(value))
 
     def set_sampler(self, kind: str = "ddpm", steps: int | None = None) -> "DiffusionPolicy":
-        """Sample with DDPM (all training steps by default), DDIM or DPM-Solver++ (fewer steps)."""
+        """Sample with DDPM (all training steps by default), DDIM or DPM-Solver++ (fewer steps); a
+        flow-matching policy with flow-matching Euler steps (``"flow"``; steps required)."""
         if kind not in SAMPLERS:
             raise ConfigError(f"unknown sampler {kind!r}; expected one of {sorted(SAMPLERS)}")
+        if (kind in FLOW_SAMPLERS) != self.config.is_flow:
+            trained = "flow matching" if self.config.is_flow else "DDPM"
+            allowed = list(FLOW_SAMPLERS) if self.config.is_flow else sorted(set(SAMPLERS) - set(FLOW_SAMPLERS))
+            raise ConfigError(f"sampler {kind!r} does not fit a policy trained with {trained}; use one of {allowed}")
+        if kind in FLOW_SAMPLERS and steps is None:
+            raise ConfigError("a flow-matching sampler needs its number of steps (e.g. set_sampler('flow', 10))")
         train_steps = self.config.noise_scheduler.num_train_timesteps
         if steps is None:
             steps = train_steps
@@ -211,11 +239,12 @@ class DiffusionPolicy(nn.Module):
         return self.obs_normalizer.scale.device
 
     # -- inputs ----------------------------------------------------------------------
-    def _state(self, batch: Batch, history: bool) -> torch.Tensor:
+    def _state(self, batch: Batch, history: bool, state_only: bool = False) -> torch.Tensor:
+        """The checked ``observation.state``; every other input feature must be present too, unless ``state_only``."""
         if not isinstance(batch, Mapping):
             raise DataError(f"a policy batch is a dict of features {sorted(self.input_features)}, "
                             f"got {type(batch).__name__}")
-        missing = [name for name in self.input_features if name not in batch]
+        missing = [name for name in (self.input_features if not state_only else [STATE]) if name not in batch]
         if missing:
             raise DataError(f"observation is missing feature(s) {missing}; this policy reads "
                             f"{ {n: f.type for n, f in self.input_features.items()} }")
@@ -266,13 +295,58 @@ class DiffusionPolicy(nn.Module):
             return None
         return torch.tensor([self.tasks.index(n) for n in names], device=self.device)
 
-    def condition(self, batch: Batch) -> torch.Tensor:
-        """The denoiser's condition ``[B, n_obs_steps, C]`` of a batch with the stacked observation history:
-        normalised ``observation.state`` (plus the task one-hot for a multi-task policy)."""
+    def condition(self, batch: Batch) -> Any:
+        """The denoiser's condition of a batch with the stacked observation history: normalised
+        ``observation.state`` ``[B, n_obs_steps, C]`` (plus the task one-hot for a multi-task policy), or
+        for a VLA head its observation prefix (``policies.vla.Prefix``: images, instruction, state)."""
         return self._condition(self._state(batch, history=True), batch)
 
-    def _condition(self, state: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _images(self, batch: Batch, size: int) -> torch.Tensor:
+        """The cameras' images ``[B, n_cameras, 3, S, S]`` (float in [0, 1]), checked."""
+        images = []
+        for camera in self.cameras:
+            name = IMAGE_PREFIX + camera
+            try:
+                image = torch.as_tensor(batch[name], device=self.device)
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise DataError(f"feature {name!r} is not a numeric array: {err}") from err
+            if image.dtype == torch.uint8:
+                raise DataError(f"feature {name!r} is uint8: images are float [batch, 3, H, W] in [0, 1] "
+                                "(LeRobot's layout; bac.policies.vla.frames_to_images converts rendered frames)")
+            if image.ndim != 4 or list(image.shape[1:]) != [3, size, size]:
+                raise DataError(f"feature {name!r} must have shape [batch, 3, {size}, {size}], got {list(image.shape)}")
+            image = image.float()
+            if not torch.isfinite(image).all():
+                raise DataError(f"feature {name!r} contains NaN or inf")
+            if image.min() < 0 or image.max() > 1:
+                raise DataError(f"feature {name!r} has values in [{image.min().item():.3g}, {image.max().item():.3g}]; "
+                                "images are in [0, 1]")
+            images.append(image)
+        return torch.stack(images, 1)
+
+    def _instructions(self, batch: Batch, size: int) -> list[str]:
+        task = batch.get(TASK)
+        names = [task] * size if isinstance(task, str) else task
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise DataError(f"feature {TASK!r} of a vision-language-action policy is an instruction (a string, or one "
+                            f"per sample), got {task!r}")
+        if len(names) != size:
+            raise DataError(f"feature {TASK!r}: {len(names)} instructions for a batch of {size}")
+        return list(names)
+
+    def _condition(self, state: torch.Tensor, batch: Batch, generator: torch.Generator | None = None) -> Any:
+        """``generator`` draws the image augmentation of a VLA head in training."""
         cond = self.obs_normalizer(state)
+        if self.config.is_vla:
+            images = self._images(batch, self.config.model.image_size)
+            if images.shape[0] != state.shape[0]:
+                raise DataError(f"images have batch {images.shape[0]}, {STATE!r} has {state.shape[0]}")
+            if self.training and self.config.model.crop_pad:
+                pad = self.config.model.crop_pad
+                images = random_shift(images.flatten(0, 1), pad, generator).unflatten(0, images.shape[:2])
+            language, mask = self.language(self._instructions(batch, state.shape[0]), self.device)
+            return self.model.encode_prefix({"images": images, "language": language, "language_mask": mask,
+                                             "state": cond})
         tasks = self._task_indices(batch.get(TASK), state.shape[0])
         if tasks is not None:
             onehot = nn.functional.one_hot(tasks, len(self.tasks)).to(cond.dtype)
@@ -285,19 +359,27 @@ class DiffusionPolicy(nn.Module):
 
         ``batch["task"]`` may also be a tensor of indices into :attr:`tasks` (the trainer's form).
         """
-        cond = self.condition(batch)
+        state = self._state(batch, history=True)
+        cond = self._condition(state, batch, generator)
         if ACTION not in batch:
             raise DataError(f"a training batch needs the feature {ACTION!r} [batch, {self.horizon}, {self.action_dim}]")
         actions = torch.as_tensor(batch[ACTION], dtype=torch.float32, device=self.device)
-        if list(actions.shape[1:]) != [self.horizon, self.action_dim] or actions.shape[0] != cond.shape[0]:
+        if list(actions.shape[1:]) != [self.horizon, self.action_dim] or actions.shape[0] != state.shape[0]:
             raise DataError(f"feature {ACTION!r} must have shape [batch, {self.horizon}, {self.action_dim}], "
-                            f"got {list(actions.shape)} (observations: batch {cond.shape[0]})")
+                            f"got {list(actions.shape)} (observations: batch {state.shape[0]})")
         target = self.action_normalizer(actions)
         noise = torch.randn(target.shape, generator=generator, device=self.device)
-        steps = torch.randint(0, self.config.noise_scheduler.num_train_timesteps, (target.shape[0],),
-                              generator=generator, device=self.device)
+        train_steps = self.config.noise_scheduler.num_train_timesteps
+        if self.config.is_flow:
+            # pi0's time distribution: s = 0.001 + 0.999 * Beta(1.5, 1), drawn as U ** (1 / 1.5) (Beta(a, 1)'s inverse CDF)
+            u = torch.rand(target.shape[0], generator=generator, device=self.device)
+            s = (0.001 + 0.999 * u ** (1 / 1.5))[:, None, None]
+            noisy = (1 - s) * target + s * noise
+            return nn.functional.mse_loss(self.model(noisy, s.flatten() * train_steps, cond), noise - target)
+        steps = torch.randint(0, train_steps, (target.shape[0],), generator=generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(target, noise, steps)
-        return nn.functional.mse_loss(self.model(noisy, steps, cond), noise)
+        goal = target if self.config.noise_scheduler.prediction_type == "sample" else noise
+        return nn.functional.mse_loss(self.model(noisy, steps, cond), goal)
 
     # -- inference -------------------------------------------------------------------
     def reset(self) -> None:
@@ -310,12 +392,12 @@ class DiffusionPolicy(nn.Module):
     def _sample(self, batch: Batch, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The checked observation history and the sampled, unchecked actions ``[B, n_action_steps, A]``."""
         state = self._state(batch, history=True)
-        cond = self._condition(state, batch)
+        cond = self._condition(state, batch)  # for a VLA head: the prefix, encoded once per call
         bac.new_trajectory(self.model)
         sampler = self.fused_sampler
         sampler.start()  # multistep solvers keep per-call state
         prepared = self.model.prepare(cond, sampler.timesteps)  # per-call invariants, computed once
-        x = torch.randn((cond.shape[0], self.horizon, self.action_dim), generator=generator, device=self.device)
+        x = torch.randn((state.shape[0], self.horizon, self.action_dim), generator=generator, device=self.device)
         for i, t in enumerate(sampler.timesteps):
             x = sampler.step(i, self.model(x, t, cond, prepared=prepared[i]), x, generator=generator)
         return state, self.action_normalizer.inverse(x[:, : self.n_action_steps])
@@ -371,7 +453,9 @@ class DiffusionPolicy(nn.Module):
         to :attr:`nonfinite_events`); hold raises too when a failed sample has no last action
         since :meth:`reset`.
         """
-        state = self._state(batch, history=False)
+        # Between chunks only the state is read (for the history): a runtime may leave out the images then
+        # (see chunk_due), which saves rendering them at every step.
+        state = self._state(batch, history=False, state_only=not self.chunk_due)
         if self._history is None:
             self._history = state[:, None].expand(-1, self.n_obs_steps, -1).clone()
         elif self._history.shape[0] != state.shape[0]:
@@ -389,6 +473,16 @@ class DiffusionPolicy(nn.Module):
             self._queue = list(chunk.unbind(1))
         self._last_action = self._queue.pop(0)
         return self._last_action
+
+    @property
+    def chunk_due(self) -> bool:
+        """Whether the next :meth:`select_action` samples a new chunk (and so reads every feature, images included)."""
+        return not self._queue
+
+    @property
+    def reads_instructions(self) -> bool:
+        """Whether ``task`` is a free-text instruction (a VLA head) rather than one of :attr:`tasks`."""
+        return self.config.is_vla
 
     def _hold(self, err: NonFiniteError) -> torch.Tensor:
         """``err``'s chunk with each failed sample's rows replaced by that sample's last action."""
@@ -421,6 +515,8 @@ class DiffusionPolicy(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         record = save_weights(self.state_dict(), directory / WEIGHTS_FILE, self.config)
         self.config.save(directory / "config.json", weights=record)
+        if self.language is not None and len(self.language):
+            self.language.save(directory / CACHE_FILE)  # the instructions' tokens: no language model needed for them
         return directory
 
     @classmethod
@@ -449,6 +545,8 @@ class DiffusionPolicy(nn.Module):
         policy = cls(config, on_nonfinite=on_nonfinite)
         state = read_weights(weights_path, config, record, policy, f"this {config.architecture} policy")
         policy.load_state_dict(state)
+        if policy.language is not None and (directory / CACHE_FILE).is_file():
+            policy.language = LanguageCache.load(directory / CACHE_FILE)
         return policy.to(device).eval()
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:

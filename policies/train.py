@@ -32,11 +32,12 @@ from bac.cli import BOOL, FLOAT, INT, SEQ, STR, check_settings, report_errors
 from bac.configs import CONFIG_DIR
 from bac.errors import CheckpointError, ConfigError
 from bac.envs.collect import collect
-from bac.envs.dataset import WindowDataset
+from bac.envs.dataset import ImageLanguageWindows, WindowDataset
 
 from .checkpointing import TrainingState, check_fits
-from .config import PolicyConfig
+from .config import IMAGE_PREFIX, VLA_ARCHITECTURES, PolicyConfig
 from .policy import DiffusionPolicy
+from .vla import frames_to_images
 
 
 def task_list(cfg: DictConfig) -> list[str]:
@@ -66,10 +67,35 @@ def load_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_
     return as_tensor(obs, torch.float32), as_tensor(actions, torch.float32), as_tensor(task_index, torch.long), sources
 
 
+def load_image_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int, action_noise: float,
+                       state_keys: list[str], cameras: tuple[str, ...], image_size: int):
+    """The windows of a vision-language-action head: state ``[N, To, D]``, actions ``[N, H, A]``, every
+    window's current frame per camera (uint8 ``[N, S, S, 3]``, kept as uint8 in memory) and the index
+    of its instruction in the returned list of instructions."""
+    state, actions, frames, instruction_index, instructions, sources = [], [], {c: [] for c in cameras}, [], [], {}
+    for task in tasks:
+        path = collect(task, episodes, out_dir=data_dir, action_noise=action_noise, progress=False,
+                       cameras=cameras, image_size=image_size)
+        data = ImageLanguageWindows(path, state_keys, cameras, horizon, n_obs_steps, "train", image_size=image_size)
+        o, a = data.windows.window(np.arange(len(data)))
+        state.append(o)
+        actions.append(a)
+        for camera in cameras:
+            frames[camera].append(data.frames[camera])
+        for text in data.instructions:
+            if text not in instructions:
+                instructions.append(text)
+        instruction_index.append(np.array([instructions.index(t) for t in data.instructions]))
+        sources[task] = {"file": path.name, "train_demos": len(data.windows.demos), "windows": len(data)}
+    return (torch.as_tensor(np.concatenate(state)), torch.as_tensor(np.concatenate(actions)),
+            {c: torch.as_tensor(np.concatenate(f)) for c, f in frames.items()},
+            torch.as_tensor(np.concatenate(instruction_index)), instructions, sources)
+
+
 def _optimizer(policy: DiffusionPolicy, cfg: DictConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in policy.model.named_parameters():
-        (decay if p.ndim >= 2 and not name.endswith("pos_emb") else no_decay).append(p)
+        (decay if p.ndim >= 2 and not name.endswith(("pos_emb", "camera_emb")) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
 
@@ -77,9 +103,11 @@ def _optimizer(policy: DiffusionPolicy, cfg: DictConfig) -> torch.optim.AdamW:
 def policy_config(cfg: DictConfig, state_dim: int, action_dim: int, tasks: list[str]) -> PolicyConfig:
     """The typed config of the policy to train: ``cfg.policy`` (architecture, model) and the chunking settings."""
     try:
-        return PolicyConfig.build(cfg.policy.architecture, OmegaConf.to_container(cfg.policy.model, resolve=True),
-                                  state_dim=state_dim, action_dim=action_dim, tasks=tasks, horizon=cfg.horizon,
-                                  n_obs_steps=cfg.n_obs_steps, n_action_steps=cfg.n_action_steps)
+        policy = OmegaConf.to_container(cfg.policy, resolve=True)
+        return PolicyConfig.build(cfg.policy.architecture, policy["model"], state_dim=state_dim, action_dim=action_dim,
+                                  tasks=tasks, horizon=cfg.horizon, n_obs_steps=cfg.n_obs_steps,
+                                  n_action_steps=cfg.n_action_steps, noise_scheduler=policy.get("noise_scheduler"),
+                                  state_keys=policy.get("state_keys"))
     except ValueError as err:
         raise ConfigError(f"policy settings ({cfg.policy.name}): {err}") from err
 
@@ -104,14 +132,33 @@ def train(cfg: DictConfig) -> Path:
     run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    policy_config(cfg, 1, 1, tasks)  # refuse bad policy settings before collecting any data
-    obs, actions, task_index, sources = load_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps,
-                                                     cfg.action_noise)
+    checked = policy_config(cfg, 1, 1, tasks)  # refuse bad policy settings before collecting any data
+    if checked.is_vla:
+        state_keys = list(checked.input_features["observation.state"].keys or ["state"])
+        obs, actions, frames, task_index, instructions, sources = load_image_windows(
+            tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps, cfg.action_noise, state_keys,
+            checked.cameras, checked.model.image_size)
+    else:
+        obs, actions, task_index, sources = load_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon,
+                                                         cfg.n_obs_steps, cfg.action_noise)
+        frames, instructions = {}, None
     policy = DiffusionPolicy(policy_config(cfg, obs.shape[-1], actions.shape[-1], tasks))
     policy.obs_normalizer.fit(obs)
     policy.action_normalizer.fit(actions)
+    if instructions is not None:
+        policy.language.add(instructions)  # encoded once; saved with the checkpoint
     policy.to(device).train()
     obs, actions, task_index = obs.to(device), actions.to(device), task_index.to(device)
+
+    def training_batch(index: torch.Tensor) -> dict:
+        batch = {"observation.state": obs[index], "action": actions[index]}
+        if instructions is None:
+            batch["task"] = task_index[index]
+            return batch
+        batch["task"] = [instructions[i] for i in task_index[index].tolist()]
+        for camera, f in frames.items():  # uint8 in memory, float [0, 1] per batch
+            batch[IMAGE_PREFIX + camera] = frames_to_images(f[index.cpu()]).to(device)
+        return batch
 
     optimizer = _optimizer(policy, cfg)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
@@ -154,8 +201,7 @@ def train(cfg: DictConfig) -> Path:
     while step < cfg.steps:
         started = time.perf_counter()
         batch = torch.randint(0, len(obs), (cfg.batch_size,), generator=generator, device=device)
-        loss = policy.compute_loss({"observation.state": obs[batch], "action": actions[batch], "task": task_index[batch]},
-                                   generator=generator)
+        loss = policy.compute_loss(training_batch(batch), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)

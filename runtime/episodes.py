@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-STATE, TASK = "observation.state", "task"
+STATE, TASK, IMAGE_PREFIX = "observation.state", "task", "observation.images."
 
 
 @runtime_checkable
@@ -40,26 +40,62 @@ def _shape(feature: Any) -> tuple[int, ...]:
     return tuple(feature.shape)
 
 
+def _cameras(policy: ChunkingPolicy) -> list[str]:
+    return [name.removeprefix(IMAGE_PREFIX) for name in policy.input_features if name.startswith(IMAGE_PREFIX)]
+
+
+def state_slices(policy: ChunkingPolicy) -> list[slice] | None:
+    """The parts of the environment observation the policy's ``observation.state`` concatenates
+    (its feature's ``keys``, named in ``bac.envs.metaworld_env.OBS_SLICES``), or None for all of it."""
+    keys = getattr(policy.input_features.get(STATE), "keys", None)
+    if keys is None:
+        return None
+    from bac.envs.metaworld_env import OBS_SLICES
+
+    unknown = [k for k in keys if k not in OBS_SLICES]
+    if unknown:
+        raise ValueError(f"the policy's {STATE!r} reads {unknown}, which the environment's observation does not "
+                         f"name (it names {sorted(OBS_SLICES)})")
+    return [OBS_SLICES[k] for k in keys]
+
+
 def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, action_space: gym.Space) -> None:
     """Raise ``ValueError`` unless the policy's features fit one environment's spaces."""
     inputs, outputs = policy.input_features, policy.output_features
     if not isinstance(observation_space, gym.spaces.Box):
         raise ValueError(f"the runtime maps Box observations to {STATE!r}; got a {type(observation_space).__name__}")
-    images = [name for name in inputs if name.startswith("observation.images.")]
-    if images:
-        raise ValueError(f"the policy reads images {images}; this environment gives a state vector only")
-    if STATE not in inputs or _shape(inputs[STATE]) != tuple(observation_space.shape):
+    width = observation_space.shape
+    slices = state_slices(policy) if STATE in inputs else None
+    if slices is not None:
+        width = (sum(len(range(*sl.indices(observation_space.shape[0]))) for sl in slices),)
+    if STATE not in inputs or _shape(inputs[STATE]) != tuple(width):
         raise ValueError(f"the policy's {STATE!r} is {list(_shape(inputs[STATE])) if STATE in inputs else 'absent'}, "
-                         f"the environment's observations are {list(observation_space.shape)}")
+                         f"the environment gives {list(width)}")
     if not isinstance(action_space, gym.spaces.Box) or _shape(outputs["action"]) != tuple(action_space.shape):
         raise ValueError(f"the policy's actions are {list(_shape(outputs['action']))}, "
                          f"the environment's action space is {action_space}")
 
 
-def observation_batch(obs: np.ndarray, task: str) -> dict[str, Any]:
-    """The policy batch of a vector env's observations ``[B, D]``: float32 ``observation.state`` and ``task``."""
+def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPolicy | None = None,
+                      venv: gym.vector.VectorEnv | None = None) -> dict[str, Any]:
+    """The policy batch of a vector env's observations ``[B, D]``: float32 ``observation.state`` and ``task``
+    (a task name, or one instruction per env).
+
+    With ``policy``, the state is the parts of the observation its feature names (:func:`state_slices`),
+    and, when ``venv`` is given and the policy is about to sample a chunk (``policy.chunk_due``), every
+    camera it reads is rendered into ``observation.images.<camera>`` (``[B, 3, H, W]`` float in [0, 1]).
+    """
     obs = np.asarray(obs)
-    return {STATE: torch.as_tensor(obs.astype(np.float32)), TASK: [task] * obs.shape[0]}
+    slices = state_slices(policy) if policy is not None else None
+    state = obs if slices is None else np.concatenate([obs[:, sl] for sl in slices], axis=1)
+    batch = {STATE: torch.as_tensor(state.astype(np.float32)),
+             TASK: [task] * obs.shape[0] if isinstance(task, str) else list(task)}
+    if policy is not None and venv is not None and getattr(policy, "chunk_due", True):
+        from bac.policies.vla import frames_to_images
+
+        for camera in _cameras(policy):
+            batch[IMAGE_PREFIX + camera] = frames_to_images(np.stack(venv.call("render_camera", camera)))
+    return batch
 
 
 def run_episodes(
@@ -70,31 +106,47 @@ def run_episodes(
     num_envs: int = 10,
     max_episode_steps: int | None = None,
     generator: torch.Generator | None = None,
+    instructions: Callable[[int], str] | None = None,
 ) -> Iterator[dict]:
     """Yield one result per seed, ``{"seed", "success", "steps"}``, as each wave of ``num_envs`` finishes.
 
     ``generator`` (default: torch's global RNG) draws the sampling noise of every wave in turn.
+    ``instructions(seed)``: the instruction of each episode, for a policy that reads instructions
+    (``policy.reads_instructions``; required for it, refused otherwise). Cameras a policy reads are
+    rendered at its image size when it samples a chunk.
     """
     from bac.envs.metaworld_env import make_vector_env
 
     seeds = [int(s) for s in seeds]
+    render = {}
+    if _cameras(policy):
+        size = _shape(policy.input_features[IMAGE_PREFIX + _cameras(policy)[0]])[-1]
+        render = {"width": size, "height": size}
     for start in range(0, len(seeds), num_envs):
         wave = seeds[start : start + num_envs]
-        venv = make_vector_env(task, len(wave), max_episode_steps=max_episode_steps, terminate_on_success=True)
+        venv = make_vector_env(task, len(wave), max_episode_steps=max_episode_steps, terminate_on_success=True,
+                               **render)
         try:
-            yield from run_wave(policy, venv, task, wave, generator=generator)
+            yield from run_wave(policy, venv, task, wave, generator=generator, instructions=instructions)
         finally:
             venv.close()
 
 
 def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seeds: list[int], *,
              generator: torch.Generator | None = None,
-             on_step: Callable[[gym.vector.VectorEnv], None] | None = None) -> list[dict]:
+             on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
+             instructions: Callable[[int], str] | None = None) -> list[dict]:
     """One wave: reset ``venv`` with one seed per env, step until every episode is done.
 
     ``on_step(venv)`` runs after the reset and after every step (e.g. to render a frame).
+    ``instructions``: see :func:`run_episodes`.
     """
     check_compatible(policy, venv.single_observation_space, venv.single_action_space)
+    reads_instructions = bool(getattr(policy, "reads_instructions", False))
+    if reads_instructions != (instructions is not None):
+        raise ValueError("this policy reads free-text instructions: pass instructions=(seed -> instruction)"
+                         if reads_instructions else "this policy reads task names, not instructions")
+    task_input = [instructions(s) for s in seeds] if instructions is not None else task
     low, high = venv.single_action_space.low, venv.single_action_space.high
     obs, _ = venv.reset(seed=seeds)
     policy.reset()
@@ -104,7 +156,7 @@ def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seed
     success = np.zeros(len(seeds), dtype=bool)
     steps = np.zeros(len(seeds), dtype=int)
     while not done.all():
-        action = policy.select_action(observation_batch(obs, task), generator=generator)
+        action = policy.select_action(observation_batch(obs, task_input, policy, venv), generator=generator)
         action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
         if action.shape != (len(seeds), *venv.single_action_space.shape):
             raise ValueError(f"policy returned actions of shape {list(action.shape)}, expected "

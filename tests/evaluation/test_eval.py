@@ -403,3 +403,59 @@ def test_tuned_file_reader_is_strict(tmp_path, edit, message):
     path.write_text(json.dumps(data))
     with pytest.raises(bac.ConfigError, match=message):
         TunedConfig.load(path)
+
+
+@pytest.fixture(scope="module")
+def vla_checkpoint(tmp_path_factory):
+    from bac.policies.language import LanguageCache, TOKEN_DIM
+
+    torch.manual_seed(0)
+    config = PolicyConfig.build("gr00t", {"width": 32, "num_layers": 2, "heads": 2, "image_size": 32, "crop_pad": 2},
+                                state_dim=4, action_dim=4, tasks=["faucet-open", "faucet-close"],
+                                noise_scheduler={"kind": "flow_matching"}, state_keys=["hand_pos", "gripper"],
+                                horizon=8, n_obs_steps=1, n_action_steps=4)
+    policy = DiffusionPolicy(config)
+    policy.obs_normalizer.fit(torch.randn(100, 4))
+    policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
+    from bac.envs.instructions import INSTRUCTIONS
+
+    # stand-in tokens for every instruction of the two tasks: the evaluator needs no language model then
+    policy.language = LanguageCache({t: torch.randn(5, TOKEN_DIM) for task in config.tasks for t in INSTRUCTIONS[task]})
+    return policy.save(tmp_path_factory.mktemp("vla") / "tiny-gr00t")
+
+
+def test_a_vision_language_head_is_evaluated_with_images_instructions_and_its_prefix_share(vla_checkpoint, tmp_path):
+    cfg = config(vla_checkpoint, tmp_path, "methods=vla", "run_methods=[full,fewer-steps,bac,fbcache]",
+                 "tasks=[faucet-open,faucet-close]", "episodes=2", "sampler.steps=4", "max_episode_steps=8",
+                 "calibration.episodes=2")
+    report = run(cfg)
+    assert report["sampler"] == {"kind": "flow", "steps": 4}
+    assert "images (corner3) and instructions (held_out)" in report["environment"]["benchmark"]
+    assert sorted(report["calibration"]) == ["flow4"]
+    assert 0 < report["prefix"]["share_of_reference"] < 1
+    for name, entry in report["methods"].items():
+        assert entry["success"]["episodes"] == 4 and 0 < entry["prefix_share"] < 1, name
+    assert report["methods"]["bac"]["skipped_share"] > 0
+    episodes = [json.loads(line) for line in (tmp_path / "out" / "episodes.jsonl").read_text().splitlines()]
+    assert {e["task"] for e in episodes} == {"faucet-open", "faucet-close"}
+
+
+def test_instruction_sets_are_held_out_train_or_swapped(vla_checkpoint):
+    from bac.envs.instructions import held_out_instructions, train_instructions
+    from bac.evaluation.run import episode_instructions
+
+    policy = DiffusionPolicy.load(vla_checkpoint)
+
+    def settings(name):
+        return type("Cfg", (), {"instructions": name})()
+
+    held = episode_instructions(settings("held_out"), policy, "faucet-open")
+    assert {held(s) for s in range(10)} == set(held_out_instructions("faucet-open"))
+    assert {episode_instructions(settings("train"), policy, "faucet-open")(s) for s in range(10)} == set(
+        train_instructions("faucet-open"))
+    swapped = episode_instructions(settings("swapped"), policy, "faucet-open")
+    assert {swapped(s) for s in range(10)} == set(held_out_instructions("faucet-close"))
+    with pytest.raises(EvalError, match="instructions must be one of"):
+        episode_instructions(settings("random"), policy, "faucet-open")
+    with pytest.raises(EvalError, match="no shared-scene pair|no instructions"):
+        episode_instructions(settings("swapped"), policy, "reach")

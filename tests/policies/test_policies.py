@@ -236,7 +236,7 @@ BAD_CONFIGS = [
     ("model.heads", 3, "width 32 is not divisible by heads 3"),
     ("model.causal_attn", "yes", "model.causal_attn must be bool, got 'yes'"),
     ("model.dropout", 1.5, r"dropout must be in \[0, 1\)"),
-    ("noise_scheduler.prediction_type", "sample", "prediction_type must be one of"),
+    ("noise_scheduler.prediction_type", "v_prediction", "prediction_type must be one of"),
     ("noise_scheduler.beta_schedule", "cosine", "beta_schedule must be one of"),
     ("input_features", {"task": {"type": "language", "shape": []}}, "must include 'observation.state'"),
     ("input_features", {"observation.state": {"type": "state", "shape": [39, 2]}, "task": {"type": "language", "shape": []}},

@@ -133,6 +133,11 @@ def markdown(report: dict) -> str:
         for name, m in methods.items():
             per = m.get("per_task") or {}
             lines.append(f"| {name} | " + " | ".join(_pct(per.get(t, {}).get("rate")) for t in tasks) + " |")
+    prefix = report.get("prefix")
+    if prefix:
+        lines += ["", f"Vision-language prefix (encoded once per call, never cached): p50 "
+                      f"{prefix['latency']['p50_ms']:.1f} ms, {_pct(prefix['share_of_reference'])}% of a "
+                      f"{report['reference_method']} call; speedups above are end to end."]
     lines += ["", f"Machine: {report['machine']['platform']}; torch {report['packages']['torch']}."]
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,7 @@ from torch import nn
 import bac
 
 from .dpt import SinusoidalEmbedding
-from .vla import Attention, FeedForward, Prefix, PrefixEncoder, modulate
+from .vla import Attention, FeedForward, Prefix, VLAHead, modulate
 
 
 class GR00TBlock(nn.Module):
@@ -61,16 +61,13 @@ bac.register_adapter(GR00TCrossBlock, bac.BranchAttributes({"attention_branch": 
 bac.register_adapter(GR00TSelfBlock, bac.BranchAttributes({"attention_branch": "sa", "mlp_branch": "ffn"}))
 
 
-class GR00THead(nn.Module):
+class GR00THead(VLAHead):
     """Velocity predictor ``(noisy actions [B, H, A], timestep, Prefix) -> [B, H, A]``."""
 
     def __init__(self, action_dim: int, state_dim: int, horizon: int, n_obs_steps: int, width: int = 128,
                  num_layers: int = 6, heads: int = 4, dropout: float = 0.0, cameras=("corner3",),
                  image_size: int = 84, crop_pad: int = 4):
-        super().__init__()
-        self.horizon, self.action_dim = horizon, action_dim
-        self.prefix_encoder = PrefixEncoder(width, cameras, image_size, state_dim, n_obs_steps)
-        self.input_emb = nn.Linear(action_dim, width)
+        super().__init__(action_dim, state_dim, horizon, n_obs_steps, width, cameras, image_size)
         self.pos_emb = nn.Parameter(0.02 * torch.randn(1, 1 + horizon, width))
         self.time_emb = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, width), nn.SiLU(),
                                       nn.Linear(width, width))
@@ -82,9 +79,6 @@ class GR00THead(nn.Module):
         for zero in (self.out_modulation[1], self.head):
             nn.init.zeros_(zero.weight)
             nn.init.zeros_(zero.bias)
-
-    def encode_prefix(self, observation: dict) -> Prefix:
-        return self.prefix_encoder(observation)
 
     def _context(self, prefix: Prefix) -> tuple[list, torch.Tensor]:
         tokens, mask = prefix.vision_language()

@@ -21,18 +21,11 @@ from torch import nn
 import bac
 
 from .dpt import SinusoidalEmbedding
-from .vla import Attention, FeedForward, Prefix, PrefixEncoder, key_mask
+from .vla import PreNormLayer, Prefix, VLAHead, key_mask
 
 
-class Pi0PrefixLayer(nn.Module):
+class Pi0PrefixLayer(PreNormLayer):
     """One layer of the prefix transformer (the VLM's role); also gives the keys/values the expert reads."""
-
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.norm1 = nn.RMSNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.RMSNorm(width, eps=1e-6)
-        self.mlp = FeedForward(width, dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         h = self.norm1(x)
@@ -43,13 +36,8 @@ class Pi0PrefixLayer(nn.Module):
         return x + self.mlp(self.norm2(x)), (k, v)
 
 
-class Pi0ExpertLayer(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.norm1 = nn.RMSNorm(width, eps=1e-6)
-        self.attn = Attention(width, heads)
-        self.norm2 = nn.RMSNorm(width, eps=1e-6)
-        self.mlp = FeedForward(width, dropout)
+class Pi0ExpertLayer(PreNormLayer):
+    """One layer of the action expert: attention over the prefix and its own tokens, then the FFN."""
 
     def sa(self, x: torch.Tensor, prefix_kv, prefix_mask) -> torch.Tensor:
         """Attention of the expert's tokens over [this layer's prefix keys/values, their own]."""
@@ -66,18 +54,15 @@ class Pi0ExpertLayer(nn.Module):
 bac.register_adapter(Pi0ExpertLayer, bac.BranchAttributes({"sa": "sa", "ffn": "ffn"}))
 
 
-class Pi0Head(nn.Module):
+class Pi0Head(VLAHead):
     """Velocity predictor ``(noisy actions [B, H, A], timestep, Prefix) -> [B, H, A]``."""
 
     def __init__(self, action_dim: int, state_dim: int, horizon: int, n_obs_steps: int, width: int = 128,
                  num_layers: int = 6, heads: int = 4, dropout: float = 0.0, cameras=("corner3",),
                  image_size: int = 84, crop_pad: int = 4):
-        super().__init__()
-        self.horizon, self.action_dim = horizon, action_dim
-        self.prefix_encoder = PrefixEncoder(width, cameras, image_size, state_dim, n_obs_steps)
+        super().__init__(action_dim, state_dim, horizon, n_obs_steps, width, cameras, image_size)
         self.prefix_pos_emb = nn.Parameter(0.02 * torch.randn(1, 1, width))  # marks the prefix stream
         self.prefix_layers = nn.ModuleList(Pi0PrefixLayer(width, heads, dropout) for _ in range(num_layers))
-        self.input_emb = nn.Linear(action_dim, width)
         self.time_emb = SinusoidalEmbedding(width)
         self.action_time_mlp = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, width))
         self.pos_emb = nn.Parameter(0.02 * torch.randn(1, 1 + horizon, width))
@@ -86,7 +71,8 @@ class Pi0Head(nn.Module):
         self.head = nn.Linear(width, action_dim)
 
     def encode_prefix(self, observation: dict) -> Prefix:
-        prefix = self.prefix_encoder(observation)
+        """The prefix, run through the prefix transformer: every layer's keys/values in ``prefix.extra``."""
+        prefix = super().encode_prefix(observation)
         tokens, mask = prefix.vision_language()
         x, kv = tokens + self.prefix_pos_emb, []
         for layer in self.prefix_layers:

@@ -507,13 +507,19 @@ class DiffusionPolicy(nn.Module):
         return TunedConfig.load(path).apply(self)
 
     # -- checkpoints -----------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, half: bool = False) -> Path:
         """Write ``model.safetensors`` (with the architecture fingerprint) and ``config.json`` (with the
         weights' sha256). Each file is replaced atomically, weights first: a crash in between leaves
-        a checkpoint whose sha256 does not match, which :meth:`load` refuses."""
+        a checkpoint whose sha256 does not match, which :meth:`load` refuses.
+
+        ``half``: store the denoiser's floating-point weights as float16 (half the bytes; the normalisers
+        stay float32); :meth:`load` casts them back to float32, so a policy computes in float32 either way."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        record = save_weights(self.state_dict(), directory / WEIGHTS_FILE, self.config)
+        state = self.state_dict()
+        if half:
+            state = {k: v.half() if k.startswith("model.") and v.is_floating_point() else v for k, v in state.items()}
+        record = save_weights(state, directory / WEIGHTS_FILE, self.config)
         self.config.save(directory / "config.json", weights=record)
         if self.language is not None and len(self.language):
             self.language.save(directory / CACHE_FILE)  # the instructions' tokens: no language model needed for them

@@ -18,7 +18,7 @@ from torch import nn
 import bac
 
 from .dpt import SinusoidalEmbedding
-from .vla import Attention, FeedForward, Prefix, PrefixEncoder
+from .vla import Attention, FeedForward, Prefix, VLAHead
 
 
 class RDTBlock(nn.Module):
@@ -49,25 +49,19 @@ class RDTBlock(nn.Module):
 bac.register_adapter(RDTBlock, bac.BranchAttributes({"sa": "sa", "ca": "ca", "ffn": "ffn"}))
 
 
-class RDTHead(nn.Module):
+class RDTHead(VLAHead):
     """Clean-action predictor ``(noisy actions [B, H, A], timestep, Prefix) -> [B, H, A]``."""
 
     def __init__(self, action_dim: int, state_dim: int, horizon: int, n_obs_steps: int, width: int = 128,
                  num_layers: int = 6, heads: int = 4, dropout: float = 0.0, cameras=("corner3",),
                  image_size: int = 84, crop_pad: int = 4):
-        super().__init__()
-        self.horizon, self.action_dim = horizon, action_dim
-        self.prefix_encoder = PrefixEncoder(width, cameras, image_size, state_dim, n_obs_steps)
-        self.input_emb = nn.Linear(action_dim, width)
+        super().__init__(action_dim, state_dim, horizon, n_obs_steps, width, cameras, image_size)
         self.pos_emb = nn.Parameter(0.02 * torch.randn(1, 2 + horizon, width))
         self.time_emb = nn.Sequential(SinusoidalEmbedding(width), nn.Linear(width, width), nn.SiLU(),
                                       nn.Linear(width, width))
         self.blocks = nn.ModuleList(RDTBlock(width, heads, dropout) for _ in range(num_layers))
         self.norm_out = nn.RMSNorm(width, eps=1e-6)
         self.head = nn.Linear(width, action_dim)
-
-    def encode_prefix(self, observation: dict) -> Prefix:
-        return self.prefix_encoder(observation)
 
     def _conditions(self, prefix: Prefix) -> list[tuple]:
         """Per layer: the keys/values and key mask of its condition (language, image, language, ...)."""

@@ -35,7 +35,7 @@ from bac.envs.collect import collect
 from bac.envs.dataset import ImageLanguageWindows, WindowDataset
 
 from .checkpointing import TrainingState, check_fits
-from .config import IMAGE_PREFIX, VLA_ARCHITECTURES, PolicyConfig
+from .config import IMAGE_PREFIX, PolicyConfig
 from .policy import DiffusionPolicy
 from .vla import frames_to_images
 
@@ -146,7 +146,11 @@ def train(cfg: DictConfig) -> Path:
     policy.obs_normalizer.fit(obs)
     policy.action_normalizer.fit(actions)
     if instructions is not None:
-        policy.language.add(instructions)  # encoded once; saved with the checkpoint
+        # Encoded once and saved with the checkpoint: the demonstrations' instructions, and the held-out
+        # paraphrases too (the encoder is frozen, so this leaks nothing), so evaluation needs no language model.
+        from bac.envs.instructions import INSTRUCTIONS
+
+        policy.language.add(instructions + [t for task in tasks for t in INSTRUCTIONS.get(task, ())])
     policy.to(device).train()
     obs, actions, task_index = obs.to(device), actions.to(device), task_index.to(device)
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from .language import TOKEN_DIM
 
-__all__ = ["Attention", "FeedForward", "ImageEncoder", "Prefix", "PrefixEncoder", "frames_to_images",
-           "modulate", "random_shift"]
+__all__ = ["Attention", "FeedForward", "ImageEncoder", "PreNormLayer", "Prefix", "PrefixEncoder", "VLAHead",
+           "frames_to_images", "modulate", "random_shift"]
 
 
 def frames_to_images(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -173,3 +173,33 @@ class FeedForward(nn.Sequential):
     def __init__(self, width: int, dropout: float = 0.0):
         super().__init__(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Dropout(dropout),
                          nn.Linear(4 * width, width))
+
+
+class PreNormLayer(nn.Module):
+    """A pre-RMSNorm attention + FFN layer's parts (``norm1``, ``attn``, ``norm2``, ``mlp``); subclasses wire them."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.RMSNorm(width, eps=1e-6)
+        self.mlp = FeedForward(width, dropout)
+
+
+class VLAHead(nn.Module):
+    """What every VLA head has: the observation prefix encoder and the action-token embedding.
+
+    The heads take every field of their typed config (``policies.config.VLAHeadConfig``); ``crop_pad`` is
+    the policy's training augmentation and ``dropout`` the FFNs', so neither is used here.
+    """
+
+    def __init__(self, action_dim: int, state_dim: int, horizon: int, n_obs_steps: int, width: int,
+                 cameras: Sequence[str], image_size: int):
+        super().__init__()
+        self.horizon, self.action_dim = horizon, action_dim
+        self.prefix_encoder = PrefixEncoder(width, cameras, image_size, state_dim, n_obs_steps)
+        self.input_emb = nn.Linear(action_dim, width)
+
+    def encode_prefix(self, observation: dict) -> Prefix:
+        """The observation's :class:`Prefix`, once per policy call (see :class:`PrefixEncoder`)."""
+        return self.prefix_encoder(observation)

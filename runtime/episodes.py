@@ -69,8 +69,9 @@ def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, actio
     if slices is not None:
         width = (sum(len(range(*sl.indices(observation_space.shape[0]))) for sl in slices),)
     if STATE not in inputs or _shape(inputs[STATE]) != tuple(width):
+        keys = f" (its keys {list(inputs[STATE].keys)})" if slices is not None else ""
         raise ValueError(f"the policy's {STATE!r} is {list(_shape(inputs[STATE])) if STATE in inputs else 'absent'}, "
-                         f"the environment gives {list(width)}")
+                         f"the environment's observations are {list(width)}{keys}")
     if not isinstance(action_space, gym.spaces.Box) or _shape(outputs["action"]) != tuple(action_space.shape):
         raise ValueError(f"the policy's actions are {list(_shape(outputs['action']))}, "
                          f"the environment's action space is {action_space}")

@@ -295,3 +295,16 @@ def test_closed_loop_episodes_render_only_when_a_chunk_is_due(monkeypatch):
     assert renders == ["corner3"] * 3  # chunks of 4 actions: at steps 0, 4 and 8
     with pytest.raises(ValueError, match="instructions"):
         list(run_episodes(policy, "faucet-open", [5], num_envs=1, max_episode_steps=2))
+
+
+def test_half_precision_storage_loads_as_float32(tmp_path):
+    policy = tiny_head("rdt", steps=5)
+    obs = observation(2)
+    full = DiffusionPolicy.load(policy.save(tmp_path / "fp32"))
+    half = DiffusionPolicy.load(policy.save(tmp_path / "fp16", half=True))
+    weights = (tmp_path / "fp16" / "model.safetensors").stat().st_size
+    assert weights < 0.6 * (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    assert torch.equal(half.obs_normalizer.scale, policy.obs_normalizer.scale)  # normalisers stay float32
+    expected, rounded = chunk(full, obs), chunk(half, obs)
+    assert not torch.equal(rounded, expected) and (rounded - expected).abs().max() < 1e-2 * expected.abs().max()

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from bac.runtime import ChunkingPolicy, run_episodes
+from bac.runtime import ChunkingPolicy, EnvPool, run_episodes
 
 
 def read_episodes(path: Path) -> list[dict]:
@@ -50,6 +50,7 @@ def run_task(
     max_episode_steps: int | None = None,
     progress: bool = True,
     instructions=None,
+    envs: EnvPool | None = None,
 ) -> list[dict]:
     """Run the episodes of ``seeds`` not yet in ``log_path``; return every result for (task, method).
 
@@ -57,7 +58,8 @@ def run_task(
     its ``task`` feature); each wave of episodes gets a generator on the policy's
     device seeded from its first seed, so every method sees the same initial noise
     on the same episodes (paired comparisons). ``instructions(seed)``: each episode's
-    instruction, for a policy that reads instructions (see ``bac.runtime.run_episodes``).
+    instruction, for a policy that reads instructions (see ``bac.runtime.run_episodes``). ``envs``: a pool
+    shared by the methods run on one task, so their waves reuse one set of environments.
     """
     seeds = list(seeds)
     done = {e["seed"]: e for e in read_episodes(log_path) if e["task"] == task and e["method"] == method}
@@ -72,7 +74,7 @@ def run_task(
         for wave in todo:
             generator = torch.Generator(device=policy.device).manual_seed(wave[0])
             for result in run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
-                                       generator=generator, instructions=instructions):
+                                       generator=generator, instructions=instructions, envs=envs):
                 if result["seed"] in done:
                     continue
                 record = {"task": task, "method": method, **result}

@@ -31,6 +31,7 @@ from bac.envs.instructions import instruction, swapped_task
 from bac.envs.metaworld_env import ALL_TASKS
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
+from bac.runtime import EnvPool
 
 from . import report as reporting
 from .closed_loop import run_task
@@ -202,9 +203,12 @@ def image_calibration_batch(cfg: DictConfig, policy: DiffusionPolicy, tasks: lis
 
     size = policy.config.model.image_size
     keys = policy.input_features["observation.state"].keys or ("state",)
+    # The demonstrations the head was trained on (image datasets are large: no second, noise-free set).
+    action_noise = float(policy.provenance.get("settings", {}).get("action_noise", 0.0))
     state, images, texts = [], {c: [] for c in policy.cameras}, []
     for task in tasks:
-        path = collect(task, cfg.calibration.episodes, progress=False, cameras=policy.cameras, image_size=size)
+        path = collect(task, cfg.calibration.episodes, progress=False, cameras=policy.cameras, image_size=size,
+                       action_noise=action_noise)
         data = ImageLanguageWindows(path, keys, policy.cameras, horizon=1, n_obs_steps=policy.n_obs_steps,
                                     image_size=size, state_dim=policy.obs_dim)
         index = np.random.default_rng(cfg.calibration.seed).choice(len(data), size=per_task, replace=per_task > len(data))
@@ -370,14 +374,15 @@ def run(cfg: DictConfig) -> dict:
     seeds = range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes))
     log_path = out / "episodes.jsonl"
     if trained and cfg.episodes > 0:
-        for task in tasks:
-            for variant in variants:
-                with applied(policy, variant, built.get(variant.name)):
-                    episodes[variant.name] += run_task(
-                        policy, task, variant.name, seeds, log_path, num_envs=int(cfg.num_envs),
-                        max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
-                        instructions=episode_instructions(cfg, policy, task),
-                    )
+        with EnvPool() as envs:  # one set of environments per task, shared by every method
+            for task in tasks:
+                for variant in variants:
+                    with applied(policy, variant, built.get(variant.name)):
+                        episodes[variant.name] += run_task(
+                            policy, task, variant.name, seeds, log_path, num_envs=int(cfg.num_envs),
+                            max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
+                            instructions=episode_instructions(cfg, policy, task), envs=envs,
+                        )
     videos = save_videos(cfg, policy, variants, built, tasks, out) if trained and cfg.video else []
 
     latencies = measure_latency(policy, variants, built, latency_batch, repeats=int(cfg.latency.repeats),

@@ -16,6 +16,8 @@ chunk's sampling with the execution of the current one.
 ``envs/`` holds the tasks and the data; the runtime holds no task knowledge (its
 episodes use ``bac.envs.metaworld_env.make_vector_env``, the only environments today).
 """
-from .episodes import ChunkingPolicy, check_compatible, observation_batch, record_episode, run_episodes, run_wave
+from .episodes import (ChunkingPolicy, EnvPool, check_compatible, observation_batch, record_episode, run_episodes,
+                       run_wave)
 
-__all__ = ["ChunkingPolicy", "check_compatible", "observation_batch", "record_episode", "run_episodes", "run_wave"]
+__all__ = ["ChunkingPolicy", "EnvPool", "check_compatible", "observation_batch", "record_episode", "run_episodes",
+           "run_wave"]

@@ -99,6 +99,43 @@ def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPo
     return batch
 
 
+class EnvPool:
+    """Keeps the vector env of the last wave for the next wave of the same shape.
+
+    Building a Meta-World env (its MuJoCo model, and a GL context where it renders) costs about
+    0.5-1.3 s, more than an episode of it on this machine; every wave resets each env with its own
+    seed, so a reused env runs exactly the episode a new one would (tested). Use it as a context
+    manager, or call :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._venv: gym.vector.VectorEnv | None = None
+
+    def get(self, task: str, num_envs: int, max_episode_steps: int | None, render: Mapping[str, Any]):
+        """A vector env of ``num_envs`` copies of ``task`` (the pooled one when its shape is the same)."""
+        from bac.envs.metaworld_env import make_vector_env
+
+        key = (task, num_envs, max_episode_steps, tuple(sorted(render.items())))
+        if key != self._key:
+            self.close()
+            self._venv = make_vector_env(task, num_envs, max_episode_steps=max_episode_steps,
+                                         terminate_on_success=True, **render)
+            self._key = key
+        return self._venv
+
+    def close(self) -> None:
+        if self._venv is not None:
+            self._venv.close()
+        self._venv, self._key = None, None
+
+    def __enter__(self) -> "EnvPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_episodes(
     policy: ChunkingPolicy,
     task: str,
@@ -108,29 +145,30 @@ def run_episodes(
     max_episode_steps: int | None = None,
     generator: torch.Generator | None = None,
     instructions: Callable[[int], str] | None = None,
+    envs: EnvPool | None = None,
 ) -> Iterator[dict]:
     """Yield one result per seed, ``{"seed", "success", "steps"}``, as each wave of ``num_envs`` finishes.
 
     ``generator`` (default: torch's global RNG) draws the sampling noise of every wave in turn.
     ``instructions(seed)``: the instruction of each episode, for a policy that reads instructions
     (``policy.reads_instructions``; required for it, refused otherwise). Cameras a policy reads are
-    rendered at its image size when it samples a chunk.
+    rendered at its image size when it samples a chunk. ``envs``: an :class:`EnvPool` that outlives
+    this call (an evaluator running several methods on one task); by default the envs are closed at the end.
     """
-    from bac.envs.metaworld_env import make_vector_env
-
     seeds = [int(s) for s in seeds]
     render = {}
     if _cameras(policy):
         size = _shape(policy.input_features[IMAGE_PREFIX + _cameras(policy)[0]])[-1]
         render = {"width": size, "height": size}
-    for start in range(0, len(seeds), num_envs):
-        wave = seeds[start : start + num_envs]
-        venv = make_vector_env(task, len(wave), max_episode_steps=max_episode_steps, terminate_on_success=True,
-                               **render)
-        try:
+    pool = envs if envs is not None else EnvPool()
+    try:
+        for start in range(0, len(seeds), num_envs):
+            wave = seeds[start : start + num_envs]
+            venv = pool.get(task, len(wave), max_episode_steps, render)
             yield from run_wave(policy, venv, task, wave, generator=generator, instructions=instructions)
-        finally:
-            venv.close()
+    finally:
+        if envs is None:
+            pool.close()
 
 
 def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seeds: list[int], *,

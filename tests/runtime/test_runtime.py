@@ -9,7 +9,7 @@ import torch
 from bac.envs.metaworld_env import make_vector_env
 from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
-from bac.runtime import check_compatible, observation_batch, record_episode, run_episodes, run_wave
+from bac.runtime import EnvPool, check_compatible, observation_batch, record_episode, run_episodes, run_wave
 
 SHIPPED = Path(__file__).resolve().parents[2] / "policies" / "checkpoints" / "dpt-metaworld"
 
@@ -109,6 +109,45 @@ def test_short_rollout_results():
     assert [r["seed"] for r in results] == [5, 6, 7]
     assert all(1 <= r["steps"] <= 20 and isinstance(r["success"], bool) for r in results)
     assert all(r["steps"] == 20 for r in results if not r["success"])
+
+
+def test_a_pooled_env_runs_the_episodes_of_a_new_one():
+    """The evaluator reuses one set of envs for every method on a task: after other episodes (some cut short,
+    some autoreset), a pooled env must give exactly the observations, frames and results of new envs."""
+    policy = tiny_policy(tasks=["reach"])
+    render = {"render_mode": "rgb_array", "camera_name": "corner3", "width": 16, "height": 16}
+    actions = np.random.default_rng(0).uniform(-1, 1, (12, 2, 4))
+
+    def trajectory(venv):
+        obs, _ = venv.reset(seed=[41, 42])
+        frames, states = [venv.render()], [obs]
+        for action in actions:
+            obs, *_ = venv.step(action)
+            states.append(obs)
+            frames.append(venv.render())
+        return np.stack(states), np.stack(frames)
+
+    with EnvPool() as pool:
+        list(run_episodes(policy, "reach", [3, 4], num_envs=2, max_episode_steps=7, envs=pool,
+                          generator=torch.Generator().manual_seed(3)))
+        first = pool.get("reach", 2, 7, {})
+        again = list(run_episodes(policy, "reach", [5, 6], num_envs=2, max_episode_steps=7, envs=pool,
+                                  generator=torch.Generator().manual_seed(5)))
+        assert pool.get("reach", 2, 7, {}) is first  # the same envs ran both waves
+        used = pool.get("reach", 2, 7, render)
+        used.reset(seed=[1, 2])
+        for action in actions[:9]:  # past the cap: both envs autoreset on their own
+            used.step(action)
+        pooled = trajectory(pool.get("reach", 2, 7, render))
+        assert pool.get("reach", 2, 7, render) is used
+    fresh_venv = make_vector_env("reach", 2, max_episode_steps=7, terminate_on_success=True, **render)
+    try:
+        fresh = trajectory(fresh_venv)
+    finally:
+        fresh_venv.close()
+    assert np.array_equal(pooled[0], fresh[0]) and np.array_equal(pooled[1], fresh[1])
+    assert again == list(run_episodes(policy, "reach", [5, 6], num_envs=2, max_episode_steps=7,
+                                      generator=torch.Generator().manual_seed(5)))
 
 
 def test_policy_that_does_not_fit_the_env_is_refused():

@@ -258,6 +258,8 @@ def settings_digest(cfg: DictConfig) -> str:
     relevant["calibration"] = {k: v for k, v in relevant["calibration"].items() if k != "recompute"}
     if relevant["tuned"] is None:  # no tuned file: the digest of runs made before the setting existed
         del relevant["tuned"]
+    if cfg.instructions != "held_out":  # other instructions are another run (the default keeps earlier digests)
+        relevant["instructions"] = cfg.instructions
     checkpoint = _resolve(str(cfg.checkpoint))
     if (checkpoint / "model.safetensors").is_file():  # a retrained checkpoint is another run
         relevant["weights"] = weights_digest(checkpoint)

@@ -8,7 +8,7 @@ layout. AdamW with linear warm-up and cosine decay (diffusers' schedule), EMA
 weights (diffusers' ``EMAModel``), deterministic seeding. Every
 ``checkpoint_every`` steps the full training state goes to ``run_dir`` (resumed
 automatically after an interruption) and the EMA policy is exported to
-``export_dir`` as safetensors + JSON.
+``export_dir`` as safetensors + JSON (``export_half=true``: the denoiser's weights stored as float16).
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def train(cfg: DictConfig) -> Path:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__,
         }
-        exported.save(export_dir)
+        exported.save(export_dir, half=bool(cfg.export_half))
 
     log = open(run_dir / "log.jsonl", "a")
     smoothed = math.nan
@@ -244,7 +244,8 @@ SETTINGS = {
     "batch_size": (INT, 1, False), "lr": (FLOAT, 0, False), "weight_decay": (FLOAT, 0, False),
     "warmup_steps": (INT, 0, False), "ema_power": (FLOAT, 0, False), "ema_max_decay": (FLOAT, 0, False),
     "seed": (INT, 0, False), "device": (STR, None, False), "threads": (INT, 1, True),
-    "run_dir": (STR, None, False), "export_dir": (STR, None, False), "checkpoint_every": (INT, 1, False),
+    "run_dir": (STR, None, False), "export_dir": (STR, None, False), "export_half": (BOOL, None, False),
+    "checkpoint_every": (INT, 1, False),
     "log_every": (INT, 1, False), "resume": (BOOL, None, False), "eval_every": (INT, 0, False),
     "eval_episodes": (INT, 1, False), "progress": (BOOL, None, False),
 }

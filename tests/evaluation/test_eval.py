@@ -459,3 +459,13 @@ def test_instruction_sets_are_held_out_train_or_swapped(vla_checkpoint):
         episode_instructions(settings("random"), policy, "faucet-open")
     with pytest.raises(EvalError, match="no shared-scene pair|no instructions"):
         episode_instructions(settings("swapped"), policy, "reach")
+
+
+def test_each_instruction_set_is_its_own_run(vla_checkpoint, tmp_path):
+    """out_dir=auto must not resume held-out episodes into a swapped-instruction run (or the other way)."""
+    from bac.evaluation.run import settings_digest
+
+    digests = {name: settings_digest(config(vla_checkpoint, tmp_path, f"instructions={name}"))
+               for name in ("held_out", "train", "swapped")}
+    assert len(set(digests.values())) == 3
+    assert digests["held_out"] == settings_digest(config(vla_checkpoint, tmp_path))  # the default's digest

@@ -86,3 +86,36 @@ def test_paired_difference_on_episodes():
     assert d["pairs"] == 6 and d["mean"] == 0.0 and d["ci_method"] == "newcombe-10"
     assert d["ci95"] == pytest.approx(newcombe_paired(3, 1, 1, 1)) and d["mcnemar_p"] == 1.0
     assert paired_difference(method, episodes([]))["pairs"] == 0
+
+
+def test_vla_summary_pairs_swapped_instructions_with_the_right_ones(tmp_path):
+    """The cross-head summary: per-task success at full computation, and the swapped-instruction run paired
+    episode by episode with the held-out one (only full-computation episodes count)."""
+    import json
+
+    from bac.evaluation.vla_summary import markdown, summarize_head
+
+    def write(run, successes, extra_method=False):
+        run.mkdir()
+        lines = [{"task": t, "method": "full", "seed": s, "success": ok, "steps": 5}
+                 for t, outcomes in successes.items() for s, ok in enumerate(outcomes)]
+        if extra_method:  # another method's episodes are not the head's full-computation success
+            lines += [{"task": "faucet-open", "method": "bac", "seed": 0, "success": False, "steps": 5}]
+        (run / "episodes.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    write(tmp_path / "vla-gr00t", {"faucet-open": [True, True, True, False], "faucet-close": [True, False, False, False]},
+          extra_method=True)
+    write(tmp_path / "vla-gr00t-swapped", {"faucet-open": [False, True, False, False],
+                                           "faucet-close": [False, False, False, False]})
+    report = {"policy": {"checkpoint": "gr00t-metaworld"}, "sampler": {"kind": "flow", "steps": 4},
+              "environment": {"tasks": ["faucet-open", "faucet-close"]},
+              "prefix": {"share_of_reference": 0.25}, "methods": {"full": {"latency": {"p50_ms": 10.0}}}}
+    (tmp_path / "vla-gr00t" / "report.json").write_text(json.dumps(report))
+    summary = summarize_head(tmp_path, "gr00t")
+    assert summary["per_task"]["faucet-open"]["successes"] == 3 and summary["success"]["episodes"] == 8
+    assert summary["mean_over_tasks"] == pytest.approx((0.75 + 0.25) / 2)
+    paired = summary["swapped"]["paired_vs_right_instruction"]
+    assert (paired["both_succeeded"], paired["only_method_succeeded"], paired["only_reference_succeeded"]) == (1, 0, 3)
+    assert paired["mean"] == pytest.approx(-3 / 8)
+    assert summarize_head(tmp_path, "rdt") is None
+    assert "| gr00t, swapped | 25 " in markdown({"gr00t": summary, "rdt": None})

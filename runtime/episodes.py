@@ -78,13 +78,16 @@ def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, actio
 
 
 def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPolicy | None = None,
-                      venv: gym.vector.VectorEnv | None = None) -> dict[str, Any]:
+                      venv: gym.vector.VectorEnv | None = None, active: np.ndarray | None = None) -> dict[str, Any]:
     """The policy batch of a vector env's observations ``[B, D]``: float32 ``observation.state`` and ``task``
     (a task name, or one instruction per env).
 
     With ``policy``, the state is the parts of the observation its feature names (:func:`state_slices`),
     and, when ``venv`` is given and the policy is about to sample a chunk (``policy.chunk_due``), every
     camera it reads is rendered into ``observation.images.<camera>`` (``[B, 3, H, W]`` float in [0, 1]).
+    ``active`` (bool ``[B]``): only those envs of a synchronous vector env are rendered; the others (finished
+    episodes, whose actions are discarded) get black frames. Rendering is most of a step's cost, and every
+    sample of a batch is computed independently, so the active envs' actions do not change (tested).
     """
     obs = np.asarray(obs)
     slices = state_slices(policy) if policy is not None else None
@@ -95,7 +98,14 @@ def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPo
         from bac.policies.vla import frames_to_images
 
         for camera in _cameras(policy):
-            batch[IMAGE_PREFIX + camera] = frames_to_images(np.stack(venv.call("render_camera", camera)))
+            if active is None or not hasattr(venv, "envs"):  # AsyncVectorEnv: render every env
+                frames = np.stack(venv.call("render_camera", camera))
+            else:
+                rendered = {i: venv.envs[i].get_wrapper_attr("render_camera")(camera)
+                            for i in np.flatnonzero(active)}
+                blank = np.zeros_like(next(iter(rendered.values()))) if rendered else None
+                frames = np.stack([rendered.get(i, blank) for i in range(len(active))])
+            batch[IMAGE_PREFIX + camera] = frames_to_images(frames)
     return batch
 
 
@@ -174,11 +184,12 @@ def run_episodes(
 def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seeds: list[int], *,
              generator: torch.Generator | None = None,
              on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
-             instructions: Callable[[int], str] | None = None) -> list[dict]:
+             instructions: Callable[[int], str] | None = None, render_done: bool = False) -> list[dict]:
     """One wave: reset ``venv`` with one seed per env, step until every episode is done.
 
     ``on_step(venv)`` runs after the reset and after every step (e.g. to render a frame).
-    ``instructions``: see :func:`run_episodes`.
+    ``instructions``: see :func:`run_episodes`. ``render_done``: render the camera inputs of finished
+    episodes too (by default they get black frames; see :func:`observation_batch`).
     """
     check_compatible(policy, venv.single_observation_space, venv.single_action_space)
     reads_instructions = bool(getattr(policy, "reads_instructions", False))
@@ -195,7 +206,8 @@ def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seed
     success = np.zeros(len(seeds), dtype=bool)
     steps = np.zeros(len(seeds), dtype=int)
     while not done.all():
-        action = policy.select_action(observation_batch(obs, task_input, policy, venv), generator=generator)
+        batch = observation_batch(obs, task_input, policy, venv, active=None if render_done else ~done)
+        action = policy.select_action(batch, generator=generator)
         action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
         if action.shape != (len(seeds), *venv.single_action_space.shape):
             raise ValueError(f"policy returned actions of shape {list(action.shape)}, expected "

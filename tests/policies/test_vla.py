@@ -199,6 +199,33 @@ def test_rendered_observations_are_the_cameras_frames():
         venv.close()
 
 
+def test_finished_episodes_are_not_rendered_and_active_actions_do_not_change():
+    """The runtime renders only the envs whose episode is still running; the others get black frames. Every
+    sample of a batch is computed on its own, so the running episodes' chunks are bit-identical."""
+    from bac.envs.metaworld_env import make_vector_env
+    from bac.runtime import observation_batch
+
+    policy = tiny_head("gr00t")
+    venv = make_vector_env("faucet-open", 3, width=SIZE, height=SIZE)
+    try:
+        obs, _ = venv.reset(seed=[1, 2, 3])
+        texts = ["open the faucet"] * 3
+        every = observation_batch(obs, texts, policy, venv)
+        calls = []
+        original = type(venv.envs[0]).render_camera
+        for env in venv.envs:
+            env.render_camera = lambda camera, env=env: calls.append(env) or original(env, camera)
+        active = np.array([True, False, True])
+        masked = observation_batch(obs, texts, policy, venv, active=active)
+        assert calls == [venv.envs[0], venv.envs[2]]  # the finished episode's env rendered nothing
+        images = masked["observation.images.corner3"]
+        assert torch.equal(images[active], every["observation.images.corner3"][active]) and images[1].eq(0).all()
+        assert torch.equal(chunk(policy, {**masked, "observation.state": masked["observation.state"][:, None]})[active],
+                           chunk(policy, {**every, "observation.state": every["observation.state"][:, None]})[active])
+    finally:
+        venv.close()
+
+
 # ------------------------------------------------------------------------------- errors and checkpoints
 def test_bad_observations_are_clear_errors():
     policy = tiny_head("gr00t")

@@ -335,3 +335,19 @@ def test_half_precision_storage_loads_as_float32(tmp_path):
     assert torch.equal(half.obs_normalizer.scale, policy.obs_normalizer.scale)  # normalisers stay float32
     expected, rounded = chunk(full, obs), chunk(half, obs)
     assert not torch.equal(rounded, expected) and (rounded - expected).abs().max() < 1e-2 * expected.abs().max()
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_shipped_heads_load_and_hold_every_evaluated_instruction(head):
+    """The shipped checkpoints: float16 storage loading as float32, the suite's eight tasks, and the tokens of
+    every instruction the evaluator gives them (train, held-out, swapped), so evaluation loads no language model."""
+    from pathlib import Path
+
+    from bac.envs.instructions import INSTRUCTIONS
+
+    directory = Path(__file__).resolve().parents[2] / "policies" / "checkpoints" / f"{head}-metaworld"
+    policy = DiffusionPolicy.load(directory)
+    assert policy.architecture == head and len(policy.tasks) == 8 and policy.cameras == ("corner3",)
+    assert all(p.dtype == torch.float32 for p in policy.model.parameters())
+    assert set(policy.language.entries) >= {text for task in policy.tasks for text in INSTRUCTIONS[task]}
+    assert (directory / "model.safetensors").stat().st_size < 6e6

@@ -358,7 +358,9 @@ def run(cfg: DictConfig) -> dict:
     if auto:  # as many steps as the bac method costs
         if "bac" not in built:
             raise EvalError(f"method(s) {auto} have steps=auto, which needs the 'bac' method in the same run")
-        matched = max(1, round(flops["bac"] / per_step))
+        # the denoiser's FLOPs only: the per-call work (a VLA head's prefix) is paid once whatever the step count
+        bac_steps = next(v.steps for v in variants if v.name == "bac")
+        matched = max(1, round((flops["bac"] - prepare_flops(bac_steps)) / per_step))
         variants = [dataclasses.replace(v, steps=matched) if v.name in auto else v for v in variants]
         flops |= {name: matched * per_step + prepare_flops(matched) for name in auto}
     full_flops = base_steps * per_step + prepare_flops(base_steps)

@@ -436,6 +436,11 @@ def test_a_vision_language_head_is_evaluated_with_images_instructions_and_its_pr
     for name, entry in report["methods"].items():
         assert entry["success"]["episodes"] == 4 and 0 < entry["prefix_share"] < 1, name
     assert report["methods"]["bac"]["skipped_share"] > 0
+    # fewer-steps matches bac's denoiser FLOPs: the prefix, paid once per call, is not counted as steps
+    fewer, full, cached = (report["methods"][m] for m in ("fewer-steps", "full", "bac"))
+    assert fewer["config"]["steps"] < 4
+    per_step = (full["flops_per_call"] - fewer["flops_per_call"]) / (4 - fewer["config"]["steps"])
+    assert abs(fewer["flops_per_call"] - cached["flops_per_call"]) <= 0.5 * per_step * 1.01
     episodes = [json.loads(line) for line in (tmp_path / "out" / "episodes.jsonl").read_text().splitlines()]
     assert {e["task"] for e in episodes} == {"faucet-open", "faucet-close"}
 

@@ -63,6 +63,8 @@ def summarize_head(results: Path, head: str) -> dict | None:
 
 
 def _cell(summary: dict) -> str:
+    if not summary["episodes"]:  # a run still going
+        return "—"
     low, high = summary["wilson95"]
     return f"{100 * summary['rate']:.0f} ({100 * low:.0f}–{100 * high:.0f})"
 

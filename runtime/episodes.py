@@ -98,12 +98,12 @@ def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPo
         from bac.policies.vla import frames_to_images
 
         for camera in _cameras(policy):
-            if active is None or not hasattr(venv, "envs"):  # AsyncVectorEnv: render every env
+            if active is None or not active.any() or not hasattr(venv, "envs"):  # AsyncVectorEnv: render all
                 frames = np.stack(venv.call("render_camera", camera))
             else:
                 rendered = {i: venv.envs[i].get_wrapper_attr("render_camera")(camera)
                             for i in np.flatnonzero(active)}
-                blank = np.zeros_like(next(iter(rendered.values()))) if rendered else None
+                blank = np.zeros_like(next(iter(rendered.values())))
                 frames = np.stack([rendered.get(i, blank) for i in range(len(active))])
             batch[IMAGE_PREFIX + camera] = frames_to_images(frames)
     return batch
@@ -184,12 +184,12 @@ def run_episodes(
 def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seeds: list[int], *,
              generator: torch.Generator | None = None,
              on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
-             instructions: Callable[[int], str] | None = None, render_done: bool = False) -> list[dict]:
+             instructions: Callable[[int], str] | None = None) -> list[dict]:
     """One wave: reset ``venv`` with one seed per env, step until every episode is done.
 
     ``on_step(venv)`` runs after the reset and after every step (e.g. to render a frame).
-    ``instructions``: see :func:`run_episodes`. ``render_done``: render the camera inputs of finished
-    episodes too (by default they get black frames; see :func:`observation_batch`).
+    ``instructions``: see :func:`run_episodes`. Finished episodes' camera inputs are black frames
+    (see :func:`observation_batch`).
     """
     check_compatible(policy, venv.single_observation_space, venv.single_action_space)
     reads_instructions = bool(getattr(policy, "reads_instructions", False))
@@ -206,7 +206,7 @@ def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seed
     success = np.zeros(len(seeds), dtype=bool)
     steps = np.zeros(len(seeds), dtype=int)
     while not done.all():
-        batch = observation_batch(obs, task_input, policy, venv, active=None if render_done else ~done)
+        batch = observation_batch(obs, task_input, policy, venv, active=~done)
         action = policy.select_action(batch, generator=generator)
         action = action.detach().cpu().numpy() if isinstance(action, torch.Tensor) else np.asarray(action)
         if action.shape != (len(seeds), *venv.single_action_space.shape):

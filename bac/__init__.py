@@ -16,14 +16,21 @@ CG-Taylor, Sortblock) is a schedule plus a stand-in, built by name::
     with bac.accelerate(denoiser, method, num_steps=100):
         ...
 
+For a deadline instead of an update budget (a control rate, a chunk latency), on this machine::
+
+    chosen = bac.plan_for_budget(calibration, control_hz=20, actions_per_chunk=8,
+                                 timer=bac.plan_timer(denoiser, lambda: policy_sample(obs)))
+    print(chosen.describe())  # predicted and measured latency, updates per block
+
 The core needs torch, numpy and safetensors only; ``bac.diffusers`` (extra
 ``diffusers``) adds diffusers' DiT, FLUX and Wan transformers.
 """
 __version__ = "0.2.0"
 
-from .acs import acs_schedule
+from .acs import acs_schedule, acs_scores
 from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, ModelSpec, describe, register_adapter
 from .bua import bubbling_union
+from .budget import BlockCost, BudgetError, BudgetPlan, allocate_updates, plan_for_budget, plan_timer
 from .calibration import METRICS, Calibration
 from .engine import CacheHandle, StepOverflowError, accelerate, new_trajectory
 from .errors import (
@@ -54,6 +61,9 @@ from .standins import REUSE, Reuse, Taylor, make_standin
 
 __all__ = [
     "BacError",
+    "BlockCost",
+    "BudgetError",
+    "BudgetPlan",
     "Block",
     "BranchAttributes",
     "CGTaylor",
@@ -83,6 +93,8 @@ __all__ = [
     "__version__",
     "accelerate",
     "acs_schedule",
+    "acs_scores",
+    "allocate_updates",
     "available_methods",
     "bubbling_union",
     "build_method",
@@ -94,6 +106,8 @@ __all__ = [
     "method_params",
     "needs_calibration",
     "new_trajectory",
+    "plan_for_budget",
+    "plan_timer",
     "register_adapter",
     "register_method",
     "scheduler_id",

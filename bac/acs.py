@@ -22,25 +22,47 @@ def acs_schedule(similarity, num_updates: int, maximize: bool = True) -> list[in
     s = np.asarray(similarity, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
         raise ValueError(f"similarity must be a non-empty square K x K matrix, got shape {s.shape}")
+    check_number("num_updates", num_updates, 1, s.shape[0], integer=True)
+    _, choices = _dynamic_program(s, num_updates, maximize)
+    steps, i = [], s.shape[0] - 1
+    for choice in reversed(choices):
+        i = int(choice[i])
+        steps.append(i + 1)
+    return [0] + steps[::-1]
+
+
+def acs_scores(similarity, maximize: bool = True) -> np.ndarray:
+    """The optimal ACS score of one block for every update count: entry ``M - 1`` is the total score of
+    ``acs_schedule(similarity, M)`` (negated for a distance, so larger is always better), for M = 1 .. K.
+
+    One pass of the same dynamic program (its value after each added segment), O(K^3). What a
+    budget allocator trades between blocks (:func:`bac.plan_for_budget`).
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
+        raise ValueError(f"similarity must be a non-empty square K x K matrix, got shape {s.shape}")
+    values, _ = _dynamic_program(s, s.shape[0], maximize)
+    return values
+
+
+def _dynamic_program(s: np.ndarray, num_updates: int, maximize: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """ACS's table for 1 .. ``num_updates`` segments: the optimal total score for each count (larger is
+    better) and, per added segment, the argmax choices that backtracking reads."""
     if not np.isfinite(s).all():
         raise ValueError("similarity matrix contains NaN or inf")
     k = s.shape[0]
-    check_number("num_updates", num_updates, 1, k, integer=True)
     score = s if maximize else -s
     prefix = np.cumsum(score, axis=1)
     # cost[a, b] = sum_{t=a..b} score[a, t] for b >= a; -inf marks an empty segment.
     before = np.concatenate([[0.0], prefix[np.arange(1, k), np.arange(k - 1)]])
     cost = np.where(np.triu(np.ones((k, k), dtype=bool)), prefix - before[:, None], -np.inf)
     best = cost[0].copy()  # best[i]: steps 0..i covered by m segments, the last ending at i
-    choices = []
+    values, choices = [best[-1]], []
     for _ in range(1, num_updates):
         # candidate[j, i]: m-1 segments cover 0..j, the new one covers j+1..i.
         candidate = best[:-1, None] + cost[1:, :]
         choice = np.argmax(candidate, axis=0)  # first maximum: the smallest j
         best = np.concatenate([[-np.inf], candidate[choice[1:], np.arange(1, k)]])
         choices.append(choice)
-    steps, i = [], k - 1
-    for choice in reversed(choices):
-        i = int(choice[i])
-        steps.append(i + 1)
-    return [0] + steps[::-1]
+        values.append(best[-1])
+    return np.asarray(values), choices

@@ -1,0 +1,329 @@
+"""Plans for a latency budget: per-block update counts chosen for a target call latency or control rate.
+
+BAC's ``M`` gives every block the same number of updates. A robot engineer has a deadline
+instead (a control rate, or the time one chunk may take), and blocks differ both in what
+an update costs (an FFN is about twice an attention block) and in what it buys (how fast
+the block's feature changes). :func:`plan_for_budget` spends the budget where it buys
+the most ACS score:
+
+1. **Cost model** (:class:`BlockCost`, measured on the target machine by
+   :meth:`BlockCost.measure`): one sampling call costs ``fixed_ms + sum_b block_ms[b] * n_b``
+   for ``n_b`` updates of block ``b``. ``fixed_ms`` is what runs whatever the plan (the
+   condition encoder, embeddings, sampler steps, cache bookkeeping).
+2. **Gains**: ``acs_scores`` gives, for every block and every update count, the optimal ACS
+   score (the total similarity its schedule keeps).
+3. **Allocation** (:func:`allocate_updates`): the update counts maximising the summed score
+   with ``sum_b cost_b * n_b`` within the budget, exactly: a multiple-choice knapsack solved
+   by dynamic programming over blocks and integer budget units. Costs are rounded *up* to
+   units (``resolution`` units per budget), so the chosen plan never exceeds the real budget
+   by the cost model; it is the optimum among plans that fit the rounded costs.
+4. **Schedules**: each block's ``acs_schedule`` at its count, then BUA over the top-``n``
+   blocks (as the paper's bac). BUA adds updates; when they overshoot, the allocation is
+   redone on a smaller budget until the final plan fits.
+5. **Check** (with a ``timer``): the plan's latency is measured; when it differs from the
+   prediction by more than ``tolerance``, the model is refit on every measurement so far
+   (least squares on ``fixed_ms`` and a common scale of the block costs) and the plan remade.
+
+Gains and costs depend on the machine, not only the model: keep a budget plan for the
+machine it was made on (its params record the budget and the predicted latency).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .acs import acs_schedule, acs_scores
+from .bua import bubbling_union
+from .calibration import METRICS, Calibration
+from .checks import check_number
+from .errors import ConfigError
+from .plan import Plan
+
+#: ``timer(plans) -> latency in ms of one sampling call under each plan`` (medians of interleaved repeats).
+PlanTimer = Callable[[Sequence[Plan]], Sequence[float]]
+
+
+class BudgetError(ConfigError):
+    """No plan fits the latency budget (below the cost of updating every block once)."""
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Latency model of one sampling call: ``fixed_ms + sum_b block_ms[b] * updates_b`` (milliseconds)."""
+
+    fixed_ms: float
+    block_ms: dict[str, float]
+    num_steps: int
+    source: str = "given"  # "measured", "refit" or "given"
+
+    def predict(self, updates: dict[str, int]) -> float:
+        """Predicted latency of a call with ``updates[b]`` evaluations of block ``b``."""
+        missing = sorted(set(self.block_ms) - set(updates))
+        if missing:
+            raise ValueError(f"no update count for blocks {missing[:4]}")
+        return self.fixed_ms + sum(self.block_ms[b] * updates[b] for b in self.block_ms)
+
+    def predict_plan(self, plan: Plan) -> float:
+        return self.predict({b.name: len(b.update_steps) for b in plan.blocks})
+
+    def to_dict(self) -> dict:
+        return {"fixed_ms": self.fixed_ms, "block_ms": dict(self.block_ms), "num_steps": self.num_steps,
+                "source": self.source}
+
+    @classmethod
+    def measure(cls, timer: PlanTimer, source: Calibration, groups: str = "kind") -> tuple["BlockCost", list]:
+        """Measure the cost model on this machine from a few probe plans of ``source``'s blocks.
+
+        Probes: every block at every step; every block at step 0 only; and, per group of blocks
+        (``groups="kind"``: all SA, all CA, all FFN blocks; ``"block"``: each block alone), that
+        group at step 0 only and the others at every step. Block costs within a group are equal
+        (the group's share divided evenly); ``fixed_ms`` and the group costs are the least-squares
+        fit of the probes' medians. Returns the model and the ``(updates, measured_ms)`` points
+        (kept for refits).
+        """
+        if groups not in ("kind", "block"):
+            raise ValueError(f"groups must be 'kind' or 'block', got {groups!r}")
+        k = source.num_steps
+        if k < 2:
+            raise ValueError("a cost model needs a sampler of at least 2 steps (one step cannot be cached)")
+        names = [b.name for b in source.blocks]
+        keys = [b.kind if groups == "kind" else b.name for b in source.blocks]
+        members = {key: [n for n, g in zip(names, keys) if g == key] for key in dict.fromkeys(keys)}
+        probes = [{n: k for n in names}, {n: 1 for n in names}]
+        probes += [{n: (1 if n in group else k) for n in names} for group in members.values()]
+        plans = [Plan.from_steps(source, {n: list(range(c)) for n, c in counts.items()}, k, "cost-probe",
+                                 scheduler=source.scheduler) for counts in probes]
+        measured = [float(t) for t in timer(plans)]
+        points = list(zip(probes, measured))
+        # columns: fixed, then each group's updates (its blocks share one per-update cost)
+        design = np.array([[1.0] + [sum(counts[n] for n in group) for group in members.values()]
+                           for counts in probes])
+        solution, *_ = np.linalg.lstsq(design, np.array(measured), rcond=None)
+        fixed, per_block = float(solution[0]), solution[1:]
+        block_ms = {n: max(float(c), 1e-6) for group, c in zip(members.values(), per_block) for n in group}
+        return cls(fixed, block_ms, k, "measured"), points
+
+    def refit(self, points: Sequence[tuple[dict[str, int], float]]) -> "BlockCost":
+        """Least squares on ``fixed_ms`` and one scale of every block cost over measured ``(updates, ms)`` points.
+
+        The block costs keep their ratios (the probes measured them); what drifts between the probes
+        and real plans (other threads, caches warm or cold, the plan's bookkeeping) moves the two
+        parameters of the fit."""
+        design = np.array([[1.0, sum(self.block_ms[b] * counts[b] for b in self.block_ms)] for counts, _ in points])
+        (fixed, scale), *_ = np.linalg.lstsq(design, np.array([ms for _, ms in points]), rcond=None)
+        scale = max(float(scale), 1e-6)
+        return replace(self, fixed_ms=float(fixed), block_ms={b: c * scale for b, c in self.block_ms.items()},
+                       source="refit")
+
+
+def allocate_updates(gains: Sequence[Sequence[float]], costs: Sequence[int], budget: int) -> list[int]:
+    """Update counts ``n_b`` (1 .. K_b) maximising ``sum_b gains[b][n_b - 1]`` with ``sum_b costs[b] * n_b <= budget``.
+
+    Exact: a dynamic program over blocks and integer budgets (a multiple-choice knapsack),
+    O(B * K * budget). ``costs`` are positive integers. Ties go to fewer updates on the later
+    blocks. Raises :class:`BudgetError` when even one update per block does not fit.
+    """
+    if len(gains) != len(costs) or not gains:
+        raise ValueError(f"need one gain row and one cost per block, got {len(gains)} and {len(costs)}")
+    check_number("budget", budget, 0, integer=True)
+    for c in costs:
+        check_number("block cost (budget units)", c, 1, integer=True)
+    minimum = int(sum(costs))
+    if minimum > budget:
+        raise BudgetError(f"one update per block costs {minimum} units, over the budget of {budget}")
+    best = np.zeros(budget + 1)  # best[g]: the largest score of the blocks so far within g units
+    choices = []
+    for row, cost in zip(gains, costs):
+        row = np.asarray(row, dtype=np.float64)
+        candidates = np.full((len(row), budget + 1), -np.inf)
+        for m in range(1, len(row) + 1):
+            spent = cost * m
+            if spent <= budget:
+                candidates[m - 1, spent:] = best[: budget + 1 - spent] + row[m - 1]
+        choice = np.argmax(candidates, axis=0)  # first maximum: the fewest updates
+        best = candidates[choice, np.arange(budget + 1)]
+        choices.append(choice)
+    counts, g = [], budget
+    for choice, cost in zip(reversed(choices), reversed(costs)):
+        m = int(choice[g]) + 1
+        counts.append(m)
+        g -= cost * m
+    return counts[::-1]
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """What :func:`plan_for_budget` made: the plan, its predicted (and measured) latency, the model behind it."""
+
+    plan: Plan
+    budget_ms: float
+    predicted_ms: float
+    cost: BlockCost
+    updates: dict[str, int]  # per block, after BUA
+    measured_ms: float | None = None
+    history: list = field(default_factory=list)  # one entry per plan tried: predicted, measured, cost source
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the measured latency is within the budget (``None`` when nothing was measured)."""
+        return None if self.measured_ms is None else self.measured_ms <= self.budget_ms
+
+    def describe(self) -> dict:
+        return {"budget_ms": self.budget_ms, "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms,
+                "fits": self.fits, "updates": self.updates, "cost": self.cost.to_dict(), "history": self.history,
+                "computed_share": self.plan.computed_count() / (len(self.plan.blocks) * self.plan.num_steps)}
+
+
+def budget_ms(latency_ms: float | None = None, control_hz: float | None = None, actions_per_chunk: int | None = None,
+              headroom: float = 0.75) -> float:
+    """The latency budget of one sampling call: ``latency_ms`` as given, or the time ``actions_per_chunk``
+    actions take at ``control_hz`` times ``headroom`` (the share left for the tail latency and the
+    control loop's own work; a chunk computed while the previous one executes must arrive within it)."""
+    if (latency_ms is None) == (control_hz is None):
+        raise ConfigError("give exactly one of latency_ms or control_hz")
+    if latency_ms is not None:
+        check_number("latency_ms", latency_ms, 1e-9)
+        return float(latency_ms)
+    check_number("control_hz", control_hz, 1e-9)
+    if actions_per_chunk is None:
+        raise ConfigError("control_hz needs actions_per_chunk (the actions executed from each chunk)")
+    check_number("actions_per_chunk", actions_per_chunk, 1, integer=True)
+    check_number("headroom", headroom, 1e-9, 1.0)
+    return 1000.0 * actions_per_chunk / control_hz * headroom
+
+
+def plan_for_budget(
+    calibration: Calibration,
+    *,
+    latency_ms: float | None = None,
+    control_hz: float | None = None,
+    actions_per_chunk: int | None = None,
+    headroom: float = 0.75,
+    cost: BlockCost | None = None,
+    timer: PlanTimer | None = None,
+    n: int = 5,
+    metric: str = "cosine",
+    tolerance: float = 0.1,
+    max_refits: int = 3,
+    resolution: int = 2000,
+) -> BudgetPlan:
+    """The plan with the most ACS score whose predicted call latency fits the budget (see the module docstring).
+
+    Budget: ``latency_ms``, or ``control_hz`` with ``actions_per_chunk`` (see :func:`budget_ms`).
+    ``cost``: a :class:`BlockCost` for this machine; without it ``timer`` measures one
+    (:meth:`BlockCost.measure`). ``timer`` (e.g. :func:`plan_timer`): also measures the chosen
+    plan; a measurement more than ``tolerance`` (relative) from the prediction refits the model
+    on every point so far and remakes the plan, at most ``max_refits`` times. ``n``: BUA's
+    top-n (0: per-block ACS only). A budget below one update per block raises
+    :class:`BudgetError`; a budget above full computation gives the every-step plan.
+    """
+    budget = budget_ms(latency_ms, control_hz, actions_per_chunk, headroom)
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    check_number("n (BUA top-n)", n, 0, integer=True)
+    check_number("tolerance", tolerance, 0)
+    check_number("max_refits", max_refits, 0, integer=True)
+    check_number("resolution", resolution, 10, integer=True)
+    points: list = []
+    if cost is None:
+        if timer is None:
+            raise ConfigError("plan_for_budget needs cost= (a BlockCost) or timer= to measure one on this machine")
+        cost, points = BlockCost.measure(timer, calibration)
+    names = [b.name for b in calibration.blocks]
+    if sorted(cost.block_ms) != sorted(names) or cost.num_steps != calibration.num_steps:
+        raise ConfigError(f"the cost model covers {len(cost.block_ms)} blocks and {cost.num_steps} steps; the "
+                          f"calibration has {len(names)} blocks and {calibration.num_steps} steps")
+    matrices = calibration.matrix(metric)
+    maximize = metric == "cosine"
+    gains = [acs_scores(m, maximize) for m in matrices]
+    errors = {b.name: float(e) for b, e in zip(calibration.blocks, calibration.reuse_error)}
+    history: list = []
+    while True:
+        plan, updates = _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, metric, resolution)
+        predicted = cost.predict(updates)
+        entry = {"predicted_ms": predicted, "measured_ms": None, "cost_source": cost.source}
+        history.append(entry)
+        measured = None
+        if timer is not None:
+            measured = entry["measured_ms"] = float(timer([plan])[0])
+            points.append((updates, measured))
+        off = measured is not None and abs(measured - predicted) > tolerance * predicted
+        if not off or len(history) > max_refits:
+            return BudgetPlan(plan, budget, predicted, cost, updates, measured, history)
+        cost = cost.refit(points)
+
+
+def _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, metric, resolution):
+    """The best plan within ``budget`` by ``cost``; BUA's additions shrink the allocation's budget until it fits."""
+    names = [b.name for b in calibration.blocks]
+    k = calibration.num_steps
+    params = {"latency_ms": round(budget, 3), "n": n, "metric": metric}
+    spare = budget - cost.fixed_ms
+    minimum = sum(cost.block_ms.values())
+    if spare < minimum:
+        raise BudgetError(f"a budget of {budget:.1f} ms is below this model's fastest plan on this machine: "
+                          f"{cost.fixed_ms + minimum:.1f} ms (fixed {cost.fixed_ms:.1f} ms plus one update of "
+                          f"every block); raise the budget or run fewer sampler steps")
+    if cost.fixed_ms + k * minimum <= budget:  # full computation fits
+        steps = {name: list(range(k)) for name in names}
+        return _plan(calibration, steps, params), {name: k for name in names}
+    unit = spare / resolution
+    units = [max(1, math.ceil(cost.block_ms[name] / unit)) for name in names]
+    allowed = resolution
+    while True:
+        counts = allocate_updates(gains, units, allowed)
+        steps = {name: acs_schedule(m, c, maximize) for name, m, c in zip(names, matrices, counts)}
+        steps = bubbling_union(steps, calibration.blocks, errors, n)
+        updates = {name: len(steps[name]) for name in names}
+        over = sum(u * updates[name] for u, name in zip(units, names)) - resolution
+        if over <= 0:
+            return _plan(calibration, steps, params), updates
+        allowed -= over  # BUA's additions: leave them room
+        if allowed < sum(units):
+            raise BudgetError(f"with BUA (n={n}) no plan fits {budget:.1f} ms; try n=0 or a larger budget")
+
+
+def _plan(calibration: Calibration, steps: dict, params: dict) -> Plan:
+    return Plan.from_steps(calibration, steps, calibration.num_steps, "budget", params, scheduler=calibration.scheduler,
+                           calibration=calibration.facts(), weights=calibration.weights)
+
+
+def plan_timer(model: nn.Module, run_call: Callable[[], Any], *, scheduler: Any = None, repeats: int = 7,
+               warmup: int = 2) -> PlanTimer:
+    """A :data:`PlanTimer` for ``model``: ``run_call()`` (one whole sampling call, e.g. a policy's
+    ``predict_action_chunk`` on a batch-1 observation) under each plan, the plans interleaved in
+    every repeat, the median of ``repeats`` after ``warmup`` rounds. CUDA is synchronised around
+    each call. Set the thread count you will run with (``torch.set_num_threads(1)`` for batch 1)
+    before timing."""
+    from .engine import accelerate
+
+    check_number("repeats", repeats, 1, integer=True)
+    check_number("warmup", warmup, 0, integer=True)
+    device = next(model.parameters()).device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timer(plans: Sequence[Plan]) -> list[float]:
+        times: list[list[float]] = [[] for _ in plans]
+        for round_ in range(warmup + repeats):
+            for i, plan in enumerate(plans):
+                with accelerate(model, plan, num_steps=plan.num_steps, scheduler=scheduler):
+                    sync()
+                    start = time.perf_counter()
+                    run_call()
+                    sync()
+                    elapsed = time.perf_counter() - start
+                if round_ >= warmup:
+                    times[i].append(1000.0 * elapsed)
+        return [statistics.median(t) for t in times]
+
+    return timer

@@ -18,8 +18,8 @@ the most ACS score:
    units (``resolution`` units per budget), so the chosen plan never exceeds the real budget
    by the cost model; it is the optimum among plans that fit the rounded costs.
 4. **Schedules**: each block's ``acs_schedule`` at its count, then BUA over the top-``n``
-   blocks (as the paper's bac). BUA adds updates; when they overshoot, the allocation is
-   redone on a smaller budget until the final plan fits.
+   blocks (as the paper's bac). BUA adds updates the allocation did not pay for, so the
+   allocation's own budget is bisected for the largest one whose final plan fits.
 5. **Check** (with a ``timer``): the plan's latency is measured; when it differs from the
    prediction by more than ``tolerance``, the model is refit on every measurement so far
    (least squares on ``fixed_ms`` and a common scale of the block costs) and the plan remade.
@@ -276,18 +276,27 @@ def _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, m
         return _plan(calibration, steps, params), {name: k for name in names}
     unit = spare / resolution
     units = [max(1, math.ceil(cost.block_ms[name] / unit)) for name in names]
-    allowed = resolution
-    while True:
+
+    def schedules(allowed: int) -> tuple[dict, int]:
         counts = allocate_updates(gains, units, allowed)
         steps = {name: acs_schedule(m, c, maximize) for name, m, c in zip(names, matrices, counts)}
         steps = bubbling_union(steps, calibration.blocks, errors, n)
-        updates = {name: len(steps[name]) for name in names}
-        over = sum(u * updates[name] for u, name in zip(units, names)) - resolution
-        if over <= 0:
-            return _plan(calibration, steps, params), updates
-        allowed -= over  # BUA's additions: leave them room
-        if allowed < sum(units):
-            raise BudgetError(f"with BUA (n={n}) no plan fits {budget:.1f} ms; try n=0 or a larger budget")
+        return steps, sum(u * len(steps[name]) for u, name in zip(units, names))
+
+    # BUA adds updates the allocation did not pay for: bisect for the largest allocation budget whose plan,
+    # BUA included, fits (one update per block always fits: BUA only adds step 0 then).
+    low, high = sum(units), resolution
+    best, spent = schedules(low)
+    if spent > resolution:
+        raise BudgetError(f"with BUA (n={n}) no plan fits {budget:.1f} ms; try n=0 or a larger budget")
+    while low < high:
+        middle = (low + high + 1) // 2
+        steps, spent = schedules(middle)
+        if spent <= resolution:
+            low, best = middle, steps
+        else:
+            high = middle - 1
+    return _plan(calibration, best, params), {name: len(best[name]) for name in names}
 
 
 def _plan(calibration: Calibration, steps: dict, params: dict) -> Plan:

@@ -34,6 +34,7 @@ from bac.policies.tuned import TunedConfig
 from bac.runtime import EnvPool
 
 from . import report as reporting
+from .budget import build_budgeted
 from .closed_loop import run_task
 from .latency import PREFIX, flops_per_call, measure_latency
 from .timing import summarize
@@ -311,6 +312,31 @@ def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built:
     return records
 
 
+def budget_path(out: Path, variant: Variant) -> Path:
+    return out / "plans" / f"{variant.name}.json"
+
+
+def budget_plans(cfg: DictConfig, policy: DiffusionPolicy, variants: list[Variant], built: dict,
+                 calibrations: dict, batch: dict, out: Path, control_hz: float | None = None) -> dict[str, dict]:
+    """Make (or, when resuming a run, reload) the plans of the budget variants; what each was made for."""
+    budgeted = [v for v in variants if v.budgeted]
+    saved = {v.name: budget_path(out, v) for v in budgeted}
+    if budgeted and all(path.exists() for path in saved.values()):  # a resumed run keeps the plans its episodes used
+        info = {}
+        for variant in budgeted:
+            record = json.loads(saved[variant.name].with_suffix(".budget.json").read_text())
+            built[variant.name] = bac.Method("budget", bac.Plan.load(saved[variant.name]), params=record["params"])
+            info[variant.name] = record["budget"] | {"reloaded": True}
+        return info
+    info = build_budgeted(policy, variants, built, calibrations, batch, threads=int(cfg.latency.threads),
+                          repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup), control_hz=control_hz)
+    for variant in budgeted:
+        built[variant.name].schedule.save(saved[variant.name])
+        saved[variant.name].with_suffix(".budget.json").write_text(json.dumps(
+            {"params": built[variant.name].params, "budget": info[variant.name]}, indent=1))
+    return info
+
+
 def run(cfg: DictConfig) -> dict:
     check_eval_settings(cfg)
     policy, plan_dir, trained = load_policy(cfg)
@@ -336,23 +362,27 @@ def run(cfg: DictConfig) -> dict:
             if variant.method is not None:
                 policy.set_sampler(variant.sampler, variant.steps)
                 calibration = None
-                if bac.needs_calibration(variant.method):
+                if variant.calibrated:
                     key = f"{variant.sampler}{variant.steps}"
                     if key not in calibrations:
                         calibrations[key] = load_or_calibrate(cfg, policy, plan_dir, demo_obs)
                     calibration = calibrations[key]
-                built[variant.name] = load_or_build(policy, variant, calibration, plan_dir, cfg.calibration.recompute)
+                if not variant.budgeted:  # made below, once the others exist (one may be its target)
+                    built[variant.name] = load_or_build(policy, variant, calibration, plan_dir,
+                                                        cfg.calibration.recompute)
         tuned_plan = None
         if cfg.tuned is not None:  # a bac.tune pick, evaluated beside the configured methods
             variant, method, tuned_plan = tuned_variant(policy, Path(cfg.tuned))
             variants.append(variant)
             if method is not None:
                 built[variant.name] = method
+        latency_batch = {key: value[:1] for key, value in demo_obs.items()}  # batch 1: one demonstration observation
+        out = output_dir(cfg)
+        budgets = budget_plans(cfg, policy, variants, built, calibrations, latency_batch, out)
         policy.set_sampler(base_sampler, base_steps)
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
 
-    latency_batch = {key: value[:1] for key, value in demo_obs.items()}  # batch 1: one demonstration observation
     per_step, flops, skipped, prepare_flops = flops_per_call(policy, variants, built, latency_batch)
     auto = [v.name for v in variants if method_config.get(v.name, {}).get("steps") == "auto"]
     if auto:  # as many steps as the bac method costs
@@ -365,7 +395,6 @@ def run(cfg: DictConfig) -> dict:
         flops |= {name: matched * per_step + prepare_flops(matched) for name in auto}
     full_flops = base_steps * per_step + prepare_flops(base_steps)
 
-    out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run.json"
     digest = settings_digest(cfg)
@@ -427,13 +456,16 @@ def run(cfg: DictConfig) -> dict:
         entry = {
             "config": variant.describe(),
             "plan_file": (str(tuned_plan) if variant.name == "tuned"
-                          else str(plan_path(plan_dir, variant)) if variant.keeps_plan_file else None),
+                          else str(plan_path(plan_dir, variant)) if variant.keeps_plan_file
+                          else str(budget_path(out, variant)) if variant.budgeted else None),
             "latency": summarize(latencies[variant.name]),
             "speedup": full_p50 / float(np.median(latencies[variant.name])),
             "flops_per_call": int(flops[variant.name]),
             "ideal_speedup": full_flops / flops[variant.name],
             "skipped_share": skipped[variant.name],
         }
+        if variant.name in budgets:
+            entry["budget"] = budgets[variant.name]
         if prefix_times is not None:
             entry["prefix_share"] = float(np.median(prefix_times)) / float(np.median(latencies[variant.name]))
         if episodes[variant.name]:

@@ -6,6 +6,12 @@ denoising steps (``steps: auto`` matches the FLOPs of the ``bac`` variant), the 
 variants any of :func:`bac.available_methods` on the full sampler (``standin: taylor-1``
 replaces a method's stand-in). Plans of calibrated methods are cached as plan files next to
 the calibration; the others are rebuilt every run (they are a few list operations).
+
+A *budget* variant (``{budget: {match: bac}}``, ``{budget: {latency_ms: 40}}`` or
+``{budget: {control_hz: 20}}``, optional ``n``, ``metric``, ``headroom``) is the plan of
+:func:`bac.plan_for_budget` on this machine: per-block update counts for a latency measured
+here (``match``: the measured latency of another variant of the same sampler). Its plan
+depends on this machine's timings, so it is made in every run and saved with the report.
 """
 from __future__ import annotations
 
@@ -33,9 +39,35 @@ class Variant:
         return {"sampler": self.sampler, "steps": self.steps, "cache": self.method, **self.params}
 
     @property
+    def budgeted(self) -> bool:
+        """A :func:`bac.plan_for_budget` plan, made on this machine in every run."""
+        return self.method == BUDGET
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method is not None and (self.budgeted or bac.needs_calibration(self.method))
+
+    @property
     def keeps_plan_file(self) -> bool:
         """Whether the variant's plan comes from a calibration and is cached as a plan file."""
-        return self.method is not None and bac.needs_calibration(self.method)
+        return self.calibrated and not self.budgeted
+
+
+BUDGET = "budget"
+BUDGET_TARGETS = ("match", "latency_ms", "control_hz")
+BUDGET_OPTIONS = ("n", "metric", "headroom")
+
+
+def parse_budget(name: str, spec: Mapping[str, Any]) -> dict:
+    """A budget variant's parameters: exactly one target of :data:`BUDGET_TARGETS`, options of :data:`BUDGET_OPTIONS`."""
+    target = dict(spec.pop(BUDGET) or {})
+    targets = [k for k in BUDGET_TARGETS if k in target]
+    unknown = sorted(set(target) - set(BUDGET_TARGETS)) + sorted(set(spec) - set(BUDGET_OPTIONS))
+    if len(targets) != 1 or unknown:
+        raise ValueError(f"method {name!r}: a budget needs exactly one of {list(BUDGET_TARGETS)} "
+                         f"(and may set {list(BUDGET_OPTIONS)}); got {sorted(target)}"
+                         + (f", unknown {unknown}" if unknown else ""))
+    return {**target, **spec}
 
 
 def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sampler: str, default_steps: int,
@@ -55,6 +87,11 @@ def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sa
             if auto_steps is None:
                 raise ValueError(f"method {name!r} has steps=auto, which needs a bac method to match")
             steps = auto_steps
+        if BUDGET in spec:
+            if method is not None:
+                raise ValueError(f"method {name!r}: a budget plan is its own method; drop cache={method!r}")
+            variants.append(Variant(name, sampler, int(steps), BUDGET, parse_budget(name, spec)))
+            continue
         if method is None and spec:
             raise ValueError(f"method {name!r}: parameters {sorted(spec)} need a cache method")
         if method is not None:

@@ -474,3 +474,34 @@ def test_each_instruction_set_is_its_own_run(vla_checkpoint, tmp_path):
                for name in ("held_out", "train", "swapped")}
     assert len(set(digests.values())) == 3
     assert digests["held_out"] == settings_digest(config(vla_checkpoint, tmp_path))  # the default's digest
+
+
+def test_budget_plan_is_made_for_a_measured_latency_and_kept_when_resuming(checkpoint, tmp_path):
+    """methods=budget: bac.plan_for_budget at bac's latency measured in the same run; a resumed run reuses the plan."""
+    cfg = config(checkpoint, tmp_path, "methods=budget", "run_methods=[full,bac,budget]", "episodes=2",
+                 "tasks=[reach]")
+    report = run(cfg)
+    entry = report["methods"]["budget"]
+    made = entry["budget"]
+    assert made["target"] == {"match": "bac", "n": 2}
+    assert made["budget_ms"] == pytest.approx(made["matched_ms"]) and made["measured_ms"] > 0
+    plan = bac.Plan.load(entry["plan_file"])
+    assert plan.method == "budget" and plan.num_steps == 6 and plan.params["n"] == 2
+    assert made["predicted_ms"] <= made["budget_ms"]
+    assert entry["success"]["episodes"] == 2 and entry["paired_vs_full"]["pairs"] == 2
+    again = run(cfg)
+    assert again["methods"]["budget"]["budget"]["reloaded"]
+    assert bac.Plan.load(again["methods"]["budget"]["plan_file"]) == plan
+
+
+@pytest.mark.parametrize("method, message", [
+    ("{budget: {}}", "exactly one of"),
+    ("{budget: {latency_ms: 5, match: bac}}", "exactly one of"),
+    ("{budget: {match: full}, cache: bac}", "its own method"),
+    ("{budget: {match: nothing}}", "same sampler"),
+])
+def test_bad_budget_settings_are_refused(checkpoint, tmp_path, method, message):
+    cfg = config(checkpoint, tmp_path, "methods=budget", "run_methods=[bac,odd]", "episodes=0",
+                 f"+methods.odd={method}")
+    with pytest.raises(EvalError, match=message):
+        run(cfg)

@@ -337,7 +337,31 @@ def budget_plans(cfg: DictConfig, policy: DiffusionPolicy, variants: list[Varian
     return info
 
 
-def run(cfg: DictConfig) -> dict:
+@dataclasses.dataclass
+class Setup:
+    """What every evaluation mode starts from: the policy at its full sampler and the compared variants, built."""
+
+    policy: DiffusionPolicy
+    plan_dir: Path
+    trained: bool
+    tasks: list[str]
+    base_sampler: str
+    base_steps: int
+    method_config: dict
+    demo_obs: dict
+    variants: list[Variant]
+    calibrations: dict[str, bac.Calibration]
+    built: dict[str, bac.Method]
+    tuned_plan: Path | None
+
+    @property
+    def latency_batch(self) -> dict:
+        """Batch 1: one demonstration observation."""
+        return {key: value[:1] for key, value in self.demo_obs.items()}
+
+
+def prepare(cfg: DictConfig) -> Setup:
+    """Load the policy, set its full sampler, calibrate and build every variant but the budget ones."""
     check_eval_settings(cfg)
     policy, plan_dir, trained = load_policy(cfg)
     tasks = resolve_tasks(cfg, policy)
@@ -367,7 +391,7 @@ def run(cfg: DictConfig) -> dict:
                     if key not in calibrations:
                         calibrations[key] = load_or_calibrate(cfg, policy, plan_dir, demo_obs)
                     calibration = calibrations[key]
-                if not variant.budgeted:  # made below, once the others exist (one may be its target)
+                if not variant.budgeted:  # made by budget_plans, once the others exist (one may be its target)
                     built[variant.name] = load_or_build(policy, variant, calibration, plan_dir,
                                                         cfg.calibration.recompute)
         tuned_plan = None
@@ -376,24 +400,44 @@ def run(cfg: DictConfig) -> dict:
             variants.append(variant)
             if method is not None:
                 built[variant.name] = method
-        latency_batch = {key: value[:1] for key, value in demo_obs.items()}  # batch 1: one demonstration observation
-        out = output_dir(cfg)
-        budgets = budget_plans(cfg, policy, variants, built, calibrations, latency_batch, out)
         policy.set_sampler(base_sampler, base_steps)
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
+    return Setup(policy, plan_dir, trained, tasks, base_sampler, base_steps, method_config, demo_obs, variants,
+                 calibrations, built, tuned_plan)
 
-    per_step, flops, skipped, prepare_flops = flops_per_call(policy, variants, built, latency_batch)
-    auto = [v.name for v in variants if method_config.get(v.name, {}).get("steps") == "auto"]
+
+def count_flops(setup: Setup, built: dict[str, bac.Method]) -> tuple[dict[str, int], dict[str, float], int]:
+    """FLOPs and skipped share per variant, and full computation's FLOPs; resolves ``steps: auto`` variants
+    (in ``setup.variants``) to as many steps as the ``bac`` variant's FLOPs."""
+    policy, variants = setup.policy, setup.variants
+    per_step, flops, skipped, prepare_flops = flops_per_call(policy, variants, built, setup.latency_batch)
+    auto = [v.name for v in variants if setup.method_config.get(v.name, {}).get("steps") == "auto"]
     if auto:  # as many steps as the bac method costs
         if "bac" not in built:
             raise EvalError(f"method(s) {auto} have steps=auto, which needs the 'bac' method in the same run")
         # the denoiser's FLOPs only: the per-call work (a VLA head's prefix) is paid once whatever the step count
         bac_steps = next(v.steps for v in variants if v.name == "bac")
         matched = max(1, round((flops["bac"] - prepare_flops(bac_steps)) / per_step))
-        variants = [dataclasses.replace(v, steps=matched) if v.name in auto else v for v in variants]
+        setup.variants = [dataclasses.replace(v, steps=matched) if v.name in auto else v for v in variants]
         flops |= {name: matched * per_step + prepare_flops(matched) for name in auto}
-    full_flops = base_steps * per_step + prepare_flops(base_steps)
+    return flops, skipped, setup.base_steps * per_step + prepare_flops(setup.base_steps)
+
+
+def run(cfg: DictConfig) -> dict:
+    setup = prepare(cfg)
+    policy, plan_dir, trained, tasks = setup.policy, setup.plan_dir, setup.trained, setup.tasks
+    base_sampler, base_steps, built = setup.base_sampler, setup.base_steps, setup.built
+    latency_batch, calibrations, tuned_plan = setup.latency_batch, setup.calibrations, setup.tuned_plan
+    out = output_dir(cfg)
+    try:
+        budgets = budget_plans(cfg, policy, setup.variants, built, calibrations, latency_batch, out)
+    except (ValueError, bac.PlanMismatchError) as err:
+        raise EvalError(str(err)) from err
+    finally:
+        policy.set_sampler(base_sampler, base_steps)
+    flops, skipped, full_flops = count_flops(setup, built)
+    variants = setup.variants
 
     out.mkdir(parents=True, exist_ok=True)
     run_file = out / "run.json"

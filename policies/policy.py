@@ -4,9 +4,11 @@ The interface (``PreTrainedPolicy``'s, without depending on LeRobot):
 
 * ``reset()`` at the start of every episode: clears the observation history and
   the action queue.
-* ``predict_action_chunk(batch) -> [B, n_action_steps, A]``: one sampling call (it
-  marks the start of a trajectory for bac's cache) on a batch whose
-  ``observation.state`` is the stacked history ``[B, n_obs_steps, D]``.
+* ``predict_action_chunk(batch, num_actions=None) -> [B, num_actions, A]``: one
+  sampling call (it marks the start of a trajectory for bac's cache) on a batch whose
+  ``observation.state`` is the stacked history ``[B, n_obs_steps, D]``; the first
+  ``num_actions`` (default ``n_action_steps``, at most ``horizon``) actions of the chunk.
+  A real-time controller (``bac.runtime.control``) asks for all ``horizon`` of them.
 * ``select_action(batch) -> [B, A]``: the next action for the *current*
   observation (``observation.state`` ``[B, D]``). The policy keeps the last
   ``n_obs_steps`` observations (at reset the first one is repeated, as training
@@ -389,8 +391,12 @@ class DiffusionPolicy(nn.Module):
         self._queue: list[torch.Tensor] = []
         self._last_action: torch.Tensor | None = None
 
-    def _sample(self, batch: Batch, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The checked observation history and the sampled, unchecked actions ``[B, n_action_steps, A]``."""
+    def _sample(self, batch: Batch, generator: torch.Generator | None,
+                num_actions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checked observation history and the first ``num_actions`` (default ``n_action_steps``) sampled,
+        unchecked actions ``[B, num_actions, A]``. The whole horizon is sampled either way, so the noise drawn
+        from ``generator`` and the first actions do not depend on ``num_actions``."""
+        num_actions = self._num_actions(num_actions)
         state = self._state(batch, history=True)
         cond = self._condition(state, batch)  # for a VLA head: the prefix, encoded once per call
         bac.new_trajectory(self.model)
@@ -400,17 +406,30 @@ class DiffusionPolicy(nn.Module):
         x = torch.randn((state.shape[0], self.horizon, self.action_dim), generator=generator, device=self.device)
         for i, t in enumerate(sampler.timesteps):
             x = sampler.step(i, self.model(x, t, cond, prepared=prepared[i]), x, generator=generator)
-        return state, self.action_normalizer.inverse(x[:, : self.n_action_steps])
+        return state, self.action_normalizer.inverse(x[:, :num_actions])
+
+    def _num_actions(self, num_actions: int | None) -> int:
+        if num_actions is None:
+            return self.n_action_steps
+        if isinstance(num_actions, bool) or not isinstance(num_actions, (int, np.integer)) \
+                or not 1 <= num_actions <= self.horizon:
+            raise ConfigError(f"num_actions must be an integer in [1, horizon={self.horizon}] (or None for "
+                              f"n_action_steps={self.n_action_steps}), got {num_actions!r}")
+        return int(num_actions)
 
     @torch.no_grad()
-    def predict_action_chunk(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One sampling call: the ``[B, n_action_steps, action_dim]`` actions to execute next.
+    def predict_action_chunk(self, batch: Batch, generator: torch.Generator | None = None,
+                             num_actions: int | None = None) -> torch.Tensor:
+        """One sampling call: the ``[B, num_actions, action_dim]`` actions to execute next.
 
-        ``batch["observation.state"]`` is the observation history ``[B, n_obs_steps, D]``. Non-finite
-        actions raise :class:`bac.NonFiniteError` (whatever :attr:`on_nonfinite` says; see the module
-        docstring), with the chunk in ``err.actions`` and the failed samples in ``err.samples``.
+        ``batch["observation.state"]`` is the observation history ``[B, n_obs_steps, D]``. ``num_actions``:
+        how many of the chunk's ``horizon`` actions to return (default ``n_action_steps``, the receding
+        horizon's; a real-time controller takes all of them to execute past a late chunk); a value outside
+        ``[1, horizon]`` is a :class:`bac.ConfigError`. Non-finite actions (among those returned) raise
+        :class:`bac.NonFiniteError` (whatever :attr:`on_nonfinite` says; see the module docstring), with the
+        chunk in ``err.actions`` and the failed samples in ``err.samples``.
         """
-        state, actions = self._sample(batch, generator)
+        state, actions = self._sample(batch, generator, num_actions)
         if not torch.isfinite(actions).all():  # the guard: one reduction per chunk; diagnosis only on failure
             raise self._nonfinite_error(state, actions)
         return actions

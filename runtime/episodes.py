@@ -32,8 +32,8 @@ class ChunkingPolicy(Protocol):
 
     def select_action(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> torch.Tensor: ...
 
-    def predict_action_chunk(self, batch: Mapping[str, Any],
-                             generator: torch.Generator | None = None) -> torch.Tensor: ...
+    def predict_action_chunk(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                             num_actions: int | None = None) -> torch.Tensor: ...
 
 
 def _shape(feature: Any) -> tuple[int, ...]:
@@ -78,13 +78,15 @@ def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, actio
 
 
 def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPolicy | None = None,
-                      venv: gym.vector.VectorEnv | None = None, active: np.ndarray | None = None) -> dict[str, Any]:
+                      venv: gym.vector.VectorEnv | None = None, active: np.ndarray | None = None,
+                      render: bool | None = None) -> dict[str, Any]:
     """The policy batch of a vector env's observations ``[B, D]``: float32 ``observation.state`` and ``task``
     (a task name, or one instruction per env).
 
     With ``policy``, the state is the parts of the observation its feature names (:func:`state_slices`),
     and, when ``venv`` is given and the policy is about to sample a chunk (``policy.chunk_due``), every
-    camera it reads is rendered into ``observation.images.<camera>`` (``[B, 3, H, W]`` float in [0, 1]).
+    camera it reads is rendered into ``observation.images.<camera>`` (``[B, 3, H, W]`` float in [0, 1]);
+    ``render=True``/``False`` decides that instead of ``chunk_due`` (a runtime that samples chunks itself).
     ``active`` (bool ``[B]``): only those envs of a synchronous vector env are rendered; the others (finished
     episodes, whose actions are discarded) get black frames. Rendering is most of a step's cost, and every
     sample of a batch is computed independently, so the active envs' actions do not change (tested).
@@ -94,7 +96,9 @@ def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPo
     state = obs if slices is None else np.concatenate([obs[:, sl] for sl in slices], axis=1)
     batch = {STATE: torch.as_tensor(state.astype(np.float32)),
              TASK: [task] * obs.shape[0] if isinstance(task, str) else list(task)}
-    if policy is not None and venv is not None and getattr(policy, "chunk_due", True):
+    if render is None:
+        render = bool(getattr(policy, "chunk_due", True))
+    if policy is not None and venv is not None and render:
         from bac.policies.vla import frames_to_images
 
         for camera in _cameras(policy):

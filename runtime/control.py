@@ -1,0 +1,634 @@
+"""The real-time control loop: one robot at a fixed control rate, the next chunk sampled while the current one runs.
+
+:func:`run_episodes` (the evaluator's loop) stops the world while a chunk is sampled, so a slow sampler
+costs nothing there; on a robot the arm keeps moving on its last command. This loop keeps time: every
+``dt = 1 / control_hz`` the controller executes one action, while an inference worker computes the next
+chunk from an observation taken ``lead`` ticks before the current chunk's planned end. Whatever the
+sampler's latency does to a robot (stale actions, deadline misses, a lower achieved rate) shows up here.
+
+Timing model (``s = execute_steps``, ``H = policy.horizon``; index ``i`` of a chunk computed from the
+observation at tick ``t0`` is the action for tick ``t0 + i``)::
+
+    tick           0   1   2   3   4   5   6   7   8   9  10  11        s = 6, lead = 2
+    chunk A        a0  a1  a2  a3  a4  a5 |                             from obs 0; planned end 6
+    inference B                    ^obs 4 ====> arrives at tick 6       delay d = 6 - 4 = 2
+    chunk B                                b2  b3  b4  b5  b6  b7 |     b0, b1 dropped; planned end 6 + s
+    inference C                                        ^obs 10 ...      submitted at 12 - lead
+
+    B late (arrives at tick 7): tick 6 is a deadline miss and executes a5 again (on_late="hold") or
+    a6 (on_late="continue", A's actions past its plan, up to index H - 1, then hold); B then runs b3, b4, ...
+
+Each tick, in order: (1) a result that is visible now takes over, with its first ``d = now - t0`` actions
+dropped (real-time chunking's inference-delay alignment) and its planned end at ``now + s`` (or at its
+last action, ``t0 + H``, when that comes first: a result with ``d >= H`` has none left and is late at
+once); (2) with no inference in flight and ``tick >= planned end - lead``, the cameras are rendered and the
+next inference is submitted from this tick's observation history; (3) the result is polled again (a
+zero-latency virtual result takes over at once); (4) one action is executed (clipped to the action space);
+(5) the loop waits for the next tick. ``blend > 0`` crossfades the first ``blend`` actions after a
+takeover, action ``j`` (0-based) being ``(1 - w) * old + w * new`` with ``w = (j + 1) / (blend + 1)``,
+where ``old`` is what the previous chunk would have executed at that tick (its own action, or, past its
+plan, what ``on_late`` executes). One inference is in flight at most (one worker, as on a robot with one
+accelerator).
+
+At the start of an episode the robot waits for the first chunk (ticks pass, the env does not step); that
+chunk's observation is still the current one, so nothing of it is dropped (delay 0); the wait is the
+episode's ``time_to_first_action_s``. ``lead="auto"`` is ``ceil(latency / dt) + 1`` clipped to ``[0, s]``,
+from the first chunk's latency (the warm-up; :func:`auto_lead` computes it from a benchmark's latencies,
+to fix ``lead`` across episodes). With zero latency, ``lead=0`` and ``s = n_action_steps`` the loop executes
+exactly what :func:`bac.runtime.run_wave` (``select_action``) executes on the same seed and generator (tested).
+
+Two clocks, one loop (:func:`run_control_episode` does not know which it has):
+
+* :class:`VirtualClock`: deterministic. Time is an integer count of nanoseconds that moves one ``dt`` per
+  tick; an inference is computed synchronously at submit but becomes visible only at ``submit time +
+  latency``, the latency being its measured compute time or ``latency_model(call_index)`` in ms (then runs
+  are reproducible: CI, and sweeps of a sampler's measured latency distribution, :func:`sampled_latency`).
+* :class:`WallClock`: ``time.monotonic``; the loop sleeps to each tick and the inference runs on a worker
+  thread, so the env and the policy run concurrently. A tick whose work (render, submit, env step) runs past
+  the next tick's start is an overrun; the next tick then starts at once and the schedule re-anchors there.
+
+Everything returned (:class:`EpisodeTrace`, :func:`summarize_runs`) is plain data: ``to_dict()`` is JSON.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from bac.errors import ConfigError
+
+from .episodes import IMAGE_PREFIX, STATE, ChunkingPolicy, EnvPool, _cameras, _shape, check_compatible, \
+    observation_batch
+
+ON_LATE = ("hold", "continue")
+LatencyModel = Callable[[int], float]
+
+
+# ----------------------------------------------------------------------------------------------- clocks
+class Job(Protocol):
+    """One submitted inference: ``ready()`` once its result is visible; ``result() -> (value, latency_ms)``."""
+
+    def ready(self) -> bool: ...
+
+    def result(self) -> tuple[Any, float]: ...
+
+    def discard(self) -> None: ...
+
+
+class Clock(Protocol):
+    """What the loop needs of time and of the inference worker: the only difference between a run on the
+    wall clock and a simulated one."""
+
+    name: str
+
+    def start(self, dt: float) -> None: ...
+
+    def now(self) -> float: ...
+
+    def next_tick(self) -> bool: ...
+
+    def submit(self, fn: Callable[[], Any], latency_ms: float | None = None) -> Job: ...
+
+
+class _VirtualJob:
+    def __init__(self, clock: "VirtualClock", value: Any, error: BaseException | None, latency_ms: float):
+        self._clock, self._value, self._error, self.latency_ms = clock, value, error, latency_ms
+        self._ready_ns = clock._now_ns + round(latency_ms * 1e6)
+
+    def ready(self) -> bool:
+        return self._clock._now_ns >= self._ready_ns
+
+    def result(self) -> tuple[Any, float]:
+        if self._error is not None:
+            raise self._error
+        return self._value, self.latency_ms
+
+    def discard(self) -> None:
+        pass
+
+
+class VirtualClock:
+    """Simulated time: ticks are exact (integer nanoseconds), an inference's result is visible ``latency``
+    after its submission (its measured compute time, or the episode's ``latency_model``); reproducible."""
+
+    name = "virtual"
+
+    def __init__(self) -> None:
+        self._now_ns, self._dt_ns = 0, 0
+
+    def start(self, dt: float) -> None:
+        self._now_ns, self._dt_ns = 0, round(dt * 1e9)
+
+    def now(self) -> float:
+        return self._now_ns / 1e9
+
+    def next_tick(self) -> bool:
+        self._now_ns += self._dt_ns
+        return False  # simulated work takes no time: never an overrun
+
+    def submit(self, fn: Callable[[], Any], latency_ms: float | None = None) -> _VirtualJob:
+        begin = time.perf_counter()
+        value, error = None, None
+        try:
+            value = fn()
+        except Exception as err:  # noqa: BLE001 - raised when the result is taken, as from a worker thread
+            error = err
+        measured = (time.perf_counter() - begin) * 1e3
+        return _VirtualJob(self, value, error, measured if latency_ms is None else latency_ms)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "VirtualClock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _WallJob:
+    def __init__(self, future: Future):
+        self._future = future
+
+    def ready(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> tuple[Any, float]:
+        return self._future.result()
+
+    def discard(self) -> None:
+        """Wait for it (a running thread cannot be stopped), so the policy is idle when the episode returns."""
+        try:
+            self._future.result()
+        except Exception:  # noqa: BLE001 - an unused chunk's failure changes nothing
+            pass
+
+
+class WallClock:
+    """Real time: ``time.monotonic``, a sleep to each tick, inference on one worker thread (the policy runs
+    while the env steps). Reusable across episodes; ``close()`` (or ``with``) stops the thread."""
+
+    name = "wall"
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bac-inference")
+        self._t0, self._dt, self._deadline = time.monotonic(), 0.0, 0.0
+
+    def start(self, dt: float) -> None:
+        self._t0, self._dt, self._deadline = time.monotonic(), dt, 0.0
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    def next_tick(self) -> bool:
+        """Sleep to the next tick; True (an overrun) when the last tick's work ran past it. Deadlines are
+        absolute, so sleep jitter does not accumulate; after an overrun the schedule restarts from now."""
+        self._deadline += self._dt
+        now = self.now()
+        if now > self._deadline:
+            self._deadline = now
+            return True
+        time.sleep(self._deadline - now)
+        return False
+
+    def submit(self, fn: Callable[[], Any], latency_ms: float | None = None) -> _WallJob:
+        if latency_ms is not None:
+            raise ConfigError("latency_model needs a VirtualClock: a WallClock measures the real latency")
+
+        def timed() -> tuple[Any, float]:
+            begin = time.perf_counter()
+            value = fn()
+            return value, (time.perf_counter() - begin) * 1e3
+
+        return _WallJob(self._pool.submit(timed))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "WallClock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------- latency models
+def constant_latency(ms: float) -> LatencyModel:
+    """Every inference takes ``ms`` milliseconds (a :class:`VirtualClock` episode's ``latency_model``)."""
+    return lambda call_index: float(ms)
+
+
+def sampled_latency(samples_ms: Iterable[float], seed: int) -> LatencyModel:
+    """Each inference takes one of ``samples_ms`` (e.g. a batch-1 latency benchmark of the sampler), drawn
+    from ``seed`` and the call index alone: the same episode gets the same latencies whatever ran before."""
+    samples = np.asarray(list(samples_ms), dtype=np.float64)
+    if samples.size == 0 or not np.isfinite(samples).all() or (samples < 0).any():
+        raise ConfigError("sampled_latency needs at least one finite, non-negative latency in ms")
+    return lambda call_index: float(samples[np.random.default_rng([int(seed), int(call_index)]).integers(samples.size)])
+
+
+def auto_lead(latencies_ms: Iterable[float], control_hz: float, execute_steps: int) -> int:
+    """``lead="auto"``: ``ceil(max latency / dt) + 1`` ticks (the inference's ticks plus one of margin),
+    clipped to ``[0, execute_steps]``."""
+    worst = max(latencies_ms) / 1e3 * control_hz
+    return int(min(execute_steps, max(0, math.ceil(worst - 1e-9) + 1)))
+
+
+# ---------------------------------------------------------------------------------------------- traces
+@dataclass
+class ChunkRecord:
+    """One chunk that took over: from the observation at ``start_tick``, visible at ``arrival_tick``."""
+
+    index: int
+    start_tick: int
+    arrival_tick: int
+    latency_ms: float
+    delay_ticks: int  # arrival - start: the actions dropped at takeover
+    missed_ticks: int  # deadline misses while the robot waited for it
+    executed: int = 0  # its actions executed (blended ones included)
+
+
+@dataclass
+class EpisodeTrace:
+    """One control episode. ``ticks`` are the control ticks that executed an action (= env ``steps``); the
+    first chunk's wait (``first_wait_ticks``) is not among them, so on a :class:`VirtualClock`
+    ``elapsed_s = (first_wait_ticks + ticks) * dt``. ``actions`` (executed, clipped, ``[ticks, A]``) and
+    ``sources`` (per tick: ``(chunk index, action index)``, action index -1 when an action was held)
+    are left out of :meth:`to_dict` unless asked for."""
+
+    task: str
+    seed: int
+    clock: str
+    control_hz: float
+    execute_steps: int
+    lead: int
+    on_late: str
+    blend: int
+    success: bool
+    steps: int
+    ticks: int
+    elapsed_s: float
+    time_to_first_action_s: float
+    first_wait_ticks: int
+    chunks: list[ChunkRecord]
+    missed_ticks: list[int]
+    overrun_ticks: list[int]
+    actions: np.ndarray = field(repr=False)
+    sources: list[tuple[int, int]] = field(repr=False)
+
+    @property
+    def achieved_hz(self) -> float:
+        return self.ticks / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+    @property
+    def latencies_ms(self) -> list[float]:
+        return [c.latency_ms for c in self.chunks]
+
+    @property
+    def delays(self) -> list[int]:
+        return [c.delay_ticks for c in self.chunks]
+
+    @property
+    def late_chunks(self) -> int:
+        """Chunks that arrived after at least one deadline miss (one still awaited at the end counts too)."""
+        return sum(c.missed_ticks > 0 for c in self.chunks) + (self.trailing_misses > 0)
+
+    @property
+    def trailing_misses(self) -> int:
+        """Misses at the end of the episode, waiting for a chunk that never arrived."""
+        return len(self.missed_ticks) - sum(c.missed_ticks for c in self.chunks)
+
+    def to_dict(self, actions: bool = False) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("actions", "sources")}
+        out.update(achieved_hz=self.achieved_hz, latencies_ms=self.latencies_ms, delays=self.delays,
+                   late_chunks=self.late_chunks)
+        if actions:
+            out.update(actions=np.asarray(self.actions).tolist(), sources=[list(s) for s in self.sources])
+        return out
+
+
+# ------------------------------------------------------------------------------------------- the loop
+@dataclass
+class _Chunk:
+    record: ChunkRecord
+    actions: np.ndarray  # [H, A]: index i is the action for tick t0 + i
+
+    @property
+    def t0(self) -> int:
+        return self.record.start_tick
+
+
+def _int_in(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max_steps):
+    if isinstance(control_hz, bool) or not isinstance(control_hz, numbers.Real) or not math.isfinite(control_hz) \
+            or control_hz <= 0:
+        raise ConfigError(f"control_hz must be a positive number of ticks per second, got {control_hz!r}")
+    horizon = int(policy.horizon)
+    s = _int_in(f"execute_steps (actions per chunk; the policy's horizon is {horizon})",
+                policy.n_action_steps if execute_steps is None else execute_steps, 1, horizon)
+    if lead != "auto":
+        lead = _int_in(f"lead (ticks before a chunk's planned end; 'auto' or at most execute_steps={s})",
+                       lead, 0, s)
+    if on_late not in ON_LATE:
+        raise ConfigError(f"on_late must be one of {ON_LATE}, got {on_late!r}")
+    blend = _int_in(f"blend (actions crossfaded after a takeover; at most the horizon {horizon})", blend, 0, horizon)
+    if max_steps is not None:
+        max_steps = _int_in("max_steps", max_steps, 1, 2**62)
+    return 1.0 / float(control_hz), horizon, s, lead, blend, max_steps
+
+
+class _Schedule:
+    """The chunk bookkeeping of one episode: which chunk runs, its planned end, misses, blending.
+    Pure (no env, no clock): every rule of the module docstring's timing model is here."""
+
+    def __init__(self, horizon: int, s: int, on_late: str, blend: int):
+        self.horizon, self.s, self.on_late, self.blend = horizon, s, on_late, blend
+        self.chunks: list[_Chunk] = []
+        self.current: _Chunk | None = None
+        self.planned_end = 0
+        self.missed: list[int] = []
+        self.pending_misses = 0
+        self.previous: tuple[_Chunk, int, np.ndarray | None] | None = None  # chunk, planned end, held action
+        self.since_takeover = 0
+        self.last: np.ndarray | None = None  # the last executed action
+        self.holding = False  # whether the last executed action was a held one
+
+    def take_over(self, actions: np.ndarray, latency_ms: float, t_start: int, tick: int) -> None:
+        record = ChunkRecord(len(self.chunks), t_start, tick, float(latency_ms), tick - t_start, self.pending_misses)
+        new = _Chunk(record, actions)
+        self.pending_misses = 0
+        if self.current is not None:
+            self.previous = (self.current, self.planned_end, self.last if self.holding else None)
+        self.chunks.append(new)
+        self.current, self.since_takeover = new, 0
+        # s actions from now, or fewer when the chunk arrived so late that its last action comes first
+        self.planned_end = min(tick + self.s, t_start + self.horizon)
+
+    def _late(self, chunk: _Chunk, end: int, held: np.ndarray | None, tick: int) -> tuple[np.ndarray, int]:
+        """What ``chunk`` (planned to end at ``end``) executes at ``tick`` past its plan: ``(action, index)``,
+        index -1 for a held action (``held``, else the last action it would have executed)."""
+        index = tick - chunk.t0
+        if self.on_late == "continue" and index < self.horizon:
+            return chunk.actions[index], index
+        if held is None:
+            held = chunk.actions[(self.horizon if self.on_late == "continue" else end - chunk.t0) - 1]
+        return held, -1
+
+    def action(self, tick: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The action for ``tick`` (before clipping) and its source ``(chunk index, action index)``."""
+        current = self.current
+        if tick < self.planned_end:
+            index = tick - current.t0
+            action = current.actions[index]
+            if self.since_takeover < self.blend and self.previous is not None:
+                before, before_end, held = self.previous
+                if tick < before_end:
+                    old = before.actions[tick - before.t0]
+                else:
+                    old, _ = self._late(before, before_end, held, tick)
+                w = (self.since_takeover + 1) / (self.blend + 1)
+                action = (1 - w) * np.asarray(old, np.float64) + w * np.asarray(action, np.float64)
+        else:  # a deadline miss: the next chunk is not here
+            self.missed.append(tick)
+            self.pending_misses += 1
+            action, index = self._late(current, self.planned_end, self.last, tick)
+        if index >= 0:
+            current.record.executed += 1
+        self.since_takeover += 1
+        self.holding = index < 0
+        return action, (current.record.index, index)
+
+
+def run_control_episode(
+    policy: ChunkingPolicy,
+    env: gym.vector.VectorEnv,
+    task: str,
+    *,
+    seed: int,
+    control_hz: float,
+    clock: Clock | None = None,
+    generator: torch.Generator | None = None,
+    execute_steps: int | None = None,
+    lead: int | str = "auto",
+    on_late: str = "hold",
+    blend: int = 0,
+    instruction: str | None = None,
+    max_steps: int | None = None,
+    latency_model: LatencyModel | None = None,
+) -> EpisodeTrace:
+    """One seeded episode of ``policy`` driving a 1-env vector env (``make_vector_env(task, 1,
+    terminate_on_success=True)``, or :func:`make_control_env`) at ``control_hz``; see the module docstring.
+
+    ``clock``: :class:`VirtualClock` (default) or :class:`WallClock`. ``generator``: the sampling noise
+    (default torch's global RNG). ``execute_steps``: actions planned per chunk (default the policy's
+    ``n_action_steps``). ``lead``: ``"auto"`` or ticks in ``[0, execute_steps]``. ``on_late``: ``"hold"`` or
+    ``"continue"``. ``blend``: actions crossfaded after a takeover. ``instruction``: required for a policy
+    that reads instructions, refused otherwise. ``max_steps``: a step cap besides the env's own.
+    ``latency_model(call_index) -> ms`` (virtual clock only): each inference's latency instead of its
+    measured compute time (call 0 is the first chunk). The episode ends at its first success or a cap.
+    The policy needs ``predict_action_chunk(batch, generator=..., num_actions=...)``, ``horizon``,
+    ``n_obs_steps`` and ``n_action_steps`` (``bac.policies.policy.DiffusionPolicy`` has them).
+    """
+    dt, horizon, s, lead, blend, max_steps = _check_settings(policy, control_hz, execute_steps, lead, on_late,
+                                                             blend, max_steps)
+    if getattr(env, "num_envs", None) != 1:
+        raise ConfigError(f"the control loop drives one robot: pass a vector env of 1 env "
+                          f"(make_vector_env(task, 1, ...)), got num_envs={getattr(env, 'num_envs', None)}")
+    check_compatible(policy, env.single_observation_space, env.single_action_space)
+    reads_instructions = bool(getattr(policy, "reads_instructions", False))
+    if reads_instructions != (instruction is not None):
+        raise ConfigError("this policy reads free-text instructions: pass instruction='...'" if reads_instructions
+                          else "this policy reads task names, not instructions")
+    task_input = instruction if instruction is not None else task
+    clock = VirtualClock() if clock is None else clock
+    low, high = env.single_action_space.low, env.single_action_space.high
+    chunk_shape = (horizon, *env.single_action_space.shape)
+    n_obs = int(policy.n_obs_steps)
+    calls = 0
+
+    def submit(obs: np.ndarray, history: torch.Tensor) -> Job:
+        """Render (if the policy reads cameras) and start the inference from this observation history."""
+        nonlocal calls
+        batch = {**observation_batch(obs, task_input, policy, env, render=True), STATE: history.clone()}
+
+        def infer() -> np.ndarray:
+            chunk = policy.predict_action_chunk(batch, generator=generator, num_actions=horizon)
+            return chunk[0].detach().cpu().numpy()
+
+        latency = None
+        if latency_model is not None:
+            latency = float(latency_model(calls))
+            if not math.isfinite(latency) or latency < 0:
+                raise ConfigError(f"latency_model({calls}) gave {latency!r}; latencies are finite, non-negative ms")
+        calls += 1
+        return clock.submit(infer, latency)
+
+    def result(job: Job) -> tuple[np.ndarray, float]:
+        actions, latency_ms = job.result()
+        actions = np.asarray(actions)
+        if actions.shape != chunk_shape:
+            raise ValueError(f"policy returned a chunk of shape {[1, *actions.shape]}, expected {[1, *chunk_shape]} "
+                             f"(predict_action_chunk(..., num_actions={horizon}))")
+        return actions, latency_ms
+
+    plan = _Schedule(horizon, s, on_late, blend)
+    overruns: list[int] = []
+    executed: list[np.ndarray] = []
+    sources: list[tuple[int, int]] = []
+    obs, _ = env.reset(seed=[int(seed)])
+    policy.reset()
+    state = observation_batch(obs, task_input, policy)[STATE]
+    history = state[:, None].expand(-1, n_obs, -1).clone()  # the first observation repeated, as select_action
+    job: Job | None = None
+    try:
+        clock.start(dt)
+        job = submit(obs, history)
+        wait = 0
+        while not job.ready():  # the robot waits for its first chunk: time passes, the env does not step
+            clock.next_tick()
+            wait += 1
+        first_action_s = clock.now()
+        plan.take_over(*result(job), t_start=0, tick=0)  # its observation is still current: nothing is dropped
+        job, job_start = None, 0
+        if lead == "auto":
+            lead = auto_lead([plan.chunks[0].record.latency_ms], control_hz, s)
+        tick, success = 0, False
+        while True:
+            for attempt in range(2):  # take over a visible result; submit when due; a result visible at once
+                if job is not None and job.ready():
+                    plan.take_over(*result(job), t_start=job_start, tick=tick)
+                    job = None
+                if attempt == 0 and job is None and tick >= plan.planned_end - lead:
+                    job, job_start = submit(obs, history), tick
+            action, source = plan.action(tick)
+            action = np.clip(action, low, high)
+            obs, _, terminated, truncated, info = env.step(action[None])
+            plan.last = action
+            executed.append(action)
+            sources.append(source)
+            success |= bool(np.asarray(info["success"])[0])
+            if bool(terminated[0] or truncated[0]) or (max_steps is not None and len(executed) >= max_steps):
+                break
+            state = observation_batch(obs, task_input, policy)[STATE]
+            history = torch.cat([history[:, 1:], state[:, None]], dim=1)
+            if clock.next_tick():
+                overruns.append(tick)
+            tick += 1
+        if clock.next_tick():  # close the last tick's period: the elapsed time covers every tick
+            overruns.append(tick)
+        elapsed = clock.now()
+    finally:
+        if job is not None:
+            job.discard()
+        policy.reset()
+    return EpisodeTrace(
+        task=task, seed=int(seed), clock=getattr(clock, "name", type(clock).__name__), control_hz=float(control_hz),
+        execute_steps=s, lead=int(lead), on_late=on_late, blend=blend, success=bool(success), steps=len(executed),
+        ticks=len(executed), elapsed_s=float(elapsed), time_to_first_action_s=float(first_action_s),
+        first_wait_ticks=wait, chunks=[c.record for c in plan.chunks], missed_ticks=plan.missed,
+        overrun_ticks=overruns, actions=np.stack(executed), sources=sources)
+
+
+def make_control_env(policy: ChunkingPolicy, task: str, *, max_episode_steps: int | None = None,
+                     pool: EnvPool | None = None) -> gym.vector.VectorEnv:
+    """The 1-env vector env :func:`run_control_episode` drives: ends at success, renders the policy's cameras
+    at its image size. With ``pool`` (an :class:`EnvPool`), the pooled env (reused across episodes; the
+    pool closes it), else a new one the caller closes."""
+    from bac.envs.metaworld_env import make_vector_env
+
+    render = {}
+    if _cameras(policy):
+        size = _shape(policy.input_features[IMAGE_PREFIX + _cameras(policy)[0]])[-1]
+        render = {"width": size, "height": size}
+    if pool is not None:
+        return pool.get(task, 1, max_episode_steps, render)
+    return make_vector_env(task, 1, max_episode_steps=max_episode_steps, terminate_on_success=True, **render)
+
+
+# -------------------------------------------------------------------------------------------- summary
+def _nearest_rank(values: np.ndarray, q: float) -> float:
+    """The nearest-rank percentile: an observed sample, never an interpolation beyond the largest."""
+    return float(values[max(0, math.ceil(q / 100 * values.size) - 1)])
+
+
+def summarize_runs(traces: Iterable[EpisodeTrace | Mapping[str, Any]], warmup_chunks: int = 1) -> dict:
+    """Latency, deadline and rate statistics over episodes (traces or their ``to_dict()``).
+
+    The first ``warmup_chunks`` chunks of each episode (the one the robot waits for, with the first call's
+    one-off costs) are left out of the latency percentiles (nearest rank, over every episode's remaining
+    chunks), of the mean delay and of the misses (misses while waiting for a warm-up chunk). ``notes``
+    says when a tail percentile rests on too few samples to be more than the largest one.
+    """
+    warmup_chunks = _int_in("warmup_chunks", warmup_chunks, 0, 2**31)
+    rows = [t.to_dict() if isinstance(t, EpisodeTrace) else dict(t) for t in traces]
+    if not rows:
+        raise ValueError("summarize_runs needs at least one episode trace")
+    latencies, delays, misses, late = [], [], 0, 0
+    for row in rows:
+        chunks = [dict(c) if isinstance(c, Mapping) else asdict(c) for c in row["chunks"]]
+        kept = chunks[warmup_chunks:]
+        latencies += [c["latency_ms"] for c in kept]
+        delays += [c["delay_ticks"] for c in kept]
+        trailing = len(row["missed_ticks"]) - sum(c["missed_ticks"] for c in chunks)  # awaiting a chunk at the end
+        misses += sum(c["missed_ticks"] for c in kept) + trailing
+        late += sum(c["missed_ticks"] > 0 for c in kept) + (trailing > 0)
+    ticks = sum(r["ticks"] for r in rows)
+    elapsed = sum(r["elapsed_s"] for r in rows)
+    values = np.sort(np.asarray(latencies, dtype=np.float64))
+    notes = []
+    if values.size:
+        latency = {"samples": int(values.size), "p50": _nearest_rank(values, 50), "p95": _nearest_rank(values, 95),
+                   "p99": _nearest_rank(values, 99), "max": float(values[-1]), "mean": float(values.mean())}
+        for q, enough in ((95, 20), (99, 100)):
+            if values.size < enough:
+                notes.append(f"p{q} of {values.size} samples = the largest")
+    else:
+        latency = {"samples": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
+        notes.append(f"no chunk after the first {warmup_chunks} of any episode: no latency statistics")
+    return {
+        "episodes": len(rows),
+        "success_rate": sum(bool(r["success"]) for r in rows) / len(rows),
+        "warmup_chunks": warmup_chunks,
+        "latency_ms": latency,
+        "mean_delay_ticks": float(np.mean(delays)) if delays else None,
+        "missed_ticks": int(misses),
+        "miss_rate": misses / ticks if ticks else None,
+        "late_chunks": int(late),
+        "ticks": int(ticks),
+        "achieved_hz": ticks / elapsed if elapsed > 0 else None,
+        "control_hz": sorted({float(r["control_hz"]) for r in rows}),
+        "time_to_first_action_s": float(np.mean([r["time_to_first_action_s"] for r in rows])),
+        "overruns": int(sum(len(r["overrun_ticks"]) for r in rows)),
+        "notes": notes,
+    }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """One readable line of :func:`summarize_runs`' output."""
+    lat = summary["latency_ms"]
+    if lat["samples"]:
+        latency = (f"latency p50 {lat['p50']:.1f} / p95 {lat['p95']:.1f} / p99 {lat['p99']:.1f} / max "
+                   f"{lat['max']:.1f} ms over {lat['samples']} chunks")
+    else:
+        latency = "no latency samples"
+    rate = summary["achieved_hz"]
+    parts = [f"{summary['episodes']} episodes, success {summary['success_rate']:.0%}", latency,
+             f"mean delay {summary['mean_delay_ticks'] or 0:.2f} ticks",
+             f"{summary['missed_ticks']} missed ticks in {summary['late_chunks']} late chunks",
+             f"achieved {rate:.1f} Hz" if rate is not None else "no ticks",
+             f"first action after {summary['time_to_first_action_s'] * 1e3:.0f} ms"]
+    if summary["overruns"]:
+        parts.append(f"{summary['overruns']} overruns")
+    return "; ".join(parts) + (f" ({'; '.join(summary['notes'])})" if summary["notes"] else "")

@@ -47,6 +47,9 @@ def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict
                 target["latency_ms"] = float(params.pop("latency_ms"))
             else:
                 rate = params.pop("control_hz")
+                if rate == "target" and control_hz is None:
+                    raise ValueError(f"method {variant.name!r}: control_hz: target is each rate of mode=realtime; "
+                                     "give a rate (or latency_ms) here")
                 target |= {"control_hz": float(control_hz if rate == "target" else rate),
                            "actions_per_chunk": policy.n_action_steps}
             chosen = bac.plan_for_budget(calibration, cost=cost, timer=timer, **target, **params)

@@ -60,6 +60,8 @@ SETTINGS = {
     "device": (STR, None, False), "plan_cache": (STR, None, False), "video": (BOOL, None, False),
     "video_settings.size": (INT, 16, False), "video_settings.fps": (INT, 1, False),
     "out_dir": (STR, None, False), "progress": (BOOL, None, False), "tuned": (STR, None, True),
+    "mode": (STR, None, False), "realtime.clock": (STR, None, False), "realtime.blend": (INT, 0, False),
+    "realtime.on_late": (STR, None, False), "realtime.execute_steps": (INT, 1, True),
 }
 
 

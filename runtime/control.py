@@ -285,7 +285,10 @@ class EpisodeTrace:
 
     @property
     def achieved_hz(self) -> float:
-        return self.ticks / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+        """Executed actions per second once the first action was executed (the wait for the first chunk is
+        :attr:`time_to_first_action_s`, reported on its own)."""
+        running = self.elapsed_s - self.time_to_first_action_s
+        return self.ticks / running if running > 0 else float("nan")
 
     @property
     def latencies_ms(self) -> list[float]:
@@ -585,7 +588,7 @@ def summarize_runs(traces: Iterable[EpisodeTrace | Mapping[str, Any]], warmup_ch
         misses += sum(c["missed_ticks"] for c in kept) + trailing
         late += sum(c["missed_ticks"] > 0 for c in kept) + (trailing > 0)
     ticks = sum(r["ticks"] for r in rows)
-    elapsed = sum(r["elapsed_s"] for r in rows)
+    elapsed = sum(r["elapsed_s"] - r["time_to_first_action_s"] for r in rows)  # the rate once running
     values = np.sort(np.asarray(latencies, dtype=np.float64))
     notes = []
     if values.size:

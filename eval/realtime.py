@@ -1,0 +1,262 @@
+"""``python -m bac.eval mode=realtime``: the compared methods driving one robot at fixed control rates.
+
+The closed-loop table (``mode=closed_loop``) stops the world while a chunk is sampled; here the
+robot keeps moving (:func:`bac.runtime.run_control_episode`): each method runs every episode
+seed at every rate of ``realtime.control_hz``, the next chunk sampled while the current one
+executes, on the clock ``realtime.clock`` (``virtual``: deterministic, the env advances by each
+chunk's measured compute time, or ``realtime.latency_ms``; ``wall``: real time, the inference on a
+worker thread beside the env). Budget variants (``{budget: {control_hz: target}}``) get a
+:func:`bac.plan_for_budget` plan for each rate's deadline.
+
+Before the episodes, each method's batch-1 latency is measured (interleaved, as in the closed-loop
+report) and sets its ``lead`` (``realtime.lead=auto``: :func:`bac.runtime.auto_lead` of those samples),
+so a chunk is requested early enough for its p100 of the warm-up samples. Episodes are paired: every
+method sees the same seeds, noise and envs at every rate; results are appended per episode to
+``episodes.jsonl`` (resumable, like the closed-loop log). Report: ``report.json``, ``report.md`` and
+``realtime.png`` (achieved rate and deadline misses per method and rate).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import bac
+from bac.runtime import (EnvPool, VirtualClock, WallClock, auto_lead, constant_latency, make_control_env,
+                         run_control_episode, summarize_runs)
+
+from . import report as reporting
+from .closed_loop import read_episodes, repair
+from .latency import measure_latency
+from .run import EvalError, Setup, _versions, budget_plans, count_flops, episode_instructions, output_dir, prepare
+from .timing import summarize
+from .variants import applied
+
+REPORT_SCHEMA = "bac.realtime/1"
+CLOCKS = {"virtual": VirtualClock, "wall": WallClock}
+
+
+def check_realtime_settings(cfg: DictConfig) -> None:
+    rt = cfg.realtime
+    rates = list(rt.control_hz)
+    if not rates or any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in rates):
+        raise EvalError(f"realtime.control_hz must be a non-empty list of positive rates, got {rates}")
+    if rt.clock not in CLOCKS:
+        raise EvalError(f"realtime.clock must be one of {sorted(CLOCKS)}, got {rt.clock!r}")
+    if rt.latency_ms is not None and (rt.clock != "virtual" or not float(rt.latency_ms) >= 0):
+        raise EvalError("realtime.latency_ms (a modelled latency, >= 0) needs realtime.clock=virtual")
+    if not (rt.lead == "auto" or (isinstance(rt.lead, int) and rt.lead >= 0)):
+        raise EvalError(f"realtime.lead must be auto or an integer >= 0, got {rt.lead!r}")
+
+
+def run_realtime(cfg: DictConfig) -> dict:
+    check_realtime_settings(cfg)
+    setup = prepare(cfg)
+    policy, rt = setup.policy, cfg.realtime
+    if not setup.trained:
+        raise EvalError("mode=realtime runs episodes: it needs a trained checkpoint")
+    rates = [float(r) for r in rt.control_hz]
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    digest = realtime_digest(cfg)
+    if run_file.exists() and json.loads(run_file.read_text()).get("digest") != digest:
+        raise EvalError(f"{out} holds a run with other settings; pick another out_dir (or out_dir=auto)")
+    run_file.write_text(json.dumps({"digest": digest, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+
+    # One set of built methods per rate: the budget variants' plans are made for each rate's deadline.
+    built, budgets = {}, {}
+    try:
+        for rate in rates:
+            built[rate] = dict(setup.built)
+            budgets[rate] = budget_plans(cfg, policy, setup.variants, built[rate], setup.calibrations,
+                                         setup.latency_batch, out / f"{rate:g}hz", control_hz=rate)
+    except (ValueError, bac.PlanMismatchError) as err:
+        raise EvalError(str(err)) from err
+    finally:
+        policy.set_sampler(setup.base_sampler, setup.base_steps)
+    flops = {rate: count_flops(setup, built[rate])[0] for rate in rates}
+    variants = setup.variants
+    execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else policy.n_action_steps
+
+    # Batch-1 latency per method and rate, before the episodes: the lead each method requests chunks with.
+    latencies = {rate: measure_latency(policy, variants, built[rate], setup.latency_batch,
+                                       repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup),
+                                       threads=int(cfg.latency.threads)) for rate in rates}
+    leads = {rate: {v.name: (auto_lead([1e3 * s for s in latencies[rate][v.name]], rate, execute_steps)
+                             if rt.lead == "auto" else int(rt.lead)) for v in variants} for rate in rates}
+
+    log_path = out / "episodes.jsonl"
+    done = {(e["task"], e["control_hz"], e["method"], e["seed"]): e for e in read_episodes(log_path)}
+    seeds = range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes))
+    total = len(setup.tasks) * len(seeds) * len(rates) * len(variants)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.latency.threads))  # batch 1, as on a robot: the latencies measured above
+    repair(log_path)
+    try:
+        with EnvPool() as pool, open(log_path, "a") as log, \
+                tqdm(total=total, initial=len(done), disable=not cfg.progress, desc="realtime", leave=False) as bar:
+            for task in setup.tasks:
+                instructions = episode_instructions(cfg, policy, task)
+                env = make_control_env(policy, task, max_episode_steps=cfg.max_episode_steps, pool=pool)
+                for seed in seeds:  # every method and rate on one seed before the next: drift hits all alike
+                    for rate in rates:
+                        for variant in variants:
+                            key = (task, rate, variant.name, seed)
+                            if key in done:
+                                continue
+                            trace = episode(cfg, policy, env, task, seed, rate, variant, built[rate],
+                                            leads[rate][variant.name], execute_steps, instructions)
+                            record = {"task": task, "control_hz": rate, "method": variant.name, **trace}
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
+                            os.fsync(log.fileno())
+                            done[key] = record
+                            bar.update(1)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    result = {
+        "schema": REPORT_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bac.eval " + " ".join(sys.argv[1:]),
+        "out_dir": str(out),
+        "policy": {"checkpoint": str(cfg.checkpoint), "architecture": policy.architecture,
+                   "horizon": policy.horizon, "n_action_steps": policy.n_action_steps},
+        "tasks": setup.tasks,
+        "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.episodes) - 1] if cfg.episodes > 0 else [],
+        "sampler": {"kind": setup.base_sampler, "steps": setup.base_steps},
+        "settings": {**OmegaConf.to_container(rt, resolve=True), "execute_steps": execute_steps,
+                     "threads": int(cfg.latency.threads)},
+        "rates": {},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "python": sys.version.split()[0]},
+        "packages": _versions(),
+    }
+    for rate in rates:
+        methods = {}
+        reference = [done[(t, rate, "full", s)] for t in setup.tasks for s in seeds if (t, rate, "full", s) in done]
+        for variant in variants:
+            runs = [done[(t, rate, variant.name, s)] for t in setup.tasks for s in seeds]
+            entry = {
+                "config": variant.describe(),
+                "lead": leads[rate][variant.name],
+                "latency_before_episodes": summarize(latencies[rate][variant.name]),
+                "flops_per_call": int(flops[rate][variant.name]),
+                "control": summarize_runs(runs),
+                "success": reporting.success_summary(runs),
+                "per_task": {t: reporting.success_summary([r for r in runs if r["task"] == t]) for t in setup.tasks},
+            }
+            if reference and variant.name != "full":
+                entry["paired_vs_full"] = reporting.paired_difference(runs, reference)
+            if variant.name in budgets[rate]:
+                entry["budget"] = budgets[rate][variant.name]
+            methods[variant.name] = entry
+        result["rates"][f"{rate:g}"] = methods
+    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(result))
+    result["plots"] = plot(result, out)
+    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def episode(cfg: DictConfig, policy, env, task: str, seed: int, rate: float, variant, built: dict, lead: int,
+            execute_steps: int, instructions) -> dict:
+    """One paired control episode of ``variant`` at ``rate``: its noise seeded from the episode seed."""
+    rt = cfg.realtime
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
+    latency_model = constant_latency(float(rt.latency_ms)) if rt.latency_ms is not None else None
+    with applied(policy, variant, built.get(variant.name)), CLOCKS[rt.clock]() as clock:
+        trace = run_control_episode(policy, env, task, seed=seed, control_hz=rate, clock=clock, generator=generator,
+                                    execute_steps=execute_steps, lead=lead, on_late=rt.on_late, blend=int(rt.blend),
+                                    instruction=instructions(seed) if instructions is not None else None,
+                                    max_steps=cfg.max_episode_steps, latency_model=latency_model)
+    return trace.to_dict()
+
+
+def realtime_digest(cfg: DictConfig) -> str:
+    """The closed-loop settings digest plus the control loop's settings (another rate or clock is another run)."""
+    import hashlib
+
+    from .run import settings_digest
+
+    extra = json.dumps(OmegaConf.to_container(cfg.realtime, resolve=True), sort_keys=True)
+    return hashlib.sha256(f"{settings_digest(cfg)}|realtime|{extra}".encode()).hexdigest()[:10]
+
+
+def _ms(x) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# Real-time control: {report['policy']['checkpoint']} on {', '.join(report['tasks'])}", "",
+             f"Clock {s['clock']}" + (f" (modelled latency {s['latency_ms']} ms)" if s.get("latency_ms") is not None
+                                      else " (each chunk's measured compute time)" if s["clock"] == "virtual" else "")
+             + f"; {s['execute_steps']} actions planned per chunk of {report['policy']['horizon']}; late chunks: "
+             f"{s['on_late']}; blend {s['blend']}; lead {s['lead']}; {s['threads']} thread(s), batch 1. "
+             f"Seeds {report['seeds'][0]}–{report['seeds'][1]}, paired across methods and rates. Latency "
+             "percentiles after each episode's first chunk (nearest rank; see notes); misses are control ticks "
+             "without a planned action, after the first chunk.", ""]
+    for rate, methods in report["rates"].items():
+        lines += [f"## {rate} Hz (a chunk of {s['execute_steps']} actions lasts "
+                  f"{1000 * s['execute_steps'] / float(rate):.0f} ms)", "",
+                  "| method | success % (95% CI) | Δ vs full (paired 95% CI), McNemar p | chunk ms p50 / p95 / p99 / max "
+                  "(n) | lead, mean delay (ticks) | missed ticks (late chunks) | achieved Hz | first action ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, m in methods.items():
+            c, succ = m["control"], m["success"]
+            lat = c["latency_ms"]
+            paired = m.get("paired_vs_full")
+            delta = "—" if not paired or not paired.get("pairs") else (
+                f"{100 * paired['mean']:+.1f} ({100 * paired['ci95'][0]:+.1f}, {100 * paired['ci95'][1]:+.1f}), "
+                f"{paired['mcnemar_p']:.2g}")
+            budget = m.get("budget")
+            label = name + (f" ({budget['budget_ms']:.0f} ms budget)" if budget else "")
+            lines.append(
+                f"| {label} | {100 * succ['rate']:.1f} ({100 * succ['wilson95'][0]:.1f}–{100 * succ['wilson95'][1]:.1f}) "
+                f"| {delta} | {_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} "
+                f"({lat['samples']}) | {m['lead']}, {c['mean_delay_ticks'] or 0:.2f} | {c['missed_ticks']} "
+                f"({c['late_chunks']}) | {c['achieved_hz']:.1f} | {1000 * c['time_to_first_action_s']:.0f} |")
+        notes = sorted({n for m in methods.values() for n in m["control"]["notes"]})
+        if notes:
+            lines += ["", "Notes: " + "; ".join(notes) + "."]
+        lines.append("")
+    lines.append(f"Machine: {report['machine']['platform']}; torch {report['packages'].get('torch')}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> list[str]:
+    """``realtime.png``: achieved control rate and deadline-miss rate per method, grouped by target rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = list(report["rates"])
+    names = list(report["rates"][rates[0]])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        x = np.arange(len(rates)) + (i - (len(names) - 1) / 2) * width
+        control = [report["rates"][r][name]["control"] for r in rates]
+        left.bar(x, [c["achieved_hz"] for c in control], width, label=name)
+        right.bar(x, [100 * (c["miss_rate"] or 0) for c in control], width, label=name)
+    for ax, title in ((left, "achieved control rate (Hz)"), (right, "deadline misses (% of ticks)")):
+        ax.set_xticks(np.arange(len(rates)), [f"{r} Hz target" for r in rates])
+        ax.set_title(title)
+    left.scatter(np.arange(len(rates)), [float(r) for r in rates], marker="_", s=2000, color="k", label="target")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "realtime.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [str(path)]

@@ -315,6 +315,29 @@ class CacheHandle:
         finally:
             local.state = previous
 
+    def drop_context(self, name: str) -> bool:
+        """Forget this thread's context ``name`` and its cached values (a server's disconnected client).
+
+        Contexts otherwise live as long as their thread, so a long-running server that names one per
+        client would keep every departed client's cache. Its block counts stay in :meth:`stats` (added
+        to this thread's ``"default"`` context). Returns whether the context existed; dropping the
+        active context or ``"default"`` is an error.
+        """
+        local = self._local
+        if name == "default" or name == local.state.name:
+            raise ValueError(f"cannot drop context {name!r}: it is "
+                             f"{'the default context' if name == 'default' else 'active in this thread'}")
+        record = local.record
+        state = record.contexts.get(name)
+        if state is None:
+            return False
+        computed, skipped = state.counts()
+        default = self._context_state("default", record)
+        default.computed = [a + b for a, b in zip(default.computed, computed)]
+        default.skipped = [a + b for a, b in zip(default.skipped, skipped)]
+        del record.contexts[name]
+        return True
+
     @property
     def active_context(self) -> str:
         """Name of this thread's active context."""

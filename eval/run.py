@@ -29,6 +29,7 @@ from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
 from bac.envs.instructions import instruction, swapped_task
 from bac.envs.metaworld_env import ALL_TASKS
+from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
 from bac.runtime import EnvPool
@@ -67,17 +68,6 @@ SETTINGS = {
 
 def check_eval_settings(cfg: DictConfig) -> None:
     check_settings(cfg, SETTINGS, CONFIG_DIR / "eval.yaml")
-
-
-def _resolve(path: str) -> Path:
-    """A checkpoint directory: a path as given, else the shipped checkpoint of that name (package data)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    import bac.policies
-
-    shipped = Path(bac.policies.__file__).resolve().parent / "checkpoints" / p.name
-    return shipped if shipped.is_dir() else p
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -134,7 +124,7 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
         if np.isfinite(bounds).all():  # actions span the env's action space (Meta-World's [-1, 1]: the identity)
             policy.action_normalizer.fit(bounds)
         return policy.to(cfg.device).eval(), Path(cfg.plan_cache) / f"untrained-{name}", False
-    directory = _resolve(cfg.checkpoint)
+    directory = resolve_checkpoint(cfg.checkpoint)
     try:
         policy = DiffusionPolicy.load(directory, device=cfg.device)
         if policy.tasks:  # the checkpoint's features must fit the env it is evaluated on
@@ -263,7 +253,7 @@ def settings_digest(cfg: DictConfig) -> str:
         del relevant["tuned"]
     if cfg.instructions != "held_out":  # other instructions are another run (the default keeps earlier digests)
         relevant["instructions"] = cfg.instructions
-    checkpoint = _resolve(str(cfg.checkpoint))
+    checkpoint = resolve_checkpoint(str(cfg.checkpoint))
     if (checkpoint / "model.safetensors").is_file():  # a retrained checkpoint is another run
         relevant["weights"] = weights_digest(checkpoint)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]

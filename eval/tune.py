@@ -36,10 +36,11 @@ import bac
 from bac.cli import FLOAT, check_settings
 from bac.configs import CONFIG_DIR
 from bac.errors import ConfigError
+from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.tuned import TunedConfig
 
 from .run import SETTINGS as EVAL_SETTINGS
-from .run import _resolve, load_policy, run, settings_digest, weights_digest
+from .run import load_policy, run, settings_digest, weights_digest
 
 EVALUATION_SEED = 100000  # configs/eval.yaml's first evaluation seed; demonstrations use seeds from 0
 REFERENCE = "full"
@@ -158,7 +159,7 @@ def write_tuned(cfg: DictConfig, eval_cfg: DictConfig, candidate: dict, out: Pat
             policy.set_sampler(sampler, int(steps))
             bac.build_method(method, policy.model, num_steps=int(steps), scheduler=policy.sampler,
                              **{k: v for k, v in config.items() if k != "standin"}).schedule.save(out / plan)
-    checkpoint = _resolve(str(cfg.checkpoint))
+    checkpoint = resolve_checkpoint(str(cfg.checkpoint))
     found = {"successes": candidate["successes"], "episodes": candidate["episodes"], "p50_ms": candidate["p50_ms"],
              "speedup_vs_reference": candidate["speedup"], "lossless": result["lossless"],
              "reference_successes": result["candidates"][REFERENCE]["successes"],

@@ -179,3 +179,13 @@ class TrainingState:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         return state
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """A checkpoint directory: a path as given (when it exists or is absolute), else the shipped checkpoint
+    of that name (``policies/checkpoints/<name>``, package data in an install), else the path as given."""
+    path = Path(name)
+    if path.is_absolute() or path.exists():
+        return path
+    shipped = Path(__file__).resolve().parent / "checkpoints" / path.name
+    return shipped if shipped.is_dir() else path

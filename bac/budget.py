@@ -81,12 +81,13 @@ class BlockCost:
     def measure(cls, timer: PlanTimer, source: Calibration, groups: str = "kind") -> tuple["BlockCost", list]:
         """Measure the cost model on this machine from a few probe plans of ``source``'s blocks.
 
-        Probes: every block at every step; every block at step 0 only; and, per group of blocks
-        (``groups="kind"``: all SA, all CA, all FFN blocks; ``"block"``: each block alone), that
-        group at step 0 only and the others at every step. Block costs within a group are equal
-        (the group's share divided evenly); ``fixed_ms`` and the group costs are the least-squares
-        fit of the probes' medians. Returns the model and the ``(updates, measured_ms)`` points
-        (kept for refits).
+        Probes: every block at every step; per group of blocks (``groups="kind"``: all SA, all CA, all
+        FFN blocks; ``"block"``: each block alone), that group at step 0 only and the others at every
+        step; and two sparse plans, every block at step 0 only and every block at ``max(2, K // 10)``
+        evenly spaced steps. The least-squares fit of all probes gives the blocks' relative costs
+        (equal within a group); the sparse probes then fix ``fixed_ms`` and the scale (:meth:`refit`),
+        because a call is not exactly linear in its updates (a dense call keeps more in cache) and budget
+        plans live in the sparse regime. Returns the model and the ``(updates, measured_ms)`` points.
         """
         if groups not in ("kind", "block"):
             raise ValueError(f"groups must be 'kind' or 'block', got {groups!r}")
@@ -96,9 +97,12 @@ class BlockCost:
         names = [b.name for b in source.blocks]
         keys = [b.kind if groups == "kind" else b.name for b in source.blocks]
         members = {key: [n for n, g in zip(names, keys) if g == key] for key in dict.fromkeys(keys)}
-        probes = [{n: k for n in names}, {n: 1 for n in names}]
+        sparse = max(2, k // 10)
+        probes = [{n: k for n in names}]
         probes += [{n: (1 if n in group else k) for n in names} for group in members.values()]
-        plans = [Plan.from_steps(source, {n: list(range(c)) for n, c in counts.items()}, k, "cost-probe",
+        probes += [{n: 1 for n in names}, {n: sparse for n in names}]
+        steps = {1: [0], k: list(range(k)), sparse: [i * k // sparse for i in range(sparse)]}
+        plans = [Plan.from_steps(source, {n: steps[c] for n, c in counts.items()}, k, "cost-probe",
                                  scheduler=source.scheduler) for counts in probes]
         measured = [float(t) for t in timer(plans)]
         points = list(zip(probes, measured))
@@ -106,21 +110,24 @@ class BlockCost:
         design = np.array([[1.0] + [sum(counts[n] for n in group) for group in members.values()]
                            for counts in probes])
         solution, *_ = np.linalg.lstsq(design, np.array(measured), rcond=None)
-        fixed, per_block = float(solution[0]), solution[1:]
-        block_ms = {n: max(float(c), 1e-6) for group, c in zip(members.values(), per_block) for n in group}
-        return cls(fixed, block_ms, k, "measured"), points
+        block_ms = {n: max(float(c), 1e-6) for group, c in zip(members.values(), solution[1:]) for n in group}
+        return cls(float(solution[0]), block_ms, k, "measured").refit(points[-2:], source="measured"), points
 
-    def refit(self, points: Sequence[tuple[dict[str, int], float]]) -> "BlockCost":
+    def refit(self, points: Sequence[tuple[dict[str, int], float]], source: str = "refit") -> "BlockCost":
         """Least squares on ``fixed_ms`` and one scale of every block cost over measured ``(updates, ms)`` points.
 
         The block costs keep their ratios (the probes measured them); what drifts between the probes
         and real plans (other threads, caches warm or cold, the plan's bookkeeping) moves the two
         parameters of the fit."""
         design = np.array([[1.0, sum(self.block_ms[b] * counts[b] for b in self.block_ms)] for counts, _ in points])
-        (fixed, scale), *_ = np.linalg.lstsq(design, np.array([ms for _, ms in points]), rcond=None)
+        times = np.array([ms for _, ms in points])
+        if len(points) == 1 or np.ptp(design[:, 1]) == 0:  # one distinct plan: keep the scale, move fixed_ms
+            fixed, scale = float(np.mean(times - design[:, 1])), 1.0
+        else:
+            (fixed, scale), *_ = np.linalg.lstsq(design, times, rcond=None)
         scale = max(float(scale), 1e-6)
         return replace(self, fixed_ms=float(fixed), block_ms={b: c * scale for b, c in self.block_ms.items()},
-                       source="refit")
+                       source=source)
 
 
 def allocate_updates(gains: Sequence[Sequence[float]], costs: Sequence[int], budget: int) -> list[int]:
@@ -246,7 +253,19 @@ def plan_for_budget(
     errors = {b.name: float(e) for b, e in zip(calibration.blocks, calibration.reuse_error)}
     history: list = []
     while True:
-        plan, updates = _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, metric, resolution)
+        try:
+            plan, updates = _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, metric,
+                                      resolution)
+        except BudgetError:
+            fastest = {name: 1 for name in names}
+            if timer is None or any(counts == fastest for counts, _ in points):
+                raise
+            # the model says nothing fits; ask the machine before refusing
+            probe = Plan.from_steps(calibration, {name: [0] for name in names}, calibration.num_steps,
+                                    "cost-probe", scheduler=calibration.scheduler)
+            points.append((fastest, float(timer([probe])[0])))
+            cost = cost.refit(points)
+            continue
         predicted = cost.predict(updates)
         entry = {"predicted_ms": predicted, "measured_ms": None, "cost_source": cost.source}
         history.append(entry)

@@ -23,7 +23,7 @@ def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict
     ``control_hz``: the rate of a ``{control_hz: target}`` budget (the realtime evaluator's current rate).
     """
     info: dict[str, dict] = {}
-    costs: dict[str, tuple[bac.BlockCost, object]] = {}
+    costs: dict[str, tuple] = {}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     generator = torch.Generator(device=policy.device)
@@ -36,13 +36,16 @@ def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict
                 timer = bac.plan_timer(policy.model,
                                        lambda: policy.predict_action_chunk(batch, generator=generator.manual_seed(0)),
                                        scheduler=policy.sampler, repeats=repeats, warmup=warmup)
-                costs[key] = (bac.BlockCost.measure(timer, calibration)[0], timer)
-            cost, timer = costs[key]
+                costs[key] = (*bac.BlockCost.measure(timer, calibration), timer)
+            cost, points, timer = costs[key]
             params = dict(variant.params)
             target: dict = {}
             if "match" in params:
-                target["latency_ms"] = matched = timer([_plan_of(params.pop("match"), variant, variants, built,
-                                                                 calibration)])[0]
+                other = _plan_of(params.pop("match"), variant, variants, built, calibration)
+                target["latency_ms"] = matched = timer([other])[0]
+                # the matched plan is a measured point in the regime the budget plan will run in
+                counts = {b.name: len(b.update_steps) for b in other.blocks}
+                cost = cost.refit(points[-2:] + [(counts, matched)])
             elif "latency_ms" in params:
                 target["latency_ms"] = float(params.pop("latency_ms"))
             else:

@@ -89,7 +89,7 @@ def test_cost_measurement_recovers_a_linear_machine(calibrated):
     measured, points = bac.BlockCost.measure(linear_timer(truth), calibration)
     assert measured.fixed_ms == pytest.approx(truth.fixed_ms)
     assert measured.block_ms == pytest.approx(truth.block_ms)
-    assert len(points) == 2 + 3  # full, step 0 only, one probe per kind
+    assert len(points) == 1 + 3 + 2  # full, one probe per kind, two sparse plans
 
 
 def test_budget_plan_fits_and_spends_the_budget(calibrated):
@@ -186,7 +186,7 @@ def test_measured_plans_apply_to_their_model(calibrated, sample_actions):
     timer = bac.plan_timer(model, lambda: sample_actions(model, scheduler, obs), scheduler=scheduler, repeats=2,
                            warmup=1)
     cost, points = bac.BlockCost.measure(timer, calibration)
-    assert cost.source == "measured" and len(points) == 5 and all(ms > 0 for _, ms in points)
+    assert cost.source == "measured" and len(points) == 6 and all(ms > 0 for _, ms in points)
     full_ms = points[0][1]
     chosen = bac.plan_for_budget(calibration, latency_ms=0.6 * full_ms, cost=cost, timer=timer, max_refits=1)
     assert chosen.measured_ms is not None and len(chosen.history) in (1, 2)
@@ -196,3 +196,36 @@ def test_measured_plans_apply_to_their_model(calibrated, sample_actions):
     other = type(model)(**{**dict(action_dim=3, cond_dim=5, horizon=8, width=32, num_layers=3, heads=2)})
     with pytest.raises(bac.PlanMismatchError, match="weights"):
         bac.accelerate(other, chosen.plan, num_steps=K, scheduler=scheduler)
+
+
+def test_a_budget_the_model_calls_impossible_is_checked_on_the_machine(calibrated):
+    """A cost model measured under load says even the fastest plan is over budget; the machine, asked, says
+    it fits: the plan is made from the refit model instead of refused."""
+    _, _, calibration = calibrated
+    believed = true_cost(calibration, fixed=50.0)
+    real = true_cost(calibration, fixed=20.0)
+    fastest = real.predict({b.name: 1 for b in calibration.blocks})
+    timer = linear_timer(real)
+    chosen = bac.plan_for_budget(calibration, latency_ms=fastest + 10, cost=believed, timer=timer)
+    assert chosen.fits and chosen.measured_ms <= fastest + 10
+    with pytest.raises(bac.BudgetError, match="fastest plan"):  # and a budget the machine cannot meet is refused
+        bac.plan_for_budget(calibration, latency_ms=fastest - 1, cost=believed, timer=timer)
+
+
+def test_sparse_probes_fix_the_regime_budget_plans_run_in(calibrated):
+    """On a machine whose dense calls cost more per update than sparse ones (not linear), the model is exact
+    where budget plans live: at every block once and at K // 10 updates each."""
+    _, _, calibration = calibrated
+    truth = true_cost(calibration)
+
+    def timer(plans):
+        out = []
+        for plan in plans:
+            updates = plan.computed_count()
+            dense = updates / (len(plan.blocks) * plan.num_steps)
+            out.append(truth.predict_plan(plan) * (1 + 0.5 * dense))  # +50 % at full computation
+        return out
+
+    cost, points = bac.BlockCost.measure(timer, calibration)
+    for counts, ms in points[-2:]:
+        assert cost.predict(counts) == pytest.approx(ms)

@@ -21,7 +21,7 @@ the most ACS score:
    blocks (as the paper's bac). BUA adds updates the allocation did not pay for, so the
    allocation's own budget is bisected for the largest one whose final plan fits.
 5. **Check** (with a ``timer``): the plan's latency is measured; when it differs from the
-   prediction by more than ``tolerance``, the model is refit on every measurement so far
+   prediction by more than ``tolerance`` or exceeds the budget, the model is refit on every measurement so far
    (least squares on ``fixed_ms`` and a common scale of the block costs) and the plan remade.
 
 Gains and costs depend on the machine, not only the model: keep a budget plan for the
@@ -226,8 +226,9 @@ def plan_for_budget(
     Budget: ``latency_ms``, or ``control_hz`` with ``actions_per_chunk`` (see :func:`budget_ms`).
     ``cost``: a :class:`BlockCost` for this machine; without it ``timer`` measures one
     (:meth:`BlockCost.measure`). ``timer`` (e.g. :func:`plan_timer`): also measures the chosen
-    plan; a measurement more than ``tolerance`` (relative) from the prediction refits the model
-    on every point so far and remakes the plan, at most ``max_refits`` times. ``n``: BUA's
+    plan; a measurement more than ``tolerance`` (relative) from the prediction, or over the budget,
+    refits the model on every point so far and remakes the plan, at most ``max_refits`` times
+    (:attr:`BudgetPlan.fits` says whether the last one's measurement is within the budget). ``n``: BUA's
     top-n (0: per-block ACS only). A budget below one update per block raises
     :class:`BudgetError`; a budget above full computation gives the every-step plan.
     """
@@ -273,7 +274,8 @@ def plan_for_budget(
         if timer is not None:
             measured = entry["measured_ms"] = float(timer([plan])[0])
             points.append((updates, measured))
-        off = measured is not None and abs(measured - predicted) > tolerance * predicted
+        # refit when the model is off, or when the plan, measured, overshoots the budget (the contract)
+        off = measured is not None and (abs(measured - predicted) > tolerance * predicted or measured > budget)
         if not off or len(history) > max_refits:
             return BudgetPlan(plan, budget, predicted, cost, updates, measured, history)
         cost = cost.refit(points)

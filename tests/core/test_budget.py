@@ -229,3 +229,15 @@ def test_sparse_probes_fix_the_regime_budget_plans_run_in(calibrated):
     cost, points = bac.BlockCost.measure(timer, calibration)
     for counts, ms in points[-2:]:
         assert cost.predict(counts) == pytest.approx(ms)
+
+
+def test_a_measured_plan_over_the_budget_is_remade(calibrated):
+    """Within the tolerance of its prediction but over the budget: refit and remade, so the plan fits."""
+    _, _, calibration = calibrated
+    believed = true_cost(calibration)
+    real = true_cost(calibration, fixed=believed.fixed_ms + 1.0)  # 1 ms more per call than believed
+    budget = 0.3 * real.predict({b.name: K for b in calibration.blocks})
+    chosen = bac.plan_for_budget(calibration, latency_ms=budget, cost=believed, timer=linear_timer(real),
+                                 tolerance=0.5)
+    assert chosen.history[0]["measured_ms"] > budget and len(chosen.history) == 2
+    assert chosen.fits and chosen.measured_ms <= budget

@@ -36,7 +36,7 @@ from bac.runtime import (EnvPool, VirtualClock, WallClock, auto_lead, constant_l
 from . import report as reporting
 from .closed_loop import read_episodes, repair
 from .latency import measure_latency
-from .run import EvalError, Setup, _versions, budget_plans, count_flops, episode_instructions, output_dir, prepare
+from .run import EvalError, _versions, budget_plans, claim_out_dir, count_flops, episode_instructions, output_dir, prepare
 from .timing import summarize
 from .variants import applied
 
@@ -65,12 +65,7 @@ def run_realtime(cfg: DictConfig) -> dict:
         raise EvalError("mode=realtime runs episodes: it needs a trained checkpoint")
     rates = [float(r) for r in rt.control_hz]
     out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    digest = realtime_digest(cfg)
-    if run_file.exists() and json.loads(run_file.read_text()).get("digest") != digest:
-        raise EvalError(f"{out} holds a run with other settings; pick another out_dir (or out_dir=auto)")
-    run_file.write_text(json.dumps({"digest": digest, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    claim_out_dir(cfg, out, realtime_digest(cfg))
 
     # One set of built methods per rate: the budget variants' plans are made for each rate's deadline.
     built, budgets = {}, {}

@@ -304,6 +304,15 @@ def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built:
     return records
 
 
+def claim_out_dir(cfg: DictConfig, out: Path, digest: str) -> None:
+    """Make ``out`` this run's (``run.json``: settings digest and config); one holding another run's is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / "run.json"
+    if run_file.exists() and json.loads(run_file.read_text()).get("digest") != digest:
+        raise EvalError(f"{out} holds a run with other settings; pick another out_dir (or out_dir=auto)")
+    run_file.write_text(json.dumps({"digest": digest, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+
+
 def budget_path(out: Path, variant: Variant) -> Path:
     return out / "plans" / f"{variant.name}.json"
 
@@ -431,12 +440,7 @@ def run(cfg: DictConfig) -> dict:
     flops, skipped, full_flops = count_flops(setup, built)
     variants = setup.variants
 
-    out.mkdir(parents=True, exist_ok=True)
-    run_file = out / "run.json"
-    digest = settings_digest(cfg)
-    if run_file.exists() and json.loads(run_file.read_text()).get("digest") != digest:
-        raise EvalError(f"{out} holds a run with other settings; pick another out_dir (or out_dir=auto)")
-    run_file.write_text(json.dumps({"digest": digest, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    claim_out_dir(cfg, out, settings_digest(cfg))
 
     # Closed-loop success, paired over seeds.
     episodes: dict[str, list[dict]] = {v.name: [] for v in variants}
@@ -502,6 +506,10 @@ def run(cfg: DictConfig) -> dict:
         }
         if variant.name in budgets:
             entry["budget"] = budgets[variant.name]
+            matched = variant.params.get("match")
+            if matched in episodes and episodes[variant.name]:  # the claim to check: as good at equal latency
+                entry["paired_vs_matched"] = {"method": matched, **reporting.paired_difference(
+                    episodes[variant.name], episodes[matched])}
         if prefix_times is not None:
             entry["prefix_share"] = float(np.median(prefix_times)) / float(np.median(latencies[variant.name]))
         if episodes[variant.name]:

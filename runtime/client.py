@@ -40,9 +40,9 @@ class ObservationError(ServerError, DataError):
 
 
 def _server_error(text: str) -> ServerError:
-    kind, sep, message = text.partition(": ")
+    kind, sep, _ = text.partition(": ")
     if not sep or not kind.isidentifier():
-        kind, message = None, text
+        kind = None
     cls = ObservationError if kind == "DataError" else ServerError
     return cls(f"policy server: {text}", kind)
 

@@ -489,6 +489,7 @@ def test_budget_plan_is_made_for_a_measured_latency_and_kept_when_resuming(check
     assert plan.method == "budget" and plan.num_steps == 6 and plan.params["n"] == 2
     assert made["predicted_ms"] <= made["budget_ms"]
     assert entry["success"]["episodes"] == 2 and entry["paired_vs_full"]["pairs"] == 2
+    assert entry["paired_vs_matched"]["method"] == "bac" and entry["paired_vs_matched"]["pairs"] == 2
     again = run(cfg)
     assert again["methods"]["budget"]["budget"]["reloaded"]
     assert bac.Plan.load(again["methods"]["budget"]["plan_file"]) == plan

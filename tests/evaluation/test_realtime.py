@@ -1,31 +1,18 @@
 """python -m bac.eval mode=realtime: methods at fixed control rates, paired, resumable, reproducible."""
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from bac.configs import CONFIG_DIR
 from bac.evaluation.realtime import run_realtime
 from bac.evaluation.run import EvalError
-from bac.policies.config import PolicyConfig
-from bac.policies.policy import DiffusionPolicy
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = PolicyConfig.build("dpt", {"width": 32, "num_layers": 2, "heads": 2}, state_dim=39, action_dim=4,
-                                tasks=["reach", "push"])
-    policy = DiffusionPolicy(config)
-    policy.obs_normalizer.fit(torch.randn(100, 39))
-    policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
-    return policy.save(tmp_path_factory.mktemp("ckpt") / "tiny")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def config(checkpoint, out, *extra):

@@ -14,20 +14,13 @@ import bac
 from bac.configs import CONFIG_DIR
 from bac.evaluation.run import tuned_variant
 from bac.evaluation.tune import TUNE_KEYS, check_tune_settings, write_tuned
-from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    config = PolicyConfig.build("dpt", {"width": 32, "num_layers": 2, "heads": 2}, state_dim=39, action_dim=4,
-                                tasks=["reach", "push"])
-    policy = DiffusionPolicy(config)
-    policy.obs_normalizer.fit(torch.randn(100, 39))
-    policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
-    return policy.save(tmp_path_factory.mktemp("ckpt") / "tiny")
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def tune_config(checkpoint, tmp_path, *extra):

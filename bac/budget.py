@@ -22,7 +22,8 @@ the most ACS score:
    allocation's own budget is bisected for the largest one whose final plan fits.
 5. **Check** (with a ``timer``): the plan's latency is measured; when it differs from the
    prediction by more than ``tolerance`` or exceeds the budget, the model is refit on every measurement so far
-   (least squares on ``fixed_ms`` and a common scale of the block costs) and the plan remade.
+   (least squares on ``fixed_ms`` and a common scale of the block costs) and the plan remade; when its
+   slowest call misses the deadline (a control rate's), the budget shrinks and the plan is remade.
 
 Gains and costs depend on the machine, not only the model: keep a budget plan for the
 machine it was made on (its params record the budget and the predicted latency).
@@ -176,14 +177,21 @@ class BudgetPlan:
     updates: dict[str, int]  # per block, after BUA
     measured_ms: float | None = None
     history: list = field(default_factory=list)  # one entry per plan tried: predicted, measured, cost source
+    deadline_ms: float | None = None
+    slowest_ms: float | None = None  # the slowest measured call (a timer that keeps its samples)
 
     @property
     def fits(self) -> bool | None:
-        """Whether the measured latency is within the budget (``None`` when nothing was measured)."""
-        return None if self.measured_ms is None else self.measured_ms <= self.budget_ms
+        """Whether the measured median is within the budget and the slowest call within the deadline
+        (``None`` when nothing was measured)."""
+        if self.measured_ms is None:
+            return None
+        late = self.deadline_ms is not None and self.slowest_ms is not None and self.slowest_ms > self.deadline_ms
+        return self.measured_ms <= self.budget_ms and not late
 
     def describe(self) -> dict:
         return {"budget_ms": self.budget_ms, "predicted_ms": self.predicted_ms, "measured_ms": self.measured_ms,
+                "deadline_ms": self.deadline_ms, "slowest_ms": self.slowest_ms,
                 "fits": self.fits, "updates": self.updates, "cost": self.cost.to_dict(), "history": self.history,
                 "computed_share": self.plan.computed_count() / (len(self.plan.blocks) * self.plan.num_steps)}
 
@@ -220,6 +228,7 @@ def plan_for_budget(
     tolerance: float = 0.1,
     max_refits: int = 3,
     resolution: int = 2000,
+    deadline_ms: float | None = None,
 ) -> BudgetPlan:
     """The plan with the most ACS score whose predicted call latency fits the budget (see the module docstring).
 
@@ -231,8 +240,18 @@ def plan_for_budget(
     (:attr:`BudgetPlan.fits` says whether the last one's measurement is within the budget). ``n``: BUA's
     top-n (0: per-block ACS only). A budget below one update per block raises
     :class:`BudgetError`; a budget above full computation gives the every-step plan.
+
+    ``deadline_ms`` (with ``control_hz``: the time ``actions_per_chunk`` actions take): a bound on the
+    plan's *tail*. The budget bounds the median; when a ``timer`` that keeps its samples
+    (:func:`plan_timer`) measures the plan's slowest call over the deadline, the budget shrinks by
+    that ratio and the plan is remade (a refit, at most ``max_refits`` in all): a robot sizes its
+    chunk schedule by the tail, and calls on a busy CPU spread to nearly twice their median.
     """
     budget = budget_ms(latency_ms, control_hz, actions_per_chunk, headroom)
+    if deadline_ms is None and control_hz is not None:
+        deadline_ms = 1000.0 * actions_per_chunk / control_hz
+    if deadline_ms is not None:
+        check_number("deadline_ms", deadline_ms, budget)
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     check_number("n (BUA top-n)", n, 0, integer=True)
@@ -270,15 +289,23 @@ def plan_for_budget(
         predicted = cost.predict(updates)
         entry = {"predicted_ms": predicted, "measured_ms": None, "cost_source": cost.source}
         history.append(entry)
-        measured = None
+        measured = tail = None
         if timer is not None:
             measured = entry["measured_ms"] = float(timer([plan])[0])
             points.append((updates, measured))
+            samples = getattr(timer, "samples", None)
+            if samples:
+                tail = entry["slowest_ms"] = float(max(samples[0]))
+        late = deadline_ms is not None and tail is not None and tail > deadline_ms
         # refit when the model is off, or when the plan, measured, overshoots the budget (the contract)
         off = measured is not None and (abs(measured - predicted) > tolerance * predicted or measured > budget)
-        if not off or len(history) > max_refits:
-            return BudgetPlan(plan, budget, predicted, cost, updates, measured, history)
-        cost = cost.refit(points)
+        if not (off or late) or len(history) > max_refits:
+            return BudgetPlan(plan, budget, predicted, cost, updates, measured, history, deadline_ms, tail)
+        if late:  # the tail, not the median, misses the deadline: ask for a faster median
+            budget *= deadline_ms / tail
+            entry["shrunk_budget_to_ms"] = budget
+        if off:
+            cost = cost.refit(points)
 
 
 def _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, metric, resolution):
@@ -329,8 +356,8 @@ def plan_timer(model: nn.Module, run_call: Callable[[], Any], *, scheduler: Any 
                warmup: int = 2) -> PlanTimer:
     """A :data:`PlanTimer` for ``model``: ``run_call()`` (one whole sampling call, e.g. a policy's
     ``predict_action_chunk`` on a batch-1 observation) under each plan, the plans interleaved in
-    every repeat, the median of ``repeats`` after ``warmup`` rounds. CUDA is synchronised around
-    each call. Set the thread count you will run with (``torch.set_num_threads(1)`` for batch 1)
+    every repeat, the median of ``repeats`` after ``warmup`` rounds (all of them in ``timer.samples``).
+    CUDA is synchronised around each call. Set the thread count you will run with (``torch.set_num_threads(1)`` for batch 1)
     before timing."""
     from .engine import accelerate
 
@@ -344,6 +371,7 @@ def plan_timer(model: nn.Module, run_call: Callable[[], Any], *, scheduler: Any 
 
     def timer(plans: Sequence[Plan]) -> list[float]:
         times: list[list[float]] = [[] for _ in plans]
+        timer.samples = times  # every repeat of the last call's plans: the tail plan_for_budget checks
         for round_ in range(warmup + repeats):
             for i, plan in enumerate(plans):
                 with accelerate(model, plan, num_steps=plan.num_steps, scheduler=scheduler):

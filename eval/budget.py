@@ -17,10 +17,12 @@ from .variants import Variant
 
 def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict[str, bac.Method],
                    calibrations: dict[str, bac.Calibration], batch: Batch, *, threads: int, repeats: int,
-                   warmup: int, control_hz: float | None = None) -> dict[str, dict]:
+                   warmup: int, control_hz: float | None = None,
+                   actions_per_chunk: int | None = None) -> dict[str, dict]:
     """Make the plan of every budget variant (added to ``built``); returns what each plan was made for.
 
-    ``control_hz``: the rate of a ``{control_hz: target}`` budget (the realtime evaluator's current rate).
+    ``control_hz``: the rate of a ``{control_hz: target}`` budget (the realtime evaluator's current rate);
+    ``actions_per_chunk``: the actions a chunk runs at a control-rate budget (default ``n_action_steps``).
     """
     info: dict[str, dict] = {}
     costs: dict[str, tuple] = {}
@@ -54,7 +56,7 @@ def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict
                     raise ValueError(f"method {variant.name!r}: control_hz: target is each rate of mode=realtime; "
                                      "give a rate (or latency_ms) here")
                 target |= {"control_hz": float(control_hz if rate == "target" else rate),
-                           "actions_per_chunk": policy.n_action_steps}
+                           "actions_per_chunk": actions_per_chunk or policy.n_action_steps}
             chosen = bac.plan_for_budget(calibration, cost=cost, timer=timer, **target, **params)
             built[variant.name] = bac.Method("budget", chosen.plan, params=dict(chosen.plan.params))
             info[variant.name] = {"target": variant.params, **chosen.describe()}

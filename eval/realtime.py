@@ -67,20 +67,21 @@ def run_realtime(cfg: DictConfig) -> dict:
     out = output_dir(cfg)
     claim_out_dir(cfg, out, realtime_digest(cfg))
 
+    execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else policy.n_action_steps
     # One set of built methods per rate: the budget variants' plans are made for each rate's deadline.
     built, budgets = {}, {}
     try:
         for rate in rates:
             built[rate] = dict(setup.built)
             budgets[rate] = budget_plans(cfg, policy, setup.variants, built[rate], setup.calibrations,
-                                         setup.latency_batch, out / f"{rate:g}hz", control_hz=rate)
+                                         setup.latency_batch, out / f"{rate:g}hz", control_hz=rate,
+                                         actions_per_chunk=execute_steps)
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
     finally:
         policy.set_sampler(setup.base_sampler, setup.base_steps)
     flops = {rate: count_flops(setup, built[rate])[0] for rate in rates}
     variants = setup.variants
-    execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else policy.n_action_steps
 
     # Batch-1 latency per method and rate, before the episodes: the lead each method requests chunks with.
     latencies = {rate: measure_latency(policy, variants, built[rate], setup.latency_batch,

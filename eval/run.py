@@ -318,7 +318,8 @@ def budget_path(out: Path, variant: Variant) -> Path:
 
 
 def budget_plans(cfg: DictConfig, policy: DiffusionPolicy, variants: list[Variant], built: dict,
-                 calibrations: dict, batch: dict, out: Path, control_hz: float | None = None) -> dict[str, dict]:
+                 calibrations: dict, batch: dict, out: Path, control_hz: float | None = None,
+                 actions_per_chunk: int | None = None) -> dict[str, dict]:
     """Make (or, when resuming a run, reload) the plans of the budget variants; what each was made for."""
     budgeted = [v for v in variants if v.budgeted]
     saved = {v.name: budget_path(out, v) for v in budgeted}
@@ -330,7 +331,8 @@ def budget_plans(cfg: DictConfig, policy: DiffusionPolicy, variants: list[Varian
             info[variant.name] = record["budget"] | {"reloaded": True}
         return info
     info = build_budgeted(policy, variants, built, calibrations, batch, threads=int(cfg.latency.threads),
-                          repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup), control_hz=control_hz)
+                          repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup), control_hz=control_hz,
+                          actions_per_chunk=actions_per_chunk)
     for variant in budgeted:
         built[variant.name].schedule.save(saved[variant.name])
         saved[variant.name].with_suffix(".budget.json").write_text(json.dumps(

@@ -241,3 +241,26 @@ def test_a_measured_plan_over_the_budget_is_remade(calibrated):
                                  tolerance=1.0)
     assert chosen.history[0]["measured_ms"] > budget and len(chosen.history) == 2
     assert chosen.fits and chosen.measured_ms <= budget
+
+
+def test_a_tail_over_the_deadline_shrinks_the_budget(calibrated):
+    """Calls spread to 1.8x their median (a busy CPU): the median budget of a control rate is not enough; the
+    plan's slowest measured call must fit the deadline (the time its actions take)."""
+    _, _, calibration = calibrated
+    cost = true_cost(calibration)
+
+    def timer(plans):
+        medians = [cost.predict_plan(p) for p in plans]
+        timer.samples = [[0.9 * m, m, 1.8 * m] for m in medians]
+        return medians
+
+    full = cost.predict({b.name: K for b in calibration.blocks})
+    hz = 1000 * 8 / (0.8 * full)  # 8 actions take 80 % of a full call
+    chosen = bac.plan_for_budget(calibration, control_hz=hz, actions_per_chunk=8, cost=cost, timer=timer)
+    assert chosen.deadline_ms == pytest.approx(0.8 * full)
+    assert chosen.history[0]["slowest_ms"] > chosen.deadline_ms and "shrunk_budget_to_ms" in chosen.history[0]
+    assert chosen.slowest_ms <= chosen.deadline_ms and chosen.fits
+    assert chosen.budget_ms < 0.75 * chosen.deadline_ms
+    no_samples = bac.plan_for_budget(calibration, control_hz=hz, actions_per_chunk=8, cost=cost,
+                                     timer=linear_timer(cost))  # a timer without samples: the median only
+    assert no_samples.slowest_ms is None and no_samples.budget_ms == pytest.approx(0.75 * 0.8 * full)

@@ -256,11 +256,12 @@ def test_a_tail_over_the_deadline_shrinks_the_budget(calibrated):
 
     full = cost.predict({b.name: K for b in calibration.blocks})
     hz = 1000 * 8 / (0.8 * full)  # 8 actions take 80 % of a full call
-    chosen = bac.plan_for_budget(calibration, control_hz=hz, actions_per_chunk=8, cost=cost, timer=timer)
+    chosen = bac.plan_for_budget(calibration, control_hz=hz, actions_per_chunk=8, headroom=0.75, cost=cost,
+                                 timer=timer)
     assert chosen.deadline_ms == pytest.approx(0.8 * full)
     assert chosen.history[0]["slowest_ms"] > chosen.deadline_ms and "shrunk_budget_to_ms" in chosen.history[0]
     assert chosen.slowest_ms <= chosen.deadline_ms and chosen.fits
     assert chosen.budget_ms < 0.75 * chosen.deadline_ms
-    no_samples = bac.plan_for_budget(calibration, control_hz=hz, actions_per_chunk=8, cost=cost,
+    no_samples = bac.plan_for_budget(calibration, control_hz=hz, actions_per_chunk=8, headroom=0.75, cost=cost,
                                      timer=linear_timer(cost))  # a timer without samples: the median only
     assert no_samples.slowest_ms is None and no_samples.budget_ms == pytest.approx(0.75 * 0.8 * full)

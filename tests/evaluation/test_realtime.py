@@ -42,7 +42,7 @@ def test_every_method_at_every_rate_paired_with_a_budget_plan_per_rate(checkpoin
             if name != "full":
                 assert entry["paired_vs_full"]["pairs"] == 2
         budget = methods["budget"]["budget"]
-        assert budget["budget_ms"] == pytest.approx(0.75 * 8 * 1000 / float(rate))  # 8 actions at the rate
+        assert budget["budget_ms"] == pytest.approx(0.5 * 8 * 1000 / float(rate))  # 8 actions at the rate, half
         assert budget["target"] == {"control_hz": "target", "n": 2}
     out = tmp_path / "a"
     assert (out / "realtime.png").exists() and "## 40 Hz" in (out / "report.md").read_text()

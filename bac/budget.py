@@ -360,8 +360,8 @@ def plan_timer(model: nn.Module, run_call: Callable[[], Any], *, scheduler: Any 
     """A :data:`PlanTimer` for ``model``: ``run_call()`` (one whole sampling call, e.g. a policy's
     ``predict_action_chunk`` on a batch-1 observation) under each plan, the plans interleaved in
     every repeat, the median of ``repeats`` after ``warmup`` rounds (all of them in ``timer.samples``).
-    CUDA is synchronised around each call. Set the thread count you will run with (``torch.set_num_threads(1)`` for batch 1)
-    before timing."""
+    CUDA is synchronised around each call. Set the thread count you will run with
+    (``torch.set_num_threads(1)`` for batch 1) before timing."""
     from .engine import accelerate
 
     check_number("repeats", repeats, 1, integer=True)

@@ -12,8 +12,9 @@ Before the episodes, each method's batch-1 latency is measured (interleaved, as 
 report) and sets its ``lead`` (``realtime.lead=auto``: :func:`bac.runtime.auto_lead` of those samples),
 so a chunk is requested early enough for its p100 of the warm-up samples. Episodes are paired: every
 method sees the same seeds, noise and envs at every rate; results are appended per episode to
-``episodes.jsonl`` (resumable, like the closed-loop log). Report: ``report.json``, ``report.md`` and
-``realtime.png`` (achieved rate and deadline misses per method and rate).
+``episodes.jsonl`` (resumable, like the closed-loop log). Report (``out_dir``, default
+``outputs/realtime/<checkpoint>-<settings hash>``): ``report.json``, ``report.md`` and ``realtime.png``
+(achieved rate and deadline misses per method and rate).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from bac.runtime import (EnvPool, VirtualClock, WallClock, auto_lead, constant_l
 from . import report as reporting
 from .closed_loop import read_episodes, repair
 from .latency import measure_latency
-from .run import EvalError, _versions, budget_plans, claim_out_dir, count_flops, episode_instructions, output_dir, prepare
+from .run import (EvalError, _versions, budget_plans, claim_out_dir, count_flops, episode_instructions, output_dir,
+                  prepare)
 from .timing import summarize
 from .variants import applied
 
@@ -64,8 +66,9 @@ def run_realtime(cfg: DictConfig) -> dict:
     if not setup.trained:
         raise EvalError("mode=realtime runs episodes: it needs a trained checkpoint")
     rates = [float(r) for r in rt.control_hz]
-    out = output_dir(cfg)
-    claim_out_dir(cfg, out, realtime_digest(cfg))
+    digest = realtime_digest(cfg)
+    out = output_dir(cfg, "realtime", digest)  # auto: outputs/realtime/<checkpoint>-<digest>
+    claim_out_dir(cfg, out, digest)
 
     execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else policy.n_action_steps
     # One set of built methods per rate: the budget variants' plans are made for each rate's deadline.
@@ -205,8 +208,9 @@ def markdown(report: dict) -> str:
     for rate, methods in report["rates"].items():
         lines += [f"## {rate} Hz (a chunk of {s['execute_steps']} actions lasts "
                   f"{1000 * s['execute_steps'] / float(rate):.0f} ms)", "",
-                  "| method | success % (95% CI) | Δ vs full (paired 95% CI), McNemar p | chunk ms p50 / p95 / p99 / max "
-                  "(n) | lead, mean delay (ticks) | missed ticks (late chunks) | achieved Hz | first action ms |",
+                  "| method | success % (95% CI) | Δ vs full (paired 95% CI), McNemar p "
+                  "| chunk ms p50 / p95 / p99 / max (n) | lead, mean delay (ticks) | missed ticks (late chunks) "
+                  "| achieved Hz | first action ms |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, m in methods.items():
             c, succ = m["control"], m["success"]
@@ -218,7 +222,8 @@ def markdown(report: dict) -> str:
             budget = m.get("budget")
             label = name + (f" ({budget['budget_ms']:.0f} ms budget)" if budget else "")
             lines.append(
-                f"| {label} | {100 * succ['rate']:.1f} ({100 * succ['wilson95'][0]:.1f}–{100 * succ['wilson95'][1]:.1f}) "
+                f"| {label} | {100 * succ['rate']:.1f} "
+                f"({100 * succ['wilson95'][0]:.1f}–{100 * succ['wilson95'][1]:.1f}) "
                 f"| {delta} | {_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} "
                 f"({lat['samples']}) | {m['lead']}, {c['mean_delay_ticks'] or 0:.2f} | {c['missed_ticks']} "
                 f"({c['late_chunks']}) | {c['achieved_hz']:.1f} | {1000 * c['time_to_first_action_s']:.0f} |")

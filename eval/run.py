@@ -259,11 +259,12 @@ def settings_digest(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def output_dir(cfg: DictConfig) -> Path:
+def output_dir(cfg: DictConfig, kind: str = "eval", digest: str | None = None) -> Path:
+    """``out_dir``, or with ``auto`` ``outputs/<kind>/<checkpoint>-<settings digest>`` (one folder per run)."""
     if cfg.out_dir != "auto":
         return Path(cfg.out_dir)
     name = str(cfg.checkpoint).replace(UNTRAINED, "untrained-").rstrip("/").split("/")[-1]
-    return Path("outputs") / "eval" / f"{name}-{settings_digest(cfg)}"
+    return Path("outputs") / kind / f"{name}-{digest or settings_digest(cfg)}"
 
 
 def _versions() -> dict:

@@ -7,8 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from bac.configs import CONFIG_DIR
-from bac.evaluation.realtime import run_realtime
-from bac.evaluation.run import EvalError
+from bac.evaluation.realtime import realtime_digest, run_realtime
+from bac.evaluation.run import EvalError, output_dir
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
@@ -79,3 +79,11 @@ def test_the_entry_point_runs_the_mode_and_refuses_an_unknown_one(checkpoint, tm
     args = [sys.executable, "-m", "bac.eval", f"checkpoint={checkpoint}", "mode=sometimes", f"out_dir={tmp_path}"]
     result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "mode must be closed_loop or realtime" in result.stderr
+
+
+def test_auto_out_dir_is_not_the_closed_loop_runs(checkpoint, tmp_path):
+    cfg = config(checkpoint, "auto")
+    realtime = output_dir(cfg, "realtime", realtime_digest(cfg))
+    assert realtime.parts[:2] == ("outputs", "realtime") and realtime != output_dir(cfg)
+    faster = config(checkpoint, "auto", "realtime.control_hz=[50]")
+    assert output_dir(faster, "realtime", realtime_digest(faster)) != realtime  # another rate is another run

@@ -148,6 +148,7 @@ def run_realtime(cfg: DictConfig) -> dict:
             entry = {
                 "config": variant.describe(),
                 "lead": leads[rate][variant.name],
+                "largest_lead": max(int(r["lead"]) for r in runs),  # with adapt_lead: raised in the loop
                 "latency_before_episodes": summarize(latencies[rate][variant.name]),
                 "flops_per_call": int(flops[rate][variant.name]),
                 "control": summarize_runs(runs),
@@ -175,7 +176,8 @@ def episode(cfg: DictConfig, policy, env, task: str, seed: int, rate: float, var
     latency_model = constant_latency(float(rt.latency_ms)) if rt.latency_ms is not None else None
     with applied(policy, variant, built.get(variant.name)), CLOCKS[rt.clock]() as clock:
         trace = run_control_episode(policy, env, task, seed=seed, control_hz=rate, clock=clock, generator=generator,
-                                    execute_steps=execute_steps, lead=lead, on_late=rt.on_late, blend=int(rt.blend),
+                                    execute_steps=execute_steps, lead=lead, adapt_lead=bool(rt.adapt_lead),
+                                    on_late=rt.on_late, blend=int(rt.blend),
                                     instruction=instructions(seed) if instructions is not None else None,
                                     max_steps=cfg.max_episode_steps, latency_model=latency_model)
     return trace.to_dict()
@@ -191,6 +193,12 @@ def realtime_digest(cfg: DictConfig) -> str:
     return hashlib.sha256(f"{settings_digest(cfg)}|realtime|{extra}".encode()).hexdigest()[:10]
 
 
+def lead_raised(entry: dict) -> str:
+    """``→N`` when the loop raised a method's lead to N in some episode (``adapt_lead``)."""
+    largest = entry.get("largest_lead", entry["lead"])
+    return f"→{largest}" if largest > entry["lead"] else ""
+
+
 def _ms(x) -> str:
     return "—" if x is None else f"{x:.1f}"
 
@@ -201,7 +209,9 @@ def markdown(report: dict) -> str:
              f"Clock {s['clock']}" + (f" (modelled latency {s['latency_ms']} ms)" if s.get("latency_ms") is not None
                                       else " (each chunk's measured compute time)" if s["clock"] == "virtual" else "")
              + f"; {s['execute_steps']} actions planned per chunk of {report['policy']['horizon']}; late chunks: "
-             f"{s['on_late']}; blend {s['blend']}; lead {s['lead']}; {s['threads']} thread(s), batch 1. "
+             f"{s['on_late']}; blend {s['blend']}; lead {s['lead']}"
+             + (" (raised after a slower chunk)" if s.get("adapt_lead") else "")
+             + f"; {s['threads']} thread(s), batch 1. "
              f"Seeds {report['seeds'][0]}–{report['seeds'][1]}, paired across methods and rates. Latency "
              "percentiles after each episode's first chunk (nearest rank; see notes); misses are control ticks "
              "without a planned action, after the first chunk.", ""]
@@ -225,7 +235,8 @@ def markdown(report: dict) -> str:
                 f"| {label} | {100 * succ['rate']:.1f} "
                 f"({100 * succ['wilson95'][0]:.1f}–{100 * succ['wilson95'][1]:.1f}) "
                 f"| {delta} | {_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])} / {_ms(lat['max'])} "
-                f"({lat['samples']}) | {m['lead']}, {c['mean_delay_ticks'] or 0:.2f} | {c['missed_ticks']} "
+                f"({lat['samples']}) | {m['lead']}{lead_raised(m)}, {c['mean_delay_ticks'] or 0:.2f} "
+                f"| {c['missed_ticks']} "
                 f"({c['late_chunks']}) | {c['achieved_hz']:.1f} | {1000 * c['time_to_first_action_s']:.0f} |")
         notes = sorted({n for m in methods.values() for n in m["control"]["notes"]})
         if notes:

@@ -63,6 +63,7 @@ SETTINGS = {
     "out_dir": (STR, None, False), "progress": (BOOL, None, False), "tuned": (STR, None, True),
     "mode": (STR, None, False), "realtime.clock": (STR, None, False), "realtime.blend": (INT, 0, False),
     "realtime.on_late": (STR, None, False), "realtime.execute_steps": (INT, 1, True),
+    "realtime.adapt_lead": (BOOL, None, False),
 }
 
 

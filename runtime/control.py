@@ -34,7 +34,8 @@ At the start of an episode the robot waits for the first chunk (ticks pass, the 
 chunk's observation is still the current one, so nothing of it is dropped (delay 0); the wait is the
 episode's ``time_to_first_action_s``. ``lead="auto"`` is ``ceil(latency / dt) + 1`` clipped to ``[0, s]``,
 from the first chunk's latency (the warm-up; :func:`auto_lead` computes it from a benchmark's latencies,
-to fix ``lead`` across episodes). With zero latency, ``lead=0`` and ``s = n_action_steps`` the loop executes
+to fix ``lead`` across episodes); ``adapt_lead=True`` raises the lead after any chunk that took longer
+than it allowed for. With zero latency, ``lead=0`` and ``s = n_action_steps`` the loop executes
 exactly what :func:`bac.runtime.run_wave` (``select_action``) executes on the same seed and generator (tested).
 
 Two clocks, one loop (:func:`run_control_episode` does not know which it has):
@@ -425,6 +426,7 @@ def run_control_episode(
     generator: torch.Generator | None = None,
     execute_steps: int | None = None,
     lead: int | str = "auto",
+    adapt_lead: bool = False,
     on_late: str = "hold",
     blend: int = 0,
     instruction: str | None = None,
@@ -436,7 +438,10 @@ def run_control_episode(
 
     ``clock``: :class:`VirtualClock` (default) or :class:`WallClock`. ``generator``: the sampling noise
     (default torch's global RNG). ``execute_steps``: actions planned per chunk (default the policy's
-    ``n_action_steps``). ``lead``: ``"auto"`` or ticks in ``[0, execute_steps]``. ``on_late``: ``"hold"`` or
+    ``n_action_steps``). ``lead``: ``"auto"`` or ticks in ``[0, execute_steps]``; ``adapt_lead``: after
+    every chunk, raise the lead to :func:`auto_lead` of that chunk's latency when that is larger (a
+    controller tracking its own inference delay: calls inside the loop run slower than a benchmark's,
+    and their tail is what misses deadlines). ``on_late``: ``"hold"`` or
     ``"continue"``. ``blend``: actions crossfaded after a takeover. ``instruction``: required for a policy
     that reads instructions, refused otherwise. ``max_steps``: a step cap besides the env's own.
     ``latency_model(call_index) -> ms`` (virtual clock only): each inference's latency instead of its
@@ -513,6 +518,8 @@ def run_control_episode(
                 if job is not None and job.ready():
                     plan.take_over(*result(job), t_start=job_start, tick=tick)
                     job = None
+                    if adapt_lead:
+                        lead = max(lead, auto_lead([plan.chunks[-1].record.latency_ms], control_hz, s))
                 if attempt == 0 and job is None and tick >= plan.planned_end - lead:
                     job, job_start = submit(obs, history), tick
             action, source = plan.action(tick)

@@ -169,6 +169,21 @@ def test_auto_lead_is_the_first_chunks_latency_in_ticks_plus_one():
     assert auto_lead([20.0, 60.0], 50, 8) == 4  # the max: 60 ms = 3 ticks at 50 Hz
 
 
+def test_adapt_lead_grows_with_the_slowest_chunk_so_far():
+    """Call 2 takes 350 ms at 10 Hz: with adapt_lead, later chunks are requested ceil(3.5) + 1 = 5 ticks ahead
+    (the 50 ms chunks ask for ceil(0.5) + 1 = 2, the lead both runs start with)."""
+    latencies = [50, 50, 350, 50, 50, 50, 50, 50]
+    model = lambda call: latencies[min(call, len(latencies) - 1)]  # noqa: E731
+    fixed, fixed_policy = run(latency_model=model, lead=2, max_steps=40)
+    adapted, adapted_policy = run(latency_model=model, lead=2, adapt_lead=True, max_steps=40)
+    assert fixed.lead == 2 and adapted.lead == 5
+    assert fixed_policy.started_at[:3] == adapted_policy.started_at[:3]  # the same until the slow chunk is back
+    slow = adapted.chunks[2]
+    next_start = adapted_policy.started_at[3]
+    assert next_start == slow.arrival_tick + 8 - 5  # planned end (arrival + s) minus the adapted lead
+    assert fixed_policy.started_at[3] == fixed.chunks[2].arrival_tick + 8 - 2
+
+
 def test_blending_crossfades_from_what_the_previous_chunk_would_execute():
     # on time (lead 3, 150 ms): ticks 7, 8, 9 blend chunk 0's actions 7 (its plan), 8, 9 (past its plan, hold:
     # its last planned action, 7) into chunk 1's actions 2, 3, 4

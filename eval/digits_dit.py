@@ -72,9 +72,10 @@ def build_model(model_class: type[DiTTransformer2DModel] = DiTTransformer2DModel
 
 
 def save(model: DiTTransformer2DModel, directory: Path, info: dict) -> None:
+    """Weights stored as float16 (half the committed bytes; :func:`load` computes in float32)."""
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              directory / "model.safetensors")
+    save_file({k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(
         {"model": MODEL_CONFIG, "scheduler": SCHEDULER_CONFIG, "training": info}, indent=1) + "\n")
 
@@ -91,7 +92,8 @@ def load(directory: Path | str = DEFAULT_CHECKPOINT, device: str | torch.device 
     if config.get("model") != MODEL_CONFIG:
         raise ValueError(f"{directory} holds a DiT with config {config.get('model')}, this code builds {MODEL_CONFIG}")
     model = build_model(model_class)
-    state = load_file(directory / "model.safetensors")
+    stored = load_file(directory / "model.safetensors")  # float16 since 2026-12-04; older files float32
+    state = {k: v.float() if v.is_floating_point() else v for k, v in stored.items()}
     check_fits(model, state, f"the digits DiT ({directory})")
     model.load_state_dict(state)
     return model.to(device).eval()

@@ -78,6 +78,15 @@ ON_NONFINITE = ("raise", "hold")
 EXTREME = 1e6
 
 
+def next_history(history: torch.Tensor | None, state: torch.Tensor, n_obs_steps: int) -> torch.Tensor:
+    """The last ``n_obs_steps`` observations ``[B, n_obs_steps, D]`` once ``state`` ``[B, D]`` arrives; after a
+    reset (``history`` is None) the first observation repeated, as training windows are padded. The one rule
+    for every runtime that keeps a history (``select_action``, the control loop, the policy server)."""
+    if history is None:
+        return state[:, None].expand(-1, n_obs_steps, -1).clone()
+    return torch.cat([history[:, 1:], state[:, None]], dim=1)
+
+
 class Normalizer(nn.Module):
     """Per-dimension min-max scaling to [-1, 1] (Diffusion Policy's ``limits`` mode)."""
 
@@ -475,13 +484,10 @@ class DiffusionPolicy(nn.Module):
         # Between chunks only the state is read (for the history): a runtime may leave out the images then
         # (see chunk_due), which saves rendering them at every step.
         state = self._state(batch, history=False, state_only=not self.chunk_due)
-        if self._history is None:
-            self._history = state[:, None].expand(-1, self.n_obs_steps, -1).clone()
-        elif self._history.shape[0] != state.shape[0]:
+        if self._history is not None and self._history.shape[0] != state.shape[0]:
             raise DataError(f"feature {STATE!r}: batch of {state.shape[0]} observations after "
                             f"{self._history.shape[0]}; call reset() before a new batch of episodes")
-        else:
-            self._history = torch.cat([self._history[:, 1:], state[:, None]], dim=1)
+        self._history = next_history(self._history, state, self.n_obs_steps)
         if not self._queue:
             try:
                 chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator)

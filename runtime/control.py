@@ -449,6 +449,8 @@ def run_control_episode(
     The policy needs ``predict_action_chunk(batch, generator=..., num_actions=...)``, ``horizon``,
     ``n_obs_steps`` and ``n_action_steps`` (``bac.policies.policy.DiffusionPolicy`` has them).
     """
+    from bac.policies.policy import next_history  # the history rule select_action uses
+
     dt, horizon, s, lead, blend, max_steps = _check_settings(policy, control_hz, execute_steps, lead, on_late,
                                                              blend, max_steps)
     if getattr(env, "num_envs", None) != 1:
@@ -498,7 +500,7 @@ def run_control_episode(
     obs, _ = env.reset(seed=[int(seed)])
     policy.reset()
     state = observation_batch(obs, task_input, policy)[STATE]
-    history = state[:, None].expand(-1, n_obs, -1).clone()  # the first observation repeated, as select_action
+    history = next_history(None, state, n_obs)  # the first observation repeated, as select_action
     job: Job | None = None
     try:
         clock.start(dt)
@@ -532,7 +534,7 @@ def run_control_episode(
             if bool(terminated[0] or truncated[0]) or (max_steps is not None and len(executed) >= max_steps):
                 break
             state = observation_batch(obs, task_input, policy)[STATE]
-            history = torch.cat([history[:, 1:], state[:, None]], dim=1)
+            history = next_history(history, state, n_obs)
             if clock.next_tick():
                 overruns.append(tick)
             tick += 1

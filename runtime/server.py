@@ -294,7 +294,7 @@ class _Session:
     id: str
     peer: str
     generator: torch.Generator
-    history: np.ndarray | None = None  # [n_obs_steps, D], what the next current observation is appended to
+    history: torch.Tensor | None = None  # [1, n_obs_steps, D], what the next current observation is appended to
     requests: int = 0
     closed: bool = False  # queued work of a departed client is skipped
 
@@ -625,18 +625,15 @@ class PolicyServer:
     def _infer(self, session: _Session, observation: Observation, submitted: float):
         """One policy call for ``session``, on the inference thread: ``(actions [n, A], infer_ms, queue_ms)``,
         or ``None`` if the client left while it was queued. The history is kept only if the call succeeded."""
+        from bac.policies.policy import next_history  # the history rule select_action uses
+
         started = time.perf_counter()
         if session.closed:
             return None
         policy = self.policy
-        state = observation.state
-        if state.ndim == 2:
-            history = state
-        elif session.history is None:
-            history = np.repeat(state[None], policy.n_obs_steps, axis=0)
-        else:
-            history = np.concatenate([session.history[1:], state[None]], axis=0)
-        batch: dict[str, Any] = {STATE: torch.from_numpy(history)[None].to(policy.device)}
+        state = torch.from_numpy(observation.state)[None].to(policy.device)
+        history = state if state.ndim == 3 else next_history(session.history, state, policy.n_obs_steps)
+        batch: dict[str, Any] = {STATE: history}
         if observation.task is not None:
             batch[TASK] = observation.task
         for key, image in observation.images.items():

@@ -66,6 +66,8 @@ from .standins import REUSE, Standin, make_standin
 
 # observer(block_index, fn, args, kwargs) -> output; used by calibration and FLOP counting.
 Observer = Callable[[int, Callable[..., Any], tuple, dict], Any]
+# tap(block_index, step, output, computed) -> None: sees the output every block hands on, computed or stood in.
+Tap = Callable[[int, int, Any, bool], None]
 
 
 class StepOverflowError(CacheStateError):
@@ -144,6 +146,7 @@ class CacheHandle:
         standin: Standin = REUSE,
         plan: Plan | None = None,
         observer: Observer | None = None,
+        tap: Tap | None = None,
     ):
         if getattr(model, "_bac_handle", None) is not None:
             raise RuntimeError(f"{type(model).__name__} is already accelerated; call handle.remove() first")
@@ -153,6 +156,7 @@ class CacheHandle:
         self.standin = standin
         self.plan = plan
         self.observer = observer
+        self.tap = tap
         self._lock = threading.Lock()
         self._records: list[_ThreadRecord] = []
         self._local = _PerThread(self)
@@ -160,6 +164,8 @@ class CacheHandle:
         self.call_flops: int | None = None
 
         runners = [self._make_runner(i) for i in range(len(spec.blocks))]
+        if tap is not None:  # wrapped only when asked for: the plain runners stay the hot path
+            runners = [self._tapped(i, runner) for i, runner in enumerate(runners)]
         start, installed = 0, []
         try:
             for _, layer, adapter in spec.layers:
@@ -210,6 +216,17 @@ class CacheHandle:
             return fill(state.cache, i, state.step)
 
         return run
+
+    def _tapped(self, i: int, runner: Callable[..., Any]) -> Callable[..., Any]:
+        local, tap = self._local, self.tap
+
+        def run_tapped(fn, *args, **kwargs):
+            out = runner(fn, *args, **kwargs)
+            state = local.state
+            tap(i, state.step, out, bool(state.row[i] & RUN))
+            return out
+
+        return run_tapped
 
     def _advance(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         local = self._local
@@ -500,6 +517,7 @@ def accelerate(
     scheduler: Any = None,
     adapters: Mapping[type, LayerAdapter] | None = None,
     allow_other_weights: bool = False,
+    tap: Tap | None = None,
 ) -> CacheHandle:
     """Cache ``model``'s blocks; returns a :class:`CacheHandle`.
 
@@ -527,6 +545,17 @@ def accelerate(
     anyway (e.g. a plan calibrated on one checkpoint, knowingly reused for a
     fine-tuned one). Uncalibrated plans (``every-step``, ``uniform``,
     ``taylorseer``) fit any weights.
+
+    ``tap(block_index, step, output, computed)``, for inspection (e.g. the
+    error of every block's output against full computation,
+    :mod:`bac.evaluation.block_errors`), is called after every block
+    evaluation with the output the block hands on to the model: the value it
+    computed (``computed=True``) or its stand-in's value at a skipped step
+    (``computed=False``). ``step`` is the step index in the calling thread's
+    active context (:attr:`CacheHandle.active_context` names it; every
+    context is tapped, :meth:`CacheHandle.measure_flops`' scratch context
+    ``"flops"`` too). The tap must not modify ``output``. Without a tap the
+    runners are not wrapped, so it costs nothing when unused.
     """
     if isinstance(schedule, Method):
         if standin is not None:
@@ -538,12 +567,12 @@ def accelerate(
         chosen = make_standin(standin or REUSE)
         rows = actions_from_table(schedule.step_table(), chosen.keeps_history)
         bound = StaticRows(rows, schedule.num_steps, schedule.method, schedule.params)
-        return CacheHandle(model, spec, bound, chosen, plan=schedule)
+        return CacheHandle(model, spec, bound, chosen, plan=schedule, tap=tap)
     if isinstance(schedule, Rule):
         check_number(f"num_steps (a runtime rule, {schedule.name}, needs the sampler's step count)", num_steps, 1,
                      integer=True)
         chosen = make_standin(standin or schedule.standin or REUSE)
-        return CacheHandle(model, spec, schedule.bind(spec, num_steps), chosen)
+        return CacheHandle(model, spec, schedule.bind(spec, num_steps), chosen, tap=tap)
     raise TypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
 
 

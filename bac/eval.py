@@ -29,6 +29,8 @@ def main(cfg: DictConfig) -> None:
     else:
         raise ConfigError(f"mode must be closed_loop or realtime, got {cfg.mode!r}")
     result = run(cfg)
+    if "shard" in result:  # a shard that left the report to the last one (bac.evaluation.shards)
+        return
     print((Path(result["out_dir"]) / "report.md").read_text())
     print(f"report: {result['out_dir']}/report.json")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 __all__ = [
     "ALL_TASKS",
     "DEFAULT_SUITE",
+    "EXPERT_SUCCESSES",
+    "HARD_CANDIDATES",
     "MAX_EPISODE_STEPS",
     "METAWORLD_MAX_PATH_LENGTH",
     "check_task",
@@ -46,6 +48,21 @@ DEFAULT_SUITE: tuple[str, ...] = (
     "door-open",
 )
 
+#: Candidates of the harder suite (README "The harder suite"): the shipped ``*-metaworld-hard`` policies
+#: are trained on all twelve; a DDIM-step sweep chose the evaluated suite among them.
+HARD_CANDIDATES: tuple[str, ...] = (
+    "pick-place", "peg-insert-side", "basketball", "sweep-into", "push", "plate-slide",
+    "handle-press", "faucet-open", "coffee-button", "door-open", "assembly", "hammer",
+)  # fmt: skip
+
+#: Scripted-expert successes on seeds 0-19 at each task's episode cap, without action noise (a test
+#: replays them). With the demonstrations' DART noise (0.3) experts fail more often (basketball: 176 of
+#: 376 attempts, assembly 73 of 273, peg-insert-side 63 of 263); collection keeps successes only.
+EXPERT_SUCCESSES: dict[str, int] = {
+    "pick-place": 20, "peg-insert-side": 19, "basketball": 20, "sweep-into": 19, "push": 20, "plate-slide": 20,
+    "handle-press": 20, "faucet-open": 20, "coffee-button": 20, "door-open": 19, "assembly": 20, "hammer": 20,
+}  # fmt: skip
+
 #: Episode-length caps. Meta-World's own limit is 500 steps, but its scripted experts
 #: first succeed on these tasks within 33-113 steps (100 seeds each), with rare
 #: outliers (peg-insert-side: median 94, one at 438; push seed 52: 210). The cap is
@@ -62,6 +79,14 @@ MAX_EPISODE_STEPS: dict[str, int] = {
     "door-open": 250,
     "pick-place": 200,
     "peg-insert-side": 300,
+    # The harder suite's candidates (scripted experts over 30 seeds, no noise: first success within
+    # 36-107 steps at the 90th percentile; assembly 98, basketball 107 with one outlier at 428).
+    "basketball": 250,
+    "sweep-into": 200,
+    "plate-slide": 200,
+    "coffee-button": 200,
+    "assembly": 250,
+    "hammer": 200,
     # The language-conditioned suite (envs.instructions.LANGUAGE_SUITE); experts over 20 seeds first
     # succeed within 32-126 steps (handle-pull the longest).
     "faucet-open": 200,

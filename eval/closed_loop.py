@@ -51,6 +51,7 @@ def run_task(
     progress: bool = True,
     instructions=None,
     envs: EnvPool | None = None,
+    logged: Iterable[dict] | None = None,
 ) -> list[dict]:
     """Run the episodes of ``seeds`` not yet in ``log_path``; return every result for (task, method).
 
@@ -59,10 +60,12 @@ def run_task(
     device seeded from its first seed, so every method sees the same initial noise
     on the same episodes (paired comparisons). ``instructions(seed)``: each episode's
     instruction, for a policy that reads instructions (see ``bac.runtime.run_episodes``). ``envs``: a pool
-    shared by the methods run on one task, so their waves reuse one set of environments.
+    shared by the methods run on one task, so their waves reuse one set of environments. ``logged``: the
+    episodes already done (default: those in ``log_path``); a sharded run passes every shard's.
     """
     seeds = list(seeds)
-    done = {e["seed"]: e for e in read_episodes(log_path) if e["task"] == task and e["method"] == method}
+    logged = read_episodes(log_path) if logged is None else logged
+    done = {e["seed"]: e for e in logged if e["task"] == task and e["method"] == method}
     # Waves are fixed slices of the full seed list, so a wave's noise (seeded from its first seed) and its
     # batch never depend on where an earlier run stopped; a wave cut short is rerun whole, its missing
     # episodes written, the others (already logged) not repeated.

@@ -65,6 +65,8 @@ def run_realtime(cfg: DictConfig) -> dict:
     policy, rt = setup.policy, cfg.realtime
     if not setup.trained:
         raise EvalError("mode=realtime runs episodes: it needs a trained checkpoint")
+    if int(cfg.shard.count) > 1:
+        raise EvalError("mode=realtime is not sharded (its methods share the machine's timing): use shard.count=1")
     rates = [float(r) for r in rt.control_hz]
     digest = realtime_digest(cfg)
     out = output_dir(cfg, "realtime", digest)  # auto: outputs/realtime/<checkpoint>-<digest>

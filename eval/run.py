@@ -35,11 +35,12 @@ from bac.policies.tuned import TunedConfig
 from bac.runtime import EnvPool
 
 from . import report as reporting
+from . import shards
 from .budget import build_budgeted
 from .closed_loop import run_task
 from .latency import PREFIX, flops_per_call, measure_latency
 from .timing import summarize
-from .variants import Variant, applied, load_or_build, parse_variants, plan_path
+from .variants import Variant, applied, flops_target, load_or_build, parse_variants, plan_path
 
 UNTRAINED = "untrained:"
 
@@ -63,7 +64,7 @@ SETTINGS = {
     "out_dir": (STR, None, False), "progress": (BOOL, None, False), "tuned": (STR, None, True),
     "mode": (STR, None, False), "realtime.clock": (STR, None, False), "realtime.blend": (INT, 0, False),
     "realtime.on_late": (STR, None, False), "realtime.execute_steps": (INT, 1, True),
-    "realtime.adapt_lead": (BOOL, None, False),
+    "realtime.adapt_lead": (BOOL, None, False), "shard.index": (INT, 0, False), "shard.count": (INT, 1, False),
 }
 
 
@@ -413,28 +414,35 @@ def prepare(cfg: DictConfig) -> Setup:
 
 
 def count_flops(setup: Setup, built: dict[str, bac.Method]) -> tuple[dict[str, int], dict[str, float], int]:
-    """FLOPs and skipped share per variant, and full computation's FLOPs; resolves ``steps: auto`` variants
-    (in ``setup.variants``) to as many steps as the ``bac`` variant's FLOPs."""
+    """FLOPs and skipped share per variant, and full computation's FLOPs; resolves ``steps: auto[:<name>]``
+    variants (in ``setup.variants``) to as many steps as that variant's FLOPs (``bac`` by default)."""
     policy, variants = setup.policy, setup.variants
     per_step, flops, skipped, prepare_flops = flops_per_call(policy, variants, built, setup.latency_batch)
-    auto = [v.name for v in variants if setup.method_config.get(v.name, {}).get("steps") == "auto"]
-    if auto:  # as many steps as the bac method costs
-        if "bac" not in built:
-            raise EvalError(f"method(s) {auto} have steps=auto, which needs the 'bac' method in the same run")
+    auto = {v.name: target for v in variants
+            if (target := flops_target(setup.method_config.get(v.name, {}).get("steps"))) is not None}
+    matched = {}
+    for name, target in auto.items():  # as many steps as the target method costs
+        if target not in built:
+            raise EvalError(f"method {name!r} matches the FLOPs of {target!r}, which is not a caching method "
+                            "of this run")
         # the denoiser's FLOPs only: the per-call work (a VLA head's prefix) is paid once whatever the step count
-        bac_steps = next(v.steps for v in variants if v.name == "bac")
-        matched = max(1, round((flops["bac"] - prepare_flops(bac_steps)) / per_step))
-        setup.variants = [dataclasses.replace(v, steps=matched) if v.name in auto else v for v in variants]
-        flops |= {name: matched * per_step + prepare_flops(matched) for name in auto}
+        target_steps = next(v.steps for v in variants if v.name == target)
+        matched[name] = max(1, round((flops[target] - prepare_flops(target_steps)) / per_step))
+        flops[name] = matched[name] * per_step + prepare_flops(matched[name])
+    setup.variants = [dataclasses.replace(v, steps=matched[v.name]) if v.name in matched else v for v in variants]
     return flops, skipped, setup.base_steps * per_step + prepare_flops(setup.base_steps)
 
 
 def run(cfg: DictConfig) -> dict:
     setup = prepare(cfg)
-    policy, plan_dir, trained, tasks = setup.policy, setup.plan_dir, setup.trained, setup.tasks
+    policy, trained, tasks = setup.policy, setup.trained, setup.tasks
     base_sampler, base_steps, built = setup.base_sampler, setup.base_steps, setup.built
-    latency_batch, calibrations, tuned_plan = setup.latency_batch, setup.calibrations, setup.tuned_plan
+    latency_batch, calibrations = setup.latency_batch, setup.calibrations
     out = output_dir(cfg)
+    if int(cfg.shard.count) > 1 and any(v.budgeted for v in setup.variants):
+        # Each shard would measure its own plan on its own (loaded) machine: not one run any more.
+        raise EvalError("budget variants are made from latency measured in the run: evaluate them unsharded "
+                        "(shard.count=1)")
     try:
         budgets = budget_plans(cfg, policy, setup.variants, built, calibrations, latency_batch, out)
     except (ValueError, bac.PlanMismatchError) as err:
@@ -446,20 +454,48 @@ def run(cfg: DictConfig) -> dict:
 
     claim_out_dir(cfg, out, settings_digest(cfg))
 
-    # Closed-loop success, paired over seeds.
-    episodes: dict[str, list[dict]] = {v.name: [] for v in variants}
-    seeds = range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes))
-    log_path = out / "episodes.jsonl"
+    # Closed-loop success, paired over seeds; a shard runs its share of the cells (eval/shards.py).
+    seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes)))
+    index, count = int(cfg.shard.index), int(cfg.shard.count)
+    cells = [(task, v.name) for task in tasks for v in variants]
+    try:
+        mine = set(shards.shard_cells(cells, index, count))
+    except ValueError as err:
+        raise EvalError(str(err)) from err
     if trained and cfg.episodes > 0:
+        logged = shards.logged_episodes(out)
+        log_path = shards.log_path(out, index, count)
+        by_name = {v.name: v for v in variants}
         with EnvPool() as envs:  # one set of environments per task, shared by every method
-            for task in tasks:
-                for variant in variants:
-                    with applied(policy, variant, built.get(variant.name)):
-                        episodes[variant.name] += run_task(
-                            policy, task, variant.name, seeds, log_path, num_envs=int(cfg.num_envs),
-                            max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
-                            instructions=episode_instructions(cfg, policy, task), envs=envs,
-                        )
+            for task, name in (cell for cell in cells if cell in mine):
+                with applied(policy, by_name[name], built.get(name)):
+                    run_task(policy, task, name, seeds, log_path, num_envs=int(cfg.num_envs),
+                             max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
+                             instructions=episode_instructions(cfg, policy, task), envs=envs, logged=logged)
+        left = shards.missing(out, cells, seeds)
+        if count > 1 and (left or not shards.claim_report(out)):  # another shard still runs, or reports
+            print(f"[bac.eval] shard {index} of {count} done in {out}; {left} episodes of other shards to go"
+                  + ("" if left else "; another shard writes the report"))
+            return {"out_dir": str(out), "shard": {"index": index, "count": count, "episodes_left": left}}
+    try:
+        return report(cfg, setup, out, budgets, flops, skipped, full_flops, seeds)
+    finally:
+        if count > 1:
+            shards.release_report(out)
+
+
+def report(cfg: DictConfig, setup: Setup, out: Path, budgets: dict, flops: dict, skipped: dict, full_flops: int,
+           seeds: list[int]) -> dict:
+    """Latency of every variant (interleaved, batch 1) and the report of the episodes logged in ``out``."""
+    policy, trained, tasks, variants, built = setup.policy, setup.trained, setup.tasks, setup.variants, setup.built
+    latency_batch, calibrations, tuned_plan, plan_dir = (setup.latency_batch, setup.calibrations, setup.tuned_plan,
+                                                         setup.plan_dir)
+    base_sampler, base_steps = setup.base_sampler, setup.base_steps
+    episodes: dict[str, list[dict]] = {v.name: [] for v in variants}
+    if trained and cfg.episodes > 0:
+        logged = {(e["task"], e["method"], e["seed"]): e for e in shards.logged_episodes(out)}
+        for v in variants:
+            episodes[v.name] = [logged[(task, v.name, seed)] for task in tasks for seed in seeds]
     videos = save_videos(cfg, policy, variants, built, tasks, out) if trained and cfg.video else []
 
     latencies = measure_latency(policy, variants, built, latency_batch, repeats=int(cfg.latency.repeats),

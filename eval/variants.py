@@ -2,7 +2,8 @@
 
 A variant is configured (``configs/methods/*.yaml``) as ``{sampler: ddpm|ddim|dpm, steps: N|auto,
 cache: <bac method>, **its parameters}``: ``full`` is the plain sampler, ``ddim`` fewer
-denoising steps (``steps: auto`` matches the FLOPs of the ``bac`` variant), the caching
+denoising steps (``steps: auto`` matches the FLOPs of the ``bac`` variant, ``steps: auto:<name>`` those
+of the variant ``<name>``), the caching
 variants any of :func:`bac.available_methods` on the full sampler (``standin: taylor-1``
 replaces a method's stand-in). Plans of calibrated methods are cached as plan files next to
 the calibration; the others are rebuilt every run (they are a few list operations).
@@ -70,6 +71,13 @@ def parse_budget(name: str, spec: Mapping[str, Any]) -> dict:
     return {**target, **spec}
 
 
+def flops_target(steps: Any) -> str | None:
+    """The variant whose FLOPs ``steps`` asks to match: ``auto`` -> ``bac``, ``auto:<name>`` -> ``<name>``."""
+    if not isinstance(steps, str) or not (steps == "auto" or steps.startswith("auto:")):
+        return None
+    return steps.partition(":")[2] or "bac"
+
+
 def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sampler: str, default_steps: int,
                    auto_steps: int | None = None) -> list[Variant]:
     """Variants named in ``selected`` (all if empty), from ``config``; ``auto`` steps resolve to ``auto_steps``."""
@@ -83,9 +91,9 @@ def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sa
         sampler = spec.pop("sampler", default_sampler)
         steps = spec.pop("steps", default_steps)
         method = spec.pop("cache", None)
-        if steps == "auto":
+        if flops_target(steps) is not None:
             if auto_steps is None:
-                raise ValueError(f"method {name!r} has steps=auto, which needs a bac method to match")
+                raise ValueError(f"method {name!r} has steps={steps}, which needs a method to match")
             steps = auto_steps
         if BUDGET in spec:
             if method is not None:

@@ -506,3 +506,14 @@ def test_bad_budget_settings_are_refused(checkpoint, tmp_path, method, message):
                  f"+methods.odd={method}")
     with pytest.raises(EvalError, match=message):
         run(cfg)
+
+
+def test_fewer_steps_can_match_the_flops_of_any_named_method(checkpoint, tmp_path):
+    result = run(config(checkpoint, tmp_path, "episodes=0", "sampler.steps=12", "M=4",
+                        "+methods.ddim-u={sampler: ddim, steps: 'auto:uniform'}", "run_methods=[full,uniform,ddim-u]"))
+    methods = result["methods"]
+    assert methods["ddim-u"]["config"]["steps"] == 4  # uniform updates every block at 4 of the 12 steps
+    assert methods["ddim-u"]["flops_per_call"] == pytest.approx(methods["uniform"]["flops_per_call"], rel=0.05)
+    with pytest.raises(EvalError, match="'teleport'"):
+        run(config(checkpoint, tmp_path / "bad", "episodes=0", "+methods.ddim-u={sampler: ddim, steps: 'auto:teleport'}",
+                   "run_methods=[full,ddim-u]"))

@@ -388,6 +388,17 @@ def test_training_lowers_the_loss_and_resumes(tmp_path):
     assert (Path(export) / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("policy", ["dpt", "dit"])
+def test_training_on_a_harder_suite_task_lowers_the_loss(tmp_path, policy):
+    cfg = train_config(tmp_path, "task=peg-insert-side", f"policy={policy}", "action_noise=0.3")
+    export = train(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    trained = DiffusionPolicy.load(export)
+    assert trained.architecture == policy and trained.tasks == ["peg-insert-side"]
+    assert trained.provenance["datasets"]["peg-insert-side"]["train_demos"] >= 2
+
+
 def test_training_refuses_bad_policy_settings_before_collecting(tmp_path):
     with pytest.raises(ValueError, match="policy settings \\(dpt\\): DPTConfig: width 32 is not divisible by heads 3"):
         train(train_config(tmp_path, "policy.model.heads=3"))

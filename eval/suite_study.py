@@ -1,0 +1,209 @@
+"""The harder suite's study, from evaluator runs (``python -m bac.eval``): how the suite was chosen, the
+paper's ablation with paired statistics, and the spread over training seeds. It only gathers; the
+episodes come from the runs' logs (every shard's).
+
+    python -m bac.evaluation.suite_study sweep --runs eval/results/sweep-dpt eval/results/sweep-dit
+    python -m bac.evaluation.suite_study ablation --runs eval/results/ablation-dpt eval/results/ablation-dit
+    python -m bac.evaluation.suite_study seeds --runs eval/results/ablation-dpt eval/results/seeds-dpt-1 ...
+
+``sweep``: success per candidate task and method (DDIM with 1-20 steps, one caching budget) and the rule
+that picks the suite (:func:`choose_suite`). ``ablation``: for every architecture and update budget, the
+paper's orderings (uniform < block-wise ACS alone < unified ACS < ACS + BUA) and ACS + BUA against as
+many DDIM steps as it costs, each as a paired difference on the same (task, seed) episodes: Newcombe's
+interval and the exact McNemar test, per budget and pooled over the budgets. ``seeds``: the headline
+methods' success for every training seed of one architecture.
+Each writes ``<out>.json`` and ``<out>.md`` and prints the Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import report as reporting
+from .shards import logged_episodes
+
+FEW_STEPS = ("ddim-1", "ddim-2", "ddim-3")
+MIN_FULL = 0.7   # learnable: at least this success at full computation, on every architecture swept
+SUITE_SIZE = 8
+#: (better, worse): the paper's claimed orderings, and ACS + BUA against fewer steps at its FLOPs.
+ORDERINGS = (("acs", "uniform"), ("unified-acs", "acs"), ("bac", "unified-acs"), ("bac", "acs"),
+             ("bac", "uniform"), ("bac", "ddim"))
+
+
+def _load(run: Path) -> tuple[dict, list[dict]]:
+    return json.loads((run / "report.json").read_text()), logged_episodes(run)
+
+
+def _rate(episodes: list[dict]) -> float | None:
+    return sum(e["success"] for e in episodes) / len(episodes) if episodes else None
+
+
+def _label(report: dict) -> str:
+    return f"{report['policy']['architecture']} ({Path(report['policy']['checkpoint']).name})"
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def choose_suite(per_task: dict[str, dict[str, dict[str, float]]], size: int = SUITE_SIZE,
+                 min_full: float = MIN_FULL) -> dict:
+    """The suite from a sweep: ``per_task[run][task][method]`` success rates.
+
+    A task is *learnable* when full computation reaches ``min_full`` on every run; its *sensitivity* is
+    full computation's success minus the mean of DDIM-1, -2 and -3 and the caching budget (``bac``),
+    averaged over the runs. The suite is the ``size`` most sensitive learnable tasks (ties: candidate
+    order), or every learnable task if fewer.
+    """
+    runs = list(per_task)
+    tasks = list(per_task[runs[0]])
+    degraded = FEW_STEPS + ("bac",)
+    sensitivity, learnable = {}, []
+    for task in tasks:
+        rates = [per_task[r][task] for r in runs]
+        sensitivity[task] = sum(r["full"] - sum(r[m] for m in degraded) / len(degraded) for r in rates) / len(runs)
+        if all(r["full"] >= min_full for r in rates):
+            learnable.append(task)
+    ranked = sorted(learnable, key=lambda t: -sensitivity[t])
+    suite = ranked[:size]
+    return {"suite": [t for t in tasks if t in suite], "learnable": learnable, "sensitivity": sensitivity,
+            "rule": f"full >= {min_full:.0%} on every swept architecture; the {size} with the largest drop from "
+                    f"full to the mean of {', '.join(degraded)}"}
+
+
+def sweep(runs: list[Path]) -> tuple[dict, str]:
+    per_task, labels, methods = {}, [], None
+    for run in runs:
+        report, episodes = _load(run)
+        label = _label(report)
+        labels.append(label)
+        methods = list(report["methods"])
+        tasks = report["environment"]["tasks"]
+        per_task[label] = {t: {m: _rate([e for e in episodes if e["task"] == t and e["method"] == m])
+                               for m in methods} for t in tasks}
+    choice = choose_suite(per_task)
+    lines = [f"Sweep: success % per candidate task ({', '.join(labels)}); suite rule: {choice['rule']}.", "",
+             "| task | " + " | ".join(f"{label.split(' ')[0]} {m}" for label in labels for m in methods)
+             + " | sensitivity | in suite |", "|---|" + "---|" * (len(labels) * len(methods) + 2)]
+    for task in per_task[labels[0]]:
+        cells = [f"{100 * per_task[label][task][m]:.0f}" for label in labels for m in methods]
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {100 * choice['sensitivity'][task]:+.0f} | "
+                     + ("yes" if task in choice["suite"] else "—") + " |")
+    lines += ["", f"Suite: {', '.join(choice['suite'])}."]
+    return {"per_task": per_task, **choice}, "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- ablation
+def _budget_methods(report: dict) -> dict[str, dict[str, str]]:
+    """``{"M5": {"uniform": "uniform-M5", ...}, ...}`` from an ``ablation`` run's method names."""
+    budgets: dict[str, dict[str, str]] = {}
+    for name in report["methods"]:
+        base, _, budget = name.rpartition("-")
+        if base and budget.startswith("M") and budget[1:].isdigit():
+            budgets.setdefault(budget, {})[base] = name
+    return dict(sorted(budgets.items(), key=lambda kv: int(kv[0][1:])))
+
+
+def _verdict(diff: dict) -> str:
+    low, high = diff["ci95"]
+    return "holds" if low > 0 else "reversed" if high < 0 else "not separable"
+
+
+def ablation(runs: list[Path]) -> tuple[dict, str]:
+    result, lines = {}, []
+    for run in runs:
+        report, episodes = _load(run)
+        label = _label(report)
+        by_method = {m: [e for e in episodes if e["method"] == m] for m in report["methods"]}
+        budgets = _budget_methods(report)
+        entry = {"run": str(run), "full": reporting.success_summary(by_method["full"]), "budgets": {}, "pooled": {}}
+        for budget, names in budgets.items():
+            entry["budgets"][budget] = {
+                "methods": {base: {"success": reporting.success_summary(by_method[name]),
+                                   "speedup": report["methods"][name]["speedup"],
+                                   "skipped": report["methods"][name]["skipped_share"],
+                                   "settings": report["methods"][name]["config"]} for base, name in names.items()},
+                "orderings": {f"{a} > {b}": reporting.paired_difference(by_method[names[a]], by_method[names[b]])
+                              for a, b in ORDERINGS if a in names and b in names}}
+        for a, b in ORDERINGS:  # pooled: every budget's pairs together
+            better = [dict(e, task=f"{e['task']}@{m}") for m, names in budgets.items() if a in names and b in names
+                      for e in by_method[names[a]]]
+            worse = [dict(e, task=f"{e['task']}@{m}") for m, names in budgets.items() if a in names and b in names
+                     for e in by_method[names[b]]]
+            if better:
+                entry["pooled"][f"{a} > {b}"] = reporting.paired_difference(better, worse)
+        result[label] = entry
+        lines += _ablation_markdown(label, entry)
+    return result, "\n".join(lines) + "\n"
+
+
+def _diff(d: dict) -> str:
+    return (f"{100 * d['mean']:+.1f} ({100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}), "
+            f"p {d['mcnemar_p']:.2g}, {d['pairs']} pairs: {_verdict(d)}")
+
+
+def _ablation_markdown(label: str, entry: dict) -> list[str]:
+    full = entry["full"]
+    lines = [f"**{label}**: full computation {100 * full['rate']:.1f} % ({full['episodes']} episodes).", "",
+             "| budget | method | success % (95% CI) | speedup | skipped |", "|---|---|---|---|---|"]
+    for budget, b in entry["budgets"].items():
+        for base, m in b["methods"].items():
+            s = m["success"]
+            lines.append(f"| {budget} | {base} | {100 * s['rate']:.1f} ({100 * s['wilson95'][0]:.1f}–"
+                         f"{100 * s['wilson95'][1]:.1f}) | {m['speedup']:.2f}x | {100 * m['skipped']:.1f}% |")
+    lines += ["", "| ordering | " + " | ".join(entry["budgets"]) + " | pooled |",
+              "|---|" + "---|" * (len(entry["budgets"]) + 1)]
+    for a, b in ORDERINGS:
+        key = f"{a} > {b}"
+        if key not in entry["pooled"]:
+            continue
+        cells = [_diff(bud["orderings"][key]) if key in bud["orderings"] else "—" for bud in entry["budgets"].values()]
+        lines.append(f"| {key} | " + " | ".join(cells) + f" | {_diff(entry['pooled'][key])} |")
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------------- seeds
+def seeds(runs: list[Path], methods: list[str]) -> tuple[dict, str]:
+    result, labels = {}, []
+    for run in runs:
+        report, episodes = _load(run)
+        name = Path(report["policy"]["checkpoint"]).name
+        labels.append(name)
+        by_method = {m: [e for e in episodes if e["method"] == m] for m in methods if m in report["methods"]}
+        result[name] = {m: {"success": reporting.success_summary(eps),
+                            "paired_vs_full": reporting.paired_difference(eps, by_method["full"]),
+                            "speedup": report["methods"][m]["speedup"]} for m, eps in by_method.items()}
+    lines = ["| method | " + " | ".join(labels) + " | spread over seeds |", "|---|" + "---|" * (len(labels) + 1)]
+    for m in methods:
+        rates = [result[n][m]["success"]["rate"] for n in labels if m in result[n]]
+        if not rates:
+            continue
+        cells = []
+        for n in labels:
+            if m not in result[n]:
+                cells.append("—")
+                continue
+            r, d = result[n][m], result[n][m]["paired_vs_full"]
+            cells.append(f"{100 * r['success']['rate']:.1f}" + ("" if m == "full" else
+                         f" (Δ {100 * d['mean']:+.1f}, p {d['mcnemar_p']:.2g})"))
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * (max(rates) - min(rates)):.1f} pts |")
+    return result, "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("study", choices=("sweep", "ablation", "seeds"))
+    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="evaluator output folders")
+    parser.add_argument("--methods", nargs="+", default=["full", "uniform-M10", "acs-M10", "bac-M10", "ddim-M10"],
+                        help="seeds: the methods of the headline table")
+    parser.add_argument("--out", type=Path, help="output path without suffix (default eval/results/suite-<study>)")
+    args = parser.parse_args(argv)
+    data, text = (sweep(args.runs) if args.study == "sweep" else ablation(args.runs) if args.study == "ablation"
+                  else seeds(args.runs, args.methods))
+    out = args.out or Path("eval/results") / f"suite-{args.study}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The suite study's gathering: the suite rule, the ablation's paired orderings, the seeds table."""
+import json
+
+import pytest
+
+from bac.evaluation import suite_study
+
+
+def rates(full, few, bac):
+    return {"full": full, "ddim-1": few, "ddim-2": few, "ddim-3": few, "bac": bac}
+
+
+def test_suite_is_the_most_sensitive_learnable_tasks():
+    runs = {
+        "dpt": {"a": rates(1.0, 1.0, 1.0), "b": rates(0.9, 0.1, 0.5), "c": rates(0.6, 0.0, 0.0),
+                "d": rates(0.8, 0.4, 0.8), "e": rates(0.95, 0.2, 0.9)},
+        "dit": {"a": rates(1.0, 1.0, 1.0), "b": rates(0.9, 0.3, 0.7), "c": rates(1.0, 0.0, 0.0),
+                "d": rates(0.7, 0.5, 0.7), "e": rates(0.9, 0.2, 0.8)},
+    }
+    choice = suite_study.choose_suite(runs, size=2)
+    assert choice["learnable"] == ["a", "b", "d", "e"]  # c is under 70 % at full on dpt
+    assert choice["suite"] == ["b", "e"]  # the largest drops, in candidate order
+    assert choice["sensitivity"]["a"] == 0.0
+    assert choice["sensitivity"]["b"] == pytest.approx(((0.9 - 0.2) + (0.9 - 0.4)) / 2)
+    assert suite_study.choose_suite(runs, size=10)["suite"] == ["a", "b", "d", "e"]
+
+
+def write_run(path, outcomes: dict[str, list[bool]], checkpoint="dpt-x"):
+    """A minimal evaluator run: report.json and a shard log of the given per-seed outcomes (task t)."""
+    path.mkdir(parents=True)
+    methods = {m: {"speedup": 2.0, "skipped_share": 0.5, "config": {}} for m in outcomes}
+    (path / "report.json").write_text(json.dumps({"policy": {"architecture": "dpt", "checkpoint": checkpoint},
+                                                  "methods": methods}))
+    with open(path / "episodes.shard0-of-1.jsonl", "w") as f:
+        for method, results in outcomes.items():
+            for seed, success in enumerate(results):
+                f.write(json.dumps({"task": "t", "method": method, "seed": seed, "success": success}) + "\n")
+
+
+def test_ablation_orderings_are_paired_per_budget_and_pooled(tmp_path):
+    n = 60
+    good, bad = [True] * n, [i % 2 == 0 for i in range(n)]
+    write_run(tmp_path / "run", {"full": good, "uniform-M5": bad, "acs-M5": good, "bac-M5": good,
+                                 "uniform-M10": bad, "acs-M10": good, "bac-M10": bad})
+    result, text = suite_study.ablation([tmp_path / "run"])
+    entry = result["dpt (dpt-x)"]
+    assert list(entry["budgets"]) == ["M5", "M10"]
+    m5 = entry["budgets"]["M5"]["orderings"]
+    assert m5["acs > uniform"]["mean"] == pytest.approx(0.5) and suite_study._verdict(m5["acs > uniform"]) == "holds"
+    assert m5["bac > acs"]["mean"] == 0 and suite_study._verdict(m5["bac > acs"]) == "not separable"
+    m10 = entry["budgets"]["M10"]["orderings"]
+    assert suite_study._verdict(m10["bac > acs"]) == "reversed"
+    pooled = entry["pooled"]["bac > acs"]
+    assert pooled["pairs"] == 2 * n and pooled["mean"] == pytest.approx(-0.25)
+    assert "unified-acs > acs" not in entry["pooled"]  # no unified-acs in this run
+    assert "| acs > uniform |" in text
+
+
+def test_seeds_table_has_one_column_per_seed(tmp_path):
+    write_run(tmp_path / "s0", {"full": [True] * 10, "bac-M10": [True] * 9 + [False]}, checkpoint="dpt-seed0")
+    write_run(tmp_path / "s1", {"full": [True] * 8 + [False] * 2, "bac-M10": [True] * 8 + [False] * 2},
+              checkpoint="dpt-seed1")
+    result, text = suite_study.seeds([tmp_path / "s0", tmp_path / "s1"], ["full", "bac-M10"])
+    assert result["dpt-seed0"]["bac-M10"]["success"]["rate"] == 0.9
+    assert result["dpt-seed1"]["full"]["success"]["rate"] == 0.8
+    assert "| full | 100.0 | 80.0 | 20.0 pts |" in text

@@ -100,9 +100,26 @@ def compiled_branches(**options) -> SimpleNamespace:
     """``torch.compile``\\ d :data:`BRANCHES`, made once per set of options (``mode``, ``backend``, ...)."""
     key = tuple(sorted(options.items()))
     if key not in _COMPILED:
-        _COMPILED[key] = SimpleNamespace(**{name: torch.compile(fn, fullgraph=True, dynamic=False, **options)
-                                            for name, fn in vars(BRANCHES).items()})
+        compiled = {name: torch.compile(fn, fullgraph=True, dynamic=False, **options)
+                    for name, fn in vars(BRANCHES).items()}
+        if options.get("mode") in CUDA_GRAPH_MODES:
+            compiled = {name: _cloned(fn) for name, fn in compiled.items()}
+        _COMPILED[key] = SimpleNamespace(**compiled)
     return _COMPILED[key]
+
+
+#: torch.compile modes that replay CUDA graphs on a GPU.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _cloned(fn):
+    """``fn`` returning a copy: a CUDA graph's output is overwritten by the graph's next replay, and the
+    cache keeps a block's output across steps (seen on an H200: "accessing tensor output of CUDAGraphs
+    that has been overwritten by a subsequent run"). PyTorch's remedy is cloning outside the graph."""
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs).clone()
+
+    return call
 
 
 class DecoderLayer(nn.TransformerDecoderLayer):

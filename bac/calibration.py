@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from .adapters import KINDS, Block
 from .errors import PlanMismatchError
+from .files import write_atomic
 from .fit import check_fits
 
 METRICS = ("cosine", "l1", "mse")
@@ -80,8 +81,8 @@ class Calibration:
             "date": self.date,
             "scheduler": self.scheduler,
         }
-        save_file({**self.matrices, "reuse_error": self.reuse_error}, str(path), metadata={"bac": json.dumps(meta)})
-        return path
+        return write_atomic(path, save({**self.matrices, "reuse_error": self.reuse_error},
+                                       metadata={"bac": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":

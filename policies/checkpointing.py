@@ -28,6 +28,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from bac.errors import CheckpointError
+from bac.files import write_atomic
 
 from .config import PolicyConfig, WeightsRecord, identity_differences, identity_digest
 
@@ -62,9 +63,7 @@ def save_weights(state: Mapping[str, torch.Tensor], path: Path, config: PolicyCo
     entry = {"format": WEIGHTS_FORMAT, "fingerprint": identity_digest(identity), "identity": identity}
     data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()},
                             metadata={"bac": json.dumps(entry, sort_keys=True, separators=(",", ":"))})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)
     return WeightsRecord(file=path.name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 

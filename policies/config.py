@@ -36,13 +36,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bac.errors import CheckpointError, ConfigError
+from bac.files import write_atomic
 
 CONFIG_FORMAT = "bac-policy/2"
 LEGACY_FORMAT = "bac-policy/1"
@@ -598,10 +598,7 @@ class PolicyConfig:
         data = self.to_dict()
         if weights is not None:
             data["weights"] = weights.to_dict()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "PolicyConfig":

@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 from ..adapters import KINDS
 from ..checks import check_number
 from ..errors import PlanMismatchError
+from ..files import write_atomic
 from ..fit import check_fits, scheduler_id
 from ..flops import executed_flops
 
@@ -296,10 +297,7 @@ class Plan:
             raise PlanMismatchError(f"malformed plan {source}: {err}") from None
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -14,7 +14,7 @@ def test_write_atomic_replaces_whole_and_leaves_no_temporary(tmp_path):
 
 def test_a_failed_write_keeps_the_old_file(tmp_path):
     path = write_atomic(tmp_path / "plan.json", "old")
-    with pytest.raises(AttributeError):
+    with pytest.raises(TypeError):
         write_atomic(path, None)  # not bytes: fails before the rename
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -13,6 +13,7 @@ __all__ = [
     "DEFAULT_SUITE",
     "EXPERT_SUCCESSES",
     "HARD_CANDIDATES",
+    "HARD_SUITE",
     "MAX_EPISODE_STEPS",
     "METAWORLD_MAX_PATH_LENGTH",
     "check_task",
@@ -53,6 +54,13 @@ DEFAULT_SUITE: tuple[str, ...] = (
 HARD_CANDIDATES: tuple[str, ...] = (
     "pick-place", "peg-insert-side", "basketball", "sweep-into", "push", "plate-slide",
     "handle-press", "faucet-open", "coffee-button", "door-open", "assembly", "hammer",
+)  # fmt: skip
+
+#: The harder suite (``tasks=[hard]`` in ``python -m bac.eval``), chosen by the sweep of README "The harder
+#: suite" (``eval.suite_study.choose_suite``): full computation >= 70 % on both architectures, the eight
+#: largest drops in success from full computation to DDIM-2, DDIM-3 and bac at M=10.
+HARD_SUITE: tuple[str, ...] = (
+    "pick-place", "peg-insert-side", "push", "plate-slide", "handle-press", "faucet-open", "assembly", "hammer",
 )  # fmt: skip
 
 #: Scripted-expert successes on seeds 0-19 at each task's episode cap, without action noise (a test

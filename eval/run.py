@@ -29,6 +29,7 @@ from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
 from bac.envs.instructions import instruction, swapped_task
 from bac.envs.metaworld_env import ALL_TASKS
+from bac.envs.tasks import HARD_SUITE
 from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
@@ -140,6 +141,8 @@ def resolve_tasks(cfg: DictConfig, policy: DiffusionPolicy) -> list[str]:
     tasks = list(cfg.tasks)
     if tasks == ["suite"]:
         tasks = list(policy.tasks)
+    elif tasks == ["hard"]:
+        tasks = list(HARD_SUITE)
     for task in tasks:
         if task not in ALL_TASKS:
             raise EvalError(f"unknown task {task!r}; Meta-World tasks include {', '.join(ALL_TASKS[:8])}, ...")

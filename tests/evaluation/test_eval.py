@@ -517,3 +517,16 @@ def test_fewer_steps_can_match_the_flops_of_any_named_method(checkpoint, tmp_pat
     with pytest.raises(EvalError, match="'teleport'"):
         run(config(checkpoint, tmp_path / "bad", "episodes=0", "+methods.ddim-u={sampler: ddim, steps: 'auto:teleport'}",
                    "run_methods=[full,ddim-u]"))
+
+
+def test_hard_names_the_harder_suite_which_the_shipped_hard_policies_were_trained_on(checkpoint, tmp_path):
+    from bac.envs.tasks import HARD_CANDIDATES, HARD_SUITE
+    from bac.evaluation.run import resolve_tasks
+    from bac.policies.checkpointing import resolve_checkpoint
+
+    for name in ("dpt-metaworld-hard", "dit-metaworld-hard"):
+        policy = DiffusionPolicy.load(resolve_checkpoint(name))
+        assert policy.tasks == list(HARD_CANDIDATES)
+        assert resolve_tasks(config(checkpoint, tmp_path, "tasks=[hard]"), policy) == list(HARD_SUITE)
+    with pytest.raises(EvalError, match="not on 'pick-place'"):  # the tiny policy knows reach and push only
+        resolve_tasks(config(checkpoint, tmp_path, "tasks=[hard]"), DiffusionPolicy.load(checkpoint))

@@ -10,8 +10,11 @@ episodes come from the runs' logs (every shard's).
 that picks the suite (:func:`choose_suite`). ``ablation``: for every architecture and update budget, the
 paper's orderings (uniform < block-wise ACS alone < unified ACS < ACS + BUA) and ACS + BUA against as
 many DDIM steps as it costs, each as a paired difference on the same (task, seed) episodes: Newcombe's
-interval and the exact McNemar test, per budget and pooled over the budgets. ``seeds``: the headline
-methods' success for every training seed of one architecture.
+interval and the exact McNemar test, per budget and pooled over the budgets; and, since BUA's extra
+updates make ACS + BUA at budget M dearer than the others at M, ACS + BUA against each other caching
+method at the smallest budget that costs at least as many FLOPs. ``seeds``: the headline
+methods' success for every training seed of one architecture. ``blocks``: per-block caching errors
+(``bac.evaluation.block_errors`` runs) summarised per method.
 Each writes ``<out>.json`` and ``<out>.md`` and prints the Markdown.
 """
 from __future__ import annotations
@@ -116,7 +119,11 @@ def ablation(runs: list[Path]) -> tuple[dict, str]:
         label = _label(report)
         by_method = {m: [e for e in episodes if e["method"] == m] for m in report["methods"]}
         budgets = _budget_methods(report)
-        entry = {"run": str(run), "full": reporting.success_summary(by_method["full"]), "budgets": {}, "pooled": {}}
+        tasks = report["environment"]["tasks"]
+        entry = {"run": str(run), "full": reporting.success_summary(by_method["full"]), "budgets": {}, "pooled": {},
+                 "equal_compute": {},
+                 "per_task": {m: {t: reporting.success_summary([e for e in eps if e["task"] == t]) for t in tasks}
+                              for m, eps in by_method.items()}}
         for budget, names in budgets.items():
             entry["budgets"][budget] = {
                 "methods": {base: {"success": reporting.success_summary(by_method[name]),
@@ -125,6 +132,20 @@ def ablation(runs: list[Path]) -> tuple[dict, str]:
                                    "settings": report["methods"][name]["config"]} for base, name in names.items()},
                 "orderings": {f"{a} > {b}": reporting.paired_difference(by_method[names[a]], by_method[names[b]])
                               for a, b in ORDERINGS if a in names and b in names}}
+        # At equal compute: BUA adds updates, so bac at budget M costs more than the others at M. Pair it with
+        # each other caching method at the smallest budget whose FLOPs are at least bac's.
+        flops = {name: report["methods"][name]["flops_per_call"] for name in report["methods"]}
+        for budget, names in budgets.items():
+            if "bac" not in names:
+                continue
+            for base in ("uniform", "unified-acs", "acs"):
+                rivals = [other[base] for other in budgets.values()
+                          if base in other and flops[other[base]] >= flops[names["bac"]]]
+                if rivals:
+                    rival = min(rivals, key=lambda n: flops[n])
+                    entry["equal_compute"][f"{names['bac']} > {rival}"] = {
+                        "flops_ratio": flops[rival] / flops[names["bac"]],
+                        **reporting.paired_difference(by_method[names["bac"]], by_method[rival])}
         for a, b in ORDERINGS:  # pooled: every budget's pairs together
             better = [dict(e, task=f"{e['task']}@{m}") for m, names in budgets.items() if a in names and b in names
                       for e in by_method[names[a]]]
@@ -159,6 +180,18 @@ def _ablation_markdown(label: str, entry: dict) -> list[str]:
             continue
         cells = [_diff(bud["orderings"][key]) if key in bud["orderings"] else "—" for bud in entry["budgets"].values()]
         lines.append(f"| {key} | " + " | ".join(cells) + f" | {_diff(entry['pooled'][key])} |")
+    tasks = list(entry["per_task"]["full"])
+    lines += ["", "Success % per task (Wilson 95% interval):", "", "| method | " + " | ".join(tasks) + " |",
+              "|---|" + "---|" * len(tasks)]
+    for method, per in entry["per_task"].items():
+        lines.append(f"| {method} | " + " | ".join(
+            f"{100 * per[t]['rate']:.0f} ({100 * per[t]['wilson95'][0]:.0f}–{100 * per[t]['wilson95'][1]:.0f})"
+            for t in tasks) + " |")
+    if entry["equal_compute"]:
+        lines += ["", "At equal compute (the rival's FLOPs per call at least bac's):", "",
+                  "| comparison | rival FLOPs / bac's | Δ success (paired 95% CI), McNemar p |", "|---|---|---|"]
+        for key, d in entry["equal_compute"].items():
+            lines.append(f"| {key} | {d['flops_ratio']:.2f} | {_diff(d)} |")
     return lines + [""]
 
 
@@ -190,16 +223,52 @@ def seeds(runs: list[Path], methods: list[str]) -> tuple[dict, str]:
     return result, "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------------ blocks
+def blocks(runs: list[Path]) -> tuple[dict, str]:
+    """Per method, averaged over tasks, from ``python -m bac.evaluation.block_errors`` runs: mean error,
+    mean error over the last fifth of the steps, the worst block (highest mean over tasks of its
+    largest error) and the action chunk's deviation from full computation."""
+    import numpy as np
+
+    result, lines = {}, []
+    for run in runs:
+        data = json.loads((run / "block_errors.json").read_text())
+        label = f"{Path(data['policy']['checkpoint']).name}"
+        tasks = list(data["tasks"])
+        methods = list(data["tasks"][tasks[0]]["methods"])
+        entry = {}
+        for m in methods:
+            per = [data["tasks"][t]["methods"][m] for t in tasks]
+            errors = np.stack([np.asarray(p["errors"]) for p in per])  # [tasks, blocks, steps]
+            tail = errors.shape[-1] - errors.shape[-1] // 5
+            block_max = np.mean([p["block_max"] for p in per], axis=0)
+            worst = int(np.argmax(block_max))
+            name = per[0]["blocks"][worst]
+            entry[m] = {"mean_error": float(errors.mean()), "mean_error_last_fifth": float(errors[..., tail:].mean()),
+                        "worst_block": name if isinstance(name, str) else name.get("name"),
+                        "worst_block_max": float(block_max[worst]), "updates": int(np.asarray(per[0]["mask"]).sum()),
+                        "action_deviation": float(np.mean([p["action_deviation"]["mean"] for p in per]))}
+        result[label] = entry
+        lines += [f"**{label}** ({len(tasks)} tasks, {data['settings']['samples']} observations each):", "",
+                  "| method | block updates | mean error | last fifth of steps | worst block (its max) | action deviation |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {e['updates']} | {e['mean_error']:.3f} | {e['mean_error_last_fifth']:.3f} | "
+                  f"{e['worst_block']} ({e['worst_block_max']:.2f}) | {e['action_deviation']:.3f} |" for m, e in entry.items()]
+        lines.append("")
+    return result, "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study", choices=("sweep", "ablation", "seeds"))
+    parser.add_argument("study", choices=("sweep", "ablation", "seeds", "blocks"))
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="evaluator output folders")
     parser.add_argument("--methods", nargs="+", default=["full", "uniform-M10", "acs-M10", "bac-M10", "ddim-M10"],
                         help="seeds: the methods of the headline table")
     parser.add_argument("--out", type=Path, help="output path without suffix (default eval/results/suite-<study>)")
     args = parser.parse_args(argv)
-    data, text = (sweep(args.runs) if args.study == "sweep" else ablation(args.runs) if args.study == "ablation"
-                  else seeds(args.runs, args.methods))
+    studies = {"sweep": sweep, "ablation": ablation, "blocks": blocks,
+               "seeds": lambda runs: seeds(runs, args.methods)}
+    data, text = studies[args.study](args.runs)
     out = args.out or Path("eval/results") / f"suite-{args.study}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")

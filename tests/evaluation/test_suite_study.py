@@ -26,12 +26,14 @@ def test_suite_is_the_most_sensitive_learnable_tasks():
     assert suite_study.choose_suite(runs, size=10)["suite"] == ["a", "b", "d", "e"]
 
 
-def write_run(path, outcomes: dict[str, list[bool]], checkpoint="dpt-x"):
+def write_run(path, outcomes: dict[str, list[bool]], checkpoint="dpt-x", flops=None):
     """A minimal evaluator run: report.json and a shard log of the given per-seed outcomes (task t)."""
     path.mkdir(parents=True)
-    methods = {m: {"speedup": 2.0, "skipped_share": 0.5, "config": {}} for m in outcomes}
+    flops = flops or {}
+    methods = {m: {"speedup": 2.0, "skipped_share": 0.5, "config": {}, "flops_per_call": flops.get(m, 100)}
+               for m in outcomes}
     (path / "report.json").write_text(json.dumps({"policy": {"architecture": "dpt", "checkpoint": checkpoint},
-                                                  "methods": methods}))
+                                                  "environment": {"tasks": ["t"]}, "methods": methods}))
     with open(path / "episodes.shard0-of-1.jsonl", "w") as f:
         for method, results in outcomes.items():
             for seed, success in enumerate(results):
@@ -55,6 +57,19 @@ def test_ablation_orderings_are_paired_per_budget_and_pooled(tmp_path):
     assert pooled["pairs"] == 2 * n and pooled["mean"] == pytest.approx(-0.25)
     assert "unified-acs > acs" not in entry["pooled"]  # no unified-acs in this run
     assert "| acs > uniform |" in text
+    assert entry["per_task"]["uniform-M5"]["t"]["rate"] == 0.5 and "| uniform-M5 | 50 (" in text
+
+
+def test_bac_is_paired_with_the_cheapest_rival_that_costs_at_least_as_much(tmp_path):
+    n = 40
+    flops = {"uniform-M5": 50, "acs-M5": 50, "bac-M5": 60, "uniform-M10": 100, "acs-M10": 100, "bac-M10": 120}
+    write_run(tmp_path / "run", {"full": [True] * n, "uniform-M5": [False] * n, "acs-M5": [False] * n,
+                                 "bac-M5": [True] * n, "uniform-M10": [True] * n, "acs-M10": [i % 2 == 0 for i in range(n)],
+                                 "bac-M10": [True] * n}, flops=flops)
+    entry = suite_study.ablation([tmp_path / "run"])[0]["dpt (dpt-x)"]["equal_compute"]
+    assert set(entry) == {"bac-M5 > uniform-M10", "bac-M5 > acs-M10"}  # nothing costs as much as bac-M10
+    assert entry["bac-M5 > uniform-M10"]["flops_ratio"] == pytest.approx(100 / 60)
+    assert entry["bac-M5 > uniform-M10"]["mean"] == 0 and entry["bac-M5 > acs-M10"]["mean"] == pytest.approx(0.5)
 
 
 def test_seeds_table_has_one_column_per_seed(tmp_path):
@@ -65,3 +80,20 @@ def test_seeds_table_has_one_column_per_seed(tmp_path):
     assert result["dpt-seed0"]["bac-M10"]["success"]["rate"] == 0.9
     assert result["dpt-seed1"]["full"]["success"]["rate"] == 0.8
     assert "| full | 100.0 | 80.0 | 20.0 pts |" in text
+
+
+def test_blocks_summary_averages_tasks_and_finds_the_worst_block(tmp_path):
+    def method(errors, block_max):
+        return {"errors": errors, "block_max": block_max, "blocks": ["l0.ffn", "l1.ffn"],
+                "mask": [[1, 0, 0, 0, 0], [1, 0, 1, 0, 0]], "action_deviation": {"mean": 0.5}}
+
+    data = {"policy": {"checkpoint": "dpt-x"}, "settings": {"samples": 2}, "tasks": {
+        "a": {"methods": {"acs": method([[0, 1, 1, 1, 1], [0, 1, 1, 1, 3]], [1.0, 3.0])}},
+        "b": {"methods": {"acs": method([[0, 1, 1, 1, 1], [0, 1, 1, 1, 1]], [1.0, 1.0])}}}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "block_errors.json").write_text(json.dumps(data))
+    result, text = suite_study.blocks([tmp_path / "run"])
+    acs = result["dpt-x"]["acs"]
+    assert acs["updates"] == 3 and acs["worst_block"] == "l1.ffn" and acs["worst_block_max"] == 2.0
+    assert acs["mean_error"] == pytest.approx(18 / 20) and acs["mean_error_last_fifth"] == pytest.approx(6 / 4)
+    assert "| acs | 3 |" in text

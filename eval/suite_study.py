@@ -197,16 +197,21 @@ def _ablation_markdown(label: str, entry: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------------- seeds
 def seeds(runs: list[Path], methods: list[str]) -> tuple[dict, str]:
-    result, labels = {}, []
-    for run in runs:
-        report, episodes = _load(run)
+    """The headline methods per training seed, on the tasks every run has (a run may cover more)."""
+    loaded = [_load(run) for run in runs]
+    common = set.intersection(*(set(report["environment"]["tasks"]) for report, _ in loaded))
+    tasks = [t for t in loaded[0][0]["environment"]["tasks"] if t in common]
+    result, labels = {"tasks": tasks}, []
+    for report, episodes in loaded:
+        episodes = [e for e in episodes if e["task"] in common]
         name = Path(report["policy"]["checkpoint"]).name
         labels.append(name)
         by_method = {m: [e for e in episodes if e["method"] == m] for m in methods if m in report["methods"]}
         result[name] = {m: {"success": reporting.success_summary(eps),
                             "paired_vs_full": reporting.paired_difference(eps, by_method["full"]),
                             "speedup": report["methods"][m]["speedup"]} for m, eps in by_method.items()}
-    lines = ["| method | " + " | ".join(labels) + " | spread over seeds |", "|---|" + "---|" * (len(labels) + 1)]
+    lines = [f"Tasks: {', '.join(tasks)}; success % (Δ vs full on the same episodes, McNemar p).", "",
+             "| method | " + " | ".join(labels) + " | spread over seeds |", "|---|" + "---|" * (len(labels) + 1)]
     for m in methods:
         rates = [result[n][m]["success"]["rate"] for n in labels if m in result[n]]
         if not rates:

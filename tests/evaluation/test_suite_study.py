@@ -76,6 +76,11 @@ def test_seeds_table_has_one_column_per_seed(tmp_path):
     write_run(tmp_path / "s0", {"full": [True] * 10, "bac-M10": [True] * 9 + [False]}, checkpoint="dpt-seed0")
     write_run(tmp_path / "s1", {"full": [True] * 8 + [False] * 2, "bac-M10": [True] * 8 + [False] * 2},
               checkpoint="dpt-seed1")
+    with open(tmp_path / "s0" / "episodes.shard0-of-1.jsonl", "a") as f:  # a task the other run lacks: left out
+        f.write(json.dumps({"task": "other", "method": "full", "seed": 0, "success": False}) + "\n")
+    report = json.loads((tmp_path / "s0" / "report.json").read_text())
+    report["environment"]["tasks"] = ["t", "other"]
+    (tmp_path / "s0" / "report.json").write_text(json.dumps(report))
     result, text = suite_study.seeds([tmp_path / "s0", tmp_path / "s1"], ["full", "bac-M10"])
     assert result["dpt-seed0"]["bac-M10"]["success"]["rate"] == 0.9
     assert result["dpt-seed1"]["full"]["success"]["rate"] == 0.8

@@ -442,6 +442,9 @@ def run(cfg: DictConfig) -> dict:
     base_sampler, base_steps, built = setup.base_sampler, setup.base_steps, setup.built
     latency_batch, calibrations = setup.latency_batch, setup.calibrations
     out = output_dir(cfg)
+    if int(cfg.shard.count) > 1 and not (trained and cfg.episodes > 0):
+        raise EvalError("shards share out episodes: a run without episodes (episodes=0, an untrained policy) is "
+                        "not sharded (shard.count=1)")
     if int(cfg.shard.count) > 1 and any(v.budgeted for v in setup.variants):
         # Each shard would measure its own plan on its own (loaded) machine: not one run any more.
         raise EvalError("budget variants are made from latency measured in the run: evaluate them unsharded "

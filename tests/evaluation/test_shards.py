@@ -65,6 +65,8 @@ def test_shards_write_one_report_equal_to_an_unsharded_run(checkpoint, tmp_path)
 def test_bad_shard_settings_are_refused(checkpoint, tmp_path):
     with pytest.raises(EvalError, match="shard.index"):
         run(config(checkpoint, tmp_path, "run_methods=[full]", "shard.index=2", "shard.count=2"))
+    with pytest.raises(EvalError, match="without episodes"):
+        run(config(checkpoint, tmp_path, "run_methods=[full]", "episodes=0", "shard.index=0", "shard.count=2"))
     with pytest.raises(EvalError, match="unsharded"):
         run(config(checkpoint, tmp_path, "+methods.matched={budget: {match: bac}}", "run_methods=[bac,matched]",
                    "shard.index=0", "shard.count=2"))

@@ -24,8 +24,9 @@ from .errors import DataError, NonFiniteError
 from .fit import scheduler_id
 
 
-def _flatten(out: Any, batch_dim: int) -> torch.Tensor:
-    """A branch output (tensor or tuple of tensors) as [batch, features], float32."""
+def per_sample(out: Any, batch_dim: int) -> torch.Tensor:
+    """A branch output (tensor or tuple of tensors) as [batch, features], float32 (calibration statistics,
+    ``bac.evaluation.block_errors``)."""
     tensors = out if isinstance(out, (tuple, list)) else (out,)
     parts = [t.detach().movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1).float() for t in tensors if t is not None]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -61,7 +62,7 @@ class _Recorder:
         if first.shape[self.batch_dims[i]] == 0:  # would add nothing but divide by a sample count of 0
             raise DataError(f"calibration input {self.input} is a batch of 0 samples "
                             f"(block {self.blocks[i].name} got batch size 0); give every input at least one sample")
-        features[i].append(_flatten(out, self.batch_dims[i]))
+        features[i].append(per_sample(out, self.batch_dims[i]))
         return out
 
     def finish(self, steps_by_context: Mapping[str, int]) -> None:

@@ -57,7 +57,7 @@ from bac.configs import CONFIG_DIR
 from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
 from bac.policies.policy import DiffusionPolicy
-from bac.standins import tensors
+from bac.recorder import per_sample
 
 from .run import SETTINGS as EVAL_SETTINGS
 from .run import EvalError, image_calibration_batch, output_dir, prepare, settings_digest
@@ -78,12 +78,6 @@ ConfigStore.instance().store(name="block_errors", node={
 
 
 # -- measurement -------------------------------------------------------------------------------------------------
-def _per_sample(out: Any, batch_dim: int) -> torch.Tensor:
-    """A block output (a tensor or a tuple of tensors) as ``[batch, features]`` float32."""
-    parts = [t.detach().movedim(batch_dim, 0).flatten(1).float() for t in tensors(out)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
 def relative_l2(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``||value - reference|| / ||reference||`` per sample (rows of ``[batch, features]``); 0/0 is 0, x/0 inf."""
     diff = (value - reference).norm(dim=1)
@@ -105,7 +99,7 @@ class _Tap:
 
     def __call__(self, i: int, step: int, out: Any, computed: bool) -> None:
         key = (self.handle.active_context, i, step)
-        used = _per_sample(out, self.batch_dims[i])
+        used = per_sample(out, self.batch_dims[i])
         if self.reference is None:
             self.outputs[key] = used.clone()
         else:

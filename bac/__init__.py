@@ -43,6 +43,7 @@ from .errors import (
     PlanMismatchError,
 )
 from .fit import scheduler_id
+from .forecast import forecast_errors, forecast_schedule
 from .methods import (
     Method,
     MethodInfo,
@@ -56,6 +57,7 @@ from .methods import (
 )
 from .plan import Plan, PlanBlock
 from .recorder import calibrate
+from .refine import refine
 from .rules import CGTaylor, FirstBlockCache, Rule, Sortblock
 from .standins import REUSE, Reuse, Taylor, make_standin
 
@@ -100,6 +102,8 @@ __all__ = [
     "build_method",
     "calibrate",
     "describe",
+    "forecast_errors",
+    "forecast_schedule",
     "make_plan",
     "make_standin",
     "method_info",
@@ -108,6 +112,7 @@ __all__ = [
     "new_trajectory",
     "plan_for_budget",
     "plan_timer",
+    "refine",
     "register_adapter",
     "register_method",
     "scheduler_id",

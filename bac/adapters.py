@@ -35,6 +35,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .standins import stream_sums
+
 KINDS = ("sa", "ca", "ffn")
 
 Runner = Callable[..., Any]
@@ -90,6 +92,18 @@ class LayerAdapter:
             if isinstance(module, nn.Linear):
                 return module.in_features
         return None
+
+    def main_residual(self, outputs: Sequence[Any]) -> list:
+        """The layer's residual on its main stream, from its branch outputs in execution order.
+
+        What first-block caches compare (:class:`bac.FirstBlockCache`, :class:`bac.CGTaylor`):
+        the change the layer makes to the stream the model denoises (for FLUX's dual-stream
+        blocks the image stream, not the text stream), as diffusers' ``FirstBlockCache``
+        compares the block's ``hidden_states`` output minus its input. Default: every branch
+        output summed per tensor shape, in float32 (one entry per stream for a layer whose
+        streams have different shapes).
+        """
+        return stream_sums(outputs)
 
     def _check_kinds(self) -> None:
         for key, kind in self.branches:
@@ -155,12 +169,17 @@ class ForwardOverride(LayerAdapter):
         forward: Callable[..., Any],
         batch_dim: Callable[[nn.Module], int] | int = 0,
         width: Callable[[nn.Module], int | None] | None = None,
+        main_residual: Callable[[Sequence[Any]], list] | None = None,
     ):
         self.branches = tuple(branches)
         self._forward = forward
         self._batch_dim = batch_dim
         self._width = width
+        self._main_residual = main_residual
         self._check_kinds()
+
+    def main_residual(self, outputs: Sequence[Any]) -> list:
+        return self._main_residual(outputs) if self._main_residual is not None else super().main_residual(outputs)
 
     def batch_dim(self, layer: nn.Module) -> int:
         return self._batch_dim(layer) if callable(self._batch_dim) else self._batch_dim

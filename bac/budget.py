@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .acs import acs_schedule, acs_scores
+from .allocation import BudgetError, allocate_updates
 from .bua import bubbling_union
 from .calibration import METRICS, Calibration
 from .checks import check_number
@@ -49,10 +50,6 @@ from .plan import Plan
 
 #: ``timer(plans) -> latency in ms of one sampling call under each plan`` (medians of interleaved repeats).
 PlanTimer = Callable[[Sequence[Plan]], Sequence[float]]
-
-
-class BudgetError(ConfigError):
-    """No plan fits the latency budget (below the cost of updating every block once)."""
 
 
 @dataclass(frozen=True)
@@ -129,41 +126,6 @@ class BlockCost:
         scale = max(float(scale), 1e-6)
         return replace(self, fixed_ms=float(fixed), block_ms={b: c * scale for b, c in self.block_ms.items()},
                        source=source)
-
-
-def allocate_updates(gains: Sequence[Sequence[float]], costs: Sequence[int], budget: int) -> list[int]:
-    """Update counts ``n_b`` (1 .. K_b) maximising ``sum_b gains[b][n_b - 1]`` with ``sum_b costs[b] * n_b <= budget``.
-
-    Exact: a dynamic program over blocks and integer budgets (a multiple-choice knapsack),
-    O(B * K * budget). ``costs`` are positive integers. Ties go to fewer updates on the later
-    blocks. Raises :class:`BudgetError` when even one update per block does not fit.
-    """
-    if len(gains) != len(costs) or not gains:
-        raise ValueError(f"need one gain row and one cost per block, got {len(gains)} and {len(costs)}")
-    check_number("budget", budget, 0, integer=True)
-    for c in costs:
-        check_number("block cost (budget units)", c, 1, integer=True)
-    minimum = int(sum(costs))
-    if minimum > budget:
-        raise BudgetError(f"one update per block costs {minimum} units, over the budget of {budget}")
-    best = np.zeros(budget + 1)  # best[g]: the largest score of the blocks so far within g units
-    choices = []
-    for row, cost in zip(gains, costs):
-        row = np.asarray(row, dtype=np.float64)
-        candidates = np.full((len(row), budget + 1), -np.inf)
-        for m in range(1, len(row) + 1):
-            spent = cost * m
-            if spent <= budget:
-                candidates[m - 1, spent:] = best[: budget + 1 - spent] + row[m - 1]
-        choice = np.argmax(candidates, axis=0)  # first maximum: the fewest updates
-        best = candidates[choice, np.arange(budget + 1)]
-        choices.append(choice)
-    counts, g = [], budget
-    for choice, cost in zip(reversed(choices), reversed(costs)):
-        m = int(choice[g]) + 1
-        counts.append(m)
-        g -= cost * m
-    return counts[::-1]
 
 
 @dataclass(frozen=True)

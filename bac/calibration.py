@@ -3,7 +3,11 @@
 For every block and every pair of steps (a, t), averaged over calibration
 samples: cosine similarity, mean absolute difference (L1) and mean squared
 difference (MSE) of the block's residual-branch outputs r_a and r_t, and each
-block's reuse error. Saved as safetensors with the metadata in the header.
+block's reuse error; and the Gram matrix ``<r_a, r_t> / D`` (mean over samples of
+the inner product per feature), from which the mean squared error of any stand-in
+that is a linear combination of computed values (reuse, a Taylor forecast) follows
+exactly (:mod:`bac.forecast`). Saved as safetensors with the metadata in the header;
+files from before bac recorded the Gram matrix load without it.
 
 ``fingerprint["weights"]`` is the digest of the weights it was recorded on
 (:func:`bac.adapters.weights_digest`); :meth:`Calibration.check_fits` refuses a
@@ -42,6 +46,14 @@ class Calibration:
     scheduler: str | None
     matrices: dict[str, np.ndarray]  # metric -> [num_blocks, K, K], averaged over samples
     reuse_error: np.ndarray  # [num_blocks]: mean over step pairs a < t of mean |r_a - r_t|
+    gram: np.ndarray | None = None  # [num_blocks, K, K]: mean over samples of <r_a, r_t> / D
+
+    def gram_matrices(self) -> np.ndarray:
+        """The per-block Gram matrices; a clear error for a calibration recorded without them."""
+        if self.gram is None:
+            raise PlanMismatchError("this calibration has no Gram matrices (recorded by an older bac): "
+                                    "recalibrate with bac.calibrate to plan forecast-aware methods")
+        return self.gram
 
     def matrix(self, metric: str) -> np.ndarray:
         if metric not in self.matrices:
@@ -81,7 +93,8 @@ class Calibration:
             "date": self.date,
             "scheduler": self.scheduler,
         }
-        return write_atomic(path, save({**self.matrices, "reuse_error": self.reuse_error},
+        gram = {} if self.gram is None else {"gram": self.gram}
+        return write_atomic(path, save({**self.matrices, "reuse_error": self.reuse_error, **gram},
                                        metadata={"bac": json.dumps(meta)}))
 
     @classmethod
@@ -134,6 +147,8 @@ class Calibration:
             if arrays[name].shape != shape:
                 raise bad(f"array {name!r} has shape {arrays[name].shape}, expected {shape} "
                           f"({n} blocks, {num_steps} steps)")
+        if "gram" in arrays and arrays["gram"].shape != (n, num_steps, num_steps):
+            raise bad(f"array 'gram' has shape {arrays['gram'].shape}, expected {(n, num_steps, num_steps)}")
         return cls(
             blocks=tuple(Block(name, kind, layer) for name, kind, layer in blocks),
             fingerprint=meta["fingerprint"],
@@ -144,4 +159,5 @@ class Calibration:
             scheduler=meta["scheduler"],
             matrices={m: arrays[m] for m in METRICS},
             reuse_error=arrays["reuse_error"],
+            gram=arrays.get("gram"),
         )

@@ -183,49 +183,90 @@ class CacheHandle:
 
     # -- hot path --------------------------------------------------------------------
     def _make_runner(self, i: int) -> Callable[..., Any]:
+        """Block ``i``'s runner: ``runner(fn, *args, **kwargs)`` computes ``fn`` or stands in for it.
+
+        ``runner.gated(apply, fn, *args, **kwargs)`` is for a branch whose output is
+        ``apply(fn(...))`` with ``apply`` known exactly at every step (an adaLN gate of the
+        timestep): it returns ``apply`` of the computed value or, at a skipped step, of the
+        stand-in's value when the stand-in forecasts (:attr:`bac.Taylor.recomputes_gate`);
+        reuse returns the gated value last handed on, as every reuse cache does. Rules,
+        taps and observers always see the gated value, what the block hands on.
+        """
         local = self._local
         store, fill = self.standin.store, self.standin.fill  # fixed for the handle's lifetime
+        ungated = getattr(self.standin, "recomputes_gate", False)
+
+        def compute(apply, fn, args, kwargs):  # (value to store, value to hand on)
+            observer = local.observer
+            if observer is None:
+                raw = fn(*args, **kwargs)
+                return raw, raw if apply is None else apply(raw)
+            if apply is None:
+                out = observer(i, fn, args, kwargs)
+                return out, out
+            raws = []
+
+            def gated_fn(*fn_args, **fn_kwargs):
+                raws.append(fn(*fn_args, **fn_kwargs))
+                return apply(raws[-1])
+
+            out = observer(i, gated_fn, args, kwargs)
+            return raws[-1], out
+
+        def stand_in(apply, state):
+            value = fill(state.cache, i, state.step)
+            return apply(value) if ungated and apply is not None else value
 
         if self.schedule.static:  # rows never NOTIFY; counts come from the rows (_Context.counts)
-            def run_static(fn, *args, **kwargs):
+            def run_static_gated(apply, fn, *args, **kwargs):
                 state = local.state
                 action = state.row[i]
                 if action & RUN:
-                    observer = local.observer
-                    out = fn(*args, **kwargs) if observer is None else observer(i, fn, args, kwargs)
+                    raw, out = compute(apply, fn, args, kwargs)
                     if action & STORE:
-                        store(state.cache, i, state.step, out)
+                        store(state.cache, i, state.step, raw if ungated else out)
                     return out
-                return fill(state.cache, i, state.step)
+                return stand_in(apply, state)
 
+            def run_static(fn, *args, **kwargs):
+                return run_static_gated(None, fn, *args, **kwargs)
+
+            run_static.gated = run_static_gated
             return run_static
 
-        def run(fn, *args, **kwargs):
+        def run_gated(apply, fn, *args, **kwargs):
             state = local.state
             action = state.row[i]
             if action & RUN:
-                observer = local.observer
-                out = fn(*args, **kwargs) if observer is None else observer(i, fn, args, kwargs)
+                raw, out = compute(apply, fn, args, kwargs)
                 if action & STORE:
-                    store(state.cache, i, state.step, out)
+                    store(state.cache, i, state.step, raw if ungated else out)
                 if action & NOTIFY:
                     state.schedule.notify(state, i, out)
                 state.computed[i] += 1
                 return out
             state.skipped[i] += 1
-            return fill(state.cache, i, state.step)
+            return stand_in(apply, state)
 
+        def run(fn, *args, **kwargs):
+            return run_gated(None, fn, *args, **kwargs)
+
+        run.gated = run_gated
         return run
 
     def _tapped(self, i: int, runner: Callable[..., Any]) -> Callable[..., Any]:
         local, tap = self._local, self.tap
 
-        def run_tapped(fn, *args, **kwargs):
-            out = runner(fn, *args, **kwargs)
+        def run_tapped_gated(apply, fn, *args, **kwargs):
+            out = runner.gated(apply, fn, *args, **kwargs)
             state = local.state
             tap(i, state.step, out, bool(state.row[i] & RUN))
             return out
 
+        def run_tapped(fn, *args, **kwargs):
+            return run_tapped_gated(None, fn, *args, **kwargs)
+
+        run_tapped.gated = run_tapped_gated
         return run_tapped
 
     def _advance(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -320,6 +361,32 @@ class CacheHandle:
         record.closed = True
         if short:
             raise self._short_error(short, "this sampling call")
+
+    def reschedule(self, schedule: Plan | Rule | Method, *, num_steps: int | None = None, scheduler: Any = None,
+                   allow_other_weights: bool = False) -> None:
+        """Use ``schedule`` (e.g. the same method made for another step count) from the next sampling call on.
+
+        Checked as :func:`accelerate` checks it. Every thread's trajectory restarts (call it between
+        sampling calls); the statistics so far are kept. The stand-in must be the one the handle was
+        made with, and a static plan cannot replace a runtime rule or the reverse (the runners are
+        built for one of them): remove the handle and accelerate again for that.
+        """
+        bound, chosen, plan = _bind(self.spec, schedule, None, num_steps, scheduler, allow_other_weights)
+        if chosen.describe() != self.standin.describe() or bound.static != self.schedule.static:
+            raise ValueError(
+                f"reschedule keeps the handle's stand-in ({self.standin.describe()['standin']}) and "
+                f"{'static plan' if self.schedule.static else 'runtime rule'}; got "
+                f"{chosen.describe()['standin']} and {'a static plan' if bound.static else 'a runtime rule'}: "
+                "remove the handle and call bac.accelerate instead"
+            )
+        with self._lock:
+            for record in self._records:
+                for state in record.contexts.values():
+                    state.reset()  # folds the finished trajectory's counts in under the old schedule
+                    state.schedule = bound
+                    state.rule_state = bound.new_state()
+                record.fresh, record.closed = True, False
+            self.schedule, self.plan = bound, plan
 
     @contextlib.contextmanager
     def context(self, name: str) -> Iterator[None]:
@@ -557,22 +624,28 @@ def accelerate(
     ``"flops"`` too). The tap must not modify ``output``. Without a tap the
     runners are not wrapped, so it costs nothing when unused.
     """
+    spec = describe(model, adapters)
+    bound, chosen, plan = _bind(spec, schedule, standin, num_steps, scheduler, allow_other_weights)
+    return CacheHandle(model, spec, bound, chosen, plan=plan, tap=tap)
+
+
+def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standin | None, num_steps: int | None,
+          scheduler: Any, allow_other_weights: bool) -> tuple[BoundSchedule, Standin, Plan | None]:
+    """The bound schedule, stand-in and plan (if static) of ``schedule`` on ``spec``, every fit checked."""
     if isinstance(schedule, Method):
         if standin is not None:
             raise ValueError(f"method {schedule.name!r} already has its stand-in ({schedule.standin!r})")
         schedule, standin = schedule.schedule, schedule.standin
-    spec = describe(model, adapters)
     if isinstance(schedule, Plan):
         schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler, allow_other_weights=allow_other_weights)
         chosen = make_standin(standin or REUSE)
         rows = actions_from_table(schedule.step_table(), chosen.keeps_history)
-        bound = StaticRows(rows, schedule.num_steps, schedule.method, schedule.params)
-        return CacheHandle(model, spec, bound, chosen, plan=schedule, tap=tap)
+        return StaticRows(rows, schedule.num_steps, schedule.method, schedule.params), chosen, schedule
     if isinstance(schedule, Rule):
         check_number(f"num_steps (a runtime rule, {schedule.name}, needs the sampler's step count)", num_steps, 1,
                      integer=True)
         chosen = make_standin(standin or schedule.standin or REUSE)
-        return CacheHandle(model, spec, schedule.bind(spec, num_steps), chosen, tap=tap)
+        return schedule.bind(spec, num_steps), chosen, None
     raise TypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
 
 

@@ -106,9 +106,11 @@ class _Recorder:
                 "l1": torch.cdist(r, r, p=1) / r.shape[2],
                 "mse": torch.cdist(r, r, p=2, compute_mode="donot_use_mm_for_euclid_dist").square() / r.shape[2],
             }
+            r64 = r.double()  # differences of large inner products: float32 would cancel away small errors
+            stats["gram"] = r64 @ r64.transpose(1, 2) / r.shape[2]  # the squared error of any linear stand-in
             if self.sums is None:
                 n, k = len(self.blocks), steps
-                self.sums = {m: torch.zeros(n, k, k, dtype=torch.float64) for m in METRICS}
+                self.sums = {m: torch.zeros(n, k, k, dtype=torch.float64) for m in (*METRICS, "gram")}
             for metric, value in stats.items():
                 self.sums[metric][i] += value.sum(0).double().cpu()
         self.samples += r.shape[0]
@@ -157,6 +159,7 @@ def calibrate(
     if recorder.sums is None:
         raise DataError("calibrate needs at least one calibration input")
     matrices = {m: (s / recorder.samples).numpy() for m, s in recorder.sums.items()}
+    gram = matrices.pop("gram")
     k = recorder.num_steps
     upper = np.triu_indices(k, 1)
     reuse_error = matrices["l1"][:, upper[0], upper[1]].mean(axis=1) if k > 1 else np.zeros(len(spec.blocks))
@@ -170,4 +173,5 @@ def calibrate(
         scheduler=scheduler_id(scheduler),
         matrices=matrices,
         reuse_error=reuse_error,
+        gram=gram,
     )

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from .actions import NOTIFY, RUN, STORE, BoundSchedule
 from .adapters import ModelSpec
 from .checks import check_number
-from .standins import Reuse, Taylor, TaylorSeries, relative_l1, stream_sums
+from .standins import Reuse, Taylor, TaylorSeries, relative_l1
 
 
 class Rule:
@@ -65,6 +65,7 @@ class _WholeModelRule(BoundSchedule):
         self.name, self.params, self.limit = rule.name, rule.params, limit
         self.num_blocks = len(spec.blocks)
         self.probe = _probe(spec)
+        self.main_residual = spec.layers[0][2].main_residual  # the first layer's adapter says which stream
         self._start = (RUN | NOTIFY,) * self.probe + (RUN | STORE,) * (self.num_blocks - self.probe)
         self._skip_rest = (0,) * (self.num_blocks - self.probe)
 
@@ -94,8 +95,9 @@ class FirstBlockCache(Rule):
     """FBCache / TeaCache-like: skip the remaining blocks while the first layer's residual barely changes.
 
     Every step the first layer's blocks are computed; if the relative L1
-    change of the layer's residual (its branch outputs summed per stream)
-    against the last fully computed step is at most ``threshold``, every other
+    change of the layer's residual on the main stream (its adapter's
+    :meth:`~bac.LayerAdapter.main_residual`: for FLUX the image stream, as in
+    diffusers) against the last fully computed step is at most ``threshold``, every other
     block stands in (its cached residual; their sum is the cached residual of
     the remaining layers, as in diffusers' ``FirstBlockCache``), otherwise the
     step runs in full.
@@ -113,7 +115,7 @@ class FirstBlockCache(Rule):
 
 class _FirstBlockCacheSchedule(_WholeModelRule):
     def decide(self, state, rule_state: _ProbeState) -> bool:
-        residual = stream_sums(rule_state.outputs)
+        residual = self.main_residual(rule_state.outputs)
         if rule_state.reference is not None and relative_l1(residual, rule_state.reference) <= self.params["threshold"]:
             return False
         rule_state.reference = residual
@@ -126,7 +128,7 @@ class CGTaylor(Rule):
     The first layer is always computed. Its own Taylor forecast (order
     ``order``, from its values at fully computed steps) is compared with what
     it really computed: if the relative L1 error of the forecast layer
-    residual (branch outputs summed per stream) is below ``gate``, every other
+    residual on the main stream (as for :class:`FirstBlockCache`) is below ``gate``, every other
     block is forecast (by linearity, the sum of their forecasts is the Taylor
     forecast of the last block's output residual); otherwise the step runs in
     full and every history is updated. The first ``warmup`` steps run in full.
@@ -155,8 +157,8 @@ class _CGTaylorSchedule(_WholeModelRule):
     def decide(self, state, rule_state: _ProbeState) -> bool:
         series = rule_state.reference
         if state.step >= self.params["warmup"]:
-            forecast = stream_sums([s.predict(state.step) for s in series])
-            if relative_l1(forecast, stream_sums(rule_state.outputs)) < self.params["gate"]:
+            forecast = self.main_residual([s.predict(state.step) for s in series])
+            if relative_l1(forecast, self.main_residual(rule_state.outputs)) < self.params["gate"]:
                 return False
         for s, out in zip(series, rule_state.outputs):
             s.update(state.step, out)

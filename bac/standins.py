@@ -4,6 +4,10 @@
 ``Taylor(order)`` forecasts it from the block's computed values with a Taylor
 series whose derivatives are finite differences of those values over step
 indices (TaylorSeer; ``order=1`` is linear extrapolation, as in Sortblock).
+For a branch whose adapter declares an exact gate (``runner.gated``, the
+adaLN-Zero gates of diffusers' DiT, FLUX and Wan blocks), ``Taylor`` forecasts
+the ungated output and multiplies it by the current step's gate, as diffusers'
+TaylorSeerCache does by forecasting attention and FFN module outputs.
 With one computed value a Taylor forecast is that value, so it degrades to
 reuse at the start of a trajectory.
 
@@ -64,6 +68,7 @@ class Reuse:
     name = "reuse"
 
     keeps_history = False  # only the computation right before a skip needs storing
+    recomputes_gate = False  # reuses the gated value last handed on (FORA, BAC, diffusers' FirstBlockCache)
 
     def store(self, cache: list, i: int, step: int, out: Any) -> None:
         cache[i] = out
@@ -114,6 +119,9 @@ class Taylor:
     """Forecast a skipped block with a Taylor series of order 1 or 2 from its computed values."""
 
     keeps_history = True  # every computation before a skip contributes a finite difference
+    # A branch with an exact gate (runner.gated: adaLN-Zero's gate of the timestep) is forecast ungated and
+    # multiplied by the current gate: the gate is known, only the branch's computation is extrapolated.
+    recomputes_gate = True
 
     def __init__(self, order: int = 1):
         check_number("Taylor order", order, 1, 2, integer=True)

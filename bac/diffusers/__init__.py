@@ -13,9 +13,9 @@ and :func:`bac.accelerate` work on ``DiTTransformer2DModel``,
     with bac.accelerate(transformer, plan) as handle:
         ...
 
-and :func:`enable_cache` / :func:`disable_cache` / :func:`calibrate`
-(:mod:`bac.diffusers.pipeline`) do it in one line on a pipeline, with any
-method of :func:`bac.available_methods`.
+and :func:`enable_cache` / :func:`disable_cache` / :func:`calibrate` /
+:func:`refine` (:mod:`bac.diffusers.pipeline`) do it in one line on a pipeline,
+with any method of :func:`bac.available_methods`.
 
 Every replacement forward computes exactly what diffusers' forward computes
 (an every-step plan is bit-identical to the plain model); a block configured
@@ -43,7 +43,7 @@ from ._common import UnsupportedBlockError
 from .blocks import ADAPTERS, adapters_for
 from .dit import BASIC_BLOCK, BASIC_BLOCK_WITH_CA
 from .flux import FLUX_DOUBLE_BLOCK, FLUX_SINGLE_BLOCK
-from .pipeline import calibrate, disable_cache, enable_cache
+from .pipeline import calibrate, disable_cache, enable_cache, refine
 from .wan import WAN_BLOCK
 
 __all__ = [
@@ -58,4 +58,5 @@ __all__ = [
     "calibrate",
     "disable_cache",
     "enable_cache",
+    "refine",
 ]

@@ -27,8 +27,9 @@ class CheckedOverride(ForwardOverride):
         check: Callable[["CheckedOverride", nn.Module], None],
         width: Callable[[nn.Module], int],
         description: str,
+        main_residual: Callable[[Sequence[Any]], list] | None = None,
     ):
-        super().__init__(branches, forward, 0, width)
+        super().__init__(branches, forward, 0, width, main_residual)
         self._check = check
         self.description = description
 

@@ -1,10 +1,11 @@
 """Adapter for diffusers' ``BasicTransformerBlock`` in DiT's configuration (``norm_type="ada_norm_zero"``).
 
-The cached feature of every branch is the gated residual, everything the
-branch adds to the stream:
+Every branch hands on the gated residual, everything the branch adds to the
+stream; the gate is applied outside the runner (``runner.gated``), so a Taylor
+stand-in forecasts the ungated output and multiplies it by the current gate:
 
 * ``sa``  = ``gate_msa * attn1(LayerNorm(h) * (1 + scale_msa) + shift_msa)``
-* ``ca``  = ``attn2(norm2(h), encoder_hidden_states)`` (only in blocks with cross-attention)
+* ``ca``  = ``attn2(norm2(h), encoder_hidden_states)`` (only in blocks with cross-attention; no gate)
 * ``ffn`` = ``gate_mlp * ff(norm3(h) * (1 + scale_mlp) + shift_mlp)``
 
 The six modulation vectors come from the block's own adaLN-Zero conditioning
@@ -48,14 +49,13 @@ def _modulation(norm1: AdaLayerNormZero, timestep, class_labels, hidden_dtype):
 
 
 def _sa(layer: BasicTransformerBlock, hidden_states, modulation: Lazy, attention_mask, cross_attention_kwargs):
-    shift_msa, scale_msa, gate_msa = modulation()[:3]
+    shift_msa, scale_msa = modulation()[:2]
     norm_hidden_states = layer.norm1.norm(hidden_states) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     if layer.pos_embed is not None:
         norm_hidden_states = layer.pos_embed(norm_hidden_states)
-    attn_output = layer.attn1(
+    return layer.attn1(
         norm_hidden_states, encoder_hidden_states=None, attention_mask=attention_mask, **cross_attention_kwargs
     )
-    return gate_msa.unsqueeze(1) * attn_output
 
 
 def _ca(layer: BasicTransformerBlock, hidden_states, encoder_hidden_states, encoder_attention_mask, kwargs):
@@ -68,14 +68,17 @@ def _ca(layer: BasicTransformerBlock, hidden_states, encoder_hidden_states, enco
 
 
 def _ffn(layer: BasicTransformerBlock, hidden_states, modulation: Lazy):
-    shift_mlp, scale_mlp, gate_mlp = modulation()[3:]
+    shift_mlp, scale_mlp = modulation()[3:5]
     norm_hidden_states = layer.norm3(hidden_states)
     norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     if layer._chunk_size is not None:
-        ff_output = _chunked_feed_forward(layer.ff, norm_hidden_states, layer._chunk_dim, layer._chunk_size)
-    else:
-        ff_output = layer.ff(norm_hidden_states)
-    return gate_mlp.unsqueeze(1) * ff_output
+        return _chunked_feed_forward(layer.ff, norm_hidden_states, layer._chunk_dim, layer._chunk_size)
+    return layer.ff(norm_hidden_states)
+
+
+def _gate(modulation: Lazy, index: int):
+    # gate * output, as diffusers computes it; the modulation is computed only if something needs it
+    return lambda output: modulation()[index].unsqueeze(1) * output
 
 
 def _forward(
@@ -99,7 +102,8 @@ def _forward(
     gligen_kwargs = cross_attention_kwargs.pop("gligen", None)
 
     sa = runners[0]
-    hidden_states = sa(_sa, layer, hidden_states, modulation, attention_mask, cross_attention_kwargs) + hidden_states
+    hidden_states = sa.gated(_gate(modulation, 2), _sa, layer, hidden_states, modulation, attention_mask,
+                             cross_attention_kwargs) + hidden_states
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)
     if gligen_kwargs is not None:
@@ -113,7 +117,7 @@ def _forward(
         )
 
     ffn = runners[-1]
-    hidden_states = ffn(_ffn, layer, hidden_states, modulation) + hidden_states
+    hidden_states = ffn.gated(_gate(modulation, 5), _ffn, layer, hidden_states, modulation) + hidden_states
     if hidden_states.ndim == 4:
         hidden_states = hidden_states.squeeze(1)
     return hidden_states

@@ -11,7 +11,9 @@ Dual-stream ``FluxTransformerBlock`` (three branches, in execution order):
 * ``ff_context`` (kind ``ffn``): the same on the text stream with the context modulation.
 
 Each stream's six modulation vectors (``norm1.linear`` / ``norm1_context.linear``
-of ``temb``) are computed by the first branch of the layer that needs them.
+of ``temb``) are computed by the first branch of the layer that needs them. Every
+gate is applied outside the runner (``runner.gated``): a Taylor stand-in forecasts
+the ungated outputs and multiplies them by the current gates.
 
 Single-stream ``FluxSingleTransformerBlock``: one branch ``attn_mlp`` (kind
 ``ffn``). diffusers runs attention and MLP in parallel on the same normalised
@@ -33,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers.models.normalization import AdaLayerNormZero
+from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
 from ._common import CheckedOverride, Lazy, UnsupportedBlockError, require_plain
@@ -46,9 +48,9 @@ def _modulation(norm: AdaLayerNormZero, temb):
 
 
 def _attn(layer: FluxTransformerBlock, hidden_states, encoder_hidden_states, mod, c_mod, image_rotary_emb, kwargs):
-    shift_msa, scale_msa, gate_msa = mod()[:3]
+    shift_msa, scale_msa = mod()[:2]
     norm_hidden_states = layer.norm1.norm(hidden_states) * (1 + scale_msa[:, None]) + shift_msa[:, None]
-    c_shift_msa, c_scale_msa, c_gate_msa = c_mod()[:3]
+    c_shift_msa, c_scale_msa = c_mod()[:2]
     norm_encoder_hidden_states = (
         layer.norm1_context.norm(encoder_hidden_states) * (1 + c_scale_msa[:, None]) + c_shift_msa[:, None]
     )
@@ -58,22 +60,25 @@ def _attn(layer: FluxTransformerBlock, hidden_states, encoder_hidden_states, mod
         image_rotary_emb=image_rotary_emb,
         **kwargs,
     )
-    if len(attention_outputs) == 2:
-        attn_output, context_attn_output = attention_outputs
-        extra = ()
-    elif len(attention_outputs) == 3:
-        attn_output, context_attn_output, ip_attn_output = attention_outputs
-        extra = (ip_attn_output,)
-    else:
+    if len(attention_outputs) not in (2, 3):
         raise RuntimeError(f"FluxTransformerBlock.attn returned {len(attention_outputs)} outputs; expected 2 or 3")
-    return (gate_msa.unsqueeze(1) * attn_output, c_gate_msa.unsqueeze(1) * context_attn_output) + extra
+    return tuple(attention_outputs)  # (image, text[, IP-adapter]) before the gates
+
+
+def _attn_gates(mod: Lazy, c_mod: Lazy):
+    # each stream's gate, as diffusers multiplies; the IP-adapter output is added ungated
+    return lambda out: (mod()[2].unsqueeze(1) * out[0], c_mod()[2].unsqueeze(1) * out[1]) + tuple(out[2:])
 
 
 def _ff(norm, ff, hidden_states, mod):
-    shift_mlp, scale_mlp, gate_mlp = mod()[3:]
+    shift_mlp, scale_mlp = mod()[3:5]
     norm_hidden_states = norm(hidden_states)
     norm_hidden_states = norm_hidden_states * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-    return gate_mlp.unsqueeze(1) * ff(norm_hidden_states)
+    return ff(norm_hidden_states)
+
+
+def _gate(mod: Lazy, index: int):
+    return lambda output: mod()[index].unsqueeze(1) * output
 
 
 def _double_forward(
@@ -91,25 +96,32 @@ def _double_forward(
     c_mod = Lazy(_modulation, layer.norm1_context, temb)
     joint_attention_kwargs = joint_attention_kwargs or {}
 
-    outputs = attn(_attn, layer, hidden_states, encoder_hidden_states, mod, c_mod, image_rotary_emb,
-                   joint_attention_kwargs)
+    outputs = attn.gated(_attn_gates(mod, c_mod), _attn, layer, hidden_states, encoder_hidden_states, mod, c_mod,
+                         image_rotary_emb, joint_attention_kwargs)
 
     hidden_states = hidden_states + outputs[0]
-    hidden_states = hidden_states + ff(_ff, layer.norm2, layer.ff, hidden_states, mod)
+    hidden_states = hidden_states + ff.gated(_gate(mod, 5), _ff, layer.norm2, layer.ff, hidden_states, mod)
     if len(outputs) == 3:
         hidden_states = hidden_states + outputs[2]
 
     encoder_hidden_states = encoder_hidden_states + outputs[1]
-    encoder_hidden_states = encoder_hidden_states + ff_context(
-        _ff, layer.norm2_context, layer.ff_context, encoder_hidden_states, c_mod
+    encoder_hidden_states = encoder_hidden_states + ff_context.gated(
+        _gate(c_mod, 5), _ff, layer.norm2_context, layer.ff_context, encoder_hidden_states, c_mod
     )
     if encoder_hidden_states.dtype == torch.float16:
         encoder_hidden_states = encoder_hidden_states.clip(-65504, 65504)
     return encoder_hidden_states, hidden_states
 
 
-def _single_branch(layer: FluxSingleTransformerBlock, hidden_states, temb, image_rotary_emb, joint_attention_kwargs):
-    norm_hidden_states, gate = layer.norm(hidden_states, emb=temb)
+def _single_modulation(layer: FluxSingleTransformerBlock, temb):
+    # AdaLayerNormZeroSingle.forward(x, emb=temb), without normalising x: same modules, same ops.
+    return layer.norm.linear(layer.norm.silu(temb)).chunk(3, dim=1)  # shift, scale, gate
+
+
+def _single_branch(layer: FluxSingleTransformerBlock, hidden_states, mod: Lazy, image_rotary_emb,
+                   joint_attention_kwargs):
+    shift_msa, scale_msa = mod()[:2]
+    norm_hidden_states = layer.norm.norm(hidden_states) * (1 + scale_msa[:, None]) + shift_msa[:, None]
     mlp_hidden_states = layer.act_mlp(layer.proj_mlp(norm_hidden_states))
     joint_attention_kwargs = joint_attention_kwargs or {}
     attn_output = layer.attn(
@@ -118,8 +130,7 @@ def _single_branch(layer: FluxSingleTransformerBlock, hidden_states, temb, image
         **joint_attention_kwargs,
     )
     hidden_states = torch.cat([attn_output, mlp_hidden_states], dim=2)
-    gate = gate.unsqueeze(1)
-    return gate * layer.proj_out(hidden_states)
+    return layer.proj_out(hidden_states)
 
 
 def _single_forward(
@@ -137,8 +148,9 @@ def _single_forward(
     hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
 
     residual = hidden_states
-    hidden_states = residual + attn_mlp(_single_branch, layer, hidden_states, temb, image_rotary_emb,
-                                        joint_attention_kwargs)
+    mod = Lazy(_single_modulation, layer, temb)
+    hidden_states = residual + attn_mlp.gated(_gate(mod, 2), _single_branch, layer, hidden_states, mod,
+                                              image_rotary_emb, joint_attention_kwargs)
     if hidden_states.dtype == torch.float16:
         hidden_states = hidden_states.clip(-65504, 65504)
 
@@ -158,7 +170,19 @@ def _check_double(adapter: CheckedOverride, layer: FluxTransformerBlock) -> None
 
 
 def _check_single(adapter: CheckedOverride, layer: FluxSingleTransformerBlock) -> None:
-    require_plain(layer)
+    if type(layer.norm) is not AdaLayerNormZeroSingle:
+        raise UnsupportedBlockError(
+            f"FluxSingleTransformerBlock.norm is {type(layer.norm).__name__}; bac.diffusers expects FLUX's "
+            "AdaLayerNormZeroSingle driven by temb"
+        )
+    require_plain(layer, ("norm",))
+
+
+def _image_residual(outputs) -> list:
+    # What diffusers' FirstBlockCache compares: the image stream's change (hidden_states out minus in),
+    # the joint attention's image part, the image FFN and any IP-adapter output; not the text stream.
+    attn, ff = outputs[0], outputs[1]
+    return [sum(part.float() for part in (attn[0], ff, *attn[2:]))]
 
 
 def _width(layer) -> int:
@@ -171,6 +195,7 @@ FLUX_DOUBLE_BLOCK = CheckedOverride(
     _check_double,
     _width,
     "FluxTransformerBlock (dual stream)",
+    _image_residual,
 )
 FLUX_SINGLE_BLOCK = CheckedOverride(
     [("attn_mlp", "ffn")],

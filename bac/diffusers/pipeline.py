@@ -15,9 +15,16 @@
   bac's context of that name, so classifier-free guidance that runs the
   transformer twice per step keeps separate cache state per branch. Guidance
   batched into one call (DiT) needs nothing.
-* A method is built for one step count: ``num_inference_steps`` (default: the
-  pipeline's own default, or the plan's / calibration's). A pipeline call that
-  asks for another count is refused before it runs.
+* Step counts. A method whose schedule does not depend on the step count
+  (``fbcache``, ``cg-taylor``, ``sortblock``, and ``uniform`` / ``taylorseer`` /
+  ``every-step`` given by name) follows each pipeline call's
+  ``num_inference_steps``: it is rebuilt for a new count before the call runs
+  (FLUX-schnell's 4 steps after the default 28). A plan made from a calibration
+  (``bac``, ``acs``, ``forecast-acs``, ...) is planned for the calibration's step
+  count, and a plan object or file for its own: a call that asks for another
+  count is refused before it runs, with what to do instead (calibrate at that
+  count). ``num_inference_steps`` of :func:`enable_cache` is the count it is
+  built for first (default: the calibration's, the plan's, or the pipeline's own).
 * On a bare transformer there is no pipeline call to hook: call
   ``bac.new_trajectory(transformer)`` at the start of each sampling loop.
 """
@@ -34,9 +41,11 @@ from ..adapters import describe
 from ..calibration import Calibration
 from ..engine import CacheHandle, accelerate
 from ..errors import CacheStateError, PlanMismatchError
-from ..methods import Method, build_method, needs_calibration
+from ..methods import Method, available_methods, build_method, needs_calibration
 from ..plan import Plan
 from ..recorder import calibrate as calibrate_model
+from ..refine import refine as refine_plan
+from ..rules import Rule
 from .blocks import adapters_for
 
 
@@ -113,6 +122,32 @@ def calibrate(
         )
 
 
+def refine(
+    target: Any,
+    method: Method,
+    inputs: list[Any],
+    *,
+    sample_fn: Callable[[Any], Any] | None = None,
+    rounds: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> Method:
+    """:func:`bac.refine` on a pipeline or a bare transformer: ``method``'s plan with update steps moved
+    to lower the deviation of the real output from full computation on ``inputs``.
+
+    Inputs are as for :func:`calibrate` (keyword arguments of one pipeline call, or
+    ``sample_fn``'s inputs on a bare transformer); the pipeline's ``cache_context``
+    names select bac's contexts, as under :func:`enable_cache`.
+    """
+    pipe, transformer = _split(target)
+    if sample_fn is None:
+        if pipe is None:
+            raise TypeError("refining on a bare transformer needs sample_fn, which runs one sampling loop per input")
+        sample_fn = lambda kwargs: pipe(**kwargs)  # noqa: E731
+    with _bac_contexts(transformer):
+        return refine_plan(transformer, method, sample_fn, inputs, rounds=rounds, adapters=adapters_for(transformer),
+                           log=log)
+
+
 def enable_cache(
     target: Any,
     method: str | Method | Plan | os.PathLike = "bac",
@@ -144,26 +179,83 @@ def enable_cache(
             raise ValueError(
                 f"method {method!r} is planned from a calibration: pass calibration=bac.diffusers.calibrate(pipe, ...)"
             )
-        source = calibration if calibration is not None else describe(transformer, adapters)
-        method = build_method(method, source, num_steps=wanted, **params)
     elif params:
         raise ValueError(f"parameters {sorted(params)} only apply to a method given by name")
-    planned = method.num_steps  # a Plan's (or a static Method's) step count; None for runtime rules
+    planned = method.num_steps if not isinstance(method, str) else None  # a Plan's (or static Method's) count
     if planned is not None and num_inference_steps is not None and planned != num_inference_steps:
         raise PlanMismatchError(f"the plan was made for {planned} steps, not num_inference_steps={num_inference_steps}")
     steps = planned or wanted
     if steps is None:
-        raise ValueError("pass num_inference_steps: the number of denoiser calls per sampling loop")
+        raise ValueError("pass num_inference_steps: the number of denoiser calls per sampling call")
+    source = calibration if calibration is not None else describe(transformer, adapters)
+    for_steps = _method_for_steps(method, source, params)
     scheduler = pipe.scheduler if pipe is not None else None
-    handle = accelerate(transformer, method, num_steps=steps, scheduler=scheduler, adapters=adapters)
+    handle = accelerate(transformer, for_steps(steps), num_steps=steps, scheduler=scheduler, adapters=adapters)
     stack = contextlib.ExitStack()
     stack.enter_context(_bac_contexts(transformer))
     original_class = None
     if pipe is not None:
         original_class = type(pipe)
         pipe.__class__ = _caching_class(original_class)
-    transformer._bac_diffusers = (handle, stack, pipe, original_class, steps)
+    transformer._bac_diffusers = _Enabled(handle, stack, pipe, original_class, steps, for_steps)
     return handle
+
+
+class _Enabled:
+    """What :func:`enable_cache` changed, and how to make its method for another step count."""
+
+    def __init__(self, handle, stack, pipe, original_class, steps, for_steps):
+        self.handle, self.stack, self.pipe, self.original_class = handle, stack, pipe, original_class
+        self.steps, self.for_steps = steps, for_steps
+
+    def follow(self, steps: int) -> None:
+        """Reschedule the handle for a call of ``steps`` denoising steps (refused when the method is fixed)."""
+        if steps != self.steps:
+            scheduler = self.pipe.scheduler if self.pipe is not None else None
+            self.handle.reschedule(self.for_steps(steps), num_steps=steps, scheduler=scheduler)
+            self.steps = steps
+
+
+def _method_for_steps(method: Any, source: Calibration | Any, params: dict) -> Callable[[int], Any]:
+    """``for_steps(K)``: ``method`` made for K denoising steps, or :class:`bac.PlanMismatchError` when it is
+    fixed to another count (a plan from a calibration, a plan object or file)."""
+    if isinstance(method, str) and needs_calibration(method):
+        return _fixed(build_method(method, source, **params),
+                      f"{method!r} is planned from a calibration of {source.num_steps} steps: calibrate at that "
+                      "many steps and call bac.diffusers.enable_cache again")
+    if isinstance(method, Method) and isinstance(method.schedule, Rule):
+        return lambda steps: method  # a runtime rule decides per step, whatever the count
+    if isinstance(method, Method) and needs_calibration_of(method):
+        return _fixed(method, f"method {method.name!r} is planned from a calibration of {method.num_steps} steps: "
+                              "calibrate at that many steps and call bac.diffusers.enable_cache again")
+    if isinstance(method, Plan):
+        return _fixed(method, "a plan is made for one step count: pass the method by name to follow each call's "
+                              "count, or call bac.diffusers.enable_cache again with a plan for that count")
+    name, standin = (method, None) if isinstance(method, str) else (method.name, method.standin)
+    params = params if isinstance(method, str) else method.params
+    built: dict[int, Method] = {} if isinstance(method, str) else {method.num_steps: method}
+
+    def for_steps(steps: int) -> Method:  # a schedule that does not depend on the count: rebuilt for each
+        if steps not in built:
+            built[steps] = build_method(name, source, num_steps=steps, standin=standin, **params)
+        return built[steps]
+
+    return for_steps
+
+
+def _fixed(made: Any, why: str) -> Callable[[int], Any]:
+    def for_steps(steps: int) -> Any:
+        if steps != made.num_steps:
+            raise PlanMismatchError(f"caching is made for {made.num_steps} denoising steps, not "
+                                    f"num_inference_steps={steps}; {why}")
+        return made
+
+    return for_steps
+
+
+def needs_calibration_of(method: Method) -> bool:
+    """Whether a built method's schedule came from a calibration (or is not a registered method at all)."""
+    return method.name not in available_methods() or needs_calibration(method.name)
 
 
 def disable_cache(target: Any) -> None:
@@ -172,13 +264,12 @@ def disable_cache(target: Any) -> None:
     state = transformer.__dict__.pop("_bac_diffusers", None)
     if state is None:
         return
-    handle, stack, pipe, original_class, _ = state
     try:
-        handle.remove()  # may report a bare transformer's short sampling loop, after restoring it
+        state.handle.remove()  # may report a bare transformer's short sampling loop, after restoring it
     finally:
-        stack.close()
-        if pipe is not None:
-            pipe.__class__ = original_class
+        state.stack.close()
+        if state.pipe is not None:
+            state.pipe.__class__ = state.original_class
 
 
 _CACHING_CLASSES: dict[type, type] = {}
@@ -190,15 +281,11 @@ def _caching_class(cls: type) -> type:
         signature = inspect.signature(cls.__call__)
 
         def __call__(self, *args, **kwargs):
-            handle, _, _, _, steps = self.transformer._bac_diffusers
+            enabled = self.transformer._bac_diffusers
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
-            asked = bound.arguments.get("num_inference_steps", steps)
-            if asked != steps:
-                raise PlanMismatchError(
-                    f"caching was enabled for {steps} denoising steps, this call asks for num_inference_steps={asked}; "
-                    "call bac.diffusers.enable_cache again for that step count"
-                )
+            enabled.follow(bound.arguments.get("num_inference_steps", enabled.steps))  # before anything runs
+            handle, steps = enabled.handle, enabled.steps
             handle.new_trajectory()
             result = cls.__call__(self, *args, **kwargs)
             ran = handle.steps_run()

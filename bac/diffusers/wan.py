@@ -1,8 +1,10 @@
 """Adapter for Wan's ``WanTransformerBlock``.
 
-Branches, in execution order, and the cached feature of each (what diffusers
-adds to the stream; the additions themselves stay in float32 and are cast back
-to the stream's dtype exactly where diffusers casts):
+Branches, in execution order, and what each hands on (what diffusers adds to
+the stream; the additions themselves stay in float32 and are cast back to the
+stream's dtype exactly where diffusers casts). Gates are applied outside the
+runner (``runner.gated``): a Taylor stand-in forecasts the ungated output and
+multiplies it by the current gate.
 
 * ``sa`` (kind ``sa``):  ``attn1(norm1(h) * (1 + scale_msa) + shift_msa) * gate_msa``
 * ``ca`` (kind ``ca``):  ``attn2(norm2(h), encoder_hidden_states)`` (Wan has no gate here)
@@ -29,10 +31,9 @@ def _modulation(scale_shift_table, temb):
 
 
 def _sa(layer: WanTransformerBlock, hidden_states, mod: Lazy, rotary_emb):
-    shift_msa, scale_msa, gate_msa = mod()[:3]
+    shift_msa, scale_msa = mod()[:2]
     norm_hidden_states = (layer.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
-    attn_output = layer.attn1(norm_hidden_states, None, None, rotary_emb)
-    return attn_output * gate_msa
+    return layer.attn1(norm_hidden_states, None, None, rotary_emb)
 
 
 def _ca(layer: WanTransformerBlock, hidden_states, encoder_hidden_states):
@@ -41,12 +42,11 @@ def _ca(layer: WanTransformerBlock, hidden_states, encoder_hidden_states):
 
 
 def _ffn(layer: WanTransformerBlock, hidden_states, mod: Lazy):
-    c_shift_msa, c_scale_msa, c_gate_msa = mod()[3:]
+    c_shift_msa, c_scale_msa = mod()[3:5]
     norm_hidden_states = (layer.norm3(hidden_states.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(
         hidden_states
     )
-    ff_output = layer.ffn(norm_hidden_states)
-    return ff_output.float() * c_gate_msa
+    return layer.ffn(norm_hidden_states)
 
 
 def _forward(
@@ -60,9 +60,13 @@ def _forward(
     """``WanTransformerBlock.forward`` with each gated branch routed through its runner."""
     sa, ca, ffn = runners
     mod = Lazy(_modulation, layer.scale_shift_table, temb)
-    hidden_states = (hidden_states.float() + sa(_sa, layer, hidden_states, mod, rotary_emb)).type_as(hidden_states)
+    sa_gate = lambda output: output * mod()[2]  # noqa: E731  (as diffusers multiplies)
+    ffn_gate = lambda output: output.float() * mod()[5]  # noqa: E731
+    hidden_states = (hidden_states.float() + sa.gated(sa_gate, _sa, layer, hidden_states, mod, rotary_emb)).type_as(
+        hidden_states)
     hidden_states = hidden_states + ca(_ca, layer, hidden_states, encoder_hidden_states)
-    hidden_states = (hidden_states.float() + ffn(_ffn, layer, hidden_states, mod)).type_as(hidden_states)
+    hidden_states = (hidden_states.float() + ffn.gated(ffn_gate, _ffn, layer, hidden_states, mod)).type_as(
+        hidden_states)
     return hidden_states
 
 

@@ -8,6 +8,8 @@ method          when a block runs                          what stands in
 ``unified-acs`` static plan: one ACS schedule              last value
 ``uniform``     static plan: every N steps                 last value
 ``every-step``  every step                                 (nothing skipped)
+``forecast-acs`` static plan: exact DP on the error of the  last value (``order=0``) or
+                stand-in really used (Gram matrices)       linear extrapolation (``order=1``)
 ``taylorseer``  every ``interval`` steps (after warm-up)   Taylor forecast, ``order`` 1 or 2
 ``fbcache``     first layer always; the rest when its      last value
                 residual changed more than ``threshold``
@@ -19,7 +21,7 @@ method          when a block runs                          what stands in
 
 Any method takes ``standin="taylor-1"`` (or ``"taylor-2"``, ``"reuse"``) to replace its stand-in.
 """
-from . import plans, runtime_rules, taylorseer  # noqa: F401  (register the built-in methods)
+from . import forecast, plans, runtime_rules, taylorseer  # noqa: F401  (register the built-in methods)
 from .registry import (
     Method,
     MethodInfo,

@@ -1,0 +1,140 @@
+"""Output-aware refinement: improve a static plan by the deviation of the model's real output.
+
+ACS (and :mod:`bac.forecast`) scores each block by its own feature error on the
+uncached trajectory. What a user sees is the sampler's output, after stale or
+forecast blocks have fed their errors into the blocks downstream, guidance has
+amplified them and the sampler has carried them across steps. :func:`refine`
+puts the cached model in the loop: on calibration inputs it compares the output
+of full sampling calls under candidate plans with the uncached output, and moves
+update steps while that deviation falls (a coordinate search that keeps every
+block's update count, so the cost of the plan does not change).
+
+Moves are made per *group* of blocks that share their update steps: all blocks
+together when the starting plan updates them together (``uniform``,
+``taylorseer``, ``forecast-acs`` on the summed Gram matrix), otherwise each block
+alone. A move shifts one update step (never step 0) by one or two steps to a free
+step; the first move that lowers the deviation is kept, and passes repeat until
+one keeps nothing or ``rounds`` passes are done. Each candidate costs one cached
+sampling call per input, so keep the inputs few and small.
+
+The refined plan depends on the weights it was refined on (their digest is
+recorded, as for a calibrated plan) and on the inputs: check it on other inputs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import LayerAdapter, describe
+from .checks import check_number
+from .engine import accelerate
+from .methods import Method
+from .plan import Plan
+
+MOVES = (-1, 1, -2, 2)
+
+
+def refine(
+    model: nn.Module,
+    method: Method,
+    sample_fn: Callable[[Any], Any],
+    inputs: Iterable[Any],
+    *,
+    rounds: int = 2,
+    adapters: Mapping[type, LayerAdapter] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Method:
+    """``method``'s plan with update steps moved to lower the output deviation on ``inputs``.
+
+    ``sample_fn(x)`` runs one full sampling call for input ``x`` and returns its
+    output (a tensor or a tuple of tensors); the model is accelerated around it and
+    a new trajectory starts before each call. The result is a :class:`bac.Method`
+    named ``<method>+refined`` with the same stand-in and per-block update counts;
+    its plan's params record the deviation before and after and the number of
+    candidates tried.
+    """
+    if not isinstance(method, Method) or not isinstance(method.schedule, Plan):
+        raise TypeError("refine improves a static plan: pass a bac.Method built from a plan (bac.build_method)")
+    check_number("rounds", rounds, 1, integer=True)
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("refine needs at least one input")
+    plan, spec = method.schedule, describe(model, adapters)
+    plan.check_fits(spec)
+    k = plan.num_steps
+
+    def outputs(candidate: Plan | None) -> list[torch.Tensor]:
+        if candidate is None:
+            return [_flat(sample_fn(x)) for x in inputs]
+        with torch.no_grad(), accelerate(model, Method(method.name, candidate, method.standin), num_steps=k,
+                                         adapters=adapters) as handle:
+            results = []
+            for x in inputs:
+                handle.new_trajectory()
+                results.append(_flat(sample_fn(x)))
+            return results
+
+    with torch.no_grad():
+        reference = outputs(None)
+    norm = sum(float(r.square().sum()) for r in reference) ** 0.5
+
+    def deviation(steps: dict[str, list[int]]) -> float:
+        candidate = Plan.from_steps(spec, steps, k, plan.method, plan.params, scheduler=plan.scheduler)
+        error = sum(float((o - r).square().sum()) for o, r in zip(outputs(candidate), reference))
+        return error**0.5 / norm if norm > 0 else float(error > 0)
+
+    steps = {b.name: sorted(b.update_steps) for b in plan.blocks}
+    groups = _groups(steps)
+    best = start = deviation(steps)
+    tried = 1
+    for round_index in range(rounds):
+        improved = False
+        for group in groups:
+            index = 1
+            while index < len(steps[group[0]]):  # step 0 stays: nothing to stand in before it
+                current = steps[group[0]]
+                for move in MOVES:
+                    moved = current[index] + move
+                    if moved <= 0 or moved >= k or moved in current:
+                        continue
+                    trial = sorted(current[:index] + current[index + 1:] + [moved])
+                    candidate = {**steps, **{name: trial for name in group}}
+                    value = deviation(candidate)
+                    tried += 1
+                    if value < best:
+                        steps, best, improved = candidate, value, True
+                        break
+                index += 1
+        if log is not None:
+            log(f"refine round {round_index + 1}: deviation {start:.4g} -> {best:.4g} ({tried} candidates)")
+        if not improved:
+            break
+    params = {**plan.params, "refined_from": plan.method, "deviation_before": start, "deviation_after": best,
+              "candidates": tried}
+    refined = Plan.from_steps(spec, steps, k, f"{plan.method}+refined", params, scheduler=plan.scheduler,
+                              calibration=plan.calibration, weights=spec.weights_digest())
+    return Method(f"{method.name}+refined", refined, method.standin, {**method.params, "refined": True})
+
+
+def _groups(steps: Mapping[str, Sequence[int]]) -> list[list[str]]:
+    """All blocks as one group when they share their update steps, else one group per block."""
+    names = list(steps)
+    if all(list(steps[n]) == list(steps[names[0]]) for n in names):
+        return [names]
+    return [[n] for n in names]
+
+
+def _flat(output: Any) -> torch.Tensor:
+    """A sampling call's output as one float64 vector on the CPU (a tensor, a tuple of tensors, or an object
+    with ``.images`` / ``.frames`` / ``.sample`` as diffusers' pipelines return)."""
+    for attr in ("images", "frames", "sample"):
+        if hasattr(output, attr):
+            output = getattr(output, attr)
+            break
+    parts = output if isinstance(output, (tuple, list)) else (output,)
+    tensors = [torch.as_tensor(p).detach().double().cpu().reshape(-1) for p in parts if p is not None]
+    if not tensors:
+        raise TypeError(f"sample_fn returned {type(output).__name__}, not a tensor or tensors")
+    return torch.cat(tensors)

@@ -16,6 +16,12 @@ CG-Taylor, Sortblock) is a schedule plus a stand-in, built by name::
     with bac.accelerate(denoiser, method, num_steps=100):
         ...
 
+To move a plan's update steps where the model's real output deviates least (the cached model in the
+loop on a few calibration inputs; the update counts, and so the cost, stay)::
+
+    refined = bac.refine(denoiser, bac.build_method("taylorseer", denoiser, num_steps=50, interval=4),
+                         policy_sample, calibration_batches)
+
 For a deadline instead of an update budget (a control rate, a chunk latency), on this machine::
 
     chosen = bac.plan_for_budget(calibration, control_hz=20, actions_per_chunk=8,

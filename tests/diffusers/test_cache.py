@@ -296,3 +296,47 @@ def test_two_transformer_pipelines_and_bare_calibration_are_clear_errors(cases, 
     with pytest.raises(ValueError, match="num_inference_steps"):
         bac.diffusers.enable_cache(model_of(cases["wan"]), "fbcache")  # a bare transformer has no default
     assert not hasattr(model_of(cases["wan"]), "_bac_handle")
+
+
+# --- exact gates under Taylor forecasts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("standin", ["taylor-1", "reuse"])
+def test_taylor_forecasts_the_ungated_output_and_applies_the_current_gate(cases, model_of, sample, K, standin):
+    """A skipped DiT self-attention hands on gate(t) * (linear extrapolation of attn1's outputs) under a Taylor
+    stand-in, and under reuse exactly the gated value it handed on last (what FORA, BAC and FirstBlockCache reuse)."""
+    case, model = cases["dit"], model_of(cases["dit"])
+    layer = model.transformer_blocks[1]
+    computed_steps = [0, 2, 4]
+    attn, gates, handed = {}, {}, {}
+    step = [-1]
+
+    def on_model(module, args, kwargs):
+        step[0] += 1
+        emb = layer.norm1.emb(kwargs["timestep"], kwargs["class_labels"], hidden_dtype=args[0].dtype)
+        gates[step[0]] = layer.norm1.linear(layer.norm1.silu(emb)).chunk(6, dim=1)[2].unsqueeze(1)
+
+    index = [b.name for b in bac.describe(model).blocks].index("transformer_blocks.1.sa")
+    hooks = [model.register_forward_pre_hook(on_model, with_kwargs=True),
+             layer.attn1.register_forward_hook(lambda m, a, out: attn.__setitem__(step[0], out))]
+    plan = bac.Plan.from_steps(bac.describe(model), {b.name: computed_steps for b in bac.describe(model).blocks}, K,
+                               "test", {})
+    try:
+        with bac.accelerate(model, plan, standin=standin, num_steps=K,
+                            tap=lambda i, s, out, computed: handed.__setitem__(s, out) if i == index else None):
+            sample(case, model)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(attn) == computed_steps
+    for t in (1, 3, 5):
+        u = max(s for s in computed_steps if s < t)
+        if standin == "reuse":
+            expected = handed[u]
+        elif u == 0:
+            expected = gates[t] * attn[0]  # one computed value: the forecast is that value, under today's gate
+        else:
+            p = max(s for s in computed_steps if s < u)
+            expected = gates[t] * (attn[u] + (attn[u] - attn[p]) / (u - p) * (t - u))
+        assert torch.allclose(handed[t], expected, rtol=1e-5, atol=1e-6), (standin, t)
+    assert not torch.allclose(gates[1], gates[0])  # the gate really moves with the timestep

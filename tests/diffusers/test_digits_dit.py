@@ -107,3 +107,52 @@ def test_foreign_checkpoints_are_clear_errors(tmp_path):
     save_file(state, mis_shaped / "model.safetensors")
     with pytest.raises(ValueError, match="does not fit"):
         digits_dit.load(mis_shaped)
+
+
+def test_taylorseer_matches_diffusers_taylorseer_cache_on_the_trained_dit():
+    """Same computed steps, same order: bac's forecast (ungated outputs under the current gate) is as accurate as
+    diffusers' TaylorSeerCache on the attention/FFN module outputs, the same forecast. (diffusers' forecast of whole
+    block outputs, the stream itself, is another forecast: closer at some settings, farther at others; measured in
+    eval/results/bench_diffusers.)"""
+    from diffusers import TaylorSeerCacheConfig
+
+    model = digits_dit.load(model_class=digits_dit.CachingDiT)
+    steps, labels = 30, torch.arange(10).repeat(2)
+
+    @torch.no_grad()
+    def sample():
+        x = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(3))
+        scheduler = digits_dit.scheduler_for_sampling()
+        scheduler.set_timesteps(steps)
+        bac.new_trajectory(model)
+        for t in scheduler.timesteps:
+            with model.cache_context("cond"):
+                x = scheduler.step(digits_dit.guided_noise(model, x, t, labels, digits_dit.GUIDANCE), t, x).prev_sample
+        model._reset_stateful_cache()
+        return x
+
+    def deviation(out):
+        return float((out - full).norm() / full.norm())
+
+    def theirs(interval, order, patterns):
+        model.enable_cache(TaylorSeerCacheConfig(cache_interval=interval, disable_cache_before_step=1,
+                                                 max_order=order, taylor_factors_dtype=torch.float32,
+                                                 cache_identifiers=patterns))
+        try:
+            return deviation(sample())
+        finally:
+            model.disable_cache()
+
+    full = sample()
+    spec = bac.describe(model)
+    for interval, order in ((4, 1), (4, 2), (3, 1)):
+        computed = [s for s in range(steps) if s == 0 or (s - 2) % interval == 0]  # diffusers' steps, warm-up 1
+        plan = bac.Plan.from_steps(spec, {b.name: computed for b in spec.blocks}, steps, "taylorseer", {})
+        bac.diffusers.enable_cache(model, bac.Method("taylorseer", plan, bac.Taylor(order)), num_inference_steps=steps)
+        try:
+            ours = deviation(sample())
+        finally:
+            bac.diffusers.disable_cache(model)
+        modules = theirs(interval, order, [r"transformer_blocks\.\d+\.(attn1|ff)"])
+        assert ours == pytest.approx(modules, rel=1e-3), (interval, order)
+        assert 0.005 < ours < 0.2  # a forecast, not full computation, and not noise

@@ -108,3 +108,98 @@ def test_guidance_runs_two_contexts_per_step(pipe, kind, skipping_settings):
     assert guided["denoiser_calls"] == 2 * K and guided["last_call"]["denoiser_calls"] == 2 * K
     assert unguided["denoiser_calls"] == 3 * K and unguided["last_call"]["denoiser_calls"] == K
     assert unguided["sampling_calls"] == 2
+
+
+# --- fbcache against diffusers' FirstBlockCache on the real pipelines -----------------------------------
+
+
+def full_steps(pipe, enable, disable, kind):
+    """Indices of the denoiser calls (both guidance branches, in call order) that ran the last block, and the
+    latents of one guided call under the cache ``enable()`` turns on."""
+    transformer, calls, ran = pipe.transformer, [0], []
+    last = transformer.single_transformer_blocks[-1].proj_out if kind == "flux" else transformer.blocks[-1].ffn
+    hooks = [transformer.register_forward_pre_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)),
+             last.register_forward_hook(lambda *a: ran.append(calls[0] - 1))]
+    enable()
+    try:
+        out = run(pipe, kind)
+    finally:
+        disable()
+        for hook in hooks:
+            hook.remove()
+    return ran, out
+
+
+def test_fbcache_makes_diffusers_first_block_cache_decisions(pipe, kind):
+    from diffusers import FirstBlockCacheConfig
+
+    skipped = []
+    for threshold in (0.05, 0.1, 0.2, 0.3, 0.5):
+        theirs, their_out = full_steps(pipe, lambda: pipe.transformer.enable_cache(
+            FirstBlockCacheConfig(threshold=threshold)), pipe.transformer.disable_cache, kind)
+        ours, our_out = full_steps(pipe, lambda: bac.diffusers.enable_cache(
+            pipe, "fbcache", threshold=threshold, num_inference_steps=K), lambda: bac.diffusers.disable_cache(pipe), kind)
+        assert ours == theirs, threshold  # the same denoiser calls run in full
+        assert torch.allclose(our_out, their_out, rtol=1e-5, atol=1e-5), threshold
+        skipped.append(2 * K - len(ours))
+    assert skipped[0] == 0 and skipped[-1] > 0  # the thresholds span computing everything and skipping
+
+
+# --- step counts ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fbcache", "cg-taylor", "sortblock", "uniform", "taylorseer", "every-step"])
+def test_step_count_free_methods_follow_each_call(pipe, kind, method, skipping_settings, exhaustive_settings):
+    for steps in (4, 9):  # FLUX-schnell's 4 steps, then more than enabled for
+        expected = reference_for(pipe, kind, steps)
+        handle = enable(pipe, method, exhaustive_settings(K)[method], None)  # enabled for K steps
+        try:
+            assert torch.equal(run(pipe, kind, num_inference_steps=steps), expected)
+            assert handle.stats()["num_steps"] == steps and handle.stats()["skipped"] == 0
+        finally:
+            bac.diffusers.disable_cache(pipe)
+    if method == "every-step":
+        return
+    handle = enable(pipe, method, skipping_settings[method], None)
+    try:
+        first = run(pipe, kind, num_inference_steps=4)
+        run(pipe, kind)  # back to K
+        again = run(pipe, kind, num_inference_steps=4)
+        stats = handle.stats()
+    finally:
+        bac.diffusers.disable_cache(pipe)
+    assert torch.equal(first, again) and torch.isfinite(first).all()
+    assert stats["sampling_calls"] == 3 and stats["denoiser_calls"] == 2 * (4 + K + 4) and stats["skipped"] > 0
+
+
+REFERENCES = {}
+
+
+def reference_for(pipe, kind, steps):
+    """The uncached pipeline's latents at ``steps`` steps (call with caching disabled)."""
+    assert not hasattr(pipe.transformer, "_bac_handle")
+    if (kind, steps) not in REFERENCES:
+        REFERENCES[kind, steps] = run(pipe, kind, num_inference_steps=steps)
+    return REFERENCES[kind, steps]
+
+
+def test_calibrated_plans_and_plan_objects_refuse_another_step_count(pipe, kind, calibration, tmp_path):
+    for method, params in (("bac", {"M": 3, "n": 2}), ("forecast-acs", {"M": 3})):
+        handle = enable(pipe, method, params, calibration)
+        try:
+            run(pipe, kind)
+            with pytest.raises(bac.PlanMismatchError, match=f"made for {K} denoising steps, not num_inference_steps=4; "
+                                                            f"'{method}' is planned from a calibration of {K} steps"):
+                run(pipe, kind, num_inference_steps=4)
+            assert torch.isfinite(run(pipe, kind)).all()  # the refused call changed nothing
+            assert handle.stats()["sampling_calls"] == 2
+        finally:
+            bac.diffusers.disable_cache(pipe)
+    plan = bac.make_plan(pipe.transformer, "uniform", num_steps=K, interval=2).save(tmp_path / "plan.json")
+    bac.diffusers.enable_cache(pipe, plan)
+    try:
+        with pytest.raises(bac.PlanMismatchError, match="a plan is made for one step count"):
+            run(pipe, kind, num_inference_steps=4)
+    finally:
+        bac.diffusers.disable_cache(pipe)
+    assert torch.equal(run(pipe, kind), run(pipe, kind))

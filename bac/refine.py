@@ -50,7 +50,8 @@ def refine(
 
     ``sample_fn(x)`` runs one full sampling call for input ``x`` and returns its
     output (a tensor or a tuple of tensors); the model is accelerated around it and
-    a new trajectory starts before each call. The result is a :class:`bac.Method`
+    a new trajectory starts before each call. It must draw the same noise whenever it
+    is given the same input (checked: an error otherwise). The result is a :class:`bac.Method`
     named ``<method>+refined`` with the same stand-in and per-block update counts;
     its plan's params record the deviation before and after and the number of
     candidates tried.
@@ -78,6 +79,10 @@ def refine(
 
     with torch.no_grad():
         reference = outputs(None)
+        if not all(torch.equal(a, b) for a, b in zip(outputs(None), reference)):
+            raise ValueError("sample_fn gives different outputs for the same input (unseeded noise, or a generator "
+                             "consumed by the first call?): refinement compares outputs, so seed each call from its "
+                             "input")
     norm = sum(float(r.square().sum()) for r in reference) ** 0.5
 
     def deviation(steps: dict[str, list[int]]) -> float:

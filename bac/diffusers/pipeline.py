@@ -35,6 +35,7 @@ import inspect
 import os
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..adapters import describe
@@ -91,6 +92,28 @@ def _default_steps(pipe: Any) -> int | None:
     return default if isinstance(default, int) else None
 
 
+def _sampler(pipe: Any, sample_fn: Callable[[Any], Any] | None, doing: str) -> Callable[[Any], Any]:
+    """``sample_fn``, or one pipeline call per input (its keyword arguments) on a pipeline.
+
+    A ``generator`` among the keyword arguments is copied for each call, so an input run again (refinement
+    runs each input once per candidate) draws the same noise, and the caller's generator is left as it was.
+    """
+    if sample_fn is not None:
+        return sample_fn
+    if pipe is None:
+        raise TypeError(f"{doing} a bare transformer needs sample_fn, which runs one sampling loop per input")
+
+    def fresh(generator):
+        if isinstance(generator, (list, tuple)):
+            return [fresh(g) for g in generator]
+        if isinstance(generator, torch.Generator):
+            return torch.Generator(generator.device).set_state(generator.get_state())
+        return generator
+
+    return lambda kwargs: pipe(**{**kwargs, **({"generator": fresh(kwargs["generator"])} if "generator" in kwargs
+                                               else {})})
+
+
 def calibrate(
     target: Any,
     inputs: list[Any],
@@ -107,10 +130,7 @@ def calibrate(
     branch counts as its own trajectory.
     """
     pipe, transformer = _split(target)
-    if sample_fn is None:
-        if pipe is None:
-            raise TypeError("calibrating a bare transformer needs sample_fn, which runs one sampling loop per input")
-        sample_fn = lambda kwargs: pipe(**kwargs)  # noqa: E731
+    sample_fn = _sampler(pipe, sample_fn, "calibrating")
     with _bac_contexts(transformer):
         return calibrate_model(
             transformer,
@@ -139,10 +159,7 @@ def refine(
     names select bac's contexts, as under :func:`enable_cache`.
     """
     pipe, transformer = _split(target)
-    if sample_fn is None:
-        if pipe is None:
-            raise TypeError("refining on a bare transformer needs sample_fn, which runs one sampling loop per input")
-        sample_fn = lambda kwargs: pipe(**kwargs)  # noqa: E731
+    sample_fn = _sampler(pipe, sample_fn, "refining")
     with _bac_contexts(transformer):
         return refine_plan(transformer, method, sample_fn, inputs, rounds=rounds, adapters=adapters_for(transformer),
                            log=log)

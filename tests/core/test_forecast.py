@@ -180,3 +180,6 @@ def test_refine_keeps_the_update_counts_and_lowers_the_real_deviation(tiny_denoi
         bac.refine(model, bac.build_method("fbcache", model), sample, inputs)
     with pytest.raises(ValueError, match="at least one input"):
         bac.refine(model, start, sample, [])
+    draws = iter(range(100))
+    with pytest.raises(ValueError, match="different outputs for the same input"):
+        bac.refine(model, start, lambda obs: sample_actions(model, scheduler, obs, seed=next(draws)), inputs)

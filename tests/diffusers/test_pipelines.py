@@ -203,3 +203,21 @@ def test_calibrated_plans_and_plan_objects_refuse_another_step_count(pipe, kind,
     finally:
         bac.diffusers.disable_cache(pipe)
     assert torch.equal(run(pipe, kind), run(pipe, kind))
+
+
+def test_refine_on_a_pipeline_lowers_the_deviation_it_reports(pipe, kind):
+    start = bac.build_method("taylorseer", pipe.transformer, num_steps=K, interval=3, order=1)
+    refined = bac.diffusers.refine(pipe, start, [call_kwargs(kind, num_inference_steps=K, seed=5)], rounds=1)
+    params = refined.schedule.params
+    assert refined.name == "taylorseer+refined" and params["deviation_after"] <= params["deviation_before"]
+    handle = bac.diffusers.enable_cache(pipe, refined)
+    try:
+        out = pipe(**call_kwargs(kind, num_inference_steps=K, seed=5))[0]
+        assert handle.stats()["skipped"] > 0
+    finally:
+        bac.diffusers.disable_cache(pipe)
+    full = pipe(**call_kwargs(kind, num_inference_steps=K, seed=5))[0]
+    assert float((out - full).double().norm() / full.double().norm()) == pytest.approx(params["deviation_after"],
+                                                                                         rel=1e-6)
+    with pytest.raises(TypeError, match="sample_fn"):
+        bac.diffusers.refine(pipe.transformer, start, [0])

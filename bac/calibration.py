@@ -17,7 +17,7 @@ bac recorded it have no digest: they load, and are not checked against weights.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,13 @@ from .files import write_atomic
 from .fit import check_fits
 
 METRICS = ("cosine", "l1", "mse")
+
+
+def reuse_errors(l1: np.ndarray) -> np.ndarray:
+    """Each block's reuse error: the mean L1 distance over step pairs a < t of its ``[blocks, K, K]`` L1 matrix."""
+    k = l1.shape[1]
+    upper = np.triu_indices(k, 1)
+    return l1[:, upper[0], upper[1]].mean(axis=1) if k > 1 else np.zeros(l1.shape[0])
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,32 @@ class Calibration:
     matrices: dict[str, np.ndarray]  # metric -> [num_blocks, K, K], averaged over samples
     reuse_error: np.ndarray  # [num_blocks]: mean over step pairs a < t of mean |r_a - r_t|
     gram: np.ndarray | None = None  # [num_blocks, K, K]: mean over samples of <r_a, r_t> / D
+    timesteps: np.ndarray | None = None  # [K]: the sampler's timesteps, where known (bac.diffusers.calibrate)
+
+    def for_timesteps(self, timesteps) -> "Calibration":
+        """The statistics of the calibrated steps at ``timesteps``: a sampler with fewer steps on the same grid.
+
+        A 50-step DDIM calibration covers 25 or 10 steps (their timesteps are among its own); FLUX's
+        flow-matching sigmas for 14 steps are among those for 28. Each kept step's statistics come from the
+        calibrated trajectory at the same timestep, an approximation of the shorter sampler's own (it takes
+        larger steps). Raises :class:`bac.PlanMismatchError` when the timesteps are unknown or not covered.
+        """
+        if self.timesteps is None:
+            raise PlanMismatchError("this calibration does not record its sampler's timesteps (a bare transformer, "
+                                    "or an older file): calibrate at this step count instead")
+        wanted = np.asarray(timesteps, dtype=np.float64).reshape(-1)
+        known = self.timesteps
+        index = [int(np.argmin(np.abs(known - t))) for t in wanted]
+        covered = all(abs(known[i] - t) <= 1e-4 * max(1.0, abs(t)) for i, t in zip(index, wanted))
+        if not wanted.size or not covered or any(b <= a for a, b in zip(index, index[1:])):
+            raise PlanMismatchError(
+                f"the {len(wanted)} timesteps of this call ({np.round(wanted[:6], 3).tolist()}...) are not among the "
+                f"{len(known)} calibrated ones ({np.round(known[:6], 3).tolist()}...): calibrate at "
+                f"{len(wanted)} steps")
+        grid = np.ix_(range(len(self.blocks)), index, index)
+        matrices = {m: a[grid] for m, a in self.matrices.items()}
+        return replace(self, num_steps=len(index), matrices=matrices, reuse_error=reuse_errors(matrices["l1"]),
+                       gram=None if self.gram is None else self.gram[grid], timesteps=known[index])
 
     def gram_matrices(self) -> np.ndarray:
         """The per-block Gram matrices; a clear error for a calibration recorded without them."""
@@ -93,8 +126,9 @@ class Calibration:
             "date": self.date,
             "scheduler": self.scheduler,
         }
-        gram = {} if self.gram is None else {"gram": self.gram}
-        return write_atomic(path, save({**self.matrices, "reuse_error": self.reuse_error, **gram},
+        optional = {name: value for name, value in (("gram", self.gram), ("timesteps", self.timesteps))
+                    if value is not None}
+        return write_atomic(path, save({**self.matrices, "reuse_error": self.reuse_error, **optional},
                                        metadata={"bac": json.dumps(meta)}))
 
     @classmethod
@@ -149,6 +183,8 @@ class Calibration:
                           f"({n} blocks, {num_steps} steps)")
         if "gram" in arrays and arrays["gram"].shape != (n, num_steps, num_steps):
             raise bad(f"array 'gram' has shape {arrays['gram'].shape}, expected {(n, num_steps, num_steps)}")
+        if "timesteps" in arrays and arrays["timesteps"].shape != (num_steps,):
+            raise bad(f"array 'timesteps' has shape {arrays['timesteps'].shape}, expected {(num_steps,)}")
         return cls(
             blocks=tuple(Block(name, kind, layer) for name, kind, layer in blocks),
             fingerprint=meta["fingerprint"],
@@ -160,4 +196,5 @@ class Calibration:
             matrices={m: arrays[m] for m in METRICS},
             reuse_error=arrays["reuse_error"],
             gram=arrays.get("gram"),
+            timesteps=arrays.get("timesteps"),
         )

@@ -12,13 +12,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
 from .actions import AlwaysCompute
 from .adapters import Block, LayerAdapter, describe
-from .calibration import METRICS, Calibration
+from .calibration import METRICS, Calibration, reuse_errors
 from .engine import CacheHandle
 from .errors import DataError, NonFiniteError
 from .fit import scheduler_id
@@ -161,8 +160,7 @@ def calibrate(
     matrices = {m: (s / recorder.samples).numpy() for m, s in recorder.sums.items()}
     gram = matrices.pop("gram")
     k = recorder.num_steps
-    upper = np.triu_indices(k, 1)
-    reuse_error = matrices["l1"][:, upper[0], upper[1]].mean(axis=1) if k > 1 else np.zeros(len(spec.blocks))
+    reuse_error = reuse_errors(matrices["l1"])
     return Calibration(
         blocks=spec.blocks,
         fingerprint={**spec.fingerprint, "weights": weights},

@@ -31,6 +31,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 from typing import Any, Callable
@@ -132,7 +133,7 @@ def calibrate(
     pipe, transformer = _split(target)
     sample_fn = _sampler(pipe, sample_fn, "calibrating")
     with _bac_contexts(transformer):
-        return calibrate_model(
+        calibration = calibrate_model(
             transformer,
             sample_fn,
             inputs,
@@ -140,6 +141,16 @@ def calibrate(
             scheduler=pipe.scheduler if pipe is not None else None,
             adapters=adapters_for(transformer),
         )
+    timesteps = _timesteps(pipe)  # the last call's: every call ran calibration.num_steps steps (checked)
+    if timesteps is not None and len(timesteps) == calibration.num_steps:
+        calibration = dataclasses.replace(calibration, timesteps=timesteps)
+    return calibration
+
+
+def _timesteps(pipe: Any):
+    """The timesteps the pipeline's scheduler was last set to, as float64 on the host (None without a pipeline)."""
+    timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+    return None if timesteps is None else torch.as_tensor(timesteps).detach().double().cpu().numpy()
 
 
 def refine(
@@ -205,16 +216,22 @@ def enable_cache(
     if steps is None:
         raise ValueError("pass num_inference_steps: the number of denoiser calls per sampling call")
     source = calibration if calibration is not None else describe(transformer, adapters)
-    for_steps = _method_for_steps(method, source, params)
+    replan = pipe is not None and isinstance(method, str) and needs_calibration(method) and \
+        calibration.timesteps is not None
+    for_steps = _method_for_steps(method, source, params, replan)
+    first = for_steps(steps) or for_steps(calibration.num_steps)  # re-planned at the first call for another count
     scheduler = pipe.scheduler if pipe is not None else None
-    handle = accelerate(transformer, for_steps(steps), num_steps=steps, scheduler=scheduler, adapters=adapters)
+    handle = accelerate(transformer, first, num_steps=first.num_steps or steps, scheduler=scheduler, adapters=adapters)
     stack = contextlib.ExitStack()
     stack.enter_context(_bac_contexts(transformer))
     original_class = None
     if pipe is not None:
         original_class = type(pipe)
         pipe.__class__ = _caching_class(original_class)
-    transformer._bac_diffusers = _Enabled(handle, stack, pipe, original_class, steps, for_steps)
+    enabled = _Enabled(handle, stack, pipe, original_class, first.num_steps or steps, for_steps)
+    if replan:  # prepended: runs before the engine starts the step
+        stack.callback(transformer.register_forward_pre_hook(enabled.at_first_call, prepend=True).remove)
+    transformer._bac_diffusers = enabled
     return handle
 
 
@@ -224,24 +241,60 @@ class _Enabled:
     def __init__(self, handle, stack, pipe, original_class, steps, for_steps):
         self.handle, self.stack, self.pipe, self.original_class = handle, stack, pipe, original_class
         self.steps, self.for_steps = steps, for_steps
+        self.pending: int | None = None  # a step count to re-plan for once the call's timesteps are set
 
     def follow(self, steps: int) -> None:
-        """Reschedule the handle for a call of ``steps`` denoising steps (refused when the method is fixed)."""
-        if steps != self.steps:
-            scheduler = self.pipe.scheduler if self.pipe is not None else None
-            self.handle.reschedule(self.for_steps(steps), num_steps=steps, scheduler=scheduler)
-            self.steps = steps
+        """At the start of a pipeline call: the method for ``steps`` denoising steps (refused when it is fixed
+        to another count; a calibrated plan that needs the call's timesteps is made at its first denoiser call)."""
+        self.pending = None
+        if steps == self.steps:
+            return
+        made = self.for_steps(steps)
+        if made is None:
+            self.pending = steps
+        else:
+            self._use(made, steps)
+
+    def at_first_call(self, module: nn.Module, args: tuple) -> None:
+        if self.pending is not None:
+            steps, self.pending = self.pending, None
+            self._use(self.for_steps(steps, _timesteps(self.pipe)), steps)
+
+    def _use(self, made: Any, steps: int) -> None:
+        scheduler = self.pipe.scheduler if self.pipe is not None else None
+        self.handle.reschedule(made, num_steps=steps, scheduler=scheduler)
+        self.steps = steps
 
 
-def _method_for_steps(method: Any, source: Calibration | Any, params: dict) -> Callable[[int], Any]:
-    """``for_steps(K)``: ``method`` made for K denoising steps, or :class:`bac.PlanMismatchError` when it is
-    fixed to another count (a plan from a calibration, a plan object or file)."""
+def _method_for_steps(method: Any, source: Calibration | Any, params: dict,
+                      replan: bool = False) -> Callable[..., Any]:
+    """``for_steps(K, timesteps=None)``: ``method`` made for K denoising steps, or
+    :class:`bac.PlanMismatchError` when it is fixed to another count (a plan object or file, a calibrated
+    method without a pipeline's timesteps). With ``replan``, a method planned from a calibration is planned
+    again from the calibrated steps at the call's ``timesteps`` (``None`` until they are known)."""
+    if isinstance(method, str) and needs_calibration(method) and replan:
+        plans = {tuple(source.timesteps): build_method(method, source, **params)}
+
+        def replanned(steps: int, timesteps=None) -> Method | None:
+            if steps == source.num_steps:
+                return plans[tuple(source.timesteps)]
+            if timesteps is None:
+                return None
+            if tuple(timesteps) not in plans:
+                try:
+                    plans[tuple(timesteps)] = build_method(method, source.for_timesteps(timesteps), **params)
+                except ValueError as err:  # M larger than the new step count, timesteps not covered
+                    raise PlanMismatchError(f"re-planning {method!r} for {steps} steps from its {source.num_steps}-"
+                                            f"step calibration: {err}") from None
+            return plans[tuple(timesteps)]
+
+        return replanned
     if isinstance(method, str) and needs_calibration(method):
         return _fixed(build_method(method, source, **params),
                       f"{method!r} is planned from a calibration of {source.num_steps} steps: calibrate at that "
                       "many steps and call bac.diffusers.enable_cache again")
     if isinstance(method, Method) and isinstance(method.schedule, Rule):
-        return lambda steps: method  # a runtime rule decides per step, whatever the count
+        return lambda steps, timesteps=None: method  # a runtime rule decides per step, whatever the count
     if isinstance(method, Method) and needs_calibration_of(method):
         return _fixed(method, f"method {method.name!r} is planned from a calibration of {method.num_steps} steps: "
                               "calibrate at that many steps and call bac.diffusers.enable_cache again")
@@ -252,7 +305,7 @@ def _method_for_steps(method: Any, source: Calibration | Any, params: dict) -> C
     params = params if isinstance(method, str) else method.params
     built: dict[int, Method] = {} if isinstance(method, str) else {method.num_steps: method}
 
-    def for_steps(steps: int) -> Method:  # a schedule that does not depend on the count: rebuilt for each
+    def for_steps(steps: int, timesteps=None) -> Method:  # a schedule that does not depend on the count
         if steps not in built:
             built[steps] = build_method(name, source, num_steps=steps, standin=standin, **params)
         return built[steps]
@@ -260,8 +313,8 @@ def _method_for_steps(method: Any, source: Calibration | Any, params: dict) -> C
     return for_steps
 
 
-def _fixed(made: Any, why: str) -> Callable[[int], Any]:
-    def for_steps(steps: int) -> Any:
+def _fixed(made: Any, why: str) -> Callable[..., Any]:
+    def for_steps(steps: int, timesteps=None) -> Any:
         if steps != made.num_steps:
             raise PlanMismatchError(f"caching is made for {made.num_steps} denoising steps, not "
                                     f"num_inference_steps={steps}; {why}")
@@ -302,7 +355,7 @@ def _caching_class(cls: type) -> type:
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
             enabled.follow(bound.arguments.get("num_inference_steps", enabled.steps))  # before anything runs
-            handle, steps = enabled.handle, enabled.steps
+            handle = enabled.handle
             handle.new_trajectory()
             result = cls.__call__(self, *args, **kwargs)
             ran = handle.steps_run()
@@ -310,7 +363,7 @@ def _caching_class(cls: type) -> type:
                 handle.end_trajectory()  # checked here, so the next call or disable_cache does not report it again
             except CacheStateError as err:
                 raise PlanMismatchError(
-                    f"the plan covers {steps} denoiser calls per context, the pipeline ran {ran}") from err
+                    f"the plan covers {enabled.steps} denoiser calls per context, the pipeline ran {ran}") from err
             return result
 
         _CACHING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})

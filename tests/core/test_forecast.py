@@ -183,3 +183,27 @@ def test_refine_keeps_the_update_counts_and_lowers_the_real_deviation(tiny_denoi
     draws = iter(range(100))
     with pytest.raises(ValueError, match="different outputs for the same input"):
         bac.refine(model, start, lambda obs: sample_actions(model, scheduler, obs, seed=next(draws)), inputs)
+
+
+def test_a_calibration_restricted_to_a_coarser_grid_keeps_those_steps_statistics(calibrated, tmp_path):
+    import dataclasses
+
+    _, scheduler, calibration = calibrated
+    assert calibration.timesteps is None  # a bare model: bac.calibrate does not know the sampler's timesteps
+    with pytest.raises(PlanMismatchError, match="does not record its sampler's timesteps"):
+        calibration.for_timesteps([9, 7])
+    timed = dataclasses.replace(calibration, timesteps=np.arange(K - 1, -1, -1.0))  # 9, 8, ..., 0
+    coarse = timed.for_timesteps([9.0, 7.0, 5.0, 1.0])
+    index = [0, 2, 4, 8]
+    assert coarse.num_steps == 4 and coarse.timesteps.tolist() == [9, 7, 5, 1]
+    for metric in bac.METRICS:
+        np.testing.assert_array_equal(coarse.matrix(metric), calibration.matrix(metric)[:, index][:, :, index])
+    np.testing.assert_array_equal(coarse.gram, calibration.gram[:, index][:, :, index])
+    l1 = coarse.matrix("l1")
+    np.testing.assert_allclose(coarse.reuse_error, [m[np.triu_indices(4, 1)].mean() for m in l1])
+    assert len(bac.make_plan(coarse, "bac", M=2).blocks[0].update_steps) >= 2
+    loaded = bac.Calibration.load(timed.save(tmp_path / "timed.safetensors"))
+    np.testing.assert_array_equal(loaded.timesteps, timed.timesteps)
+    for bad in ([9.0, 6.5], [7.0, 9.0], []):  # not on the grid, out of order, nothing
+        with pytest.raises(PlanMismatchError, match="calibrate at"):
+            timed.for_timesteps(bad)

@@ -183,16 +183,23 @@ def reference_for(pipe, kind, steps):
     return REFERENCES[kind, steps]
 
 
-def test_calibrated_plans_and_plan_objects_refuse_another_step_count(pipe, kind, calibration, tmp_path):
-    for method, params in (("bac", {"M": 3, "n": 2}), ("forecast-acs", {"M": 3})):
+def test_calibrated_plans_replan_for_covered_step_counts_and_refuse_others(pipe, kind, calibration, tmp_path):
+    assert calibration.timesteps is not None and len(calibration.timesteps) == K
+    coarse = K // 2  # every other calibrated timestep, for both pipelines' schedulers
+    for method, params in (("bac", {"M": 2, "n": 1}), ("forecast-acs", {"M": 2})):
         handle = enable(pipe, method, params, calibration)
         try:
             run(pipe, kind)
-            with pytest.raises(bac.PlanMismatchError, match=f"made for {K} denoising steps, not num_inference_steps=4; "
-                                                            f"'{method}' is planned from a calibration of {K} steps"):
+            out = run(pipe, kind, num_inference_steps=coarse)
+            assert handle.stats()["num_steps"] == coarse and torch.isfinite(out).all()
+            expected = bac.build_method(method, calibration.for_timesteps(pipe.scheduler.timesteps), **params)
+            assert handle.plan == expected.schedule  # planned from the calibrated steps at this call's timesteps
+            with pytest.raises(bac.PlanMismatchError, match=f"re-planning '{method}' for 4 steps from its {K}-step "
+                                                            "calibration: the 4 timesteps of this call .* are not "
+                                                            f"among the {K} calibrated ones"):
                 run(pipe, kind, num_inference_steps=4)
-            assert torch.isfinite(run(pipe, kind)).all()  # the refused call changed nothing
-            assert handle.stats()["sampling_calls"] == 2
+            assert torch.equal(run(pipe, kind, num_inference_steps=coarse), out)  # a refused call leaves no trace
+            assert handle.stats()["sampling_calls"] == 3  # the refused call ran no denoiser call
         finally:
             bac.diffusers.disable_cache(pipe)
     plan = bac.make_plan(pipe.transformer, "uniform", num_steps=K, interval=2).save(tmp_path / "plan.json")
@@ -203,6 +210,19 @@ def test_calibrated_plans_and_plan_objects_refuse_another_step_count(pipe, kind,
     finally:
         bac.diffusers.disable_cache(pipe)
     assert torch.equal(run(pipe, kind), run(pipe, kind))
+
+
+def test_a_calibration_without_timesteps_refuses_another_step_count(pipe, kind, calibration):
+    import dataclasses
+
+    bare = dataclasses.replace(calibration, timesteps=None)  # e.g. recorded on a bare transformer
+    bac.diffusers.enable_cache(pipe, "bac", calibration=bare, M=2, n=1)
+    try:
+        with pytest.raises(bac.PlanMismatchError, match=f"made for {K} denoising steps, not num_inference_steps=3; "
+                                                        f"'bac' is planned from a calibration of {K} steps"):
+            run(pipe, kind, num_inference_steps=3)
+    finally:
+        bac.diffusers.disable_cache(pipe)
 
 
 def test_refine_on_a_pipeline_lowers_the_deviation_it_reports(pipe, kind):

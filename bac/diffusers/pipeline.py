@@ -19,12 +19,15 @@
   (``fbcache``, ``cg-taylor``, ``sortblock``, and ``uniform`` / ``taylorseer`` /
   ``every-step`` given by name) follows each pipeline call's
   ``num_inference_steps``: it is rebuilt for a new count before the call runs
-  (FLUX-schnell's 4 steps after the default 28). A plan made from a calibration
-  (``bac``, ``acs``, ``forecast-acs``, ...) is planned for the calibration's step
-  count, and a plan object or file for its own: a call that asks for another
-  count is refused before it runs, with what to do instead (calibrate at that
-  count). ``num_inference_steps`` of :func:`enable_cache` is the count it is
-  built for first (default: the calibration's, the plan's, or the pipeline's own).
+  (FLUX-schnell's 4 steps after the default 28). A method planned from a
+  calibration (``bac``, ``acs``, ``forecast-acs``, ...) given by name is planned
+  again at the call's first denoiser call from the calibrated steps at the call's
+  timesteps (:meth:`bac.Calibration.for_timesteps`; :func:`calibrate` records the
+  pipeline's timesteps), when the calibration covers them. A count it does not
+  cover, a plan object or file, and a calibrated :class:`bac.Method` are refused
+  with what to do instead (calibrate at that count). ``num_inference_steps`` of
+  :func:`enable_cache` is the count it is built for first (default: the
+  calibration's, the plan's, or the pipeline's own).
 * On a bare transformer there is no pipeline call to hook: call
   ``bac.new_trajectory(transformer)`` at the start of each sampling loop.
 """

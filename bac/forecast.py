@@ -46,13 +46,13 @@ def standin_errors(gram: np.ndarray, order: int) -> np.ndarray:
         t = steps[u + 1:]
         reuse = diag[t] + g[u, u] - 2 * g[u, t]
         errors[k, u, u + 1:] = reuse
-        for p in range(u):
-            if order == 0:
-                errors[p, u, u + 1:] = reuse
-                continue
-            a = (t - u) / (u - p)  # f_t = (1 + a) r_u - a r_p
-            errors[p, u, u + 1:] = (diag[t] + (1 + a) ** 2 * g[u, u] + a**2 * g[p, p]
-                                    - 2 * (1 + a) * g[t, u] + 2 * a * g[t, p] - 2 * a * (1 + a) * g[u, p])
+        if order == 0:
+            errors[:u, u, u + 1:] = reuse
+            continue
+        p = steps[:u, None]
+        a = (t[None, :] - u) / (u - p)  # [p, t]: f_t = (1 + a) r_u - a r_p
+        errors[:u, u, u + 1:] = (diag[t] + (1 + a) ** 2 * g[u, u] + a**2 * diag[:u, None]
+                                 - 2 * (1 + a) * g[t, u] + 2 * a * g[:u][:, t] - 2 * a * (1 + a) * g[u, :u, None])
     return np.maximum(errors, 0.0)  # rounding can dip an exact zero below it
 
 

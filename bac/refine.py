@@ -43,6 +43,7 @@ def refine(
     inputs: Iterable[Any],
     *,
     rounds: int = 2,
+    max_candidates: int | None = None,
     adapters: Mapping[type, LayerAdapter] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Method:
@@ -54,11 +55,16 @@ def refine(
     is given the same input (checked: an error otherwise). The result is a :class:`bac.Method`
     named ``<method>+refined`` with the same stand-in and per-block update counts;
     its plan's params record the deviation before and after and the number of
-    candidates tried.
+    candidates tried. ``max_candidates`` caps the candidates tried (each costs one
+    cached sampling call per input; a block-wise plan has about four per update step
+    of every block in each round).
     """
     if not isinstance(method, Method) or not isinstance(method.schedule, Plan):
         raise TypeError("refine improves a static plan: pass a bac.Method built from a plan (bac.build_method)")
     check_number("rounds", rounds, 1, integer=True)
+    if max_candidates is not None:
+        check_number("max_candidates", max_candidates, 1, integer=True)
+    limit = max_candidates if max_candidates is not None else float("inf")
     inputs = list(inputs)
     if not inputs:
         raise ValueError("refine needs at least one input")
@@ -98,11 +104,11 @@ def refine(
         improved = False
         for group in groups:
             index = 1
-            while index < len(steps[group[0]]):  # step 0 stays: nothing to stand in before it
+            while index < len(steps[group[0]]) and tried < limit:  # step 0 stays: nothing stands in before it
                 current = steps[group[0]]
                 for move in MOVES:
                     moved = current[index] + move
-                    if moved <= 0 or moved >= k or moved in current:
+                    if moved <= 0 or moved >= k or moved in current or tried >= limit:
                         continue
                     trial = sorted(current[:index] + current[index + 1:] + [moved])
                     candidate = {**steps, **{name: trial for name in group}}
@@ -114,7 +120,7 @@ def refine(
                 index += 1
         if log is not None:
             log(f"refine round {round_index + 1}: deviation {start:.4g} -> {best:.4g} ({tried} candidates)")
-        if not improved:
+        if not improved or tried >= limit:
             break
     params = {**plan.params, "refined_from": plan.method, "deviation_before": start, "deviation_after": best,
               "candidates": tried}

@@ -163,6 +163,7 @@ def refine(
     *,
     sample_fn: Callable[[Any], Any] | None = None,
     rounds: int = 2,
+    max_candidates: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Method:
     """:func:`bac.refine` on a pipeline or a bare transformer: ``method``'s plan with update steps moved
@@ -175,8 +176,8 @@ def refine(
     pipe, transformer = _split(target)
     sample_fn = _sampler(pipe, sample_fn, "refining")
     with _bac_contexts(transformer):
-        return refine_plan(transformer, method, sample_fn, inputs, rounds=rounds, adapters=adapters_for(transformer),
-                           log=log)
+        return refine_plan(transformer, method, sample_fn, inputs, rounds=rounds, max_candidates=max_candidates,
+                           adapters=adapters_for(transformer), log=log)
 
 
 def enable_cache(

@@ -176,6 +176,9 @@ def test_refine_keeps_the_update_counts_and_lowers_the_real_deviation(tiny_denoi
     assert deviation(refined) == pytest.approx(params["deviation_after"], rel=1e-6)
     assert deviation(start) == pytest.approx(params["deviation_before"], rel=1e-6)
     assert refined.schedule.model["weights"] == bac.describe(model).weights_digest()
+    capped = bac.refine(model, bac.build_method("acs", bac.calibrate(model, sample, inputs[:1]), M=4), sample, inputs,
+                        max_candidates=5)
+    assert capped.schedule.params["candidates"] <= 5
     with pytest.raises(TypeError, match="static plan"):
         bac.refine(model, bac.build_method("fbcache", model), sample, inputs)
     with pytest.raises(ValueError, match="at least one input"):

@@ -196,11 +196,8 @@ class CacheHandle:
         store, fill = self.standin.store, self.standin.fill  # fixed for the handle's lifetime
         ungated = getattr(self.standin, "recomputes_gate", False)
 
-        def compute(apply, fn, args, kwargs):  # (value to store, value to hand on)
+        def observed(apply, fn, args, kwargs):  # (value to store, value to hand on), under an observer
             observer = local.observer
-            if observer is None:
-                raw = fn(*args, **kwargs)
-                return raw, raw if apply is None else apply(raw)
             if apply is None:
                 out = observer(i, fn, args, kwargs)
                 return out, out
@@ -222,7 +219,11 @@ class CacheHandle:
                 state = local.state
                 action = state.row[i]
                 if action & RUN:
-                    raw, out = compute(apply, fn, args, kwargs)
+                    if local.observer is None:  # the hot path: no call beyond the block's own
+                        raw = fn(*args, **kwargs)
+                        out = raw if apply is None else apply(raw)
+                    else:
+                        raw, out = observed(apply, fn, args, kwargs)
                     if action & STORE:
                         store(state.cache, i, state.step, raw if ungated else out)
                     return out
@@ -238,7 +239,11 @@ class CacheHandle:
             state = local.state
             action = state.row[i]
             if action & RUN:
-                raw, out = compute(apply, fn, args, kwargs)
+                if local.observer is None:  # the hot path: no call beyond the block's own
+                    raw = fn(*args, **kwargs)
+                    out = raw if apply is None else apply(raw)
+                else:
+                    raw, out = observed(apply, fn, args, kwargs)
                 if action & STORE:
                     store(state.cache, i, state.step, raw if ungated else out)
                 if action & NOTIFY:

@@ -90,7 +90,7 @@ from diffusers.utils.torch_utils import unwrap_module
 import bac
 import bac.diffusers
 from bac.evaluation import digits_dit
-from bac.evaluation.branch_counts import BRANCH_MODULES
+from bac.evaluation.branch_counts import count_branches
 from bac.evaluation.digits_dit import CachingDiT
 from bac.evaluation.timing import summarize, synchronize
 from bac.evaluation.tiny_pipelines import call_kwargs, tiny_flux_pipeline, tiny_wan_pipeline
@@ -595,48 +595,6 @@ def diffusers_settings(case: Case, target, model, input, steps: int, grid: str) 
 # --- measurement -------------------------------------------------------------------------------------
 
 
-class _CountedForward:
-    """Counts a module's real computations by wrapping its ``forward``: installed before a cache's hooks, it
-    sits under any hook that replaces the forward (a forward hook would also count the calls answered
-    from a cache, such as TaylorSeerCache's forecasts of a hooked attention module)."""
-
-    def __init__(self, module: torch.nn.Module, count: Callable[[], None]):
-        self.module, self.previous = module, module.__dict__.get("forward")
-        forward = module.forward
-
-        def counted(*args, **kwargs):
-            count()
-            return forward(*args, **kwargs)
-
-        self.counted = module.forward = counted
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is not self.counted:
-            raise RuntimeError(f"{type(self.module).__name__}.forward was replaced over the counter and not restored")
-        if self.previous is None:
-            del self.module.forward
-        else:
-            self.module.forward = self.previous
-
-
-def count_branch_work(model) -> tuple[dict[str, int], list]:
-    """Per block branch, a counter of its real evaluations, and the counters' handles (remove them, after
-    disabling the cache, to restore the modules).
-
-    Each branch's own sub-module (attention, FFN; FLUX's single-stream branch: ``proj_out``) is counted
-    whenever it really computes, whoever skips it otherwise: bac's engine, a diffusers hook on the block,
-    or a TaylorSeerCache hook on the sub-module itself.
-    """
-    counts, handles = {}, []
-    for block in bac.describe(model, bac.diffusers.adapters_for(model)).blocks:
-        path, key = block.name.rsplit(".", 1)
-        layer = model.get_submodule(path)
-        module = getattr(layer, BRANCH_MODULES[(type(layer).__name__, key)])
-        counts[block.name] = 0
-        handles.append(_CountedForward(module, lambda n=block.name: counts.__setitem__(n, counts[n] + 1)))
-    return counts, handles
-
-
 def deviation(x: torch.Tensor, reference: torch.Tensor) -> dict:
     x, reference = x.double().cpu(), reference.double().cpu()
     mse = float((x - reference).square().mean())
@@ -652,7 +610,7 @@ def evaluate(case: Case, target, model, settings: list[Setting], input, steps: i
     real branch evaluations (skipped share); and the transformer calls per sampling call."""
     results, reference = [], None
     for setting in settings:
-        counts, counters = count_branch_work(model)
+        counts, counters = count_branches(model)
         calls = [0]  # transformer calls: every branch runs once per call unless skipped
         counters.append(model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)))
         setting.enable()

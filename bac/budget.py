@@ -165,7 +165,7 @@ def budget_ms(latency_ms: float | None = None, control_hz: float | None = None, 
     control loop's own work; a chunk computed while the previous one executes must arrive within it).
     The default, 0.5, is measured: on a busy 2-core CPU host, calls made inside a control loop ran 10-15 %
     slower than back to back, and their slowest over hundreds of chunks reached 1.6-1.8x the median; with
-    0.75 a DP-T plan made for 40 Hz missed 11 of about 3000 ticks (``eval/results/realtime-dpt-virtual``)."""
+    0.75 a DP-T plan made for 40 Hz missed 11 of about 3000 ticks (``benchmarks/results/realtime-dpt-virtual``)."""
     if (latency_ms is None) == (control_hz is None):
         raise ConfigError("give exactly one of latency_ms or control_hz")
     if latency_ms is not None:

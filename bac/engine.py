@@ -620,7 +620,7 @@ def accelerate(
 
     ``tap(block_index, step, output, computed)``, for inspection (e.g. the
     error of every block's output against full computation,
-    :mod:`bac.evaluation.block_errors`), is called after every block
+    :mod:`benchmarks.block_errors`), is called after every block
     evaluation with the output the block hands on to the model: the value it
     computed (``computed=True``) or its stand-in's value at a skipped step
     (``computed=False``). ``step`` is the step index in the calling thread's

@@ -25,7 +25,7 @@ from .fit import scheduler_id
 
 def per_sample(out: Any, batch_dim: int) -> torch.Tensor:
     """A branch output (tensor or tuple of tensors) as [batch, features], float32 (calibration statistics,
-    ``bac.evaluation.block_errors``)."""
+    ``benchmarks.block_errors``)."""
     tensors = out if isinstance(out, (tuple, list)) else (out,)
     parts = [t.detach().movedim(batch_dim, 0).reshape(t.shape[batch_dim], -1).float() for t in tensors if t is not None]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

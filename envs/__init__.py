@@ -6,7 +6,7 @@
 - :mod:`envs.tasks`: the task list, episode caps and the gymnasium registration, none of
   which needs Meta-World.
 - :mod:`envs.video`: one recorded episode per policy and task, as an animated GIF.
-- :mod:`envs.collect`: ``python -m bac.envs.collect task=push episodes=100`` writes expert
+- :mod:`envs.collect`: ``bac-collect task=push episodes=100`` writes expert
   demonstrations in robomimic's HDF5 layout.
 - :mod:`envs.dataset`: reads robomimic-layout files as (observation history, action
   chunk) training windows, and draws calibration observations.

@@ -1,7 +1,7 @@
 """Collect scripted-expert demonstrations on a Meta-World task into robomimic's HDF5 layout.
 
-    python -m bac.envs.collect task=push episodes=100            # -> data/metaworld/...
-    python -m bac.envs.collect task=door-open episodes=50 seed_offset=1000 overwrite=true
+    bac-collect task=push episodes=100            # -> data/metaworld/...
+    bac-collect task=door-open episodes=50 seed_offset=1000 overwrite=true
 
 Episode ``k`` of an attempt is reset with seed ``seed_offset + k``; episodes the expert
 fails (e.g. ~4 % of door-open, ~10 % of peg-insert-side) are dropped and the next seed
@@ -303,46 +303,3 @@ def _split(n: int, valid_fraction: float, seed: int) -> tuple[list[int], list[in
         n_valid = 0
     perm = np.random.default_rng(seed).permutation(n)
     return sorted(perm[n_valid:].tolist()), sorted(perm[:n_valid].tolist())
-
-
-def main() -> None:
-    """``bac-collect`` / ``python -m bac.envs.collect``: write expert demonstrations (Hydra ``configs/collect.yaml``)."""
-    import hydra
-    from omegaconf import DictConfig
-
-    from bac.cli import BOOL, FLOAT, INT, SEQ, STR, check_settings, report_errors
-    from bac.configs import CONFIG_DIR
-
-    settings = {
-        "task": (STR, None, False), "episodes": (INT, 1, False), "seed_offset": (INT, 0, False),
-        "out_dir": (STR, None, True), "overwrite": (BOOL, None, False), "post_success_steps": (INT, 0, False),
-        "action_noise": (FLOAT, 0, False), "max_episode_steps": (INT, 1, True),
-        "valid_fraction": (FLOAT, 0, False), "progress": (BOOL, None, False),
-        "cameras": (SEQ, None, False), "image_size": (INT, 8, False),
-    }
-
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="collect", version_base="1.3")
-    @report_errors
-    def run(cfg: DictConfig) -> None:
-        check_settings(cfg, settings, CONFIG_DIR / "collect.yaml")
-        path = collect(
-            task=cfg.task,
-            episodes=cfg.episodes,
-            seed_offset=cfg.seed_offset,
-            out_dir=cfg.out_dir,
-            overwrite=cfg.overwrite,
-            post_success_steps=cfg.post_success_steps,
-            action_noise=cfg.action_noise,
-            max_episode_steps=cfg.max_episode_steps,
-            valid_fraction=cfg.valid_fraction,
-            progress=cfg.progress,
-            cameras=tuple(cfg.cameras),
-            image_size=cfg.image_size,
-        )
-        print(path)
-
-    run()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Meta-World v3 tasks as seeded, goal-observable, state-only gymnasium environments.
 
-Two Meta-World traps make naive use silently meaningless (SPEC section 6):
+Two Meta-World traps make naive use silently meaningless (docs/guide/policies.md, "Simulated tasks"):
 
 1. The default / MT1 / ML1 environments hide the goal in the observation (the last
    three of the 39 entries are zeros), so a state policy cannot know where to go.
@@ -26,7 +26,7 @@ a bool here); pass ``terminate_on_success=True`` to end episodes at the first su
 
 Rendering: ``render_mode="rgb_array"`` makes ``render()`` return an ``[height, width, 3]``
 uint8 frame (84 x 84 from the ``"corner"`` camera by default) with the fast settings of
-SPEC section 6: no multisampling (``model.vis.quality.offsamples = 0`` before the first
+docs/guide/policies.md ("Rendering"): no multisampling (``model.vis.quality.offsamples = 0`` before the first
 render) and no shadows or reflections, about 10x cheaper than Meta-World's defaults on a
 CPU, and cameras that Meta-World mounts upside down (the ``corner`` ones) turned right
 side up. The OpenGL backend is ``MUJOCO_GL`` when that is ``egl``, ``osmesa`` or ``glfw``,
@@ -136,7 +136,7 @@ def _close_renderers() -> None:
 
 
 class _FastRenderer:
-    """Offscreen RGB frames of one camera, with SPEC section 6's fast settings.
+    """Offscreen RGB frames of one camera, with the fast settings of docs/guide/policies.md ("Rendering").
 
     4x multisampling and shadows cost almost all of Meta-World's 72-116 ms per frame on
     a CPU: ``offsamples = 0`` (read when the GL context is made, so set before the first
@@ -225,7 +225,7 @@ class MetaWorldStateEnv(gym.Env):
     """
 
     # Meta-World's control rate: frame_skip 5 x 2.5 ms timestep = 80 Hz.
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 80, "observation_slices": OBS_SLICES}
 
     def __init__(
         self,

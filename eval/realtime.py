@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import bac
+from bac.envs.metaworld_env import make_vector_env
 from bac.runtime import (EnvPool, VirtualClock, WallClock, auto_lead, constant_latency, make_control_env,
                          run_control_episode, summarize_runs)
 
@@ -103,7 +104,7 @@ def run_realtime(cfg: DictConfig) -> dict:
     torch.set_num_threads(int(cfg.latency.threads))  # batch 1, as on a robot: the latencies measured above
     repair(log_path)
     try:
-        with EnvPool() as pool, open(log_path, "a") as log, \
+        with EnvPool(make_vector_env) as pool, open(log_path, "a") as log, \
                 tqdm(total=total, initial=len(done), disable=not cfg.progress, desc="realtime", leave=False) as bar:
             for task in setup.tasks:
                 instructions = episode_instructions(cfg, policy, task)

@@ -6,7 +6,7 @@
 - :mod:`policies.policy`: :class:`~bac.policies.policy.DiffusionPolicy`: ``reset()``,
   ``predict_action_chunk(batch)``, ``select_action(batch)``; checkpoints.
 - :mod:`policies.dpt`, :mod:`policies.dit`: the DP-T and DiT denoisers.
-- :mod:`policies.train`: ``python -m bac.policies.train`` (Hydra).
+- :mod:`policies.train`: the training loop (``bac-train``, :mod:`bac.apps.train`, runs it).
 
 Nothing is imported here, so ``import bac.policies.dpt`` does not load diffusers.
 """

@@ -1,10 +1,6 @@
-"""Train a diffusion policy on scripted-expert demonstrations.
+"""The training loop of a diffusion policy (``bac-train`` runs it on collected demonstrations).
 
-    python -m bac.policies.train policy=dpt task=push
-    python -m bac.policies.train policy=dpt task=suite export_dir=policies/checkpoints/dpt-metaworld
-
-Datasets are generated on demand (``envs.collect``) and read in robomimic's
-layout. AdamW with linear warm-up and cosine decay (diffusers' schedule), EMA
+AdamW with linear warm-up and cosine decay (diffusers' schedule), EMA
 weights (diffusers' ``EMAModel``), deterministic seeding. Every
 ``checkpoint_every`` steps the full training state goes to ``run_dir`` (resumed
 automatically after an interruption) and the EMA policy is exported to
@@ -18,78 +14,23 @@ import math
 import sys
 import time
 from datetime import datetime, timezone
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import hydra
-import numpy as np
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from bac.cli import BOOL, FLOAT, INT, SEQ, STR, check_settings, report_errors
-from bac.configs import CONFIG_DIR
+from bac.configs.settings import BOOL, FLOAT, INT, SEQ, STR
 from bac.errors import CheckpointError, ConfigError
-from bac.envs.collect import collect
-from bac.envs.dataset import ImageLanguageWindows, WindowDataset
 
 from .checkpointing import TrainingState, check_fits
 from .config import IMAGE_PREFIX, PolicyConfig
 from .policy import DiffusionPolicy
 from .vla import frames_to_images
-
-
-def task_list(cfg: DictConfig) -> list[str]:
-    return list(cfg.suite) if cfg.task == "suite" else [str(cfg.task)]
-
-
-def load_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int,
-                 action_noise: float = 0.0, obs_dim: int | None = None, action_dim: int | None = None):
-    """All training windows of every task: obs ``[N, To, D]``, actions ``[N, H, A]``, task index ``[N]``.
-
-    Every demo is validated at load (:mod:`bac.envs.dataset`: keys, lengths, NaN); its widths must be
-    ``obs_dim`` / ``action_dim`` when given, and otherwise those of the first task's file (one policy
-    is trained on all of them). Each failure is a :class:`bac.DataError` naming the file and the demo.
-    """
-    obs, actions, task_index, sources = [], [], [], {}
-    for i, task in enumerate(tasks):
-        path = collect(task, episodes, out_dir=data_dir, action_noise=action_noise, progress=False)
-        data = WindowDataset(path, horizon=horizon, n_obs_steps=n_obs_steps, filter_key="train",
-                             obs_dim=obs_dim, action_dim=action_dim)
-        obs_dim, action_dim = data.obs_dim, data.action_dim
-        o, a = data.window(np.arange(len(data)))
-        obs.append(o)
-        actions.append(a)
-        task_index.append(np.full(len(data), i))
-        sources[task] = {"file": path.name, "train_demos": len(data.demos), "windows": len(data)}
-    as_tensor = lambda parts, dtype: torch.as_tensor(np.concatenate(parts), dtype=dtype)
-    return as_tensor(obs, torch.float32), as_tensor(actions, torch.float32), as_tensor(task_index, torch.long), sources
-
-
-def load_image_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int, action_noise: float,
-                       state_keys: list[str], cameras: tuple[str, ...], image_size: int):
-    """The windows of a vision-language-action head: state ``[N, To, D]``, actions ``[N, H, A]``, every
-    window's current frame per camera (uint8 ``[N, S, S, 3]``, kept as uint8 in memory) and the index
-    of its instruction in the returned list of instructions."""
-    state, actions, frames, instruction_index, instructions, sources = [], [], {c: [] for c in cameras}, [], [], {}
-    for task in tasks:
-        path = collect(task, episodes, out_dir=data_dir, action_noise=action_noise, progress=False,
-                       cameras=cameras, image_size=image_size)
-        data = ImageLanguageWindows(path, state_keys, cameras, horizon, n_obs_steps, "train", image_size=image_size)
-        o, a = data.windows.window(np.arange(len(data)))
-        state.append(o)
-        actions.append(a)
-        for camera in cameras:
-            frames[camera].append(data.frames[camera])
-        for text in data.instructions:
-            if text not in instructions:
-                instructions.append(text)
-        instruction_index.append(np.array([instructions.index(t) for t in data.instructions]))
-        sources[task] = {"file": path.name, "train_demos": len(data.windows.demos), "windows": len(data)}
-    return (torch.as_tensor(np.concatenate(state)), torch.as_tensor(np.concatenate(actions)),
-            {c: torch.as_tensor(np.concatenate(f)) for c, f in frames.items()},
-            torch.as_tensor(np.concatenate(instruction_index)), instructions, sources)
 
 
 def _optimizer(policy: DiffusionPolicy, cfg: DictConfig) -> torch.optim.AdamW:
@@ -112,45 +53,31 @@ def policy_config(cfg: DictConfig, state_dim: int, action_dim: int, tasks: list[
         raise ConfigError(f"policy settings ({cfg.policy.name}): {err}") from err
 
 
-def success_check(policy: DiffusionPolicy, tasks: list[str], episodes: int) -> dict[str, float]:
-    """Closed-loop success rate per task on held-out seeds (100000 and up)."""
-    from bac.runtime import run_episodes
+def train(cfg: DictConfig, data: Any, tasks: list[str], *,
+          success_check: Callable[[DiffusionPolicy], dict[str, float]] | None = None,
+          extra_instructions: Sequence[str] = ()) -> Path:
+    """Train a policy on ``data`` (the windows of ``tasks``: :class:`bac.envs.windows.TrainingWindows` or
+    any object with its fields) with the settings of ``configs/train.yaml``.
 
-    rates = {}
-    for task in tasks:
-        results = list(run_episodes(policy, task, range(100_000, 100_000 + episodes)))
-        rates[task] = sum(r["success"] for r in results) / len(results)
-    return rates
-
-
-def train(cfg: DictConfig) -> Path:
+    ``success_check(policy)``: closed-loop success per task, run every ``eval_every`` steps on the exported
+    policy; ``extra_instructions``: encoded with the demonstrations' ones (held-out paraphrases).
+    Returns the export folder.
+    """
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    tasks = task_list(cfg)
     run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    checked = policy_config(cfg, 1, 1, tasks)  # refuse bad policy settings before collecting any data
-    if checked.is_vla:
-        state_keys = list(checked.input_features["observation.state"].keys or ["state"])
-        obs, actions, frames, task_index, instructions, sources = load_image_windows(
-            tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps, cfg.action_noise, state_keys,
-            checked.cameras, checked.model.image_size)
-    else:
-        obs, actions, task_index, sources = load_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon,
-                                                         cfg.n_obs_steps, cfg.action_noise)
-        frames, instructions = {}, None
+    obs, actions, task_index = data.state, data.actions, data.task_index
+    frames, instructions, sources = data.frames, data.instructions, data.sources
     policy = DiffusionPolicy(policy_config(cfg, obs.shape[-1], actions.shape[-1], tasks))
     policy.obs_normalizer.fit(obs)
     policy.action_normalizer.fit(actions)
     if instructions is not None:
         # Encoded once and saved with the checkpoint: the demonstrations' instructions, and the held-out
         # paraphrases too (the encoder is frozen, so this leaks nothing), so evaluation needs no language model.
-        from bac.envs.instructions import INSTRUCTIONS
-
-        policy.language.add(instructions + [t for task in tasks for t in INSTRUCTIONS.get(task, ())])
+        policy.language.add(instructions + list(extra_instructions))
     policy.to(device).train()
     obs, actions, task_index = obs.to(device), actions.to(device), task_index.to(device)
 
@@ -188,7 +115,7 @@ def train(cfg: DictConfig) -> Path:
         exported = copy.deepcopy(policy).eval()
         ema.copy_to(exported.model.parameters())
         exported.provenance = {
-            "command": "python -m bac.policies.train " + " ".join(sys.argv[1:]),
+            "command": "bac-train " + " ".join(sys.argv[1:]),
             "settings": settings,
             "step": step,
             "loss": loss,
@@ -225,7 +152,7 @@ def train(cfg: DictConfig) -> Path:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             training_state.save(state_path, step=step, elapsed=elapsed, settings=settings)
             export(smoothed)
-        if cfg.eval_every and step % cfg.eval_every == 0:
+        if success_check is not None and cfg.eval_every and step % cfg.eval_every == 0:
             exported = DiffusionPolicy.load(export_dir, device=device)
             rates = success_check(exported, tasks, cfg.eval_episodes)
             tqdm.write(f"step {step}: closed-loop success " + ", ".join(f"{t} {r:.0%}" for t, r in rates.items()))
@@ -236,7 +163,7 @@ def train(cfg: DictConfig) -> Path:
     return export_dir
 
 
-# Checked before any data is collected (bac.cli.check_settings); the policy group checks its own fields.
+# Checked before any data is collected (bac.configs.settings.check_settings); the policy group checks its own fields.
 SETTINGS = {
     "task": (STR, None, False), "suite": (SEQ, None, False), "episodes": (INT, 1, False),
     "data_dir": (STR, None, True), "action_noise": (FLOAT, 0, False), "horizon": (INT, 1, False),
@@ -251,13 +178,3 @@ SETTINGS = {
 }
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-@report_errors
-def main(cfg: DictConfig) -> None:
-    check_settings(cfg, SETTINGS, CONFIG_DIR / "train.yaml")
-    path = train(cfg)
-    print(f"policy checkpoint: {path}")
-
-
-if __name__ == "__main__":
-    main()

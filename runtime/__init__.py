@@ -16,14 +16,14 @@ sampling with the execution of the current one, on a wall clock (a worker thread
 deterministic virtual clock; :func:`summarize_runs` gives its latency percentiles,
 deadline misses and achieved rate.
 
-``envs/`` holds the tasks and the data; the runtime holds no task knowledge (its
-episodes use ``bac.envs.metaworld_env.make_vector_env``, the only environments today).
+``envs/`` holds the tasks and the data; the runtime holds no task knowledge: it takes an env
+factory (:class:`EnvFactory`; the shipped tasks' is ``bac.envs.metaworld_env.make_vector_env``).
 """
-from .episodes import (ChunkingPolicy, EnvPool, check_compatible, observation_batch, record_episode, run_episodes,
-                       run_wave)
+from .episodes import (ChunkingPolicy, EnvFactory, EnvPool, check_compatible, observation_batch, observation_slices,
+                       record_episode, run_episodes, run_wave)
 
-__all__ = ["ChunkingPolicy", "EnvPool", "check_compatible", "observation_batch", "record_episode", "run_episodes",
-           "run_wave"]
+__all__ = ["ChunkingPolicy", "EnvFactory", "EnvPool", "check_compatible", "observation_batch", "observation_slices",
+           "record_episode", "run_episodes", "run_wave"]
 
 # The real-time control loop.
 from .control import (EpisodeTrace, VirtualClock, WallClock, auto_lead, constant_latency, format_summary,

@@ -64,9 +64,10 @@ import numpy as np
 import torch
 
 from bac.errors import ConfigError
+from bac.policies.policy import next_history  # the history rule select_action uses
 
-from .episodes import IMAGE_PREFIX, STATE, ChunkingPolicy, EnvPool, _cameras, _shape, check_compatible, \
-    observation_batch
+from .episodes import STATE, ChunkingPolicy, EnvFactory, EnvPool, check_compatible, observation_batch, \
+    observation_slices, render_settings
 
 ON_LATE = ("hold", "continue")
 LatencyModel = Callable[[int], float]
@@ -433,7 +434,7 @@ def run_control_episode(
     max_steps: int | None = None,
     latency_model: LatencyModel | None = None,
 ) -> EpisodeTrace:
-    """One seeded episode of ``policy`` driving a 1-env vector env (``make_vector_env(task, 1,
+    """One seeded episode of ``policy`` driving a 1-env vector env (an env factory's ``make_env(task, 1,
     terminate_on_success=True)``, or :func:`make_control_env`) at ``control_hz``; see the module docstring.
 
     ``clock``: :class:`VirtualClock` (default) or :class:`WallClock`. ``generator``: the sampling noise
@@ -449,14 +450,13 @@ def run_control_episode(
     The policy needs ``predict_action_chunk(batch, generator=..., num_actions=...)``, ``horizon``,
     ``n_obs_steps`` and ``n_action_steps`` (``bac.policies.policy.DiffusionPolicy`` has them).
     """
-    from bac.policies.policy import next_history  # the history rule select_action uses
-
     dt, horizon, s, lead, blend, max_steps = _check_settings(policy, control_hz, execute_steps, lead, on_late,
                                                              blend, max_steps)
     if getattr(env, "num_envs", None) != 1:
         raise ConfigError(f"the control loop drives one robot: pass a vector env of 1 env "
-                          f"(make_vector_env(task, 1, ...)), got num_envs={getattr(env, 'num_envs', None)}")
-    check_compatible(policy, env.single_observation_space, env.single_action_space)
+                          f"(make_env(task, 1, ...)), got num_envs={getattr(env, 'num_envs', None)}")
+    named_slices = observation_slices(env)
+    check_compatible(policy, env.single_observation_space, env.single_action_space, named_slices)
     reads_instructions = bool(getattr(policy, "reads_instructions", False))
     if reads_instructions != (instruction is not None):
         raise ConfigError("this policy reads free-text instructions: pass instruction='...'" if reads_instructions
@@ -499,7 +499,7 @@ def run_control_episode(
     sources: list[tuple[int, int]] = []
     obs, _ = env.reset(seed=[int(seed)])
     policy.reset()
-    state = observation_batch(obs, task_input, policy)[STATE]
+    state = observation_batch(obs, task_input, policy, named_slices=named_slices)[STATE]
     history = next_history(None, state, n_obs)  # the first observation repeated, as select_action
     job: Job | None = None
     try:
@@ -533,7 +533,7 @@ def run_control_episode(
             success |= bool(np.asarray(info["success"])[0])
             if bool(terminated[0] or truncated[0]) or (max_steps is not None and len(executed) >= max_steps):
                 break
-            state = observation_batch(obs, task_input, policy)[STATE]
+            state = observation_batch(obs, task_input, policy, named_slices=named_slices)[STATE]
             history = next_history(history, state, n_obs)
             if clock.next_tick():
                 overruns.append(tick)
@@ -553,20 +553,17 @@ def run_control_episode(
         overrun_ticks=overruns, actions=np.stack(executed), sources=sources)
 
 
-def make_control_env(policy: ChunkingPolicy, task: str, *, max_episode_steps: int | None = None,
-                     pool: EnvPool | None = None) -> gym.vector.VectorEnv:
+def make_control_env(policy: ChunkingPolicy, task: str, *, make_env: EnvFactory | None = None,
+                     pool: EnvPool | None = None, max_episode_steps: int | None = None) -> gym.vector.VectorEnv:
     """The 1-env vector env :func:`run_control_episode` drives: ends at success, renders the policy's cameras
-    at its image size. With ``pool`` (an :class:`EnvPool`), the pooled env (reused across episodes; the
-    pool closes it), else a new one the caller closes."""
-    from bac.envs.metaworld_env import make_vector_env
-
-    render = {}
-    if _cameras(policy):
-        size = _shape(policy.input_features[IMAGE_PREFIX + _cameras(policy)[0]])[-1]
-        render = {"width": size, "height": size}
+    at its image size. From ``pool`` (an :class:`EnvPool`), the pooled env (reused across episodes; the
+    pool closes it); from ``make_env`` (an env factory), a new one the caller closes."""
+    if (make_env is None) == (pool is None):
+        raise ValueError("make_control_env needs make_env (an env factory) or pool (an EnvPool), not both")
+    render = render_settings(policy)
     if pool is not None:
         return pool.get(task, 1, max_episode_steps, render)
-    return make_vector_env(task, 1, max_episode_steps=max_episode_steps, terminate_on_success=True, **render)
+    return make_env(task, 1, max_episode_steps=max_episode_steps, terminate_on_success=True, **render)
 
 
 # -------------------------------------------------------------------------------------------- summary

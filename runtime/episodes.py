@@ -8,6 +8,11 @@ chunk when the queue runs empty, so each chunk is executed open loop. Actions ar
 clipped to the environment's action space. One seed per environment; an episode
 ends at its first success or at the step cap, and its result is final from then on
 (environments that finish early idle until the wave ends).
+
+The runtime holds no task knowledge: environments come from an :data:`EnvFactory` (for the shipped
+tasks, :func:`bac.envs.metaworld_env.make_vector_env`), and an environment whose observation
+concatenates named parts lists them in ``metadata["observation_slices"]`` (name -> slice), which a
+policy's ``observation.state`` feature may select by its ``keys``.
 """
 from __future__ import annotations
 
@@ -17,7 +22,21 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from bac.policies.vla import frames_to_images
+
 STATE, TASK, IMAGE_PREFIX = "observation.state", "task", "observation.images."
+
+
+class EnvFactory(Protocol):
+    """Makes a vector env of ``num_envs`` copies of a task (``make_vector_env(task, n, ...)``'s signature)."""
+
+    def __call__(self, task: str, num_envs: int, *, max_episode_steps: int | None = None,
+                 terminate_on_success: bool = False, **render: Any) -> gym.vector.VectorEnv: ...
+
+
+def observation_slices(env: gym.Env | gym.vector.VectorEnv) -> Mapping[str, slice] | None:
+    """The named parts of an environment's observation (``metadata["observation_slices"]``), if it names them."""
+    return env.metadata.get("observation_slices")
 
 
 @runtime_checkable
@@ -44,28 +63,38 @@ def _cameras(policy: ChunkingPolicy) -> list[str]:
     return [name.removeprefix(IMAGE_PREFIX) for name in policy.input_features if name.startswith(IMAGE_PREFIX)]
 
 
-def state_slices(policy: ChunkingPolicy) -> list[slice] | None:
+def render_settings(policy: ChunkingPolicy) -> dict[str, int]:
+    """Frame size of the cameras a policy reads (``width``, ``height``; empty for a state-only policy)."""
+    cameras = _cameras(policy)
+    if not cameras:
+        return {}
+    size = _shape(policy.input_features[IMAGE_PREFIX + cameras[0]])[-1]
+    return {"width": size, "height": size}
+
+
+def state_slices(policy: ChunkingPolicy, named: Mapping[str, slice] | None) -> list[slice] | None:
     """The parts of the environment observation the policy's ``observation.state`` concatenates
-    (its feature's ``keys``, named in ``bac.envs.metaworld_env.OBS_SLICES``), or None for all of it."""
+    (its feature's ``keys``, among the environment's ``named`` parts), or None for all of it."""
     keys = getattr(policy.input_features.get(STATE), "keys", None)
     if keys is None:
         return None
-    from bac.envs.metaworld_env import OBS_SLICES
-
-    unknown = [k for k in keys if k not in OBS_SLICES]
+    named = named or {}
+    unknown = [k for k in keys if k not in named]
     if unknown:
         raise ValueError(f"the policy's {STATE!r} reads {unknown}, which the environment's observation does not "
-                         f"name (it names {sorted(OBS_SLICES)})")
-    return [OBS_SLICES[k] for k in keys]
+                         f"name (it names {sorted(named)})")
+    return [named[k] for k in keys]
 
 
-def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, action_space: gym.Space) -> None:
-    """Raise ``ValueError`` unless the policy's features fit one environment's spaces."""
+def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, action_space: gym.Space,
+                     named_slices: Mapping[str, slice] | None = None) -> None:
+    """Raise ``ValueError`` unless the policy's features fit one environment's spaces
+    (``named_slices``: the environment's :func:`observation_slices`)."""
     inputs, outputs = policy.input_features, policy.output_features
     if not isinstance(observation_space, gym.spaces.Box):
         raise ValueError(f"the runtime maps Box observations to {STATE!r}; got a {type(observation_space).__name__}")
     width = observation_space.shape
-    slices = state_slices(policy) if STATE in inputs else None
+    slices = state_slices(policy, named_slices) if STATE in inputs else None
     if slices is not None:
         width = (sum(len(range(*sl.indices(observation_space.shape[0]))) for sl in slices),)
     if STATE not in inputs or _shape(inputs[STATE]) != tuple(width):
@@ -79,11 +108,12 @@ def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, actio
 
 def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPolicy | None = None,
                       venv: gym.vector.VectorEnv | None = None, active: np.ndarray | None = None,
-                      render: bool | None = None) -> dict[str, Any]:
+                      render: bool | None = None, named_slices: Mapping[str, slice] | None = None) -> dict[str, Any]:
     """The policy batch of a vector env's observations ``[B, D]``: float32 ``observation.state`` and ``task``
     (a task name, or one instruction per env).
 
-    With ``policy``, the state is the parts of the observation its feature names (:func:`state_slices`),
+    With ``policy``, the state is the parts of the observation its feature names (:func:`state_slices`;
+    the parts are ``venv``'s :func:`observation_slices`, or ``named_slices``),
     and, when ``venv`` is given and the policy is about to sample a chunk (``policy.chunk_due``), every
     camera it reads is rendered into ``observation.images.<camera>`` (``[B, 3, H, W]`` float in [0, 1]);
     ``render=True``/``False`` decides that instead of ``chunk_due`` (a runtime that samples chunks itself).
@@ -92,15 +122,15 @@ def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPo
     sample of a batch is computed independently, so the active envs' actions do not change (tested).
     """
     obs = np.asarray(obs)
-    slices = state_slices(policy) if policy is not None else None
+    if named_slices is None and venv is not None:
+        named_slices = observation_slices(venv)
+    slices = state_slices(policy, named_slices) if policy is not None else None
     state = obs if slices is None else np.concatenate([obs[:, sl] for sl in slices], axis=1)
     batch = {STATE: torch.as_tensor(state.astype(np.float32)),
              TASK: [task] * obs.shape[0] if isinstance(task, str) else list(task)}
     if render is None:
         render = bool(getattr(policy, "chunk_due", True))
     if policy is not None and venv is not None and render:
-        from bac.policies.vla import frames_to_images
-
         for camera in _cameras(policy):
             if active is None or not active.any() or not hasattr(venv, "envs"):  # AsyncVectorEnv: render all
                 frames = np.stack(venv.call("render_camera", camera))
@@ -116,24 +146,23 @@ def observation_batch(obs: np.ndarray, task: str | list[str], policy: ChunkingPo
 class EnvPool:
     """Keeps the vector env of the last wave for the next wave of the same shape.
 
-    Building a Meta-World env (its MuJoCo model, and a GL context where it renders) costs about
-    0.5-1.3 s, more than an episode of it on this machine; every wave resets each env with its own
-    seed, so a reused env runs exactly the episode a new one would (tested). Use it as a context
-    manager, or call :meth:`close`.
+    Building a simulated env (a MuJoCo model, and a GL context where it renders) can cost more than
+    an episode of it; every wave resets each env with its own seed, so a reused env runs exactly the
+    episode a new one would (tested). ``make_env`` builds the envs. Use it as a context manager, or
+    call :meth:`close`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, make_env: EnvFactory) -> None:
+        self.make_env = make_env
         self._key: tuple | None = None
         self._venv: gym.vector.VectorEnv | None = None
 
     def get(self, task: str, num_envs: int, max_episode_steps: int | None, render: Mapping[str, Any]):
         """A vector env of ``num_envs`` copies of ``task`` (the pooled one when its shape is the same)."""
-        from bac.envs.metaworld_env import make_vector_env
-
         key = (task, num_envs, max_episode_steps, tuple(sorted(render.items())))
         if key != self._key:
             self.close()
-            self._venv = make_vector_env(task, num_envs, max_episode_steps=max_episode_steps,
+            self._venv = self.make_env(task, num_envs, max_episode_steps=max_episode_steps,
                                          terminate_on_success=True, **render)
             self._key = key
         return self._venv
@@ -159,27 +188,31 @@ def run_episodes(
     max_episode_steps: int | None = None,
     generator: torch.Generator | None = None,
     instructions: Callable[[int], str] | None = None,
+    make_env: EnvFactory | None = None,
     envs: EnvPool | None = None,
+    on_step: Callable[[gym.vector.VectorEnv], None] | None = None,
 ) -> Iterator[dict]:
     """Yield one result per seed, ``{"seed", "success", "steps"}``, as each wave of ``num_envs`` finishes.
 
     ``generator`` (default: torch's global RNG) draws the sampling noise of every wave in turn.
     ``instructions(seed)``: the instruction of each episode, for a policy that reads instructions
     (``policy.reads_instructions``; required for it, refused otherwise). Cameras a policy reads are
-    rendered at its image size when it samples a chunk. ``envs``: an :class:`EnvPool` that outlives
-    this call (an evaluator running several methods on one task); by default the envs are closed at the end.
+    rendered at its image size when it samples a chunk. ``make_env`` builds the envs (closed at the end);
+    or ``envs``, an :class:`EnvPool` that outlives this call (an evaluator running several methods on one task).
+    ``on_step(venv)``: see :func:`run_wave` (e.g. a progress bar that moves with the steps).
     """
+    if (make_env is None) == (envs is None):
+        raise ValueError("run_episodes needs make_env (an env factory, e.g. bac.envs.metaworld_env.make_vector_env) "
+                         "or envs (an EnvPool), not both")
     seeds = [int(s) for s in seeds]
-    render = {}
-    if _cameras(policy):
-        size = _shape(policy.input_features[IMAGE_PREFIX + _cameras(policy)[0]])[-1]
-        render = {"width": size, "height": size}
-    pool = envs if envs is not None else EnvPool()
+    render = render_settings(policy)
+    pool = envs if envs is not None else EnvPool(make_env)
     try:
         for start in range(0, len(seeds), num_envs):
             wave = seeds[start : start + num_envs]
             venv = pool.get(task, len(wave), max_episode_steps, render)
-            yield from run_wave(policy, venv, task, wave, generator=generator, instructions=instructions)
+            yield from run_wave(policy, venv, task, wave, generator=generator, instructions=instructions,
+                                on_step=on_step)
     finally:
         if envs is None:
             pool.close()
@@ -195,7 +228,7 @@ def run_wave(policy: ChunkingPolicy, venv: gym.vector.VectorEnv, task: str, seed
     ``instructions``: see :func:`run_episodes`. Finished episodes' camera inputs are black frames
     (see :func:`observation_batch`).
     """
-    check_compatible(policy, venv.single_observation_space, venv.single_action_space)
+    check_compatible(policy, venv.single_observation_space, venv.single_action_space, observation_slices(venv))
     reads_instructions = bool(getattr(policy, "reads_instructions", False))
     if reads_instructions != (instructions is not None):
         raise ValueError("this policy reads free-text instructions: pass instructions=(seed -> instruction)"
@@ -232,21 +265,21 @@ def record_episode(
     task: str,
     seed: int,
     *,
+    make_env: EnvFactory,
     generator: torch.Generator | None = None,
     max_episode_steps: int | None = None,
     camera_name: str = "corner",
     size: int = 128,
 ) -> tuple[dict, list[np.ndarray]]:
-    """One seeded episode run exactly as :func:`run_episodes` runs it, with a ``[size, size, 3]`` frame per step.
+    """One seeded episode run exactly as :func:`run_episodes` runs it, with a ``[size, size, 3]`` frame per step
+    (``make_env``: the env factory, which takes ``render_mode``, ``camera_name``, ``width`` and ``height``).
 
     Returns the episode's result (``{"seed", "success", "steps"}``) and its ``steps + 1``
     frames (one after the reset, one after every step). Rendering does not change the
     state observations, so with the same ``generator`` this is the evaluated episode.
     """
-    from bac.envs.metaworld_env import make_vector_env
-
     frames: list[np.ndarray] = []
-    venv = make_vector_env(task, 1, max_episode_steps=max_episode_steps, terminate_on_success=True,
+    venv = make_env(task, 1, max_episode_steps=max_episode_steps, terminate_on_success=True,
                            render_mode="rgb_array", camera_name=camera_name, width=size, height=size)
     try:
         [result] = run_wave(policy, venv, task, [int(seed)], generator=generator,

@@ -1,58 +1,11 @@
 """A websocket policy server: one accelerated policy serving action chunks to robot controllers.
 
-    python -m bac.runtime.server checkpoint=dpt-metaworld sampler.kind=ddim sampler.steps=10 port=8000
-    python -m bac.runtime.server tuned=outputs/tune/.../tuned.json       # the tuner's pick, in one line
-    python -m bac.runtime.server method=uniform method_params={interval:2} sampler.kind=ddim sampler.steps=10
+    bac-serve checkpoint=dpt-metaworld sampler.kind=ddim sampler.steps=10 port=8000
 
-The message shapes are openpi's policy server's (``openpi_client.websocket_client_policy`` talks to
-it), so a robot stack written for openpi needs no new client. Protocol version 1, for a client in
-any language:
-
-* **Transport.** A websocket at ``ws://HOST:PORT`` (any path; default ``127.0.0.1:8000``). Binary
-  frames carry msgpack; a *text* frame from the server is an error message.
-* **Arrays.** A numpy array is the msgpack map ``{"__ndarray__": true, "data": <bin: C-order bytes>,
-  "dtype": <numpy dtype string: "<f4" float32, "<f8" float64, "|u1" uint8>, "shape": [...]}``, keys
-  packed as msgpack *bin* (bytes), exactly as openpi's ``msgpack_numpy`` writes them
-  (:mod:`bac.runtime.msgpack_numpy`); a numpy scalar is ``{"__npgeneric__": true, "data": value,
-  "dtype": ...}``. ``observation.state`` may also be a plain msgpack list of numbers.
-* **1. Metadata.** On connect the server sends one binary frame: a map with ``protocol``
-  (``"bac-policy-server"``), ``protocol_version`` (1), ``policy`` (``architecture``, ``checkpoint``,
-  ``model``), ``features`` (per input feature: ``type``, ``shape``), ``action`` (``shape`` ``[A]``),
-  ``tasks`` (the task names it accepts; empty for a policy that reads free-text instructions),
-  ``reads_instructions``, ``horizon``, ``n_obs_steps``, ``n_action_steps``, ``sampler`` (``kind``,
-  ``steps``), ``acceleration`` (null, or ``method``, ``params``, ``standin``, ``skipped_share``, ...)
-  and ``accepts_num_actions``.
-* **2. Observation -> actions.** Send a map, one request at a time per connection (wait for the
-  reply before the next):
-
-  - ``"observation.state"``: float ``[D]`` (the current observation: the server keeps this
-    connection's last ``n_obs_steps`` observations, the first one repeated after a reset, as a
-    policy's ``select_action`` does, one per request) or ``[n_obs_steps, D]`` (the whole history,
-    for a client that calls only when its chunk runs out; this replaces the kept history);
-  - ``"observation.images.<camera>"`` (image policies, each camera in ``features``): uint8
-    ``[H, W, 3]`` (a rendered frame) or float ``[3, H, W]`` in [0, 1];
-  - ``"task"``: a task name from ``tasks``, or the instruction for a policy that reads instructions;
-  - ``"num_actions"`` (optional int): rows wanted, only where ``accepts_num_actions``.
-
-  Reply: ``{"actions": float32 [n_action_steps, A], "server_timing": {"infer_ms": ..., "queue_ms":
-  ...}}`` (``queue_ms``: time spent waiting behind other clients' requests).
-* **3. Reset.** ``{"reset": true, "seed": int}`` starts a new episode on this connection: clears its
-  observation history and reseeds the generator its sampling noise is drawn from (the same seed and
-  observations give bit-identical actions; without ``seed``, the server's default seed). Reply
-  ``{"reset": true, "seed": int}``. A new connection starts as if reset with the default seed.
-* **4. Errors.** A text frame ``"<Kind>: <message>"``; ``Kind`` is ``DataError`` for a refused
-  message (missing key, wrong shape or dtype, NaN/inf, unknown task, not a map, not msgpack: the
-  message names the key and the expected shape), else ``NonFiniteError``, ``CacheStateError``,
-  ``Unavailable`` (shutting down) or ``InternalError``. Unlike openpi's server, the connection stays
-  open and a refused request changes nothing: send the next one.
-* **Health.** ``GET /healthz`` (plain HTTP on the same port) answers 200 with JSON ``{"status",
-  "clients", "requests_served", "errors", "uptime_s", ...}``.
-
-Every inference runs on ONE inference thread (a policy, its sampler and its cache handle are not
-safe for concurrent calls); clients take turns in the order their requests arrive. Each connection
-is a session with its own observation history, its own ``torch.Generator`` and, when the policy is
-accelerated, its own cache context (``handle.context(session)``), dropped when it disconnects (also
-in the middle of a request), so clients never share state.
+openpi's message shapes (msgpack-encoded numpy arrays; metadata on connect, ``infer(obs) ->
+{"actions": (H, A)}``), one inference thread, one session per connection (its own observation
+history, generator and cache context). The protocol, message by message, for a client in any
+language: ``docs/guide/server.md`` (the docs site's "The policy server" page).
 """
 from __future__ import annotations
 
@@ -76,6 +29,9 @@ import torch
 
 import bac
 from bac.errors import BacError, ConfigError, DataError
+from bac.policies.checkpointing import resolve_checkpoint
+from bac.policies.policy import DiffusionPolicy, next_history
+from bac.policies.vla import frames_to_images
 
 from .msgpack_numpy import packb, unpackb
 
@@ -98,9 +54,6 @@ def load_served_policy(checkpoint: str | Path, *, device: str = "cpu", sampler: 
     (a calibrated one, ``bac``/``acs``, needs a plan file: ``bac-plan``). Every problem is a
     :class:`bac.ConfigError` (or the plan's and checkpoint's own errors).
     """
-    from bac.policies.checkpointing import resolve_checkpoint
-    from bac.policies.policy import DiffusionPolicy
-
     chosen = [name for name, value in (("tuned", tuned), ("plan", plan), ("method", method)) if value]
     if len(chosen) > 1:
         raise ConfigError(f"accelerate one way: set one of tuned, plan, method (got {chosen})")
@@ -253,8 +206,6 @@ def parse_observation(policy: Any, message: Mapping[str, Any]) -> Observation:
         expected = (f"uint8 [{height}, {width}, {channels}] (HWC, a rendered frame) or float [{channels}, {height}, "
                     f"{width}] (CHW, in [0, 1])")
         if image.dtype == np.uint8 and image.shape == (height, width, channels):
-            from bac.policies.vla import frames_to_images
-
             image = frames_to_images(image.copy()).numpy()  # a copy: decoded arrays are read-only
         elif image.dtype.kind == "f" and image.shape == (channels, height, width):
             image = image.astype(np.float32)
@@ -625,8 +576,6 @@ class PolicyServer:
     def _infer(self, session: _Session, observation: Observation, submitted: float):
         """One policy call for ``session``, on the inference thread: ``(actions [n, A], infer_ms, queue_ms)``,
         or ``None`` if the client left while it was queued. The history is kept only if the call succeeded."""
-        from bac.policies.policy import next_history  # the history rule select_action uses
-
         started = time.perf_counter()
         if session.closed:
             return None
@@ -660,52 +609,5 @@ class Unavailable(BacError, RuntimeError):
     """The server is shutting down (the client sees ``Unavailable: ...``)."""
 
 
-# ----------------------------------------------------------------------------- entry point
-def _settings() -> dict:
-    from bac.cli import FLOAT, INT, STR
-
-    return {
-        "checkpoint": (STR, None, False), "device": (STR, None, False), "sampler.kind": (STR, None, True),
-        "sampler.steps": (INT, 1, True), "tuned": (STR, None, True), "plan": (STR, None, True),
-        "method": (STR, None, True), "host": (STR, None, False), "port": (INT, 0, False), "seed": (INT, 0, False),
-        "warmup": (INT, 0, False), "threads": (INT, 1, True), "max_message_mb": (INT, 1, False),
-        "shutdown_timeout_s": (FLOAT, 0, False), "log_level": (STR, None, False),
-    }
-
-
-def serve(cfg: Any) -> None:
-    """Check ``configs/serve.yaml``'s settings, load the policy, serve until SIGINT/SIGTERM."""
-    from omegaconf import OmegaConf
-
-    from bac.cli import check_settings
-    from bac.configs import CONFIG_DIR
-
-    check_settings(cfg, _settings(), CONFIG_DIR / "serve.yaml")
-    if not isinstance(cfg.method_params, Mapping) and cfg.method_params is not None:
-        raise ConfigError(f"setting method_params must be a mapping (method_params={{interval:2}}), got "
-                          f"{cfg.method_params!r}")
-    if cfg.port > 65535:
-        raise ConfigError(f"setting port must be <= 65535, got {cfg.port}")
-    logging.basicConfig(level=str(cfg.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)  # latency: one thread is the stable choice on a shared CPU
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    PolicyServer.from_config(settings).serve_forever()  # logs its address once listening
-
-
-def main() -> None:
-    """``python -m bac.runtime.server`` / ``bac-serve``: Hydra config ``configs/serve.yaml``."""
-    import hydra
-
-    from bac.cli import report_errors
-    from bac.configs import CONFIG_DIR
-
-    hydra.main(config_path=str(CONFIG_DIR), config_name="serve", version_base="1.3")(report_errors(serve))()
-
-
 __all__ = ["DEFAULT_PORT", "Observation", "PROTOCOL", "PROTOCOL_VERSION", "PolicyServer", "acceleration_summary",
-           "accepts_num_actions", "load_served_policy", "main", "metadata", "parse_observation",
-           "serve"]
-
-if __name__ == "__main__":
-    main()
+           "accepts_num_actions", "load_served_policy", "metadata", "parse_observation"]

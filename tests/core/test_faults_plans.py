@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 import bac
 from bac.adapters import weights_digest
-from bac.plan.__main__ import main as plan_cli
+from bac.apps.plan import main as plan_cli
 
 K = 12
 
@@ -105,7 +105,7 @@ def test_plans_and_calibrations_without_a_digest_still_load_and_are_not_checked(
 
 
 def test_hashing_a_paper_size_model_is_cheap():
-    """8 decoder layers of width 256 (about 8 M parameters, as eval/bench_core.py's DP-T): well under a second."""
+    """8 decoder layers of width 256 (about 8 M parameters, as benchmarks/bench_core.py's DP-T): well under a second."""
     torch.manual_seed(0)
     layer = torch.nn.TransformerDecoderLayer(256, 4, 1024, dropout=0.0, batch_first=True, norm_first=True)
     model = torch.nn.TransformerDecoder(layer, 8)
@@ -233,7 +233,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, content):
 def test_cli_as_a_program_has_no_traceback(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text("[]")
-    done = subprocess.run([sys.executable, "-m", "bac.plan", "show", str(path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "bac.apps.plan", "show", str(path)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -1,8 +1,17 @@
-"""The core's shape: no import cycle inside bac/, nothing imported from the robot side, a light install."""
+"""The tree's shape: layers one-way over the whole installed tree, no import cycle, a light core install.
+
+Layers, bottom up (pyproject.toml's install mapping applied, function-local imports counted):
+core ``bac`` (torch, numpy, safetensors) <- configs ``bac.configs`` <- ``bac.policies`` | ``bac.envs``
+(siblings that do not import each other) <- ``bac.runtime`` <- ``bac.evaluation`` <- entry points
+``bac.apps`` (and the aliases ``bac.eval``, ``bac.tune``). ``benchmarks/`` sits
+on top and is not installed: nothing installed imports it.
+"""
 import ast
+import shutil
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -10,19 +19,31 @@ import pytest
 import bac
 from bac.methods import registry
 
-BAC_DIR = Path(bac.__file__).resolve().parent
-ROBOT_SIDE = ("bac.policies", "bac.envs", "bac.evaluation", "bac.runtime", "bac.configs", "policies", "envs", "eval")
-ENTRY_POINTS = {"bac.eval", "bac.tune"}  # the thin entry points of the main job and the tuner may reach the robot side
+ROOT = Path(bac.__file__).resolve().parent.parent
+BAC_DIR = ROOT / "bac"
+LAYERS = {"bac": 0, "bac.configs": 1, "bac.policies": 2, "bac.envs": 2, "bac.runtime": 3, "bac.evaluation": 4,
+          "bac.apps": 5}
+ENTRY_ALIASES = {"bac.eval", "bac.tune"}  # `python -m` names of commands in bac.apps
+ENTRY_LAYER = LAYERS["bac.apps"]
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(BAC_DIR.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def installed_modules(root: Path) -> dict[str, Path]:
+    """Every installed module's name and file, from pyproject.toml's packages and package-dir."""
+    setup = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    modules = {}
+    for package, folder in setup["package-dir"].items():
+        for path in (root / folder).rglob("*.py"):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            name = ".".join([package, *parts])
+            if name.rsplit(".", 1)[0] in setup["packages"] or name in setup["packages"]:
+                modules.setdefault(name, path)
+    return modules
 
 
-def imports_of(path: Path) -> set[str]:
+def imports_of(name: str, path: Path) -> set[str]:
     """Every module a file imports, at top level or inside functions, relative imports resolved."""
-    name = module_name(path)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -38,17 +59,28 @@ def imports_of(path: Path) -> set[str]:
     return found
 
 
-def core_graph() -> dict[str, set[str]]:
-    modules = {module_name(p): p for p in BAC_DIR.rglob("*.py")}
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (``benchmarks.*`` kept, to refuse it)."""
+    modules = installed_modules(root)
     graph = {}
     for name, path in modules.items():
         targets = set()
-        for target in imports_of(path):
+        for target in imports_of(name, path):
             parts = target.split(".")
             # importing a.b.c runs a/__init__ and a/b/__init__ first
-            targets.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
-        graph[name] = {t for t in targets if t in modules and t != name}
+            targets.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        graph[name] = {t for t in targets if (t in modules or t.split(".")[0] == "benchmarks") and t != name}
     return graph
+
+
+def room(module: str) -> str:
+    """The layer's package a module belongs to (``bac.policies.train`` -> ``bac.policies``)."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if ".".join(parts[:2]) in LAYERS else "bac"
+
+
+def layer(module: str) -> int:
+    return ENTRY_LAYER if module in ENTRY_ALIASES else LAYERS[room(module)]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -58,7 +90,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     def visit(node):
         state[node] = 1
         stack.append(node)
-        for target in sorted(graph[node]):
+        for target in sorted(graph.get(node, ())):
             # importing a package runs its __init__, so a module importing its own package is not an edge back
             if node.startswith(target + "."):
                 continue
@@ -76,28 +108,108 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layer_violations(root: Path) -> list[str]:
+    """Upward, sideways (policies <-> envs) and out-of-package (benchmarks) imports, and module cycles."""
+    graph = import_graph(root)
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if target.split(".")[0] == "benchmarks":
+                found.append(f"{module} -> {target} (benchmarks/ is not installed)")
+            elif module.startswith(target + "."):
+                continue
+            elif layer(target) > layer(module):
+                found.append(f"{module} -> {target} (upward)")
+            elif layer(target) == layer(module) and room(target) != room(module) and module not in ENTRY_ALIASES:
+                found.append(f"{module} -> {target} (sideways)")
+    if cycle := find_cycle(graph):
+        found.append("cycle: " + " -> ".join(cycle))
+    return found
+
+
 def test_the_graph_walker_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_the_core_has_no_import_cycle():
-    graph = core_graph()
-    assert {"bac.methods", "bac.plan", "bac.actions"} <= graph["bac.engine"]  # the walker sees real edges
-    assert find_cycle(graph) is None, f"import cycle in bac/: {' -> '.join(find_cycle(graph))}"
+def test_the_whole_tree_keeps_its_layers():
+    graph = import_graph(ROOT)
+    # the walker sees real edges, through the install mapping and inside functions
+    assert {"bac.methods", "bac.plan", "bac.actions"} <= graph["bac.engine"]
+    assert {"bac.runtime", "bac.envs.metaworld_env", "bac.policies.train"} <= graph["bac.apps.train"]
+    assert {"bac.evaluation", "bac.runtime", "bac.policies", "bac.envs"} <= {room(m) for m in graph}
+    assert layer_violations(ROOT) == []
+
+
+def planted_tree(tmp_path: Path) -> Path:
+    """A copy of the installed tree's sources (and pyproject.toml) to plant bad imports in."""
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for folder in set(setup["package-dir"].values()):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("checkpoints", "__pycache__"))
+    return tmp_path
+
+
+def test_a_planted_upward_import_is_refused(tmp_path):
+    tree = planted_tree(tmp_path)
+    (tree / "runtime" / "planted.py").write_text("def report():\n    from bac.evaluation.report import wilson\n")
+    assert layer_violations(tree) == ["bac.runtime.planted -> bac.evaluation (upward)",
+                                      "bac.runtime.planted -> bac.evaluation.report (upward)"]
+
+
+def test_a_planted_cycle_and_a_sideways_import_are_refused(tmp_path):
+    tree = planted_tree(tmp_path)
+    (tree / "policies" / "planted.py").write_text("from bac.envs import dataset\n")
+    (tree / "bac" / "planted_a.py").write_text("from bac import planted_b\n")
+    (tree / "bac" / "planted_b.py").write_text("def f():\n    from bac.planted_a import f\n")
+    found = layer_violations(tree)
+    assert "bac.policies.planted -> bac.envs (sideways)" in found
+    assert "cycle: bac.planted_a -> bac.planted_b -> bac.planted_a" in found
+
+
+def test_nothing_installed_imports_the_benchmarks(tmp_path):
+    tree = planted_tree(tmp_path)
+    (tree / "eval" / "planted.py").write_text("import benchmarks.bench_core\n")
+    assert "bac.evaluation.planted -> benchmarks (benchmarks/ is not installed)" in layer_violations(tree)
 
 
 def test_the_core_imports_nothing_from_the_robot_side():
-    offenders = {}
-    for path in BAC_DIR.rglob("*.py"):
-        name = module_name(path)
-        if name in ENTRY_POINTS:
-            continue
-        bad = sorted(t for t in imports_of(path) if t.split(".")[0] in ("policies", "envs", "eval")
-                     or any(t == r or t.startswith(r + ".") for r in ROBOT_SIDE))
-        if bad:
-            offenders[name] = bad
-    assert not offenders, f"bac/ modules importing the robot side: {offenders}"
+    offenders = {m: sorted(t for t in targets if layer(t) > 0) for m, targets in import_graph(ROOT).items()
+                 if room(m) == "bac" and m not in ENTRY_ALIASES}
+    assert not {m: t for m, t in offenders.items() if t}, f"bac/ modules importing the robot side: {offenders}"
+
+
+def test_the_core_works_without_diffusers_hydra_or_omegaconf():
+    """A core-only install (torch, numpy, safetensors): import bac and accelerate a model with those packages
+    made unimportable."""
+    code = textwrap.dedent("""
+        import sys
+        class Missing:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {"diffusers", "transformers", "hydra", "omegaconf", "gymnasium", "scipy"}:
+                    raise ModuleNotFoundError(f"No module named {name!r}")
+        sys.meta_path.insert(0, Missing())
+        import torch, bac
+        from torch import nn
+        class Layer(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.norm1, self.attn = nn.LayerNorm(8), nn.Linear(8, 8)
+                self.norm2, self.ff = nn.LayerNorm(8), nn.Linear(8, 8)
+            def forward(self, h):
+                h = h + self.attn(self.norm1(h))
+                return h + self.ff(self.norm2(h))
+        bac.register_adapter(Layer, bac.BranchAttributes({"attn": "sa", "ff": "ffn"}))
+        model = nn.Sequential(Layer(), Layer())
+        handle = bac.accelerate(model, bac.build_method("uniform", model, num_steps=6, interval=2), num_steps=6)
+        handle.new_trajectory()
+        for step in range(6):
+            model(torch.randn(1, 8))
+        assert not {"diffusers", "hydra", "omegaconf"} & set(sys.modules)
+        print(handle.stats()["skipped"] == 12)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
 
 
 def test_import_bac_loads_no_simulator_training_or_plotting_package():

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import bac
-from bac.plan.__main__ import main as plan_cli
+from bac.apps.plan import main as plan_cli
 
 
 @pytest.fixture

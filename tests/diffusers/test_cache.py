@@ -15,8 +15,8 @@ from diffusers import (
 import bac
 import bac.diffusers
 from bac import PlanMismatchError
-from bac.evaluation.branch_counts import count_branches
-from bac.evaluation.digits_dit import CachingDiT
+from benchmarks.branch_counts import count_branches
+from benchmarks.digits_dit import CachingDiT
 
 CASE_NAMES = ("dit", "flux", "wan")  # the conftest's cases
 # the methods of the exhaustive_settings fixture

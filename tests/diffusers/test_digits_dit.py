@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import bac
 import bac.diffusers
-from bac.evaluation import digits_dit
+from benchmarks import digits_dit
 from bac.policies.checkpointing import TrainingState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +91,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_foreign_checkpoints_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="bac.evaluation.digits_dit train"):
+    with pytest.raises(FileNotFoundError, match="benchmarks.digits_dit train"):
         digits_dit.load(tmp_path / "missing")
     wrong = tmp_path / "wrong-config"
     digits_dit.save(digits_dit.build_model(), wrong, {})
@@ -113,7 +113,7 @@ def test_taylorseer_matches_diffusers_taylorseer_cache_on_the_trained_dit():
     """Same computed steps, same order: bac's forecast (ungated outputs under the current gate) is as accurate as
     diffusers' TaylorSeerCache on the attention/FFN module outputs, the same forecast. (diffusers' forecast of whole
     block outputs, the stream itself, is another forecast: closer at some settings, farther at others; measured in
-    eval/results/bench_diffusers.)"""
+    benchmarks/results/bench_diffusers.)"""
     from diffusers import TaylorSeerCacheConfig
 
     model = digits_dit.load(model_class=digits_dit.CachingDiT)

@@ -10,7 +10,7 @@ from torch import nn
 
 import bac
 import bac.diffusers
-from bac.evaluation.tiny_pipelines import call_kwargs, tiny_flux_pipeline, tiny_wan_pipeline
+from benchmarks.tiny_pipelines import call_kwargs, tiny_flux_pipeline, tiny_wan_pipeline
 
 K = 6  # denoising steps of every call here
 METHODS = bac.available_methods()

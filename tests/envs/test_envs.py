@@ -285,7 +285,7 @@ def test_stale_collector_format_is_rewritten(reach_dataset, tmp_path):
 def test_hydra_command_line(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
-        [sys.executable, "-m", "envs.collect", "task=reach", "episodes=1", f"out_dir={out}", "progress=false"],
+        [sys.executable, "-m", "bac.apps.collect", "task=reach", "episodes=1", f"out_dir={out}", "progress=false"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

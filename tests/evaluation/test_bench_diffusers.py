@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from bac.evaluation import bench_diffusers as bench
+from benchmarks import bench_diffusers as bench
 
 PEERS = ["diffusers:FirstBlockCache", "diffusers:TaylorSeerCache/blocks", "diffusers:TaylorSeerCache/modules",
          "diffusers:MagCache"]

@@ -1,4 +1,4 @@
-"""Per-block caching errors against full computation (bac.evaluation.block_errors) on a tiny random DP-T."""
+"""Per-block caching errors against full computation (benchmarks.block_errors) on a tiny random DP-T."""
 import json
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bac
-from bac.evaluation.block_errors import block_errors, relative_l2, surges
+from benchmarks.block_errors import block_errors, relative_l2, surges
 from bac.policies.policy import DiffusionPolicy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,7 +67,7 @@ def test_surges_are_reused_steps_above_the_factor_times_the_median():
 def test_cli_writes_the_report_and_one_figure_per_task(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "bac.evaluation.block_errors", f"checkpoint={tiny_checkpoint}", "tasks=[push]",
+        [sys.executable, "-m", "benchmarks.block_errors", f"checkpoint={tiny_checkpoint}", "tasks=[push]",
          "run_methods=[acs,bac]", "M=2", "n=2", "sampler.steps=6", "samples=3", "calibration.samples=4",
          "calibration.episodes=3", f"plan_cache={tmp_path / 'plans'}", f"out_dir={out}"],
         capture_output=True, text=True, cwd=REPO, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})

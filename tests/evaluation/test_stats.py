@@ -93,7 +93,7 @@ def test_vla_summary_pairs_swapped_instructions_with_the_right_ones(tmp_path):
     episode by episode with the held-out one (only full-computation episodes count)."""
     import json
 
-    from bac.evaluation.vla_summary import markdown, summarize_head
+    from benchmarks.vla_summary import markdown, summarize_head
 
     def write(run, successes, extra_method=False):
         run.mkdir()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bac.evaluation import suite_study
+from benchmarks import suite_study
 
 
 def rates(full, few, bac):

@@ -14,7 +14,7 @@ import bac
 from bac.configs import CONFIG_DIR
 from bac.policies.config import DiTConfig, DPTConfig, PolicyConfig, PolicyFeature
 from bac.policies.policy import DiffusionPolicy
-from bac.policies.train import train
+from bac.apps.train import run_training as train
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "policies" / "checkpoints" / "dpt-metaworld"

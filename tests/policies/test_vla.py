@@ -280,10 +280,11 @@ def test_image_features_need_a_vision_head():
 
 # ------------------------------------------------------------------------------- training and episodes
 def test_training_on_image_language_demos_lowers_the_loss(tmp_path):
-    from bac.policies.train import load_image_windows
+    from bac.envs.windows import load_image_windows
 
-    state, actions, frames, index, instructions, sources = load_image_windows(
-        ["faucet-close"], 3, tmp_path, 8, 1, 0.0, ["hand_pos", "gripper"], ("corner3",), SIZE)
+    windows = load_image_windows(["faucet-close"], 3, tmp_path, 8, 1, 0.0, ["hand_pos", "gripper"], ("corner3",), SIZE)
+    state, actions, frames, index = windows.state, windows.actions, windows.frames, windows.task_index
+    instructions, sources = windows.instructions, windows.sources
     n = sources["faucet-close"]["windows"]
     assert state.shape == (n, 1, 4) and actions.shape == (n, 8, 4)
     assert frames["corner3"].shape == (n, SIZE, SIZE, 3) and frames["corner3"].dtype == torch.uint8
@@ -317,11 +318,12 @@ def test_closed_loop_episodes_render_only_when_a_chunk_is_due(monkeypatch):
     monkeypatch.setattr(metaworld_env.MetaWorldStateEnv, "render_camera",
                         lambda self, camera: renders.append(camera) or original(self, camera))
     [result] = run_episodes(policy, "faucet-open", [5], num_envs=1, max_episode_steps=9,
-                            instructions=lambda seed: "open the faucet")
+                            instructions=lambda seed: "open the faucet", make_env=metaworld_env.make_vector_env)
     assert result["steps"] == 9 and not result["success"]
     assert renders == ["corner3"] * 3  # chunks of 4 actions: at steps 0, 4 and 8
     with pytest.raises(ValueError, match="instructions"):
-        list(run_episodes(policy, "faucet-open", [5], num_envs=1, max_episode_steps=2))
+        list(run_episodes(policy, "faucet-open", [5], num_envs=1, max_episode_steps=2,
+                          make_env=metaworld_env.make_vector_env))
 
 
 def test_half_precision_storage_loads_as_float32(tmp_path):

@@ -270,7 +270,7 @@ def test_zero_latency_and_lead_0_is_the_synchronous_loop(seed):
 
 def test_the_shipped_policy_succeeds_as_in_the_synchronous_loop():
     policy = DiffusionPolicy.load(SHIPPED).set_sampler("ddim", 10)
-    env = make_control_env(policy, "reach")
+    env = make_control_env(policy, "reach", make_env=make_vector_env)
     try:
         result, actions = _run_wave_actions(policy, env, "reach", 100000)
         trace = run_control_episode(policy, env, "reach", seed=100000, control_hz=20,

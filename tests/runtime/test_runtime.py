@@ -32,7 +32,7 @@ def waves(policy, task, seeds, num_envs, max_episode_steps=None):
         wave = seeds[start : start + num_envs]
         generator = torch.Generator().manual_seed(wave[0])
         results += run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
-                                generator=generator)
+                                generator=generator, make_env=make_vector_env)
     return results
 
 
@@ -105,7 +105,7 @@ def test_chunks_and_results_equal_the_previous_rollout_loop():
 
 def test_short_rollout_results():
     policy = tiny_policy(tasks=["reach"])
-    results = list(run_episodes(policy, "reach", [5, 6, 7], num_envs=2, max_episode_steps=20))
+    results = list(run_episodes(policy, "reach", [5, 6, 7], num_envs=2, max_episode_steps=20, make_env=make_vector_env))
     assert [r["seed"] for r in results] == [5, 6, 7]
     assert all(1 <= r["steps"] <= 20 and isinstance(r["success"], bool) for r in results)
     assert all(r["steps"] == 20 for r in results if not r["success"])
@@ -127,7 +127,7 @@ def test_a_pooled_env_runs_the_episodes_of_a_new_one():
             frames.append(venv.render())
         return np.stack(states), np.stack(frames)
 
-    with EnvPool() as pool:
+    with EnvPool(make_vector_env) as pool:
         list(run_episodes(policy, "reach", [3, 4], num_envs=2, max_episode_steps=7, envs=pool,
                           generator=torch.Generator().manual_seed(3)))
         first = pool.get("reach", 2, 7, {})
@@ -147,7 +147,7 @@ def test_a_pooled_env_runs_the_episodes_of_a_new_one():
         fresh_venv.close()
     assert np.array_equal(pooled[0], fresh[0]) and np.array_equal(pooled[1], fresh[1])
     assert again == list(run_episodes(policy, "reach", [5, 6], num_envs=2, max_episode_steps=7,
-                                      generator=torch.Generator().manual_seed(5)))
+                                      generator=torch.Generator().manual_seed(5), make_env=make_vector_env))
 
 
 def test_policy_that_does_not_fit_the_env_is_refused():
@@ -171,7 +171,7 @@ def test_observation_batch_names_the_features():
 def test_a_recorded_episode_is_the_evaluated_episode():
     policy = tiny_policy()
     [evaluated] = waves(policy, "reach", [100003], num_envs=1, max_episode_steps=20)
-    result, frames = record_episode(policy, "reach", 100003, generator=torch.Generator().manual_seed(100003),
+    result, frames = record_episode(policy, "reach", 100003, make_env=make_vector_env, generator=torch.Generator().manual_seed(100003),
                                     max_episode_steps=20, size=24)
     assert result == evaluated
     assert len(frames) == result["steps"] + 1 and frames[0].shape == (24, 24, 3) and frames[0].dtype == np.uint8

@@ -421,7 +421,7 @@ def test_settings_are_checked_before_loading():
     from hydra import compose, initialize_config_dir
 
     from bac.configs import CONFIG_DIR
-    from bac.runtime.server import serve
+    from bac.apps.serve import serve
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         for overrides, error in ((["port=x"], "setting port must be an integer, got 'x'"),
@@ -434,7 +434,7 @@ def test_settings_are_checked_before_loading():
 
 def test_entry_point_serves_until_sigterm():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "bac.runtime.server", "checkpoint=dpt-metaworld", "port=0",
+    process = subprocess.Popen([sys.executable, "-m", "bac.apps.serve", "checkpoint=dpt-metaworld", "port=0",
                                 "sampler.kind=ddim", "sampler.steps=4", "method=uniform", "method_params={interval:2}",
                                 "warmup=1"], stderr=subprocess.PIPE, text=True, env=env)
     try:

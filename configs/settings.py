@@ -1,48 +1,19 @@
-"""What every entry point shares: settings checked before work starts, and errors as one line.
+"""Settings checked before any work starts: unknown keys, wrong types and out-of-range values are one clear error.
 
-A :class:`~bac.errors.BacError` (a bad setting, file or input) is printed as ``error: ...`` on
-stderr with exit status 2; ``BAC_DEBUG=1`` (or Hydra's ``HYDRA_FULL_ERROR=1``) re-raises it with
-its traceback. Any other exception is a bug and always keeps its traceback.
+Every command's Hydra config (this folder) lists its settings; each command declares a rule per setting.
 """
 from __future__ import annotations
 
 import difflib
-import functools
-import os
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bac.errors import BacError, ConfigError
-
-EXIT_USER_ERROR = 2
-
-
-def debug_requested() -> bool:
-    return os.environ.get("BAC_DEBUG", "") not in ("", "0") or os.environ.get("HYDRA_FULL_ERROR", "") == "1"
-
-
-def report_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap an entry point: a :class:`BacError` becomes one stderr line and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except BacError as err:
-            if debug_requested():
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-
-    return wrapper
-
+from bac.errors import ConfigError
 
 # A setting's rule: (accepted types, smallest value or None, may be null).
-Rule = tuple[tuple[type, ...], "float | None", bool]
+SettingRule = tuple[tuple[type, ...], "float | None", bool]
 INT, FLOAT, BOOL, STR, SEQ = (int,), (int, float), (bool,), (str,), (list, ListConfig)
 
 
@@ -50,7 +21,7 @@ def _describe(kinds: tuple[type, ...]) -> str:
     return {INT: "an integer", FLOAT: "a number", BOOL: "true or false", STR: "a string", SEQ: "a list"}.get(kinds, str(kinds))
 
 
-def check_settings(cfg: DictConfig, rules: Mapping[str, Rule], config_file: Path) -> None:
+def check_settings(cfg: DictConfig, rules: Mapping[str, SettingRule], config_file: Path) -> None:
     """Refuse unknown keys, wrong types and out-of-range values before any work starts.
 
     ``rules`` maps dotted keys (``"sampler.steps"``) to their rule; keys of ``cfg`` that are neither

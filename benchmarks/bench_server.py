@@ -1,6 +1,6 @@
 """Policy server under load: latency, throughput and a contamination check with concurrent client processes.
 
-    python -m bac.evaluation.bench_server [--clients 4] [--requests 50] [--sampler ddim --steps 10]
+    python -m benchmarks.bench_server [--clients 4] [--requests 50] [--sampler ddim --steps 10]
                                           [--method uniform --method-params '{"interval": 2}' | --plan F | --tuned F]
 
 Serves the shipped DP-T (``dpt-metaworld``, DDIM-10 by default) from this process (one inference
@@ -14,7 +14,7 @@ observations ``[D]`` drawn inside the training range, so the server keeps each s
 Reported per phase: client round-trip and server ``infer_ms`` / ``queue_ms`` percentiles (with how
 many samples each tail percentile rests on), and throughput. Contamination check: every action of
 every client equals, bit for bit, what an in-process copy of the policy gives for that client's seed
-and observations alone. Writes ``eval/results/server-load.json``. Milliseconds depend on the host and
+and observations alone. Writes ``benchmarks/results/server-load.json``. Milliseconds depend on the host and
 on what else runs on it; compare phases within one run.
 """
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .timing import summarize
+from bac.evaluation.timing import summarize
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "server-load.json"
+DEFAULT_OUT = Path("outputs") / "server-load.json"
 
 
 def _client(port: int, seed: int, task: str, observations: np.ndarray, go, results) -> None:
@@ -98,7 +98,7 @@ def _phase(port: int, clients: list[tuple[int, np.ndarray]], task: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bac.evaluation.bench_server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_server", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="dpt-metaworld")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=int, default=10)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = server.metadata
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bac.evaluation.bench_server", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.bench_server", *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "cpu_count": multiprocessing.cpu_count()},
         "policy": {"checkpoint": args.checkpoint, "sampler": meta["sampler"], "acceleration": meta["acceleration"],

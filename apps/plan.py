@@ -1,4 +1,4 @@
-"""``python -m bac.plan show PLAN.json [--heatmap OUT.png]``: summary and blocks-by-steps heatmap.
+"""``bac-plan show PLAN.json [--heatmap OUT.png]``: summary and blocks-by-steps heatmap.
 
 Any :class:`bac.BacError` (a missing, truncated or malformed plan file) is one
 line on stderr and exit status 2.
@@ -9,13 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import debug_requested
-from ..errors import BacError
-from . import Plan
+from bac.apps.common import debug_requested
+from bac.errors import BacError
+from bac.plan import Plan
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bac.plan", description=__doc__)
+    parser = argparse.ArgumentParser(prog="bac-plan", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     show = commands.add_parser("show", help="print a plan's summary and draw its heatmap")
     show.add_argument("plan", type=Path)

@@ -8,7 +8,7 @@ tokenizer is built from a small in-memory vocabulary, and every model is in ``ev
 
 ::
 
-    from bac.evaluation.tiny_pipelines import call_kwargs, tiny_flux_pipeline
+    from benchmarks.tiny_pipelines import call_kwargs, tiny_flux_pipeline
     pipe = tiny_flux_pipeline()
     latents = pipe(**call_kwargs("flux", num_inference_steps=6)).images
 

@@ -1,7 +1,7 @@
 """A small class-conditional DiT trained here on scikit-learn's digits: real weights for the diffusers benchmark.
 
-    python -m bac.evaluation.digits_dit train [--steps 4000] [--out eval/checkpoints/dit-digits]
-    python -m bac.evaluation.digits_dit check [--checkpoint eval/checkpoints/dit-digits] [--samples 100]
+    python -m benchmarks.digits_dit train [--steps 4000] [--out benchmarks/checkpoints/dit-digits]
+    python -m benchmarks.digits_dit check [--checkpoint benchmarks/checkpoints/dit-digits] [--samples 100]
 
 Random-weight transformers change 13-50 % between adjacent denoising steps,
 so caching methods and their thresholds behave differently on them than on a
@@ -87,7 +87,7 @@ def load(directory: Path | str = DEFAULT_CHECKPOINT, device: str | torch.device 
     directory = Path(directory)
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found; train with `python -m bac.evaluation.digits_dit train`")
+            raise FileNotFoundError(f"{directory / name} not found; train with `python -m benchmarks.digits_dit train`")
     config = json.loads((directory / "config.json").read_text())
     if config.get("model") != MODEL_CONFIG:
         raise ValueError(f"{directory} holds a DiT with config {config.get('model')}, this code builds {MODEL_CONFIG}")
@@ -208,7 +208,7 @@ def train(out: Path, run_dir: Path, steps: int, batch_size: int, lr: float, warm
                                 model_config=MODEL_CONFIG)
             exported = copy.deepcopy(model).eval()
             ema.copy_to(exported.parameters())
-            save(exported, out, {"command": "python -m bac.evaluation.digits_dit " + " ".join(sys.argv[1:]),
+            save(exported, out, {"command": "python -m benchmarks.digits_dit " + " ".join(sys.argv[1:]),
                                  "settings": settings, "step": step, "loss": smoothed,
                                  "train_seconds": round(elapsed, 1), "torch": torch.__version__,
                                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -229,7 +229,7 @@ def check(checkpoint: Path, samples: int, steps: int, guidance: float, seed: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bac.evaluation.digits_dit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.digits_dit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     t = commands.add_parser("train", help="train (resumes from --run-dir) and export the EMA model to --out")
     t.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)

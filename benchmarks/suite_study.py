@@ -2,9 +2,9 @@
 paper's ablation with paired statistics, and the spread over training seeds. It only gathers; the
 episodes come from the runs' logs (every shard's).
 
-    python -m bac.evaluation.suite_study sweep --runs eval/results/sweep-dpt eval/results/sweep-dit
-    python -m bac.evaluation.suite_study ablation --runs eval/results/ablation-dpt eval/results/ablation-dit
-    python -m bac.evaluation.suite_study seeds --runs eval/results/ablation-dpt eval/results/seeds-dpt-1 ...
+    python -m benchmarks.suite_study sweep --runs benchmarks/results/sweep-dpt benchmarks/results/sweep-dit
+    python -m benchmarks.suite_study ablation --runs benchmarks/results/ablation-dpt benchmarks/results/ablation-dit
+    python -m benchmarks.suite_study seeds --runs benchmarks/results/ablation-dpt benchmarks/results/seeds-dpt-1 ...
 
 ``sweep``: success per candidate task and method (DDIM with 1-20 steps, one caching budget) and the rule
 that picks the suite (:func:`choose_suite`). ``ablation``: for every architecture and update budget, the
@@ -14,7 +14,7 @@ interval and the exact McNemar test, per budget and pooled over the budgets; and
 updates make ACS + BUA at budget M dearer than the others at M, ACS + BUA against each other caching
 method at the smallest budget that costs at least as many FLOPs. ``seeds``: the headline
 methods' success for every training seed of one architecture. ``blocks``: per-block caching errors
-(``bac.evaluation.block_errors`` runs) summarised per method.
+(``benchmarks.block_errors`` runs) summarised per method.
 Each writes ``<out>.json`` and ``<out>.md`` and prints the Markdown.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import report as reporting
-from .shards import logged_episodes
+from bac.evaluation import report as reporting
+from bac.evaluation.shards import logged_episodes
 
 # DDIM-1 is swept but not in the sensitivity: it fails every candidate task on both architectures (0 of 20
 # episodes each), so it says nothing about which tasks need denoising quality.
@@ -230,7 +230,7 @@ def seeds(runs: list[Path], methods: list[str]) -> tuple[dict, str]:
 
 # ------------------------------------------------------------------------------------------ blocks
 def blocks(runs: list[Path]) -> tuple[dict, str]:
-    """Per method, averaged over tasks, from ``python -m bac.evaluation.block_errors`` runs: mean error,
+    """Per method, averaged over tasks, from ``python -m benchmarks.block_errors`` runs: mean error,
     mean error over the last fifth of the steps, the worst block (highest mean over tasks of its
     largest error) and the action chunk's deviation from full computation."""
     import numpy as np
@@ -269,12 +269,12 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="evaluator output folders")
     parser.add_argument("--methods", nargs="+", default=["full", "uniform-M10", "acs-M10", "bac-M10", "ddim-M10"],
                         help="seeds: the methods of the headline table")
-    parser.add_argument("--out", type=Path, help="output path without suffix (default eval/results/suite-<study>)")
+    parser.add_argument("--out", type=Path, help="output path without suffix (default outputs/suite-<study>)")
     args = parser.parse_args(argv)
     studies = {"sweep": sweep, "ablation": ablation, "blocks": blocks,
                "seeds": lambda runs: seeds(runs, args.methods)}
     data, text = studies[args.study](args.runs)
-    out = args.out or Path("eval/results") / f"suite-{args.study}"
+    out = args.out or Path("outputs") / f"suite-{args.study}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
     out.with_suffix(".md").write_text(text)

@@ -26,7 +26,7 @@ update). A block with zero median counts every step with a positive error.
 CLI (Hydra; the evaluator's settings of ``configs/eval.yaml`` plus ``samples`` and ``surge_factor``; plans and
 calibrations are shared with ``python -m bac.eval`` through ``plan_cache``)::
 
-    python -m bac.evaluation.block_errors checkpoint=dpt-metaworld tasks=[push] run_methods=[acs,bac] M=5 samples=4
+    python -m benchmarks.block_errors checkpoint=dpt-metaworld tasks=[push] run_methods=[acs,bac] M=5 samples=4
 
 ``methods`` selects the configured set (``configs/methods/*.yaml``, as for ``bac.eval``) and ``run_methods``
 the caching variants of it to compare (default ``[uniform, acs, bac]``; ``[]``: every caching variant of the
@@ -52,16 +52,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 import bac
-from bac.cli import FLOAT, INT, check_settings, report_errors
+from bac.configs.settings import FLOAT, INT, check_settings, report_errors
 from bac.configs import CONFIG_DIR
 from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
 from bac.policies.policy import DiffusionPolicy
 from bac.recorder import per_sample
 
-from .run import SETTINGS as EVAL_SETTINGS
-from .run import EvalError, image_calibration_batch, output_dir, prepare, settings_digest
-from .variants import parse_variants
+from bac.evaluation.run import SETTINGS as EVAL_SETTINGS
+from bac.evaluation.run import EvalError, image_calibration_batch, output_dir, prepare, settings_digest
+from bac.evaluation.variants import parse_variants
 
 SCHEMA = "bac-block-errors/1"
 SURGE_FACTOR = 2.0
@@ -365,7 +365,7 @@ def run(cfg: DictConfig) -> dict:
     result = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bac.evaluation.block_errors " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.block_errors " + " ".join(sys.argv[1:]),
         "out_dir": str(out),
         "policy": {"checkpoint": str(cfg.checkpoint), "architecture": policy.architecture, "trained": setup.trained},
         "sampler": {"kind": setup.base_sampler, "steps": setup.base_steps},

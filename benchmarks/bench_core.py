@@ -1,6 +1,6 @@
 """Core benchmark: what one policy call costs, per configuration, eager and compiled.
 
-    python -m bac.evaluation.bench_core [--repeats 15] [--models shipped,paper] [--batches 1,50] [--no-compile]
+    python -m benchmarks.bench_core [--repeats 15] [--models shipped,paper] [--batches 1,50] [--no-compile]
 
 For the shipped DP-T (trained, 4 layers of width 128) and the paper-size DP-T (8 layers of width
 256, random weights: latency depends on the plan, not on the weights), one thread, at batch 1 (a
@@ -43,9 +43,9 @@ import bac
 from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
 
-from .timing import summarize
+from bac.evaluation.timing import summarize
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "bench_core.json"
+DEFAULT_OUT = Path("outputs") / "bench_core.json"
 SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "checkpoints" / "dpt-metaworld"
 # (name, sampler, steps, method, method params)
 CONFIGS = [
@@ -260,7 +260,7 @@ def run(repeats: int, models: list[str], batches: list[int], compile_: bool, cal
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bac.evaluation.bench_core", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_core", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--models", default="shipped,paper")
     parser.add_argument("--batches", default="1,50", help="batch sizes (the closed-loop evaluator steps 50 envs)")

@@ -1,6 +1,6 @@
 """One table across the vision-language-action heads, from their evaluator runs (``python -m bac.eval``).
 
-    python -m bac.evaluation.vla_summary            # reads eval/results/vla-<head>[-swapped]/, writes vla-summary.*
+    python -m benchmarks.vla_summary            # reads benchmarks/results/vla-<head>[-swapped]/, writes vla-summary.*
 
 For every head: its training (steps, loss, measured time, from the checkpoint's provenance), closed-loop
 success at full computation per task (Wilson intervals; held-out seeds and held-out paraphrases), the
@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import report as reporting
+from bac.evaluation import report as reporting
 
 HEADS = ("gr00t", "rdt", "pi0")
 
@@ -99,7 +99,7 @@ def markdown(summary: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", type=Path, default=Path("eval/results"))
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--heads", nargs="+", default=list(HEADS))
     args = parser.parse_args(argv)
     summary = {head: summarize_head(args.results, head) for head in args.heads}

@@ -1,6 +1,6 @@
 """Caching methods on diffusers' DiT, FLUX and Wan, against diffusers' own caches at their best settings.
 
-    python -m bac.evaluation.bench_diffusers [--models dit flux wan dit-digits flux-pipeline wan-pipeline]
+    python -m benchmarks.bench_diffusers [--models dit flux wan dit-digits flux-pipeline wan-pipeline]
         [--steps 20] [--repeats 3] [--grid case] [--device auto] [--out DIR]
 
 What runs. Six cases, each on the same initial noise and conditioning for every method:
@@ -8,12 +8,12 @@ What runs. Six cases, each on the same initial noise and conditioning for every 
 * ``dit``, ``flux``, ``wan``: bare transformers with random weights, built from configs shaped like the
   released models (fewer layers and heads, small latents, so that CPU time allows; the output states the
   exact configs), sampled by a loop written here as diffusers' pipelines sample.
-* ``dit-digits``: a small DiT really trained here (``eval/digits_dit.py``), 50 DDIM steps; its samples'
+* ``dit-digits``: a small DiT really trained here (``benchmarks/digits_dit.py``), 50 DDIM steps; its samples'
   quality is measured too (the share a digit classifier assigns to the class they were generated for).
 * ``flux-pipeline``, ``wan-pipeline``: diffusers' real ``FluxPipeline`` and ``WanPipeline`` end to end
   (text encoders, latent packing, their schedulers, classifier-free guidance as two transformer calls
   per step in ``cache_context("cond" / "uncond")``), with the tiny random modules of
-  ``bac.evaluation.tiny_pipelines``, ``output_type="latent"``. bac is enabled on the pipeline
+  ``benchmarks.tiny_pipelines``, ``output_type="latent"``. bac is enabled on the pipeline
   (``bac.diffusers.enable_cache(pipe, ...)``), diffusers' caches on ``pipe.transformer``.
 
 Compared: full computation; every method family of this project (``bac``, ``bac+taylor``, ``uniform``,
@@ -89,13 +89,13 @@ from diffusers.utils.torch_utils import unwrap_module
 
 import bac
 import bac.diffusers
-from bac.evaluation import digits_dit
-from bac.evaluation.branch_counts import count_branches
-from bac.evaluation.digits_dit import CachingDiT
+from benchmarks import digits_dit
+from benchmarks.branch_counts import count_branches
+from benchmarks.digits_dit import CachingDiT
 from bac.evaluation.timing import summarize, synchronize
-from bac.evaluation.tiny_pipelines import call_kwargs, tiny_flux_pipeline, tiny_wan_pipeline
+from benchmarks.tiny_pipelines import call_kwargs, tiny_flux_pipeline, tiny_wan_pipeline
 
-DEFAULT_OUT = Path(__file__).parent / "results" / "bench_diffusers"
+DEFAULT_OUT = Path("outputs") / "bench_diffusers"
 DEFAULT_BUDGETS = (0.005, 0.01, 0.03)
 GRIDS = ("full", "small", "tiny")  # settings per method: dit-digits' full grid, random weights' small one, tests'
 
@@ -282,7 +282,7 @@ CASES = {
     ),
     "dit-digits": Case(
         "dit-digits",
-        "DiT trained here (eval/digits_dit.py: adaLN-Zero, 6 layers, width 128, 16x16 pixel digits, patch 2); "
+        "DiT trained here (benchmarks/digits_dit.py: adaLN-Zero, 6 layers, width 128, 16x16 pixel digits, patch 2); "
         f"50-step DDIM, classifier-free guidance {digits_dit.GUIDANCE} batched into one call, "
         f"{DIGITS_PER_CLASS} samples per class",
         digits_dit.MODEL_CONFIG,
@@ -293,7 +293,7 @@ CASES = {
         block_patterns=[r"transformer_blocks\.\d+"],
         module_patterns=DIT_MODULES,
         sea_vision=_dit_raw_vision,
-        weights="trained on scikit-learn's digits (eval/checkpoints/dit-digits)",
+        weights="trained on scikit-learn's digits (benchmarks/checkpoints/dit-digits)",
         steps=50,
         quality=_digits_quality,
         thresholds=(0.01, 0.03, 0.08, 0.2),
@@ -305,7 +305,7 @@ CASES = {
         "flux-pipeline",
         "diffusers' FluxPipeline end to end (CLIP + T5 text encoders, 2x2 latent packing, FLUX.1-dev's dynamic-shift "
         "flow-matching scheduler, true CFG 2.0 with a negative prompt as two transformer calls per step), tiny random "
-        "modules (bac.evaluation.tiny_pipelines: 2 dual- + 2 single-stream blocks, 2 heads x 8, 16 image + 8 text "
+        "modules (benchmarks.tiny_pipelines: 2 dual- + 2 single-stream blocks, 2 heads x 8, 16 image + 8 text "
         "tokens); 2 prompts, 16x16 pixels, latent output",
         {},
         lambda config: tiny_flux_pipeline(),
@@ -320,7 +320,7 @@ CASES = {
         "wan-pipeline",
         "diffusers' WanPipeline (Wan 2.1 T2V) end to end (UMT5 text encoder, UniPC flow-matching scheduler, CFG 3.0 "
         "with a negative prompt as two transformer calls per step), tiny random modules "
-        "(bac.evaluation.tiny_pipelines: 2 blocks, 2 heads x 12, 3x4x4 = 48 latent + 8 text tokens); "
+        "(benchmarks.tiny_pipelines: 2 blocks, 2 heads x 12, 3x4x4 = 48 latent + 8 text tokens); "
         "2 prompts, 5 frames of 16x16 pixels, latent output",
         {},
         lambda config: tiny_wan_pipeline(),
@@ -836,7 +836,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bac.evaluation.bench_diffusers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_diffusers", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--steps", type=int, default=20,
                         help="sampling steps of the cases that set none (dit-digits: 50)")

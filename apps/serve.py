@@ -1,0 +1,53 @@
+"""``bac-serve``: serve a policy over websockets (openpi's message shape) until SIGINT/SIGTERM.
+
+    bac-serve checkpoint=dpt-metaworld sampler.kind=ddim sampler.steps=4 method=uniform method_params={interval:2}
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from bac.apps.common import report_errors
+from bac.configs import CONFIG_DIR
+from bac.configs.settings import FLOAT, INT, STR, check_settings
+from bac.errors import ConfigError
+from bac.runtime.server import PolicyServer
+
+
+def _settings() -> dict:
+    return {
+        "checkpoint": (STR, None, False), "device": (STR, None, False), "sampler.kind": (STR, None, True),
+        "sampler.steps": (INT, 1, True), "tuned": (STR, None, True), "plan": (STR, None, True),
+        "method": (STR, None, True), "host": (STR, None, False), "port": (INT, 0, False), "seed": (INT, 0, False),
+        "warmup": (INT, 0, False), "threads": (INT, 1, True), "max_message_mb": (INT, 1, False),
+        "shutdown_timeout_s": (FLOAT, 0, False), "log_level": (STR, None, False),
+    }
+
+
+def serve(cfg: Any) -> None:
+    """Check ``configs/serve.yaml``'s settings, load the policy, serve until SIGINT/SIGTERM."""
+    check_settings(cfg, _settings(), CONFIG_DIR / "serve.yaml")
+    if not isinstance(cfg.method_params, Mapping) and cfg.method_params is not None:
+        raise ConfigError(f"setting method_params must be a mapping (method_params={{interval:2}}), got "
+                          f"{cfg.method_params!r}")
+    if cfg.port > 65535:
+        raise ConfigError(f"setting port must be <= 65535, got {cfg.port}")
+    logging.basicConfig(level=str(cfg.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)  # latency: one thread is the stable choice on a shared CPU
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    PolicyServer.from_config(settings).serve_forever()  # logs its address once listening
+
+
+def main() -> None:
+    """``bac-serve``: Hydra config ``configs/serve.yaml``."""
+    hydra.main(config_path=str(CONFIG_DIR), config_name="serve", version_base="1.3")(report_errors(serve))()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Plan files: which steps every block is computed at, and what the plan was made for.
 
-A plan is JSON (SPEC section 5): schema version, the model fingerprint, the
+A plan is JSON (docs/guide/caching-methods.md, "Plan files"): schema version, the model fingerprint, the
 step count and scheduler, the method and its parameters, per block its kind,
 layer and sorted update steps, and calibration facts. A plan refuses to load
 onto a model, block set, step count, scheduler or (for a calibrated plan)

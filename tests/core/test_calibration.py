@@ -1,4 +1,4 @@
-"""Calibration statistics are what SPEC section 2 defines, and calibration is reproducible."""
+"""Calibration statistics are what docs/guide/caching-methods.md defines, and calibration is reproducible."""
 import numpy as np
 import pytest
 import torch

@@ -4,32 +4,14 @@ Typical use::
 
     calibration = bac.calibrate(denoiser, policy_sample, calibration_batches)
     plan = bac.make_plan(calibration, "bac", M=10, n=5)
-    plan.save("plan.json")
-    with bac.accelerate(denoiser, bac.Plan.load("plan.json"), num_steps=100) as handle:
+    with bac.accelerate(denoiser, plan, num_steps=100) as handle:
         actions = policy_sample(obs)          # calls bac.new_trajectory(denoiser) first
         print(handle.summary())
 
-Every method (BAC and its ablations, uniform caching, TaylorSeer, FBCache,
-CG-Taylor, Sortblock) is a schedule plus a stand-in, built by name::
-
-    method = bac.build_method("taylorseer", denoiser, num_steps=100, interval=4)
-    with bac.accelerate(denoiser, method, num_steps=100):
-        ...
-
-To move a plan's update steps where the model's real output deviates least (the cached model in the
-loop on a few calibration inputs; the update counts, and so the cost, stay)::
-
-    refined = bac.refine(denoiser, bac.build_method("taylorseer", denoiser, num_steps=50, interval=4),
-                         policy_sample, calibration_batches)
-
-For a deadline instead of an update budget (a control rate, a chunk latency), on this machine::
-
-    chosen = bac.plan_for_budget(calibration, control_hz=20, actions_per_chunk=8,
-                                 timer=bac.plan_timer(denoiser, lambda: policy_sample(obs)))
-    print(chosen.describe())  # predicted and measured latency, updates per block
-
-The core needs torch, numpy and safetensors only; ``bac.diffusers`` (extra
-``diffusers``) adds diffusers' DiT, FLUX and Wan transformers.
+Every method is a schedule plus a stand-in, built by name (:func:`build_method`); :func:`refine` and
+:func:`plan_for_budget` make plans for the real output and for a deadline. The core needs torch, numpy and
+safetensors only; ``bac.diffusers`` adds diffusers' DiT, FLUX and Wan. The guide: docs/guide/core.md and
+docs/guide/caching-methods.md.
 """
 __version__ = "0.2.0"
 

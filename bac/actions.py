@@ -1,17 +1,12 @@
 """Schedule machinery: *when* each block is computed, as a row of actions per denoiser call.
 
-An action is a bit set: ``RUN`` (compute the block), ``STORE`` (hand the
-output to the stand-in, because a later step will stand in for it) and
-``NOTIFY`` (pass the output to the schedule, which may then rewrite the rest
-of the row). A block without ``RUN`` is filled in by the stand-in (reuse or
-forecast, see :mod:`bac.standins`).
-
-A :class:`BoundSchedule` is a schedule bound to one model's blocks:
-:class:`StaticRows` for a :class:`bac.Plan` (rows precomputed once; the hot
-path is a list lookup), :class:`AlwaysCompute` for calibration and FLOP
-counting, and the runtime rules of :mod:`bac.rules`. ``new_state()`` makes
-the per-context state (one per classifier-free-guidance branch), cleared at
-every new trajectory.
+An action is a bit set: ``RUN`` (compute the block), ``STORE`` (hand the output to the stand-in, because a
+later step will stand in for it) and ``NOTIFY`` (pass the output to the schedule, which may then rewrite the
+rest of the row); a block without ``RUN`` is filled in by the stand-in (:mod:`bac.standins`). A
+:class:`BoundSchedule` is a schedule bound to one model's blocks: :class:`StaticRows` for a
+:class:`bac.Plan` (rows precomputed once; the hot path is a list lookup), :class:`AlwaysCompute` for
+calibration and FLOP counting, and the runtime rules of :mod:`bac.rules`. ``new_state()`` makes the
+per-context state, cleared at every new trajectory.
 """
 from __future__ import annotations
 

@@ -1,28 +1,12 @@
 """Block adapters: where a model's cacheable sub-blocks are.
 
-A *block* is one residual branch of a transformer layer (self-attention ``sa``,
-cross-attention ``ca`` or feed-forward ``ffn``): the tensor it adds to the
-stream is what the engine caches. The engine never looks inside a model; it
-asks an adapter, registered per layer class, for two things: the layer's
-branches in execution order, and how to route each branch through a *runner*
-(``runner(fn, *args, **kwargs)``) that either calls ``fn`` or returns the
-cached value.
-
-Two adapter styles cover every model:
-
-* :class:`BranchAttributes` - the layer already computes each branch with one
-  callable attribute (a sub-module or a method), e.g. ``x = x + self.attn(...)``.
-  Declaring a user's model is one line::
-
-      bac.register_adapter(MyLayer, bac.BranchAttributes({"attn": "sa", "mlp": "ffn"}))
-
-* :class:`ForwardOverride` - the layer's forward computes a branch inline
-  (a pre-norm outside the attention module, an adaLN gate multiplied in
-  ``forward``); the adapter supplies an equivalent forward that routes each
-  whole branch through its runner.
-
-Adapters match layer classes exactly (not subclasses): a subclass may
-override ``forward``, and a silently wrong adapter is worse than none.
+A *block* is one residual branch of a transformer layer (``sa``, ``ca`` or ``ffn``): the tensor it adds to
+the stream is what the engine caches. The engine never looks inside a model; an adapter, registered per
+layer class, gives the layer's branches in execution order and routes each through a *runner* that calls
+it or returns the cached value. :class:`BranchAttributes` covers layers that compute each branch with one
+callable attribute (``bac.register_adapter(MyLayer, bac.BranchAttributes({"attn": "sa", "mlp": "ffn"}))``),
+:class:`ForwardOverride` layers that compute a branch inline. Adapters match layer classes exactly (a
+subclass may override ``forward``). docs/guide/caching-methods.md ("Declaring a model's blocks").
 """
 from __future__ import annotations
 
@@ -246,8 +230,8 @@ def weights_digest(model: nn.Module) -> str:
     What a calibration was made on: another checkpoint, a fine-tuned or
     re-cast (``.half()``) copy of the same architecture gives another digest.
     Deterministic across runs and devices (a CUDA parameter is hashed from
-    its bytes copied to the host). Reads every byte once: about 25 ms for the
-    paper-size DP-T (9 M parameters) on one CPU core.
+    its bytes copied to the host). Reads every byte once (what that costs:
+    docs/guide/core.md, "Inside the engine").
     """
     digest = hashlib.sha256()
     for name, p in model.named_parameters():

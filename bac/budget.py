@@ -1,32 +1,11 @@
 """Plans for a latency budget: per-block update counts chosen for a target call latency or control rate.
 
-BAC's ``M`` gives every block the same number of updates. A robot engineer has a deadline
-instead (a control rate, or the time one chunk may take), and blocks differ both in what
-an update costs (an FFN is about twice an attention block) and in what it buys (how fast
-the block's feature changes). :func:`plan_for_budget` spends the budget where it buys
-the most ACS score:
-
-1. **Cost model** (:class:`BlockCost`, measured on the target machine by
-   :meth:`BlockCost.measure`): one sampling call costs ``fixed_ms + sum_b block_ms[b] * n_b``
-   for ``n_b`` updates of block ``b``. ``fixed_ms`` is what runs whatever the plan (the
-   condition encoder, embeddings, sampler steps, cache bookkeeping).
-2. **Gains**: ``acs_scores`` gives, for every block and every update count, the optimal ACS
-   score (the total similarity its schedule keeps).
-3. **Allocation** (:func:`allocate_updates`): the update counts maximising the summed score
-   with ``sum_b cost_b * n_b`` within the budget, exactly: a multiple-choice knapsack solved
-   by dynamic programming over blocks and integer budget units. Costs are rounded *up* to
-   units (``resolution`` units per budget), so the chosen plan never exceeds the real budget
-   by the cost model; it is the optimum among plans that fit the rounded costs.
-4. **Schedules**: each block's ``acs_schedule`` at its count, then BUA over the top-``n``
-   blocks (as the paper's bac). BUA adds updates the allocation did not pay for, so the
-   allocation's own budget is bisected for the largest one whose final plan fits.
-5. **Check** (with a ``timer``): the plan's latency is measured; when it differs from the
-   prediction by more than ``tolerance`` or exceeds the budget, the model is refit on every measurement so far
-   (least squares on ``fixed_ms`` and a common scale of the block costs) and the plan remade; when its
-   slowest call misses the deadline (a control rate's), the budget shrinks and the plan is remade.
-
-Gains and costs depend on the machine, not only the model: keep a budget plan for the
-machine it was made on (its params record the budget and the predicted latency).
+BAC's ``M`` gives every block the same number of updates; a robot has a deadline instead, and blocks differ
+both in what an update costs and in what it buys. :func:`plan_for_budget` spends the budget where it buys
+the most ACS score: a cost model measured on the target machine (:class:`BlockCost`), an exact knapsack over
+the per-block ACS scores (:func:`bac.allocate_updates`), ACS schedules and BUA at those counts, and a
+measured check that refits the model and remakes the plan when it is off. Costs are the machine's: keep a
+budget plan for the machine it was made on. The algorithm: docs/guide/realtime.md ("Plans for a deadline").
 """
 from __future__ import annotations
 
@@ -163,9 +142,8 @@ def budget_ms(latency_ms: float | None = None, control_hz: float | None = None, 
     """The latency budget of one sampling call: ``latency_ms`` as given, or the time ``actions_per_chunk``
     actions take at ``control_hz`` times ``headroom`` (the share left for the tail latency and the
     control loop's own work; a chunk computed while the previous one executes must arrive within it).
-    The default, 0.5, is measured: on a busy 2-core CPU host, calls made inside a control loop ran 10-15 %
-    slower than back to back, and their slowest over hundreds of chunks reached 1.6-1.8x the median; with
-    0.75 a DP-T plan made for 40 Hz missed 11 of about 3000 ticks (``benchmarks/results/realtime-dpt-virtual``)."""
+    The default, 0.5, leaves room for calls inside a control loop running slower than back to back and
+    for their tail on a busy host; 0.75 missed ticks (measured: docs/results/control-loop.md)."""
     if (latency_ms is None) == (control_hz is None):
         raise ConfigError("give exactly one of latency_ms or control_hz")
     if latency_ms is not None:
@@ -195,7 +173,7 @@ def plan_for_budget(
     resolution: int = 2000,
     deadline_ms: float | None = None,
 ) -> BudgetPlan:
-    """The plan with the most ACS score whose predicted call latency fits the budget (see the module docstring).
+    """The plan with the most ACS score whose predicted call latency fits the budget (docs/guide/realtime.md).
 
     Budget: ``latency_ms``, or ``control_hz`` with ``actions_per_chunk`` (see :func:`budget_ms`).
     ``cost``: a :class:`BlockCost` for this machine; without it ``timer`` measures one
@@ -210,7 +188,7 @@ def plan_for_budget(
     plan's *tail*. The budget bounds the median; when a ``timer`` that keeps its samples
     (:func:`plan_timer`) measures the plan's slowest call over the deadline, the budget shrinks by
     that ratio and the plan is remade (a refit, at most ``max_refits`` in all): a robot sizes its
-    chunk schedule by the tail, and calls on a busy CPU spread to nearly twice their median.
+    chunk schedule by the tail, and calls on a busy CPU spread far beyond their median.
     """
     budget = budget_ms(latency_ms, control_hz, actions_per_chunk, headroom)
     if deadline_ms is None and control_hz is not None:

@@ -1,18 +1,11 @@
 """Calibration data: per-block K x K feature statistics of one model and sampler (made by :func:`bac.calibrate`).
 
-For every block and every pair of steps (a, t), averaged over calibration
-samples: cosine similarity, mean absolute difference (L1) and mean squared
-difference (MSE) of the block's residual-branch outputs r_a and r_t, and each
-block's reuse error; and the Gram matrix ``<r_a, r_t> / D`` (mean over samples of
-the inner product per feature), from which the mean squared error of any stand-in
-that is a linear combination of computed values (reuse, a Taylor forecast) follows
-exactly (:mod:`bac.forecast`). Saved as safetensors with the metadata in the header;
-files from before bac recorded the Gram matrix load without it.
-
-``fingerprint["weights"]`` is the digest of the weights it was recorded on
-(:func:`bac.adapters.weights_digest`); :meth:`Calibration.check_fits` refuses a
-model with other weights unless ``allow_other_weights``. Files written before
-bac recorded it have no digest: they load, and are not checked against weights.
+For every block and every pair of steps, averaged over calibration samples: the cosine similarity, L1 and
+MSE of the block's residual-branch outputs, each block's reuse error, and the Gram matrix from which the
+error of any linear stand-in follows exactly (:mod:`bac.forecast`). Saved as safetensors with the metadata
+in the header, including the digest of the weights it was recorded on (:meth:`Calibration.check_fits`
+refuses other weights unless ``allow_other_weights``); older files without the Gram matrix or the digest
+load, unchecked. docs/guide/caching-methods.md ("Block-wise Adaptive Caching").
 """
 from __future__ import annotations
 

@@ -1,47 +1,11 @@
 """The caching engine: routes every block through a runner that computes or stands in.
 
-Hot path. A forward pre-hook on the denoiser advances the step counter of the
-active context and asks the schedule (:mod:`bac.actions`) for that step's row of
-actions, one bit set per block: ``RUN``, ``STORE`` (a later step stands in for
-this value) and ``NOTIFY`` (a runtime rule looks at the value). Each block's
-runner then does one list lookup: compute the block, or return the stand-in's
-value (the stored residual, or a forecast, see :mod:`bac.standins`). For a
-static plan nothing is allocated or decided on the host from tensor values, so
-every policy call costs the same and latency percentiles stay tight.
-
-State. Each *context* (``"default"``, or one per classifier-free-guidance
-branch via :meth:`CacheHandle.context`) has its own step counter, cache and
-rule state. :meth:`CacheHandle.new_trajectory` (or :func:`new_trajectory` on
-the model) marks the start of a sampling call and clears every context.
-
-Checks that keep cached state honest (each raises :class:`bac.CacheStateError`):
-
-* Shapes. At step 0 of each context the pre-hook records the shape of the
-  denoiser's first tensor argument (positional, else keyword); every later
-  step compares it, one tuple comparison per denoiser call. Another shape
-  (a batch of 2 after 1) would add residuals cached for one shape to the
-  other (broadcast silently, or fail deep inside torch), so it is an error,
-  and the calling thread's trajectory is cleared first: the next call (after
-  ``new_trajectory()``, or even without) starts afresh.
-* Length. A static plan is made for K denoiser calls per sampling call; a
-  sampler that runs fewer (a plan for 20 steps on a 10-step sampler) would use
-  the plan's first rows only. That is only known once the sampling call is
-  over, so it is checked when the next :meth:`~CacheHandle.new_trajectory`
-  starts, at :meth:`~CacheHandle.end_trajectory` and at
-  :meth:`~CacheHandle.remove` (also on leaving ``with accelerate(...)``),
-  for the calling thread: every context that ran 1 to K-1 steps is reported,
-  once. Not at :meth:`~CacheHandle.stats`, which may be read in the middle of
-  a call (a step callback, a monitoring thread). A call whose last denoiser
-  call raised (an error, Ctrl-C in the model) was interrupted, not short, and
-  is not reported. Runtime rules decide per step, so a shorter call is no
-  error for them. Pass ``num_steps`` to :func:`accelerate` to check the step
-  count before anything runs.
-
-Threads. Every thread that calls the model has contexts of its own, so two
-threads sampling with one accelerated model (an inference worker beside a
-control loop, two robots served by one process) never see each other's cached
-values or step counters. ``new_trajectory`` and ``context`` act on the calling
-thread's state; :meth:`CacheHandle.stats` adds up every thread's counts.
+A forward pre-hook on the denoiser advances the step counter of the active context and takes that step's
+row of actions from the schedule (:mod:`bac.actions`); each block's runner then computes the block or returns
+the stand-in's value (:mod:`bac.standins`). State is per thread and per context (one per
+classifier-free-guidance branch), cleared by :func:`new_trajectory`; the batch shape and the number of
+denoiser calls per sampling call are checked (:class:`bac.CacheStateError`). How it works, and what each
+check catches: docs/guide/core.md ("Inside the engine").
 """
 from __future__ import annotations
 
@@ -343,7 +307,7 @@ class CacheHandle:
         """Start a new sampling call in this thread: every context restarts at step 0 with an empty cache.
 
         Raises :class:`bac.CacheStateError` if the previous call ran fewer
-        denoiser calls than a static plan covers (see the module docstring);
+        denoiser calls than a static plan covers (docs/guide/core.md, "Inside the engine");
         the new call has started all the same, so a retry goes through.
         """
         record = self._local.record
@@ -606,13 +570,13 @@ def accelerate(
     rule needs ``num_steps`` so that a sampling call that runs longer (a missed
     :func:`new_trajectory`, CFG branches sharing one context) is an error.
     Without ``num_steps``, a sampler that runs fewer steps than a plan covers
-    is reported when its sampling call is over (see the module docstring).
+    is reported when its sampling call is over (docs/guide/core.md, "Inside the engine").
     Call ``handle.new_trajectory()`` (or ``bac.new_trajectory(model)``) at the
     start of every sampling call; ``handle.remove()`` undoes everything.
 
     A plan made from a calibration must be applied to the weights it was
-    calibrated on (their digest is compared; hashing costs about 25 ms for a
-    9 M-parameter model, once per call of ``accelerate``), else
+    calibrated on (their digest is compared; the weights are hashed once per call
+    of ``accelerate``), else
     :class:`bac.PlanMismatchError`; ``allow_other_weights=True`` applies it
     anyway (e.g. a plan calibrated on one checkpoint, knowingly reused for a
     fine-tuned one). Uncalibrated plans (``every-step``, ``uniform``,

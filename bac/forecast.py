@@ -1,24 +1,11 @@
 """Forecast-aware ACS: update steps chosen for the error of the stand-in that will really be used.
 
-ACS (:mod:`bac.acs`) scores a skipped step by how similar the block's feature is
-to the one computed at the last update: the error of *reuse*. A Taylor stand-in of
-order 1 (:class:`bac.Taylor`) instead extrapolates from the last two updates
-``p < u``, ``f_t = r_u + (t - u) / (u - p) * (r_u - r_p)``, so what a skipped step
-costs depends on the last two update steps, and a schedule that is good for
-reuse (updates where the feature jumps) is not the one that is good for a
-forecast (updates spaced so the extrapolation stays on the curve).
-
-Both stand-ins are linear in the computed features, so with the block's Gram
-matrix ``G[a, b]`` (mean over calibration samples of ``<r_a, r_b> / D``, recorded
-by :func:`bac.calibrate`) the mean squared error of the stand-in at step ``t`` is
-exact, ``G_tt - 2 sum_j c_j G_{t s_j} + sum_jk c_j c_k G_{s_j s_k}`` for
-``f_t = sum_j c_j r_{s_j}``. The dynamic program over (previous update, last
-update) then finds the update steps of least total squared error exactly, in
-O(M K^3) per block. Order 0 (reuse) gives ACS on the MSE metric.
-
-The error is each block's own, measured on the uncached trajectory: like ACS it
-does not see what stale upstream blocks propagate downstream (the output-aware
-search of :mod:`bac.refine` does).
+ACS scores a skipped step by the error of *reuse*; a Taylor stand-in extrapolates from the last two updates,
+so a schedule good for reuse is not the one good for a forecast. Both stand-ins are linear in the computed
+features, so the calibration's Gram matrices give the mean squared error of either exactly, and a dynamic
+program over (previous update, last update) finds the update steps of least total error, in O(M K^3) per
+block. Like ACS it sees each block's own error only (:mod:`bac.refine` sees the output). The derivation:
+docs/guide/caching-methods.md ("Forecast-aware ACS").
 """
 from __future__ import annotations
 

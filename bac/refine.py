@@ -1,24 +1,11 @@
 """Output-aware refinement: improve a static plan by the deviation of the model's real output.
 
-ACS (and :mod:`bac.forecast`) scores each block by its own feature error on the
-uncached trajectory. What a user sees is the sampler's output, after stale or
-forecast blocks have fed their errors into the blocks downstream, guidance has
-amplified them and the sampler has carried them across steps. :func:`refine`
-puts the cached model in the loop: on calibration inputs it compares the output
-of full sampling calls under candidate plans with the uncached output, and moves
-update steps while that deviation falls (a coordinate search that keeps every
-block's update count, so the cost of the plan does not change).
-
-Moves are made per *group* of blocks that share their update steps: all blocks
-together when the starting plan updates them together (``uniform``,
-``taylorseer``, ``forecast-acs`` on the summed Gram matrix), otherwise each block
-alone. A move shifts one update step (never step 0) by one or two steps to a free
-step; the first move that lowers the deviation is kept, and passes repeat until
-one keeps nothing or ``rounds`` passes are done. Each candidate costs one cached
-sampling call per input, so keep the inputs few and small.
-
-The refined plan depends on the weights it was refined on (their digest is
-recorded, as for a calibrated plan) and on the inputs: check it on other inputs.
+ACS and forecast-aware ACS score each block by its own feature error on the uncached trajectory; what a
+user sees is the sampler's output, after errors have propagated through downstream blocks and steps.
+:func:`refine` puts the cached model in the loop on a few calibration inputs and moves update steps while
+the output's deviation from full computation falls, keeping every block's update count (and so the
+plan's cost). The refined plan depends on the weights (recorded) and the inputs: check it on others. The
+search: docs/guide/caching-methods.md ("Refining a plan against the real output").
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
 """A fused sampler step: diffusers' ``scheduler.step`` with its per-step scalar work done once, up front.
 
-Why: in a cached batch-1 policy call the model is cheap, and diffusers' ``scheduler.step`` costs a fifth
-of the call: about thirty tiny tensor operations per step, most of them on 0-dim tensors
-(``alphas_cumprod`` lookups, ``** 0.5``, ``previous_timestep``'s two ``nonzero`` searches, DPM-Solver's
-``log``/``exp`` of sigmas). They depend on the step index only, so :class:`FusedSampler` computes them
-once, when it is built, and its :meth:`FusedSampler.step` does only the operations on the sample-sized
-tensors.
+In a cached batch-1 policy call the model is cheap, and diffusers' step, mostly tiny operations on 0-dim
+tensors that depend on the step index only, is a large share of the call. :class:`FusedSampler` does that
+work when it is built; its :meth:`~FusedSampler.step` does only the sample-sized operations and is
+bit-identical to ``scheduler.step(...).prev_sample``. The supported schedulers and why the result is
+bit-identical: docs/guide/core.md ("The fused sampler step").
 
 Use::
 
@@ -14,52 +13,6 @@ Use::
     sampler.start()                            # per sampling call (DPM-Solver keeps the previous x0)
     for i, t in enumerate(sampler.timesteps):
         x = sampler.step(i, model(x, t), x, generator=g)
-
-Supported (diffusers 0.42; anything else raises :class:`bac.errors.ConfigError` naming the
-scheduler, the field and its value, at construction, never a silently different answer):
-
-* ``DDPMScheduler``: ``prediction_type`` epsilon, sample or v_prediction; ``clip_sample`` on or off
-  (any ``clip_sample_range``); ``variance_type`` fixed_small, fixed_small_log or fixed_large; no
-  ``thresholding``. Any beta schedule, timestep spacing, offset, zero-SNR rescaling, custom timesteps.
-* ``DDIMScheduler``: what ``step(model_output, t, sample)`` does with its defaults ``eta=0.0`` and
-  ``use_clipped_model_output=False`` (deterministic; the generator is ignored, as diffusers ignores
-  it); prediction epsilon, sample or v_prediction; ``clip_sample`` on or off; ``set_alpha_to_one``
-  either way; no ``thresholding``.
-* ``DPMSolverMultistepScheduler``: ``algorithm_type="dpmsolver++"``, ``solver_order`` 1 or 2,
-  ``solver_type`` midpoint or heun, ``lower_order_final``/``euler_at_final`` either way,
-  ``final_sigmas_type`` zero or sigma_min, prediction epsilon, sample or v_prediction; no
-  thresholding, no learned variance, no flow sigmas. The sigma-schedule options (Karras, exponential,
-  beta, Lu lambdas, ``lambda_min_clipped``, spacing) only shape the ``sigmas`` and ``timesteps`` arrays,
-  which are read as they are. The trajectory must start at index 0 (no ``set_begin_index(k > 0)``).
-* ``FlowMatchEulerDiscreteScheduler``: any ``shift``, dynamic shifting (``set_timesteps(K, mu=...)``),
-  ``shift_terminal``, ``invert_sigmas``, Karras/exponential/beta sigmas, custom sigmas (all only shape
-  the arrays), ``stochastic_sampling`` on or off; no ``per_token_timesteps``.
-
-Exactness: ``step(i, out, x, generator=g)`` is BIT-IDENTICAL (same bit patterns: ``torch.equal``, and
--0.0 and NaN too) to ``scheduler.step(out, scheduler.timesteps[i], x, generator=g).prev_sample`` on a
-fresh trajectory (after ``set_timesteps``), steps taken in order, for float32, float64, float16,
-bfloat16 and mixed (bf16 model output, float32 sample) inputs; tests/core/test_sampling.py checks every
-step of every supported config, on CUDA too where there is a GPU. Why it holds: the per-step
-coefficients are the very 0-dim float32 tensors ``step`` computes (same expressions, same operand
-order, computed on 0-dim tensors so the same CPU code path), kept where the scheduler keeps them
-(on the CPU for DDPM, DDIM and DPM-Solver). That matters on CUDA: a CUDA ``x / c`` with a CPU scalar
-``c`` is computed as ``x * (1 / c)``, which differs in the last bit from the true division a CUDA
-``c`` gets, so moving the coefficients to the GPU would *break* bit-identity; CPU 0-dim tensors are
-passed to the CUDA kernels as scalar arguments, with no copy and no synchronization. The operations on
-the big tensors are diffusers' own, in its order and with every operand in the same position: that
-matters, since PyTorch's float16/bfloat16 CPU kernels use a 0-dim float32 *second* operand at float32
-precision but round a *first* one to the tensor's dtype (``x * c`` and ``c * x`` differ in the last
-bit). Where the result has the dtype and shape of a fresh intermediate, it is written into it
-(in place or ``out=``) instead of a new tensor, so a step allocates fewer sample-sized tensors than
-diffusers' (DDPM epsilon: 4 instead of 10).
-Noise is drawn as diffusers' ``randn_tensor`` draws it (the same ``torch.randn`` call: shape, dtype,
-device, generator), at the same points, so a seeded generator gives the same noise. No per-step ``.item()``,
-``nonzero`` or host synchronization; the per-step host work is indexing the precomputed plan.
-
-Like the scheduler, DPM-Solver keeps a reference to the previous step's data prediction (for
-``prediction_type="sample"`` that is the model output itself: don't modify it in place before the
-next step). The schedule is a snapshot: after ``set_timesteps`` with other arguments, build a new
-sampler. Inputs are never modified; the returned sample is a new tensor.
 """
 from __future__ import annotations
 
@@ -177,11 +130,18 @@ def _first_index(scheduler: Any) -> int:
 
 
 class FusedSampler:
-    """``scheduler.step`` fused from coefficients precomputed once (see the module docstring).
+    """``scheduler.step`` fused from coefficients precomputed once.
 
-    ``FusedSampler(scheduler)`` takes a supported diffusers scheduler on which ``set_timesteps`` has been
-    called. ``timesteps`` (the scheduler's tensor, for the model calls) and ``num_steps``;
-    :meth:`start` before each trajectory, then :meth:`step` for ``i = 0 .. num_steps - 1`` in order.
+    ``FusedSampler(scheduler)`` takes a supported diffusers scheduler (DDPM, DDIM with eta 0, DPM-Solver++
+    orders 1-2, flow-matching Euler; anything else is a :class:`bac.errors.ConfigError` naming the field,
+    docs/guide/core.md lists them) on which ``set_timesteps`` has been called. ``timesteps`` (the
+    scheduler's tensor, for the model calls) and ``num_steps``; :meth:`start` before each trajectory, then
+    :meth:`step` for ``i = 0 .. num_steps - 1`` in order.
+
+    The schedule is a snapshot: after ``set_timesteps`` with other arguments, build a new sampler. Inputs
+    are never modified and the returned sample is a new tensor; like the scheduler, DPM-Solver keeps a
+    reference to the previous step's data prediction (for ``prediction_type="sample"`` the model output
+    itself: don't modify it in place before the next step).
     """
 
     def __init__(self, scheduler: Any):
@@ -201,6 +161,8 @@ class FusedSampler:
         self.num_steps = len(self.timesteps)
         if self.num_steps < 1:
             raise ConfigError(f"FusedSampler: {self.kind} has no timesteps; call set_timesteps first")
+        # 0-dim coefficient tensors, kept where the scheduler keeps them (the CPU): on CUDA, dividing by them
+        # would round differently (docs/guide/core.md, "The fused sampler step")
         self._plan: list[tuple[Callable, tuple]] = build(scheduler)
         self.start()
 

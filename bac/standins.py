@@ -1,20 +1,11 @@
 """Stand-ins: what the engine returns for a block it does not compute.
 
-``Reuse`` returns the block's last computed residual (BAC, FORA, FBCache).
-``Taylor(order)`` forecasts it from the block's computed values with a Taylor
-series whose derivatives are finite differences of those values over step
-indices (TaylorSeer; ``order=1`` is linear extrapolation, as in Sortblock).
-For a branch whose adapter declares an exact gate (``runner.gated``, the
-adaLN-Zero gates of diffusers' DiT, FLUX and Wan blocks), ``Taylor`` forecasts
-the ungated output and multiplies it by the current step's gate, as diffusers'
-TaylorSeerCache does by forecasting attention and FFN module outputs.
-With one computed value a Taylor forecast is that value, so it degrades to
-reuse at the start of a trajectory.
-
-A stand-in keeps its per-block memory in the context's ``cache`` list, so
-classifier-free-guidance branches (separate contexts) never share it. Block
-outputs may be tensors or tuples of tensors (a branch that updates two
-streams); ``None`` entries of a tuple pass through.
+``Reuse`` returns the block's last computed residual (BAC, FORA, FBCache); ``Taylor(order)`` forecasts it
+from the block's computed values with finite differences over step indices (TaylorSeer; ``order=1`` is
+Sortblock's linear extrapolation), degrading to reuse while there is one computed value. For a branch with
+an exact gate (``runner.gated``) ``Taylor`` forecasts the ungated output and applies the current gate. A
+stand-in keeps its per-block memory in the context's ``cache`` list, so classifier-free-guidance branches
+never share it; block outputs may be tensors or tuples of tensors (``None`` entries pass through).
 """
 from __future__ import annotations
 

@@ -2,26 +2,13 @@
 
     python -m benchmarks.bench_core [--repeats 15] [--models shipped,paper] [--batches 1,50] [--no-compile]
 
-For the shipped DP-T (trained, 4 layers of width 128) and the paper-size DP-T (8 layers of width
-256, random weights: latency depends on the plan, not on the weights), one thread, at batch 1 (a
-robot's real-time call; compiled configurations too) and batch 50 (the evaluator's vector env):
-
-* ``reference/*``: what a user runs without this product: diffusers' ``scheduler.step``, the
-  condition encoder at every step, PyTorch's own ``nn.TransformerDecoderLayer.forward`` (the
-  reference implementation's modules), with fewer DDIM steps as the speed lever.
-* the policy's own call (the per-call executor: fused sampler step, condition encoded once per
-  call, functional branches; :mod:`bac.sampling`, :mod:`bac.policies.dpt`) for full DDPM-100,
-  an every-step plan (the engine's overhead), bac and uniform plans, DDIM-k and bac on DDIM-10;
-* ``compiled/*``: the same with ``model.compile_blocks()`` (one ``torch.compile`` graph per branch
-  kind, shared by every layer; the plan's decisions stay in eager Python), and
-  ``compiled-whole/*``: the whole denoiser under ``torch.compile`` (no caching possible).
-
-Every configuration is timed interleaved (the order rotates per repeat), as medians, in one
-process; ratios are within this run. FLOPs are counted over a whole policy call
-(``torch.utils.flop_counter``), so the ideal speedup of a configuration is reference FLOPs over its
-FLOPs and measured/ideal says how much of the FLOP saving becomes time. After warm-up, the compiled
-configurations must compile nothing more: the frames torch._dynamo compiles, its graph breaks and
-recompiles during the timed repeats are counted and reported (goal: 0).
+For the shipped DP-T and the paper-size DP-T (random weights: latency depends on the plan, not on the
+weights), one thread, at batch 1 and 50: the reference implementation (diffusers' ``scheduler.step``, the
+condition encoder at every step, PyTorch's layers), the policy's own per-call executor with every kind of
+plan, and the same compiled (``compiled/*``, ``compiled-whole/*``). Configurations are timed interleaved in
+one process, so ratios are within one run; FLOPs give each one's ideal speedup; compiled configurations
+must compile nothing after warm-up. The configurations in full: docs/guide/evaluation.md ("The core
+benchmark").
 """
 from __future__ import annotations
 

@@ -3,55 +3,13 @@
     python -m benchmarks.bench_diffusers [--models dit flux wan dit-digits flux-pipeline wan-pipeline]
         [--steps 20] [--repeats 3] [--grid case] [--device auto] [--out DIR]
 
-What runs. Six cases, each on the same initial noise and conditioning for every method:
-
-* ``dit``, ``flux``, ``wan``: bare transformers with random weights, built from configs shaped like the
-  released models (fewer layers and heads, small latents, so that CPU time allows; the output states the
-  exact configs), sampled by a loop written here as diffusers' pipelines sample.
-* ``dit-digits``: a small DiT really trained here (``benchmarks/digits_dit.py``), 50 DDIM steps; its samples'
-  quality is measured too (the share a digit classifier assigns to the class they were generated for).
-* ``flux-pipeline``, ``wan-pipeline``: diffusers' real ``FluxPipeline`` and ``WanPipeline`` end to end
-  (text encoders, latent packing, their schedulers, classifier-free guidance as two transformer calls
-  per step in ``cache_context("cond" / "uncond")``), with the tiny random modules of
-  ``benchmarks.tiny_pipelines``, ``output_type="latent"``. bac is enabled on the pipeline
-  (``bac.diffusers.enable_cache(pipe, ...)``), diffusers' caches on ``pipe.transformer``.
-
-Compared: full computation; every method family of this project (``bac``, ``bac+taylor``, ``uniform``,
-``taylorseer``, ``forecast-acs``, ``fbcache``, ``cg-taylor``, ``sortblock``) over a grid of settings; on
-``dit-digits`` also output-aware refinement (:func:`bac.diffusers.refine`) of TaylorSeer and forecast-ACS
-plans as families of their own (``taylorseer+refined``, ``forecast-acs+refined``), refined on inputs kept
-apart from the evaluation inputs (every 4th sample of the first calibration input), with the refinement's
-wall time and its deviation before and after (on those inputs) recorded; and diffusers' caches, each
-over a grid so that it is compared at its best: ``FirstBlockCacheConfig``, ``TaylorSeerCacheConfig``
-(forecasting whole blocks, ``.../blocks``, or the attention and FFN modules inside them, ``.../modules``;
-intervals 2-6, orders 1-2), ``MagCacheConfig`` (calibrated here with its own ``calibrate=True`` mode) and
-``SeaCacheConfig`` (thresholds, residual orders 0-1). ``--grid`` sets the grids' size (``case``: each
-case's own; ``full`` on ``dit-digits``, ``small`` on random weights; ``tiny`` for tests).
-
-How. Methods are timed interleaved (one sampling call of each per round, ``--repeats`` rounds, medians,
-one thread on CPU) and compared as speedup over full computation from the same run; deviation is the
-relative L2 distance and PSNR of the final latents against full computation; the share of skipped block
-evaluations is counted on each branch's own sub-module (attention, FFN) by a wrapper under any cache's
-hooks, the same way for bac and for diffusers (a forward hook would also count the calls that a
-TaylorSeerCache hook on the sub-module answers with a forecast). The summary takes, per deviation
-budget, the fastest setting of each family within it, the best method of this project, the best of
-diffusers' caches, and the ratio of their speedups. Budgets (relative L2): ``dit-digits`` 0.015, 0.04 and
-0.10; the other cases ``--budgets``.
-
-Random weights make absolute quality meaningless, and a random transformer's features change 13-50 %
-between steps (thresholds tuned on trained models never fire): compare methods at matched deviation,
-not at matched threshold. The trained digits DiT shows how the methods behave on real weights.
-
-To run diffusers' caches as peers, this benchmark does what their pipelines do not:
-``DiTTransformer2DModel`` gets diffusers' ``CacheMixin`` in a subclass (it has no ``enable_cache``);
-the sampling loop runs every denoiser call inside ``transformer.cache_context(...)`` with the step index,
-step count and noise level (``DiTPipeline`` sets no context, so FirstBlockCache would raise, and SeaCache
-needs them); TaylorSeerCache gets explicit module patterns (its defaults match nothing in DiT or Wan and
-it would silently do nothing); SeaCache gets a ``raw_vision_callback`` where diffusers has none (DiT,
-FLUX) and, on DDPM-type schedulers, the flow-matching noise level its filter expects. A peer that cannot
-run on a case is reported (``magcache_error``, ``seacache_error``) instead of stopping the benchmark:
-``FluxPipeline`` passes no step or noise level to ``cache_context``, where SeaCache runs "fail-open"
-(computing everything).
+Six cases (random-weight transformers shaped like the released models, the digits DiT trained here, and the
+real tiny FLUX and Wan pipelines), each on the same noise and conditioning for every method: every method of
+this project and diffusers' caches over grids of settings, timed interleaved, compared at matched deviation
+from full computation. To run diffusers' caches as peers, the benchmark gives them what their pipelines do
+not (``CacheMixin`` on DiT, a ``cache_context`` with step and noise level, explicit TaylorSeerCache
+patterns, SeaCache visual latents). What runs, how it is measured, and those peer adaptations:
+docs/guide/diffusers.md ("The benchmark against diffusers' own caches").
 """
 from __future__ import annotations
 
@@ -119,7 +77,8 @@ class Case:
     weights: str = "random"
     steps: int | None = None  # sampling steps; None: the --steps option
     quality: Callable[[torch.Tensor, Any], dict] | None = None  # quality measures of the final output
-    # fbcache / cg-taylor / FirstBlockCache thresholds: random features change 13-50 % per step, trained ones 0.5-3 %
+    # fbcache / cg-taylor / FirstBlockCache thresholds: random features change far more per step than trained
+    # ones (docs/guide/diffusers.md), so the random-weight cases need larger thresholds than diffusers' defaults
     thresholds: tuple[float, ...] = (0.3, 0.6, 1.0)
     budgets: tuple[float, ...] | None = None  # deviation budgets of the summary; None: the --budgets option
     grid: str = "small"  # settings per method (GRIDS)
@@ -233,7 +192,7 @@ FLUX_BLOCKS = [r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"]
 FLUX_MODULES = [r"transformer_blocks\.\d+\.(attn|ff|ff_context)",
                 r"single_transformer_blocks\.\d+\.(attn|proj_mlp|proj_out)"]
 WAN_MODULES = [r"blocks\.\d+\.(attn1|attn2|ffn)"]
-PIPELINE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 1.0)  # the tiny pipelines' first blocks change 5-60 % per step
+PIPELINE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 1.0)  # spans how much the tiny pipelines' first blocks change per step
 
 CASES = {
     "dit": Case(

@@ -3,19 +3,11 @@
     python -m benchmarks.bench_server [--clients 4] [--requests 50] [--sampler ddim --steps 10]
                                           [--method uniform --method-params '{"interval": 2}' | --plan F | --tuned F]
 
-Serves the shipped DP-T (``dpt-metaworld``, DDIM-10 by default) from this process (one inference
-thread, one torch thread), then runs two phases with client *processes* (the robots):
-
-* ``solo``: one client, ``--requests`` requests (what one robot sees on an idle server);
-* ``concurrent``: ``--clients`` clients at once, ``--requests`` each, started together.
-
-Each client resets its session with its own seed and sends its own observations (current
-observations ``[D]`` drawn inside the training range, so the server keeps each session's history).
-Reported per phase: client round-trip and server ``infer_ms`` / ``queue_ms`` percentiles (with how
-many samples each tail percentile rests on), and throughput. Contamination check: every action of
-every client equals, bit for bit, what an in-process copy of the policy gives for that client's seed
-and observations alone. Writes ``benchmarks/results/server-load.json``. Milliseconds depend on the host and
-on what else runs on it; compare phases within one run.
+Serves the shipped DP-T from this process (one inference thread, one torch thread) to client *processes*
+(the robots), one alone (``solo``) and then ``--clients`` at once (``concurrent``), each with its own seed
+and observations: round-trip and server ``infer_ms`` / ``queue_ms`` percentiles, throughput, and a check that
+every client's actions equal, bit for bit, what an in-process policy gives that client alone. Writes
+``benchmarks/results/server-load.json``; compare phases within one run. docs/guide/server.md.
 """
 from __future__ import annotations
 

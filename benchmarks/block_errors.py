@@ -1,40 +1,13 @@
 """Where caching errors surge, block by block: each block's used output against full computation, per step.
 
-For a policy, a batch of observations and several caching methods (block-wise ACS alone, ``acs``; ACS with
-the Bubbling Union Algorithm, ``bac``; ``uniform``; ...), :func:`block_errors` measures for every block and
-every denoising step how far the output the block hands on to the model is from what the same block produces
-under full computation at the same step of the same sampling call (same observations, same initial noise and
-sampler noise from a generator seeded with ``seed``):
-
-* the reference: one full sampling call (the ``every-step`` plan, bit-identical to the uncached model) with an
-  engine tap (``bac.accelerate(..., tap=...)``) that records every block's output at every step;
-* per method: the same sampling call, cached, tapped: at an update step the tap sees the freshly computed
-  residual branch, at a reused step the stand-in's value (the cached residual, or a forecast), i.e. exactly
-  what the model adds to its residual stream. Under caching the block's inputs drift too, so the error at an
-  update step is the drift of the inputs, and at a reused step staleness plus drift.
-
-Metric: the relative L2 error ``||used - full|| / ||full||`` per sample (each block output flattened per
-sample), averaged over the batch; ``errors[b, k]`` for block ``b`` at step ``k``. The action deviation is the
-same relative L2 of the sampled action chunk (the whole horizon) against full computation's.
-
-Surges. With ``m_b`` the median of block ``b``'s errors over the steps of the call, step ``k`` is a *surge*
-of block ``b`` if ``errors[b, k] > surge_factor * m_b`` (default 2) and the block is *reused* at ``k``
-(its stand-in is used); the same condition at an *update* step counts as an *update surge* (a block
-recomputed on drifted inputs, which BUA targets by recomputing upstream blocks at the steps downstream FFNs
-update). A block with zero median counts every step with a positive error.
-
-CLI (Hydra; the evaluator's settings of ``configs/eval.yaml`` plus ``samples`` and ``surge_factor``; plans and
-calibrations are shared with ``python -m bac.eval`` through ``plan_cache``)::
-
     python -m benchmarks.block_errors checkpoint=dpt-metaworld tasks=[push] run_methods=[acs,bac] M=5 samples=4
 
-``methods`` selects the configured set (``configs/methods/*.yaml``, as for ``bac.eval``) and ``run_methods``
-the caching variants of it to compare (default ``[uniform, acs, bac]``; ``[]``: every caching variant of the
-set but budget ones). Observations per task come from the demonstrations (``calibration.episodes`` of them,
-as for calibration) drawn with ``seed``, which must differ from ``calibration.seed``; ``seed`` also seeds the
-noise. Writes ``block_errors.json`` and one figure per task, ``block_errors-<task>.png``: per method the
-plan (update steps) above the error heatmap (log colour scale shared by every method; surges marked), to
-``out_dir`` (``auto``: ``outputs/block_errors/<checkpoint>-<settings digest>``).
+For a policy, a batch of demonstration observations and several caching methods, :func:`block_errors` taps
+every block at every denoising step (``bac.accelerate(..., tap=...)``) under full computation and under each
+method, on the same seeded sampling call, and measures the relative L2 error of what the block hands on;
+:func:`surges` marks the steps where a block's error jumps above its median. Settings are the evaluator's
+(Hydra, ``configs/eval.yaml``) plus ``samples`` and ``surge_factor``. The metric, the surge rule, the settings
+and the outputs: docs/guide/evaluation.md ("Block errors").
 """
 from __future__ import annotations
 
@@ -52,7 +25,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 import bac
-from bac.configs.settings import FLOAT, INT, check_settings, report_errors
+from bac.apps.common import report_errors
+from bac.configs.settings import FLOAT, INT, check_settings
 from bac.configs import CONFIG_DIR
 from bac.envs.collect import collect
 from bac.envs.dataset import calibration_observations
@@ -125,7 +99,7 @@ def _sampling_call(policy: DiffusionPolicy, method: bac.Method | bac.Plan | bac.
 
 def surges(errors: np.ndarray, mask: np.ndarray, factor: float = SURGE_FACTOR) -> tuple[np.ndarray, np.ndarray]:
     """Boolean ``[blocks, steps]`` maps of surges (reused steps) and update surges (update steps): a block's
-    error above ``factor`` times its median over the steps (see the module docstring)."""
+    error above ``factor`` times its median over the steps (docs/guide/evaluation.md, "Block errors")."""
     median = np.median(errors, axis=1, keepdims=True)
     high = errors > factor * median
     return high & ~mask, high & mask
@@ -147,7 +121,7 @@ def block_errors(policy: DiffusionPolicy, plans: Mapping[str, bac.Method | bac.P
     every block's error against full computation at every step, on one seeded sampling call of ``batch``.
 
     Returns per method: ``errors`` (``[num_blocks, num_steps]`` float array, relative L2 averaged over the
-    batch, see the module docstring), ``mask`` (``[num_blocks, num_steps]`` bool, True where the block is
+    batch, docs/guide/evaluation.md), ``mask`` (``[num_blocks, num_steps]`` bool, True where the block is
     computed), ``blocks`` (name, kind, layer of each row), ``action_deviation`` (relative L2 of the action
     chunk, mean and max over the batch), per block ``block_mean``, ``block_max``, ``block_median`` over the
     steps and ``block_surges`` / ``block_update_surges`` counts, and the totals ``mean_error``,

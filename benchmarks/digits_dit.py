@@ -3,21 +3,11 @@
     python -m benchmarks.digits_dit train [--steps 4000] [--out benchmarks/checkpoints/dit-digits]
     python -m benchmarks.digits_dit check [--checkpoint benchmarks/checkpoints/dit-digits] [--samples 100]
 
-Random-weight transformers change 13-50 % between adjacent denoising steps,
-so caching methods and their thresholds behave differently on them than on a
-trained model. This module trains diffusers' own ``DiTTransformer2DModel``
-(adaLN-Zero, class labels, 6 layers, width 128; 2.1 M parameters) on the
-1,797 8x8 digits bundled with scikit-learn, upsampled to 16x16 pixels (the
-model works on pixels: one channel, patch 2, 64 tokens). Epsilon prediction
-under diffusers' ``DDPMScheduler`` (1000 steps, squaredcos_cap_v2), AdamW with
-warm-up and cosine decay, EMA weights, 10 % label dropout to the null class
-(DiT's own ``class_dropout_prob``, so classifier-free guidance works). The
-full training state is saved every ``--checkpoint-every`` steps and resumed
-after an interruption; the EMA model is exported as safetensors + JSON.
-
-Quality of samples is measured by a support-vector classifier fitted on the
-same digits (98-99 % held-out accuracy on real images): the share of samples
-it assigns to the class they were generated for.
+Random-weight transformers change far more between denoising steps than trained ones, so caching methods
+and their thresholds behave differently on them. This trains diffusers' own ``DiTTransformer2DModel`` on the
+digits bundled with scikit-learn (resumable; the EMA model exported as safetensors + JSON), and ``check``
+measures its samples with a support-vector classifier fitted on the same digits. The model, the recipe and
+the shipped checkpoint: docs/guide/diffusers.md ("A DiT with real weights").
 """
 from __future__ import annotations
 

@@ -3,17 +3,11 @@
     python -m benchmarks.render_results                      # writes docs/results/
     python -m benchmarks.render_results --out /tmp/results   # anywhere else (the docs test compares the two)
 
-One Markdown page per study, dated from its JSON (``created`` or ``date``; else the file's last
-commit, else its modification time), plus ``index.md`` listing them. Figures come from the JSON
-only; the words come from a hand-written note per study, ``benchmarks/results/notes/<study>.md``,
-which the page shows first. A note places a generated table where its prose needs it with a line
-``<!-- results: NAME -->`` (the names are the study's sections; an unknown name is an error);
-sections the note does not place follow it, then the provenance (recorded commands, machine,
-package versions).
-
-The PNG plots are not copied into ``docs/``: this module is also an MkDocs hook (``hooks:`` in
-``mkdocs.yml``) whose :func:`on_files` serves every ``benchmarks/results/**.png`` as
-``results/img/<path>``, the address the pages use. Only the standard library is imported.
+One Markdown page per study: figures from the JSON only, words from a hand-written note,
+``benchmarks/results/notes/<study>.md``, which places a generated table with a line
+``<!-- results: NAME -->`` (an unknown name is an error); then the provenance. This module is also an
+MkDocs hook (:func:`on_files`) that serves every ``benchmarks/results/**.png`` as ``results/img/<path>``,
+so the plots are not copied into ``docs/``. Only the standard library is imported.
 """
 from __future__ import annotations
 

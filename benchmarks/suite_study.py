@@ -6,16 +6,10 @@ episodes come from the runs' logs (every shard's).
     python -m benchmarks.suite_study ablation --runs benchmarks/results/ablation-dpt benchmarks/results/ablation-dit
     python -m benchmarks.suite_study seeds --runs benchmarks/results/ablation-dpt benchmarks/results/seeds-dpt-1 ...
 
-``sweep``: success per candidate task and method (DDIM with 1-20 steps, one caching budget) and the rule
-that picks the suite (:func:`choose_suite`). ``ablation``: for every architecture and update budget, the
-paper's orderings (uniform < block-wise ACS alone < unified ACS < ACS + BUA) and ACS + BUA against as
-many DDIM steps as it costs, each as a paired difference on the same (task, seed) episodes: Newcombe's
-interval and the exact McNemar test, per budget and pooled over the budgets; and, since BUA's extra
-updates make ACS + BUA at budget M dearer than the others at M, ACS + BUA against each other caching
-method at the smallest budget that costs at least as many FLOPs. ``seeds``: the headline
-methods' success for every training seed of one architecture. ``blocks``: per-block caching errors
-(``benchmarks.block_errors`` runs) summarised per method.
-Each writes ``<out>.json`` and ``<out>.md`` and prints the Markdown.
+``sweep``: success per candidate task and method, and the rule that picks the suite (:func:`choose_suite`);
+``ablation``: the paper's orderings and ACS + BUA against matched DDIM and matched-FLOP caching, as paired
+differences; ``seeds``: the headline methods per training seed; ``blocks``: ``benchmarks.block_errors`` runs
+summarised per method. Each writes ``<out>.json`` and ``<out>.md``; what they found: docs/results/harder-suite.md.
 """
 from __future__ import annotations
 
@@ -26,8 +20,8 @@ from pathlib import Path
 from bac.evaluation import report as reporting
 from bac.evaluation.shards import logged_episodes
 
-# DDIM-1 is swept but not in the sensitivity: it fails every candidate task on both architectures (0 of 20
-# episodes each), so it says nothing about which tasks need denoising quality.
+# DDIM-1 is swept but not in the sensitivity: it fails (nearly) every episode of every candidate task on both
+# architectures (docs/results/harder-suite.md), so it says nothing about which tasks need denoising quality.
 FEW_STEPS = ("ddim-2", "ddim-3")
 MIN_FULL = 0.7   # learnable: at least this success at full computation, on every architecture swept
 SUITE_SIZE = 8

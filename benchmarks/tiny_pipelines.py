@@ -1,29 +1,16 @@
 """Tiny, real diffusers ``FluxPipeline`` and ``WanPipeline`` objects, built offline from configs.
 
-For tests and benchmarks of ``bac.diffusers`` on the real pipelines (their text encoding, latent
-packing, schedulers, classifier-free guidance in ``transformer.cache_context("cond" / "uncond")`` and
-VAE decoding) without downloading anything: every model has random weights drawn from ``seed``, every
-tokenizer is built from a small in-memory vocabulary, and every model is in ``eval()`` mode
-(constructors leave train mode, where T5's dropout would make two identical calls differ).
+For tests and benchmarks of ``bac.diffusers`` on the real pipelines (their text encoding, latent packing,
+schedulers, classifier-free guidance in ``transformer.cache_context("cond" / "uncond")`` and VAE decoding)
+without downloading anything: every model has random weights drawn from ``seed``, every tokenizer is built
+from a small in-memory vocabulary, and every model is in ``eval()`` mode (constructors leave train mode,
+where T5's dropout would make two identical calls differ). The shapes are in each builder's docstring.
 
 ::
 
     from benchmarks.tiny_pipelines import call_kwargs, tiny_flux_pipeline
     pipe = tiny_flux_pipeline()
     latents = pipe(**call_kwargs("flux", num_inference_steps=6)).images
-
-Shapes with :func:`call_kwargs`' defaults (two prompts, one output per prompt):
-
-* FLUX: 16x16 RGB images; the VAE (``AutoencoderKL``, block_out_channels (8, 8)) halves the side
-  into 4-channel 8x8 latents, which the pipeline packs into 2x2 patches: the transformer
-  (``FluxTransformer2DModel``: 2 dual-stream + 2 single-stream blocks, 2 heads of dimension 8,
-  RoPE axes (2, 2, 4)) sees 16 image tokens of 16 channels and 8 text tokens (T5 encoder, width 16;
-  CLIP's pooled output, width 16). ``output_type="latent"`` gives the packed latents, (2, 16, 16).
-* Wan: 5 frames of 16x16 RGB video; the VAE (``AutoencoderKLWan``, one spatial and temporal
-  downsampling) gives 4-channel latents of 3 frames x 8x8, which the transformer
-  (``WanTransformer3DModel``: 2 blocks, 2 heads of dimension 12, patch (1, 2, 2)) sees as
-  3 x 4 x 4 = 48 tokens, with 8 text tokens (UMT5 encoder, width 16).
-  ``output_type="latent"`` gives latents of shape (2, 4, 3, 8, 8).
 """
 from __future__ import annotations
 
@@ -88,7 +75,15 @@ def _seeded(seed: int, build):
 
 
 def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
-    """A ``FluxPipeline`` with tiny random FLUX.1 transformer, CLIP and T5 encoders and VAE (module docstring)."""
+    """A ``FluxPipeline`` with tiny random FLUX.1 transformer, CLIP and T5 encoders and VAE.
+
+    With :func:`call_kwargs`' defaults (two prompts, one output per prompt): 16x16 RGB images; the VAE
+    (``AutoencoderKL``, block_out_channels (8, 8)) halves the side into 4-channel 8x8 latents, which the
+    pipeline packs into 2x2 patches: the transformer (``FluxTransformer2DModel``: 2 dual-stream + 2
+    single-stream blocks, 2 heads of dimension 8, RoPE axes (2, 2, 4)) sees 16 image tokens of 16 channels
+    and 8 text tokens (T5 encoder, width 16; CLIP's pooled output, width 16). ``output_type="latent"`` gives
+    the packed latents, (2, 16, 16).
+    """
     clip_tokenizer, t5_tokenizer = _clip_tokenizer(), _t5_tokenizer()
     clip = _seeded(seed, lambda: CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_tokenizer), hidden_size=TEXT_DIM, intermediate_size=32, num_hidden_layers=1,
@@ -114,7 +109,14 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
 
 
 def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
-    """A ``WanPipeline`` (Wan 2.1 text-to-video): tiny random transformer, UMT5 encoder and VAE (module docstring)."""
+    """A ``WanPipeline`` (Wan 2.1 text-to-video): tiny random transformer, UMT5 encoder and VAE.
+
+    With :func:`call_kwargs`' defaults (two prompts, one output per prompt): 5 frames of 16x16 RGB video;
+    the VAE (``AutoencoderKLWan``, one spatial and temporal downsampling) gives 4-channel latents of 3
+    frames x 8x8, which the transformer (``WanTransformer3DModel``: 2 blocks, 2 heads of dimension 12,
+    patch (1, 2, 2)) sees as 3 x 4 x 4 = 48 tokens, with 8 text tokens (UMT5 encoder, width 16).
+    ``output_type="latent"`` gives latents of shape (2, 4, 3, 8, 8).
+    """
     tokenizer = _t5_tokenizer()
     umt5 = _seeded(seed, lambda: UMT5EncoderModel(UMT5Config(
         vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=32, num_layers=1, num_heads=2,

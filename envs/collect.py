@@ -3,45 +3,12 @@
     bac-collect task=push episodes=100            # -> data/metaworld/...
     bac-collect task=door-open episodes=50 seed_offset=1000 overwrite=true
 
-Episode ``k`` of an attempt is reset with seed ``seed_offset + k``; episodes the expert
-fails (e.g. ~4 % of door-open, ~10 % of peg-insert-side) are dropped and the next seed
-is tried until ``episodes`` successful demonstrations exist. Each kept episode stops
-``post_success_steps`` steps after its first success (or at the episode cap), so the
-last frames show the task done rather than cutting at the exact success step, and
-horizon-padding at the episode end repeats a "done" action. Expert, environment and
-seeds are deterministic, so the same arguments write the same data.
-
-``action_noise=sigma`` (DART, Laskey et al. 2017) adds Gaussian noise of that standard
-deviation (seeded per episode) to the hand-motion part of every *executed* action while
-the stored action stays the expert's own action for the state reached. The expert's
-controllers pull the hand back, so the demonstrations also cover states a few
-centimetres off the expert's path, each labelled with its correction: what a cloned
-policy, whose own small errors compound, needs to recover (otherwise it only ever sees
-the expert's exact path).
-
-File layout (robomimic's, so robomimic tools and ``envs.dataset`` read it)::
-
-    data            attrs: total (samples), env_args (JSON: env_name, type=2 (gym), env_kwargs),
-                           bac_collect (JSON: everything that determines the content)
-    data/demo_i     attrs: num_samples, seed, first_success_step
-        obs/state [T, 39]   obs/hand_pos [T, 3]  obs/gripper [T, 1]  obs/object [T, 14]
-        obs/goal_pos [T, 3]       next_obs/<same keys>
-        actions [T, 4] (float32, the expert's clipped action; applied as is unless action_noise)
-        rewards [T] (Meta-World's dense reward)   dones [T] (1 at the last step only)
-        states [T, nq + nv] (MuJoCo qpos, qvel before the action)
-    mask/train, mask/valid   demo names (bytes), robomimic's filter keys
-
-With ``cameras=[corner3, ...]`` every step also stores an RGB frame per camera
-(``obs/<camera>_image [T, image_size, image_size, 3]`` uint8, robomimic's ``<camera>_image``
-naming, rendered with the fast settings of ``envs.metaworld_env``; not repeated under
-``next_obs``) and every demo gets ``attrs["instruction"]``: the task's training paraphrases
-(``envs.instructions``) in turn, for language-conditioned policies. Tasks without
-instructions collect images with no instruction attribute.
-
-A file whose ``bac_collect`` metadata matches the request is reused, not rewritten,
-unless ``overwrite=true``; a file with other metadata is an error without it. Files
-are written to a temporary name and renamed, so an interrupted run leaves no
-half-written dataset that would later be "reused".
+Episode ``k`` is reset with seed ``seed_offset + k``; failed expert episodes are dropped and further seeds
+tried until ``episodes`` successes exist, so the same arguments write the same data. ``action_noise``
+(DART) perturbs the executed hand motion while storing the expert's own action, so the demonstrations
+also show how to recover. A file whose metadata matches the request is reused unless ``overwrite=true``;
+files are written under a temporary name and renamed. The file layout, DART and camera frames:
+docs/guide/policies.md ("Experts and demonstrations").
 """
 
 from __future__ import annotations
@@ -102,7 +69,7 @@ def rollout_expert(
     """One seeded expert episode; the transition arrays, or None if it never succeeded.
 
     With ``action_noise`` the executed hand motion is the expert's plus Gaussian noise
-    (seeded by ``seed``); the stored action is the expert's (see the module docstring).
+    (seeded by ``seed``); the stored action is the expert's (docs/guide/policies.md, DART).
     ``cameras``: also a frame per camera of every observation (``images[camera]``).
     """
     obs, _ = env.reset(seed=seed)
@@ -231,7 +198,7 @@ def collect(
             )
 
     demos: list[tuple[int, dict]] = []
-    max_attempts = 2 * episodes + 20  # experts succeed on >= 88 % of seeds
+    max_attempts = 2 * episodes + 20  # experts succeed on more than half of the seeds, with DART noise too
     attempts = 0
     bar = tqdm(total=episodes, desc=f"collect {env.task}", unit="demo", disable=not progress)
     while len(demos) < episodes:

@@ -1,36 +1,9 @@
 """Read robomimic-layout HDF5 demonstrations as diffusion-policy training windows.
 
-The layout is robomimic's (``data/demo_i/obs/<key>``, ``data/demo_i/actions``,
-``mask/<filter key>``), so files written by :mod:`envs.collect` and robomimic's own
-low-dim datasets (lift / can / square: ``robot0_eef_pos``, ``robot0_eef_quat``,
-``robot0_gripper_qpos``, ``object``, ...) load the same way.
-
-Windows follow ``robomimic.utils.dataset.SequenceDataset(frame_stack=n_obs_steps,
-seq_length=horizon, pad_frame_stack=True, pad_seq_length=True)``: one sample per
-timestep ``t`` of every demo, covering frames ``t - n_obs_steps + 1 ... t + horizon - 1``,
-with indices outside the demo clamped to its first / last frame (robomimic's
-``pad_same``). Of that sequence we return the observation history ending at ``t``
-(``[n_obs_steps, obs_dim]``) and the action chunk starting at ``t`` (``[horizon,
-act_dim]``): the chunk a policy executes from the current observation, from its
-first action on. (Diffusion Policy's reference code instead starts the predicted
-chunk at the oldest observation, ``t - n_obs_steps + 1``, and executes from index
-``n_obs_steps - 1``.)
-
-We do not use robomimic's class itself: it works without torchvision only when
-robomimic is installed with ``pip install --no-deps`` (its metadata requires
-torchvision, which would pull a CUDA torch), which no ``pyproject`` dependency can
-express, and it needs the global ``ObsUtils`` modality registry initialised first.
-This reader is equivalent on low-dim data (checked against robomimic 0.3.0) and
-loads everything into memory (``hdf5_cache_mode="low_dim"``): these datasets are
-a few MB.
-
-Validation, once at load: every selected demo must have ``actions`` and the requested
-``obs/<key>`` datasets (numeric, low-dim), as many observation rows as actions (and as
-its ``num_samples`` attribute says), the same width of every key and of the actions in
-every demo (and the widths a caller expects: ``obs_dim=``, ``action_dim=``), at least
-one sample, and no NaN or inf. Every failure is a :class:`bac.DataError` naming the
-file and the demo (``... data/demo_7: actions has 40 rows, obs/state 41``); a missing key
-or filter key is also a ``KeyError``, a missing file also a ``FileNotFoundError``.
+Files written by :mod:`envs.collect` and robomimic's own low-dim datasets (lift / can / square) load the same
+way. The windows are those of robomimic 0.3.0's ``SequenceDataset`` (checked against it), read by this
+module because robomimic itself cannot be a dependency (docs/guide/policies.md, "Experts and
+demonstrations"). Everything is loaded into memory: these datasets are a few MB.
 """
 
 from __future__ import annotations
@@ -133,9 +106,14 @@ def load_episodes(
     Observations are the ``obs/<key>`` datasets concatenated in ``obs_keys`` order. ``T``
     is the number of actions; every ``obs/<key>`` must have as many rows (and the demo's
     ``num_samples`` attribute, robomimic's, must agree where present). ``obs_dim`` and
-    ``action_dim``, when given, are the widths the caller (a policy) expects. See the
-    module docstring for every check; each failure is a :class:`bac.DataError` naming the
-    file and the demo.
+    ``action_dim``, when given, are the widths the caller (a policy) expects.
+
+    Checked once, at load: every selected demo has ``actions`` and the requested
+    ``obs/<key>`` datasets (numeric, low-dim), as many observation rows as actions, the
+    same width of every key and of the actions in every demo (and the expected widths), at
+    least one sample, and no NaN or inf. Each failure is a :class:`bac.DataError` naming the
+    file and the demo (``... data/demo_7: actions has 40 rows, obs/state 41``); a missing key
+    or filter key is also a ``KeyError``, a missing file also a ``FileNotFoundError``.
     """
     if isinstance(obs_keys, str):
         obs_keys = (obs_keys,)
@@ -187,7 +165,16 @@ class WindowDataset(torch.utils.data.Dataset):
 
     ``ds[i]`` is ``(obs [n_obs_steps, obs_dim], action [horizon, act_dim])`` as float32
     torch tensors (``ds.window(i)`` gives numpy); ``len(ds)`` is the total number of
-    timesteps in the selected demos. See the module docstring for the padding.
+    timesteps in the selected demos.
+
+    Windows follow ``robomimic.utils.dataset.SequenceDataset(frame_stack=n_obs_steps,
+    seq_length=horizon, pad_frame_stack=True, pad_seq_length=True)``: one sample per
+    timestep ``t`` of every demo, covering frames ``t - n_obs_steps + 1 ... t + horizon - 1``,
+    indices outside the demo clamped to its first / last frame (robomimic's ``pad_same``);
+    of that sequence, the observation history ending at ``t`` and the action chunk starting
+    at ``t``, the chunk a policy executes from the current observation. (Diffusion Policy's
+    reference code instead starts the chunk at the oldest observation, ``t - n_obs_steps + 1``,
+    and executes from index ``n_obs_steps - 1``.)
 
     Args:
         path: HDF5 file in robomimic's layout.

@@ -1,16 +1,9 @@
 """Language instructions for the Meta-World tasks of the language-conditioned (VLA) suite.
 
-Every task has several paraphrases: the first :data:`TRAIN_PARAPHRASES` are the instructions of
-the demonstrations (``envs.collect`` stores one per demo, in turn), the rest are held out for
-evaluation, so a policy is scored on wording it never saw. The suite is four pairs of tasks that
-share a scene and its objects, so the instruction, not only the scene, must say what to do:
-
-* faucet-open / faucet-close: the same initial configuration distribution (the faucet starts in
-  the same middle position; only the direction to turn differs). Language alone tells them apart.
-* window-open / window-close, drawer-open / drawer-close, handle-press / handle-pull: the same
-  objects, but the articulation starts where the other task ends (closed vs open, up vs down),
-  so the first frame also hints at the task. Swapping the instruction shows which cue the policy uses.
-
+Every task has several paraphrases: the first :data:`TRAIN_PARAPHRASES` label the demonstrations, the rest
+are held out for evaluation, so a policy is scored on wording it never saw. The suite is four pairs of tasks
+that share a scene (:data:`SHARED_SCENE_PAIRS`), so the instruction, not only the scene, must say what to do; only
+faucet-open and faucet-close also start alike (docs/guide/policies.md, "The prefix, data and training").
 Nothing here imports Meta-World.
 """
 from __future__ import annotations
@@ -93,7 +86,9 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
 #: The language-conditioned multi-task suite, in pairs that share a scene.
 LANGUAGE_SUITE: tuple[str, ...] = tuple(INSTRUCTIONS)
 
-#: Task pairs with the same scene and objects (see the module docstring for which start alike).
+#: Task pairs with the same scene and objects. faucet-open / faucet-close start from the same configuration
+#: distribution (language alone tells them apart); in the others the articulation starts where the other
+#: task ends (closed vs open, up vs down), so the first frame also hints at the task.
 SHARED_SCENE_PAIRS: tuple[tuple[str, str], ...] = (
     ("faucet-open", "faucet-close"),
     ("window-open", "window-close"),

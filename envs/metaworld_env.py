@@ -1,41 +1,12 @@
 """Meta-World v3 tasks as seeded, goal-observable, state-only gymnasium environments.
 
-Two Meta-World traps make naive use silently meaningless (docs/guide/policies.md, "Simulated tasks"):
-
-1. The default / MT1 / ML1 environments hide the goal in the observation (the last
-   three of the 39 entries are zeros), so a state policy cannot know where to go.
-   We build the goal-observable classes (``ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE``).
-2. After construction those classes freeze their random object/goal vector
-   (``_freeze_rand_vec``), so every reset replays one configuration; the benchmark
-   helpers instead cycle through 50 pre-sampled configurations. We unfreeze the vector
-   and switch Meta-World to its *seeded* sampler (``seeded_rand_vec``), which draws the
-   object/goal vector from ``env.np_random``. ``reset(seed=s)`` re-seeds that generator,
-   so one seed gives exactly one configuration and different seeds give different ones;
-   ``reset()`` without a seed continues the stream (gymnasium's convention).
-
-Observation (39-d, float64): ``[0:3]`` hand xyz, ``[3]`` gripper opening,
-``[4:18]`` up to two objects (xyz + quaternion each, zero-padded), ``[18:36]`` the same
-18 values one step earlier, ``[36:39]`` goal xyz. Action (4-d, in [-1, 1]): hand xyz
-delta and gripper effort.
-
-Episode end: ``truncated`` after ``max_episode_steps`` (default: the per-task cap in
-:data:`MAX_EPISODE_STEPS`, see there; under ``gymnasium.make`` the same cap is the
-spec's ``max_episode_steps``, i.e. a ``TimeLimit``). ``terminated`` is False by default, as in
-Meta-World, whose success criterion is "success at any step" (``info["success"]``,
-a bool here); pass ``terminate_on_success=True`` to end episodes at the first success.
-
-Rendering: ``render_mode="rgb_array"`` makes ``render()`` return an ``[height, width, 3]``
-uint8 frame (84 x 84 from the ``"corner"`` camera by default) with the fast settings of
-docs/guide/policies.md ("Rendering"): no multisampling (``model.vis.quality.offsamples = 0`` before the first
-render) and no shadows or reflections, about 10x cheaper than Meta-World's defaults on a
-CPU, and cameras that Meta-World mounts upside down (the ``corner`` ones) turned right
-side up. The OpenGL backend is ``MUJOCO_GL`` when that is ``egl``, ``osmesa`` or ``glfw``,
-else the first of them that works (EGL: Debian ``libegl1`` + ``libgl1-mesa-dri``;
-OSMesa: ``libosmesa6``). Rendering never touches the simulation: the state observations
-are the same with and without it.
-
-The task list, episode caps and gymnasium registration live in :mod:`envs.tasks`
-(re-exported here), which needs neither Meta-World nor MuJoCo.
+Two Meta-World traps make naive use silently meaningless, and both are handled here: the default
+environments hide the goal in the observation (we build the goal-observable classes), and those classes
+freeze their object/goal vector (we unfreeze it and draw it from ``env.np_random``, so ``reset(seed=s)``
+gives one configuration per seed). ``render_mode="rgb_array"`` renders frames with fast settings. The
+observation and action layout, the traps and the rendering settings: docs/guide/policies.md ("Simulated
+tasks"). The task list, episode caps and gymnasium registration live in :mod:`envs.tasks` (re-exported
+here), which needs neither Meta-World nor MuJoCo.
 """
 
 from __future__ import annotations
@@ -138,11 +109,10 @@ def _close_renderers() -> None:
 class _FastRenderer:
     """Offscreen RGB frames of one camera, with the fast settings of docs/guide/policies.md ("Rendering").
 
-    4x multisampling and shadows cost almost all of Meta-World's 72-116 ms per frame on
-    a CPU: ``offsamples = 0`` (read when the GL context is made, so set before the first
-    render) and the scene's shadow and reflection flags off bring a step plus an 84 x 84
-    frame to a few milliseconds. Made on the first ``render()``, so environments that
-    never render need no OpenGL at all.
+    Meta-World's 4x multisampling and shadows are almost all of a frame's cost on a CPU:
+    ``offsamples = 0`` (read when the GL context is made, so set before the first render)
+    and the scene's shadow and reflection flags off remove them. Made on the first
+    ``render()``, so environments that never render need no OpenGL at all.
     """
 
     def __init__(self, model, camera: str, width: int, height: int, fast: bool = True) -> None:
@@ -399,8 +369,8 @@ def make_vector_env(
     (``envs.collect`` uses ``seed_offset, seed_offset + 1, ...``).
 
     Args:
-        asynchronous: one subprocess per env (``AsyncVectorEnv``); on 2 cores the
-            synchronous version is usually as fast, since a step costs ~0.4 ms.
+        asynchronous: one subprocess per env (``AsyncVectorEnv``); with few cores the
+            synchronous version is usually as fast, since a state-only step is cheap.
         render: ``render_mode="rgb_array"``, ``camera_name``, ``width``, ``height`` of every env
             (``venv.render()`` then gives one frame per env).
     """
@@ -427,11 +397,10 @@ class ReachTCPPolicy(SawyerReachV3Policy):
 
     ``SawyerReachV3Policy`` drives ``obs[0:3]`` (the hand) onto the goal, but reach
     succeeds when ``tcp_center``, 4.5 cm below the hand, is within 5 cm of the goal. So
-    the original expert settles 4.3-4.6 cm from the goal, just inside the success
-    radius, and a policy imitating it succeeds only if it is accurate to a few
-    millimetres in the wrong direction (the shipped policy until 2026-11-25 stopped at
-    5.0-6.3 cm on 26 % of held-out episodes). Aiming the hand 4.5 cm above the goal
-    puts the tool centre on it, leaving the full 5 cm radius as margin.
+    the original expert settles at the edge of the success radius, and a policy imitating
+    it succeeds only if it is accurate to a few millimetres in the wrong direction
+    (docs/guide/policies.md, "Experts and demonstrations"). Aiming the hand 4.5 cm above
+    the goal puts the tool centre on it, leaving the full 5 cm radius as margin.
     """
 
     def get_action(self, obs: np.ndarray) -> np.ndarray:

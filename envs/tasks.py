@@ -37,9 +37,9 @@ ALL_TASKS: tuple[str, ...] = (
 )  # fmt: skip
 
 #: Default suite, roughly easy to hard: the tasks the shipped policy is trained and
-#: evaluated on (configs/train.yaml ``suite``). Expert success over 100 seeds: 100 %
-#: except door-open 96 % (hence collection keeps successes only). pick-place and
-#: peg-insert-side (expert 100 % and 90 %) are harder extensions, not in the default.
+#: evaluated on (configs/train.yaml ``suite``). The scripted experts solve them on all or
+#: nearly all seeds (door-open not quite: collection keeps successes only; figures in
+#: docs/guide/policies.md). pick-place and peg-insert-side are harder extensions, not in the default.
 DEFAULT_SUITE: tuple[str, ...] = (
     "reach",
     "button-press-topdown",
@@ -49,35 +49,35 @@ DEFAULT_SUITE: tuple[str, ...] = (
     "door-open",
 )
 
-#: Candidates of the harder suite (README "The harder suite"): the shipped ``*-metaworld-hard`` policies
+#: Candidates of the harder suite (docs/results/harder-suite.md): the shipped ``*-metaworld-hard`` policies
 #: are trained on all twelve; a DDIM-step sweep chose the evaluated suite among them.
 HARD_CANDIDATES: tuple[str, ...] = (
     "pick-place", "peg-insert-side", "basketball", "sweep-into", "push", "plate-slide",
     "handle-press", "faucet-open", "coffee-button", "door-open", "assembly", "hammer",
 )  # fmt: skip
 
-#: The harder suite (``tasks=[hard]`` in ``python -m bac.eval``), chosen by the sweep of README "The harder
-#: suite" (``eval.suite_study.choose_suite``): full computation >= 70 % on both architectures, the eight
-#: largest drops in success from full computation to DDIM-2, DDIM-3 and bac at M=10.
+#: The harder suite (``tasks=[hard]`` in ``python -m bac.eval``), chosen by the sweep of
+#: docs/results/harder-suite.md (``benchmarks.suite_study.choose_suite``): full computation >= 70 % on both
+#: architectures, the eight largest drops in success from full computation to DDIM-2, DDIM-3 and bac at M=10.
 HARD_SUITE: tuple[str, ...] = (
     "pick-place", "peg-insert-side", "push", "plate-slide", "handle-press", "faucet-open", "assembly", "hammer",
 )  # fmt: skip
 
 #: Scripted-expert successes on seeds 0-19 at each task's episode cap, without action noise (a test
-#: replays them). With the demonstrations' DART noise (0.3) experts fail more often (basketball: 176 of
-#: 376 attempts, assembly 73 of 273, peg-insert-side 63 of 263); collection keeps successes only.
+#: replays them). With the demonstrations' DART noise (0.3) experts fail more often (docs/guide/policies.md,
+#: "Experts and demonstrations"); collection keeps successes only.
 EXPERT_SUCCESSES: dict[str, int] = {
     "pick-place": 20, "peg-insert-side": 19, "basketball": 20, "sweep-into": 19, "push": 20, "plate-slide": 20,
     "handle-press": 20, "faucet-open": 20, "coffee-button": 20, "door-open": 19, "assembly": 20, "hammer": 20,
 }  # fmt: skip
 
 #: Episode-length caps. Meta-World's own limit is 500 steps, but its scripted experts
-#: first succeed on these tasks within 33-113 steps (100 seeds each), with rare
-#: outliers (peg-insert-side: median 94, one at 438; push seed 52: 210). The cap is
-#: about twice the expert's usual longest episode, at least 200: a learned policy that
-#: has not succeeded by then practically never does, and every extra step costs a
-#: diffusion-policy inference in closed-loop evaluation. The outliers are simply not
-#: kept as demonstrations. Tasks not listed use Meta-World's 500. Override per env.
+#: first succeed on these tasks far sooner, with rare outliers (docs/guide/policies.md,
+#: "Simulated tasks"). The cap is about twice the expert's usual longest episode, at
+#: least 200: a learned policy that has not succeeded by then practically never does,
+#: and every extra step costs a diffusion-policy inference in closed-loop evaluation.
+#: The outliers are simply not kept as demonstrations. Tasks not listed use
+#: Meta-World's 500. Override per env.
 MAX_EPISODE_STEPS: dict[str, int] = {
     "reach": 200,
     "button-press-topdown": 200,
@@ -95,8 +95,8 @@ MAX_EPISODE_STEPS: dict[str, int] = {
     "coffee-button": 200,
     "assembly": 250,
     "hammer": 200,
-    # The language-conditioned suite (envs.instructions.LANGUAGE_SUITE); experts over 20 seeds first
-    # succeed within 32-126 steps (handle-pull the longest).
+    # The language-conditioned suite (envs.instructions.LANGUAGE_SUITE); its experts first succeed well
+    # within 200 steps (docs/guide/policies.md, "Simulated tasks").
     "faucet-open": 200,
     "faucet-close": 200,
     "window-close": 200,

@@ -1,16 +1,12 @@
 """What every trainer here shares: resumable training state, state dicts checked before loading, and
 weights files that carry what identifies them.
 
-A weights file written by :func:`save_weights` is safetensors with one metadata entry,
-``bac``: JSON ``{"format": "bac-weights/1", "fingerprint": ..., "identity": {...}}``, the
-config's identity (``PolicyConfig.identity``) and its sha256. (One entry, because
-safetensors writes metadata entries in hash order: with one, equal weights give equal
-bytes.) Its own sha256 and size
-go into ``config.json`` (``WeightsRecord``). safetensors has no checksum, so the sha256
-is what notices a flipped byte in the tensor payload; the fingerprint is what notices a
-``config.json`` whose model settings were changed under weights that still have the
-right shapes (``heads``). :func:`read_weights` checks both and names the file in every
-error (:class:`bac.CheckpointError`).
+A weights file written by :func:`save_weights` is safetensors with one metadata entry, ``bac``: JSON
+``{"format": "bac-weights/1", "fingerprint": ..., "identity": {...}}`` (one entry, because safetensors
+writes metadata entries in hash order: with one, equal weights give equal bytes). Its sha256 and size go
+into ``config.json``. :func:`read_weights` checks both, the sha256 against a flipped byte, the fingerprint
+against changed model settings, and names the file in every :class:`bac.CheckpointError`
+(docs/guide/policies.md, "The policy interface").
 """
 from __future__ import annotations
 

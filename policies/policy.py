@@ -1,43 +1,11 @@
 """A diffusion policy with LeRobot's interface: denoiser, normalisation, diffusers noise schedules, checkpoints.
 
-The interface (``PreTrainedPolicy``'s, without depending on LeRobot):
-
-* ``reset()`` at the start of every episode: clears the observation history and
-  the action queue.
-* ``predict_action_chunk(batch, num_actions=None) -> [B, num_actions, A]``: one
-  sampling call (it marks the start of a trajectory for bac's cache) on a batch whose
-  ``observation.state`` is the stacked history ``[B, n_obs_steps, D]``; the first
-  ``num_actions`` (default ``n_action_steps``, at most ``horizon``) actions of the chunk.
-  A real-time controller (``bac.runtime.control``) asks for all ``horizon`` of them.
-* ``select_action(batch) -> [B, A]``: the next action for the *current*
-  observation (``observation.state`` ``[B, D]``). The policy keeps the last
-  ``n_obs_steps`` observations (at reset the first one is repeated, as training
-  windows are padded) and a queue of ``n_action_steps`` actions, and calls
-  ``predict_action_chunk`` only when the queue is empty (receding horizon).
-
-A batch is a dict of the features named in :attr:`PolicyConfig.input_features`:
-``observation.state`` (tensor or array) and ``task`` (a task name, or one per
-sample; one of :attr:`tasks`). Both calls take an optional ``generator=``.
-A missing feature, a wrong shape, a batch of 0, NaN or inf, or an unknown task raises
-:class:`bac.DataError` (a ``ValueError``) naming the feature.
-
-Output guard: every sampled chunk is checked once (``torch.isfinite(actions).all()``,
-a few microseconds). Non-finite actions raise :class:`bac.NonFiniteError`, which says
-which inputs are far outside the training range (beyond ``EXTREME`` times the
-normaliser's range; such values are not refused before sampling, only named when the
-output is bad) and whether any weight is non-finite (checked only then). With
-``on_nonfinite="hold"``, :meth:`DiffusionPolicy.select_action` instead repeats the last
-finite action of each failed sample for that chunk and appends the event to
-:attr:`DiffusionPolicy.nonfinite_events`; it still raises when a sample has no finite
-action since :meth:`~DiffusionPolicy.reset`. ``predict_action_chunk`` always raises.
-
-Checkpoints are a directory with ``model.safetensors`` (EMA weights and the
-normalisation statistics) and ``config.json`` (:class:`PolicyConfig`: architecture,
-typed model config, feature spec, tasks, noise schedule, provenance); nothing is
-unpickled. :meth:`DiffusionPolicy.save` also writes the weights file's sha256 into
-``config.json`` and the config's architecture fingerprint into the weights' metadata;
-:meth:`DiffusionPolicy.load` checks both (:mod:`bac.policies.checkpointing`). Every
-load failure is a :class:`bac.CheckpointError` naming the file.
+:class:`DiffusionPolicy` has ``PreTrainedPolicy``'s interface without depending on LeRobot: ``reset()``,
+``predict_action_chunk(batch)`` (one sampling call on the observation history) and ``select_action(batch)``
+(the next action for the current observation, from a queue of ``n_action_steps``). A batch is a dict of the
+features of :attr:`PolicyConfig.input_features`; a bad one raises :class:`bac.DataError` naming the feature.
+Checkpoints are ``model.safetensors`` + ``config.json``, checked on load (:mod:`bac.policies.checkpointing`).
+The interface in full: docs/guide/policies.md ("The policy interface").
 """
 from __future__ import annotations
 
@@ -115,7 +83,21 @@ class Normalizer(nn.Module):
 
 class DiffusionPolicy(nn.Module):
     """``DiffusionPolicy(config, on_nonfinite="raise")``: a :class:`PolicyConfig` (``PolicyConfig.build(...)``
-    or a checkpoint's); ``on_nonfinite`` is ``"raise"`` or ``"hold"`` (see the module docstring)."""
+    or a checkpoint's); ``on_nonfinite`` is ``"raise"`` or ``"hold"``.
+
+    Every sampled chunk is checked once (``torch.isfinite(actions).all()``). Non-finite actions raise
+    :class:`bac.NonFiniteError`, which says which inputs are far outside the training range (beyond
+    ``EXTREME`` times the normaliser's range; such values are not refused before sampling, only named when
+    the output is bad) and whether any weight is non-finite (checked only then). With
+    ``on_nonfinite="hold"``, :meth:`select_action` instead repeats the last finite action of each failed
+    sample for that chunk and appends the event to :attr:`nonfinite_events`; it still raises when a sample
+    has no finite action since :meth:`reset`. :meth:`predict_action_chunk` always raises.
+
+    :meth:`save` writes ``model.safetensors`` (EMA weights and the normalisation statistics, with the
+    config's architecture fingerprint in its metadata) and ``config.json`` (:class:`PolicyConfig`, with the
+    weights file's sha256); :meth:`load` checks both, unpickles nothing, and names the file in every
+    :class:`bac.CheckpointError`.
+    """
 
     name = "diffusion"
 
@@ -435,7 +417,7 @@ class DiffusionPolicy(nn.Module):
         how many of the chunk's ``horizon`` actions to return (default ``n_action_steps``, the receding
         horizon's; a real-time controller takes all of them to execute past a late chunk); a value outside
         ``[1, horizon]`` is a :class:`bac.ConfigError`. Non-finite actions (among those returned) raise
-        :class:`bac.NonFiniteError` (whatever :attr:`on_nonfinite` says; see the module docstring), with the
+        :class:`bac.NonFiniteError` (whatever :attr:`on_nonfinite` says; see :class:`DiffusionPolicy`), with the
         chunk in ``err.actions`` and the failed samples in ``err.samples``.
         """
         state, actions = self._sample(batch, generator, num_actions)

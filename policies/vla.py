@@ -1,20 +1,12 @@
 """What the vision-language-action heads share: images in, the observation prefix, attention and FFN parts.
 
-A VLA head (``policies.gr00t``, ``policies.rdt``, ``policies.pi0``) denoises an action chunk conditioned
-on a *prefix*: the tokens of the observation, computed once per policy call.
-
-* Images: ``observation.images.<camera>`` are LeRobot's layout, float ``[B, 3, H, W]`` in [0, 1]
-  (:func:`frames_to_images` turns rendered ``[..., H, W, 3]`` uint8 frames into it; Meta-World's
-  upside-down corner cameras are already turned by the renderer). :class:`ImageEncoder`, trained with
-  the head (no pretrained vision weights are installable here), maps ``2 x - 1`` through four strided
-  3x3 convolutions to a 6 x 6 grid of tokens per camera, with learned position and camera embeddings.
-  In training, :func:`random_shift` augments as DrQ does (replicate-pad, random crop back).
-* Language: the instruction's frozen all-MiniLM-L6-v2 tokens (``policies.language``), projected to the
-  head's width, with their padding mask.
-* State: the proprioceptive state (normalised) as one token.
-
-:class:`Prefix` holds the three token sets. Everything here is step-independent: the denoising loop
-only runs the head's blocks.
+A VLA head (``policies.gr00t``, ``policies.rdt``, ``policies.pi0``) denoises an action chunk conditioned on a
+*prefix*: the tokens of the observation, computed once per policy call and step-independent, so the
+denoising loop only runs the head's blocks. :class:`Prefix` holds its three token sets: image tokens
+(:class:`ImageEncoder`, trained with the head, on LeRobot's ``[B, 3, H, W]`` images, see
+:func:`frames_to_images`; :func:`random_shift` augments in training), the instruction's frozen language
+tokens (``policies.language``) and the proprioceptive state as one token. docs/guide/policies.md ("The
+prefix, data and training").
 """
 from __future__ import annotations
 

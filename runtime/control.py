@@ -1,54 +1,12 @@
 """The real-time control loop: one robot at a fixed control rate, the next chunk sampled while the current one runs.
 
-:func:`run_episodes` (the evaluator's loop) stops the world while a chunk is sampled, so a slow sampler
-costs nothing there; on a robot the arm keeps moving on its last command. This loop keeps time: every
-``dt = 1 / control_hz`` the controller executes one action, while an inference worker computes the next
-chunk from an observation taken ``lead`` ticks before the current chunk's planned end. Whatever the
-sampler's latency does to a robot (stale actions, deadline misses, a lower achieved rate) shows up here.
-
-Timing model (``s = execute_steps``, ``H = policy.horizon``; index ``i`` of a chunk computed from the
-observation at tick ``t0`` is the action for tick ``t0 + i``)::
-
-    tick           0   1   2   3   4   5   6   7   8   9  10  11        s = 6, lead = 2
-    chunk A        a0  a1  a2  a3  a4  a5 |                             from obs 0; planned end 6
-    inference B                    ^obs 4 ====> arrives at tick 6       delay d = 6 - 4 = 2
-    chunk B                                b2  b3  b4  b5  b6  b7 |     b0, b1 dropped; planned end 6 + s
-    inference C                                        ^obs 10 ...      submitted at 12 - lead
-
-    B late (arrives at tick 7): tick 6 is a deadline miss and executes a5 again (on_late="hold") or
-    a6 (on_late="continue", A's actions past its plan, up to index H - 1, then hold); B then runs b3, b4, ...
-
-Each tick, in order: (1) a result that is visible now takes over, with its first ``d = now - t0`` actions
-dropped (real-time chunking's inference-delay alignment) and its planned end at ``now + s`` (or at its
-last action, ``t0 + H``, when that comes first: a result with ``d >= H`` has none left and is late at
-once); (2) with no inference in flight and ``tick >= planned end - lead``, the cameras are rendered and the
-next inference is submitted from this tick's observation history; (3) the result is polled again (a
-zero-latency virtual result takes over at once); (4) one action is executed (clipped to the action space);
-(5) the loop waits for the next tick. ``blend > 0`` crossfades the first ``blend`` actions after a
-takeover, action ``j`` (0-based) being ``(1 - w) * old + w * new`` with ``w = (j + 1) / (blend + 1)``,
-where ``old`` is what the previous chunk would have executed at that tick (its own action, or, past its
-plan, what ``on_late`` executes). One inference is in flight at most (one worker, as on a robot with one
-accelerator).
-
-At the start of an episode the robot waits for the first chunk (ticks pass, the env does not step); that
-chunk's observation is still the current one, so nothing of it is dropped (delay 0); the wait is the
-episode's ``time_to_first_action_s``. ``lead="auto"`` is ``ceil(latency / dt) + 1`` clipped to ``[0, s]``,
-from the first chunk's latency (the warm-up; :func:`auto_lead` computes it from a benchmark's latencies,
-to fix ``lead`` across episodes); ``adapt_lead=True`` raises the lead after any chunk that took longer
-than it allowed for. With zero latency, ``lead=0`` and ``s = n_action_steps`` the loop executes
-exactly what :func:`bac.runtime.run_wave` (``select_action``) executes on the same seed and generator (tested).
-
-Two clocks, one loop (:func:`run_control_episode` does not know which it has):
-
-* :class:`VirtualClock`: deterministic. Time is an integer count of nanoseconds that moves one ``dt`` per
-  tick; an inference is computed synchronously at submit but becomes visible only at ``submit time +
-  latency``, the latency being its measured compute time or ``latency_model(call_index)`` in ms (then runs
-  are reproducible: CI, and sweeps of a sampler's measured latency distribution, :func:`sampled_latency`).
-* :class:`WallClock`: ``time.monotonic``; the loop sleeps to each tick and the inference runs on a worker
-  thread, so the env and the policy run concurrently. A tick whose work (render, submit, env step) runs past
-  the next tick's start is an overrun; the next tick then starts at once and the schedule re-anchors there.
-
-Everything returned (:class:`EpisodeTrace`, :func:`summarize_runs`) is plain data: ``to_dict()`` is JSON.
+:func:`run_episodes` (the evaluator's loop) stops the world while a chunk is sampled, so a slow sampler costs
+nothing there; on a robot the arm keeps moving on its last command. :func:`run_control_episode` keeps time:
+every ``1 / control_hz`` it executes one action while an inference worker computes the next chunk, so whatever
+the sampler's latency does to a robot (stale actions, deadline misses, a lower achieved rate) shows up here.
+It runs on a :class:`VirtualClock` (deterministic) or a :class:`WallClock` (real time, a worker thread);
+everything returned (:class:`EpisodeTrace`, :func:`summarize_runs`) is plain data. The timing model, tick by
+tick: docs/guide/realtime.md ("The timing model").
 """
 from __future__ import annotations
 
@@ -356,7 +314,7 @@ def _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max
 
 class _Schedule:
     """The chunk bookkeeping of one episode: which chunk runs, its planned end, misses, blending.
-    Pure (no env, no clock): every rule of the module docstring's timing model is here."""
+    Pure (no env, no clock): every rule of the timing model (docs/guide/realtime.md) is here."""
 
     def __init__(self, horizon: int, s: int, on_late: str, blend: int):
         self.horizon, self.s, self.on_late, self.blend = horizon, s, on_late, blend
@@ -435,7 +393,8 @@ def run_control_episode(
     latency_model: LatencyModel | None = None,
 ) -> EpisodeTrace:
     """One seeded episode of ``policy`` driving a 1-env vector env (an env factory's ``make_env(task, 1,
-    terminate_on_success=True)``, or :func:`make_control_env`) at ``control_hz``; see the module docstring.
+    terminate_on_success=True)``, or :func:`make_control_env`) at ``control_hz``; the timing model is in
+    docs/guide/realtime.md.
 
     ``clock``: :class:`VirtualClock` (default) or :class:`WallClock`. ``generator``: the sampling noise
     (default torch's global RNG). ``execute_steps``: actions planned per chunk (default the policy's

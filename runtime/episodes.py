@@ -1,18 +1,12 @@
 """Seeded episodes of a chunking policy on gymnasium vector envs, in waves of ``num_envs``.
 
-The policy is driven through its interface: ``reset()`` at the start of a wave, then
-one ``select_action(batch)`` per environment step with the current observations
-(``{"observation.state": [B, D], "task": [task] * B}``); the policy keeps the
-observation history and its queue of ``n_action_steps`` actions and samples a new
-chunk when the queue runs empty, so each chunk is executed open loop. Actions are
-clipped to the environment's action space. One seed per environment; an episode
-ends at its first success or at the step cap, and its result is final from then on
-(environments that finish early idle until the wave ends).
-
-The runtime holds no task knowledge: environments come from an :data:`EnvFactory` (for the shipped
-tasks, :func:`bac.envs.metaworld_env.make_vector_env`), and an environment whose observation
-concatenates named parts lists them in ``metadata["observation_slices"]`` (name -> slice), which a
-policy's ``observation.state`` feature may select by its ``keys``.
+The policy is driven through its interface: ``reset()`` at the start of a wave, then one
+``select_action(batch)`` per environment step, so each chunk from the policy's action queue is executed
+open loop; actions are clipped to the action space. One seed per environment; an episode ends at its first
+success or at the step cap. The runtime holds no task knowledge: environments come from an
+:data:`EnvFactory`, and an environment whose observation concatenates named parts lists them in
+``metadata["observation_slices"]``, which a policy's ``observation.state`` feature may select by its
+``keys``. docs/guide/realtime.md ("Chunked execution in environments").
 """
 from __future__ import annotations
 

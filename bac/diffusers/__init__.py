@@ -1,41 +1,13 @@
-"""Block adapters for diffusers' transformers: DiT, FLUX and Wan.
+"""Block adapters for diffusers' transformers (DiT, FLUX and Wan) and one-line caching for their pipelines.
 
-Importing this package registers, for the exact block classes of the
-installed diffusers, adapters that route every residual branch through bac's
-engine, so :func:`bac.describe`, :func:`bac.calibrate`, :func:`bac.make_plan`
-and :func:`bac.accelerate` work on ``DiTTransformer2DModel``,
-``FluxTransformer2DModel`` and ``WanTransformer3DModel`` unchanged::
-
-    import bac, bac.diffusers
-
-    calibration = bac.calibrate(transformer, sample, calibration_inputs)
-    plan = bac.make_plan(calibration, "bac", M=10, n=5)
-    with bac.accelerate(transformer, plan) as handle:
-        ...
-
-and :func:`enable_cache` / :func:`disable_cache` / :func:`calibrate` /
-:func:`refine` (:mod:`bac.diffusers.pipeline`) do it in one line on a pipeline,
-with any method of :func:`bac.available_methods`.
-
-Every replacement forward computes exactly what diffusers' forward computes
-(an every-step plan is bit-identical to the plain model); a block configured
-in a way the adapter does not reproduce is refused with
-:class:`UnsupportedBlockError` when the model is described, calibrated or
-accelerated, never silently computed differently.
-
-=============================  ==========================  ========================================
-block class                    branches (key: kind)        cached feature
-=============================  ==========================  ========================================
-BasicTransformerBlock (DiT)    sa: sa, [ca: ca], ffn: ffn  gated residual incl. adaLN-Zero modulation
-FluxTransformerBlock           attn: sa, ff: ffn,          (image, text) gated joint-attention
-                               ff_context: ffn             residuals; each stream's gated FFN
-FluxSingleTransformerBlock     attn_mlp: ffn               gated parallel attention + MLP (one matmul)
-WanTransformerBlock            sa: sa, ca: ca, ffn: ffn    gated residuals incl. modulation
-=============================  ==========================  ========================================
-
-The registered adapter for ``BasicTransformerBlock`` declares DiT's branches
-(``sa``, ``ffn``). For blocks with cross-attention use :func:`adapters_for`,
-which picks the adapter per block class and checks every layer up front.
+Importing this package registers, for the exact block classes of the installed diffusers, adapters that
+route every residual branch through bac's engine, so :func:`bac.calibrate`, :func:`bac.make_plan` and
+:func:`bac.accelerate` work on ``DiTTransformer2DModel``, ``FluxTransformer2DModel`` and
+``WanTransformer3DModel`` unchanged; :func:`enable_cache`, :func:`disable_cache`, :func:`calibrate` and
+:func:`refine` do it in one line on a pipeline. An every-step plan is bit-identical to the plain model; a
+block configured in a way the adapter does not reproduce is refused with :class:`UnsupportedBlockError`.
+For DiT blocks with cross-attention use :func:`adapters_for`. What each adapter caches, and how to use it:
+docs/guide/diffusers.md.
 """
 from __future__ import annotations
 

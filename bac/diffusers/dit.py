@@ -1,31 +1,10 @@
 """Adapter for diffusers' ``BasicTransformerBlock`` in DiT's configuration (``norm_type="ada_norm_zero"``).
 
-Every branch hands on the gated residual, everything the branch adds to the
-stream; the gate is applied outside the runner (``runner.gated``), so a Taylor
-stand-in forecasts the ungated output and multiplies it by the current gate:
-
-* ``sa``  = ``gate_msa * attn1(LayerNorm(h) * (1 + scale_msa) + shift_msa)``
-* ``ca``  = ``attn2(norm2(h), encoder_hidden_states)`` (only in blocks with cross-attention; no gate)
-* ``ffn`` = ``gate_mlp * ff(norm3(h) * (1 + scale_mlp) + shift_mlp)``
-
-The six modulation vectors come from the block's own adaLN-Zero conditioning
-(``norm1.emb``: timestep and class embedding, then ``norm1.linear``); they are
-computed once per denoiser call by the first branch of the layer that runs,
-so a layer whose branches are all reused skips the conditioning MLP as well.
-(FLOP accounting therefore charges it to the ``sa`` branch.)
-
-Supported exactly: ``norm_type="ada_norm_zero"`` with or without
-cross-attention (``cross_attention_dim``), sinusoidal positional embeddings,
-chunked feed-forward and the GLIGEN fuser (which, as a stream-dependent
-extra step outside the three branches, runs at every step). Refused with
-:class:`UnsupportedBlockError`: every other ``norm_type``,
-``only_cross_attention`` and ``double_self_attention``.
-
-Blocks are declared per adapter, not per layer, so the default adapter
-(registered for ``BasicTransformerBlock``, the DiT case) declares ``sa`` and
-``ffn``; for blocks with cross-attention pass
-``adapters=bac.diffusers.adapters_for(model)`` (or
-``{BasicTransformerBlock: bac.diffusers.BASIC_BLOCK_WITH_CA}``).
+Every branch (``sa``, ``ca`` where the block has cross-attention, ``ffn``) hands on its gated residual; the
+gate is applied outside the runner (``runner.gated``), and the adaLN-Zero modulation is computed by the first
+branch of the layer that runs, so a fully reused layer skips it too. Every other ``norm_type``,
+``only_cross_attention`` and ``double_self_attention`` are refused. The branches, what is supported, and
+when to pass ``adapters_for(model)``: docs/guide/diffusers.md ("What the adapters cache").
 """
 from __future__ import annotations
 

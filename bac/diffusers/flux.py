@@ -1,34 +1,10 @@
 """Adapters for FLUX's dual-stream and single-stream blocks.
 
-Dual-stream ``FluxTransformerBlock`` (three branches, in execution order):
-
-* ``attn`` (kind ``sa``): the joint attention over text and image tokens with
-  both streams' adaLN-Zero modulation and gates. It updates both streams, so
-  its cached feature is the tuple ``(gate_msa * image_out, c_gate_msa * text_out)``
-  (plus the IP-adapter output when an IP-adapter processor returns one; it is
-  added to the image stream after the FFN, as diffusers does).
-* ``ff`` (kind ``ffn``): ``gate_mlp * ff(norm2(h) * (1 + scale_mlp) + shift_mlp)`` on the image stream.
-* ``ff_context`` (kind ``ffn``): the same on the text stream with the context modulation.
-
-Each stream's six modulation vectors (``norm1.linear`` / ``norm1_context.linear``
-of ``temb``) are computed by the first branch of the layer that needs them. Every
-gate is applied outside the runner (``runner.gated``): a Taylor stand-in forecasts
-the ungated outputs and multiplies them by the current gates.
-
-Single-stream ``FluxSingleTransformerBlock``: one branch ``attn_mlp`` (kind
-``ffn``). diffusers runs attention and MLP in parallel on the same normalised
-input and mixes them in ONE linear layer, ``proj_out(cat([attn, mlp]))``;
-splitting that matmul into an attention part and an MLP part would change the
-arithmetic (and the result bits), so the whole parallel block is one branch:
-``gate * proj_out(cat([attn(x), mlp(x)]))`` with ``x`` the modulated norm of the
-concatenated ``[text; image]`` stream (one tensor for both streams). Its kind is
-``ffn`` because its MLP path (``proj_mlp``, GELU, ``proj_out``) has no
-normalisation between its linear layers, which is what BUA's bubbling rule
-keys on: a single block's schedule bubbles up into the selected upstream blocks.
-
-Dual blocks (``transformer_blocks``) are registered, and run, before the single
-blocks (``single_transformer_blocks``), so layer numbers follow execution order.
-fp16 clipping is reproduced where diffusers applies it (after each block).
+A dual-stream block has three branches: the joint attention (``sa``, updating both streams: its feature is
+a tuple) and one gated FFN per stream. A single-stream block is one branch (``ffn``): diffusers mixes its
+parallel attention and MLP in one linear layer, which cannot be split without changing the result bits.
+Gates are applied outside the runner (``runner.gated``). The branches and why they are cut this way:
+docs/guide/diffusers.md ("What the adapters cache").
 """
 from __future__ import annotations
 

@@ -9,27 +9,10 @@
     image = pipe(class_labels=[3], num_inference_steps=50).images[0]
     bac.diffusers.disable_cache(pipe)
 
-* Each pipeline call starts a new trajectory (every cache context cleared).
-* The transformer's ``cache_context(name)``, which diffusers' FLUX and Wan
-  pipelines enter around each denoiser call ("cond" / "uncond"), selects
-  bac's context of that name, so classifier-free guidance that runs the
-  transformer twice per step keeps separate cache state per branch. Guidance
-  batched into one call (DiT) needs nothing.
-* Step counts. A method whose schedule does not depend on the step count
-  (``fbcache``, ``cg-taylor``, ``sortblock``, and ``uniform`` / ``taylorseer`` /
-  ``every-step`` given by name) follows each pipeline call's
-  ``num_inference_steps``: it is rebuilt for a new count before the call runs
-  (FLUX-schnell's 4 steps after the default 28). A method planned from a
-  calibration (``bac``, ``acs``, ``forecast-acs``, ...) given by name is planned
-  again at the call's first denoiser call from the calibrated steps at the call's
-  timesteps (:meth:`bac.Calibration.for_timesteps`; :func:`calibrate` records the
-  pipeline's timesteps), when the calibration covers them. A count it does not
-  cover, a plan object or file, and a calibrated :class:`bac.Method` are refused
-  with what to do instead (calibrate at that count). ``num_inference_steps`` of
-  :func:`enable_cache` is the count it is built for first (default: the
-  calibration's, the plan's, or the pipeline's own).
-* On a bare transformer there is no pipeline call to hook: call
-  ``bac.new_trajectory(transformer)`` at the start of each sampling loop.
+Each pipeline call starts a new trajectory; the transformer's ``cache_context(name)`` selects bac's context
+of that name (classifier-free guidance); a method follows, or is planned again for, each call's
+``num_inference_steps`` where it can, and is refused with what to do where it cannot. Step counts, guidance
+and bare transformers: docs/guide/diffusers.md.
 """
 from __future__ import annotations
 
@@ -194,7 +177,11 @@ def enable_cache(
     ``fbcache``, ...) with its ``params``, a :class:`bac.Method`, a
     :class:`bac.Plan` or the path of a plan file. Calibrated methods (``bac``,
     ``acs``, ``unified-acs``) need ``calibration`` (from :func:`calibrate`, or
-    its file). Returns the :class:`bac.CacheHandle` (statistics, FLOPs).
+    its file). ``num_inference_steps`` is the step count the method is built for
+    first (default: the calibration's, the plan's, or the pipeline's own); a
+    pipeline call with another count rebuilds or re-plans it where it can
+    (docs/guide/diffusers.md, "Step counts"). Returns the :class:`bac.CacheHandle`
+    (statistics, FLOPs).
     """
     pipe, transformer = _split(target)
     if getattr(transformer, "_bac_diffusers", None) is not None:

@@ -1,17 +1,8 @@
 """Adapter for Wan's ``WanTransformerBlock``.
 
-Branches, in execution order, and what each hands on (what diffusers adds to
-the stream; the additions themselves stay in float32 and are cast back to the
-stream's dtype exactly where diffusers casts). Gates are applied outside the
-runner (``runner.gated``): a Taylor stand-in forecasts the ungated output and
-multiplies it by the current gate.
-
-* ``sa`` (kind ``sa``):  ``attn1(norm1(h) * (1 + scale_msa) + shift_msa) * gate_msa``
-* ``ca`` (kind ``ca``):  ``attn2(norm2(h), encoder_hidden_states)`` (Wan has no gate here)
-* ``ffn`` (kind ``ffn``): ``ffn(norm3(h) * (1 + c_scale_msa) + c_shift_msa).float() * c_gate_msa``
-
-The modulation (``scale_shift_table + temb``; per token for Wan 2.2 TI2V's 4-d
-``temb``) is computed by the first branch of the layer that needs it.
+Three branches (``sa``, ``ca``, ``ffn``), each handing on what diffusers adds to the stream, with diffusers'
+float32 additions and casts reproduced exactly; gates are applied outside the runner (``runner.gated``).
+The branches: docs/guide/diffusers.md ("What the adapters cache").
 """
 from __future__ import annotations
 

@@ -1,21 +1,11 @@
 """The method registry: every caching method by name, with typed parameters.
 
-A method is *when* each block runs (a schedule: update steps that become a
-static :class:`bac.Plan`, or a runtime :class:`bac.Rule`) plus *what stands in*
-for a block that does not run (:class:`bac.Reuse` or :class:`bac.Taylor`).
-It declares its name, whether it needs a :class:`bac.Calibration`, and its
-parameters as a frozen dataclass (validated in ``__post_init__``); the same
-field names are what Hydra configs and :func:`build_method` keywords use.
-Adding a method is one file::
-
-    @dataclass(frozen=True)
-    class EveryOtherParams:
-        offset: int = 0
-
-    @bac.register_method("every-other", EveryOtherParams)
-    def every_other(params, spec, num_steps, calibration):
-        steps = sorted({0} | set(range(params.offset, num_steps, 2)))
-        return {b.name: steps for b in spec.blocks}, bac.REUSE
+A method is *when* each block runs (update steps that become a static :class:`bac.Plan`, or a runtime
+:class:`bac.Rule`) plus *what stands in* for a block that does not run (:class:`bac.Reuse` or
+:class:`bac.Taylor`). It declares its name, whether it needs a :class:`bac.Calibration`, and its parameters
+as a frozen dataclass (validated in ``__post_init__``), whose field names are the Hydra configs' and
+:func:`build_method`'s keywords. Adding a method is one file: docs/guide/caching-methods.md ("Adding a
+method").
 """
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
 """Plan files: which steps every block is computed at, and what the plan was made for.
 
-A plan is JSON (docs/guide/caching-methods.md, "Plan files"): schema version, the model fingerprint, the
-step count and scheduler, the method and its parameters, per block its kind,
-layer and sorted update steps, and calibration facts. A plan refuses to load
-onto a model, block set, step count, scheduler or (for a calibrated plan)
-weights it was not made for, and the error names the mismatch.
-
-Reading is strict: every field must have its type (an update step written as
-``2.7`` or ``"3"`` is an error, not step 2), unknown fields are refused, and
-every problem with a file (missing, truncated, not JSON, a wrong field) is a
-:class:`bac.PlanMismatchError` naming the file and the field.
-
-Weights. A plan made from a calibration records the calibration's weights
-digest in ``model["weights"]`` (:func:`bac.adapters.weights_digest`); applying
-it to a model with other weights is refused unless ``allow_other_weights``.
-Plans that do not depend on weights (``every-step``, ``uniform``, TaylorSeer)
-and version-1 plans written before the digest was recorded have no
-``"weights"`` and are not checked against weights. The digest is an optional
-key of the version-1 fingerprint, so the schema version stays 1.
+A plan is JSON (docs/guide/caching-methods.md, "Plan files"): the model fingerprint (with the calibration's
+weights digest for a calibrated plan), the step count and scheduler, the method and its parameters, and per
+block its sorted update steps. A plan refuses to load onto a model, block set, step count, scheduler or
+weights it was not made for, and reading is strict: every problem is a :class:`bac.PlanMismatchError`
+naming the file and the field.
 """
 from __future__ import annotations
 
@@ -269,7 +256,7 @@ class Plan:
         ``spec`` is the model's :class:`bac.ModelSpec` (:func:`bac.describe`);
         ``num_steps`` / ``scheduler`` the sampler's (``None``: not checked). A
         calibrated plan must have been calibrated on this model's weights
-        (the weights are hashed, about 25 ms for a 9 M-parameter model) unless
+        (the weights are hashed, once per check) unless
         ``allow_other_weights``; plans without a weights digest (uncalibrated
         methods, files from before the digest) are not checked against weights.
         """
@@ -285,7 +272,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "data") -> "Plan":
-        """A plan from its JSON data, checked field by field (see the module docstring).
+        """A plan from its JSON data, checked field by field (docs/guide/caching-methods.md, "Plan files").
 
         Every problem is a :class:`bac.PlanMismatchError` naming ``source``
         (the file, for :meth:`load`) and the field.

@@ -21,6 +21,7 @@ from bac.errors import ConfigError
 @hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
+    # The evaluator (torch, MuJoCo) is imported here, not above: --help answers without loading it.
     if cfg.mode == "realtime":
         from bac.evaluation.realtime import run_realtime as run
     elif cfg.mode == "closed_loop":

@@ -15,7 +15,7 @@ from bac.configs import CONFIG_DIR
 @hydra.main(config_path=str(CONFIG_DIR), config_name="tune", version_base="1.3")
 @report_errors
 def main(cfg: DictConfig) -> None:
-    from bac.evaluation.tune import tune
+    from bac.evaluation.tune import tune  # here, not above: --help answers without loading torch and MuJoCo
 
     result = tune(cfg)
     print(f"{'candidate':<20}{'success':>10}{'p50 ms':>9}{'speedup':>9}  front")

@@ -44,7 +44,7 @@ SETTINGS = {**EVAL_SETTINGS, **OWN_SETTINGS}
 DEFAULT_METHODS = ["uniform", "acs", "bac"]
 
 ConfigStore.instance().store(name="block_errors", node={
-    "defaults": ["eval", "_self_"],
+    "defaults": ["eval", {"override methods": "default"}, "_self_"],  # the methods these analyses name
     "run_methods": DEFAULT_METHODS,
     "samples": 8,              # observations per task
     "surge_factor": SURGE_FACTOR,

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
+from bac.envs.tasks import episode_cap
 from bac.runtime import ChunkingPolicy, EnvPool, run_episodes
 
 
@@ -72,12 +73,14 @@ def run_task(
     waves = [seeds[i : i + num_envs] for i in range(0, len(seeds), num_envs)]
     todo = [wave for wave in waves if any(s not in done for s in wave)]
     repair(log_path)
-    with open(log_path, "a") as log, tqdm(total=len(seeds), initial=len(done.keys() & set(seeds)),
-                                          disable=not progress, desc=f"{task} / {method}", leave=False) as bar:
-        for wave in todo:
+    cap = int(max_episode_steps) if max_episode_steps else episode_cap(task)
+    with open(log_path, "a") as log, StepProgress(task, method, len(todo), cap, seeds, done,
+                                                  progress and bool(todo)) as bar:
+        for number, wave in enumerate(todo):
             generator = torch.Generator(device=policy.device).manual_seed(wave[0])
             for result in run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
-                                       generator=generator, instructions=instructions, envs=envs):
+                                       generator=generator, instructions=instructions, envs=envs,
+                                       on_step=bar.step):
                 if result["seed"] in done:
                     continue
                 record = {"task": task, "method": method, **result}
@@ -85,5 +88,44 @@ def run_task(
                 log.flush()
                 os.fsync(log.fileno())
                 done[record["seed"]] = record
-                bar.update(1)
+            bar.wave_done(number + 1)
     return [done[s] for s in seeds]
+
+
+class StepProgress:
+    """A progress bar over the environment steps of a (task, method) cell's waves that stays on screen.
+
+    Its total is the waves' step caps (``cap`` per wave); it advances at every step of a wave and jumps to
+    the wave's end when all its episodes are done (episodes end at their first success), and shows the
+    episodes finished and their successes so far.
+    """
+
+    def __init__(self, task: str, method: str, waves: int, cap: int, seeds: list[int], done: dict,
+                 enabled: bool) -> None:
+        self.cap, self.seeds, self.done = cap, seeds, done
+        self._wave_started = False
+        self.bar = tqdm(total=waves * cap, disable=not enabled, desc=f"{task} / {method}", unit="step",
+                        leave=True, dynamic_ncols=True, mininterval=0.5)
+        self._postfix()
+
+    def _postfix(self) -> None:
+        finished = [self.done[s] for s in self.seeds if s in self.done]
+        self.bar.set_postfix_str(f"episodes {len(finished)}/{len(self.seeds)}, "
+                                 f"{sum(bool(e['success']) for e in finished)} succeeded", refresh=False)
+
+    def step(self, venv=None) -> None:
+        """``run_episodes``'s ``on_step``: called after a wave's reset (not a step), then after every step."""
+        if self._wave_started:
+            self.bar.update(1)
+        self._wave_started = True
+
+    def wave_done(self, waves: int) -> None:
+        self._wave_started = False
+        self._postfix()
+        self.bar.update(waves * self.cap - self.bar.n)
+
+    def __enter__(self) -> "StepProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()

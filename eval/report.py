@@ -1,4 +1,4 @@
-"""Evaluation report: statistics, JSON (SPEC section 5), a Markdown table and plots."""
+"""Evaluation report: statistics, JSON (docs/guide/evaluation.md, "The report"), a Markdown table and plots."""
 from __future__ import annotations
 
 import math
@@ -91,6 +91,95 @@ def paired_difference(method: list[dict], reference: list[dict]) -> dict:
     }
 
 
+def pairs_needed(both: int, only_method: int, only_reference: int, neither: int, tolerance: float,
+                 limit: int = 1 << 20) -> int | None:
+    """Paired episodes a lossless verdict needs (the paired 95% interval's lower end above ``-tolerance``)
+    if the method were exactly as good as the reference, at the reference's success rate and the share of
+    discordant pairs seen here; None beyond ``limit``. No discordant pairs seen: the fewest with none."""
+    n = both + only_method + only_reference + neither
+    if n == 0:
+        return None
+    reference = (both + only_reference) / n
+    half = (only_method + only_reference) / n / 2  # each kind of disagreement, equally often
+
+    def clears(pairs: int) -> bool:
+        counts = [pairs * x for x in (reference - half, half, half, 1 - reference - half)]
+        return newcombe_paired(*counts)[0] >= -tolerance
+
+    low, high = 1, 2
+    while not clears(high):
+        low, high = high, 2 * high
+        if high > limit:
+            return None
+    while high - low > 1:  # the smallest count in (low, high] that clears
+        mid = (low + high) // 2
+        low, high = (low, mid) if clears(mid) else (mid, high)
+    return high
+
+
+def verdict(methods: dict, reference: str, tolerance_points: float) -> dict:
+    """The fastest configuration whose success is within ``tolerance_points`` of the reference's on the
+    paired episodes, and whether the data support that: lossless at 95% when the paired interval of its
+    difference lies above ``-tolerance_points``. Faster configurations are listed with their (significant or
+    not) losses. Methods without episodes give no verdict."""
+    tolerance = tolerance_points / 100
+    ref = methods.get(reference) or {}
+    if not (ref.get("success") or {}).get("episodes"):
+        return {"reference": reference, "tolerance_points": tolerance_points, "pick": None,
+                "reason": "no episodes (latency only)"}
+    scored = {name: m for name, m in methods.items() if (m.get("paired_vs_full") or {}).get("pairs")}
+    within = [name for name, m in scored.items() if m["paired_vs_full"]["mean"] >= -tolerance - 1e-12]
+    pick = max(within, key=lambda name: (scored[name]["speedup"], name == reference))
+    paired = scored[pick]["paired_vs_full"]
+    lossless = pick == reference or paired["ci95"][0] >= -tolerance
+    counts = (paired["both_succeeded"], paired["only_method_succeeded"], paired["only_reference_succeeded"],
+              paired["both_failed"])
+    faster = sorted((name for name in scored if scored[name]["speedup"] > scored[pick]["speedup"]),
+                    key=lambda name: -scored[name]["speedup"])
+    return {
+        "reference": reference, "tolerance_points": tolerance_points, "pick": pick,
+        "speedup": scored[pick]["speedup"], "pairs": paired["pairs"], "delta_points": 100 * paired["mean"],
+        "ci95_points": [100 * paired["ci95"][0], 100 * paired["ci95"][1]], "mcnemar_p": paired["mcnemar_p"],
+        "lossless_at_95": lossless,
+        "pairs_needed": None if pick == reference else pairs_needed(*counts, tolerance),
+        "faster": [{"method": name, "speedup": scored[name]["speedup"],
+                    "delta_points": 100 * scored[name]["paired_vs_full"]["mean"],
+                    "mcnemar_p": scored[name]["paired_vs_full"]["mcnemar_p"],
+                    "significant_loss": scored[name]["paired_vs_full"]["mcnemar_p"] < 0.05
+                    and scored[name]["paired_vs_full"]["mean"] < 0} for name in faster],
+    }
+
+
+def verdict_line(v: dict) -> str:
+    """``verdict`` in one line of Markdown."""
+    tol, ref = f"{v['tolerance_points']:g}", v["reference"]
+    if v["pick"] is None:
+        return f"**Verdict:** none: {v['reason']}."
+    episodes = f"{v['pairs']} paired episode" + ("" if v["pairs"] == 1 else "s")
+    faster = v["faster"]
+    if faster:
+        losses = "; ".join(f"{f['method']} ({f['speedup']:.1f}x) {f['delta_points']:+.1f} points, McNemar p "
+                           f"{f['mcnemar_p']:.2g}" + (" (a significant loss)" if f["significant_loss"]
+                                                     else " (not significant)") for f in faster[:2])
+        more = f"; {len(faster) - 2} more" if len(faster) > 2 else ""
+        beyond = f" Faster but outside the tolerance: {losses}{more}."
+    else:
+        beyond = ""
+    if v["pick"] == ref:
+        return (f"**Verdict:** nothing faster than the reference {ref} is within {tol} points of its success over "
+                f"{episodes}.{beyond}")
+    lo, hi = v["ci95_points"]
+    head = (f"**Verdict:** the fastest configuration within {tol} points of {ref} is **{v['pick']}**, "
+            f"{v['speedup']:.1f}x faster: {v['delta_points']:+.1f} points (paired 95% CI {lo:+.1f} to {hi:+.1f}, "
+            f"McNemar p {v['mcnemar_p']:.2g}) over {episodes}")
+    if v["lossless_at_95"]:
+        return f"{head}: lossless at 95% (the interval lies above -{tol} points).{beyond}"
+    needed = (f"; a lossless verdict needs about {v['pairs_needed']} paired episodes or more (if both succeed "
+              f"equally often, at this rate of disagreement)" if v["pairs_needed"] else "")
+    return (f"{head}: **not significant** at {episodes} (the interval reaches "
+            f"{lo:+.1f} points){needed}.{beyond}")
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
@@ -108,7 +197,8 @@ def markdown(report: dict) -> str:
         f"latency at batch 1, {report['latency_settings']['threads']} thread(s), "
         f"{report['latency_settings']['repeats']} interleaved repeats.",
         "",
-        "| method | settings | success % (95% CI) | Δ vs full (paired 95% CI) | McNemar p | p50 ms | p99 ms | Hz "
+        f"| method | settings | success % (95% CI) | Δ vs {report.get('reference_method', 'full')} (paired 95% CI) "
+        "| McNemar p | p50 ms | p99 ms | Hz "
         "| speedup | GFLOPs/call | skipped |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -138,7 +228,16 @@ def markdown(report: dict) -> str:
         lines += ["", f"Vision-language prefix (encoded once per call, never cached): p50 "
                       f"{prefix['latency']['p50_ms']:.1f} ms, {_pct(prefix['share_of_reference'])}% of a "
                       f"{report['reference_method']} call; speedups above are end to end."]
-    lines += ["", f"Machine: {report['machine']['platform']}; torch {report['packages']['torch']}."]
+    wall = report.get("wall_seconds") or {}
+    phases = (("calibration inputs", "calibration_inputs"), ("calibration and plans", "calibration_and_plans"),
+              ("rollouts", "rollouts"), ("latency", "latency"))
+    timing = ", ".join(f"{label} {wall[key]:.{0 if wall[key] >= 10 else 1}f} s" for label, key in phases
+                       if key in wall)
+    lines += ["", f"Machine: {report['machine']['platform']}; torch {report['packages']['torch']}"
+              + (f", {report['threads']} thread(s)" if "threads" in report else "")
+              + (f"; wall time: {timing}" if timing else "") + "."]
+    if report.get("verdict"):
+        lines += ["", verdict_line(report["verdict"])]
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +256,7 @@ def plots(report: dict, latencies: dict[str, list[float]], out_dir: Path, bac_pl
             lo, hi = s["wilson95"]
             ax.errorbar(m["speedup"], s["rate"], yerr=[[s["rate"] - lo], [hi - s["rate"]]], fmt="o", capsize=3)
             ax.annotate(name, (m["speedup"], s["rate"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        ax.set_xlabel("batch-1 latency speedup over full (x)")
+        ax.set_xlabel(f"batch-1 latency speedup over {report.get('reference_method', 'full')} (x)")
         ax.set_ylabel("success rate (Wilson 95% CI)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -22,18 +23,23 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import bac
-from bac.cli import BOOL, INT, SEQ, STR, check_settings
 from bac.configs import CONFIG_DIR
-from bac.errors import ConfigError
-from bac.envs.collect import collect
-from bac.envs.dataset import calibration_observations
+from bac.configs.settings import BOOL, FLOAT, INT, SEQ, STR, check_settings
+from bac.envs.calibration_inputs import CALIBRATION_INPUTS, calibration_inputs_facts, draw_calibration_inputs, \
+    shipped_calibration_inputs
+from bac.envs.collect import collect, default_data_dir
+from bac.envs.dataset import ImageLanguageWindows, calibration_observations
 from bac.envs.instructions import instruction, swapped_task
-from bac.envs.metaworld_env import ALL_TASKS
+from bac.envs.metaworld_env import ALL_TASKS, make_env, make_vector_env
 from bac.envs.tasks import HARD_SUITE
+from bac.envs.video import video_path, write_video
+from bac.errors import ConfigError
 from bac.policies.checkpointing import resolve_checkpoint
+from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
-from bac.runtime import EnvPool
+from bac.policies.vla import frames_to_images
+from bac.runtime import EnvPool, check_compatible, observation_slices, record_episode
 
 from . import report as reporting
 from . import shards
@@ -50,7 +56,7 @@ class EvalError(ConfigError):
     """A bad evaluation setting: reported as one clear line and exit status 2."""
 
 
-# Checked before any work starts (bac.cli.check_settings); the policy and methods check their own fields.
+# Checked before any work starts (bac.configs.settings.check_settings); the policy and methods check their own fields.
 SETTINGS = {
     "checkpoint": (STR, None, False), "untrained_tasks": (SEQ, None, False), "tasks": (SEQ, None, False),
     "episodes": (INT, 0, False), "seed": (INT, 0, False), "max_episode_steps": (INT, 1, True),
@@ -59,6 +65,7 @@ SETTINGS = {
     "M": (INT, 1, False), "n": (INT, 0, False), "run_methods": (SEQ, None, False),
     "calibration.samples": (INT, 1, False), "calibration.seed": (INT, 0, False),
     "calibration.episodes": (INT, 1, False), "calibration.recompute": (BOOL, None, False),
+    "tolerance_points": (FLOAT, 0, False), "threads": (INT, 1, True),
     "latency.repeats": (INT, 1, False), "latency.warmup": (INT, 0, False), "latency.threads": (INT, 1, False),
     "device": (STR, None, False), "plan_cache": (STR, None, False), "video": (BOOL, None, False),
     "video_settings.size": (INT, 16, False), "video_settings.fps": (INT, 1, False),
@@ -71,6 +78,14 @@ SETTINGS = {
 
 def check_eval_settings(cfg: DictConfig) -> None:
     check_settings(cfg, SETTINGS, CONFIG_DIR / "eval.yaml")
+
+
+def apply_threads(cfg: DictConfig) -> None:
+    """``threads``: torch's intra-op threads for everything the run computes but the batch-1 latency
+    (``latency.threads``); null keeps torch's default (``OMP_NUM_THREADS``, else one per core)."""
+    threads = cfg.get("threads")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -90,15 +105,10 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
     structure only, so a retrained checkpoint of the same shape must not find (and silently
     reuse) the plans of its predecessor.
     """
-    from bac.configs import CONFIG_DIR
-    from bac.envs.metaworld_env import make_env
-    from bac.policies.config import PolicyConfig
-    from bac.runtime import check_compatible
-
     def env_spaces(task: str):
         env = make_env(task)
         try:
-            return env.observation_space, env.action_space
+            return env.observation_space, env.action_space, observation_slices(env)
         finally:
             env.close()
 
@@ -111,7 +121,7 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
         tasks = list(cfg.untrained_tasks)
         if not tasks:
             raise EvalError("untrained_tasks is empty: an untrained policy takes its shapes from the first task's env")
-        observation_space, action_space = env_spaces(tasks[0])  # the feature shapes come from the env
+        observation_space, action_space, _ = env_spaces(tasks[0])  # the feature shapes come from the env
         try:
             config = PolicyConfig.build(spec.architecture, OmegaConf.to_container(spec.model, resolve=True),
                                         state_dim=int(observation_space.shape[0]), action_dim=int(action_space.shape[0]),
@@ -176,29 +186,55 @@ def episode_instructions(cfg: DictConfig, policy: DiffusionPolicy, task: str):
     return lambda seed: instruction(source, seed, held_out=held_out)
 
 
+def calibration_settings(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
+    return dict(samples=int(cfg.calibration.samples), episodes=int(cfg.calibration.episodes),
+                seed=int(cfg.calibration.seed), n_obs_steps=policy.n_obs_steps)
+
+
+def shipped_inputs_path(cfg: DictConfig, policy: DiffusionPolicy) -> Path | None:
+    """The calibration inputs file of the run's checkpoint (a trained state policy), if it has one."""
+    if policy.cameras or not policy.tasks or str(cfg.checkpoint).startswith(UNTRAINED):
+        return None
+    path = resolve_checkpoint(str(cfg.checkpoint)) / CALIBRATION_INPUTS
+    return path if path.is_file() else None
+
+
+def calibration_inputs_source(cfg: DictConfig, policy: DiffusionPolicy) -> str:
+    """Where the run's calibration observations come from, for the report."""
+    shipped = shipped_inputs_path(cfg, policy)
+    if shipped is not None and shipped_calibration_inputs(
+            shipped.parent, calibration_inputs_facts(policy.tasks, **calibration_settings(cfg, policy)),
+            policy.obs_dim) is not None:
+        return f"shipped with the checkpoint ({shipped})"
+    return (f"drawn from {int(cfg.calibration.episodes)} expert demonstrations per task (collected on demand "
+            f"under {default_data_dir()})")
+
+
 def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
     """Calibration observations from the demonstrations (never from evaluation episodes), spread over tasks.
 
     One policy batch: ``observation.state`` ``[N, n_obs_steps, D]`` and a ``task`` name per sample; for a
-    policy that reads images and instructions, the demonstrations' frames and instructions too.
+    policy that reads images and instructions, the demonstrations' frames and instructions too. A state
+    checkpoint that ships its calibration inputs (``calibration_inputs.safetensors``, drawn with this run's
+    ``calibration`` settings) needs no demonstrations: the shipped observations are the ones drawn here.
     """
     tasks = policy.tasks or [cfg.tasks[0]]
     per_task = -(-int(cfg.calibration.samples) // len(tasks))
     if policy.cameras:
         return image_calibration_batch(cfg, policy, tasks, per_task)
-    obs, names = [], []
-    for task in tasks:
-        path = collect(task, cfg.calibration.episodes, progress=False)
-        obs.append(calibration_observations(path, per_task, seed=cfg.calibration.seed, n_obs_steps=policy.n_obs_steps))
-        names += [task] * per_task
-    return {"observation.state": torch.as_tensor(np.concatenate(obs), dtype=torch.float32), "task": names}
+    settings = calibration_settings(cfg, policy)
+    shipped = shipped_inputs_path(cfg, policy)
+    states = None if shipped is None else shipped_calibration_inputs(
+        shipped.parent, calibration_inputs_facts(tasks, **settings), policy.obs_dim)
+    if states is not None:
+        names = [task for task in tasks for _ in range(per_task)]
+    else:
+        states, names = draw_calibration_inputs(tasks, **settings)
+    return {"observation.state": torch.as_tensor(states, dtype=torch.float32), "task": names}
 
 
 def image_calibration_batch(cfg: DictConfig, policy: DiffusionPolicy, tasks: list[str], per_task: int) -> dict:
     """``calibration_batch`` of a vision-language policy: state, frames and instructions of demonstration frames."""
-    from bac.envs.dataset import ImageLanguageWindows
-    from bac.policies.vla import frames_to_images
-
     size = policy.config.model.image_size
     keys = policy.input_features["observation.state"].keys or ("state",)
     # The demonstrations the head was trained on (image datasets are large: no second, noise-free set).
@@ -289,9 +325,6 @@ def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built:
 
     Existing videos are kept, so a resumed run records only what is missing.
     """
-    from bac.envs.video import video_path, write_video
-    from bac.runtime import record_episode
-
     settings, records = cfg.video_settings, []
     for variant in variants:
         for task in tasks:
@@ -302,7 +335,7 @@ def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built:
                 continue
             with applied(policy, variant, built.get(variant.name)):
                 generator = torch.Generator(device=policy.device).manual_seed(int(cfg.seed))
-                result, frames = record_episode(policy, task, int(cfg.seed), generator=generator,
+                result, frames = record_episode(policy, task, int(cfg.seed), make_env=make_vector_env, generator=generator,
                                                 max_episode_steps=cfg.max_episode_steps,
                                                 camera_name=str(settings.camera), size=int(settings.size))
             write_video(frames, path, fps=float(settings.fps))
@@ -349,7 +382,6 @@ def budget_plans(cfg: DictConfig, policy: DiffusionPolicy, variants: list[Varian
 @dataclasses.dataclass
 class Setup:
     """What every evaluation mode starts from: the policy at its full sampler and the compared variants, built."""
-
     policy: DiffusionPolicy
     plan_dir: Path
     trained: bool
@@ -362,6 +394,7 @@ class Setup:
     calibrations: dict[str, bac.Calibration]
     built: dict[str, bac.Method]
     tuned_plan: Path | None
+    seconds: dict = dataclasses.field(default_factory=dict)  # wall time per phase of this invocation
 
     @property
     def latency_batch(self) -> dict:
@@ -372,6 +405,7 @@ class Setup:
 def prepare(cfg: DictConfig) -> Setup:
     """Load the policy, set its full sampler, calibrate and build every variant but the budget ones."""
     check_eval_settings(cfg)
+    apply_threads(cfg)
     policy, plan_dir, trained = load_policy(cfg)
     tasks = resolve_tasks(cfg, policy)
     try:
@@ -383,7 +417,10 @@ def prepare(cfg: DictConfig) -> Setup:
         raise EvalError(str(err)) from err
     base_sampler, base_steps = policy.sampler_kind, policy.num_inference_steps
     method_config = OmegaConf.to_container(cfg.methods, resolve=True)
+    start = time.perf_counter()
     demo_obs = calibration_batch(cfg, policy)
+    seconds = {"calibration_inputs": time.perf_counter() - start}
+    start = time.perf_counter()
 
     try:
         variants = parse_variants(method_config, cfg.run_methods, base_sampler, base_steps, auto_steps=base_steps)
@@ -412,8 +449,9 @@ def prepare(cfg: DictConfig) -> Setup:
         policy.set_sampler(base_sampler, base_steps)
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
+    seconds["calibration_and_plans"] = time.perf_counter() - start
     return Setup(policy, plan_dir, trained, tasks, base_sampler, base_steps, method_config, demo_obs, variants,
-                 calibrations, built, tuned_plan)
+                 calibrations, built, tuned_plan, seconds)
 
 
 def count_flops(setup: Setup, built: dict[str, bac.Method]) -> tuple[dict[str, int], dict[str, float], int]:
@@ -472,12 +510,14 @@ def run(cfg: DictConfig) -> dict:
         logged = shards.logged_episodes(out)
         log_path = shards.log_path(out, index, count)
         by_name = {v.name: v for v in variants}
-        with EnvPool() as envs:  # one set of environments per task, shared by every method
+        start = time.perf_counter()
+        with EnvPool(make_vector_env) as envs:  # one set of environments per task, shared by every method
             for task, name in (cell for cell in cells if cell in mine):
                 with applied(policy, by_name[name], built.get(name)):
                     run_task(policy, task, name, seeds, log_path, num_envs=int(cfg.num_envs),
                              max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
                              instructions=episode_instructions(cfg, policy, task), envs=envs, logged=logged)
+        setup.seconds["rollouts"] = time.perf_counter() - start
         left = shards.missing(out, cells, seeds)
         if count > 1 and (left or not shards.claim_report(out)):  # another shard still runs, or reports
             print(f"[bac.eval] shard {index} of {count} done in {out}; {left} episodes of other shards to go"
@@ -504,8 +544,10 @@ def report(cfg: DictConfig, setup: Setup, out: Path, budgets: dict, flops: dict,
             episodes[v.name] = [logged[(task, v.name, seed)] for task in tasks for seed in seeds]
     videos = save_videos(cfg, policy, variants, built, tasks, out) if trained and cfg.video else []
 
+    start = time.perf_counter()
     latencies = measure_latency(policy, variants, built, latency_batch, repeats=int(cfg.latency.repeats),
                                 warmup=int(cfg.latency.warmup), threads=int(cfg.latency.threads))
+    setup.seconds["latency"] = time.perf_counter() - start
     prefix_times = latencies.pop(PREFIX, None)
     reference = "full" if "full" in latencies else variants[0].name
     full_p50 = float(np.median(latencies[reference]))
@@ -524,7 +566,8 @@ def report(cfg: DictConfig, setup: Setup, out: Path, budgets: dict, flops: dict,
                         "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.episodes) - 1] if cfg.episodes > 0 else [],
                         "noise_seed": "per wave of num_envs episodes: its first episode seed"},
         "sampler": {"kind": base_sampler, "steps": base_steps},
-        "calibration": {key: c.facts() | {"from": "demonstrations", "file_dir": str(plan_dir)}
+        "calibration": {key: c.facts() | {"from": "demonstrations", "inputs": calibration_inputs_source(cfg, policy),
+                                          "file_dir": str(plan_dir)}
                         for key, c in calibrations.items()} or None,
         "latency_settings": {"batch": 1, "threads": int(cfg.latency.threads), "repeats": int(cfg.latency.repeats),
                              "warmup": int(cfg.latency.warmup), "device": str(policy.device), "interleaved": True},
@@ -534,6 +577,9 @@ def report(cfg: DictConfig, setup: Setup, out: Path, budgets: dict, flops: dict,
         "prefix": None if prefix_times is None else {
             "latency": summarize(prefix_times), "share_of_reference": float(np.median(prefix_times)) / full_p50},
         "videos": videos,
+        # this invocation's wall time per phase (a resumed run counts only the episodes it ran)
+        "wall_seconds": {key: round(value, 2) for key, value in setup.seconds.items()},
+        "threads": torch.get_num_threads(),
         "methods": {},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version.split()[0]},
         "packages": _versions(),
@@ -547,7 +593,8 @@ def report(cfg: DictConfig, setup: Setup, out: Path, budgets: dict, flops: dict,
             "latency": summarize(latencies[variant.name]),
             "speedup": full_p50 / float(np.median(latencies[variant.name])),
             "flops_per_call": int(flops[variant.name]),
-            "ideal_speedup": full_flops / flops[variant.name],
+            # FLOPs of the reference (full computation of the base sampler, or the first method) per call
+            "ideal_speedup": (full_flops if reference == "full" else flops[reference]) / flops[variant.name],
             "skipped_share": skipped[variant.name],
         }
         if variant.name in budgets:
@@ -564,6 +611,8 @@ def report(cfg: DictConfig, setup: Setup, out: Path, budgets: dict, flops: dict,
                                  for t in tasks}
             entry["paired_vs_full"] = reporting.paired_difference(episodes[variant.name], episodes[reference])
         result["methods"][variant.name] = entry
+    # the tuner passes its evaluation no tolerance_points (it applies its own): the evaluator's default then
+    result["verdict"] = reporting.verdict(result["methods"], reference, float(cfg.get("tolerance_points", 2.0)))
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.md").write_text(reporting.markdown(result))
     bac_plan = next((built[v.name].schedule for v in variants if v.method == "bac"), None)

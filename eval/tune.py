@@ -33,7 +33,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import bac
-from bac.cli import FLOAT, check_settings
+from bac.configs.settings import FLOAT, check_settings
 from bac.configs import CONFIG_DIR
 from bac.errors import ConfigError
 from bac.policies.checkpointing import resolve_checkpoint

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import bac
 import bac.evaluation.closed_loop as closed_loop
@@ -37,8 +38,9 @@ def plan_cache(checkpoint):
 
 
 def config(checkpoint, tmp_path, *extra):
-    overrides = [
-        f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=3", "num_envs=2", "max_episode_steps=16",
+    overrides = [  # methods=default: the comparison these tests were written for (the main job's is methods=quick)
+        "methods=default", f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=3", "num_envs=2",
+        "max_episode_steps=16",
         "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3",
         "latency.repeats=3", "latency.warmup=1", f"out_dir={tmp_path / 'out'}", "progress=false",
         f"plan_cache={plan_cache(checkpoint)}", *extra,
@@ -141,8 +143,8 @@ def test_changed_settings_in_the_same_out_dir_are_refused(checkpoint, tmp_path):
 
 
 def cli(*overrides):
-    return subprocess.run([sys.executable, "-m", "bac.eval", *overrides], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    return subprocess.run([sys.executable, "-m", "bac.eval", "methods=default", *overrides], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +224,8 @@ def test_video_writes_one_gif_per_method_and_task(checkpoint, tmp_path):
 
 
 def eval_overrides(checkpoint, out):
-    return [f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=3", "num_envs=2", "max_episode_steps=16",
+    return ["methods=default", f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=3", "num_envs=2",
+            "max_episode_steps=16",
             "sampler.steps=6", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3",
             "latency.repeats=2", "latency.warmup=0", f"out_dir={out}", "progress=false",
             f"plan_cache={plan_cache(checkpoint)}", "run_methods=[full,bac]"]
@@ -272,9 +275,9 @@ def test_killed_run_resumes_with_nothing_lost_or_repeated(checkpoint, tmp_path, 
         ("bac.eval", ["episodes=ten"], "setting episodes must be an integer, got 'ten'"),
         ("bac.eval", ["video=1"], "setting video must be true or false"),
         ("bac.eval", ["+episode=2"], "unknown setting 'episode' (not in eval.yaml); did you mean 'episodes'?"),
-        ("bac.policies.train", ["steps=0"], "setting steps must be >= 1, got 0"),
-        ("bac.policies.train", ["+lr_decay=2"], "unknown setting 'lr_decay'"),
-        ("bac.envs.collect", ["episodes=0"], "setting episodes must be >= 1, got 0"),
+        ("bac.apps.train", ["steps=0"], "setting steps must be >= 1, got 0"),
+        ("bac.apps.train", ["+lr_decay=2"], "unknown setting 'lr_decay'"),
+        ("bac.apps.collect", ["episodes=0"], "setting episodes must be >= 1, got 0"),
     ],
 )
 def test_out_of_range_settings_are_refused_before_any_work(tmp_path, module, overrides, message):
@@ -530,3 +533,215 @@ def test_hard_names_the_harder_suite_which_the_shipped_hard_policies_were_traine
         assert resolve_tasks(config(checkpoint, tmp_path, "tasks=[hard]"), policy) == list(HARD_SUITE)
     with pytest.raises(EvalError, match="not on 'pick-place'"):  # the tiny policy knows reach and push only
         resolve_tasks(config(checkpoint, tmp_path, "tasks=[hard]"), DiffusionPolicy.load(checkpoint))
+
+
+# -- a main job that answers in minutes: shipped calibration inputs, the default, the verdict, threads, --help ----
+
+def test_the_main_jobs_default_and_the_previous_default_by_explicit_settings():
+    from bac.evaluation.variants import parse_variants
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        default = compose(config_name="eval")
+        previous = compose(config_name="eval", overrides=["methods=default", "tasks=[peg-insert-side]", "episodes=10",
+                                                          "threads=null"])
+    assert list(default.methods)[0] == "ddim-10" and default.threads == 1 and default.episodes == 100
+    assert list(default.tasks) == ["peg-insert-side", "push"] and default.checkpoint == "dpt-metaworld-hard"
+    variants = parse_variants(OmegaConf.to_container(default.methods, resolve=True), [], "ddpm", 100)
+    assert all(v.sampler == "ddim" and v.steps <= 10 for v in variants)  # no DDPM-100 in the default job
+    # the previous default: DDPM-100 full and the paper's methods, 10 episodes of peg-insert-side, torch's threads
+    assert set(previous.methods) == {"full", "ddim", "uniform", "unified-acs", "acs", "bac"}
+    assert (previous.episodes, previous.num_envs, previous.seed, previous.threads) == (10, 10, 100000, None)
+    assert list(previous.tasks) == ["peg-insert-side"] and previous.sampler.kind is None
+
+
+@pytest.mark.parametrize("name, task", [("dpt-metaworld", "reach"), ("dpt-metaworld-hard", "handle-press")])
+def test_shipped_calibration_inputs_equal_freshly_drawn_ones(name, task, tmp_path, monkeypatch):
+    """The shipped observations of one task are the ones the evaluator draws from freshly collected
+    demonstrations (one cheap task of the checkpoint's; each task's are drawn independently)."""
+    import numpy as np
+
+    from bac.envs.calibration_inputs import calibration_inputs_facts, draw_calibration_inputs, shipped_calibration_inputs
+    from bac.policies.checkpointing import resolve_checkpoint
+
+    defaults = OmegaConf.load(CONFIG_DIR / "eval.yaml").calibration
+    directory = resolve_checkpoint(name)
+    policy = DiffusionPolicy.load(directory)
+    settings = dict(samples=int(defaults.samples), episodes=int(defaults.episodes), seed=int(defaults.seed),
+                    n_obs_steps=policy.n_obs_steps)
+    shipped = shipped_calibration_inputs(directory, calibration_inputs_facts(policy.tasks, **settings), policy.obs_dim)
+    assert shipped is not None, f"{name} ships no calibration inputs for the default calibration settings"
+    per_task = -(-settings["samples"] // len(policy.tasks))
+    assert shipped.shape == (per_task * len(policy.tasks), policy.n_obs_steps, policy.obs_dim)
+    monkeypatch.setenv("BAC_DATA_DIR", str(tmp_path))  # freshly collected demonstrations
+    fresh, names = draw_calibration_inputs([task], **{**settings, "samples": per_task})
+    row = policy.tasks.index(task) * per_task
+    assert names == [task] * per_task and fresh.dtype == shipped.dtype == np.float32
+    assert np.array_equal(fresh, shipped[row : row + per_task])
+
+
+def test_every_shipped_state_checkpoint_has_its_calibration_inputs():
+    import numpy as np
+    from safetensors import safe_open
+
+    from benchmarks.calibration_inputs import state_checkpoints
+    from bac.envs.calibration_inputs import CALIBRATION_INPUTS
+
+    arrays = {}
+    for directory in state_checkpoints():
+        config = json.loads((directory / "config.json").read_text())
+        with safe_open(str(directory / CALIBRATION_INPUTS), framework="numpy") as f:
+            meta = f.metadata()
+            arrays.setdefault(meta["tasks"], []).append(f.get_tensor("observation.state"))
+        assert json.loads(meta["tasks"]) == config["tasks"] and int(meta["n_obs_steps"]) == config["n_obs_steps"]
+        assert (directory / CALIBRATION_INPUTS).stat().st_size < 64 << 10
+    assert len(arrays) == 2  # the six-task policy and the harder suite's four, which share tasks and histories
+    for same in arrays.values():
+        assert all(np.array_equal(same[0], other) for other in same[1:])
+
+
+def test_the_evaluator_uses_shipped_calibration_inputs_only_for_its_settings(checkpoint, tmp_path, monkeypatch):
+    """With the shipped inputs no demonstration is collected and calibration and plans are those of a run that
+    collected them; other calibration settings collect as before."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    import bac.envs.calibration_inputs as inputs
+    import bac.evaluation.run as evaluation
+
+    monkeypatch.setenv("BAC_DATA_DIR", str(tmp_path / "data"))
+    collected_ckpt, shipped_ckpt = tmp_path / "a" / "tiny", tmp_path / "b" / "tiny"  # own plan caches (parent/plans)
+    for target in (collected_ckpt, shipped_ckpt):
+        shutil.copytree(checkpoint, target)
+    extra = ("run_methods=[full,bac]", "tasks=[reach]", "episodes=2")
+    collected = run(config(collected_ckpt, tmp_path / "collected", *extra))
+    assert collected["calibration"]["ddpm6"]["inputs"].startswith("drawn from 3 expert demonstrations")
+
+    policy = DiffusionPolicy.load(shipped_ckpt)
+    settings = dict(samples=4, episodes=3, seed=0, n_obs_steps=policy.n_obs_steps)
+    states, _ = inputs.draw_calibration_inputs(policy.tasks, **settings)
+    inputs.save_calibration_inputs(shipped_ckpt / inputs.CALIBRATION_INPUTS, states,
+                                   inputs.calibration_inputs_facts(policy.tasks, **settings))
+
+    def no_collecting(*args, **kwargs):
+        raise AssertionError("collected demonstrations")
+
+    monkeypatch.setattr(evaluation, "collect", no_collecting)
+    monkeypatch.setattr(inputs, "collect", no_collecting)
+    shipped = run(config(shipped_ckpt, tmp_path / "shipped", *extra))
+    assert shipped["calibration"]["ddpm6"]["inputs"].startswith("shipped with the checkpoint")
+    files = [Path(report["methods"]["bac"]["plan_file"]) for report in (collected, shipped)]
+    calibrations = [load_file(str(next(f.parent.glob("calibration-*.safetensors")))) for f in files]
+    assert calibrations[0].keys() == calibrations[1].keys()
+    assert all(np.array_equal(calibrations[0][key], calibrations[1][key]) for key in calibrations[0])
+    plans = [json.loads(f.read_text()) for f in files]
+    for plan in plans:
+        plan["calibration"].pop("date")  # when each was made: the one field that differs
+    assert plans[0] == plans[1]
+    assert [m["success"] for m in collected["methods"].values()] == [m["success"] for m in shipped["methods"].values()]
+    for i, other in enumerate(("calibration.seed=1", "calibration.samples=5", "calibration.episodes=4")):
+        with pytest.raises(AssertionError, match="collected demonstrations"):
+            run(config(shipped_ckpt, tmp_path / f"other{i}", *extra, other))
+
+
+def entries(reference, **methods):
+    """Report entries: ``name=(successes, speedup)`` paired with the reference's successes."""
+    from bac.evaluation import report as reporting
+
+    ref = [{"task": "t", "seed": i, "success": bool(s)} for i, s in enumerate(reference)]
+    out = {"ref": {"speedup": 1.0, "paired_vs_full": reporting.paired_difference(ref, ref),
+                   "success": reporting.success_summary(ref)}}
+    for name, (successes, speedup) in methods.items():
+        episodes = [{"task": "t", "seed": i, "success": bool(s)} for i, s in enumerate(successes)]
+        out[name] = {"speedup": speedup, "paired_vs_full": reporting.paired_difference(episodes, ref),
+                     "success": reporting.success_summary(episodes)}
+    return out
+
+
+def test_verdict_names_the_fastest_method_within_tolerance_and_whether_that_is_significant():
+    from bac.evaluation.report import verdict, verdict_line
+
+    few = [1] * 9 + [0]  # 10 paired episodes: nothing is significant
+    v = verdict(entries(few, fast=(few, 4.0), faster=([0] * 10, 8.0)), "ref", 2.0)
+    assert v["pick"] == "fast" and not v["lossless_at_95"] and v["pairs_needed"] >= 100
+    line = verdict_line(v)
+    assert "**fast**" in line and "not significant** at 10 paired episodes" in line and "\n" not in line
+    assert "faster (8.0x) -90.0 points" in line and "(a significant loss)" in line
+
+    many = [1] * 950 + [0] * 50  # 1,000 pairs that agree everywhere: lossless
+    v = verdict(entries(many, cached=(many, 3.0)), "ref", 2.0)
+    assert v["pick"] == "cached" and v["lossless_at_95"] and "lossless at 95%" in verdict_line(v)
+
+    v = verdict(entries(few, lossy=([0] * 10, 5.0)), "ref", 2.0)  # nothing faster within the tolerance
+    assert v["pick"] == "ref" and "nothing faster than the reference ref" in verdict_line(v)
+    assert verdict({"ref": {"speedup": 1.0}}, "ref", 2.0)["pick"] is None  # latency only: no verdict
+
+
+def test_report_ends_in_the_verdict_and_threads_are_set_before_the_run(checkpoint, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        report = run(config(checkpoint, tmp_path, "run_methods=[full,uniform]", "tasks=[reach]", "episodes=2",
+                            "threads=1"))
+        assert torch.get_num_threads() == 1 and report["threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+    text = (tmp_path / "out" / "report.md").read_text().rstrip().splitlines()
+    assert text[-1].startswith("**Verdict:**") and report["verdict"]["reference"] == "full"
+    assert report["verdict"]["pairs"] == 2 or report["verdict"]["pick"] == "full"
+    assert {"calibration_inputs", "calibration_and_plans", "rollouts", "latency"} <= set(report["wall_seconds"])
+
+
+def test_the_progress_bar_advances_with_every_step_and_stays(checkpoint, tmp_path, capsys, monkeypatch):
+    from bac.envs.metaworld_env import make_vector_env
+    from bac.runtime import EnvPool
+
+    policy = DiffusionPolicy.load(checkpoint)
+    policy.set_sampler("ddim", 2)
+    moves = []
+    step = closed_loop.StepProgress.step
+
+    def recorded(self, *args):
+        before = self.bar.n
+        step(self, *args)
+        moves.append(self.bar.n - before)
+
+    monkeypatch.setattr(closed_loop.StepProgress, "step", recorded)
+    with EnvPool(make_vector_env) as envs:
+        results = closed_loop.run_task(policy, "reach", "m", [0, 1, 2], tmp_path / "log.jsonl", num_envs=2,
+                                       max_episode_steps=5, progress=True, envs=envs)
+    assert len(results) == 3
+    # one move per environment step of each wave (two waves of at most 5 steps); a wave's reset moves nothing
+    steps = [m for m in moves if m]
+    assert moves.count(0) == 2 and set(steps) == {1} and 2 <= len(steps) <= 10
+    final = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # left on screen
+    assert "reach / m" in final and "10/10" in final and "episodes 3/3" in final
+
+
+@pytest.mark.parametrize("module, names", [
+    ("bac.eval", ["python -m bac.eval", "checkpoint=", "methods=", "tasks=", "episodes=", "threads=",
+                  "tolerance_points=", "quick", "[dpt-metaworld-hard]"]),
+    ("bac.tune", ["python -m bac.tune", "tolerance_points=", "budget_ms=", "rate_hz=", "tuned.json"]),
+    ("bac.apps.train", ["bac-train", "policy=", "task=", "steps=", "export_dir="]),
+    ("bac.apps.collect", ["bac-collect", "task=", "episodes=", "cameras="]),
+    ("bac.apps.serve", ["bac-serve", "checkpoint=", "tuned=", "plan=", "port="]),
+])
+def test_help_describes_the_command_and_its_main_settings(module, names):
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO,
+                          timeout=120)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    for name in names:
+        assert name in done.stdout, (name, done.stdout)
+    assert "powered by Hydra" not in done.stdout and "== Config ==" not in done.stdout
+
+
+def test_the_default_job_prints_no_warning(tmp_path):
+    """The main job's default settings, latency only: nothing on stderr (no warning, no demonstrations collected:
+    the shipped checkpoint carries its calibration inputs)."""
+    done = subprocess.run([sys.executable, "-m", "bac.eval", "episodes=0", "latency.repeats=2", f"out_dir={tmp_path}",
+                           f"plan_cache={tmp_path / 'plans'}"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.rstrip().splitlines()[-3] == "**Verdict:** none: no episodes (latency only)."
+    assert not (tmp_path / "data").exists()

@@ -77,7 +77,7 @@ def test_a_hydra_multirun_of_shards_writes_the_report(checkpoint, tmp_path, laun
     out = tmp_path / "out"
     overrides = [
         f"checkpoint={checkpoint}", "tasks=[reach,push]", "episodes=2", "num_envs=2", "max_episode_steps=12",
-        "sampler.steps=4", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3", "run_methods=[full,bac]",
+        "sampler.steps=4", "M=2", "n=2", "calibration.samples=4", "calibration.episodes=3", "methods=default", "run_methods=[full,bac]",
         "latency.repeats=2", "latency.warmup=0", f"out_dir={out}", "progress=false",
         f"plan_cache={Path(checkpoint).parent / 'plans'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         "shard.index=0,1", "shard.count=2", f"hydra/launcher={launcher}",

@@ -25,6 +25,7 @@ from .checkpointing import CheckpointNotFoundError, check_fits, nonfinite_tensor
 from .config import ACTION, IMAGE_PREFIX, STATE, TASK, WEIGHTS_FILE, PolicyConfig, PolicyFeature, read_config
 from .dit import DiTPolicyHead
 from .dpt import TransformerForDiffusion
+from .features import next_history
 from .gr00t import GR00THead
 from .language import CACHE_FILE, LanguageCache
 from .pi0 import Pi0Head
@@ -44,15 +45,6 @@ ON_NONFINITE = ("raise", "hold")
 # Normalised inputs live in [-1, 1] on the training data; this many times that range is no longer an
 # unusual observation but a unit error or a broken sensor (named only when the actions come out non-finite).
 EXTREME = 1e6
-
-
-def next_history(history: torch.Tensor | None, state: torch.Tensor, n_obs_steps: int) -> torch.Tensor:
-    """The last ``n_obs_steps`` observations ``[B, n_obs_steps, D]`` once ``state`` ``[B, D]`` arrives; after a
-    reset (``history`` is None) the first observation repeated, as training windows are padded. The one rule
-    for every runtime that keeps a history (``select_action``, the control loop, the policy server)."""
-    if history is None:
-        return state[:, None].expand(-1, n_obs_steps, -1).clone()
-    return torch.cat([history[:, 1:], state[:, None]], dim=1)
 
 
 class Normalizer(nn.Module):

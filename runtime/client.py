@@ -19,10 +19,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from bac.errors import BacError, ConfigError, DataError
+from bac.policies.config import IMAGE_PREFIX, STATE, TASK
 
 from .msgpack_numpy import packb, unpackb
 
-STATE, TASK, IMAGE_PREFIX = "observation.state", "task", "observation.images."
 
 
 class ServerError(BacError, RuntimeError):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bac.errors import ConfigError
-from bac.policies.policy import next_history  # the history rule select_action uses
+from bac.policies.features import next_history  # the history rule select_action uses
 
 from .episodes import STATE, ChunkingPolicy, EnvFactory, EnvPool, check_compatible, observation_batch, \
     observation_slices, render_settings

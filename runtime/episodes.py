@@ -16,9 +16,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from bac.policies.config import IMAGE_PREFIX, STATE, TASK
 from bac.policies.vla import frames_to_images
-
-STATE, TASK, IMAGE_PREFIX = "observation.state", "task", "observation.images."
 
 
 class EnvFactory(Protocol):

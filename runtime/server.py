@@ -30,13 +30,15 @@ import torch
 import bac
 from bac.errors import BacError, ConfigError, DataError
 from bac.policies.checkpointing import resolve_checkpoint
-from bac.policies.policy import DiffusionPolicy, next_history
+from bac.policies.config import IMAGE_PREFIX, STATE, TASK
+from bac.policies.features import next_history
+from bac.policies.policy import DiffusionPolicy
 from bac.policies.vla import frames_to_images
 
 from .msgpack_numpy import packb, unpackb
 
 PROTOCOL, PROTOCOL_VERSION = "bac-policy-server", 1
-STATE, TASK, IMAGE_PREFIX, NUM_ACTIONS = "observation.state", "task", "observation.images.", "num_actions"
+NUM_ACTIONS = "num_actions"
 RESET, SEED = "reset", "seed"
 DEFAULT_PORT = 8000
 logger = logging.getLogger("bac.runtime.server")  # also under python -m

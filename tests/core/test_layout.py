@@ -222,6 +222,17 @@ def test_import_bac_loads_no_simulator_training_or_plotting_package():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_the_policy_client_loads_neither_a_model_library_nor_the_simulator():
+    """A robot's client of the policy server needs the runtime's protocol, not diffusers or MuJoCo."""
+    code = textwrap.dedent("""
+        import sys, bac.runtime.client
+        heavy = {"diffusers", "transformers", "metaworld", "mujoco", "hydra", "matplotlib"}
+        print(sorted(heavy & {m.split(".")[0] for m in sys.modules}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_version_is_the_package_version():
     from importlib import metadata
 

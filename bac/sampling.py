@@ -16,6 +16,11 @@ Use::
 """
 from __future__ import annotations
 
+try:
+    import diffusers  # noqa: F401  (the core installs without it)
+except ModuleNotFoundError as err:
+    raise ModuleNotFoundError(f"bac.sampling needs diffusers: pip install 'bac[diffusers]' ({err})") from err
+
 import inspect
 from typing import Any, Callable
 

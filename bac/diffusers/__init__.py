@@ -11,6 +11,11 @@ docs/guide/diffusers.md.
 """
 from __future__ import annotations
 
+try:
+    import diffusers  # noqa: F401  (the core installs without it)
+except ModuleNotFoundError as err:
+    raise ModuleNotFoundError(f"bac.diffusers needs diffusers: pip install 'bac[diffusers]' ({err})") from err
+
 from ._common import UnsupportedBlockError
 from .blocks import ADAPTERS, adapters_for
 from .dit import BASIC_BLOCK, BASIC_BLOCK_WITH_CA

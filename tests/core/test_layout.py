@@ -206,6 +206,12 @@ def test_the_core_works_without_diffusers_hydra_or_omegaconf():
         for step in range(6):
             model(torch.randn(1, 8))
         assert not {"diffusers", "hydra", "omegaconf"} & set(sys.modules)
+        for extra in ("bac.diffusers", "bac.sampling"):
+            try:
+                __import__(extra)
+                raise SystemExit(extra + " imported without diffusers")
+            except ModuleNotFoundError as err:
+                assert "pip install 'bac[diffusers]'" in str(err), err
         print(handle.stats()["skipped"] == 12)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -191,27 +191,9 @@ def calibration_settings(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
                 seed=int(cfg.calibration.seed), n_obs_steps=policy.n_obs_steps)
 
 
-def shipped_inputs_path(cfg: DictConfig, policy: DiffusionPolicy) -> Path | None:
-    """The calibration inputs file of the run's checkpoint (a trained state policy), if it has one."""
-    if policy.cameras or not policy.tasks or str(cfg.checkpoint).startswith(UNTRAINED):
-        return None
-    path = resolve_checkpoint(str(cfg.checkpoint)) / CALIBRATION_INPUTS
-    return path if path.is_file() else None
-
-
-def calibration_inputs_source(cfg: DictConfig, policy: DiffusionPolicy) -> str:
-    """Where the run's calibration observations come from, for the report."""
-    shipped = shipped_inputs_path(cfg, policy)
-    if shipped is not None and shipped_calibration_inputs(
-            shipped.parent, calibration_inputs_facts(policy.tasks, **calibration_settings(cfg, policy)),
-            policy.obs_dim) is not None:
-        return f"shipped with the checkpoint ({shipped})"
-    return (f"drawn from {int(cfg.calibration.episodes)} expert demonstrations per task (collected on demand "
-            f"under {default_data_dir()})")
-
-
-def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
-    """Calibration observations from the demonstrations (never from evaluation episodes), spread over tasks.
+def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> tuple[dict, str]:
+    """Calibration observations from the demonstrations (never from evaluation episodes), spread over tasks,
+    and where they came from (for the report).
 
     One policy batch: ``observation.state`` ``[N, n_obs_steps, D]`` and a ``task`` name per sample; for a
     policy that reads images and instructions, the demonstrations' frames and instructions too. A state
@@ -220,17 +202,21 @@ def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
     """
     tasks = policy.tasks or [cfg.tasks[0]]
     per_task = -(-int(cfg.calibration.samples) // len(tasks))
+    drawn = (f"drawn from {int(cfg.calibration.episodes)} expert demonstrations per task (collected on demand "
+             f"under {default_data_dir()})")
     if policy.cameras:
-        return image_calibration_batch(cfg, policy, tasks, per_task)
+        return image_calibration_batch(cfg, policy, tasks, per_task), drawn
     settings = calibration_settings(cfg, policy)
-    shipped = shipped_inputs_path(cfg, policy)
-    states = None if shipped is None else shipped_calibration_inputs(
-        shipped.parent, calibration_inputs_facts(tasks, **settings), policy.obs_dim)
+    states = None
+    if policy.tasks and not str(cfg.checkpoint).startswith(UNTRAINED):
+        directory = resolve_checkpoint(str(cfg.checkpoint))
+        states = shipped_calibration_inputs(directory, calibration_inputs_facts(tasks, **settings), policy.obs_dim)
     if states is not None:
-        names = [task for task in tasks for _ in range(per_task)]
+        names, source = [task for task in tasks for _ in range(per_task)], \
+            f"shipped with the checkpoint ({directory / CALIBRATION_INPUTS})"
     else:
-        states, names = draw_calibration_inputs(tasks, **settings)
-    return {"observation.state": torch.as_tensor(states, dtype=torch.float32), "task": names}
+        (states, names), source = draw_calibration_inputs(tasks, **settings), drawn
+    return {"observation.state": torch.as_tensor(states, dtype=torch.float32), "task": names}, source
 
 
 def image_calibration_batch(cfg: DictConfig, policy: DiffusionPolicy, tasks: list[str], per_task: int) -> dict:
@@ -395,6 +381,7 @@ class Setup:
     built: dict[str, bac.Method]
     tuned_plan: Path | None
     seconds: dict = dataclasses.field(default_factory=dict)  # wall time per phase of this invocation
+    calibration_inputs: str = ""  # where the calibration observations came from
 
     @property
     def latency_batch(self) -> dict:
@@ -418,7 +405,7 @@ def prepare(cfg: DictConfig) -> Setup:
     base_sampler, base_steps = policy.sampler_kind, policy.num_inference_steps
     method_config = OmegaConf.to_container(cfg.methods, resolve=True)
     start = time.perf_counter()
-    demo_obs = calibration_batch(cfg, policy)
+    demo_obs, inputs_source = calibration_batch(cfg, policy)
     seconds = {"calibration_inputs": time.perf_counter() - start}
     start = time.perf_counter()
 
@@ -451,7 +438,7 @@ def prepare(cfg: DictConfig) -> Setup:
         raise EvalError(str(err)) from err
     seconds["calibration_and_plans"] = time.perf_counter() - start
     return Setup(policy, plan_dir, trained, tasks, base_sampler, base_steps, method_config, demo_obs, variants,
-                 calibrations, built, tuned_plan, seconds)
+                 calibrations, built, tuned_plan, seconds, inputs_source)
 
 
 def count_flops(setup: Setup, built: dict[str, bac.Method]) -> tuple[dict[str, int], dict[str, float], int]:
@@ -566,7 +553,7 @@ def report(cfg: DictConfig, setup: Setup, out: Path, budgets: dict, flops: dict,
                         "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.episodes) - 1] if cfg.episodes > 0 else [],
                         "noise_seed": "per wave of num_envs episodes: its first episode seed"},
         "sampler": {"kind": base_sampler, "steps": base_steps},
-        "calibration": {key: c.facts() | {"from": "demonstrations", "inputs": calibration_inputs_source(cfg, policy),
+        "calibration": {key: c.facts() | {"from": "demonstrations", "inputs": setup.calibration_inputs,
                                           "file_dir": str(plan_dir)}
                         for key, c in calibrations.items()} or None,
         "latency_settings": {"batch": 1, "threads": int(cfg.latency.threads), "repeats": int(cfg.latency.repeats),

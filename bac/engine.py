@@ -633,6 +633,11 @@ def _shape_text(shape: torch.Size | None) -> str:
     return "(no tensor)" if shape is None else str(list(shape))
 
 
+def get_handle(model: nn.Module) -> CacheHandle | None:
+    """The :class:`CacheHandle` accelerating ``model``, or ``None`` if it is not accelerated."""
+    return getattr(model, "_bac_handle", None)
+
+
 def new_trajectory(model: nn.Module) -> None:
     """Mark the start of a sampling call on ``model``; does nothing if it is not accelerated.
 
@@ -641,6 +646,6 @@ def new_trajectory(model: nn.Module) -> None:
     :class:`bac.CacheStateError` if the previous call ran fewer steps than the
     plan covers (:meth:`CacheHandle.new_trajectory`).
     """
-    handle = getattr(model, "_bac_handle", None)
+    handle = get_handle(model)
     if handle is not None:
         handle.new_trajectory()

@@ -438,7 +438,7 @@ class DiffusionPolicy(nn.Module):
             parts.append(f"NaN/inf in {len(weights)} weight tensor(s) {weights[:6]}: the weights are corrupt")
         else:
             parts.append("every weight is finite")
-        if getattr(self.model, "_bac_handle", None) is not None:
+        if bac.get_handle(self.model) is not None:
             parts.append("a bac cache is active on the denoiser: run without it to see whether caching causes this")
         err = NonFiniteError("; ".join(parts))
         err.actions, err.samples = actions, samples

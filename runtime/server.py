@@ -90,7 +90,7 @@ def load_served_policy(checkpoint: str | Path, *, device: str = "cpu", sampler: 
 
 def acceleration_summary(policy: Any, source: Mapping[str, Any] | None = None) -> dict | None:
     """What the policy's cache handle does (``None``: not accelerated), as plain data for the metadata."""
-    handle = getattr(policy.model, "_bac_handle", None)
+    handle = bac.get_handle(policy.model)
     if handle is None:
         return {"method": None, **source} if source else None
     info: dict[str, Any] = {"method": handle.schedule.name, "params": dict(handle.schedule.params),
@@ -315,7 +315,7 @@ class PolicyServer:
 
     @property
     def handle(self) -> bac.CacheHandle | None:
-        return getattr(getattr(self.policy, "model", None), "_bac_handle", None)
+        return bac.get_handle(self.policy.model) if hasattr(self.policy, "model") else None
 
     @property
     def sessions(self) -> list[str]:

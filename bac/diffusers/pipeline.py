@@ -27,7 +27,7 @@ from torch import nn
 
 from ..adapters import describe
 from ..calibration import Calibration
-from ..engine import CacheHandle, accelerate
+from ..engine import CacheHandle, accelerate, get_handle
 from ..errors import CacheStateError, PlanMismatchError
 from ..methods import Method, available_methods, build_method, needs_calibration
 from ..plan import Plan
@@ -62,7 +62,7 @@ def _bac_contexts(transformer: nn.Module):
 
     @contextlib.contextmanager
     def cache_context(name: str, **kwargs):
-        handle = getattr(transformer, "_bac_handle", None)
+        handle = get_handle(transformer)
         with original(name, **kwargs), (handle.context(name) if handle is not None else contextlib.nullcontext()):
             yield
 

@@ -8,9 +8,11 @@ from .errors import PlanMismatchError
 
 
 def scheduler_id(scheduler: Any) -> str | None:
-    """A comparable description of a sampler: a string as is, or a diffusers scheduler's class and config."""
+    """A comparable description of a sampler: a string as is, or a diffusers scheduler's class and config
+    (given as the scheduler itself or as a sampler value carrying it in ``.scheduler``)."""
     if scheduler is None or isinstance(scheduler, str):
         return scheduler
+    scheduler = getattr(scheduler, "scheduler", scheduler)
     config = getattr(scheduler, "config", None)
     if config is None:
         raise TypeError(f"cannot describe scheduler {scheduler!r}: pass a string or a diffusers scheduler")

@@ -106,24 +106,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
-    from bac.runtime.server import PolicyServer, load_served_policy
+    from bac.runtime.loading import load_policy
+    from bac.runtime.server import PolicyServer
 
     torch.set_num_threads(args.threads)
     how = {"tuned": args.tuned} if args.tuned else {"sampler": args.sampler, "steps": args.steps, "plan": args.plan,
                                                      "method": args.method,
                                                      "method_params": json.loads(args.method_params)}
-    policy, source = load_served_policy(args.checkpoint, **how)
-    reference, _ = load_served_policy(args.checkpoint, **how)  # the solo reference, in this process
+    served = load_policy(args.checkpoint, **how)
+    policy = served.policy
+    reference = load_policy(args.checkpoint, **how).policy  # the solo reference, in this process
     task = args.task or policy.tasks[0]
 
     def observations(seed: int) -> np.ndarray:
         """Current observations inside the training range (the normaliser's [-1, 1] mapped back)."""
-        unit = torch.from_numpy(np.random.default_rng(seed).uniform(-1, 1, (args.requests, policy.obs_dim)))
+        unit = torch.from_numpy(np.random.default_rng(seed).uniform(-1, 1, (args.requests, policy.state_dim)))
         return policy.obs_normalizer.inverse(unit.float()).numpy().astype(np.float32)
 
     seeds = [args.seed + 1000 * (i + 1) for i in range(args.clients)]
     inputs = {seed: observations(seed) for seed in seeds}
-    server = PolicyServer(policy, port=0, warmup=3, checkpoint=args.checkpoint, source=source).start()
+    server = PolicyServer(policy, port=0, warmup=3, checkpoint=args.checkpoint, source=served.source,
+                          handle=served.handle).start()
     try:
         solo = _phase(server.port, [(seeds[0], inputs[seeds[0]])], task)
         concurrent = _phase(server.port, [(seed, inputs[seed]) for seed in seeds], task)

@@ -28,6 +28,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from bac.configs import CONFIG_DIR
+from bac.policies.constants import STATE
 from bac.envs.calibration_inputs import (CALIBRATION_INPUTS, calibration_inputs_facts, draw_calibration_inputs,
                                        save_calibration_inputs, shipped_calibration_inputs)
 
@@ -49,9 +50,9 @@ def inputs_for(directory: Path, samples: int, episodes: int, seed: int) -> tuple
     tasks, n_obs_steps = list(config["tasks"]), int(config["n_obs_steps"])
     facts = calibration_inputs_facts(tasks, samples=samples, episodes=episodes, seed=seed, n_obs_steps=n_obs_steps)
     states, _ = draw_calibration_inputs(tasks, samples=samples, episodes=episodes, seed=seed, n_obs_steps=n_obs_steps)
-    obs_dim = int(config["input_features"]["observation.state"]["shape"][0])
-    if states.shape[-1] != obs_dim:
-        raise SystemExit(f"{directory.name}: demonstrations have {states.shape[-1]}-d states, the policy reads {obs_dim}")
+    state_dim = int(config["input_features"][STATE]["shape"][0])
+    if states.shape[-1] != state_dim:
+        raise SystemExit(f"{directory.name}: demonstrations have {states.shape[-1]}-d states, the policy reads {state_dim}")
     return states, facts
 
 

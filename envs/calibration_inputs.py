@@ -16,10 +16,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .collect import FORMAT_VERSION, collect
-from .dataset import calibration_observations
+from .dataset import accepts_obs_dim, calibration_observations
 
 CALIBRATION_INPUTS = "calibration_inputs.safetensors"  # a checkpoint's shipped calibration observations
 CALIBRATION_INPUTS_FORMAT = "bac-calibration-inputs/1"
+# The tensor's name: the policies' state feature key (bac.policies.constants.STATE), copied because bac.envs
+# cannot import bac.policies; tests/envs keeps the two equal.
+STATE = "observation.state"
 
 
 def calibration_inputs_facts(tasks: list[str], *, samples: int, episodes: int, seed: int, n_obs_steps: int) -> dict:
@@ -53,11 +56,12 @@ def draw_calibration_inputs(tasks: list[str], *, samples: int, episodes: int, se
 def save_calibration_inputs(path: Path, states: np.ndarray, facts: dict) -> Path:
     """Write calibration observations as safetensors, ``facts`` (what they were drawn with) in the header."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"observation.state": np.ascontiguousarray(states, dtype=np.float32)}, str(path), metadata=facts)
+    save_file({STATE: np.ascontiguousarray(states, dtype=np.float32)}, str(path), metadata=facts)
     return path
 
 
-def shipped_calibration_inputs(directory: Path, facts: dict, obs_dim: int) -> np.ndarray | None:
+@accepts_obs_dim
+def shipped_calibration_inputs(directory: Path, facts: dict, state_dim: int) -> np.ndarray | None:
     """The calibration observations shipped in a checkpoint directory, if they were drawn exactly as ``facts``
     says this run would draw them (same tasks, samples, episodes, seed, history, collector and Meta-World);
     else None (the caller collects demonstrations)."""
@@ -68,10 +72,10 @@ def shipped_calibration_inputs(directory: Path, facts: dict, obs_dim: int) -> np
         with safe_open(str(path), framework="numpy") as f:
             if (f.metadata() or {}) != facts:
                 return None
-            states = f.get_tensor("observation.state")
+            states = f.get_tensor(STATE)
     except (OSError, SafetensorError, KeyError):
         return None
     tasks = json.loads(facts["tasks"])
     per_task = -(-int(facts["samples"]) // len(tasks))
-    expected = (per_task * len(tasks), int(facts["n_obs_steps"]), int(obs_dim))
+    expected = (per_task * len(tasks), int(facts["n_obs_steps"]), int(state_dim))
     return states if states.shape == expected and states.dtype == np.float32 else None

@@ -8,7 +8,9 @@ demonstrations"). Everything is loaded into memory: these datasets are a few MB.
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from collections.abc import Sequence
 
 import h5py
@@ -23,6 +25,23 @@ __all__ = [
     "list_demos",
     "load_episodes",
 ]
+
+
+def accepts_obs_dim(function):
+    """Let ``function`` take ``obs_dim=``, the deprecated name of its ``state_dim=`` (for one release)."""
+
+    name = function.__qualname__.removesuffix(".__init__")
+
+    @functools.wraps(function)
+    def renamed(*args, **kwargs):
+        if "obs_dim" in kwargs:
+            warnings.warn(f"{name}(obs_dim=...) is deprecated: use state_dim=", DeprecationWarning, stacklevel=2)
+            if "state_dim" in kwargs:
+                raise TypeError(f"{name}: give state_dim only (obs_dim is its deprecated name)")
+            kwargs["state_dim"] = kwargs.pop("obs_dim")
+        return function(*args, **kwargs)
+
+    return renamed
 
 
 class DataKeyError(DataError, KeyError):
@@ -94,18 +113,19 @@ def _array(g: h5py.Group, key: str, where: str) -> np.ndarray:
     return arr
 
 
+@accepts_obs_dim
 def load_episodes(
     path: str | os.PathLike,
     obs_keys: Sequence[str] = ("state",),
     filter_key: str | None = None,
-    obs_dim: int | None = None,
+    state_dim: int | None = None,
     action_dim: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Each demo as ``{"name", "obs": [T, obs_dim], "actions": [T, act_dim]}`` (float32), validated.
+    """Each demo as ``{"name", "obs": [T, state_dim], "actions": [T, act_dim]}`` (float32), validated.
 
     Observations are the ``obs/<key>`` datasets concatenated in ``obs_keys`` order. ``T``
     is the number of actions; every ``obs/<key>`` must have as many rows (and the demo's
-    ``num_samples`` attribute, robomimic's, must agree where present). ``obs_dim`` and
+    ``num_samples`` attribute, robomimic's, must agree where present). ``state_dim`` and
     ``action_dim``, when given, are the widths the caller (a policy) expects.
 
     Checked once, at load: every selected demo has ``actions`` and the requested
@@ -149,9 +169,9 @@ def load_episodes(
                 parts.append(arr)
             same_width("actions", actions.shape[1], where, name)
             obs = np.concatenate(parts, axis=1)
-            if obs_dim is not None and obs.shape[1] != obs_dim:
+            if state_dim is not None and obs.shape[1] != state_dim:
                 raise DataError(f"{where}: observations (obs/{'+'.join(obs_keys)}) are {obs.shape[1]} wide, "
-                                f"the policy expects {obs_dim}")
+                                f"the policy expects {state_dim}")
             if action_dim is not None and actions.shape[1] != action_dim:
                 raise DataError(f"{where}: actions are {actions.shape[1]} wide, the policy expects {action_dim}")
             episodes.append({"name": name, "obs": obs, "actions": actions})
@@ -163,7 +183,7 @@ def load_episodes(
 class WindowDataset(torch.utils.data.Dataset):
     """(observation history, action chunk) windows over robomimic-layout demos.
 
-    ``ds[i]`` is ``(obs [n_obs_steps, obs_dim], action [horizon, act_dim])`` as float32
+    ``ds[i]`` is ``(obs [n_obs_steps, state_dim], action [horizon, act_dim])`` as float32
     torch tensors (``ds.window(i)`` gives numpy); ``len(ds)`` is the total number of
     timesteps in the selected demos.
 
@@ -185,11 +205,13 @@ class WindowDataset(torch.utils.data.Dataset):
         n_obs_steps: observation history length.
         filter_key: robomimic filter key under ``mask/`` (``"train"`` / ``"valid"``),
             or None for every demo.
-        obs_dim, action_dim: the widths the caller expects (a policy's), checked in every demo.
+        state_dim, action_dim: the widths the caller expects (a policy's), checked in every demo
+            (``obs_dim``: the deprecated name of ``state_dim``).
 
     The demos are validated once, here (:func:`load_episodes`).
     """
 
+    @accepts_obs_dim
     def __init__(
         self,
         path: str | os.PathLike,
@@ -197,7 +219,7 @@ class WindowDataset(torch.utils.data.Dataset):
         horizon: int = 16,
         n_obs_steps: int = 2,
         filter_key: str | None = None,
-        obs_dim: int | None = None,
+        state_dim: int | None = None,
         action_dim: int | None = None,
     ) -> None:
         if horizon < 1 or n_obs_steps < 1:
@@ -207,7 +229,7 @@ class WindowDataset(torch.utils.data.Dataset):
         self.horizon = int(horizon)
         self.n_obs_steps = int(n_obs_steps)
         self.filter_key = filter_key
-        episodes = load_episodes(path, self.obs_keys, filter_key, obs_dim=obs_dim, action_dim=action_dim)
+        episodes = load_episodes(path, self.obs_keys, filter_key, state_dim=state_dim, action_dim=action_dim)
         self.demos = [ep["name"] for ep in episodes]
         lengths = np.array([len(ep["actions"]) for ep in episodes], dtype=np.int64)
         self.episode_ends = np.cumsum(lengths)  # exclusive end of each demo in the flat arrays
@@ -220,8 +242,15 @@ class WindowDataset(torch.utils.data.Dataset):
         self._hi = self.episode_ends[ep_of] - 1
 
     @property
-    def obs_dim(self) -> int:
+    def state_dim(self) -> int:
+        """The width of an observation (``observation.state``)."""
         return int(self.obs.shape[1])
+
+    @property
+    def obs_dim(self) -> int:
+        """Deprecated: :attr:`state_dim`."""
+        warnings.warn("WindowDataset.obs_dim is deprecated: use state_dim", DeprecationWarning, stacklevel=2)
+        return self.state_dim
 
     @property
     def action_dim(self) -> int:
@@ -262,6 +291,7 @@ class WindowDataset(torch.utils.data.Dataset):
         return out
 
 
+@accepts_obs_dim
 def calibration_observations(
     path: str | os.PathLike,
     n: int,
@@ -269,17 +299,17 @@ def calibration_observations(
     obs_keys: Sequence[str] = ("state",),
     n_obs_steps: int = 2,
     filter_key: str | None = None,
-    obs_dim: int | None = None,
+    state_dim: int | None = None,
 ) -> np.ndarray:
-    """``n`` observation histories ``[n, n_obs_steps, obs_dim]`` (float32) from demos.
+    """``n`` observation histories ``[n, n_obs_steps, state_dim]`` (float32) from demos.
 
     Caching plans are calibrated on what the policy sees in its training distribution,
     not on evaluation episodes (which would leak the test set). Timesteps are drawn
     uniformly over all frames of the selected demos (so every phase of the task is
     represented), without replacement when ``n`` allows, from ``seed``; histories are
-    padded at demo starts like the training windows. ``obs_dim``: the policy's, checked in every demo.
+    padded at demo starts like the training windows. ``state_dim``: the policy's, checked in every demo.
     """
-    ds = WindowDataset(path, obs_keys, horizon=1, n_obs_steps=n_obs_steps, filter_key=filter_key, obs_dim=obs_dim)
+    ds = WindowDataset(path, obs_keys, horizon=1, n_obs_steps=n_obs_steps, filter_key=filter_key, state_dim=state_dim)
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(ds), size=n, replace=n > len(ds))
     return ds.window(idx)[0]

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .collect import collect
-from .dataset import ImageLanguageWindows, WindowDataset
+from .dataset import ImageLanguageWindows, WindowDataset, accepts_obs_dim
 
 
 @dataclass
@@ -27,20 +27,21 @@ class TrainingWindows:
     instructions: list[str] | None = None
 
 
+@accepts_obs_dim
 def load_windows(tasks: list[str], episodes: int, data_dir, horizon: int, n_obs_steps: int,
-                 action_noise: float = 0.0, obs_dim: int | None = None, action_dim: int | None = None):
+                 action_noise: float = 0.0, state_dim: int | None = None, action_dim: int | None = None):
     """All training windows of every task (``task_index``: the task's position in ``tasks``).
 
     Every demo is validated at load (:mod:`bac.envs.dataset`: keys, lengths, NaN); its widths must be
-    ``obs_dim`` / ``action_dim`` when given, and otherwise those of the first task's file (one policy
+    ``state_dim`` / ``action_dim`` when given, and otherwise those of the first task's file (one policy
     is trained on all of them). Each failure is a :class:`bac.DataError` naming the file and the demo.
     """
     obs, actions, task_index, sources = [], [], [], {}
     for i, task in enumerate(tasks):
         path = collect(task, episodes, out_dir=data_dir, action_noise=action_noise, progress=False)
         data = WindowDataset(path, horizon=horizon, n_obs_steps=n_obs_steps, filter_key="train",
-                             obs_dim=obs_dim, action_dim=action_dim)
-        obs_dim, action_dim = data.obs_dim, data.action_dim
+                             state_dim=state_dim, action_dim=action_dim)
+        state_dim, action_dim = data.state_dim, data.action_dim
         o, a = data.window(np.arange(len(data)))
         obs.append(o)
         actions.append(a)

@@ -1,20 +1,22 @@
-"""Typed policy configuration and the feature spec, as stored in a checkpoint's ``config.json``.
+"""The policy's config, as stored in a checkpoint's ``config.json``: :class:`PolicyConfig`, the documented home.
 
-A policy declares what it reads and writes as named features, after LeRobot's conventions
-(``observation.state``, ``observation.images.<camera>``, ``task``, ``action``); a batch handed to a policy
-is a dict keyed by these names. ``config.json`` is :meth:`PolicyConfig.to_dict` (``"bac-policy/2"``), read
-strictly: every mismatch is a :class:`bac.ConfigError` naming the field (a :class:`bac.CheckpointError`
-naming the file on load); ``bac-policy/1`` files are converted (:func:`from_legacy`).
-:meth:`PolicyConfig.fingerprint` is the digest of what decides what the weights compute. The format:
-docs/guide/policies.md ("The policy interface").
+A policy declares what it reads and writes as named features (:mod:`policies.features`, keyed by
+:mod:`policies.constants`: ``observation.state``, ``observation.images.<camera>``, ``task``, ``action``); its
+architecture's typed model config lives beside the model (``policies/<architecture>_config.py``: :class:`DPTConfig`,
+:class:`DiTConfig`, :class:`GR00TConfig`, :class:`RDTConfig`, :class:`Pi0Config`, the VLA heads sharing
+:class:`VLAHeadConfig`), the training noise scheduler's in :mod:`policies.noise_scheduler_config`. This module
+re-exports every one of those names, so ``from bac.policies.config import ...`` keeps working for all of them.
+
+``config.json`` is :meth:`PolicyConfig.to_dict` (``"bac-policy/2"``), read strictly: every mismatch is a
+:class:`bac.ConfigError` naming the field (a :class:`bac.CheckpointError` naming the file on load);
+``bac-policy/1`` files are converted (:func:`from_legacy`). :meth:`PolicyConfig.fingerprint` is the digest of
+what decides what the weights compute. The format: docs/guide/policies.md ("The policy interface").
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,143 +24,35 @@ from typing import Any, Mapping, Sequence
 from bac.errors import CheckpointError, ConfigError
 from bac.files import write_atomic
 
+from .config_fields import is_kind, typed_fields
+from .constants import ACTION, IMAGE_PREFIX, STATE, TASK
+from .dit_config import DiTConfig
+from .dpt_config import DPTConfig
+from .features import FEATURE_TYPES, PolicyFeature, action_features, image_features, state_features
+from .gr00t_config import GR00TConfig
+from .noise_scheduler_config import (BETA_SCHEDULES, PREDICTION_TYPES, FlowMatchingConfig, NoiseSchedulerConfig,
+                                     noise_scheduler_config)
+from .pi0_config import Pi0Config
+from .rdt_config import RDTConfig
+from .vla_config import VLAHeadConfig
+
+__all__ = [
+    # this module's own
+    "CONFIG_FORMAT", "LEGACY_FORMAT", "IDENTITY_FIELDS", "WEIGHTS_FILE", "MODEL_CONFIGS", "VLA_ARCHITECTURES",
+    "ModelConfig", "PolicyConfig", "WeightsRecord", "from_legacy", "identity_differences", "identity_digest",
+    "model_config", "read_config",
+    # re-exported from their own modules
+    "ACTION", "IMAGE_PREFIX", "STATE", "TASK", "FEATURE_TYPES", "PolicyFeature", "action_features",
+    "image_features", "state_features", "BETA_SCHEDULES", "PREDICTION_TYPES", "FlowMatchingConfig",
+    "NoiseSchedulerConfig", "noise_scheduler_config", "DPTConfig", "DiTConfig", "GR00TConfig", "Pi0Config",
+    "RDTConfig", "VLAHeadConfig",
+]
+
 CONFIG_FORMAT = "bac-policy/2"
 LEGACY_FORMAT = "bac-policy/1"
 
-STATE = "observation.state"
-IMAGE_PREFIX = "observation.images."
-TASK = "task"
-ACTION = "action"
-FEATURE_TYPES = ("state", "image", "language", "action")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
-PREDICTION_TYPES = ("epsilon", "sample")  # the training loss regresses the noise, or the clean actions (RDT)
 
-
-def _is(value: Any, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
-def _typed_fields(cls, data: Mapping[str, Any], where: str, complete: bool = False) -> dict[str, Any]:
-    """Check ``data`` against a dataclass of scalar fields: no unknown keys, right types; defaults fill gaps
-    unless ``complete`` (every field must be present)."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; {cls.__name__} has {known}")
-    values = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            if complete or (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING):
-                raise ConfigError(f"{where}: missing field {f.name!r}" + (
-                    f" (a saved config lists every field of {cls.__name__}; a default could differ from "
-                    "what the weights were trained with)" if complete else ""))
-            continue
-        value, kind = data[f.name], hints[f.name]
-        if kind is tuple and isinstance(value, list):  # JSON has lists only
-            value = tuple(value)
-        if not _is(value, kind):
-            raise ConfigError(f"{where}.{f.name} must be {kind.__name__}, got {value!r}")
-        values[f.name] = float(value) if kind is float else value
-    return values
-
-
-# ------------------------------------------------------------------------------- models
-@dataclass(frozen=True)
-class DPTConfig:
-    """DP-T (``policies.dpt.TransformerForDiffusion``): decoder layers with causal self-attention."""
-
-    width: int = 256
-    num_layers: int = 8
-    heads: int = 4
-    dropout: float = 0.1
-    causal_attn: bool = True
-
-    def __post_init__(self) -> None:
-        _check_transformer(self)
-
-
-@dataclass(frozen=True)
-class DiTConfig:
-    """DiT head (``policies.dit.DiTPolicyHead``): adaLN-Zero blocks."""
-
-    width: int = 256
-    num_layers: int = 8
-    heads: int = 4
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_transformer(self)
-
-
-def _check_transformer(config) -> None:
-    name = type(config).__name__
-    for key in ("width", "num_layers", "heads"):
-        if not _is(getattr(config, key), int) or getattr(config, key) < 1:
-            raise ConfigError(f"{name}.{key} must be a positive int, got {getattr(config, key)!r}")
-    if config.width % config.heads:
-        raise ConfigError(f"{name}: width {config.width} is not divisible by heads {config.heads}")
-    if not _is(config.dropout, float) or not 0.0 <= config.dropout < 1.0:
-        raise ConfigError(f"{name}.dropout must be in [0, 1), got {config.dropout!r}")
-
-
-@dataclass(frozen=True)
-class VLAHeadConfig:
-    """Fields every vision-language-action head shares (``policies.vla``): the transformer and its prefix.
-
-    ``cameras`` name the ``observation.images.<camera>`` inputs; ``image_size`` their side in pixels;
-    ``crop_pad`` the random-shift augmentation in training (pixels of replicate padding, then a crop
-    back to ``image_size``; 0: off).
-    """
-
-    width: int = 128
-    num_layers: int = 6
-    heads: int = 4
-    dropout: float = 0.0
-    cameras: tuple = ("corner3",)
-    image_size: int = 84
-    crop_pad: int = 4
-
-    def __post_init__(self) -> None:
-        _check_transformer(self)
-        cameras = self.cameras
-        if isinstance(cameras, str) or not cameras or not all(isinstance(c, str) and c for c in cameras):
-            raise ConfigError(f"{type(self).__name__}.cameras must be a non-empty list of camera names, got {cameras!r}")
-        if len(set(cameras)) != len(cameras):
-            raise ConfigError(f"{type(self).__name__}.cameras must be distinct, got {list(cameras)}")
-        object.__setattr__(self, "cameras", tuple(cameras))
-        if not _is(self.image_size, int) or self.image_size < 16:
-            raise ConfigError(f"{type(self).__name__}.image_size must be an int >= 16, got {self.image_size!r}")
-        if not _is(self.crop_pad, int) or not 0 <= self.crop_pad < self.image_size // 4:
-            raise ConfigError(f"{type(self).__name__}.crop_pad must be an int in [0, image_size / 4), got {self.crop_pad!r}")
-
-
-@dataclass(frozen=True)
-class GR00TConfig(VLAHeadConfig):
-    """GR00T-style head (``policies.gr00t``): a DiT over [state, actions], alternating cross-attention to the
-    vision-language tokens and self-attention, timestep through adaLN; flow matching."""
-
-
-@dataclass(frozen=True)
-class RDTConfig(VLAHeadConfig):
-    """RDT-style head (``policies.rdt``): [timestep, state, actions] tokens; each layer self-attends, then
-    cross-attends to the language tokens (even layers) or the image tokens (odd layers); DDPM."""
-
-
-@dataclass(frozen=True)
-class Pi0Config(VLAHeadConfig):
-    """pi0-style action expert (``policies.pi0``): in every layer the action tokens attend to that layer's
-    keys/values of the vision-language prefix (computed once per call, a VLM's KV cache) and to themselves."""
-
-
+# ------------------------------------------------------------------------ architectures
 MODEL_CONFIGS: dict[str, type] = {"dpt": DPTConfig, "dit": DiTConfig, "gr00t": GR00TConfig, "rdt": RDTConfig,
                                   "pi0": Pi0Config}
 VLA_ARCHITECTURES = ("gr00t", "rdt", "pi0")
@@ -177,139 +71,7 @@ def model_config(architecture: str, model: Mapping[str, Any] | ModelConfig | Non
         raise ConfigError(f"a {type(model).__name__} is not the model config of architecture {architecture!r}")
     if model is None and complete:
         raise ConfigError(f"model: missing (architecture {architecture!r} needs {cls.__name__}'s fields)")
-    return cls(**_typed_fields(cls, model or {}, "model", complete))
-
-
-@dataclass(frozen=True)
-class NoiseSchedulerConfig:
-    """diffusers' ``DDPMScheduler`` settings the policy is trained with (samplers derive from it)."""
-
-    num_train_timesteps: int = 100
-    beta_schedule: str = "squaredcos_cap_v2"
-    clip_sample: bool = True
-    prediction_type: str = "epsilon"
-
-    def __post_init__(self) -> None:
-        if not _is(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
-            raise ConfigError(f"noise_scheduler.num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
-        if not _is(self.clip_sample, bool):
-            raise ConfigError(f"noise_scheduler.clip_sample must be true or false, got {self.clip_sample!r}")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ConfigError(f"noise_scheduler.beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"noise_scheduler.prediction_type must be one of {PREDICTION_TYPES}, "
-                             f"got {self.prediction_type!r}")
-
-    kind = "ddpm"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)  # no "kind": the format of every checkpoint saved before flow matching
-
-
-@dataclass(frozen=True)
-class FlowMatchingConfig:
-    """Rectified-flow training (pi0, GR00T): ``x_s = (1 - s) x_0 + s noise``, the model predicts the velocity
-    ``noise - x_0`` at ``timestep = s * num_train_timesteps``; sampled with diffusers'
-    ``FlowMatchEulerDiscreteScheduler`` (``shift``). ``s`` is drawn as pi0 draws it in training,
-    ``s = 0.001 + 0.999 * Beta(1.5, 1)`` (more weight on the noisy end)."""
-
-    num_train_timesteps: int = 1000
-    shift: float = 1.0
-    kind: str = "flow_matching"
-
-    def __post_init__(self) -> None:
-        if self.kind != "flow_matching":
-            raise ConfigError(f"noise_scheduler.kind must be 'flow_matching', got {self.kind!r}")
-        if not _is(self.num_train_timesteps, int) or self.num_train_timesteps < 1:
-            raise ConfigError(f"noise_scheduler.num_train_timesteps must be a positive int, got {self.num_train_timesteps!r}")
-        if not _is(self.shift, float) or self.shift <= 0:
-            raise ConfigError(f"noise_scheduler.shift must be a positive number, got {self.shift!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def noise_scheduler_config(data: Mapping[str, Any] | NoiseSchedulerConfig | FlowMatchingConfig | None,
-                           complete: bool = False) -> NoiseSchedulerConfig | FlowMatchingConfig:
-    """``{"kind": "flow_matching", ...}`` is flow matching; a mapping without ``kind`` is DDPM (every saved DDPM config)."""
-    if isinstance(data, (NoiseSchedulerConfig, FlowMatchingConfig)):
-        return data
-    data = data or {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"noise_scheduler must be a mapping, got {type(data).__name__}")
-    if data.get("kind") == "flow_matching":
-        return FlowMatchingConfig(**_typed_fields(FlowMatchingConfig, data, "noise_scheduler", complete))
-    if "kind" in data:
-        raise ConfigError(f"noise_scheduler.kind must be 'flow_matching' (or absent for DDPM), got {data['kind']!r}")
-    return NoiseSchedulerConfig(**_typed_fields(NoiseSchedulerConfig, data, "noise_scheduler", complete))
-
-
-# ----------------------------------------------------------------------------- features
-@dataclass(frozen=True)
-class PolicyFeature:
-    """One named input or output: ``type`` is state, image, language or action; ``shape`` excludes batch and time.
-
-    ``shape`` is ``(D,)`` for state and action vectors, ``(C, H, W)`` for images and
-    ``()`` for a language string.
-    """
-
-    name: str
-    type: str
-    shape: tuple[int, ...]
-    keys: tuple[str, ...] | None = None  # state only: the named observation parts it concatenates (None: all)
-
-    def __post_init__(self) -> None:
-        if self.keys is not None:
-            if self.type != "state" or isinstance(self.keys, str) or not self.keys or not all(
-                    isinstance(k, str) and k for k in self.keys):
-                raise ConfigError(f"feature {self.name!r}: keys are a non-empty list of observation names, for a "
-                                  f"state feature only; got {self.keys!r}")
-            object.__setattr__(self, "keys", tuple(self.keys))
-        if self.type not in FEATURE_TYPES:
-            raise ConfigError(f"feature {self.name!r}: type must be one of {FEATURE_TYPES}, got {self.type!r}")
-        shape = self.shape
-        if not isinstance(shape, (tuple, list)) or not all(_is(n, int) and n >= 1 for n in shape):
-            raise ConfigError(f"feature {self.name!r}: shape must be a list of positive ints, got {shape!r}")
-        object.__setattr__(self, "shape", tuple(shape))
-        expected_rank = {"state": 1, "action": 1, "image": 3, "language": 0}[self.type]
-        if len(self.shape) != expected_rank:
-            raise ConfigError(f"feature {self.name!r}: a {self.type} feature has {expected_rank} dimension(s), "
-                             f"got shape {list(self.shape)}")
-        expected_name = {"state": STATE, "action": ACTION, "language": TASK}.get(self.type)
-        if expected_name and self.name != expected_name:
-            raise ConfigError(f"a {self.type} feature must be named {expected_name!r}, got {self.name!r}")
-        if self.type == "image" and (not self.name.startswith(IMAGE_PREFIX) or self.name == IMAGE_PREFIX):
-            raise ConfigError(f"an image feature must be named {IMAGE_PREFIX}<camera>, got {self.name!r}")
-
-    def to_dict(self) -> dict:
-        data = {"type": self.type, "shape": list(self.shape)}
-        if self.keys is not None:  # absent otherwise, so older configs keep their fingerprint
-            data["keys"] = list(self.keys)
-        return data
-
-    @classmethod
-    def from_dict(cls, name: str, data: Mapping[str, Any]) -> "PolicyFeature":
-        if not isinstance(data, Mapping) or not {"type", "shape"} <= set(data) <= {"type", "shape", "keys"}:
-            raise ConfigError(f"feature {name!r} must be {{'type': ..., 'shape': [...]}} (a state may add "
-                              f"'keys': [...]), got {data!r}")
-        return cls(name, data["type"], data["shape"], data.get("keys"))
-
-
-def state_features(state_dim: int, tasks: Sequence[str] = (), keys: Sequence[str] | None = None) -> dict[str, PolicyFeature]:
-    """Inputs of a state-based policy: ``observation.state`` ``(state_dim,)``, and ``task`` if it knows tasks."""
-    features = {STATE: PolicyFeature(STATE, "state", (state_dim,), None if keys is None else tuple(keys))}
-    if tasks:
-        features[TASK] = PolicyFeature(TASK, "language", ())
-    return features
-
-
-def image_features(cameras: Sequence[str], size: int) -> dict[str, PolicyFeature]:
-    """``observation.images.<camera>`` ``(3, size, size)`` per camera (float in [0, 1], LeRobot's layout)."""
-    return {IMAGE_PREFIX + c: PolicyFeature(IMAGE_PREFIX + c, "image", (3, size, size)) for c in cameras}
-
-
-def action_features(action_dim: int) -> dict[str, PolicyFeature]:
-    return {ACTION: PolicyFeature(ACTION, "action", (action_dim,))}
+    return cls(**typed_fields(cls, model or {}, "model", complete))
 
 
 # ------------------------------------------------------------------------------- policy
@@ -333,7 +95,7 @@ class WeightsRecord:
     def __post_init__(self) -> None:
         if self.file != WEIGHTS_FILE:
             raise ConfigError(f"weights.file must be {WEIGHTS_FILE!r}, got {self.file!r}")
-        if not _is(self.bytes, int) or self.bytes < 0:
+        if not is_kind(self.bytes, int) or self.bytes < 0:
             raise ConfigError(f"weights.bytes must be a non-negative int, got {self.bytes!r}")
         if not (isinstance(self.sha256, str) and len(self.sha256) == 64
                 and all(c in "0123456789abcdef" for c in self.sha256)):
@@ -344,7 +106,7 @@ class WeightsRecord:
 
     @classmethod
     def from_dict(cls, data: Any) -> "WeightsRecord":
-        return cls(**_typed_fields(cls, data, "weights", complete=True))
+        return cls(**typed_fields(cls, data, "weights", complete=True))
 
 
 @dataclass(frozen=True)
@@ -372,7 +134,7 @@ class PolicyConfig:
             raise ConfigError(f"model must be a {MODEL_CONFIGS[self.architecture].__name__} for architecture "
                              f"{self.architecture!r}, got {type(self.model).__name__}")
         for key in ("horizon", "n_obs_steps", "n_action_steps"):
-            if not _is(getattr(self, key), int) or getattr(self, key) < 1:
+            if not is_kind(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive int, got {getattr(self, key)!r}")
         if self.n_action_steps > self.horizon:
             raise ConfigError(f"n_action_steps must be in [1, horizon={self.horizon}], got {self.n_action_steps}")
@@ -474,7 +236,7 @@ class PolicyConfig:
             raise ConfigError(f"unknown policy setting(s) {unknown}")
         noise_scheduler = noise_scheduler_config(noise_scheduler)
         for key, value in (("state_dim", state_dim), ("action_dim", action_dim)):
-            if not _is(value, int) or value < 1:
+            if not is_kind(value, int) or value < 1:
                 raise ConfigError(f"{key} must be a positive int, got {value!r}")
         if isinstance(tasks, str):
             raise ConfigError(f"tasks must be a list of task names, got {tasks!r}")

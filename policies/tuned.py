@@ -112,7 +112,7 @@ class TunedConfig:
             elif bac.needs_calibration(self.method):  # their builders bring no stand-in of their own: reuse
                 standin = bac.REUSE
             else:  # an uncalibrated static method (uniform, taylorseer): its builder names its stand-in
-                standin = bac.build_method(self.method, policy.model, num_steps=self.steps, scheduler=policy.sampler,
+                standin = bac.build_method(self.method, policy.model, num_steps=self.steps, scheduler=policy.sampler.scheduler,
                                            **params).standin
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{self.path}: fields 'method'/'params' ({self.method!r}, {self.params}): {err}") from err
@@ -121,9 +121,9 @@ class TunedConfig:
     def apply(self, policy: Any) -> bac.CacheHandle | None:
         """Set ``policy``'s sampler and accelerate it with the plan; returns the handle (``None``: no caching).
 
-        ``policy`` is a :class:`bac.policies.policy.DiffusionPolicy` (``set_sampler``, ``accelerate``); the
+        ``policy`` is a :class:`bac.policies.policy.DiffusionPolicy` (``make_sampler``, ``accelerate``); the
         plan is checked against its model, weights and sampler (:class:`bac.PlanMismatchError`).
         """
-        policy.set_sampler(self.sampler, self.steps)
+        policy.sampler = policy.make_sampler(self.sampler, self.steps)
         method = self.method_for(policy)
         return policy.accelerate(method) if method is not None else None

@@ -181,7 +181,7 @@ class PreNormLayer(nn.Module):
 class VLAHead(nn.Module):
     """What every VLA head has: the observation prefix encoder and the action-token embedding.
 
-    The heads take every field of their typed config (``policies.config.VLAHeadConfig``); ``crop_pad`` is
+    The heads take every field of their typed config (``policies.vla_config.VLAHeadConfig``); ``crop_pad`` is
     the policy's training augmentation and ``dropout`` the FFNs', so neither is used here.
     """
 

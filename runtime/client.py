@@ -1,4 +1,4 @@
-"""The Python client of the policy server (:mod:`bac.runtime.server`; protocol in its docstring).
+"""The Python client of the policy server (:mod:`bac.runtime.server`; the protocol: docs/guide/server.md).
 
     with PolicyClient("127.0.0.1", 8000) as client:
         client.reset(seed=0)
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from bac.errors import BacError, ConfigError, DataError
-from bac.policies.config import IMAGE_PREFIX, STATE, TASK
+from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
 
 from .msgpack_numpy import packb, unpackb
 

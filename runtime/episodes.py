@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from bac.policies.config import IMAGE_PREFIX, STATE, TASK
+from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
 from bac.policies.vla import frames_to_images
 
 

@@ -48,9 +48,9 @@ def refused(kind, path, *names, **kwargs):
 
 
 def test_a_good_file_loads(tmp_path):
-    ds = WindowDataset(write(tmp_path / "ok.hdf5", good()), horizon=4, n_obs_steps=2, obs_dim=3, action_dim=2)
+    ds = WindowDataset(write(tmp_path / "ok.hdf5", good()), horizon=4, n_obs_steps=2, state_dim=3, action_dim=2)
     assert ds.demos == ["demo_0", "demo_1", "demo_2"] and len(ds) == 30
-    assert ds.obs_dim == 3 and ds.action_dim == 2
+    assert ds.state_dim == 3 and ds.action_dim == 2
 
 
 def test_missing_keys(tmp_path):
@@ -84,9 +84,9 @@ def test_wide_actions_and_observations(tmp_path):
     refused(bac.DataError, path, "data/demo_1: obs/state is 4 wide, demo_0's is 3")
     path = write(tmp_path / "ok.hdf5", good())  # consistent, but not what the policy reads
     refused(bac.DataError, path, "data/demo_0: actions are 2 wide, the policy expects 4", action_dim=4)
-    refused(bac.DataError, path, "data/demo_0: observations (obs/state) are 3 wide, the policy expects 39", obs_dim=39)
+    refused(bac.DataError, path, "data/demo_0: observations (obs/state) are 3 wide, the policy expects 39", state_dim=39)
     with pytest.raises(bac.DataError, match="the policy expects 39") as err:
-        calibration_observations(path, 4, obs_dim=39)
+        calibration_observations(path, 4, state_dim=39)
     assert str(path) in str(err.value)
     path = write(tmp_path / "image.hdf5", good(**{"obs/state": np.zeros((12, 3, 8, 8))}))
     refused(bac.DataError, path, "data/demo_1/obs: state has shape [12, 3, 8, 8]")

@@ -301,7 +301,7 @@ def test_hydra_command_line(tmp_path):
 def test_reader_round_trips_collected_data(reach_dataset):
     d = _read(reach_dataset)
     ds = WindowDataset(reach_dataset, horizon=16, n_obs_steps=2)
-    assert len(ds) == d["attrs"]["total"] and ds.obs_dim == 39 and ds.action_dim == 4
+    assert len(ds) == d["attrs"]["total"] and ds.state_dim == 39 and ds.action_dim == 4
     demo0, demo1 = d["demos"]["demo_0"], d["demos"]["demo_1"]
     n0 = int(demo0["attrs"]["num_samples"])
 
@@ -326,7 +326,7 @@ def test_reader_round_trips_collected_data(reach_dataset):
     assert len(valid) == d["demos"][valid.demos[0]]["attrs"]["num_samples"]
 
     split = WindowDataset(reach_dataset, obs_keys=("hand_pos", "gripper", "goal_pos"))
-    assert split.obs_dim == 7
+    assert split.state_dim == 7
     np.testing.assert_allclose(split.obs[:n0, 4:], demo0["obs/state"][:, 36:39].astype(np.float32))
 
     obs_b, act_b = next(iter(torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True)))
@@ -382,7 +382,7 @@ def test_reader_on_robomimic_lift_style_file(tmp_path):
     assert list_demos(path) == ["demo_0", "demo_1", "demo_2", "demo_10"]  # numeric order
     ds = WindowDataset(path, obs_keys=keys, horizon=5, n_obs_steps=3, filter_key="train")
     assert ds.demos == ["demo_0", "demo_2", "demo_10"]
-    assert len(ds) == 20 + 3 + 12 and ds.obs_dim == 19 and ds.action_dim == 7
+    assert len(ds) == 20 + 3 + 12 and ds.state_dim == 19 and ds.action_dim == 7
 
     with h5py.File(path, "r") as f:
         flat = 0

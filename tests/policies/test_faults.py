@@ -27,7 +27,7 @@ def tiny_policy(architecture="dpt", tasks=TASKS, **settings):
         p.data.add_(0.05 * torch.randn_like(p))
     policy.obs_normalizer.fit(torch.randn(100, 39))
     policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
-    return policy.eval().set_sampler("ddim", 4)
+    return policy.eval().with_sampler("ddim", 4)
 
 
 def batch(obs, task="push"):
@@ -114,7 +114,7 @@ def test_a_config_with_another_head_count_is_refused(saved):
     # without the fingerprint this loads and gives other actions: the fault the fingerprint exists for
     changed = DiffusionPolicy(PolicyConfig.load(directory / "config.json"))
     changed.load_weights(load_file(str(directory / "model.safetensors")))
-    changed.eval().set_sampler("ddim", 4)
+    changed = changed.eval().with_sampler("ddim", 4)
     obs = torch.randn(2, 2, 39)
     assert not torch.allclose(chunk(changed, obs), chunk(policy, obs), atol=1e-3)
     raises(bac.CheckpointError, lambda: DiffusionPolicy.load(directory), directory / "model.safetensors",
@@ -131,7 +131,7 @@ def test_reordered_tasks_are_refused(saved):
 def test_n_action_steps_and_provenance_may_change(saved):
     directory, policy = saved
     _edit_config(directory, lambda c: c.update(n_action_steps=4, provenance={"note": "edited"}))
-    loaded = DiffusionPolicy.load(directory).set_sampler("ddim", 4)
+    loaded = DiffusionPolicy.load(directory).with_sampler("ddim", 4)
     obs = torch.randn(1, 2, 39)
     assert loaded.n_action_steps == 4 and torch.equal(chunk(loaded, obs), chunk(policy, obs)[:, :4])
 
@@ -179,7 +179,7 @@ def test_checkpoints_without_sha_or_fingerprint_still_load_and_resave_adds_them(
     directory, policy = saved
     save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, str(directory / "model.safetensors"))
     _edit_config(directory, lambda c: c.pop("weights"))  # as written before either existed
-    loaded = DiffusionPolicy.load(directory).set_sampler("ddim", 4)
+    loaded = DiffusionPolicy.load(directory).with_sampler("ddim", 4)
     obs = torch.randn(1, 2, 39)
     assert torch.equal(chunk(loaded, obs), chunk(policy, obs))
     loaded.save(directory)
@@ -354,4 +354,4 @@ def test_a_thousand_cached_policy_calls_keep_memory_flat():
 @pytest.mark.parametrize("steps", [0, -1, 2.5, True, "4"])
 def test_sampler_step_counts_that_are_not_positive_integers_are_refused(steps):
     with pytest.raises(bac.ConfigError, match="sampler steps must be"):
-        tiny_policy().set_sampler("ddim", steps)
+        tiny_policy().with_sampler("ddim", steps)

@@ -30,7 +30,7 @@ def tiny_policy(architecture, tasks=TASKS, **settings):
         p.data.add_(0.05 * torch.randn_like(p))
     policy.obs_normalizer.fit(torch.randn(100, 39))
     policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
-    return policy.eval().set_sampler("ddpm", 10)
+    return policy.eval().with_sampler("ddpm", 10)
 
 
 def batch(obs, task="push"):
@@ -51,12 +51,13 @@ def direct_denoising(policy, obs, tasks, generator, prepared=False):
         index = torch.tensor([policy.tasks.index(t) for t in tasks])
         onehot = torch.nn.functional.one_hot(index, len(policy.tasks)).float()
         cond = torch.cat([cond, onehot[:, None].expand(-1, policy.n_obs_steps, -1)], dim=-1)
-    policy.sampler.set_timesteps(policy.num_inference_steps)
-    memory = policy.model.prepare(cond, policy.sampler.timesteps) if prepared else None
+    scheduler = policy.sampler.scheduler
+    scheduler.set_timesteps(policy.sampler.steps)
+    memory = policy.model.prepare(cond, scheduler.timesteps) if prepared else None
     x = torch.randn((cond.shape[0], policy.horizon, policy.action_dim), generator=generator)
-    for i, t in enumerate(policy.sampler.timesteps):
+    for i, t in enumerate(scheduler.timesteps):
         out = policy.model(x, t, cond, prepared=memory[i]) if prepared else policy.model(x, t, cond)
-        x = policy.sampler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, generator=generator).prev_sample
     return policy.action_normalizer.inverse(x[:, : policy.n_action_steps])
 
 
@@ -67,7 +68,7 @@ def test_predict_action_chunk_is_the_direct_denoising_loop(architecture, sampler
     """Bit-identical to diffusers' step on the prepared condition (the fused sampler is exact); equal
     to the per-step encoder within float32 rounding (one encoder pass over other rows: another
     matmul blocking)."""
-    policy = tiny_policy(architecture).set_sampler(sampler, 6)
+    policy = tiny_policy(architecture).with_sampler(sampler, 6)
     obs, tasks = torch.randn(3, 2, 39), ["push", "reach", "push"]
     actions = policy.predict_action_chunk(batch(obs, tasks), generator=torch.Generator().manual_seed(4))
     assert actions.shape == (3, 8, 4)
@@ -83,7 +84,7 @@ def test_predict_action_chunk_is_the_direct_denoising_loop(architecture, sampler
 @pytest.mark.parametrize("architecture", ["dpt", "dit"])
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_prepared_condition_is_the_per_step_encoding(architecture, num_samples):
-    policy = tiny_policy(architecture).set_sampler("ddpm", 10)
+    policy = tiny_policy(architecture).with_sampler("ddpm", 10)
     model, cond = policy.model, torch.randn(num_samples, 2, policy.config.cond_dim)
     x, timesteps = torch.randn(num_samples, 16, 4), policy.sampler.timesteps
     prepared = model.prepare(cond, timesteps)
@@ -95,7 +96,7 @@ def test_prepared_condition_is_the_per_step_encoding(architecture, num_samples):
 
 def test_shipped_policy_gives_the_actions_of_the_previous_implementation():
     """Reference values computed with the pre-interface ``predict_action`` (commit 81b803f)."""
-    policy = DiffusionPolicy.load(SHIPPED).set_sampler("ddim", 10)
+    policy = DiffusionPolicy.load(SHIPPED).with_sampler("ddim", 10)
     obs = torch.randn(3, 2, 39, generator=torch.Generator().manual_seed(123)) * 0.3
     tasks = ["push", "reach", "door-open"]
     actions = policy.predict_action_chunk(batch(obs, tasks), generator=torch.Generator().manual_seed(7))
@@ -110,7 +111,7 @@ def test_shipped_policy_gives_the_actions_of_the_previous_implementation():
 # ------------------------------------------------------------------ select_action
 @pytest.mark.parametrize("architecture", ["dpt", "dit"])
 def test_select_action_queues_a_chunk_and_keeps_the_observation_history(architecture):
-    policy = tiny_policy(architecture).set_sampler("ddim", 4)
+    policy = tiny_policy(architecture).with_sampler("ddim", 4)
     observations = torch.randn(20, 2, 39)  # 20 env steps of 2 envs
     calls = []
     predict = policy.predict_action_chunk
@@ -274,7 +275,7 @@ def test_old_format_checkpoints_are_converted(tmp_path):
               "noise_scheduler": {"num_train_timesteps": 100, "beta_schedule": "squaredcos_cap_v2",
                                   "clip_sample": True, "prediction_type": "epsilon"}, "provenance": {"step": 3}}
     (directory / "config.json").write_text(json.dumps(legacy))
-    loaded = DiffusionPolicy.load(directory).set_sampler("ddpm", 10)
+    loaded = DiffusionPolicy.load(directory).with_sampler("ddpm", 10)
     assert loaded.config == policy.config.replace(provenance={"step": 3, "converted_from": "bac-policy/1"})
     obs = torch.randn(2, 2, 39)
     assert torch.equal(chunk(loaded, obs), chunk(policy, obs))
@@ -314,13 +315,42 @@ def test_every_step_plan_gives_bit_identical_actions(architecture):
     assert torch.equal(chunk(policy, obs), reference)
 
 
+def test_with_sampler_is_a_view_that_shares_the_weights():
+    policy = tiny_policy("dpt")
+    view = policy.with_sampler("dpm", 6)
+    assert (policy.sampler.kind, policy.sampler.steps) == ("ddpm", 10)  # the viewed policy is left as it was
+    assert (view.sampler.kind, view.sampler.steps) == ("dpm", 6)
+    assert view.model is policy.model and view.obs_normalizer is policy.obs_normalizer
+    assert view.state_dict().keys() == policy.state_dict().keys()
+    obs = torch.randn(2, 2, 39)
+    expected = chunk(view, obs)
+    with torch.no_grad():
+        policy.model.parameters().__next__().add_(1.0)  # a weight changed through the policy changes the view
+    assert not torch.equal(chunk(view, obs), expected)
+    view.select_action(batch(torch.randn(2, 39)))
+    assert not view.chunk_due and policy.chunk_due  # each has its own action queue
+    with pytest.raises(bac.ConfigError, match="unknown sampler .euler."):
+        policy.with_sampler("euler", 4)
+
+
+def test_deprecated_sampler_names_warn_and_still_work():
+    policy = tiny_policy("dpt")
+    with pytest.warns(DeprecationWarning, match=r"set_sampler.*with_sampler"):
+        assert policy.set_sampler("ddim", 4) is policy
+    assert (policy.sampler.kind, policy.sampler.steps) == ("ddim", 4)
+    for old, new, value in [("sampler_kind", "sampler.kind", "ddim"), ("num_inference_steps", "sampler.steps", 4),
+                            ("fused_sampler", "sampler.fused", policy.sampler.fused), ("obs_dim", "state_dim", 39)]:
+        with pytest.warns(DeprecationWarning, match=rf"DiffusionPolicy.{old} is deprecated; use {new}"):
+            assert getattr(policy, old) == value
+
+
 def test_plan_for_another_sampler_is_refused():
     policy = tiny_policy("dpt")
     plan = bac.make_plan(policy.model, "every-step", num_steps=10, scheduler=policy.sampler)
-    policy.set_sampler("ddim", 10)
+    policy = policy.with_sampler("ddim", 10)
     with pytest.raises(bac.PlanMismatchError, match="scheduler"):
         policy.accelerate(plan)
-    policy.set_sampler("ddpm", 20)
+    policy = policy.with_sampler("ddpm", 20)
     with pytest.raises(bac.PlanMismatchError, match="10 denoising steps"):
         policy.accelerate(plan)
 
@@ -329,11 +359,11 @@ def test_plan_for_another_sampler_is_refused():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm"])
 def test_checkpoint_round_trip_gives_identical_actions(tmp_path, architecture, sampler):
     policy = tiny_policy(architecture)
-    policy.set_sampler(sampler, 8)
+    policy = policy.with_sampler(sampler, 8)
     obs = torch.randn(2, 2, 39)
     expected = chunk(policy, obs)
     loaded = DiffusionPolicy.load(policy.save(tmp_path / "ckpt"), expect={"architecture": architecture})
-    loaded.set_sampler(sampler, 8)
+    loaded = loaded.with_sampler(sampler, 8)
     assert torch.equal(chunk(loaded, obs), expected)
     assert torch.equal(chunk(loaded, obs), expected)  # samplers with per-call state restart cleanly
 
@@ -440,7 +470,7 @@ def test_both_policy_architectures_accept_every_method(architecture, skipping_se
     obs = torch.randn(2, 2, 39)
     reference = chunk(policy, obs)
     calibration = bac.calibrate(policy.model, lambda o: chunk(policy, o), [obs], scheduler=policy.sampler)
-    steps = policy.num_inference_steps
+    steps = policy.sampler.steps
     for name in bac.available_methods():
         params = {k: min(v, steps) if k == "M" else v for k, v in skipping_settings.get(name, {}).items()}
         with policy.accelerate(bac.build_method(name, calibration, **params)) as handle:
@@ -481,7 +511,7 @@ def test_compiled_blocks_run_a_static_plan_without_recompiling():
 
     from bac.policies.dpt import BRANCHES
 
-    policy = tiny_policy("dpt").set_sampler("ddim", 6)
+    policy = tiny_policy("dpt").with_sampler("ddim", 6)
     obs = batch(torch.randn(1, 2, 39))
     eager = policy.predict_action_chunk(obs, generator=torch.Generator().manual_seed(0))
     plan = bac.make_plan(policy.model, "uniform", num_steps=6, M=3)
@@ -506,7 +536,7 @@ def test_compiled_blocks_run_a_static_plan_without_recompiling():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_blocks_on_gpu():
-    policy = tiny_policy("dpt").set_sampler("ddim", 6).to("cuda")
+    policy = tiny_policy("dpt").with_sampler("ddim", 6).to("cuda")
     obs = batch(torch.randn(1, 2, 39))
     plan = bac.make_plan(policy.model, "uniform", num_steps=6, M=3)
     with policy.accelerate(plan):

@@ -38,7 +38,7 @@ def tiny_head(architecture, steps=None, **model):
     policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
     policy.language = fake_language()
     if steps is not None:
-        policy.set_sampler(policy.sampler_kind, steps)
+        policy = policy.with_sampler(policy.sampler.kind, steps)
     return policy.eval()
 
 
@@ -95,7 +95,7 @@ def test_prepared_prefix_is_the_per_step_computation(architecture):
     """prepare() does the step-independent work (context keys/values, timestep tables) once per call."""
     policy = tiny_head(architecture, steps=5)
     prefix = policy.condition(observation(3))
-    timesteps = policy.fused_sampler.timesteps
+    timesteps = policy.sampler.fused.timesteps
     prepared = policy.model.prepare(prefix, timesteps)
     x = torch.randn(3, 8, 4)
     for i, t in enumerate(timesteps):
@@ -104,19 +104,19 @@ def test_prepared_prefix_is_the_per_step_computation(architecture):
 
 
 def test_default_samplers_are_the_published_ones():
-    assert (tiny_head("gr00t").sampler_kind, tiny_head("gr00t").num_inference_steps) == ("flow", 4)
-    assert (tiny_head("pi0").sampler_kind, tiny_head("pi0").num_inference_steps) == ("flow", 10)
-    assert (tiny_head("rdt").sampler_kind, tiny_head("rdt").num_inference_steps) == ("dpm", 20)
+    assert (tiny_head("gr00t").sampler.kind, tiny_head("gr00t").sampler.steps) == ("flow", 4)
+    assert (tiny_head("pi0").sampler.kind, tiny_head("pi0").sampler.steps) == ("flow", 10)
+    assert (tiny_head("rdt").sampler.kind, tiny_head("rdt").sampler.steps) == ("dpm", 20)
 
 
 def test_samplers_must_fit_the_training_objective():
     with pytest.raises(ConfigError, match="flow matching"):
-        tiny_head("gr00t").set_sampler("ddim", 4)
+        tiny_head("gr00t").with_sampler("ddim", 4)
     with pytest.raises(ConfigError, match="needs its number of steps"):
-        tiny_head("pi0").set_sampler("flow")
+        tiny_head("pi0").with_sampler("flow")
     with pytest.raises(ConfigError, match="DDPM"):
-        tiny_head("rdt").set_sampler("flow", 4)
-    tiny_head("rdt").set_sampler("ddpm", 100)  # RDT's 100-step DDPM
+        tiny_head("rdt").with_sampler("flow", 4)
+    tiny_head("rdt").with_sampler("ddpm", 100)  # RDT's 100-step DDPM
 
 
 # ------------------------------------------------------------------------------- language

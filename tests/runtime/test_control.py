@@ -34,7 +34,7 @@ def tiny_policy(tasks=("reach", "push"), steps=3):
     for p in policy.model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     policy.obs_normalizer.fit(torch.randn(100, 39))
-    return policy.eval().set_sampler("ddim", steps)
+    return policy.eval().with_sampler("ddim", steps)
 
 
 class CountingEnv(gym.Env):
@@ -269,7 +269,7 @@ def test_zero_latency_and_lead_0_is_the_synchronous_loop(seed):
 
 
 def test_the_shipped_policy_succeeds_as_in_the_synchronous_loop():
-    policy = DiffusionPolicy.load(SHIPPED).set_sampler("ddim", 10)
+    policy = DiffusionPolicy.load(SHIPPED).with_sampler("ddim", 10)
     env = make_control_env(policy, "reach", make_env=make_vector_env)
     try:
         result, actions = _run_wave_actions(policy, env, "reach", 100000)

@@ -22,7 +22,7 @@ def tiny_policy(tasks=("reach", "push"), state_dim=39, steps=3):
     for p in policy.model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     policy.obs_normalizer.fit(torch.randn(100, state_dim))
-    return policy.eval().set_sampler("ddim", steps)
+    return policy.eval().with_sampler("ddim", steps)
 
 
 def waves(policy, task, seeds, num_envs, max_episode_steps=None):
@@ -64,7 +64,7 @@ def previous_rollout(act, task, seeds, n_obs_steps, num_envs, max_episode_steps)
 
 def test_shipped_policy_gives_the_episodes_of_the_previous_implementation():
     """Per-seed results of the shipped policy (DDIM 10) recorded with ``envs/rollout.py`` at commit 81b803f."""
-    policy = DiffusionPolicy.load(SHIPPED).set_sampler("ddim", 10)
+    policy = DiffusionPolicy.load(SHIPPED).with_sampler("ddim", 10)
     results = waves(policy, "reach", list(range(100000, 100005)), num_envs=2)
     assert results == [{"seed": 100000, "success": True, "steps": 48}, {"seed": 100001, "success": True, "steps": 34},
                        {"seed": 100002, "success": True, "steps": 31}, {"seed": 100003, "success": True, "steps": 39},

@@ -29,7 +29,10 @@ from bac.policies.vla import frames_to_images
 from bac.runtime import run_wave
 from bac.runtime.client import ObservationError, PolicyClient, RemotePolicy, ServerError
 from bac.runtime.msgpack_numpy import packb, unpackb
+from bac.runtime.loading import choose_sampler, load_policy, metadata
+from bac.runtime.protocol import parse_observation
 from bac.runtime.server import PolicyServer, load_served_policy
+from bac.runtime.sessions import new_session
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "policies" / "checkpoints" / "dpt-metaworld"
@@ -46,11 +49,11 @@ def tiny_policy(steps=3):
     for p in policy.model.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     policy.obs_normalizer.fit(torch.randn(100, 39))
-    return policy.eval().set_sampler("ddim", steps)
+    return policy.eval().with_sampler("ddim", steps)
 
 
 def accelerated(policy):
-    policy.accelerate(bac.build_method("uniform", policy.model, num_steps=policy.num_inference_steps,
+    policy.accelerate(bac.build_method("uniform", policy.model, num_steps=policy.sampler.steps,
                                        scheduler=policy.sampler, interval=2))
     return policy
 
@@ -130,7 +133,7 @@ def test_codec_writes_openpi_msgpack_numpy_maps():
 
 def test_drop_context_forgets_a_context_and_keeps_its_counts():
     policy = accelerated(tiny_policy())
-    handle = policy.model._bac_handle
+    handle = bac.get_handle(policy.model)
     batch = {STATE: torch.from_numpy(states(0, 2))[None], "task": "reach"}
     with handle.context("client-1"):
         policy.predict_action_chunk(batch, generator=torch.Generator().manual_seed(0))
@@ -184,6 +187,30 @@ def test_round_trip_gives_the_local_policys_actions():
         assert client.reset() == {"reset": True, "seed": 7}
         assert np.array_equal(client.infer({STATE: obs[0].tolist(), "task": "push"})["actions"],
                               local_chunks(policy, obs[:1], "push", seed=7)[0])
+
+
+def test_a_session_keeps_its_history_only_when_its_call_succeeds():
+    policy = tiny_policy()
+    obs = states(4, 2)
+    requests = [parse_observation(policy, {STATE: state, "task": "reach"}) for state in obs]
+    session = new_session("client-1", "", seed=5, device="cpu")
+    original = policy.predict_action_chunk
+
+    def failing(batch, generator=None, **kwargs):
+        raise RuntimeError("the policy call failed")
+
+    policy.predict_action_chunk = failing
+    with pytest.raises(RuntimeError, match="failed"):
+        session.predict(policy, requests[0])
+    assert session.history is None
+    policy.predict_action_chunk = original
+    first = session.predict(policy, requests[0])
+    assert torch.equal(session.history[0], torch.from_numpy(np.repeat(obs[:1], 2, 0)))  # first one repeated
+    session.predict(policy, requests[1])
+    assert torch.equal(session.history[0], torch.from_numpy(obs))  # the last n_obs_steps
+    session.reset(5)
+    assert session.history is None and np.array_equal(session.predict(policy, requests[0]), first)
+    assert np.array_equal(first, local_chunks(policy, obs[:1], "reach", seed=5)[0])
 
 
 def test_warm_up_runs_before_listening_in_a_context_of_its_own():
@@ -299,7 +326,7 @@ def test_concurrent_clients_get_exactly_what_each_gets_alone():
 
     def recording(batch, generator=None, **kwargs):
         threads_used.add(threading.get_ident())
-        contexts_used.add(policy.model._bac_handle.active_context)
+        contexts_used.add(bac.get_handle(policy.model).active_context)
         return original(batch, generator=generator, **kwargs)
 
     policy.predict_action_chunk = recording
@@ -396,7 +423,7 @@ def test_stop_finishes_the_request_in_flight_then_closes():
 # ------------------------------------------------------------------------------ loading and the entry point
 def test_load_served_policy_accelerates_one_way(tmp_path):
     tiny_policy().save(tmp_path / "policy")
-    policy = DiffusionPolicy.load(tmp_path / "policy").set_sampler("ddim", 3)
+    policy = DiffusionPolicy.load(tmp_path / "policy").with_sampler("ddim", 3)
     plan = bac.make_plan(policy.model, "uniform", num_steps=3, scheduler=policy.sampler, interval=2)
     plan.save(tmp_path / "plan.json")
     TunedConfig(sampler="ddim", steps=3, method="uniform", params={"interval": 2}, plan="plan.json").save(
@@ -415,6 +442,46 @@ def test_load_served_policy_accelerates_one_way(tmp_path):
         load_served_policy(tmp_path / "policy", tuned=tmp_path / "tuned.json", steps=3)
     with pytest.raises(ConfigError, match="takes parameters"):
         load_served_policy(tmp_path / "policy", method="uniform", method_params={"intervall": 2}, steps=3)
+
+
+def test_load_policy_keeps_the_handle_that_accelerating_returned(tmp_path):
+    tiny_policy().save(tmp_path / "policy")
+    plain = load_policy(tmp_path / "policy", sampler="ddim", steps=3)
+    assert plain.handle is None and plain.source == {} and PolicyServer(plain.policy, port=0).handle is None
+    served = load_policy(tmp_path / "policy", method="uniform", method_params={"interval": 2}, sampler="ddim", steps=3)
+    assert served.handle is not None and served.handle is bac.get_handle(served.policy.model)
+    server = PolicyServer(served.policy, port=0, source=served.source, handle=served.handle)
+    assert server.handle is served.handle and PolicyServer(served.policy, port=0).handle is served.handle
+    assert server.metadata["acceleration"]["skipped"] == 6
+    assert server.metadata["acceleration"]["method_source"] == "by name"
+
+
+def test_choose_sampler_changes_only_what_it_is_given():
+    base = tiny_policy()
+    policy, choice = choose_sampler(base)
+    assert policy is base and (choice.kind, choice.steps) == ("ddim", 3)
+    policy, choice = choose_sampler(policy, steps=5)
+    assert (base.sampler.kind, base.sampler.steps) == ("ddim", 3)  # a view: the loaded policy is unchanged
+    assert (choice.kind, choice.steps) == ("ddim", 5)
+    policy, choice = choose_sampler(policy, "ddpm", 7)
+    assert (choice.kind, choice.steps) == ("ddpm", 7)
+    assert metadata(policy)["sampler"] == {"kind": "ddpm", "steps": 7}  # the policy returned samples with it
+
+
+SERVER_MODULES = ("server", "loading", "protocol", "sessions", "lifecycle")
+
+
+def test_the_server_reads_no_private_state_but_its_own():
+    """Every ``x._name`` in the server's modules is on ``self``: the policy and the engine only through
+    their public API (``bac.get_handle``, ``handle.context``, ...)."""
+    import ast
+
+    for module in SERVER_MODULES:
+        path = ROOT / "runtime" / f"{module}.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                assert isinstance(node.value, ast.Name) and node.value.id == "self", \
+                    f"{path.name}:{node.lineno} reads .{node.attr} of {ast.unparse(node.value)}"
 
 
 def test_settings_are_checked_before_loading():
@@ -483,12 +550,12 @@ np.savez(out, actions=np.concatenate([a.numpy() for a in actions]), steps=[r["st
 def test_closed_loop_episodes_from_another_process_match_the_local_policy(tmp_path):
     """The shipped DP-T (DDIM-10, uniform caching) served; a client process runs seeded Meta-World episodes."""
     task, cap, seeds = "reach", 20, [100000, 100001]
-    served = accelerated(DiffusionPolicy.load(SHIPPED).set_sampler("ddim", 10))
+    served = accelerated(DiffusionPolicy.load(SHIPPED).with_sampler("ddim", 10))
     with serving(served) as server:
         client = subprocess.Popen([sys.executable, "-c", CLIENT, str(server.port), task, str(cap),
                                    str(tmp_path / "remote.npz"), *map(str, seeds)],
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-        local = accelerated(DiffusionPolicy.load(SHIPPED).set_sampler("ddim", 10))
+        local = accelerated(DiffusionPolicy.load(SHIPPED).with_sampler("ddim", 10))
         from bac.envs.metaworld_env import make_vector_env
 
         actions, results = [], []

@@ -1,0 +1,132 @@
+"""The served policy: loaded from a checkpoint, given its sampler, accelerated at most one way, described for
+the metadata a client receives on connect (``docs/guide/server.md``)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import bac
+from bac.errors import BacError, ConfigError
+from bac.policies.checkpointing import resolve_checkpoint
+from bac.policies.policy import DiffusionPolicy
+from bac.policies.sampler import Sampler
+
+from .protocol import PROTOCOL, PROTOCOL_VERSION, accepts_num_actions
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedPolicy:
+    """A policy ready to serve: ``handle`` is the cache handle its acceleration returned (``None``: not
+    accelerated); ``source`` says where the acceleration came from, for the metadata."""
+
+    policy: DiffusionPolicy
+    handle: bac.CacheHandle | None
+    source: dict[str, Any]
+
+
+def choose_sampler(policy: DiffusionPolicy, kind: str | None = None,
+                   steps: int | None = None) -> tuple[DiffusionPolicy, Sampler]:
+    """``policy`` sampling with ``kind``/``steps`` (both ``None``: as it does) and its sampler.
+
+    A new sampler gives a view of ``policy`` sharing its weights (``with_sampler``); ``policy`` is unchanged."""
+    if kind is not None or steps is not None:
+        policy = policy.with_sampler(kind or policy.sampler.kind, steps)
+    return policy, policy.sampler
+
+
+def load_policy(checkpoint: str | Path, *, device: str = "cpu", sampler: str | None = None,
+                steps: int | None = None, tuned: str | Path | None = None, plan: str | Path | None = None,
+                method: str | None = None, method_params: Mapping[str, Any] | None = None) -> ServedPolicy:
+    """Load a policy and accelerate it at most one way.
+
+    ``tuned``: a ``python -m bac.tune`` result (sets the sampler too, so ``sampler``/``steps`` must be
+    unset); ``plan``: a plan file; ``method``: an uncalibrated method by name with ``method_params``
+    (a calibrated one, ``bac``/``acs``, needs a plan file: ``bac-plan``). Every problem is a
+    :class:`bac.ConfigError` (or the plan's and checkpoint's own errors).
+    """
+    chosen = [name for name, value in (("tuned", tuned), ("plan", plan), ("method", method)) if value]
+    if len(chosen) > 1:
+        raise ConfigError(f"accelerate one way: set one of tuned, plan, method (got {chosen})")
+    if method_params and not method:
+        raise ConfigError(f"method_params {dict(method_params)} given without a method")
+    policy = DiffusionPolicy.load(resolve_checkpoint(checkpoint), device=device)
+    if tuned:
+        if sampler is not None or steps is not None:
+            raise ConfigError(f"{tuned} sets the sampler (the tuner's pick): leave sampler.kind and sampler.steps null")
+        return ServedPolicy(policy, policy.use_tuned(tuned), {"tuned": str(tuned)})
+    policy, choice = choose_sampler(policy, sampler, steps)
+    if plan:
+        return ServedPolicy(policy, policy.accelerate(bac.Plan.load(plan)), {"plan": str(plan)})
+    if method:
+        built = _method_by_name(policy, choice, method, dict(method_params or {}))
+        return ServedPolicy(policy, policy.accelerate(built), {"method_source": "by name"})
+    return ServedPolicy(policy, None, {})
+
+
+def load_served_policy(checkpoint: str | Path, **how: Any) -> tuple[DiffusionPolicy, dict[str, Any]]:
+    """:func:`load_policy` as ``(policy, source)``; the handle is ``bac.get_handle(policy.model)``."""
+    served = load_policy(checkpoint, **how)
+    return served.policy, served.source
+
+
+def _method_by_name(policy: Any, sampler: Sampler, method: str, params: dict[str, Any]) -> bac.Method:
+    try:
+        if bac.needs_calibration(method):
+            raise ConfigError(f"method {method!r} plans from a calibration: make its plan file first "
+                              "(bac-plan, or python -m bac.tune) and pass plan=<file>")
+        return bac.build_method(method, policy.model, num_steps=sampler.steps, scheduler=sampler.scheduler, **params)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, BacError):
+            raise
+        raise ConfigError(f"method {method!r} with {params}: {err}") from err
+
+
+# ----------------------------------------------------------------------------- its description
+def acceleration_summary(policy: Any, source: Mapping[str, Any] | None = None,
+                         handle: bac.CacheHandle | None = None) -> dict | None:
+    """What the policy's cache handle does (``None``: not accelerated), as plain data for the metadata.
+    ``handle``: the policy's (default: ``bac.get_handle(policy.model)``)."""
+    handle = handle if handle is not None else bac.get_handle(policy.model)
+    if handle is None:
+        return {"method": None, **source} if source else None
+    info: dict[str, Any] = {"method": handle.schedule.name, "params": dict(handle.schedule.params),
+                            **handle.standin.describe(), "static": bool(handle.schedule.static), **(source or {})}
+    if handle.plan is not None:
+        computed, skipped = handle.plan.computed_count(), handle.plan.skipped_count()
+        info.update(num_steps=handle.plan.num_steps, blocks=len(handle.plan.blocks), computed=computed,
+                    skipped=skipped, skipped_share=skipped / max(computed + skipped, 1))
+    return json.loads(json.dumps(info, default=str))  # msgpack-safe: tuples, numpy numbers, paths
+
+
+def metadata(policy: Any, checkpoint: str | None = None, source: Mapping[str, Any] | None = None,
+             handle: bac.CacheHandle | None = None) -> dict:
+    """The map sent on connect (``docs/guide/server.md``); ``handle`` as in :func:`acceleration_summary`."""
+    features = {name: {"type": f.type, "shape": list(f.shape), **({"keys": list(f.keys)} if f.keys else {})}
+                for name, f in policy.input_features.items()}
+    sampler = policy.sampler
+    return {
+        "protocol": PROTOCOL,
+        "protocol_version": PROTOCOL_VERSION,
+        "server": {"bac": bac.__version__},
+        "policy": {"type": "diffusion", "architecture": policy.architecture, "checkpoint": checkpoint,
+                   "model": json.loads(json.dumps(policy.model_kwargs, default=str))},
+        "features": features,
+        "action": {"shape": list(policy.output_features["action"].shape)},
+        "tasks": [] if policy.reads_instructions else list(policy.tasks),
+        "reads_instructions": bool(policy.reads_instructions),
+        "horizon": policy.horizon,
+        "n_obs_steps": policy.n_obs_steps,
+        "n_action_steps": policy.n_action_steps,
+        "sampler": {"kind": sampler.kind, "steps": sampler.steps},
+        "acceleration": acceleration_summary(policy, source, handle),
+        "accepts_num_actions": accepts_num_actions(policy),
+    }
+
+
+def describe(metadata: Mapping[str, Any]) -> str:
+    """One line for the log: checkpoint (or architecture), sampler and caching method."""
+    acceleration = (metadata["acceleration"] or {}).get("method") or "no caching"
+    return (f"{metadata['policy']['checkpoint'] or metadata['policy']['architecture']} "
+            f"({metadata['sampler']['kind']}-{metadata['sampler']['steps']}, {acceleration})")

@@ -1,0 +1,225 @@
+"""The policy server's wire format: what a request may hold, how it is checked, what a reply looks like.
+
+Frames are msgpack with openpi's numpy encoding (:mod:`bac.runtime.msgpack_numpy`). A request is an
+observation map or a reset map; a reply is packed actions, a reset acknowledgement, or an error text
+``"<Kind>: <message>"``. The protocol, message by message: ``docs/guide/server.md``. Everything here is a
+pure function of the policy's features and the message; the server decides when to call it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from bac.errors import BacError, DataError
+from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
+from bac.policies.vla import frames_to_images
+
+from .msgpack_numpy import packb, unpackb
+
+PROTOCOL, PROTOCOL_VERSION = "bac-policy-server", 1
+NUM_ACTIONS = "num_actions"
+RESET, SEED = "reset", "seed"
+
+
+class Unavailable(BacError, RuntimeError):
+    """The server is shutting down (the client sees ``Unavailable: ...``)."""
+
+
+# ----------------------------------------------------------------------------- requests
+def decode_request(message: Any) -> dict[str, Any]:
+    """A frame as a request map with text keys; every problem is a :class:`bac.DataError`."""
+    if isinstance(message, str):
+        raise DataError("got a text frame: send binary frames of msgpack (openpi's msgpack_numpy encoding)")
+    try:
+        request = unpackb(message)
+    except Exception as err:  # msgpack's many exceptions, and malformed array maps
+        raise DataError(f"could not decode the message as msgpack (openpi's msgpack_numpy encoding): "
+                        f"{type(err).__name__}: {err}") from None
+    if not isinstance(request, dict):
+        raise DataError(f"a request is a msgpack map (dict) of observation keys, or {{{RESET!r}: true, "
+                        f"{SEED!r}: int}}; got {type(request).__name__}")
+    keys = {}
+    for key, value in request.items():
+        if isinstance(key, bytes):
+            try:
+                key = key.decode()
+            except UnicodeDecodeError:
+                raise DataError(f"request key {key!r} is not UTF-8 text") from None
+        keys[key] = value
+    return keys
+
+
+def reset_seed(request: Mapping[str, Any], default_seed: int) -> int:
+    """The seed a reset map asks for (``default_seed`` when it names none)."""
+    extra = sorted(set(request) - {RESET, SEED})
+    if request[RESET] is not True or extra:
+        raise DataError(f"a reset message is {{{RESET!r}: true, {SEED!r}: int}} (seed optional), got keys "
+                        f"{sorted(request)} with {RESET}={request[RESET]!r}")
+    seed = request.get(SEED, default_seed)
+    if isinstance(seed, np.integer):
+        seed = int(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise DataError(f"{SEED!r} must be an integer in [0, 2**63), got {seed!r}")
+    return seed
+
+
+@dataclasses.dataclass
+class Observation:
+    """One checked request: ``state`` float32 ``[D]`` (current) or ``[n_obs_steps, D]`` (history), images
+    float32 ``[3, S, S]`` in [0, 1] by feature name."""
+
+    state: np.ndarray
+    task: str | None
+    images: dict[str, np.ndarray]
+    num_actions: int | None = None
+
+
+def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _array(key: str, value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple, int, float, np.generic)) and not isinstance(value, bool):
+        try:
+            return np.asarray(value)
+        except (ValueError, TypeError) as err:
+            raise DataError(f"{key!r} is not a numeric array: {err}") from err
+    raise DataError(f"{key!r} must be a numpy array (msgpack_numpy) or a list of numbers, got {type(value).__name__}")
+
+
+def _check_finite(key: str, array: np.ndarray) -> None:
+    bad = ~np.isfinite(array)
+    if bad.any():
+        where = [list(map(int, i)) if array.ndim > 1 else int(i[0]) for i in np.argwhere(bad)[:4]]
+        raise DataError(f"{key!r} contains NaN or inf (at {where}{'...' if bad.sum() > 4 else ''}); "
+                        "send finite numbers")
+
+
+def parse_observation(policy: Any, message: Mapping[str, Any]) -> Observation:
+    """Check a request map against the policy's features; every problem is a :class:`bac.DataError` naming
+    the key and what was expected. Checked before queueing, so a bad request is answered at once."""
+    cameras = [name for name in policy.input_features if name.startswith(IMAGE_PREFIX)]
+    _check_keys(policy, message, cameras)
+    state, task = _state(policy, message[STATE]), _task(policy, message.get(TASK))  # checked in this order
+    images = {key: _image(key, message[key], policy.input_features[key].shape) for key in cameras}
+    return Observation(state, task, images, _num_actions(policy, message.get(NUM_ACTIONS)))
+
+
+def _check_keys(policy: Any, message: Mapping[str, Any], cameras: list[str]) -> None:
+    n, dim = policy.n_obs_steps, policy.state_dim
+    known = [STATE, *cameras, *([TASK] if TASK in policy.input_features else []), NUM_ACTIONS]
+    unknown = sorted(set(message) - set(known))
+    if unknown:
+        raise DataError(f"unknown key(s) {unknown}; this policy reads {known[:-1]} (and optional {NUM_ACTIONS!r}), "
+                        f"or send {{{RESET!r}: true, {SEED!r}: int}}")
+    missing = [key for key in known[:-1] if key not in message]
+    if missing:
+        raise DataError(f"observation is missing key(s) {missing}; this policy reads {known[:-1]} "
+                        f"({STATE!r}: float [{dim}] or [{n}, {dim}])")
+
+
+def _state(policy: Any, value: Any) -> np.ndarray:
+    n, dim = policy.n_obs_steps, policy.state_dim
+    state = _array(STATE, value)
+    if state.dtype.kind not in "fiu":
+        raise DataError(f"{STATE!r} has dtype {state.dtype} ({state.dtype.str}); send real numbers (float32)")
+    if state.shape not in ((dim,), (n, dim)):
+        raise DataError(f"{STATE!r} must have shape [{dim}] (the current observation) or [{n}, {dim}] (the last "
+                        f"{n} observations), got {_shape_text(state.shape)}")
+    state = state.astype(np.float32)  # a copy: decoded arrays are read-only views of the message
+    _check_finite(STATE, state)
+    return state
+
+
+def _task(policy: Any, task: Any) -> str | None:
+    if TASK in policy.input_features:
+        if not isinstance(task, str) or not task.strip():
+            raise DataError(f"{TASK!r} must be a string (" + ("the instruction" if policy.reads_instructions else
+                            f"one of {policy.tasks}") + f"), got {type(task).__name__} {task!r}")
+        if not policy.reads_instructions and task not in policy.tasks:
+            raise DataError(f"{TASK!r}: unknown task {task!r}; this policy was trained on {policy.tasks}")
+    return task
+
+
+def _image(key: str, value: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    channels, height, width = shape
+    image = _array(key, value)
+    if image.dtype == np.uint8 and image.shape == (height, width, channels):
+        return frames_to_images(image.copy()).numpy()  # a copy: decoded arrays are read-only
+    if image.dtype.kind == "f" and image.shape == (channels, height, width):
+        image = image.astype(np.float32)
+        _check_finite(key, image)
+        if image.min() < 0 or image.max() > 1:
+            raise DataError(f"{key!r} has values in [{image.min():.3g}, {image.max():.3g}]; float images are "
+                            "in [0, 1] (or send uint8 HWC)")
+        return image
+    raise DataError(f"{key!r} must be uint8 [{height}, {width}, {channels}] (HWC, a rendered frame) or float "
+                    f"[{channels}, {height}, {width}] (CHW, in [0, 1]), got {image.dtype} {_shape_text(image.shape)}")
+
+
+def _num_actions(policy: Any, num_actions: Any) -> int | None:
+    if num_actions is None:
+        return None
+    if isinstance(num_actions, np.integer):
+        num_actions = int(num_actions)
+    if not isinstance(num_actions, int) or isinstance(num_actions, bool) or not 1 <= num_actions <= policy.horizon:
+        raise DataError(f"{NUM_ACTIONS!r} must be an integer in [1, horizon={policy.horizon}] (or left out for "
+                        f"n_action_steps={policy.n_action_steps}), got {num_actions!r}")
+    return num_actions
+
+
+def accepts_num_actions(policy: Any) -> bool:
+    """Whether ``policy.predict_action_chunk`` takes ``num_actions=`` (the server passes it through)."""
+    try:
+        parameters = inspect.signature(policy.predict_action_chunk).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == NUM_ACTIONS or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def check_num_actions(policy: Any, observation: Observation) -> None:
+    """Refuse ``num_actions`` for a policy that cannot take it (asked at request time: the call may be wrapped)."""
+    if observation.num_actions is not None and not accepts_num_actions(policy):
+        raise DataError(f"{NUM_ACTIONS!r}: this policy returns its n_action_steps ({policy.n_action_steps}) actions "
+                        f"per request and takes no {NUM_ACTIONS}; leave the key out")
+
+
+def synthetic_request(policy: Any) -> dict[str, Any]:
+    """A request of the right shapes: the middle of the state's training range, grey images, a known task."""
+    middle = policy.obs_normalizer.inverse(torch.zeros(policy.state_dim, device=policy.device))
+    request: dict[str, Any] = {STATE: middle.cpu().numpy().astype(np.float32)}
+    for name, feature in policy.input_features.items():
+        if name.startswith(IMAGE_PREFIX):
+            request[name] = np.full(feature.shape, 0.5, dtype=np.float32)
+    if TASK in policy.input_features:
+        if policy.reads_instructions:
+            cached = list(getattr(policy.language, "entries", {}) or [])
+            request[TASK] = cached[0] if cached else "pick up the object"
+        else:
+            request[TASK] = policy.tasks[0]
+    return request
+
+
+# ----------------------------------------------------------------------------- replies
+def actions_reply(actions: np.ndarray, infer_ms: float, queue_ms: float) -> bytes:
+    return packb({"actions": actions, "server_timing": {"infer_ms": infer_ms, "queue_ms": queue_ms}})
+
+
+def reset_reply(seed: int) -> bytes:
+    return packb({RESET: True, SEED: seed})
+
+
+def error_text(err: BaseException) -> str:
+    """``"<Kind>: <message>"``: ``DataError`` for a refused request, a bac error's class, else ``InternalError``
+    (a bug: its exception type is named too)."""
+    if isinstance(err, DataError):
+        return f"DataError: {err}"
+    if isinstance(err, BacError):
+        return f"{type(err).__name__}: {err}"
+    return f"InternalError: {type(err).__name__}: {err}"

@@ -1,106 +1,17 @@
-"""Schedule machinery: *when* each block is computed, as a row of actions per denoiser call.
-
-An action is a bit set: ``RUN`` (compute the block), ``STORE`` (hand the output to the stand-in, because a
-later step will stand in for it) and ``NOTIFY`` (pass the output to the schedule, which may then rewrite the
-rest of the row); a block without ``RUN`` is filled in by the stand-in (:mod:`bac.standins`). A
-:class:`BoundSchedule` is a schedule bound to one model's blocks: :class:`StaticRows` for a
-:class:`bac.Plan` (rows precomputed once; the hot path is a list lookup), :class:`AlwaysCompute` for
-calibration and FLOP counting, and the runtime rules of :mod:`bac.rules`. ``new_state()`` makes the
-per-context state, cleared at every new trajectory.
+"""Deprecated alias of :mod:`bac.rows` (step rows), kept for one release: in a robot project an "action" is
+a robot command, so the engine's bit rows are called rows. ``actions_from_table`` is
+:func:`bac.rows.rows_from_table`; every other name is unchanged.
 """
-from __future__ import annotations
+import warnings
 
-import sys
-from typing import Any, Sequence
+from . import rows
 
-RUN, STORE, NOTIFY = 1, 2, 4
-
-
-def actions_from_table(table: Sequence[Sequence[bool]], keeps_history: bool = False) -> tuple[tuple[int, ...], ...]:
-    """Per step and block: compute or not, and store when a later skip needs the value.
-
-    With plain reuse only the computation right before a skipped step is
-    stored (a retained output cannot be recycled by the allocator, which on
-    CPU costs more than the bookkeeping); a forecaster (``keeps_history``)
-    gets every computation that precedes some later skip.
-    """
-    num_steps = len(table)
-    num_blocks = len(table[0]) if num_steps else 0
-    later_skip = [[False] * num_blocks for _ in range(num_steps)]
-    for k in range(num_steps - 2, -1, -1):
-        later_skip[k] = [not table[k + 1][i] or later_skip[k + 1][i] for i in range(num_blocks)]
-    rows = []
-    for k, row in enumerate(table):
-        following = table[k + 1] if k + 1 < num_steps else row
-        needed = later_skip[k] if keeps_history else [not run for run in following]
-        rows.append(tuple((RUN | STORE if needed[i] else RUN) if run else 0 for i, run in enumerate(row)))
-    return tuple(rows)
+_NAMES = {"NOTIFY": "NOTIFY", "RUN": "RUN", "STORE": "STORE", "AlwaysCompute": "AlwaysCompute",
+          "BoundSchedule": "BoundSchedule", "StaticRows": "StaticRows", "actions_from_table": "rows_from_table"}
 
 
-class BoundSchedule:
-    """A schedule bound to one model's blocks (see the module docstring)."""
-
-    name = "schedule"
-    params: dict = {}
-    limit = sys.maxsize  # steps one trajectory may run in a context
-    # True: a trajectory must run exactly `limit` steps (a plan's rows are made for that sampler);
-    # runtime rules decide step by step, so a shorter run is no error for them
-    exact_length = False
-    # True: the rows do not depend on the data (never NOTIFY), so what ran is known from the step count
-    # alone (:meth:`ran`) and the hot path counts nothing
-    static = False
-
-    def new_state(self) -> Any:
-        return None
-
-    def ran(self, steps: int) -> tuple[list[int], list[int]]:
-        """Per block, how often the first ``steps`` rows compute and skip it (static schedules only)."""
-        raise NotImplementedError
-
-    def row(self, state) -> Sequence[int]:
-        raise NotImplementedError
-
-    def notify(self, state, i: int, out: Any) -> None:
-        """Block ``i`` (whose action has ``NOTIFY``) computed ``out`` at ``state.step``."""
-
-
-class StaticRows(BoundSchedule):
-    """A precomputed action table (from a plan, or every block every step)."""
-
-    exact_length = True
-    static = True
-
-    def __init__(self, rows: Sequence[Sequence[int]], limit: int, name: str, params: dict | None = None):
-        if any(action & NOTIFY for row in rows for action in row):
-            raise ValueError("static rows cannot NOTIFY: what runs must not depend on the data")
-        self.rows = rows
-        self.limit = limit
-        self.name = name
-        self.params = dict(params or {})
-        # computed[k][i]: how often block i runs in the first k rows
-        self._computed = [[0] * len(rows[0])] if rows else [[]]
-        for row in rows:
-            self._computed.append([c + bool(a & RUN) for c, a in zip(self._computed[-1], row)])
-
-    def row(self, state) -> Sequence[int]:
-        return self.rows[state.step]
-
-    def ran(self, steps: int) -> tuple[list[int], list[int]]:
-        computed = self._computed[steps]
-        return list(computed), [steps - c for c in computed]
-
-
-class AlwaysCompute(BoundSchedule):
-    """Every block at every step, for any number of steps (calibration, FLOP counting)."""
-
-    name = "always"
-    static = True
-
-    def __init__(self, num_blocks: int):
-        self._row = (RUN,) * num_blocks
-
-    def row(self, state) -> Sequence[int]:
-        return self._row
-
-    def ran(self, steps: int) -> tuple[list[int], list[int]]:
-        return [steps] * len(self._row), [0] * len(self._row)
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"bac.actions.{name} is deprecated: use bac.rows.{_NAMES[name]}", DeprecationWarning, stacklevel=2)
+    return getattr(rows, _NAMES[name])

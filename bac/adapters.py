@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .standins import stream_sums
+from .state import get_handle
 
 KINDS = ("sa", "ca", "ffn")
 
@@ -255,7 +256,7 @@ def describe(model: nn.Module, adapters: Mapping[type, LayerAdapter] | None = No
     anything is changed.
     """
     lookup = {**_REGISTRY, **(adapters or {})}
-    accelerated = getattr(model, "_bac_handle", None) is not None  # its replaced forwards are bac's own
+    accelerated = get_handle(model) is not None  # its replaced forwards are bac's own
     layers: list[tuple[str, nn.Module, LayerAdapter]] = []
     for path, module in model.named_modules():
         adapter = lookup.get(type(module))

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save
 from .adapters import KINDS, Block
 from .errors import PlanMismatchError
 from .files import write_atomic
-from .fit import check_fits
+from .fit import check_made_for
 
 METRICS = ("cosine", "l1", "mse")
 
@@ -99,8 +99,8 @@ class Calibration:
         calibration has no weights digest (an older file).
         """
         blocks = [(b.name, b.kind, b.layer) for b in self.blocks]
-        check_fits("calibration", self.fingerprint, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler,
-                   allow_other_weights)
+        check_made_for("calibration", self.fingerprint, blocks, self.num_steps, self.scheduler, spec, num_steps,
+                       scheduler, allow_other_weights)
 
     def facts(self) -> dict:
         """What a plan file records about the calibration it came from."""

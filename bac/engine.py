@@ -1,103 +1,39 @@
 """The caching engine: routes every block through a runner that computes or stands in.
 
 A forward pre-hook on the denoiser advances the step counter of the active context and takes that step's
-row of actions from the schedule (:mod:`bac.actions`); each block's runner then computes the block or returns
-the stand-in's value (:mod:`bac.standins`). State is per thread and per context (one per
-classifier-free-guidance branch), cleared by :func:`new_trajectory`; the batch shape and the number of
-denoiser calls per sampling call are checked (:class:`bac.CacheStateError`). How it works, and what each
-check catches: docs/guide/core.md ("Inside the engine").
+row from the schedule (:mod:`bac.rows`); each block's runner (:mod:`bac.runners`) then computes the block
+or returns the stand-in's value (:mod:`bac.standins`). State is per thread and per context (one per
+classifier-free-guidance branch; :mod:`bac.state`), cleared by :func:`new_trajectory`; the batch shape and
+the number of denoiser calls per sampling call are checked (:class:`bac.CacheStateError`). Statistics and
+FLOPs: :mod:`bac.stats`. How it works, and what each check catches: docs/guide/core.md ("Inside the engine").
 """
 from __future__ import annotations
 
 import contextlib
-import sys
-import threading
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .actions import NOTIFY, RUN, STORE, AlwaysCompute, BoundSchedule, StaticRows, actions_from_table
 from .adapters import LayerAdapter, ModelSpec, describe
 from .checks import check_number
 from .errors import CacheStateError
-from .flops import executed_flops
 from .methods import Method
 from .plan import Plan
+from .rows import BoundSchedule, StaticRows, rows_from_table
 from .rules import Rule
+from .runners import Tap, make_runner
 from .standins import REUSE, Standin, make_standin
-
-# observer(block_index, fn, args, kwargs) -> output; used by calibration and FLOP counting.
-Observer = Callable[[int, Callable[..., Any], tuple, dict], Any]
-# tap(block_index, step, output, computed) -> None: sees the output every block hands on, computed or stood in.
-Tap = Callable[[int, int, Any, bool], None]
+from .state import Observer, ThreadStates, attach, detach, get_handle
+from .stats import HandleStats
 
 
 class StepOverflowError(CacheStateError):
     """The denoiser ran more steps in one sampling call than the schedule covers."""
 
 
-class _Context:
-    __slots__ = ("name", "schedule", "step", "row", "cache", "rule_state", "computed", "skipped", "shape", "done")
-
-    def __init__(self, name: str, schedule: BoundSchedule, num_blocks: int):
-        self.name = name
-        self.schedule = schedule
-        # Per-block totals. A static schedule's runners count nothing: its trajectories are folded in
-        # here from the rows they ran when they end (reset); a runtime rule's runners count each block.
-        self.computed = [0] * num_blocks
-        self.skipped = [0] * num_blocks
-        self.step = -1
-        self.reset()
-
-    def counts(self) -> tuple[list[int], list[int]]:
-        """Computed and skipped totals per block, the current trajectory included (for a static schedule,
-        from its rows: a step interrupted inside the model counts as run whole)."""
-        if not self.schedule.static or self.step < 0:
-            return self.computed, self.skipped
-        computed, skipped = self.schedule.ran(self.step + 1)
-        return [a + b for a, b in zip(self.computed, computed)], [a + b for a, b in zip(self.skipped, skipped)]
-
-    def reset(self) -> None:
-        if self.schedule.static and self.step >= 0:
-            self.computed, self.skipped = self.counts()
-        self.step = -1
-        self.done = -1  # step of the last denoiser call that returned (an interrupted call leaves it behind)
-        self.shape = None  # the first tensor input's shape at step 0: what the cached values are for
-        self.row = None
-        self.cache: list[Any] = [None] * len(self.computed)
-        self.rule_state = self.schedule.new_state()
-
-
-class _ThreadRecord:
-    """One thread's contexts and call counters (kept for the handle's statistics)."""
-
-    __slots__ = ("contexts", "fresh", "closed", "trajectories", "calls", "mark")
-
-    def __init__(self):
-        self.contexts: dict[str, _Context] = {}
-        self.fresh = True
-        self.closed = False  # the current trajectory's length was checked (end_trajectory)
-        self.trajectories = 0
-        self.calls = 0
-        self.mark = ([], [], 0, 0)
-
-
-class _PerThread(threading.local):
-    """What the hot path reads: the calling thread's active context and observer."""
-
-    def __init__(self, handle: "CacheHandle"):
-        self.record = _ThreadRecord()
-        self.observer = handle.observer
-        with handle._lock:
-            handle._records.append(self.record)
-        self.state = handle._context_state("default", self.record)
-        self.record.mark = handle._counts([self.record])
-
-
 class CacheHandle:
-    """An accelerated model: statistics, trajectory control, and :meth:`remove`.
+    """An accelerated model: trajectory control, contexts, statistics, and :meth:`remove`.
 
     Made by :func:`accelerate`; usable as a context manager that removes itself.
     """
@@ -112,24 +48,18 @@ class CacheHandle:
         observer: Observer | None = None,
         tap: Tap | None = None,
     ):
-        if getattr(model, "_bac_handle", None) is not None:
+        if get_handle(model) is not None:
             raise RuntimeError(f"{type(model).__name__} is already accelerated; call handle.remove() first")
         self.model = model
         self.spec = spec
-        self.schedule = schedule
         self.standin = standin
         self.plan = plan
-        self.observer = observer
         self.tap = tap
-        self._lock = threading.Lock()
-        self._records: list[_ThreadRecord] = []
-        self._local = _PerThread(self)
-        self.block_flops: list[int] | None = None
-        self.call_flops: int | None = None
+        self._threads = ThreadStates(schedule, len(spec.blocks), observer)
+        self._local = self._threads.local  # what the hooks and runners read
+        self._stats = HandleStats(spec, self._threads)
 
-        runners = [self._make_runner(i) for i in range(len(spec.blocks))]
-        if tap is not None:  # wrapped only when asked for: the plain runners stay the hot path
-            runners = [self._tapped(i, runner) for i, runner in enumerate(runners)]
+        runners = [make_runner(i, self._local, standin, schedule.static, tap) for i in range(len(spec.blocks))]
         start, installed = 0, []
         try:
             for _, layer, adapter in spec.layers:
@@ -143,101 +73,14 @@ class CacheHandle:
             raise
         self._hook = model.register_forward_pre_hook(self._advance, with_kwargs=True)
         self._done_hook = model.register_forward_hook(self._finish)
-        model._bac_handle = self
+        attach(model, self)
 
-    # -- hot path --------------------------------------------------------------------
-    def _make_runner(self, i: int) -> Callable[..., Any]:
-        """Block ``i``'s runner: ``runner(fn, *args, **kwargs)`` computes ``fn`` or stands in for it.
+    @property
+    def schedule(self) -> BoundSchedule:
+        """The bound schedule every thread's next step runs under (:meth:`reschedule` replaces it)."""
+        return self._threads.schedule
 
-        ``runner.gated(apply, fn, *args, **kwargs)`` is for a branch whose output is
-        ``apply(fn(...))`` with ``apply`` known exactly at every step (an adaLN gate of the
-        timestep): it returns ``apply`` of the computed value or, at a skipped step, of the
-        stand-in's value when the stand-in forecasts (:attr:`bac.Taylor.recomputes_gate`);
-        reuse returns the gated value last handed on, as every reuse cache does. Rules,
-        taps and observers always see the gated value, what the block hands on.
-        """
-        local = self._local
-        store, fill = self.standin.store, self.standin.fill  # fixed for the handle's lifetime
-        ungated = getattr(self.standin, "recomputes_gate", False)
-
-        def observed(apply, fn, args, kwargs):  # (value to store, value to hand on), under an observer
-            observer = local.observer
-            if apply is None:
-                out = observer(i, fn, args, kwargs)
-                return out, out
-            raws = []
-
-            def gated_fn(*fn_args, **fn_kwargs):
-                raws.append(fn(*fn_args, **fn_kwargs))
-                return apply(raws[-1])
-
-            out = observer(i, gated_fn, args, kwargs)
-            return raws[-1], out
-
-        def stand_in(apply, state):
-            value = fill(state.cache, i, state.step)
-            return apply(value) if ungated and apply is not None else value
-
-        if self.schedule.static:  # rows never NOTIFY; counts come from the rows (_Context.counts)
-            def run_static_gated(apply, fn, *args, **kwargs):
-                state = local.state
-                action = state.row[i]
-                if action & RUN:
-                    if local.observer is None:  # the hot path: no call beyond the block's own
-                        raw = fn(*args, **kwargs)
-                        out = raw if apply is None else apply(raw)
-                    else:
-                        raw, out = observed(apply, fn, args, kwargs)
-                    if action & STORE:
-                        store(state.cache, i, state.step, raw if ungated else out)
-                    return out
-                return stand_in(apply, state)
-
-            def run_static(fn, *args, **kwargs):
-                return run_static_gated(None, fn, *args, **kwargs)
-
-            run_static.gated = run_static_gated
-            return run_static
-
-        def run_gated(apply, fn, *args, **kwargs):
-            state = local.state
-            action = state.row[i]
-            if action & RUN:
-                if local.observer is None:  # the hot path: no call beyond the block's own
-                    raw = fn(*args, **kwargs)
-                    out = raw if apply is None else apply(raw)
-                else:
-                    raw, out = observed(apply, fn, args, kwargs)
-                if action & STORE:
-                    store(state.cache, i, state.step, raw if ungated else out)
-                if action & NOTIFY:
-                    state.schedule.notify(state, i, out)
-                state.computed[i] += 1
-                return out
-            state.skipped[i] += 1
-            return stand_in(apply, state)
-
-        def run(fn, *args, **kwargs):
-            return run_gated(None, fn, *args, **kwargs)
-
-        run.gated = run_gated
-        return run
-
-    def _tapped(self, i: int, runner: Callable[..., Any]) -> Callable[..., Any]:
-        local, tap = self._local, self.tap
-
-        def run_tapped_gated(apply, fn, *args, **kwargs):
-            out = runner.gated(apply, fn, *args, **kwargs)
-            state = local.state
-            tap(i, state.step, out, bool(state.row[i] & RUN))
-            return out
-
-        def run_tapped(fn, *args, **kwargs):
-            return run_tapped_gated(None, fn, *args, **kwargs)
-
-        run_tapped.gated = run_tapped_gated
-        return run_tapped
-
+    # -- per denoiser call -----------------------------------------------------------
     def _advance(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         local = self._local
         state = local.state
@@ -254,7 +97,7 @@ class CacheHandle:
             state.shape = shape
         elif shape != state.shape:
             expected = state.shape
-            self._restart(local.record)  # the cached values are unusable; the next call starts afresh
+            local.record.restart()  # the cached values are unusable; the next call starts afresh
             raise CacheStateError(
                 f"the denoiser's input has shape {_shape_text(shape)} at step {step} of this sampling call "
                 f"(context {state.name!r}), but the call started with shape {_shape_text(expected)}, which the "
@@ -274,35 +117,7 @@ class CacheHandle:
         state = self._local.state
         state.done = state.step  # this call returned: a trajectory that stops here ended, not broke off
 
-    # -- control ---------------------------------------------------------------------
-    def _context_state(self, name: str, record: _ThreadRecord | None = None) -> _Context:
-        contexts = (record or self._local.record).contexts
-        if name not in contexts:
-            contexts[name] = _Context(name, self.schedule, len(self.spec.blocks))
-        return contexts[name]
-
-    def _restart(self, record: _ThreadRecord) -> None:
-        for state in record.contexts.values():
-            state.reset()
-        record.fresh = True
-        record.closed = False
-        record.mark = self._counts([record])
-
-    def _short_runs(self, record: _ThreadRecord) -> dict[str, int]:
-        """Contexts of ``record``'s trajectory that ran 1 to K-1 steps of a K-step plan, and did not break off."""
-        if record.closed or not self.schedule.exact_length:
-            return {}
-        limit = self.schedule.limit
-        return {name: s.step + 1 for name, s in record.contexts.items() if 0 <= s.step < limit - 1 and s.done == s.step}
-
-    def _short_error(self, short: dict[str, int], when: str) -> CacheStateError:
-        ran = ", ".join(f"{n} in context {name!r}" for name, n in short.items())
-        return CacheStateError(
-            f"{when} ran {ran} of the plan's {self.schedule.limit} denoising steps, so only the plan's first rows "
-            "were used: the sampler runs fewer steps than the plan was made for. Make the plan for this sampler's "
-            "step count, and pass num_steps= (the sampler's step count) to bac.accelerate to check it up front"
-        )
-
+    # -- trajectory control ----------------------------------------------------------
     def new_trajectory(self) -> None:
         """Start a new sampling call in this thread: every context restarts at step 0 with an empty cache.
 
@@ -311,10 +126,10 @@ class CacheHandle:
         the new call has started all the same, so a retry goes through.
         """
         record = self._local.record
-        short = self._short_runs(record)
-        self._restart(record)
+        short = record.short_runs(self.schedule)
+        record.restart()
         if short:
-            raise self._short_error(short, "the previous sampling call")
+            raise _short_error(short, self.schedule.limit, "the previous sampling call")
 
     def end_trajectory(self) -> None:
         """Mark the end of this thread's sampling call and check its length now.
@@ -326,10 +141,10 @@ class CacheHandle:
         without it the check happens at the next ``new_trajectory`` or ``remove``.
         """
         record = self._local.record
-        short = self._short_runs(record)
+        short = record.short_runs(self.schedule)
         record.closed = True
         if short:
-            raise self._short_error(short, "this sampling call")
+            raise _short_error(short, self.schedule.limit, "this sampling call")
 
     def reschedule(self, schedule: Plan | Rule | Method, *, num_steps: int | None = None, scheduler: Any = None,
                    allow_other_weights: bool = False) -> None:
@@ -348,21 +163,16 @@ class CacheHandle:
                 f"{chosen.describe()['standin']} and {'a static plan' if bound.static else 'a runtime rule'}: "
                 "remove the handle and call bac.accelerate instead"
             )
-        with self._lock:
-            for record in self._records:
-                for state in record.contexts.values():
-                    state.reset()  # folds the finished trajectory's counts in under the old schedule
-                    state.schedule = bound
-                    state.rule_state = bound.new_state()
-                record.fresh, record.closed = True, False
-            self.schedule, self.plan = bound, plan
+        self._threads.reschedule(bound)
+        self.plan = plan
 
+    # -- contexts --------------------------------------------------------------------
     @contextlib.contextmanager
     def context(self, name: str) -> Iterator[None]:
         """Run this thread's denoiser calls with the separate cache state ``name`` (e.g. one per CFG branch)."""
         local = self._local
         previous = local.state
-        local.state = self._context_state(name)
+        local.state = self._threads.context(name)
         try:
             yield
         finally:
@@ -381,14 +191,10 @@ class CacheHandle:
             raise ValueError(f"cannot drop context {name!r}: it is "
                              f"{'the default context' if name == 'default' else 'active in this thread'}")
         record = local.record
-        state = record.contexts.get(name)
+        state = record.contexts.pop(name, None)
         if state is None:
             return False
-        computed, skipped = state.counts()
-        default = self._context_state("default", record)
-        default.computed = [a + b for a, b in zip(default.computed, computed)]
-        default.skipped = [a + b for a, b in zip(default.skipped, skipped)]
-        del record.contexts[name]
+        self._threads.context("default", record).add_counts(*state.counts())
         return True
 
     @property
@@ -405,6 +211,7 @@ class CacheHandle:
         """Denoiser calls of this thread's current trajectory, per context that ran any."""
         return {name: state.step + 1 for name, state in self._local.record.contexts.items() if state.step >= 0}
 
+    # -- removal ---------------------------------------------------------------------
     def remove(self) -> None:
         """Restore the model exactly as it was.
 
@@ -416,19 +223,17 @@ class CacheHandle:
         self._remove(check=True)
 
     def _remove(self, check: bool) -> None:
-        if getattr(self.model, "_bac_handle", None) is not self:
+        if get_handle(self.model) is not self:
             return
-        short = self._short_runs(self._local.record) if check else {}
+        short = self._local.record.short_runs(self.schedule) if check else {}
         for _, layer, adapter in self.spec.layers:
             adapter.uninstall(layer)
         self._hook.remove()
         self._done_hook.remove()
-        del self.model._bac_handle
-        for record in self._records:
-            for state in record.contexts.values():
-                state.reset()
+        detach(self.model, self)
+        self._threads.reset()
         if short:
-            raise self._short_error(short, "the last sampling call")
+            raise _short_error(short, self.schedule.limit, "the last sampling call")
 
     def __enter__(self) -> "CacheHandle":
         return self
@@ -436,112 +241,34 @@ class CacheHandle:
     def __exit__(self, exc_type, exc, traceback) -> None:
         self._remove(check=exc_type is None)
 
-    # -- measurement -----------------------------------------------------------------
+    # -- statistics (bac.stats) ------------------------------------------------------
     def measure_flops(self, *args, **kwargs) -> dict[str, int]:
         """Count FLOPs of one full denoiser call per block (``torch.utils.flop_counter``).
 
         Runs the model once on ``args``/``kwargs`` with every block computed, in a
         scratch context, so the current trajectory is not disturbed.
         """
-        counts = [0] * len(self.spec.blocks)
-
-        def count(i, fn, fn_args, fn_kwargs):
-            before = mode.get_total_flops()
-            out = fn(*fn_args, **fn_kwargs)
-            counts[i] += mode.get_total_flops() - before
-            return out
-
-        local, record = self._local, self._local.record
-        saved = (local.state, local.observer, record.fresh, record.trajectories, record.calls)
-        local.state = _Context("flops", AlwaysCompute(len(counts)), len(counts))
-        local.observer = count
-        try:
-            with FlopCounterMode(display=False) as mode, torch.no_grad():
-                self.model(*args, **kwargs)
-        finally:
-            local.state, local.observer, record.fresh, record.trajectories, record.calls = saved
-        self.block_flops = counts
-        self.call_flops = mode.get_total_flops()
-        return {block.name: c for block, c in zip(self.spec.blocks, counts)} | {"total": self.call_flops}
-
-    def _counts(self, records: list[_ThreadRecord] | None = None) -> tuple[list[int], list[int], int, int]:
-        records = list(self._records) if records is None else records
-        counts = [s.counts() for r in records for s in r.contexts.values()]
-        num_blocks = len(self.spec.blocks)
-        computed = [sum(c) for c in zip(*(c for c, _ in counts))] or [0] * num_blocks
-        skipped = [sum(c) for c in zip(*(s for _, s in counts))] or [0] * num_blocks
-        return computed, skipped, sum(r.trajectories for r in records), sum(r.calls for r in records)
+        return self._stats.measure_flops(self.model, args, kwargs)
 
     def stats(self) -> dict:
         """What ran and what was skipped, per block and per sampling call (all threads), and FLOPs saved.
 
         ``last_call`` is the calling thread's current (or last) sampling call.
         """
-        computed, skipped, trajectories, calls = self._counts()
-        record = self._local.record
-        this_computed, this_skipped, _, this_calls = self._counts([record])
-        mark_computed, mark_skipped, _, mark_calls = record.mark
-        total_computed, total_skipped = sum(computed), sum(skipped)
-        evaluations = total_computed + total_skipped
-        stats: dict[str, Any] = {
-            "method": self.schedule.name,
-            "params": dict(self.schedule.params),
-            **self.standin.describe(),
-            "num_steps": self.schedule.limit if self.schedule.limit < sys.maxsize else None,
-            "num_blocks": len(computed),
-            "sampling_calls": trajectories,
-            "denoiser_calls": calls,
-            "computed": total_computed,
-            "skipped": total_skipped,
-            "skipped_share": total_skipped / evaluations if evaluations else 0.0,
-            "last_call": {
-                "denoiser_calls": this_calls - mark_calls,
-                "computed": sum(this_computed) - sum(mark_computed),
-                "skipped": sum(this_skipped) - sum(mark_skipped),
-            },
-            "per_block": {
-                block.name: {"kind": block.kind, "layer": block.layer, "computed": c, "skipped": s}
-                for block, c, s in zip(self.spec.blocks, computed, skipped)
-            },
-        }
-        if self.block_flops is not None:
-            block_total = sum(self.block_flops)
-            non_block = self.call_flops - block_total
-            executed = executed_flops(self.call_flops, self.block_flops, computed, calls)
-            full = calls * self.call_flops
-            stats["flops"] = {
-                "per_call_full": self.call_flops,
-                "per_call_blocks": block_total,
-                "per_call_non_block": non_block,
-                "per_block": dict(zip((b.name for b in self.spec.blocks), self.block_flops)),
-                "executed": executed,
-                "full": full,
-                "saved_share": 1 - executed / full if full else 0.0,
-                "ideal_speedup": full / executed if executed else 1.0,
-            }
-        return stats
+        return self._stats.stats(self.schedule, self.standin)
 
     def summary(self) -> str:
         """The statistics as a short human-readable report."""
-        s = self.stats()
-        lines = [
-            f"bac [{s['method']}] {s['num_blocks']} blocks, {s['num_steps'] or '?'} steps per sampling call",
-            f"  sampling calls {s['sampling_calls']}, denoiser calls {s['denoiser_calls']}",
-            f"  block evaluations: computed {s['computed']}, skipped {s['skipped']} "
-            f"({100 * s['skipped_share']:.1f}% skipped); last call computed {s['last_call']['computed']}, "
-            f"skipped {s['last_call']['skipped']}",
-        ]
-        if "flops" in s:
-            f = s["flops"]
-            lines.append(
-                f"  FLOPs per denoiser call {f['per_call_full'] / 1e6:.1f} M "
-                f"({100 * f['per_call_blocks'] / max(f['per_call_full'], 1):.1f}% in blocks); "
-                f"saved {100 * f['saved_share']:.1f}%, ideal speedup {f['ideal_speedup']:.2f}x"
-            )
-        width = max(len(name) for name in s["per_block"])
-        for name, b in s["per_block"].items():
-            lines.append(f"    {name:<{width}}  {b['kind']:<3}  computed {b['computed']:>6}  skipped {b['skipped']:>6}")
-        return "\n".join(lines)
+        return self._stats.summary(self.schedule, self.standin)
+
+
+def _short_error(short: dict[str, int], limit: int, when: str) -> CacheStateError:
+    ran = ", ".join(f"{n} in context {name!r}" for name, n in short.items())
+    return CacheStateError(
+        f"{when} ran {ran} of the plan's {limit} denoising steps, so only the plan's first rows "
+        "were used: the sampler runs fewer steps than the plan was made for. Make the plan for this sampler's "
+        "step count, and pass num_steps= (the sampler's step count) to bac.accelerate to check it up front"
+    )
 
 
 def accelerate(
@@ -608,7 +335,7 @@ def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standi
     if isinstance(schedule, Plan):
         schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler, allow_other_weights=allow_other_weights)
         chosen = make_standin(standin or REUSE)
-        rows = actions_from_table(schedule.step_table(), chosen.keeps_history)
+        rows = rows_from_table(schedule.step_table(), chosen.keeps_history)
         return StaticRows(rows, schedule.num_steps, schedule.method, schedule.params), chosen, schedule
     if isinstance(schedule, Rule):
         check_number(f"num_steps (a runtime rule, {schedule.name}, needs the sampler's step count)", num_steps, 1,
@@ -631,11 +358,6 @@ def _input_shape(args: tuple, kwargs: dict) -> torch.Size | None:
 
 def _shape_text(shape: torch.Size | None) -> str:
     return "(no tensor)" if shape is None else str(list(shape))
-
-
-def get_handle(model: nn.Module) -> CacheHandle | None:
-    """The :class:`CacheHandle` accelerating ``model``, or ``None`` if it is not accelerated."""
-    return getattr(model, "_bac_handle", None)
 
 
 def new_trajectory(model: nn.Module) -> None:

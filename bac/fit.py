@@ -1,7 +1,12 @@
-"""What a plan or calibration was made for, and the check that it fits a model and sampler."""
+"""What a plan or calibration was made for, and the check that it fits a model and sampler.
+
+:func:`check_made_for` is the check; :meth:`bac.Plan.check_fits` and :meth:`bac.Calibration.check_fits` call it
+with what they were made for.
+"""
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any, Sequence
 
 from .errors import PlanMismatchError
@@ -20,7 +25,7 @@ def scheduler_id(scheduler: Any) -> str | None:
     return f"{type(scheduler).__name__}({json.dumps(items, sort_keys=True, default=str)})"
 
 
-def check_fits(
+def check_made_for(
     what: str,
     fingerprint: dict,
     blocks: Sequence[tuple[str, str, int]],
@@ -76,5 +81,12 @@ def check_fits(
                 f"{what} was calibrated on other weights than this model's (weights digest {made_on}, "
                 f"this model {actual_weights}; another checkpoint, or a fine-tuned or re-cast copy): recalibrate "
                 "on this model (bac.calibrate, then bac.make_plan), or pass allow_other_weights=True "
-                "(bac.accelerate, check_fits) to use it anyway"
+                "(bac.accelerate, Plan.check_fits) to use it anyway"
             )
+
+
+def check_fits(*args, **kwargs) -> None:
+    """Deprecated name of :func:`check_made_for` (``check_fits`` is :meth:`bac.Plan.check_fits` and
+    :meth:`bac.Calibration.check_fits`, which call it); kept for one release."""
+    warnings.warn("bac.fit.check_fits is deprecated: use bac.fit.check_made_for", DeprecationWarning, stacklevel=2)
+    check_made_for(*args, **kwargs)

@@ -15,12 +15,12 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .actions import AlwaysCompute
 from .adapters import Block, LayerAdapter, describe
 from .calibration import METRICS, Calibration, reuse_errors
 from .engine import CacheHandle
 from .errors import DataError, NonFiniteError
 from .fit import scheduler_id
+from .rows import AlwaysCompute
 
 
 def per_sample(out: Any, batch_dim: int) -> torch.Tensor:

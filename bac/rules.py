@@ -4,7 +4,7 @@
   :class:`Sortblock`.
 
 A rule is a small configuration object; :meth:`Rule.bind` makes the bound
-schedule (:class:`bac.actions.BoundSchedule`) for one model, whose
+schedule (:class:`bac.rows.BoundSchedule`) for one model, whose
 ``new_state()`` is the per-context state, cleared at every new trajectory.
 """
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .actions import NOTIFY, RUN, STORE, BoundSchedule
 from .adapters import ModelSpec
 from .checks import check_number
+from .rows import NOTIFY, RUN, STORE, BoundSchedule
 from .standins import Reuse, Taylor, TaylorSeries, relative_l1
 
 

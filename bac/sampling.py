@@ -9,10 +9,12 @@ bit-identical: docs/guide/core.md ("The fused sampler step").
 Use::
 
     scheduler.set_timesteps(K)
-    sampler = FusedSampler(scheduler)          # reads the scheduler's arrays and config once
-    sampler.start()                            # per sampling call (DPM-Solver keeps the previous x0)
+    sampler = FusedSampler(scheduler)          # reads the scheduler's arrays and config once; read-only after
+    trajectory = sampler.start()               # per sampling call: DPM-Solver's previous x0 lives here
     for i, t in enumerate(sampler.timesteps):
-        x = sampler.step(i, model(x, t), x, generator=g)
+        x = trajectory.step(i, model(x, t), x, generator=g)
+
+Calls running at the same time (threads sharing one sampler) each take their own trajectory.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ except ModuleNotFoundError as err:
     raise ModuleNotFoundError(f"bac.sampling needs diffusers: pip install 'bac[diffusers]' ({err})") from err
 
 import inspect
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -30,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from bac.errors import ConfigError
 
-__all__ = ["FusedSampler"]
+__all__ = ["FusedSampler", "FusedTrajectory"]
 
 ANY = None  # a config field whose value the fused step handles whatever it is (it only shapes the arrays)
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -40,7 +43,7 @@ _UNUSED_WITHOUT_THRESHOLDING = {"dynamic_thresholding_ratio": ANY, "sample_max_v
 
 # Per scheduler class: each __init__ field -> ANY or the values the fused step implements. A field of
 # __init__ missing here (a newer diffusers) is refused rather than guessed at.
-_RULES: dict[type, dict[str, tuple | None]] = {
+_SUPPORTED_FIELDS: dict[type, dict[str, tuple | None]] = {
     DDPMScheduler: {
         **_BETAS, **_UNUSED_WITHOUT_THRESHOLDING,
         "variance_type": ("fixed_small", "fixed_small_log", "fixed_large"),
@@ -82,14 +85,14 @@ _DDIM_ETA = 0.0  # DDIMScheduler.step's default eta: the deterministic sampler
 
 def _check_config(scheduler: Any) -> None:
     cls = type(scheduler)
-    rules = _RULES[cls]
+    supported = _SUPPORTED_FIELDS[cls]
     fields = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     for field in fields:  # keys of config outside __init__ (from_config of another class) are ignored by diffusers too
         value = scheduler.config.get(field)
-        if field not in rules:
+        if field not in supported:
             raise ConfigError(f"FusedSampler: {cls.__name__} config field {field}={value!r} is unknown to the fused "
                               f"step (written for diffusers 0.42); use scheduler.step")
-        allowed = rules[field]
+        allowed = supported[field]
         if allowed is not ANY and value not in allowed:
             raise ConfigError(f"FusedSampler: {cls.__name__} {field}={value!r} is not supported; "
                               f"supported: {', '.join(repr(a) for a in allowed)}")
@@ -134,19 +137,49 @@ def _first_index(scheduler: Any) -> int:
                           f"not found in its own schedule; diffusers' step would fail too") from None
 
 
+def _ddpm_finish(x: torch.Tensor, std, model_output: torch.Tensor, generator) -> torch.Tensor:
+    """DDPM's ``x + variance``: x is a fresh tensor of the step's result dtype and shape."""
+    if std is None:
+        return x.add_(0)  # diffusers adds the int 0 (turns -0.0 into 0.0)
+    noise = _noise(model_output.shape, generator, model_output.device, model_output.dtype)
+    return x.add_(torch.mul(std, noise, out=noise))  # variance = std * noise
+
+
+class FusedTrajectory:
+    """One sampling call of a :class:`FusedSampler`: what :meth:`FusedSampler.start` returns.
+
+    It holds the call's own state (DPM-Solver's previous data prediction and the last step index), so
+    calls running at the same time, each with its own trajectory, share only the sampler's coefficients.
+    """
+
+    __slots__ = ("_plan", "prev_x0", "last")
+
+    def __init__(self, plan: list[tuple[Callable, tuple]]):
+        self._plan = plan
+        self.prev_x0: torch.Tensor | None = None
+        self.last = -1
+
+    def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor,
+             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """``scheduler.step(model_output, timesteps[i], sample, generator=generator).prev_sample``, bit for bit."""
+        fn, c = self._plan[i]
+        return fn(c, model_output, sample, generator, self)
+
+
 class FusedSampler:
     """``scheduler.step`` fused from coefficients precomputed once.
 
     ``FusedSampler(scheduler)`` takes a supported diffusers scheduler (DDPM, DDIM with eta 0, DPM-Solver++
     orders 1-2, flow-matching Euler; anything else is a :class:`bac.errors.ConfigError` naming the field,
     docs/guide/core.md lists them) on which ``set_timesteps`` has been called. ``timesteps`` (the
-    scheduler's tensor, for the model calls) and ``num_steps``; :meth:`start` before each trajectory, then
-    :meth:`step` for ``i = 0 .. num_steps - 1`` in order.
+    scheduler's tensor, for the model calls) and ``num_steps``; :meth:`start` returns a new
+    :class:`FusedTrajectory` for each sampling call, whose ``step`` runs for ``i = 0 .. num_steps - 1`` in order.
 
-    The schedule is a snapshot: after ``set_timesteps`` with other arguments, build a new sampler. Inputs
-    are never modified and the returned sample is a new tensor; like the scheduler, DPM-Solver keeps a
-    reference to the previous step's data prediction (for ``prediction_type="sample"`` the model output
-    itself: don't modify it in place before the next step).
+    The sampler holds only coefficients, read and never written after it is built, so threads may share
+    it, each with its own trajectory. The schedule is a snapshot: after ``set_timesteps`` with other
+    arguments, build a new sampler. Inputs are never modified and the returned sample is a new tensor;
+    like the scheduler, DPM-Solver's trajectory keeps a reference to the previous step's data prediction
+    (for ``prediction_type="sample"`` the model output itself: don't modify it in place before the next step).
     """
 
     def __init__(self, scheduler: Any):
@@ -169,21 +202,22 @@ class FusedSampler:
         # 0-dim coefficient tensors, kept where the scheduler keeps them (the CPU): on CUDA, dividing by them
         # would round differently (docs/guide/core.md, "The fused sampler step")
         self._plan: list[tuple[Callable, tuple]] = build(scheduler)
-        self.start()
+        self._current = FusedTrajectory(self._plan)  # only for the deprecated FusedSampler.step
 
     def __repr__(self) -> str:
         return f"FusedSampler({self.kind}, num_steps={self.num_steps})"
 
-    def start(self) -> None:
-        """Begin a trajectory: forget DPM-Solver's previous data prediction."""
-        self._prev_x0: torch.Tensor | None = None
-        self._last = -1
+    def start(self) -> "FusedTrajectory":
+        """A new trajectory (one sampling call's state), independent of every other."""
+        self._current = FusedTrajectory(self._plan)
+        return self._current
 
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """``scheduler.step(model_output, timesteps[i], sample, generator=generator).prev_sample``, bit for bit."""
-        fn, c = self._plan[i]
-        return fn(c, model_output, sample, generator)
+        """Deprecated: the step of the trajectory the last :meth:`start` made (not safe across threads)."""
+        warnings.warn("FusedSampler.step is deprecated: use trajectory = sampler.start(); trajectory.step(...)",
+                      DeprecationWarning, stacklevel=2)
+        return self._current.step(i, model_output, sample, generator)
 
     # -- DDPM --------------------------------------------------------------------------------------
     def _build_ddpm(self, s: DDPMScheduler) -> list:
@@ -217,23 +251,17 @@ class FusedSampler:
         return plan
 
     @staticmethod
-    def _ddpm_finish(x: torch.Tensor, std, model_output: torch.Tensor, generator) -> torch.Tensor:
-        """``x + variance``: x is a fresh tensor of the step's result dtype and shape."""
-        if std is None:
-            return x.add_(0)  # diffusers adds the int 0 (turns -0.0 into 0.0)
-        noise = _noise(model_output.shape, generator, model_output.device, model_output.dtype)
-        return x.add_(torch.mul(std, noise, out=noise))  # variance = std * noise
-
-    def _ddpm_epsilon(self, c, model_output, sample, generator):
+    def _ddpm_epsilon(c, model_output, sample, generator, trajectory):
         sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
         x = sample - sqrt_beta * model_output  # fresh, result dtype/shape of both inputs: in place from here
         x.div_(sqrt_alpha)
         if clip is not None:
             x.clamp_(-clip, clip)
         torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
-        return self._ddpm_finish(x, std, model_output, generator)
+        return _ddpm_finish(x, std, model_output, generator)
 
-    def _ddpm_sample(self, c, model_output, sample, generator):
+    @staticmethod
+    def _ddpm_sample(c, model_output, sample, generator, trajectory):
         _, _, clip, x0_coeff, sample_coeff, std = c
         if clip is not None:
             x0 = model_output.clamp(-clip, clip)
@@ -241,15 +269,16 @@ class FusedSampler:
         else:
             x0 = x0_coeff * model_output
         x = x0 + sample_coeff * sample  # out of place: x0 has model_output's dtype only
-        return self._ddpm_finish(x, std, model_output, generator)
+        return _ddpm_finish(x, std, model_output, generator)
 
-    def _ddpm_v(self, c, model_output, sample, generator):
+    @staticmethod
+    def _ddpm_v(c, model_output, sample, generator, trajectory):
         sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
         x = sqrt_alpha * sample - sqrt_beta * model_output
         if clip is not None:
             x.clamp_(-clip, clip)
         torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
-        return self._ddpm_finish(x, std, model_output, generator)
+        return _ddpm_finish(x, std, model_output, generator)
 
     # -- DDIM (eta = 0) ------------------------------------------------------------------------------
     def _build_ddim(self, s: DDIMScheduler) -> list:
@@ -274,7 +303,7 @@ class FusedSampler:
         return plan
 
     @staticmethod
-    def _ddim_epsilon(c, model_output, sample, generator):
+    def _ddim_epsilon(c, model_output, sample, generator, trajectory):
         sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
         x = sample - sqrt_beta * model_output
         x.div_(sqrt_alpha)
@@ -283,7 +312,7 @@ class FusedSampler:
         return torch.mul(x0_coeff, x, out=x).add_(direction_coeff * model_output)
 
     @staticmethod
-    def _ddim_sample(c, model_output, sample, generator):
+    def _ddim_sample(c, model_output, sample, generator, trajectory):
         sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
         eps = sample - sqrt_alpha * model_output  # from the unclipped x0 = model_output, as diffusers does
         torch.mul(direction_coeff, eps.div_(sqrt_beta), out=eps)  # the direction
@@ -295,7 +324,7 @@ class FusedSampler:
         return torch.add(x0, eps, out=eps)  # x0 + direction into eps, which has the result dtype
 
     @staticmethod
-    def _ddim_v(c, model_output, sample, generator):
+    def _ddim_v(c, model_output, sample, generator, trajectory):
         sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
         x0 = sqrt_alpha * sample - sqrt_beta * model_output
         eps = sqrt_alpha * model_output + sqrt_beta * sample
@@ -359,33 +388,37 @@ class FusedSampler:
             return model_output
         return alpha * sample - sigma * model_output  # v_prediction
 
-    def _dpm_first(self, c, model_output, sample, generator):
+    @staticmethod
+    def _dpm_first(c, model_output, sample, generator, trajectory):
         j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff = c
-        x0 = self._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample)
-        self._prev_x0, self._last = x0, j
+        x0 = FusedSampler._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample)
+        trajectory.prev_x0, trajectory.last = x0, j
         sample = sample.to(torch.float32)
         prev = sample_coeff * sample - d0_coeff * x0
         return prev.to(x0.dtype)
 
-    def _dpm_second(self, c, model_output, sample):
+    @staticmethod
+    def _dpm_second(c, model_output, sample, trajectory):
         j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff, inv_r0, d1_coeff = c
-        if self._last != j - 1:
-            raise RuntimeError(f"FusedSampler.step({j}) follows step({self._last}); DPM-Solver's steps run in order "
-                               f"from 0 after start()")
-        m0, m1 = self._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample), self._prev_x0
-        self._prev_x0, self._last = m0, j
+        if trajectory.last != j - 1:
+            raise RuntimeError(f"FusedTrajectory.step({j}) follows step({trajectory.last}); DPM-Solver's steps run "
+                               f"in order from 0 in one trajectory (sampler.start())")
+        m0, m1 = FusedSampler._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample), trajectory.prev_x0
+        trajectory.prev_x0, trajectory.last = m0, j
         d1 = m0 - m1
         torch.mul(inv_r0, d1, out=d1)  # D1 = (1.0 / r0) * (m0 - m1)
         torch.mul(d1_coeff, d1, out=d1)
         sample = sample.to(torch.float32)
         return sample_coeff * sample - d0_coeff * m0, d1, m0.dtype
 
-    def _dpm_midpoint(self, c, model_output, sample, generator):
-        prev, d1, dtype = self._dpm_second(c, model_output, sample)
+    @staticmethod
+    def _dpm_midpoint(c, model_output, sample, generator, trajectory):
+        prev, d1, dtype = FusedSampler._dpm_second(c, model_output, sample, trajectory)
         return (prev - d1).to(dtype)
 
-    def _dpm_heun(self, c, model_output, sample, generator):
-        prev, d1, dtype = self._dpm_second(c, model_output, sample)
+    @staticmethod
+    def _dpm_heun(c, model_output, sample, generator, trajectory):
+        prev, d1, dtype = FusedSampler._dpm_second(c, model_output, sample, trajectory)
         return (prev + d1).to(dtype)
 
     # -- FlowMatchEuler ------------------------------------------------------------------------------
@@ -401,12 +434,12 @@ class FusedSampler:
         return plan
 
     @staticmethod
-    def _flow_euler(c, model_output, sample, generator):
+    def _flow_euler(c, model_output, sample, generator, trajectory):
         (dt,) = c
         return (sample.to(torch.float32) + dt * model_output).to(model_output.dtype)
 
     @staticmethod
-    def _flow_stochastic(c, model_output, sample, generator):
+    def _flow_stochastic(c, model_output, sample, generator, trajectory):
         sigma, sigma_next, keep = c
         sample = sample.to(torch.float32)
         x0 = sample - sigma * model_output

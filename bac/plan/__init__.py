@@ -18,7 +18,7 @@ from ..adapters import KINDS
 from ..checks import check_number
 from ..errors import PlanMismatchError
 from ..files import write_atomic
-from ..fit import check_fits, scheduler_id
+from ..fit import check_made_for, scheduler_id
 from ..flops import executed_flops
 
 SCHEMA_VERSION = 1
@@ -261,8 +261,8 @@ class Plan:
         methods, files from before the digest) are not checked against weights.
         """
         blocks = [(b.name, b.kind, b.layer) for b in self.blocks]
-        check_fits("plan", self.model, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler,
-                   allow_other_weights)
+        check_made_for("plan", self.model, blocks, self.num_steps, self.scheduler, spec, num_steps, scheduler,
+                       allow_other_weights)
 
     # -- files -----------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -1,9 +1,15 @@
 """The engine: equivalence with no caching, exact reuse semantics, statistics, state handling."""
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import bac
+import bac.fit
+import bac.rows
+import bac.runners
+import bac.state
 
 
 def every_step(model, k):
@@ -294,3 +300,70 @@ def test_layers_replaced_by_someone_else_are_refused(tiny_stack):
     model.decoder.layers[1].forward = lambda *a, **k: None
     with pytest.raises(ValueError, match="already has a replaced forward"):
         bac.describe(model)
+
+
+def test_get_handle_names_the_accelerating_handle_and_describe_sees_it(tiny_stack):
+    model, _, _ = tiny_stack
+    assert bac.get_handle(model) is None
+    with bac.accelerate(model, every_step(model, 4)) as handle:
+        assert bac.get_handle(model) is handle
+        # the replaced forwards are bac's own (bac.adapters asks bac.get_handle), so describing is no error
+        assert bac.describe(model).blocks == handle.spec.blocks
+    assert bac.get_handle(model) is None
+
+
+def python_calls(fn, *args):
+    """fn(*args), and the (file name, function name) of every Python function it called."""
+    calls = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls.append((frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name))
+
+    sys.setprofile(profile)
+    try:
+        out = fn(*args)
+    finally:
+        sys.setprofile(None)
+    return out, calls
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_the_static_hot_path_calls_nothing_beyond_the_block(static):
+    """A static plan's runner at a computed step: a row lookup and the block's own call (two runner frames,
+    then the block); a runtime rule's runner adds its notify-and-count step around the same plain runner."""
+    RUN, STORE = bac.rows.RUN, bac.rows.STORE
+    schedule = bac.rows.StaticRows(((RUN,), (RUN | STORE,), (0,)), 3, "test")
+    threads = bac.state.ThreadStates(schedule, num_blocks=1)
+    runner = bac.runners.make_runner(0, threads.local, bac.REUSE, static=static)
+    state = threads.local.state
+
+    def block(x):
+        return x + 1
+
+    state.step, state.row = 0, schedule.rows[0]
+    out, calls = python_calls(runner, block, 1)
+    assert out == 2 and calls[-1] == ("test_engine.py", "block")
+    assert all(file == "runners.py" for file, _ in calls[:-1]) and len(calls) == (3 if static else 4)
+    for step, x in ((1, 2), (2, 7)):
+        state.step, state.row = step, schedule.rows[step]
+        assert runner(block, x) == 3  # at step 2 the value stored at step 1 stands in
+    assert (state.computed, state.skipped) == (([0], [0]) if static else ([2], [1]))  # static: counted from rows
+
+
+def test_renamed_core_names_keep_deprecated_aliases(tiny_stack):
+    import bac.actions
+
+    with pytest.warns(DeprecationWarning, match=r"bac\.rows\.rows_from_table"):
+        assert bac.actions.actions_from_table is bac.rows.rows_from_table
+    with pytest.warns(DeprecationWarning, match=r"bac\.rows\.StaticRows"):
+        from bac.actions import StaticRows
+    assert StaticRows is bac.rows.StaticRows
+    with pytest.raises(AttributeError):
+        bac.actions.Action  # noqa: B018
+    model, _, _ = tiny_stack
+    plan = every_step(model, 4)
+    blocks = [(b.name, b.kind, b.layer) for b in plan.blocks]
+    with pytest.warns(DeprecationWarning, match="check_made_for"), \
+            pytest.raises(bac.PlanMismatchError, match="made for 4 denoising steps, the sampler runs 5"):
+        bac.fit.check_fits("plan", plan.model, blocks, plan.num_steps, plan.scheduler, bac.describe(model), 5)

@@ -125,11 +125,11 @@ def reference(scheduler, x, model, generator):
 
 def fused_run(fused, x, model, generator):
     out = []
-    fused.start()
+    trajectory = fused.start()
     for i, t in enumerate(fused.timesteps):
         model_output = model(i, x, t)
         kept = model_output.clone(), x.clone()
-        x_next = fused.step(i, model_output, x, generator=generator)
+        x_next = trajectory.step(i, model_output, x, generator=generator)
         assert same_bits(model_output, kept[0]) and same_bits(x, kept[1]), "step modified its inputs"
         x = x_next
         out.append(x)
@@ -147,7 +147,7 @@ def gen(device, seed):
 
 
 def check(factory, batch, model, *, seed=0, dtype=torch.float32, device="cpu", trajectories=2):
-    """Reference vs fused trajectories, the fused sampler reused (start()) across several of them."""
+    """Reference vs fused trajectories, the fused sampler reused (a new start()) across several of them."""
     fused = FusedSampler(factory())
     x = initial(batch, seed, dtype, device)
     for trial in range(trajectories):
@@ -189,10 +189,10 @@ def test_start_makes_the_next_trajectory_independent_of_an_abandoned_one():
     fused = FusedSampler(factory())
     x = initial(1, 3)
     model = lambda i, x, t: fake_model(x, t)  # noqa: E731
-    fused.start()
+    abandoned = fused.start()
     y = x + 0.5
     for i in range(4):  # half a trajectory from another start, then abandoned
-        y = fused.step(i, model(i, y, fused.timesteps[i]), y)
+        y = abandoned.step(i, model(i, y, fused.timesteps[i]), y)
     first = fused_run(fused, x, model, None)
     second = fused_run(fused, x, model, None)
     assert_same(reference(factory(), x, model, None), first)
@@ -202,10 +202,38 @@ def test_start_makes_the_next_trajectory_independent_of_an_abandoned_one():
 def test_dpm_steps_out_of_order_are_refused():
     fused = FusedSampler(CASES["dpm-default"](10)())
     x = initial(1, 0)
-    fused.start()
-    fused.step(0, x, x)
+    trajectory = fused.start()
+    trajectory.step(0, x, x)
     with pytest.raises(RuntimeError, match="in order"):
-        fused.step(2, x, x)
+        trajectory.step(2, x, x)
+
+
+def test_interleaved_trajectories_of_one_sampler_are_independent():
+    """Two calls sharing a DPM-Solver sampler, step by step in turn, each match a trajectory run alone."""
+    factory = CASES["dpm-policy"](10)
+    fused = FusedSampler(factory())
+    model = lambda i, x, t: fake_model(x, t)  # noqa: E731
+    starts = initial(1, 3), initial(1, 4)
+    alone = [fused_run(fused, x, model, None) for x in starts]
+    trajectories, samples = [fused.start(), fused.start()], list(starts)
+    for i, t in enumerate(fused.timesteps):
+        for k in range(2):
+            samples[k] = trajectories[k].step(i, model(i, samples[k], t), samples[k])
+    for k in range(2):
+        assert same_bits(samples[k], alone[k][-1])
+
+
+def test_the_deprecated_sampler_step_runs_the_last_started_trajectory():
+    factory = CASES["dpm-policy"](10)
+    fused = FusedSampler(factory())
+    x = initial(1, 3)
+    model = lambda i, x, t: fake_model(x, t)  # noqa: E731
+    fused.start()
+    y = x
+    with pytest.warns(DeprecationWarning, match=r"trajectory = sampler.start\(\); trajectory.step"):
+        for i, t in enumerate(fused.timesteps):
+            y = fused.step(i, model(i, y, t), y)
+    assert same_bits(y, fused_run(fused, x, model, None)[-1])
 
 
 def test_global_generator_and_generator_lists_draw_the_same_noise():
@@ -327,9 +355,9 @@ def test_unsupported_configs_raise_config_error(name):
 
 def test_an_init_field_it_does_not_know_is_refused(monkeypatch):
     """A newer diffusers' new field is refused, not assumed harmless."""
-    rules = dict(bac.sampling._RULES[DDPMScheduler])
+    rules = dict(bac.sampling._SUPPORTED_FIELDS[DDPMScheduler])
     del rules["rescale_betas_zero_snr"]
-    monkeypatch.setitem(bac.sampling._RULES, DDPMScheduler, rules)
+    monkeypatch.setitem(bac.sampling._SUPPORTED_FIELDS, DDPMScheduler, rules)
     with pytest.raises(ConfigError, match=r"DDPMScheduler config field rescale_betas_zero_snr=False is unknown"):
         FusedSampler(_set(DDPMScheduler(), 10))
 

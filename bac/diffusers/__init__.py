@@ -4,7 +4,8 @@ Importing this package registers, for the exact block classes of the installed d
 route every residual branch through bac's engine, so :func:`bac.calibrate`, :func:`bac.make_plan` and
 :func:`bac.accelerate` work on ``DiTTransformer2DModel``, ``FluxTransformer2DModel`` and
 ``WanTransformer3DModel`` unchanged; :func:`enable_cache`, :func:`disable_cache`, :func:`calibrate` and
-:func:`refine` do it in one line on a pipeline. An every-step plan is bit-identical to the plain model; a
+:func:`refine` do it in one line on a pipeline, as one hook named ``"bac"`` in the transformer's diffusers
+``HookRegistry`` (:mod:`.hook`). An every-step plan is bit-identical to the plain model; a
 block configured in a way the adapter does not reproduce is refused with :class:`UnsupportedBlockError`.
 For DiT blocks with cross-attention use :func:`adapters_for`. What each adapter caches, and how to use it:
 docs/guide/diffusers.md.

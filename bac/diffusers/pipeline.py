@@ -9,10 +9,12 @@
     image = pipe(class_labels=[3], num_inference_steps=50).images[0]
     bac.diffusers.disable_cache(pipe)
 
-Each pipeline call starts a new trajectory; the transformer's ``cache_context(name)`` selects bac's context
-of that name (classifier-free guidance); a method follows, or is planned again for, each call's
-``num_inference_steps`` where it can, and is refused with what to do where it cannot. Step counts, guidance
-and bare transformers: docs/guide/diffusers.md.
+bac sits in the transformer's diffusers ``HookRegistry`` as the hook ``"bac"`` (:mod:`.hook`): each
+pipeline call is a new trajectory, the transformer's ``cache_context(name)`` selects bac's context of that
+name (classifier-free guidance), and a method follows, or is planned again for, each call's step count
+where it can, and is refused with what to do where it cannot. Other diffusers hooks compose with it; a
+diffusers cache on the same model is refused. Step counts, guidance, hooks and bare transformers:
+docs/guide/diffusers.md.
 """
 from __future__ import annotations
 
@@ -23,18 +25,30 @@ import os
 from typing import Any, Callable
 
 import torch
+from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 
 from ..adapters import describe
 from ..calibration import Calibration
-from ..engine import CacheHandle, accelerate, get_handle
-from ..errors import CacheStateError, PlanMismatchError
+from ..engine import CacheHandle, accelerate
+from ..errors import PlanMismatchError
 from ..methods import Method, available_methods, build_method, needs_calibration
 from ..plan import Plan
 from ..recorder import calibrate as calibrate_model
 from ..refine import refine as refine_plan
 from ..rules import Rule
 from .blocks import adapters_for
+from .hook import (
+    HOOK_NAME,
+    BacCache,
+    BacHook,
+    PipelineCalls,
+    bac_hook,
+    contexts_hooked,
+    host_timesteps,
+    refuse_diffusers_caches,
+    registry_of,
+)
 
 
 def _split(target: Any) -> tuple[Any, nn.Module]:
@@ -50,27 +64,6 @@ def _split(target: Any) -> tuple[Any, nn.Module]:
             "pipelines with one transformer: accelerate each stage's transformer with bac.accelerate instead"
         )
     return target, transformer
-
-
-@contextlib.contextmanager
-def _bac_contexts(transformer: nn.Module):
-    """Make ``transformer.cache_context(name)`` also select bac's cache context ``name``.
-
-    Transformers without diffusers' cache mix-in (DiT) get the method too while bac is enabled.
-    """
-    original = getattr(transformer, "cache_context", None) or (lambda name, **kwargs: contextlib.nullcontext())
-
-    @contextlib.contextmanager
-    def cache_context(name: str, **kwargs):
-        handle = get_handle(transformer)
-        with original(name, **kwargs), (handle.context(name) if handle is not None else contextlib.nullcontext()):
-            yield
-
-    transformer.cache_context = cache_context
-    try:
-        yield
-    finally:
-        transformer.__dict__.pop("cache_context", None)
 
 
 def _default_steps(pipe: Any) -> int | None:
@@ -118,7 +111,7 @@ def calibrate(
     """
     pipe, transformer = _split(target)
     sample_fn = _sampler(pipe, sample_fn, "calibrating")
-    with _bac_contexts(transformer):
+    with contexts_hooked(transformer):
         calibration = calibrate_model(
             transformer,
             sample_fn,
@@ -136,7 +129,7 @@ def calibrate(
 def _timesteps(pipe: Any):
     """The timesteps the pipeline's scheduler was last set to, as float64 on the host (None without a pipeline)."""
     timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
-    return None if timesteps is None else torch.as_tensor(timesteps).detach().double().cpu().numpy()
+    return None if timesteps is None else host_timesteps(timesteps)
 
 
 def refine(
@@ -158,7 +151,7 @@ def refine(
     """
     pipe, transformer = _split(target)
     sample_fn = _sampler(pipe, sample_fn, "refining")
-    with _bac_contexts(transformer):
+    with contexts_hooked(transformer):
         return refine_plan(transformer, method, sample_fn, inputs, rounds=rounds, max_candidates=max_candidates,
                            adapters=adapters_for(transformer), log=log)
 
@@ -180,12 +173,14 @@ def enable_cache(
     its file). ``num_inference_steps`` is the step count the method is built for
     first (default: the calibration's, the plan's, or the pipeline's own); a
     pipeline call with another count rebuilds or re-plans it where it can
-    (docs/guide/diffusers.md, "Step counts"). Returns the :class:`bac.CacheHandle`
-    (statistics, FLOPs).
+    (docs/guide/diffusers.md, "Step counts"). bac joins the transformer's diffusers
+    ``HookRegistry`` as the hook ``"bac"``; a diffusers cache on the transformer is refused
+    ("Hooks and trajectories"). Returns the :class:`bac.CacheHandle` (statistics, FLOPs).
     """
     pipe, transformer = _split(target)
-    if getattr(transformer, "_bac_diffusers", None) is not None:
+    if bac_hook(transformer) is not None:
         raise RuntimeError("bac caching is already enabled on this transformer; call disable_cache first")
+    refuse_diffusers_caches(transformer, "bac.diffusers.enable_cache")
     adapters = adapters_for(transformer)
     if isinstance(calibration, (str, os.PathLike)):
         calibration = Calibration.load(calibration)
@@ -213,48 +208,27 @@ def enable_cache(
     first = for_steps(steps) or for_steps(calibration.num_steps)  # re-planned at the first call for another count
     scheduler = pipe.scheduler if pipe is not None else None
     handle = accelerate(transformer, first, num_steps=first.num_steps or steps, scheduler=scheduler, adapters=adapters)
-    stack = contextlib.ExitStack()
-    stack.enter_context(_bac_contexts(transformer))
-    original_class = None
-    if pipe is not None:
-        original_class = type(pipe)
-        pipe.__class__ = _caching_class(original_class)
-    enabled = _Enabled(handle, stack, pipe, original_class, first.num_steps or steps, for_steps)
-    if replan:  # prepended: runs before the engine starts the step
-        stack.callback(transformer.register_forward_pre_hook(enabled.at_first_call, prepend=True).remove)
-    transformer._bac_diffusers = enabled
+    undo = contextlib.ExitStack()  # what removing bac's hook undoes, last first
+    undo.callback(handle.remove)  # last: it may report a short last sampling call after restoring the model
+    try:
+        calls = PipelineCalls(handle, pipe, first.num_steps or steps, for_steps)
+        # a torch pre-hook, prepended: each call's trajectory must start before the engine's pre-hook counts the step
+        undo.callback(transformer.register_forward_pre_hook(calls.at_denoiser_call, prepend=True).remove)
+        if isinstance(transformer, CacheMixin):  # diffusers' enable_cache now refuses a second cache
+            undo.callback(_restore_cache_config(transformer))
+            transformer._cache_config = BacCache()
+        registry_of(transformer).register_hook(BacHook(transformer, calls, undo), HOOK_NAME)
+    except BaseException:
+        undo.close()
+        raise
     return handle
 
 
-class _Enabled:
-    """What :func:`enable_cache` changed, and how to make its method for another step count."""
-
-    def __init__(self, handle, stack, pipe, original_class, steps, for_steps):
-        self.handle, self.stack, self.pipe, self.original_class = handle, stack, pipe, original_class
-        self.steps, self.for_steps = steps, for_steps
-        self.pending: int | None = None  # a step count to re-plan for once the call's timesteps are set
-
-    def follow(self, steps: int) -> None:
-        """At the start of a pipeline call: the method for ``steps`` denoising steps (refused when it is fixed
-        to another count; a calibrated plan that needs the call's timesteps is made at its first denoiser call)."""
-        self.pending = None
-        if steps == self.steps:
-            return
-        made = self.for_steps(steps)
-        if made is None:
-            self.pending = steps
-        else:
-            self._use(made, steps)
-
-    def at_first_call(self, module: nn.Module, args: tuple) -> None:
-        if self.pending is not None:
-            steps, self.pending = self.pending, None
-            self._use(self.for_steps(steps, _timesteps(self.pipe)), steps)
-
-    def _use(self, made: Any, steps: int) -> None:
-        scheduler = self.pipe.scheduler if self.pipe is not None else None
-        self.handle.reschedule(made, num_steps=steps, scheduler=scheduler)
-        self.steps = steps
+def _restore_cache_config(transformer: nn.Module) -> Callable[[], None]:
+    """Undo setting ``transformer._cache_config`` (None before: a diffusers cache is refused first)."""
+    if "_cache_config" in vars(transformer):
+        return lambda: setattr(transformer, "_cache_config", None)
+    return lambda: vars(transformer).pop("_cache_config", None)
 
 
 def _method_for_steps(method: Any, source: Calibration | Any, params: dict,
@@ -320,42 +294,14 @@ def needs_calibration_of(method: Method) -> bool:
 
 
 def disable_cache(target: Any) -> None:
-    """Undo :func:`enable_cache`: the transformer and pipeline compute exactly as before."""
+    """Undo :func:`enable_cache`: bac's hook leaves the transformer's ``HookRegistry`` (other hooks stay, in
+    their order), and the transformer and pipeline compute exactly as before. Raises
+    :class:`bac.CacheStateError` after restoring if a bare transformer's last sampling loop ran short."""
     _, transformer = _split(target)
-    state = transformer.__dict__.pop("_bac_diffusers", None)
-    if state is None:
+    hook = bac_hook(transformer)
+    if hook is None:
         return
-    try:
-        state.handle.remove()  # may report a bare transformer's short sampling loop, after restoring it
-    finally:
-        state.stack.close()
-        if state.pipe is not None:
-            state.pipe.__class__ = state.original_class
-
-
-_CACHING_CLASSES: dict[type, type] = {}
-
-
-def _caching_class(cls: type) -> type:
-    """A subclass of the pipeline class whose calls each start a new trajectory (same name)."""
-    if cls not in _CACHING_CLASSES:
-        signature = inspect.signature(cls.__call__)
-
-        def __call__(self, *args, **kwargs):
-            enabled = self.transformer._bac_diffusers
-            bound = signature.bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            enabled.follow(bound.arguments.get("num_inference_steps", enabled.steps))  # before anything runs
-            handle = enabled.handle
-            handle.new_trajectory()
-            result = cls.__call__(self, *args, **kwargs)
-            ran = handle.steps_run()
-            try:
-                handle.end_trajectory()  # checked here, so the next call or disable_cache does not report it again
-            except CacheStateError as err:
-                raise PlanMismatchError(
-                    f"the plan covers {enabled.steps} denoiser calls per context, the pipeline ran {ran}") from err
-            return result
-
-        _CACHING_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
-    return _CACHING_CLASSES[cls]
+    refuse_diffusers_caches(transformer, "bac.diffusers.disable_cache")  # its hooks would wrap bac's blocks
+    registry_of(transformer).remove_hook(HOOK_NAME, recurse=False)  # the hook undoes the rest
+    if hook.report is not None:
+        raise hook.report

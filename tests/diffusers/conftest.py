@@ -2,14 +2,22 @@
 
 Fixtures: ``cases`` (name -> ``Case``: how to build the model, make its inputs, call it, and the blocks
 bac must find in it), ``K`` (denoiser calls per sampling call), ``model_of`` (one shared model per case),
-``sample`` (one sampling call), ``all_equal`` (bit-identical output lists).
+``sample`` (one sampling call), ``all_equal`` (bit-identical output lists), ``tiny_dit_pipeline`` (builds a
+real ``DiTPipeline``: 3 blocks, a one-level VAE, DDIM).
 """
 from dataclasses import dataclass
 from typing import Callable
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    WanTransformer3DModel,
+)
 
 import bac
 
@@ -35,6 +43,20 @@ def tiny_wan():
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
                                  rope_max_seq_len=32).eval()
+
+
+def _tiny_dit_pipeline():
+    """A real ``DiTPipeline`` with tiny random modules (learned sigma: 8 output channels), progress bar off."""
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                        sample_size=8, patch_size=2, num_layers=3, num_embeds_ada_norm=1000,
+                                        norm_num_groups=1).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def dit_inputs(seed, dtype=torch.float32):
@@ -149,3 +171,9 @@ def sample():
 def all_equal():
     """``all_equal(a, b)``: two lists of tensors, bit for bit."""
     return _all_equal
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_pipeline():
+    """``tiny_dit_pipeline()``: a new real ``DiTPipeline`` with tiny random modules, progress bar off."""
+    return _tiny_dit_pipeline

@@ -3,14 +3,7 @@ import contextlib
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DiTPipeline,
-    DiTTransformer2DModel,
-    FirstBlockCacheConfig,
-    FlowMatchEulerDiscreteScheduler,
-)
+from diffusers import DiTPipeline, FirstBlockCacheConfig, FlowMatchEulerDiscreteScheduler
 
 import bac
 import bac.diffusers
@@ -164,17 +157,8 @@ def test_a_missing_context_is_an_error_not_shared_state(cases, model_of, K):
 
 
 @pytest.fixture(scope="module")
-def dit_pipe():
-    torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                        sample_size=8, patch_size=2, num_layers=3, num_embeds_ada_norm=1000,
-                                        norm_num_groups=1).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=8).eval()
-    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def dit_pipe(tiny_dit_pipeline):
+    return tiny_dit_pipeline()
 
 
 def run_pipe(pipe, steps):

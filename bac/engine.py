@@ -207,6 +207,11 @@ class CacheHandle:
         """Step index of this thread's last denoiser call in its active context (-1 before the first)."""
         return self._local.state.step
 
+    def context_names(self) -> list[str]:
+        """Names of this thread's live contexts (``"default"`` and every one made by :meth:`context` and not
+        dropped), sorted."""
+        return sorted(self._local.record.contexts)
+
     def steps_run(self) -> dict[str, int]:
         """Denoiser calls of this thread's current trajectory, per context that ran any."""
         return {name: state.step + 1 for name, state in self._local.record.contexts.items() if state.step >= 0}

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import bac
-from bac.policies.checkpointing import TrainingState, check_fits
+from bac.policies.checkpointing import TrainingState, check_state_fits
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "dit-digits"
 NUM_CLASSES = 10
@@ -84,7 +84,7 @@ def load(directory: Path | str = DEFAULT_CHECKPOINT, device: str | torch.device 
     model = build_model(model_class)
     stored = load_file(directory / "model.safetensors")  # float16 since 2026-12-04; older files float32
     state = {k: v.float() if v.is_floating_point() else v for k, v in stored.items()}
-    check_fits(model, state, f"the digits DiT ({directory})")
+    check_state_fits(model, state, f"the digits DiT ({directory})")
     model.load_state_dict(state)
     return model.to(device).eval()
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -36,7 +37,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint directory or one of its files does not exist."""
 
 
-def check_fits(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def check_state_fits(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """Raise :class:`bac.CheckpointError`, naming every missing, unexpected or mis-shaped tensor, unless
     ``state`` loads into ``module``."""
     own = module.state_dict()
@@ -47,6 +48,13 @@ def check_fits(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
     if problems:
         raise CheckpointError(f"checkpoint does not fit {what} ({len(problems)} problems): "
                               + "; ".join(problems[:6]))
+
+
+def check_fits(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Deprecated name of :func:`check_state_fits` (``check_fits`` is :meth:`bac.Plan.check_fits`)."""
+    warnings.warn("bac.policies.checkpointing.check_fits is deprecated: use check_state_fits", DeprecationWarning,
+                  stacklevel=2)
+    check_state_fits(module, state, what)
 
 
 def save_weights(state: Mapping[str, torch.Tensor], path: Path, config: PolicyConfig) -> WeightsRecord:
@@ -95,7 +103,7 @@ def read_weights(path: Path, config: PolicyConfig, record: WeightsRecord | None,
 
     Checks in this order (the most specific diagnosis first), each failure a
     :class:`bac.CheckpointError` naming ``path``: a readable safetensors file (not empty, not
-    truncated); tensor names and shapes fit ``module`` (:func:`check_fits`); the fingerprint in
+    truncated); tensor names and shapes fit ``module`` (:func:`check_state_fits`); the fingerprint in
     its metadata equals ``config``'s (else: the config fields that differ); its size and sha256
     equal ``record``'s ("weights file changed or corrupt"); every tensor finite. A file without
     the metadata, or a ``config.json`` without the record (both written before they existed),
@@ -116,7 +124,7 @@ def read_weights(path: Path, config: PolicyConfig, record: WeightsRecord | None,
     except Exception as err:  # safetensors raises its own SafetensorError (and others) on a damaged file
         raise CheckpointError(f"{path} is corrupt or truncated: safetensors cannot read it ({err}){note}") from err
     try:
-        check_fits(module, state, what)
+        check_state_fits(module, state, what)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}{note}") from None
     saved = metadata.get("fingerprint")

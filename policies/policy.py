@@ -24,7 +24,7 @@ import bac
 from bac.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 
 from . import inputs
-from .checkpointing import CheckpointNotFoundError, check_fits, read_weights, save_weights
+from .checkpointing import CheckpointNotFoundError, check_state_fits, read_weights, save_weights
 from .config import WEIGHTS_FILE, PolicyConfig, read_config
 from .constants import STATE
 from .diffusion import sample_chunk, training_loss, training_scheduler
@@ -376,5 +376,5 @@ class DiffusionPolicy(nn.Module):
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Load a state dict, naming every missing, unexpected or mis-shaped tensor (:class:`bac.CheckpointError`)."""
-        check_fits(self, state, f"this {self.architecture} policy")
+        check_state_fits(self, state, f"this {self.architecture} policy")
         self.load_state_dict(state)

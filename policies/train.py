@@ -27,7 +27,7 @@ from tqdm import tqdm
 from bac.configs.settings import BOOL, FLOAT, INT, SEQ, STR
 from bac.errors import CheckpointError, ConfigError
 
-from .checkpointing import TrainingState, check_fits
+from .checkpointing import TrainingState, check_state_fits
 from .config import IMAGE_PREFIX, PolicyConfig
 from .policy import DiffusionPolicy
 from .vla import frames_to_images
@@ -105,7 +105,7 @@ def train(cfg: DictConfig, data: Any, tasks: list[str], *,
             if state["settings"]["policy"] != settings["policy"] or state["settings"]["task"] != settings["task"]:
                 raise CheckpointError(f"{state_path} belongs to another policy or task; use another run_dir or "
                                       "resume=false")
-            check_fits(policy, state["model"], f"this {policy.architecture} policy")
+            check_state_fits(policy, state["model"], f"this {policy.architecture} policy")
 
         state = training_state.restore(state_path, same_run)
         step, elapsed = int(state["step"]), float(state["elapsed"])

@@ -180,6 +180,8 @@ def test_contexts_keep_separate_state(tiny_stack):
         with handle.context("cond"):
             assert handle.step == -1
         assert handle.stats()["denoiser_calls"] == 24
+        assert handle.context_names() == ["cond", "default", "uncond"]
+        assert handle.drop_context("uncond") and handle.context_names() == ["cond", "default"]
     # without contexts the second call per step overflows the plan instead of sharing state
     with bac.accelerate(model, plan), torch.no_grad():
         with pytest.raises(bac.StepOverflowError):

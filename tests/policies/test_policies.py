@@ -344,6 +344,16 @@ def test_deprecated_sampler_names_warn_and_still_work():
             assert getattr(policy, old) == value
 
 
+def test_deprecated_checkpointing_check_fits_warns_and_still_checks():
+    from bac.policies import checkpointing
+
+    policy = tiny_policy("dpt")
+    with pytest.warns(DeprecationWarning, match="check_state_fits"):
+        checkpointing.check_fits(policy, policy.state_dict(), "this policy")
+    with pytest.warns(DeprecationWarning), pytest.raises(bac.CheckpointError, match="missing"):
+        checkpointing.check_fits(policy, {}, "this policy")
+
+
 def test_plan_for_another_sampler_is_refused():
     policy = tiny_policy("dpt")
     plan = bac.make_plan(policy.model, "every-step", num_steps=10, scheduler=policy.sampler)

@@ -47,6 +47,7 @@ class CacheHandle:
         plan: Plan | None = None,
         observer: Observer | None = None,
         tap: Tap | None = None,
+        step_hooks: bool = True,
     ):
         if get_handle(model) is not None:
             raise RuntimeError(f"{type(model).__name__} is already accelerated; call handle.remove() first")
@@ -71,8 +72,13 @@ class CacheHandle:
             for layer, adapter in installed:  # leave the model as it was
                 adapter.uninstall(layer)
             raise
-        self._hook = model.register_forward_pre_hook(self._advance, with_kwargs=True)
-        self._done_hook = model.register_forward_hook(self._finish)
+        self._step_hooks = []
+        if step_hooks:
+            self._step_hooks = [
+                model.register_forward_pre_hook(lambda module, args, kwargs: self.begin_call(args, kwargs),
+                                                with_kwargs=True),
+                model.register_forward_hook(lambda module, args, output: self.end_call()),
+            ]
         attach(model, self)
 
     @property
@@ -81,7 +87,14 @@ class CacheHandle:
         return self._threads.schedule
 
     # -- per denoiser call -----------------------------------------------------------
-    def _advance(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def begin_call(self, args: tuple, kwargs: dict) -> None:
+        """A denoiser call with inputs ``args``/``kwargs`` starts: the calling thread's active context moves
+        to its next step and takes that step's row.
+
+        The handle's forward pre-hook calls it; call it yourself only for a model accelerated with
+        ``step_hooks=False`` (a framework's own hook system drives the steps, as ``bac.diffusers``' hook
+        does), together with :meth:`end_call` after each call returns.
+        """
         local = self._local
         state = local.state
         step = state.step + 1
@@ -113,7 +126,8 @@ class CacheHandle:
             record.fresh = False
             record.trajectories += 1
 
-    def _finish(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def end_call(self) -> None:
+        """The denoiser call begun by :meth:`begin_call` returned (an exception skips it)."""
         state = self._local.state
         state.done = state.step  # this call returned: a trajectory that stops here ended, not broke off
 
@@ -233,8 +247,8 @@ class CacheHandle:
         short = self._local.record.short_runs(self.schedule) if check else {}
         for _, layer, adapter in self.spec.layers:
             adapter.uninstall(layer)
-        self._hook.remove()
-        self._done_hook.remove()
+        for hook in self._step_hooks:
+            hook.remove()
         detach(self.model, self)
         self._threads.reset()
         if short:
@@ -286,6 +300,7 @@ def accelerate(
     adapters: Mapping[type, LayerAdapter] | None = None,
     allow_other_weights: bool = False,
     tap: Tap | None = None,
+    step_hooks: bool = True,
 ) -> CacheHandle:
     """Cache ``model``'s blocks; returns a :class:`CacheHandle`.
 
@@ -324,10 +339,15 @@ def accelerate(
     context is tapped, :meth:`CacheHandle.measure_flops`' scratch context
     ``"flops"`` too). The tap must not modify ``output``. Without a tap the
     runners are not wrapped, so it costs nothing when unused.
+
+    ``step_hooks=False`` installs no torch hooks on ``model``: a framework with
+    its own hook system calls :meth:`CacheHandle.begin_call` and
+    :meth:`CacheHandle.end_call` around every denoiser call instead
+    (``bac.diffusers`` does, from its ``HookRegistry`` hook).
     """
     spec = describe(model, adapters)
     bound, chosen, plan = _bind(spec, schedule, standin, num_steps, scheduler, allow_other_weights)
-    return CacheHandle(model, spec, bound, chosen, plan=plan, tap=tap)
+    return CacheHandle(model, spec, bound, chosen, plan=plan, tap=tap, step_hooks=step_hooks)
 
 
 def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standin | None, num_steps: int | None,

@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
-from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 
 from ..engine import CacheHandle, get_handle
@@ -63,7 +62,7 @@ class BacHook(ModelHook):
     ``cache_context(name)`` selects bac's context ``name`` (classifier-free guidance); ``reset_state`` ends a
     pipeline call's trajectory (``calls``); at each trajectory's first denoiser call a diffusers cache added
     since is refused. Removing the hook from the registry, by :func:`bac.diffusers.disable_cache` or directly,
-    undoes everything ``undo`` holds (the engine's handle, :class:`PipelineCalls`' forward pre-hook); a short
+    undoes everything ``undo`` holds (the engine's handle); a short
     last sampling call found then is kept in ``report`` for ``disable_cache`` to raise.
     """
 
@@ -78,10 +77,18 @@ class BacHook(ModelHook):
         self.report: CacheStateError | None = None
 
     def pre_forward(self, module: nn.Module, *args, **kwargs):
-        handle = get_handle(module)
-        if handle is not None and handle.step == 0:  # the engine's pre-hook has started the step: once per trajectory
-            refuse_diffusers_caches(module, "a diffusers cache was added after bac")
+        if self.calls is not None:  # bac's own handle (accelerated with step_hooks=False): this hook drives it
+            self.calls.at_denoiser_call(module, args)
+            handle = self.calls.handle
+            handle.begin_call(args, kwargs)
+            if handle.step == 0:  # once per trajectory
+                refuse_diffusers_caches(module, "a diffusers cache was added after bac")
         return args, kwargs
+
+    def post_forward(self, module: nn.Module, output):
+        if self.calls is not None:
+            self.calls.handle.end_call()
+        return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         if self.calls is not None:
@@ -109,7 +116,7 @@ class _CallState(threading.local):
 class PipelineCalls:
     """Each sampling call one trajectory, with the method made for its step count.
 
-    :meth:`at_denoiser_call` is a forward pre-hook placed before the engine's: it starts a new trajectory
+    :meth:`at_denoiser_call`, called by :class:`BacHook` before each denoiser call, starts a new trajectory
     at the first denoiser call after the pipeline's scheduler was set to new timesteps (every diffusers
     pipeline calls ``set_timesteps`` once per call, before its loop) or after :meth:`end` (the pipeline's
     end-of-call reset, ``BacHook.reset_state``). The call's step count is the number of its timesteps;
@@ -124,8 +131,9 @@ class PipelineCalls:
         thread = self._thread
         timesteps = getattr(self.pipe.scheduler, "timesteps", None) if self.pipe is not None else None
         restarted = timesteps is not None and timesteps is not thread.timesteps
-        if restarted and isinstance(module, CacheMixin) and not thread.ended:
-            # its pipelines reset it after every call that returns: the last call broke off (an exception)
+        if restarted and not thread.ended:
+            # a pipeline runs every timestep it set unless an exception stops it, and a CacheMixin model is
+            # reset after every call that returns: the last call broke off, so its length says nothing
             with contextlib.suppress(CacheStateError):
                 self.handle.end_trajectory()
         if thread.ended or restarted:

@@ -207,13 +207,12 @@ def enable_cache(
     for_steps = _method_for_steps(method, source, params, replan)
     first = for_steps(steps) or for_steps(calibration.num_steps)  # re-planned at the first call for another count
     scheduler = pipe.scheduler if pipe is not None else None
-    handle = accelerate(transformer, first, num_steps=first.num_steps or steps, scheduler=scheduler, adapters=adapters)
+    handle = accelerate(transformer, first, num_steps=first.num_steps or steps, scheduler=scheduler, adapters=adapters,
+                        step_hooks=False)  # bac's registry hook drives the steps
     undo = contextlib.ExitStack()  # what removing bac's hook undoes, last first
     undo.callback(handle.remove)  # last: it may report a short last sampling call after restoring the model
     try:
         calls = PipelineCalls(handle, pipe, first.num_steps or steps, for_steps)
-        # a torch pre-hook, prepended: each call's trajectory must start before the engine's pre-hook counts the step
-        undo.callback(transformer.register_forward_pre_hook(calls.at_denoiser_call, prepend=True).remove)
         if isinstance(transformer, CacheMixin):  # diffusers' enable_cache now refuses a second cache
             undo.callback(_restore_cache_config(transformer))
             transformer._cache_config = BacCache()

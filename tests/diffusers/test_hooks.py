@@ -91,6 +91,8 @@ def test_bac_is_one_named_hook_and_replaces_nothing(pipe, kind, references):
     assert type(pipe) is cls and vars(pipe) == pipe_state  # no class swap, nothing set on the pipeline
     assert "bac" in registry(pipe).hooks and bac.get_handle(pipe.transformer) is handle
     assert "cache_context" not in vars(pipe.transformer) and "__call__" not in vars(pipe)
+    # the registry hook drives the steps: no torch hook of bac's on the transformer
+    assert not pipe.transformer._forward_pre_hooks and not pipe.transformer._forward_hooks
     if isinstance(pipe.transformer, CacheMixin):
         assert pipe.transformer.is_cache_enabled  # as under diffusers' own caches
     first, second = run(pipe, kind), run(pipe, kind)

@@ -58,10 +58,10 @@ COMPILED_WHOLE = ["full", "ddim-5"]
 
 def reference_call(policy: DiffusionPolicy, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """The policy's sampling written with diffusers and PyTorch's modules only (no executor, no bac)."""
-    model, sampler = policy.model, policy.sampler
+    model, sampler = policy.model, policy.sampler.scheduler  # the reference policy's own copy (bench_model)
     cond = policy.condition(batch)
     mask = nn.Transformer.generate_square_subsequent_mask(model.horizon)
-    sampler.set_timesteps(policy.num_inference_steps)
+    sampler.set_timesteps(policy.sampler.steps)
     x = torch.randn((cond.shape[0], model.horizon, model.action_dim), generator=generator)
     for t in sampler.timesteps:
         timestep = t.reshape(-1).expand(cond.shape[0])
@@ -96,7 +96,7 @@ def bench_model(label: str, policy: DiffusionPolicy, obs: torch.Tensor, repeats:
     calibrations: dict[tuple, bac.Calibration] = {}
 
     def configured(sampler: str, steps: int, method: str | None, params: dict, compiled: str | None):
-        p = copy.deepcopy(policy).set_sampler(sampler, steps)
+        p = copy.deepcopy(policy).with_sampler(sampler, steps)  # its own weights: the cache or compiled blocks
         if method is not None:
             source = p.model
             if bac.needs_calibration(method):
@@ -107,9 +107,9 @@ def bench_model(label: str, policy: DiffusionPolicy, obs: torch.Tensor, repeats:
                     if "task" in batch:
                         calib_batch["task"] = [batch["task"]] * calibration_samples
                     calibrations[key] = bac.calibrate(p.model, p.predict_action_chunk, [calib_batch], seed=seed,
-                                                      scheduler=p.sampler)
+                                                      scheduler=p.sampler.scheduler)
                 source = calibrations[key]
-            p.accelerate(bac.build_method(method, source, num_steps=steps, scheduler=p.sampler, **params))
+            p.accelerate(bac.build_method(method, source, num_steps=steps, scheduler=p.sampler.scheduler, **params))
         if compiled == "blocks":
             p.model.compile_blocks()
         elif compiled == "whole":
@@ -119,7 +119,7 @@ def bench_model(label: str, policy: DiffusionPolicy, obs: torch.Tensor, repeats:
     for name, sampler, steps, method, params in CONFIGS:
         policies[name] = configured(sampler, steps, method, params, None)
     for name, sampler, steps in REFERENCE:
-        policies[name] = copy.deepcopy(policy).set_sampler(sampler, steps)
+        policies[name] = copy.deepcopy(policy).with_sampler(sampler, steps)
     if compile_:
         spec = {c[0]: c for c in CONFIGS}
         for name in COMPILED:
@@ -230,7 +230,7 @@ def run(repeats: int, models: list[str], batches: list[int], compile_: bool, cal
         else:
             raise SystemExit(f"unknown model {label!r}; expected shipped or paper")
         for batch in batches:  # compiled configurations at batch 1 only (the real-time case)
-            obs = torch.randn(batch, policy.n_obs_steps, policy.obs_dim, generator=torch.Generator().manual_seed(seed))
+            obs = torch.randn(batch, policy.n_obs_steps, policy.state_dim, generator=torch.Generator().manual_seed(seed))
             key = label if batch == 1 else f"{label}/batch{batch}"
             results[key] = bench_model(label, policy, obs, repeats, compile_ and batch == 1, calibration_samples, seed)
             results[key]["batch"] = batch

@@ -33,8 +33,10 @@ from bac.envs.dataset import calibration_observations
 from bac.policies.policy import DiffusionPolicy
 from bac.recorder import per_sample
 
-from bac.evaluation.run import SETTINGS as EVAL_SETTINGS
-from bac.evaluation.run import EvalError, image_calibration_batch, output_dir, prepare, settings_digest
+from bac.evaluation.provenance import settings_digest
+from bac.evaluation.settings import SETTINGS as EVAL_SETTINGS
+from bac.evaluation.settings import EvalError, output_dir
+from bac.evaluation.setup import image_calibration_batch, prepare
 from bac.evaluation.variants import parse_variants
 
 SCHEMA = "bac-block-errors/1"
@@ -88,7 +90,7 @@ def _sampling_call(policy: DiffusionPolicy, method: bac.Method | bac.Plan | bac.
                    tap: _Tap) -> torch.Tensor:
     """One seeded sampling call of ``policy`` cached by ``method`` with ``tap``: the whole action chunk."""
     devices = [policy.device.index or 0] if policy.device.type == "cuda" else []
-    with bac.accelerate(policy.model, method, num_steps=policy.num_inference_steps, scheduler=policy.sampler,
+    with bac.accelerate(policy.model, method, num_steps=policy.sampler.steps, scheduler=policy.sampler.scheduler,
                         tap=tap) as handle:
         tap.handle = handle
         with torch.random.fork_rng(devices=devices):
@@ -129,8 +131,8 @@ def block_errors(policy: DiffusionPolicy, plans: Mapping[str, bac.Method | bac.P
     ``surge_factor``.
     """
     spec = bac.describe(policy.model)
-    num_steps, batch_dims = policy.num_inference_steps, spec.batch_dims()
-    full = bac.build_method("every-step", policy.model, num_steps=num_steps, scheduler=policy.sampler)
+    num_steps, batch_dims = policy.sampler.steps, spec.batch_dims()
+    full = bac.build_method("every-step", policy.model, num_steps=num_steps, scheduler=policy.sampler.scheduler)
     reference = _Tap(batch_dims, num_steps)
     full_actions = _sampling_call(policy, full, batch, seed, reference)
     blocks = [{"name": b.name, "kind": b.kind, "layer": b.layer} for b in spec.blocks]
@@ -311,11 +313,10 @@ def run(cfg: DictConfig) -> dict:
         batch = observations(cfg, policy, task)
         results, schedules = {}, {}
         for (sampler, steps), group in samplers.items():
-            policy.set_sampler(sampler, steps)
             built = {v.name: setup.built[v.name] for v in group}
-            results |= block_errors(policy, built, batch, seed=int(cfg.seed), surge_factor=float(cfg.surge_factor))
+            results |= block_errors(policy.with_sampler(sampler, steps), built, batch, seed=int(cfg.seed),
+                                    surge_factor=float(cfg.surge_factor))
             schedules |= {name: method.schedule for name, method in built.items()}
-        policy.set_sampler(setup.base_sampler, setup.base_steps)
         for (sampler, steps), group in samplers.items():
             name = f"block_errors-{task}.png" if len(samplers) == 1 else f"block_errors-{task}-{sampler}{steps}.png"
             chosen = {v.name: results[v.name] for v in group}

@@ -21,12 +21,12 @@ runs = []
 samplers = [("ddim", 10), ("ddim", 4)]
 def rollout(threads, sampler, steps):
     torch.set_num_threads(threads)
-    policy.set_sampler(sampler, steps)
+    view = policy.with_sampler(sampler, steps)
     g = torch.Generator().manual_seed(seeds[0])
     with EnvPool(make_vector_env) as envs:
         envs.get(task, len(seeds), None, {})  # env construction outside the timing
         t = time.perf_counter()
-        res = list(run_episodes(policy, task, seeds, num_envs=10, generator=g, envs=envs))
+        res = list(run_episodes(view, task, seeds, num_envs=10, generator=g, envs=envs))
         wall = time.perf_counter() - t
     return wall, sum(r["success"] for r in res), sum(r["steps"] for r in res)
 

@@ -7,7 +7,11 @@ measured and, if the prediction was off, refit (see :mod:`bac.budget`).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from omegaconf import DictConfig
 
 import bac
 from bac.policies.policy import Batch, DiffusionPolicy
@@ -18,12 +22,14 @@ from .variants import Variant
 def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict[str, bac.Method],
                    calibrations: dict[str, bac.Calibration], batch: Batch, *, threads: int, repeats: int,
                    warmup: int, control_hz: float | None = None,
-                   actions_per_chunk: int | None = None) -> dict[str, dict]:
-    """Make the plan of every budget variant (added to ``built``); returns what each plan was made for.
+                   actions_per_chunk: int | None = None) -> tuple[dict[str, bac.Method], dict[str, dict]]:
+    """The method of every budget variant and what each plan was made for (``built``: the other variants'
+    methods, which a ``match`` budget reads; left as it is).
 
     ``control_hz``: the rate of a ``{control_hz: target}`` budget (the realtime evaluator's current rate);
     ``actions_per_chunk``: the actions a chunk runs at a control-rate budget (default ``n_action_steps``).
     """
+    made: dict[str, bac.Method] = {}
     info: dict[str, dict] = {}
     costs: dict[str, tuple] = {}
     previous_threads = torch.get_num_threads()
@@ -31,19 +37,18 @@ def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict
     generator = torch.Generator(device=policy.device)
     try:
         for variant in (v for v in variants if v.budgeted):
-            policy.set_sampler(variant.sampler, variant.steps)
+            view = policy.with_sampler(variant.sampler, variant.steps)
             key = f"{variant.sampler}{variant.steps}"
             calibration = calibrations[key]
             if key not in costs:
-                timer = bac.plan_timer(policy.model,
-                                       lambda: policy.predict_action_chunk(batch, generator=generator.manual_seed(0)),
-                                       scheduler=policy.sampler, repeats=repeats, warmup=warmup)
+                timer = bac.plan_timer(view.model, _seeded_call(view, batch, generator),
+                                       scheduler=view.sampler.scheduler, repeats=repeats, warmup=warmup)
                 costs[key] = (*bac.BlockCost.measure(timer, calibration), timer)
             cost, points, timer = costs[key]
             params = dict(variant.params)
             target: dict = {}
             if "match" in params:
-                other = _plan_of(params.pop("match"), variant, variants, built, calibration)
+                other = _plan_of(params.pop("match"), variant, variants, {**built, **made}, calibration)
                 target["latency_ms"] = matched = timer([other])[0]
                 # the matched plan is a measured point in the regime the budget plan will run in
                 counts = {b.name: len(b.update_steps) for b in other.blocks}
@@ -58,13 +63,47 @@ def build_budgeted(policy: DiffusionPolicy, variants: list[Variant], built: dict
                 target |= {"control_hz": float(control_hz if rate == "target" else rate),
                            "actions_per_chunk": actions_per_chunk or policy.n_action_steps}
             chosen = bac.plan_for_budget(calibration, cost=cost, timer=timer, **target, **params)
-            built[variant.name] = bac.Method("budget", chosen.plan, params=dict(chosen.plan.params))
+            made[variant.name] = bac.Method("budget", chosen.plan, params=dict(chosen.plan.params))
             info[variant.name] = {"target": variant.params, **chosen.describe()}
             if "match" in variant.params:
                 info[variant.name]["matched_ms"] = matched
     finally:
         torch.set_num_threads(previous_threads)
-    return info
+    return made, info
+
+
+def _seeded_call(policy: DiffusionPolicy, batch: Batch, generator: torch.Generator):
+    """One sampling call of ``policy`` on ``batch``, its noise seeded alike every time (what the timer runs)."""
+    return lambda: policy.predict_action_chunk(batch, generator=generator.manual_seed(0))
+
+
+def budget_path(out: Path, variant: Variant) -> Path:
+    """Where a run saves the plan of a budget variant (beside it, ``.budget.json``: what it was made for)."""
+    return out / "plans" / f"{variant.name}.json"
+
+
+def budget_plans(cfg: DictConfig, policy: DiffusionPolicy, variants: list[Variant], built: dict[str, bac.Method],
+                 calibrations: dict, batch: Batch, out: Path, control_hz: float | None = None,
+                 actions_per_chunk: int | None = None) -> tuple[dict[str, bac.Method], dict[str, dict]]:
+    """The budget variants' methods, made (and saved in ``out``) or, when resuming a run, reloaded; and what each
+    was made for. The other arguments are :func:`build_budgeted`'s (``cfg``: its ``latency`` settings)."""
+    budgeted = [v for v in variants if v.budgeted]
+    saved = {v.name: budget_path(out, v) for v in budgeted}
+    if budgeted and all(path.exists() for path in saved.values()):  # a resumed run keeps the plans its episodes used
+        made, info = {}, {}
+        for variant in budgeted:
+            record = json.loads(saved[variant.name].with_suffix(".budget.json").read_text())
+            made[variant.name] = bac.Method("budget", bac.Plan.load(saved[variant.name]), params=record["params"])
+            info[variant.name] = record["budget"] | {"reloaded": True}
+        return made, info
+    made, info = build_budgeted(policy, variants, built, calibrations, batch, threads=int(cfg.latency.threads),
+                                repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup),
+                                control_hz=control_hz, actions_per_chunk=actions_per_chunk)
+    for variant in budgeted:
+        made[variant.name].schedule.save(saved[variant.name])
+        saved[variant.name].with_suffix(".budget.json").write_text(json.dumps(
+            {"params": made[variant.name].params, "budget": info[variant.name]}, indent=1))
+    return made, info
 
 
 def _plan_of(name: str, variant: Variant, variants: list[Variant], built: dict[str, bac.Method],

@@ -41,16 +41,16 @@ def measure_latency(
         times[PREFIX] = []
     try:
         for method in methods:
-            with applied(policy, method, schedules.get(method.name)):
+            with applied(policy, method, schedules.get(method.name)) as (view, _):
                 for _ in range(warmup):
-                    policy.predict_action_chunk(batch, generator=generator)
+                    view.predict_action_chunk(batch, generator=generator)
         for r in range(repeats):
             shift = r % len(methods)
             for method in methods[shift:] + methods[:shift]:
-                with applied(policy, method, schedules.get(method.name)):
+                with applied(policy, method, schedules.get(method.name)) as (view, _):
                     synchronize(policy.device)
                     start = time.perf_counter()
-                    policy.predict_action_chunk(batch, generator=generator)
+                    view.predict_action_chunk(batch, generator=generator)
                     synchronize(policy.device)
                     times[method.name].append(time.perf_counter() - start)
             if policy.cameras:
@@ -79,7 +79,7 @@ def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: d
         cond = policy.condition(batch)
     size = len(batch["observation.state"])
     sample = torch.zeros(size, policy.horizon, policy.action_dim, device=policy.device)
-    timestep = policy.sampler.timesteps[:1]
+    timestep = policy.sampler.timesteps[:1]  # the policy's own (base) sampler
     # The denoiser as the policy calls it: the condition encoded once per call (prepare), not per step.
     with bac.accelerate(policy.model, probe) as handle, torch.no_grad():
         per_block = handle.measure_flops(sample, timestep[0], cond, prepared=policy.model.prepare(cond, timestep)[0])
@@ -99,8 +99,8 @@ def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: d
         elif isinstance(plan, bac.Plan):
             computed = {b.name: len(b.update_steps) for b in plan.blocks}
         else:
-            with applied(policy, method, schedule) as handle:
-                policy.predict_action_chunk(batch, generator=torch.Generator(device=policy.device).manual_seed(0))
+            with applied(policy, method, schedule) as (view, handle):
+                view.predict_action_chunk(batch, generator=torch.Generator(device=policy.device).manual_seed(0))
                 computed = {name: b["computed"] for name, b in handle.stats()["per_block"].items()}
         flops[method.name] = executed_flops(total, list(per_block.values()), [computed[name] for name in per_block],
                                             method.steps) + prepare_flops(method.steps)

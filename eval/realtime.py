@@ -18,6 +18,7 @@ method sees the same seeds, noise and envs at every rate; results are appended p
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -36,10 +37,12 @@ from bac.runtime import (EnvPool, VirtualClock, WallClock, auto_lead, constant_l
                          run_control_episode, summarize_runs)
 
 from . import report as reporting
+from .budget import budget_plans
 from .closed_loop import read_episodes, repair
 from .latency import measure_latency
-from .run import (EvalError, _versions, budget_plans, claim_out_dir, count_flops, episode_instructions, output_dir,
-                  prepare)
+from .provenance import package_versions, settings_digest
+from .settings import EvalError, claim_out_dir, output_dir
+from .setup import count_flops, episode_instructions, prepare
 from .timing import summarize
 from .variants import applied
 
@@ -78,16 +81,17 @@ def run_realtime(cfg: DictConfig) -> dict:
     built, budgets = {}, {}
     try:
         for rate in rates:
-            built[rate] = dict(setup.built)
-            budgets[rate] = budget_plans(cfg, policy, setup.variants, built[rate], setup.calibrations,
-                                         setup.latency_batch, out / f"{rate:g}hz", control_hz=rate,
-                                         actions_per_chunk=execute_steps)
+            made, budgets[rate] = budget_plans(cfg, policy, setup.variants, setup.built, setup.calibrations,
+                                               setup.latency_batch, out / f"{rate:g}hz", control_hz=rate,
+                                               actions_per_chunk=execute_steps)
+            built[rate] = {**setup.built, **made}
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
-    finally:
-        policy.set_sampler(setup.base_sampler, setup.base_steps)
-    flops = {rate: count_flops(setup, built[rate])[0] for rate in rates}
-    variants = setup.variants
+    # each rate's count resolves steps: auto from the variants the previous rate's count resolved
+    flops, variants = {}, setup.variants
+    for rate in rates:
+        counted = count_flops(setup, variants, built[rate])
+        flops[rate], variants = counted.flops, counted.variants
 
     # Batch-1 latency per method and rate, before the episodes: the lead each method requests chunks with.
     latencies = {rate: measure_latency(policy, variants, built[rate], setup.latency_batch,
@@ -141,7 +145,7 @@ def run_realtime(cfg: DictConfig) -> dict:
         "rates": {},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": sys.version.split()[0]},
-        "packages": _versions(),
+        "packages": package_versions(),
     }
     for rate in rates:
         methods = {}
@@ -177,8 +181,8 @@ def episode(cfg: DictConfig, policy, env, task: str, seed: int, rate: float, var
     rt = cfg.realtime
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     latency_model = constant_latency(float(rt.latency_ms)) if rt.latency_ms is not None else None
-    with applied(policy, variant, built.get(variant.name)), CLOCKS[rt.clock]() as clock:
-        trace = run_control_episode(policy, env, task, seed=seed, control_hz=rate, clock=clock, generator=generator,
+    with applied(policy, variant, built.get(variant.name)) as (view, _), CLOCKS[rt.clock]() as clock:
+        trace = run_control_episode(view, env, task, seed=seed, control_hz=rate, clock=clock, generator=generator,
                                     execute_steps=execute_steps, lead=lead, adapt_lead=bool(rt.adapt_lead),
                                     on_late=rt.on_late, blend=int(rt.blend),
                                     instruction=instructions(seed) if instructions is not None else None,
@@ -188,10 +192,6 @@ def episode(cfg: DictConfig, policy, env, task: str, seed: int, rate: float, var
 
 def realtime_digest(cfg: DictConfig) -> str:
     """The closed-loop settings digest plus the control loop's settings (another rate or clock is another run)."""
-    import hashlib
-
-    from .run import settings_digest
-
     extra = json.dumps(OmegaConf.to_container(cfg.realtime, resolve=True), sort_keys=True)
     return hashlib.sha256(f"{settings_digest(cfg)}|realtime|{extra}".encode()).hexdigest()[:10]
 

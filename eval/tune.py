@@ -39,8 +39,10 @@ from bac.errors import ConfigError
 from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.tuned import TunedConfig
 
-from .run import SETTINGS as EVAL_SETTINGS
-from .run import load_policy, run, settings_digest, weights_digest
+from .provenance import settings_digest, weights_digest
+from .run import run
+from .settings import SETTINGS as EVAL_SETTINGS
+from .setup import load_policy
 
 EVALUATION_SEED = 100000  # configs/eval.yaml's first evaluation seed; demonstrations use seeds from 0
 REFERENCE = "full"
@@ -155,9 +157,8 @@ def write_tuned(cfg: DictConfig, eval_cfg: DictConfig, candidate: dict, out: Pat
         if candidate["plan_file"] is not None:  # a calibrated plan: the evaluator's cached plan file
             shutil.copyfile(candidate["plan_file"], out / plan)
         else:  # an uncalibrated static plan (uniform, taylorseer): the evaluator rebuilds it every run
-            policy = load_policy(eval_cfg)[0]
-            policy.set_sampler(sampler, int(steps))
-            bac.build_method(method, policy.model, num_steps=int(steps), scheduler=policy.sampler,
+            policy = load_policy(eval_cfg)[0].with_sampler(sampler, int(steps))
+            bac.build_method(method, policy.model, num_steps=int(steps), scheduler=policy.sampler.scheduler,
                              **{k: v for k, v in config.items() if k != "standin"}).schedule.save(out / plan)
     checkpoint = resolve_checkpoint(str(cfg.checkpoint))
     found = {"successes": candidate["successes"], "episodes": candidate["episodes"], "p50_ms": candidate["p50_ms"],

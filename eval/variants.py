@@ -119,10 +119,11 @@ def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Ca
                   directory: Path, recompute: bool) -> bac.Method:
     """The variant's caching method; a calibrated plan comes from its cached plan file when that fits.
 
+    ``policy`` samples with the variant's sampler (``policy.with_sampler(variant.sampler, variant.steps)``).
     A cached plan that does not fit the policy or sampler is an error unless ``recompute``.
     """
     source = calibration if calibration is not None else policy.model
-    method = bac.build_method(variant.method, source, num_steps=variant.steps, scheduler=policy.sampler,
+    method = bac.build_method(variant.method, source, num_steps=variant.steps, scheduler=policy.sampler.scheduler,
                               **variant.params)
     if not variant.keeps_plan_file:
         return method
@@ -130,7 +131,8 @@ def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Ca
     if path.exists() and not recompute:
         plan = bac.Plan.load(path)
         try:
-            plan.check_fits(bac.describe(policy.model), num_steps=policy.num_inference_steps, scheduler=policy.sampler)
+            plan.check_fits(bac.describe(policy.model), num_steps=policy.sampler.steps,
+                            scheduler=policy.sampler.scheduler)
         except bac.PlanMismatchError as err:
             raise bac.PlanMismatchError(
                 f"cached plan {path} does not fit this policy/sampler: {err}. "
@@ -142,12 +144,15 @@ def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Ca
 
 
 @contextlib.contextmanager
-def applied(policy: DiffusionPolicy, variant: Variant, method: bac.Method | None) -> Iterator[bac.CacheHandle | None]:
-    """Set the variant's sampler and caching method on ``policy`` for the duration of the block."""
-    policy.set_sampler(variant.sampler, variant.steps)
-    handle = policy.accelerate(method) if method is not None else None
+def applied(policy: DiffusionPolicy, variant: Variant,
+            method: bac.Method | None) -> Iterator[tuple[DiffusionPolicy, bac.CacheHandle | None]]:
+    """``(view, handle)`` for the block: ``view`` samples with the variant's sampler (``policy.with_sampler``,
+    sharing its weights; ``policy`` itself is left as it is) and ``handle`` caches its denoiser with ``method``
+    (``None``: no caching), removed when the block ends."""
+    view = policy.with_sampler(variant.sampler, variant.steps)
+    handle = view.accelerate(method) if method is not None else None
     try:
-        yield handle
+        yield view, handle
     finally:
         if handle is not None:
             handle.remove()

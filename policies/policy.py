@@ -38,7 +38,7 @@ from .nonfinite import EXTREME, ON_NONFINITE, hold, nonfinite_error
 from .normalize import Normalizer
 from .pi0 import Pi0Head
 from .rdt import RDTHead
-from .sampler import DEFAULT_SAMPLERS, Sampler
+from .sampler import DEFAULT_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, Sampler  # noqa: F401  (SAMPLERS, FLOW_SAMPLERS: importable here as before)
 
 __all__ = ["DiffusionPolicy", "ARCHITECTURES", "EXTREME", "Normalizer"]
 

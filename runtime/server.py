@@ -97,6 +97,14 @@ class PolicyServer:
         return self._serving.url
 
     @property
+    def max_message_bytes(self) -> int:
+        return self._serving.max_message_bytes
+
+    @property
+    def shutdown_timeout(self) -> float:
+        return self._serving.shutdown_timeout
+
+    @property
     def sessions(self) -> list[str]:
         """Ids of the connected clients' sessions."""
         return self._sessions.ids()

@@ -19,10 +19,10 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint, one_thread):
     """The tiny policy on a 6-step DDPM sampler, a batch of 3 push observations and a calibration on it."""
-    policy = DiffusionPolicy.load(tiny_checkpoint).set_sampler("ddpm", STEPS)
+    policy = DiffusionPolicy.load(tiny_checkpoint).with_sampler("ddpm", STEPS)
     batch = {"observation.state": torch.randn(3, 2, 39, generator=torch.Generator().manual_seed(0)),
              "task": ["push"] * 3}
-    calibration = bac.calibrate(policy.model, policy.predict_action_chunk, [batch], scheduler=policy.sampler)
+    calibration = bac.calibrate(policy.model, policy.predict_action_chunk, [batch], scheduler=policy.sampler.scheduler)
     return policy, batch, calibration
 
 

@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 import bac
 import bac.evaluation.closed_loop as closed_loop
 from bac.configs import CONFIG_DIR
-from bac.evaluation.run import EvalError, load_policy, run
+from bac.evaluation.run import run
+from bac.evaluation.settings import EvalError
+from bac.evaluation.setup import load_policy
 from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
 
@@ -345,8 +347,8 @@ def test_tuner_picks_the_fastest_candidate_within_tolerance_and_it_loads_in_one_
     assert (tuned.sampler, tuned.steps, tuned.method) == (picked["sampler"], picked["steps"], picked["cache"])
     policy, by_hand = DiffusionPolicy.load(checkpoint), DiffusionPolicy.load(checkpoint)
     handle = policy.use_tuned(out / "tuned.json")
-    assert (policy.sampler_kind, policy.num_inference_steps) == (tuned.sampler, tuned.steps)
-    by_hand.set_sampler(tuned.sampler, tuned.steps)
+    assert (policy.sampler.kind, policy.sampler.steps) == (tuned.sampler, tuned.steps)
+    by_hand = by_hand.with_sampler(tuned.sampler, tuned.steps)
     plan = tuned.load_plan()
     hand_handle = by_hand.accelerate(plan) if plan is not None else None
     obs = {"observation.state": torch.randn(1, 2, 39), "task": "reach"}
@@ -450,7 +452,7 @@ def test_a_vision_language_head_is_evaluated_with_images_instructions_and_its_pr
 
 def test_instruction_sets_are_held_out_train_or_swapped(vla_checkpoint):
     from bac.envs.instructions import held_out_instructions, train_instructions
-    from bac.evaluation.run import episode_instructions
+    from bac.evaluation.setup import episode_instructions
 
     policy = DiffusionPolicy.load(vla_checkpoint)
 
@@ -471,7 +473,7 @@ def test_instruction_sets_are_held_out_train_or_swapped(vla_checkpoint):
 
 def test_each_instruction_set_is_its_own_run(vla_checkpoint, tmp_path):
     """out_dir=auto must not resume held-out episodes into a swapped-instruction run (or the other way)."""
-    from bac.evaluation.run import settings_digest
+    from bac.evaluation.provenance import settings_digest
 
     digests = {name: settings_digest(config(vla_checkpoint, tmp_path, f"instructions={name}"))
                for name in ("held_out", "train", "swapped")}
@@ -524,7 +526,7 @@ def test_fewer_steps_can_match_the_flops_of_any_named_method(checkpoint, tmp_pat
 
 def test_hard_names_the_harder_suite_which_the_shipped_hard_policies_were_trained_on(checkpoint, tmp_path):
     from bac.envs.tasks import HARD_CANDIDATES, HARD_SUITE
-    from bac.evaluation.run import resolve_tasks
+    from bac.evaluation.setup import resolve_tasks
     from bac.policies.checkpointing import resolve_checkpoint
 
     for name in ("dpt-metaworld-hard", "dit-metaworld-hard"):
@@ -568,10 +570,10 @@ def test_shipped_calibration_inputs_equal_freshly_drawn_ones(name, task, tmp_pat
     policy = DiffusionPolicy.load(directory)
     settings = dict(samples=int(defaults.samples), episodes=int(defaults.episodes), seed=int(defaults.seed),
                     n_obs_steps=policy.n_obs_steps)
-    shipped = shipped_calibration_inputs(directory, calibration_inputs_facts(policy.tasks, **settings), policy.obs_dim)
+    shipped = shipped_calibration_inputs(directory, calibration_inputs_facts(policy.tasks, **settings), policy.state_dim)
     assert shipped is not None, f"{name} ships no calibration inputs for the default calibration settings"
     per_task = -(-settings["samples"] // len(policy.tasks))
-    assert shipped.shape == (per_task * len(policy.tasks), policy.n_obs_steps, policy.obs_dim)
+    assert shipped.shape == (per_task * len(policy.tasks), policy.n_obs_steps, policy.state_dim)
     monkeypatch.setenv("BAC_DATA_DIR", str(tmp_path))  # freshly collected demonstrations
     fresh, names = draw_calibration_inputs([task], **{**settings, "samples": per_task})
     row = policy.tasks.index(task) * per_task
@@ -608,7 +610,7 @@ def test_the_evaluator_uses_shipped_calibration_inputs_only_for_its_settings(che
     from safetensors.numpy import load_file
 
     import bac.envs.calibration_inputs as inputs
-    import bac.evaluation.run as evaluation
+    import bac.evaluation.setup as evaluation
 
     monkeypatch.setenv("BAC_DATA_DIR", str(tmp_path / "data"))
     collected_ckpt, shipped_ckpt = tmp_path / "a" / "tiny", tmp_path / "b" / "tiny"  # own plan caches (parent/plans)
@@ -698,7 +700,7 @@ def test_the_progress_bar_advances_with_every_step_and_stays(checkpoint, tmp_pat
     from bac.runtime import EnvPool
 
     policy = DiffusionPolicy.load(checkpoint)
-    policy.set_sampler("ddim", 2)
+    policy = policy.with_sampler("ddim", 2)
     moves = []
     step = closed_loop.StepProgress.step
 

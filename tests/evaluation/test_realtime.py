@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from bac.configs import CONFIG_DIR
 from bac.evaluation.realtime import realtime_digest, run_realtime
-from bac.evaluation.run import EvalError, output_dir
+from bac.evaluation.settings import EvalError, output_dir
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):

@@ -9,7 +9,8 @@ import pytest
 
 from bac.evaluation import shards
 from bac.evaluation.closed_loop import read_episodes
-from bac.evaluation.run import EvalError, run
+from bac.evaluation.run import run
+from bac.evaluation.settings import EvalError
 
 from .test_eval import REPO, config
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import bac
 from bac.configs import CONFIG_DIR
-from bac.evaluation.run import tuned_variant
+from bac.evaluation.setup import tuned_variant
 from bac.evaluation.tune import TUNE_KEYS, check_tune_settings, write_tuned
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
@@ -61,10 +61,10 @@ def test_uncalibrated_pick_gets_its_plan_and_stand_in(checkpoint, tmp_path, conf
 
     policy, by_hand = DiffusionPolicy.load(checkpoint), DiffusionPolicy.load(checkpoint)
     handle = policy.use_tuned(tuned.path)
-    assert handle is not None and (policy.sampler_kind, policy.num_inference_steps) == (tuned.sampler, tuned.steps)
-    by_hand.set_sampler(tuned.sampler, tuned.steps)
+    assert handle is not None and (policy.sampler.kind, policy.sampler.steps) == (tuned.sampler, tuned.steps)
+    by_hand = by_hand.with_sampler(tuned.sampler, tuned.steps)
     params = {k: v for k, v in config.items() if k not in ("sampler", "steps", "cache")}
-    method = bac.build_method(config["cache"], by_hand.model, num_steps=tuned.steps, scheduler=by_hand.sampler,
+    method = bac.build_method(config["cache"], by_hand.model, num_steps=tuned.steps, scheduler=by_hand.sampler.scheduler,
                               **params)
     assert method.standin.describe() == tuned.method_for(policy).standin.describe() == {"standin": standin}
     assert method.schedule.to_dict()["blocks"] == tuned.load_plan().to_dict()["blocks"]
@@ -79,7 +79,7 @@ def test_plain_sampler_pick_has_no_plan(checkpoint, tmp_path):
     tuned = tuned_file(checkpoint, tmp_path, {"sampler": "ddim", "steps": 3, "cache": None})
     assert (tuned.method, tuned.plan) == (None, None) and not (tmp_path / "tune" / "plan.json").exists()
     policy = DiffusionPolicy.load(checkpoint)
-    assert policy.use_tuned(tuned.path) is None and policy.num_inference_steps == 3
+    assert policy.use_tuned(tuned.path) is None and policy.sampler.steps == 3
     assert tuned.found["calibration_seeds"] == [0, 1] and tuned.weights is not None
 
 

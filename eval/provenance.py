@@ -1,0 +1,53 @@
+"""What an evaluation's results depend on: the checkpoint's weights, the settings and the package versions.
+
+A run's output folder is named by :func:`settings_digest` and resumes only a run of the same digest, so its
+content must not change: a recorded run would no longer be found.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from bac.policies.checkpointing import resolve_checkpoint
+
+PACKAGES = ("torch", "diffusers", "gymnasium", "metaworld", "mujoco", "numpy", "hydra-core", "bac")
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """Short SHA-256 of a checkpoint's weights: retrained weights of the same shape get a new one."""
+    digest = hashlib.sha256()
+    with open(checkpoint / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def settings_digest(cfg: DictConfig) -> str:
+    """Short hash of the settings a run's results depend on (and of a trained checkpoint's weights)."""
+    keys = ("checkpoint", "tasks", "episodes", "seed", "sampler", "methods", "run_methods", "calibration", "M", "n",
+            "tuned")
+    relevant = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in keys}
+    relevant["calibration"] = {k: v for k, v in relevant["calibration"].items() if k != "recompute"}
+    if relevant["tuned"] is None:  # no tuned file: the digest of runs made before the setting existed
+        del relevant["tuned"]
+    if cfg.instructions != "held_out":  # other instructions are another run (the default keeps earlier digests)
+        relevant["instructions"] = cfg.instructions
+    checkpoint = resolve_checkpoint(str(cfg.checkpoint))
+    if (checkpoint / "model.safetensors").is_file():  # a retrained checkpoint is another run
+        relevant["weights"] = weights_digest(checkpoint)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each package of :data:`PACKAGES` (``None``: not installed), for a report."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

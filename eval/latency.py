@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bac
 from bac.flops import executed_flops
+from bac.policies.constants import STATE
 from bac.policies.policy import Batch, DiffusionPolicy
 
 from .timing import synchronize
@@ -77,7 +78,7 @@ def flops_per_call(policy: DiffusionPolicy, methods: list[Variant], schedules: d
     probe = bac.make_plan(policy.model, "every-step", num_steps=1)
     with torch.no_grad():
         cond = policy.condition(batch)
-    size = len(batch["observation.state"])
+    size = len(batch[STATE])
     sample = torch.zeros(size, policy.horizon, policy.action_dim, device=policy.device)
     timestep = policy.sampler.timesteps[:1]  # the policy's own (base) sampler
     # The denoiser as the policy calls it: the condition encoded once per call (prepare), not per step.

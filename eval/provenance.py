@@ -17,7 +17,7 @@ from bac.policies.checkpointing import resolve_checkpoint
 PACKAGES = ("torch", "diffusers", "gymnasium", "metaworld", "mujoco", "numpy", "hydra-core", "bac")
 
 
-def weights_digest(checkpoint: Path) -> str:
+def checkpoint_digest(checkpoint: Path) -> str:
     """Short SHA-256 of a checkpoint's weights: retrained weights of the same shape get a new one."""
     digest = hashlib.sha256()
     with open(checkpoint / "model.safetensors", "rb") as f:
@@ -38,7 +38,7 @@ def settings_digest(cfg: DictConfig) -> str:
         relevant["instructions"] = cfg.instructions
     checkpoint = resolve_checkpoint(str(cfg.checkpoint))
     if (checkpoint / "model.safetensors").is_file():  # a retrained checkpoint is another run
-        relevant["weights"] = weights_digest(checkpoint)
+        relevant["weights"] = checkpoint_digest(checkpoint)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

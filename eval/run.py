@@ -44,8 +44,9 @@ from .variants import applied
 
 
 # Names this module held while it doubled as a library: deprecated here, each in its own module now.
+# ``weights_digest`` is ``provenance.checkpoint_digest`` now: bac.adapters.weights_digest is the model's.
 MOVED = {
-    "weights_digest": "provenance",
+    "weights_digest": "provenance.checkpoint_digest",
     "SETTINGS": "settings", "UNTRAINED": "settings", "check_eval_settings": "settings", "apply_threads": "settings",
     "load_policy": "setup", "resolve_tasks": "setup", "INSTRUCTION_SETS": "setup", "calibration_settings": "setup",
     "calibration_batch": "setup", "image_calibration_batch": "setup", "load_or_calibrate": "setup",
@@ -56,9 +57,10 @@ MOVED = {
 def __getattr__(name: str):
     if name not in MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    home = f"bac.evaluation.{MOVED[name]}"
-    warnings.warn(f"bac.evaluation.run.{name} is deprecated: use {home}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(home), name)
+    home, _, new_name = MOVED[name].partition(".")
+    new = f"bac.evaluation.{home}.{new_name or name}"
+    warnings.warn(f"bac.evaluation.run.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(f"bac.evaluation.{home}"), new_name or name)
 
 
 def run(cfg: DictConfig) -> dict:

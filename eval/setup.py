@@ -26,6 +26,7 @@ from bac.envs.metaworld_env import ALL_TASKS, make_env
 from bac.envs.tasks import HARD_SUITE
 from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.config import PolicyConfig
+from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
 from bac.policies.vla import frames_to_images
@@ -33,7 +34,7 @@ from bac.runtime import check_compatible, observation_slices
 
 from .budget import budget_path
 from .latency import flops_per_call
-from .provenance import weights_digest
+from .provenance import checkpoint_digest
 from .settings import UNTRAINED, EvalError, apply_threads, check_eval_settings
 from .variants import Variant, flops_target, load_or_build, parse_variants, plan_path
 
@@ -85,7 +86,7 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
             check_compatible(policy, *env_spaces(policy.tasks[0]))
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
-    return policy, Path(cfg.plan_cache) / f"{directory.name}-{weights_digest(directory)}", True
+    return policy, Path(cfg.plan_cache) / f"{directory.name}-{checkpoint_digest(directory)}", True
 
 
 def resolve_tasks(cfg: DictConfig, policy: DiffusionPolicy) -> list[str]:
@@ -157,13 +158,13 @@ def calibration_batch(cfg: DictConfig, policy: DiffusionPolicy) -> tuple[dict, s
             f"shipped with the checkpoint ({directory / CALIBRATION_INPUTS})"
     else:
         (states, names), source = draw_calibration_inputs(tasks, **settings), drawn
-    return {"observation.state": torch.as_tensor(states, dtype=torch.float32), "task": names}, source
+    return {STATE: torch.as_tensor(states, dtype=torch.float32), TASK: names}, source
 
 
 def image_calibration_batch(cfg: DictConfig, policy: DiffusionPolicy, tasks: list[str], per_task: int) -> dict:
     """``calibration_batch`` of a vision-language policy: state, frames and instructions of demonstration frames."""
     size = policy.config.model.image_size
-    keys = policy.input_features["observation.state"].keys or ("state",)
+    keys = policy.input_features[STATE].keys or ("state",)
     # The demonstrations the head was trained on (image datasets are large: no second, noise-free set).
     action_noise = float(policy.provenance.get("settings", {}).get("action_noise", 0.0))
     state, images, texts = [], {c: [] for c in policy.cameras}, []
@@ -177,9 +178,9 @@ def image_calibration_batch(cfg: DictConfig, policy: DiffusionPolicy, tasks: lis
         for camera in policy.cameras:
             images[camera].append(data.frames[camera][index])
         texts += [data.instructions[i] for i in index]
-    batch = {"observation.state": torch.as_tensor(np.concatenate(state), dtype=torch.float32), "task": texts}
+    batch = {STATE: torch.as_tensor(np.concatenate(state), dtype=torch.float32), TASK: texts}
     for camera, frames in images.items():
-        batch[f"observation.images.{camera}"] = frames_to_images(np.concatenate(frames)).to(policy.device)
+        batch[f"{IMAGE_PREFIX}{camera}"] = frames_to_images(np.concatenate(frames)).to(policy.device)
     return batch
 
 

@@ -39,7 +39,7 @@ from bac.errors import ConfigError
 from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.tuned import TunedConfig
 
-from .provenance import settings_digest, weights_digest
+from .provenance import settings_digest, checkpoint_digest
 from .run import run
 from .settings import SETTINGS as EVAL_SETTINGS
 from .setup import load_policy
@@ -166,7 +166,7 @@ def write_tuned(cfg: DictConfig, eval_cfg: DictConfig, candidate: dict, out: Pat
              "reference_successes": result["candidates"][REFERENCE]["successes"],
              "calibration_seeds": result["calibration_seeds"], "tasks": result["tasks"]}
     tuned = TunedConfig(sampler, int(steps), method, config, plan,
-                        weights_digest(checkpoint) if (checkpoint / "model.safetensors").is_file() else None,
+                        checkpoint_digest(checkpoint) if (checkpoint / "model.safetensors").is_file() else None,
                         float(cfg.tolerance_points), limit, found)
     return tuned.save(out / "tuned.json")
 

@@ -28,7 +28,8 @@ from bac.configs.settings import BOOL, FLOAT, INT, SEQ, STR
 from bac.errors import CheckpointError, ConfigError
 
 from .checkpointing import TrainingState, check_state_fits
-from .config import IMAGE_PREFIX, PolicyConfig
+from .config import PolicyConfig
+from .constants import ACTION, IMAGE_PREFIX, STATE, TASK
 from .policy import DiffusionPolicy
 from .vla import frames_to_images
 
@@ -82,11 +83,11 @@ def train(cfg: DictConfig, data: Any, tasks: list[str], *,
     obs, actions, task_index = obs.to(device), actions.to(device), task_index.to(device)
 
     def training_batch(index: torch.Tensor) -> dict:
-        batch = {"observation.state": obs[index], "action": actions[index]}
+        batch = {STATE: obs[index], ACTION: actions[index]}
         if instructions is None:
-            batch["task"] = task_index[index]
+            batch[TASK] = task_index[index]
             return batch
-        batch["task"] = [instructions[i] for i in task_index[index].tolist()]
+        batch[TASK] = [instructions[i] for i in task_index[index].tolist()]
         for camera, f in frames.items():  # uint8 in memory, float [0, 1] per batch
             batch[IMAGE_PREFIX + camera] = frames_to_images(f[index.cpu()]).to(device)
         return batch

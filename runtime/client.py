@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from bac.errors import BacError, ConfigError, DataError
-from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
+from bac.policies.constants import ACTION, IMAGE_PREFIX, STATE, TASK
 
 from .msgpack_numpy import packb, unpackb
 
@@ -158,7 +158,7 @@ class RemotePolicy:
         self.input_features = {name: RemoteFeature(name, f["type"], tuple(f["shape"]),
                                                    tuple(f["keys"]) if f.get("keys") else None)
                                for name, f in meta["features"].items()}
-        self.output_features = {"action": RemoteFeature("action", "action", tuple(meta["action"]["shape"]))}
+        self.output_features = {ACTION: RemoteFeature(ACTION, "action", tuple(meta["action"]["shape"]))}
         self.n_obs_steps, self.n_action_steps = meta["n_obs_steps"], meta["n_action_steps"]
         self.reads_instructions = bool(meta["reads_instructions"])
         self.device = torch.device("cpu")

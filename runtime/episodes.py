@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
+from bac.policies.constants import ACTION, IMAGE_PREFIX, STATE, TASK
 from bac.policies.vla import frames_to_images
 
 
@@ -94,7 +94,7 @@ def check_compatible(policy: ChunkingPolicy, observation_space: gym.Space, actio
         keys = f" (its keys {list(inputs[STATE].keys)})" if slices is not None else ""
         raise ValueError(f"the policy's {STATE!r} is {list(_shape(inputs[STATE])) if STATE in inputs else 'absent'}, "
                          f"the environment's observations are {list(width)}{keys}")
-    if not isinstance(action_space, gym.spaces.Box) or _shape(outputs["action"]) != tuple(action_space.shape):
+    if not isinstance(action_space, gym.spaces.Box) or _shape(outputs[ACTION]) != tuple(action_space.shape):
         raise ValueError(f"the policy's actions are {list(_shape(outputs['action']))}, "
                          f"the environment's action space is {action_space}")
 

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import bac
 from bac.errors import BacError, ConfigError
 from bac.policies.checkpointing import resolve_checkpoint
+from bac.policies.constants import ACTION
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.sampler import Sampler
 
@@ -113,7 +114,7 @@ def metadata(policy: Any, checkpoint: str | None = None, source: Mapping[str, An
         "policy": {"type": "diffusion", "architecture": policy.architecture, "checkpoint": checkpoint,
                    "model": json.loads(json.dumps(policy.model_kwargs, default=str))},
         "features": features,
-        "action": {"shape": list(policy.output_features["action"].shape)},
+        "action": {"shape": list(policy.output_features[ACTION].shape)},
         "tasks": [] if policy.reads_instructions else list(policy.tasks),
         "reads_instructions": bool(policy.reads_instructions),
         "horizon": policy.horizon,

@@ -20,6 +20,7 @@ from bac.configs.settings import check_settings
 from bac.envs.instructions import INSTRUCTIONS
 from bac.envs.metaworld_env import make_vector_env
 from bac.envs.windows import load_image_windows, load_windows
+from bac.policies.constants import STATE
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.train import SETTINGS, policy_config, train
 from bac.runtime import run_episodes
@@ -40,7 +41,7 @@ def run_training(cfg: DictConfig) -> Path:
     checked = policy_config(cfg, 1, 1, tasks)  # refuse bad policy settings before collecting any data
     extra_instructions = []
     if checked.is_vla:
-        state_keys = list(checked.input_features["observation.state"].keys or ["state"])
+        state_keys = list(checked.input_features[STATE].keys or ["state"])
         data = load_image_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps, cfg.action_noise,
                                   state_keys, checked.cameras, checked.model.image_size)
         extra_instructions = [t for task in tasks for t in INSTRUCTIONS.get(task, ())]

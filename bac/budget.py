@@ -191,16 +191,34 @@ def plan_for_budget(
     chunk schedule by the tail, and calls on a busy CPU spread far beyond their median.
     """
     budget = budget_ms(latency_ms, control_hz, actions_per_chunk, headroom)
+    deadline_ms = _deadline(deadline_ms, budget, control_hz, actions_per_chunk)
+    _check_search_options(metric, n, tolerance, max_refits, resolution)
+    cost, points = _cost_model(calibration, cost, timer)
+    planner = _Planner(calibration, metric, n, resolution)
+    return _search(planner, cost, points, budget, deadline_ms, timer, tolerance, max_refits)
+
+
+def _deadline(deadline_ms: float | None, budget: float, control_hz: float | None,
+              actions_per_chunk: int | None) -> float | None:
+    """The bound on a call's tail: as given, or with ``control_hz`` the time a chunk's actions take; not below the budget."""
     if deadline_ms is None and control_hz is not None:
         deadline_ms = 1000.0 * actions_per_chunk / control_hz
     if deadline_ms is not None:
         check_number("deadline_ms", deadline_ms, budget)
+    return deadline_ms
+
+
+def _check_search_options(metric: str, n: int, tolerance: float, max_refits: int, resolution: int) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     check_number("n (BUA top-n)", n, 0, integer=True)
     check_number("tolerance", tolerance, 0)
     check_number("max_refits", max_refits, 0, integer=True)
     check_number("resolution", resolution, 10, integer=True)
+
+
+def _cost_model(calibration: Calibration, cost: BlockCost | None, timer: PlanTimer | None) -> tuple[BlockCost, list]:
+    """``cost``, or one measured by ``timer``, checked to cover the calibration; and the points measured so far."""
     points: list = []
     if cost is None:
         if timer is None:
@@ -210,35 +228,29 @@ def plan_for_budget(
     if sorted(cost.block_ms) != sorted(names) or cost.num_steps != calibration.num_steps:
         raise ConfigError(f"the cost model covers {len(cost.block_ms)} blocks and {cost.num_steps} steps; the "
                           f"calibration has {len(names)} blocks and {calibration.num_steps} steps")
-    matrices = calibration.matrix(metric)
-    maximize = metric == "cosine"
-    gains = [acs_scores(m, maximize) for m in matrices]
-    errors = {b.name: float(e) for b, e in zip(calibration.blocks, calibration.reuse_error)}
+    return cost, points
+
+
+def _search(planner: _Planner, cost: BlockCost, points: list, budget: float, deadline_ms: float | None,
+            timer: PlanTimer | None, tolerance: float, max_refits: int) -> BudgetPlan:
+    """Make the plan; with a timer, measure it and refit the model (on every point) and remake the plan while
+    the model is off, the plan overshoots the budget or its tail the deadline, at most ``max_refits`` times."""
     history: list = []
     while True:
         try:
-            plan, updates = _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, metric,
-                                      resolution)
+            plan, updates = planner.fit(cost, budget)
         except BudgetError:
-            fastest = {name: 1 for name in names}
+            fastest = planner.fastest_updates()
             if timer is None or any(counts == fastest for counts, _ in points):
                 raise
             # the model says nothing fits; ask the machine before refusing
-            probe = Plan.from_steps(calibration, {name: [0] for name in names}, calibration.num_steps,
-                                    "cost-probe", scheduler=calibration.scheduler)
-            points.append((fastest, float(timer([probe])[0])))
+            points.append((fastest, float(timer([planner.fastest_probe()])[0])))
             cost = cost.refit(points)
             continue
         predicted = cost.predict(updates)
         entry = {"predicted_ms": predicted, "measured_ms": None, "cost_source": cost.source}
         history.append(entry)
-        measured = tail = None
-        if timer is not None:
-            measured = entry["measured_ms"] = float(timer([plan])[0])
-            points.append((updates, measured))
-            samples = getattr(timer, "samples", None)
-            if samples:
-                tail = entry["slowest_ms"] = float(max(samples[0]))
+        measured, tail = _measure(timer, plan, updates, points, entry)
         late = deadline_ms is not None and tail is not None and tail > deadline_ms
         # refit when the model is off, or when the plan, measured, overshoots the budget (the contract)
         off = measured is not None and (abs(measured - predicted) > tolerance * predicted or measured > budget)
@@ -251,48 +263,87 @@ def plan_for_budget(
             cost = cost.refit(points)
 
 
-def _fit_plan(calibration, cost, budget, gains, matrices, maximize, errors, n, metric, resolution):
-    """The best plan within ``budget`` by ``cost``; BUA's additions shrink the allocation's budget until it fits."""
-    names = [b.name for b in calibration.blocks]
-    k = calibration.num_steps
-    params = {"latency_ms": round(budget, 3), "n": n, "metric": metric}
-    spare = budget - cost.fixed_ms
-    minimum = sum(cost.block_ms.values())
-    if spare < minimum:
-        raise BudgetError(f"a budget of {budget:.1f} ms is below this model's fastest plan on this machine: "
-                          f"{cost.fixed_ms + minimum:.1f} ms (fixed {cost.fixed_ms:.1f} ms plus one update of "
-                          f"every block); raise the budget or run fewer sampler steps")
-    if cost.fixed_ms + k * minimum <= budget:  # full computation fits
-        steps = {name: list(range(k)) for name in names}
-        return _plan(calibration, steps, params), {name: k for name in names}
-    unit = spare / resolution
-    units = [max(1, math.ceil(cost.block_ms[name] / unit)) for name in names]
+def _measure(timer: PlanTimer | None, plan: Plan, updates: dict, points: list,
+             entry: dict) -> tuple[float | None, float | None]:
+    """The plan's measured median and slowest call (None without a timer, or from a timer that keeps no samples),
+    recorded in the history ``entry``; the median joins the fit's ``points``."""
+    if timer is None:
+        return None, None
+    measured = entry["measured_ms"] = float(timer([plan])[0])
+    points.append((updates, measured))
+    samples = getattr(timer, "samples", None)
+    if not samples:
+        return measured, None
+    tail = entry["slowest_ms"] = float(max(samples[0]))
+    return measured, tail
 
-    def schedules(allowed: int) -> tuple[dict, int]:
-        counts = allocate_updates(gains, units, allowed)
-        steps = {name: acs_schedule(m, c, maximize) for name, m, c in zip(names, matrices, counts)}
-        steps = bubbling_union(steps, calibration.blocks, errors, n)
-        return steps, sum(u * len(steps[name]) for u, name in zip(units, names))
 
-    # BUA adds updates the allocation did not pay for: bisect for the largest allocation budget whose plan,
-    # BUA included, fits (one update per block always fits: BUA only adds step 0 then).
-    low, high = sum(units), resolution
-    best, spent = schedules(low)
-    if spent > resolution:
-        raise BudgetError(f"with BUA (n={n}) no plan fits {budget:.1f} ms; try n=0 or a larger budget")
-    while low < high:
-        middle = (low + high + 1) // 2
-        steps, spent = schedules(middle)
-        if spent <= resolution:
-            low, best = middle, steps
+class _Planner:
+    """The plan search over one calibration: its per-block ACS scores, read once; :meth:`fit` gives the plan
+    with the most score that a cost model predicts within a budget."""
+
+    def __init__(self, calibration: Calibration, metric: str, n: int, resolution: int):
+        self.calibration, self.metric, self.n, self.resolution = calibration, metric, n, resolution
+        self.names = [b.name for b in calibration.blocks]
+        self.matrices = calibration.matrix(metric)
+        self.maximize = metric == "cosine"
+        self.gains = [acs_scores(m, self.maximize) for m in self.matrices]
+        self.errors = {b.name: float(e) for b, e in zip(calibration.blocks, calibration.reuse_error)}
+
+    def fastest_updates(self) -> dict[str, int]:
+        """The update counts of the fastest plan: every block once."""
+        return {name: 1 for name in self.names}
+
+    def fastest_probe(self) -> Plan:
+        """The fastest plan (every block at step 0), to time."""
+        return Plan.from_steps(self.calibration, {name: [0] for name in self.names}, self.calibration.num_steps,
+                               "cost-probe", scheduler=self.calibration.scheduler)
+
+    def fit(self, cost: BlockCost, budget: float) -> tuple[Plan, dict[str, int]]:
+        """The best plan within ``budget`` by ``cost`` and its per-block update counts (:class:`BudgetError`
+        when not even one update per block fits)."""
+        k = self.calibration.num_steps
+        spare = budget - cost.fixed_ms
+        minimum = sum(cost.block_ms.values())
+        if spare < minimum:
+            raise BudgetError(f"a budget of {budget:.1f} ms is below this model's fastest plan on this machine: "
+                              f"{cost.fixed_ms + minimum:.1f} ms (fixed {cost.fixed_ms:.1f} ms plus one update of "
+                              f"every block); raise the budget or run fewer sampler steps")
+        if cost.fixed_ms + k * minimum <= budget:  # full computation fits
+            steps = {name: list(range(k)) for name in self.names}
         else:
-            high = middle - 1
-    return _plan(calibration, best, params), {name: len(best[name]) for name in names}
+            unit = spare / self.resolution
+            steps = self._largest_fitting([max(1, math.ceil(cost.block_ms[name] / unit)) for name in self.names],
+                                          budget)
+        params = {"latency_ms": round(budget, 3), "n": self.n, "metric": self.metric}
+        plan = Plan.from_steps(self.calibration, steps, k, "budget", params, scheduler=self.calibration.scheduler,
+                               calibration=self.calibration.facts(), weights=self.calibration.weights)
+        return plan, {name: len(steps[name]) for name in self.names}
 
+    def _largest_fitting(self, units: list[int], budget: float) -> dict[str, list[int]]:
+        """The schedules of the largest allocation, in ``units`` of ``resolution`` per block update, whose plan fits.
 
-def _plan(calibration: Calibration, steps: dict, params: dict) -> Plan:
-    return Plan.from_steps(calibration, steps, calibration.num_steps, "budget", params, scheduler=calibration.scheduler,
-                           calibration=calibration.facts(), weights=calibration.weights)
+        BUA adds updates the allocation did not pay for: bisect for the largest allocation budget whose plan,
+        BUA included, fits (one update per block always fits: BUA only adds step 0 then)."""
+        low, high = sum(units), self.resolution
+        best, spent = self._schedules(units, low)
+        if spent > self.resolution:
+            raise BudgetError(f"with BUA (n={self.n}) no plan fits {budget:.1f} ms; try n=0 or a larger budget")
+        while low < high:
+            middle = (low + high + 1) // 2
+            steps, spent = self._schedules(units, middle)
+            if spent <= self.resolution:
+                low, best = middle, steps
+            else:
+                high = middle - 1
+        return best
+
+    def _schedules(self, units: list[int], allowed: int) -> tuple[dict[str, list[int]], int]:
+        """ACS schedules at the counts the allocation gives within ``allowed`` units, BUA applied; their units."""
+        counts = allocate_updates(self.gains, units, allowed)
+        steps = {name: acs_schedule(m, c, self.maximize) for name, m, c in zip(self.names, self.matrices, counts)}
+        steps = bubbling_union(steps, self.calibration.blocks, self.errors, self.n)
+        return steps, sum(u * len(steps[name]) for u, name in zip(units, self.names))
 
 
 def plan_timer(model: nn.Module, run_call: Callable[[], Any], *, scheduler: Any = None, repeats: int = 7,

@@ -2,9 +2,9 @@
 
 In a cached batch-1 policy call the model is cheap, and diffusers' step, mostly tiny operations on 0-dim
 tensors that depend on the step index only, is a large share of the call. :class:`FusedSampler` does that
-work when it is built; its :meth:`~FusedSampler.step` does only the sample-sized operations and is
-bit-identical to ``scheduler.step(...).prev_sample``. The supported schedulers and why the result is
-bit-identical: docs/guide/core.md ("The fused sampler step").
+work when it is built; its trajectories' :meth:`~FusedTrajectory.step` does only the sample-sized
+operations and is bit-identical to ``scheduler.step(...).prev_sample``. The supported schedulers and why
+the result is bit-identical: docs/guide/core.md ("The fused sampler step").
 
 Use::
 
@@ -15,6 +15,11 @@ Use::
         x = trajectory.step(i, model(x, t), x, generator=g)
 
 Calls running at the same time (threads sharing one sampler) each take their own trajectory.
+
+Layout: per scheduler kind, a builder (``_ddpm_plan``, ``_ddim_plan``, ``_dpm_plan``, ``_flow_plan``)
+turns the scheduler into a *plan*, one ``(step function, coefficients)`` entry per step index, and pure
+step functions ``fn(coefficients, model_output, sample, generator, trajectory)`` do the sample-sized work.
+A trajectory's step is one plan lookup and one call.
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ from diffusers.utils.torch_utils import randn_tensor
 from bac.errors import ConfigError
 
 __all__ = ["FusedSampler", "FusedTrajectory"]
+
+#: ``fn(coefficients, model_output, sample, generator, trajectory) -> prev_sample``
+StepFunction = Callable[[tuple, torch.Tensor, torch.Tensor, Any, "FusedTrajectory"], torch.Tensor]
+#: One entry per step index: the step function and the coefficients it is called with.
+StepPlan = list[tuple[StepFunction, tuple]]
 
 ANY = None  # a config field whose value the fused step handles whatever it is (it only shapes the arrays)
 _PREDICTIONS = ("epsilon", "sample", "v_prediction")
@@ -83,6 +93,7 @@ _SUPPORTED_FIELDS: dict[type, dict[str, tuple | None]] = {
 _DDIM_ETA = 0.0  # DDIMScheduler.step's default eta: the deterministic sampler
 
 
+# -- checks and helpers shared by the kinds ---------------------------------------------------------
 def _check_config(scheduler: Any) -> None:
     cls = type(scheduler)
     supported = _SUPPORTED_FIELDS[cls]
@@ -111,6 +122,11 @@ def _noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
+def _clip_range(cfg: Any) -> float | None:
+    """DDPM's and DDIM's ``clip_sample_range`` where they clip the predicted x0, else None."""
+    return cfg.clip_sample_range if (not cfg.thresholding and cfg.clip_sample) else None
+
+
 def _sigma_steps(s: Any) -> int:
     """The step count of a sigma-based scheduler (DPM-Solver, flow matching), checked to start at step 0."""
     name = type(s).__name__
@@ -137,12 +153,260 @@ def _first_index(scheduler: Any) -> int:
                           f"not found in its own schedule; diffusers' step would fail too") from None
 
 
+# -- DDPM -------------------------------------------------------------------------------------------
+def _ddpm_plan(s: DDPMScheduler) -> StepPlan:
+    cfg = s.config
+    if s.variance_type != cfg.variance_type:
+        raise ConfigError(f"FusedSampler: DDPMScheduler.variance_type={s.variance_type!r} differs from its "
+                          f"config's {cfg.variance_type!r}")
+    clip = _clip_range(cfg)
+    fn = {"epsilon": _ddpm_epsilon, "sample": _ddpm_sample, "v_prediction": _ddpm_v}[cfg.prediction_type]
+    plan = []
+    for t in s.timesteps:  # the 0-dim tensors a `for t in scheduler.timesteps` loop passes to step
+        # DDPMScheduler.step, steps 1, 2 and 4, verbatim.
+        prev_t = s.previous_timestep(t)
+        alpha_prod_t = s.alphas_cumprod[t]
+        alpha_prod_t_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.one
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+        current_beta_t = 1 - current_alpha_t
+        sqrt_alpha, sqrt_beta = alpha_prod_t ** (0.5), beta_prod_t ** (0.5)
+        x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
+        sample_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
+        plan.append((fn, (sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, _ddpm_std(s, t))))
+    return plan
+
+
+def _ddpm_std(s: DDPMScheduler, t: torch.Tensor) -> torch.Tensor | None:
+    """DDPMScheduler.step, step 6: the noise's std for t > 0 (fixed_small_log's _get_variance is the std already)."""
+    if t <= 0:  # the last step adds no noise
+        return None
+    std = s._get_variance(t, predicted_variance=None)
+    return std if s.variance_type == "fixed_small_log" else std ** 0.5
+
+
 def _ddpm_finish(x: torch.Tensor, std, model_output: torch.Tensor, generator) -> torch.Tensor:
     """DDPM's ``x + variance``: x is a fresh tensor of the step's result dtype and shape."""
     if std is None:
         return x.add_(0)  # diffusers adds the int 0 (turns -0.0 into 0.0)
     noise = _noise(model_output.shape, generator, model_output.device, model_output.dtype)
     return x.add_(torch.mul(std, noise, out=noise))  # variance = std * noise
+
+
+def _ddpm_epsilon(c, model_output, sample, generator, trajectory):
+    sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
+    x = sample - sqrt_beta * model_output  # fresh, result dtype/shape of both inputs: in place from here
+    x.div_(sqrt_alpha)
+    if clip is not None:
+        x.clamp_(-clip, clip)
+    torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
+    return _ddpm_finish(x, std, model_output, generator)
+
+
+def _ddpm_sample(c, model_output, sample, generator, trajectory):
+    _, _, clip, x0_coeff, sample_coeff, std = c
+    if clip is not None:
+        x0 = model_output.clamp(-clip, clip)
+        torch.mul(x0_coeff, x0, out=x0)
+    else:
+        x0 = x0_coeff * model_output
+    x = x0 + sample_coeff * sample  # out of place: x0 has model_output's dtype only
+    return _ddpm_finish(x, std, model_output, generator)
+
+
+def _ddpm_v(c, model_output, sample, generator, trajectory):
+    sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
+    x = sqrt_alpha * sample - sqrt_beta * model_output
+    if clip is not None:
+        x.clamp_(-clip, clip)
+    torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
+    return _ddpm_finish(x, std, model_output, generator)
+
+
+# -- DDIM (eta = 0) ---------------------------------------------------------------------------------
+def _ddim_plan(s: DDIMScheduler) -> StepPlan:
+    if getattr(s, "num_inference_steps", None) is None:
+        raise ConfigError("FusedSampler: DDIMScheduler.num_inference_steps is None; call set_timesteps first")
+    clip = _clip_range(s.config)
+    fn = {"epsilon": _ddim_epsilon, "sample": _ddim_sample, "v_prediction": _ddim_v}[s.config.prediction_type]
+    plan = []
+    for t in s.timesteps:
+        # DDIMScheduler.step, steps 1, 2, 5, 6 and 7, verbatim, with eta = 0.0.
+        prev_timestep = t - s.config.num_train_timesteps // s.num_inference_steps
+        alpha_prod_t = s.alphas_cumprod[t]
+        alpha_prod_t_prev = s.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else s.final_alpha_cumprod
+        beta_prod_t = 1 - alpha_prod_t
+        variance = s._get_variance(t, prev_timestep)
+        std_dev_t = _DDIM_ETA * variance ** (0.5)
+        direction_coeff = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
+        x0_coeff = alpha_prod_t_prev ** (0.5)
+        plan.append((fn, (alpha_prod_t ** (0.5), beta_prod_t ** (0.5), clip, x0_coeff, direction_coeff)))
+    return plan
+
+
+def _ddim_epsilon(c, model_output, sample, generator, trajectory):
+    sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
+    x = sample - sqrt_beta * model_output
+    x.div_(sqrt_alpha)
+    if clip is not None:
+        x.clamp_(-clip, clip)
+    return torch.mul(x0_coeff, x, out=x).add_(direction_coeff * model_output)
+
+
+def _ddim_sample(c, model_output, sample, generator, trajectory):
+    sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
+    eps = sample - sqrt_alpha * model_output  # from the unclipped x0 = model_output, as diffusers does
+    torch.mul(direction_coeff, eps.div_(sqrt_beta), out=eps)  # the direction
+    if clip is not None:
+        x0 = model_output.clamp(-clip, clip)
+        torch.mul(x0_coeff, x0, out=x0)
+    else:
+        x0 = x0_coeff * model_output
+    return torch.add(x0, eps, out=eps)  # x0 + direction into eps, which has the result dtype
+
+
+def _ddim_v(c, model_output, sample, generator, trajectory):
+    sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
+    x0 = sqrt_alpha * sample - sqrt_beta * model_output
+    eps = sqrt_alpha * model_output + sqrt_beta * sample
+    if clip is not None:
+        x0.clamp_(-clip, clip)
+    return torch.mul(x0_coeff, x0, out=x0).add_(torch.mul(direction_coeff, eps, out=eps))
+
+
+# -- DPM-Solver++ multistep (orders 1 and 2) --------------------------------------------------------
+def _dpm_plan(s: DPMSolverMultistepScheduler) -> StepPlan:
+    cfg = s.config
+    k = _sigma_steps(s)
+    plan = []
+    for j in range(k):  # j is the scheduler's step_index
+        # DPMSolverMultistepScheduler.step: which update it takes at this step_index.
+        lower_order_final = (j == k - 1) and (
+            cfg.euler_at_final or (cfg.lower_order_final and k < 15) or cfg.final_sigmas_type == "zero")
+        lower_order_second = (j == k - 2) and cfg.lower_order_final and k < 15
+        lower_order_nums = min(j, cfg.solver_order)
+        alpha_j, sigma_j = s._sigma_to_alpha_sigma_t(s.sigmas[j])  # convert_model_output's coefficients
+        x0_coeffs = (j, cfg.prediction_type, alpha_j, sigma_j)
+        if cfg.solver_order == 1 or lower_order_nums < 1 or lower_order_final:
+            plan.append((_dpm_first, x0_coeffs + _dpm_first_order_coefficients(s, j)))
+        elif cfg.solver_order == 2 or lower_order_nums < 2 or lower_order_second:
+            fn = _dpm_midpoint if cfg.solver_type == "midpoint" else _dpm_heun
+            plan.append((fn, x0_coeffs + _dpm_second_order_coefficients(s, j)))
+        else:  # unreachable: solver_order is checked to be 1 or 2
+            raise ConfigError(f"FusedSampler: DPMSolverMultistepScheduler solver_order={cfg.solver_order!r} is not supported")
+    return plan
+
+
+def _dpm_first_order_coefficients(s: DPMSolverMultistepScheduler, j: int) -> tuple:
+    """dpm_solver_first_order_update's, verbatim: x_t = a*sample - b*D0."""
+    conv = s._sigma_to_alpha_sigma_t
+    sigma_t, sigma_s = s.sigmas[j + 1], s.sigmas[j]
+    alpha_t, sigma_t = conv(sigma_t)
+    alpha_s, sigma_s = conv(sigma_s)
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+    h = lambda_t - lambda_s
+    return sigma_t / sigma_s, alpha_t * (torch.exp(-h) - 1.0)
+
+
+def _dpm_second_order_coefficients(s: DPMSolverMultistepScheduler, j: int) -> tuple:
+    """multistep_dpm_solver_second_order_update's, verbatim: x_t = a*sample - b*D0 -/+ c*D1."""
+    conv = s._sigma_to_alpha_sigma_t
+    sigma_t, sigma_s0, sigma_s1 = s.sigmas[j + 1], s.sigmas[j], s.sigmas[j - 1]
+    alpha_t, sigma_t = conv(sigma_t)
+    alpha_s0, sigma_s0 = conv(sigma_s0)
+    alpha_s1, sigma_s1 = conv(sigma_s1)
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+    lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+    r0 = h_0 / h
+    if s.config.solver_type == "midpoint":  # x_t = a*sample - b*D0 - c*D1
+        d1_coeff = 0.5 * (alpha_t * (torch.exp(-h) - 1.0))
+    else:  # heun: x_t = a*sample - b*D0 + c*D1
+        d1_coeff = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+    return sigma_t / sigma_s0, alpha_t * (torch.exp(-h) - 1.0), 1.0 / r0, d1_coeff
+
+
+def _dpm_x0(prediction, alpha, sigma, model_output, sample):
+    """convert_model_output for dpmsolver++."""
+    if prediction == "epsilon":
+        x0 = sample - sigma * model_output
+        return x0.div_(alpha)
+    if prediction == "sample":
+        return model_output
+    return alpha * sample - sigma * model_output  # v_prediction
+
+
+def _dpm_first(c, model_output, sample, generator, trajectory):
+    j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff = c
+    x0 = _dpm_x0(prediction, alpha_j, sigma_j, model_output, sample)
+    trajectory.prev_x0, trajectory.last = x0, j
+    sample = sample.to(torch.float32)
+    prev = sample_coeff * sample - d0_coeff * x0
+    return prev.to(x0.dtype)
+
+
+def _dpm_second(c, model_output, sample, trajectory):
+    """The second-order update up to its last operation: (a*sample - b*D0, c*D1, the result dtype)."""
+    j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff, inv_r0, d1_coeff = c
+    if trajectory.last != j - 1:
+        raise RuntimeError(f"FusedTrajectory.step({j}) follows step({trajectory.last}); DPM-Solver's steps run "
+                           f"in order from 0 in one trajectory (sampler.start())")
+    m0, m1 = _dpm_x0(prediction, alpha_j, sigma_j, model_output, sample), trajectory.prev_x0
+    trajectory.prev_x0, trajectory.last = m0, j
+    d1 = m0 - m1
+    torch.mul(inv_r0, d1, out=d1)  # D1 = (1.0 / r0) * (m0 - m1)
+    torch.mul(d1_coeff, d1, out=d1)
+    sample = sample.to(torch.float32)
+    return sample_coeff * sample - d0_coeff * m0, d1, m0.dtype
+
+
+def _dpm_midpoint(c, model_output, sample, generator, trajectory):
+    prev, d1, dtype = _dpm_second(c, model_output, sample, trajectory)
+    return (prev - d1).to(dtype)
+
+
+def _dpm_heun(c, model_output, sample, generator, trajectory):
+    prev, d1, dtype = _dpm_second(c, model_output, sample, trajectory)
+    return (prev + d1).to(dtype)
+
+
+# -- FlowMatchEuler ---------------------------------------------------------------------------------
+def _flow_plan(s: FlowMatchEulerDiscreteScheduler) -> StepPlan:
+    k = _sigma_steps(s)
+    plan = []
+    for j in range(k):
+        sigma, sigma_next = s.sigmas[j], s.sigmas[j + 1]
+        if s.config.stochastic_sampling:
+            plan.append((_flow_stochastic, (sigma, sigma_next, 1.0 - sigma_next)))
+        else:
+            plan.append((_flow_euler, (sigma_next - sigma,)))
+    return plan
+
+
+def _flow_euler(c, model_output, sample, generator, trajectory):
+    (dt,) = c
+    return (sample.to(torch.float32) + dt * model_output).to(model_output.dtype)
+
+
+def _flow_stochastic(c, model_output, sample, generator, trajectory):
+    sigma, sigma_next, keep = c
+    sample = sample.to(torch.float32)
+    x0 = sample - sigma * model_output
+    noise = _noise(sample.shape, generator, sample.device, sample.dtype)
+    torch.mul(keep, x0, out=x0)  # (1 - s') * x0 + s' * noise
+    return x0.add_(torch.mul(sigma_next, noise, out=noise)).to(model_output.dtype)
+
+
+# -- the sampler and its trajectories ---------------------------------------------------------------
+_PLAN_BUILDERS: dict[type, Callable[[Any], StepPlan]] = {
+    DDPMScheduler: _ddpm_plan,
+    DDIMScheduler: _ddim_plan,
+    DPMSolverMultistepScheduler: _dpm_plan,
+    FlowMatchEulerDiscreteScheduler: _flow_plan,
+}
 
 
 class FusedTrajectory:
@@ -154,7 +418,7 @@ class FusedTrajectory:
 
     __slots__ = ("_plan", "prev_x0", "last")
 
-    def __init__(self, plan: list[tuple[Callable, tuple]]):
+    def __init__(self, plan: StepPlan):
         self._plan = plan
         self.prev_x0: torch.Tensor | None = None
         self.last = -1
@@ -183,16 +447,10 @@ class FusedSampler:
     """
 
     def __init__(self, scheduler: Any):
-        builders = {
-            DDPMScheduler: self._build_ddpm,
-            DDIMScheduler: self._build_ddim,
-            DPMSolverMultistepScheduler: self._build_dpm,
-            FlowMatchEulerDiscreteScheduler: self._build_flow,
-        }
-        build = builders.get(type(scheduler))
+        build = _PLAN_BUILDERS.get(type(scheduler))
         if build is None:
             raise ConfigError(f"FusedSampler: scheduler {type(scheduler).__name__} is not supported; supported: "
-                              f"{', '.join(c.__name__ for c in builders)}")
+                              f"{', '.join(c.__name__ for c in _PLAN_BUILDERS)}")
         _check_config(scheduler)
         self.kind = type(scheduler).__name__
         self.timesteps: torch.Tensor = scheduler.timesteps
@@ -201,13 +459,13 @@ class FusedSampler:
             raise ConfigError(f"FusedSampler: {self.kind} has no timesteps; call set_timesteps first")
         # 0-dim coefficient tensors, kept where the scheduler keeps them (the CPU): on CUDA, dividing by them
         # would round differently (docs/guide/core.md, "The fused sampler step")
-        self._plan: list[tuple[Callable, tuple]] = build(scheduler)
+        self._plan: StepPlan = build(scheduler)
         self._current = FusedTrajectory(self._plan)  # only for the deprecated FusedSampler.step
 
     def __repr__(self) -> str:
         return f"FusedSampler({self.kind}, num_steps={self.num_steps})"
 
-    def start(self) -> "FusedTrajectory":
+    def start(self) -> FusedTrajectory:
         """A new trajectory (one sampling call's state), independent of every other."""
         self._current = FusedTrajectory(self._plan)
         return self._current
@@ -218,231 +476,3 @@ class FusedSampler:
         warnings.warn("FusedSampler.step is deprecated: use trajectory = sampler.start(); trajectory.step(...)",
                       DeprecationWarning, stacklevel=2)
         return self._current.step(i, model_output, sample, generator)
-
-    # -- DDPM --------------------------------------------------------------------------------------
-    def _build_ddpm(self, s: DDPMScheduler) -> list:
-        cfg = s.config
-        if s.variance_type != cfg.variance_type:
-            raise ConfigError(f"FusedSampler: DDPMScheduler.variance_type={s.variance_type!r} differs from its "
-                              f"config's {cfg.variance_type!r}")
-        clip = cfg.clip_sample_range if (not cfg.thresholding and cfg.clip_sample) else None
-        fn = {"epsilon": self._ddpm_epsilon, "sample": self._ddpm_sample,
-              "v_prediction": self._ddpm_v}[cfg.prediction_type]
-        plan = []
-        for t in s.timesteps:  # the 0-dim tensors a `for t in scheduler.timesteps` loop passes to step
-            # DDPMScheduler.step, steps 1, 2 and 4, verbatim.
-            prev_t = s.previous_timestep(t)
-            alpha_prod_t = s.alphas_cumprod[t]
-            alpha_prod_t_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else s.one
-            beta_prod_t = 1 - alpha_prod_t
-            beta_prod_t_prev = 1 - alpha_prod_t_prev
-            current_alpha_t = alpha_prod_t / alpha_prod_t_prev
-            current_beta_t = 1 - current_alpha_t
-            sqrt_alpha, sqrt_beta = alpha_prod_t ** (0.5), beta_prod_t ** (0.5)
-            x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t
-            sample_coeff = current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t
-            # step 6: noise for t > 0, scaled by std (fixed_small_log's _get_variance is the std already).
-            std = None
-            if t > 0:
-                std = s._get_variance(t, predicted_variance=None)
-                if s.variance_type != "fixed_small_log":
-                    std = std ** 0.5
-            plan.append((fn, (sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std)))
-        return plan
-
-    @staticmethod
-    def _ddpm_epsilon(c, model_output, sample, generator, trajectory):
-        sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
-        x = sample - sqrt_beta * model_output  # fresh, result dtype/shape of both inputs: in place from here
-        x.div_(sqrt_alpha)
-        if clip is not None:
-            x.clamp_(-clip, clip)
-        torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
-        return _ddpm_finish(x, std, model_output, generator)
-
-    @staticmethod
-    def _ddpm_sample(c, model_output, sample, generator, trajectory):
-        _, _, clip, x0_coeff, sample_coeff, std = c
-        if clip is not None:
-            x0 = model_output.clamp(-clip, clip)
-            torch.mul(x0_coeff, x0, out=x0)
-        else:
-            x0 = x0_coeff * model_output
-        x = x0 + sample_coeff * sample  # out of place: x0 has model_output's dtype only
-        return _ddpm_finish(x, std, model_output, generator)
-
-    @staticmethod
-    def _ddpm_v(c, model_output, sample, generator, trajectory):
-        sqrt_alpha, sqrt_beta, clip, x0_coeff, sample_coeff, std = c
-        x = sqrt_alpha * sample - sqrt_beta * model_output
-        if clip is not None:
-            x.clamp_(-clip, clip)
-        torch.mul(x0_coeff, x, out=x).add_(sample_coeff * sample)
-        return _ddpm_finish(x, std, model_output, generator)
-
-    # -- DDIM (eta = 0) ------------------------------------------------------------------------------
-    def _build_ddim(self, s: DDIMScheduler) -> list:
-        cfg = s.config
-        if getattr(s, "num_inference_steps", None) is None:
-            raise ConfigError("FusedSampler: DDIMScheduler.num_inference_steps is None; call set_timesteps first")
-        clip = cfg.clip_sample_range if (not cfg.thresholding and cfg.clip_sample) else None
-        fn = {"epsilon": self._ddim_epsilon, "sample": self._ddim_sample,
-              "v_prediction": self._ddim_v}[cfg.prediction_type]
-        plan = []
-        for t in s.timesteps:
-            # DDIMScheduler.step, steps 1, 2, 5, 6 and 7, verbatim, with eta = 0.0.
-            prev_timestep = t - s.config.num_train_timesteps // s.num_inference_steps
-            alpha_prod_t = s.alphas_cumprod[t]
-            alpha_prod_t_prev = s.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else s.final_alpha_cumprod
-            beta_prod_t = 1 - alpha_prod_t
-            variance = s._get_variance(t, prev_timestep)
-            std_dev_t = _DDIM_ETA * variance ** (0.5)
-            direction_coeff = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
-            x0_coeff = alpha_prod_t_prev ** (0.5)
-            plan.append((fn, (alpha_prod_t ** (0.5), beta_prod_t ** (0.5), clip, x0_coeff, direction_coeff)))
-        return plan
-
-    @staticmethod
-    def _ddim_epsilon(c, model_output, sample, generator, trajectory):
-        sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
-        x = sample - sqrt_beta * model_output
-        x.div_(sqrt_alpha)
-        if clip is not None:
-            x.clamp_(-clip, clip)
-        return torch.mul(x0_coeff, x, out=x).add_(direction_coeff * model_output)
-
-    @staticmethod
-    def _ddim_sample(c, model_output, sample, generator, trajectory):
-        sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
-        eps = sample - sqrt_alpha * model_output  # from the unclipped x0 = model_output, as diffusers does
-        torch.mul(direction_coeff, eps.div_(sqrt_beta), out=eps)  # the direction
-        if clip is not None:
-            x0 = model_output.clamp(-clip, clip)
-            torch.mul(x0_coeff, x0, out=x0)
-        else:
-            x0 = x0_coeff * model_output
-        return torch.add(x0, eps, out=eps)  # x0 + direction into eps, which has the result dtype
-
-    @staticmethod
-    def _ddim_v(c, model_output, sample, generator, trajectory):
-        sqrt_alpha, sqrt_beta, clip, x0_coeff, direction_coeff = c
-        x0 = sqrt_alpha * sample - sqrt_beta * model_output
-        eps = sqrt_alpha * model_output + sqrt_beta * sample
-        if clip is not None:
-            x0.clamp_(-clip, clip)
-        return torch.mul(x0_coeff, x0, out=x0).add_(torch.mul(direction_coeff, eps, out=eps))
-
-    # -- DPM-Solver++ multistep (orders 1 and 2) -----------------------------------------------------
-    def _build_dpm(self, s: DPMSolverMultistepScheduler) -> list:
-        cfg = s.config
-        k = _sigma_steps(s)
-        conv = s._sigma_to_alpha_sigma_t
-        prediction = cfg.prediction_type
-        plan = []
-        for j in range(k):  # j is the scheduler's step_index
-            # DPMSolverMultistepScheduler.step: which update it takes at this step_index.
-            lower_order_final = (j == k - 1) and (
-                cfg.euler_at_final or (cfg.lower_order_final and k < 15) or cfg.final_sigmas_type == "zero")
-            lower_order_second = (j == k - 2) and cfg.lower_order_final and k < 15
-            lower_order_nums = min(j, cfg.solver_order)
-            # convert_model_output's coefficients
-            alpha_j, sigma_j = conv(s.sigmas[j])
-            if cfg.solver_order == 1 or lower_order_nums < 1 or lower_order_final:
-                # dpm_solver_first_order_update, verbatim
-                sigma_t, sigma_s = s.sigmas[j + 1], s.sigmas[j]
-                alpha_t, sigma_t = conv(sigma_t)
-                alpha_s, sigma_s = conv(sigma_s)
-                lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-                lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
-                h = lambda_t - lambda_s
-                plan.append((self._dpm_first, (j, prediction, alpha_j, sigma_j,
-                                               sigma_t / sigma_s, alpha_t * (torch.exp(-h) - 1.0))))
-            elif cfg.solver_order == 2 or lower_order_nums < 2 or lower_order_second:
-                # multistep_dpm_solver_second_order_update, verbatim
-                sigma_t, sigma_s0, sigma_s1 = s.sigmas[j + 1], s.sigmas[j], s.sigmas[j - 1]
-                alpha_t, sigma_t = conv(sigma_t)
-                alpha_s0, sigma_s0 = conv(sigma_s0)
-                alpha_s1, sigma_s1 = conv(sigma_s1)
-                lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-                lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
-                lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
-                h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
-                r0 = h_0 / h
-                if cfg.solver_type == "midpoint":  # x_t = a*sample - b*D0 - c*D1
-                    fn, d1_coeff = self._dpm_midpoint, 0.5 * (alpha_t * (torch.exp(-h) - 1.0))
-                else:  # heun: x_t = a*sample - b*D0 + c*D1
-                    fn, d1_coeff = self._dpm_heun, alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
-                plan.append((fn, (j, prediction, alpha_j, sigma_j, sigma_t / sigma_s0,
-                                  alpha_t * (torch.exp(-h) - 1.0), 1.0 / r0, d1_coeff)))
-            else:  # unreachable: solver_order is checked to be 1 or 2
-                raise ConfigError(f"FusedSampler: DPMSolverMultistepScheduler solver_order={cfg.solver_order!r} is not supported")
-        return plan
-
-    @staticmethod
-    def _dpm_x0(prediction, alpha, sigma, model_output, sample):
-        """convert_model_output for dpmsolver++."""
-        if prediction == "epsilon":
-            x0 = sample - sigma * model_output
-            return x0.div_(alpha)
-        if prediction == "sample":
-            return model_output
-        return alpha * sample - sigma * model_output  # v_prediction
-
-    @staticmethod
-    def _dpm_first(c, model_output, sample, generator, trajectory):
-        j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff = c
-        x0 = FusedSampler._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample)
-        trajectory.prev_x0, trajectory.last = x0, j
-        sample = sample.to(torch.float32)
-        prev = sample_coeff * sample - d0_coeff * x0
-        return prev.to(x0.dtype)
-
-    @staticmethod
-    def _dpm_second(c, model_output, sample, trajectory):
-        j, prediction, alpha_j, sigma_j, sample_coeff, d0_coeff, inv_r0, d1_coeff = c
-        if trajectory.last != j - 1:
-            raise RuntimeError(f"FusedTrajectory.step({j}) follows step({trajectory.last}); DPM-Solver's steps run "
-                               f"in order from 0 in one trajectory (sampler.start())")
-        m0, m1 = FusedSampler._dpm_x0(prediction, alpha_j, sigma_j, model_output, sample), trajectory.prev_x0
-        trajectory.prev_x0, trajectory.last = m0, j
-        d1 = m0 - m1
-        torch.mul(inv_r0, d1, out=d1)  # D1 = (1.0 / r0) * (m0 - m1)
-        torch.mul(d1_coeff, d1, out=d1)
-        sample = sample.to(torch.float32)
-        return sample_coeff * sample - d0_coeff * m0, d1, m0.dtype
-
-    @staticmethod
-    def _dpm_midpoint(c, model_output, sample, generator, trajectory):
-        prev, d1, dtype = FusedSampler._dpm_second(c, model_output, sample, trajectory)
-        return (prev - d1).to(dtype)
-
-    @staticmethod
-    def _dpm_heun(c, model_output, sample, generator, trajectory):
-        prev, d1, dtype = FusedSampler._dpm_second(c, model_output, sample, trajectory)
-        return (prev + d1).to(dtype)
-
-    # -- FlowMatchEuler ------------------------------------------------------------------------------
-    def _build_flow(self, s: FlowMatchEulerDiscreteScheduler) -> list:
-        k = _sigma_steps(s)
-        plan = []
-        for j in range(k):
-            sigma, sigma_next = s.sigmas[j], s.sigmas[j + 1]
-            if s.config.stochastic_sampling:
-                plan.append((self._flow_stochastic, (sigma, sigma_next, 1.0 - sigma_next)))
-            else:
-                plan.append((self._flow_euler, (sigma_next - sigma,)))
-        return plan
-
-    @staticmethod
-    def _flow_euler(c, model_output, sample, generator, trajectory):
-        (dt,) = c
-        return (sample.to(torch.float32) + dt * model_output).to(model_output.dtype)
-
-    @staticmethod
-    def _flow_stochastic(c, model_output, sample, generator, trajectory):
-        sigma, sigma_next, keep = c
-        sample = sample.to(torch.float32)
-        x0 = sample - sigma * model_output
-        noise = _noise(sample.shape, generator, sample.device, sample.dtype)
-        torch.mul(keep, x0, out=x0)  # (1 - s') * x0 + s' * noise
-        return x0.add_(torch.mul(sigma_next, noise, out=noise)).to(model_output.dtype)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -161,13 +163,39 @@ def collect(
     """
     if episodes < 1:
         raise ValueError("episodes must be >= 1")
+    cameras = _checked_cameras(cameras)
+    env = MetaWorldStateEnv(task, max_episode_steps=max_episode_steps, width=image_size, height=image_size)
+    path = dataset_path(env.task, episodes, seed_offset, out_dir, action_noise, cameras, image_size)
+    labelled = bool(cameras) and env.task in INSTRUCTIONS
+    meta = _metadata(env, episodes, seed_offset, post_success_steps, action_noise, valid_fraction,
+                     cameras, image_size, labelled)
+    if path.exists() and not overwrite and _reusable(path, meta):
+        env.close()
+        return path
+    demos, attempts = _expert_demos(env, episodes, seed_offset, post_success_steps, action_noise, cameras, progress)
+    env.close()
+
+    attrs = _dataset_attrs(env, demos, meta, attempts)
+    instructions = [instruction(env.task, i) if labelled else None for i in range(len(demos))]
+    _write_dataset(path, demos, instructions, attrs, _split(len(demos), valid_fraction, seed_offset))
+    print(f"[envs.collect] wrote {path}: {episodes} demos, {attrs['total']} samples, "
+          f"{attempts - episodes} failed expert episodes dropped", file=sys.stderr)
+    return path
+
+
+def _checked_cameras(cameras: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     cameras = tuple(cameras)
     unknown = sorted(set(cameras) - set(CAMERAS))
     if unknown or len(set(cameras)) != len(cameras):
         raise ValueError(f"cameras must be distinct names from {list(CAMERAS)}, got {list(cameras)}")
-    env = MetaWorldStateEnv(task, max_episode_steps=max_episode_steps, width=image_size, height=image_size)
-    path = dataset_path(env.task, episodes, seed_offset, out_dir, action_noise, cameras, image_size)
-    labelled = bool(cameras) and env.task in INSTRUCTIONS
+    return cameras
+
+
+def _metadata(
+    env: MetaWorldStateEnv, episodes: int, seed_offset: int, post_success_steps: int, action_noise: float,
+    valid_fraction: float, cameras: tuple[str, ...], image_size: int, labelled: bool,
+) -> dict:
+    """What a dataset was collected with: an existing file is reused only if its metadata is equal."""
     meta = {
         "format_version": FORMAT_VERSION,
         "task": env.task,
@@ -183,20 +211,31 @@ def collect(
     if cameras:  # image datasets only, so the metadata of existing state datasets is unchanged
         meta.update(cameras=list(cameras), image_size=int(image_size),
                     instructions=list(train_instructions(env.task)) if labelled else [])
-    if path.exists() and not overwrite:
-        existing = _read_meta(path)
-        if existing == meta:
-            print(f"[envs.collect] reusing {path} (matching metadata)", file=sys.stderr)
-            env.close()
-            return path
-        if existing is not None and existing.get("format_version", 0) < FORMAT_VERSION:
-            print(f"[envs.collect] {path} is from an older collector; rewriting it", file=sys.stderr)
-        else:
-            raise FileExistsError(
-                f"{path} exists but was collected with other settings or is incomplete "
-                f"(found {existing}, want {meta}); pass overwrite=true to replace it"
-            )
+    return meta
 
+
+def _reusable(path: Path, meta: dict) -> bool:
+    """Whether the existing ``path`` is the dataset asked for (False: an older collector's, to be rewritten);
+    any other file there is refused rather than overwritten."""
+    existing = _read_meta(path)
+    if existing == meta:
+        print(f"[envs.collect] reusing {path} (matching metadata)", file=sys.stderr)
+        return True
+    if existing is not None and existing.get("format_version", 0) < FORMAT_VERSION:
+        print(f"[envs.collect] {path} is from an older collector; rewriting it", file=sys.stderr)
+        return False
+    raise FileExistsError(
+        f"{path} exists but was collected with other settings or is incomplete "
+        f"(found {existing}, want {meta}); pass overwrite=true to replace it"
+    )
+
+
+def _expert_demos(
+    env: MetaWorldStateEnv, episodes: int, seed_offset: int, post_success_steps: int, action_noise: float,
+    cameras: tuple[str, ...], progress: bool,
+) -> tuple[list[tuple[int, dict]], int]:
+    """The first ``episodes`` successful expert episodes (with their seeds) from seed ``seed_offset`` on,
+    and how many episodes were attempted."""
     demos: list[tuple[int, dict]] = []
     max_attempts = 2 * episodes + 20  # experts succeed on more than half of the seeds, with DART noise too
     attempts = 0
@@ -214,52 +253,69 @@ def collect(
             bar.update(1)
         bar.set_postfix(failed=attempts - len(demos))
     bar.close()
-    env.close()
+    return demos, attempts
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+
+def _dataset_attrs(env: MetaWorldStateEnv, demos: list[tuple[int, dict]], meta: dict, attempts: int) -> dict:
+    """The attributes of ``data``, in the order they are written (the same arguments give the same bytes):
+    ``env_args`` is robomimic's description of the environment, ``bac_collect`` the metadata."""
     env_args = {
         "env_name": env_id(env.task),
         "type": _ROBOMIMIC_GYM_TYPE,
         "env_kwargs": {"max_episode_steps": env.max_episode_steps, "terminate_on_success": False},
     }
+    return {
+        "total": sum(len(episode["actions"]) for _, episode in demos),
+        "env_args": json.dumps(env_args, indent=4),
+        "bac_collect": json.dumps(meta, sort_keys=True),
+        "attempted_episodes": attempts,
+    }
+
+
+def _write_dataset(
+    path: Path, demos: list[tuple[int, dict]], instructions: list[str | None], attrs: dict,
+    split: tuple[list[int], list[int]],
+) -> None:
+    """The demos as ``data/demo_<i>``, ``attrs`` on ``data``, and the train/valid masks."""
+    with _written_atomically(path) as f:
+        data = f.create_group("data")
+        for i, ((seed, episode), text) in enumerate(zip(demos, instructions)):
+            _write_demo(data.create_group(f"demo_{i}"), seed, episode, text)
+        for name, value in attrs.items():
+            data.attrs[name] = value
+        train, valid = split
+        f.create_dataset("mask/train", data=np.array([f"demo_{i}" for i in train], dtype="S"))
+        f.create_dataset("mask/valid", data=np.array([f"demo_{i}" for i in valid], dtype="S"))
+
+
+def _write_demo(group: h5py.Group, seed: int, episode: dict[str, Any], task_instruction: str | None) -> None:
+    for prefix in ("obs", "next_obs"):
+        for key, arr in _obs_groups(episode[prefix]).items():
+            group.create_dataset(f"{prefix}/{key}", data=arr)
+    for camera, frames in episode["images"].items():
+        group.create_dataset(f"obs/{camera}_image", data=frames, chunks=(1, *frames.shape[1:]))
+    for key in ("actions", "rewards", "dones", "states"):
+        group.create_dataset(key, data=episode[key])
+    if task_instruction is not None:
+        group.attrs["instruction"] = task_instruction
+    group.attrs["num_samples"] = len(episode["actions"])
+    group.attrs["seed"] = seed
+    group.attrs["first_success_step"] = episode["first_success_step"]
+
+
+@contextmanager
+def _written_atomically(path: Path) -> Iterator[h5py.File]:
+    """An HDF5 file written under a temporary name and renamed to ``path`` when complete: a killed
+    collection leaves no partial file that could be mistaken for a dataset."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
-            data = f.create_group("data")
-            total = 0
-            for i, (seed, ep) in enumerate(demos):
-                g = data.create_group(f"demo_{i}")
-                for prefix in ("obs", "next_obs"):
-                    for key, arr in _obs_groups(ep[prefix]).items():
-                        g.create_dataset(f"{prefix}/{key}", data=arr)
-                for camera, frames in ep["images"].items():
-                    g.create_dataset(f"obs/{camera}_image", data=frames, chunks=(1, *frames.shape[1:]))
-                for key in ("actions", "rewards", "dones", "states"):
-                    g.create_dataset(key, data=ep[key])
-                if labelled:
-                    g.attrs["instruction"] = instruction(env.task, i)
-                n = len(ep["actions"])
-                g.attrs["num_samples"] = n
-                g.attrs["seed"] = seed
-                g.attrs["first_success_step"] = ep["first_success_step"]
-                total += n
-            data.attrs["total"] = total
-            data.attrs["env_args"] = json.dumps(env_args, indent=4)
-            data.attrs["bac_collect"] = json.dumps(meta, sort_keys=True)
-            data.attrs["attempted_episodes"] = attempts
-            train, valid = _split(len(demos), valid_fraction, seed_offset)
-            f.create_dataset("mask/train", data=np.array([f"demo_{i}" for i in train], dtype="S"))
-            f.create_dataset("mask/valid", data=np.array([f"demo_{i}" for i in valid], dtype="S"))
+            yield f
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    print(
-        f"[envs.collect] wrote {path}: {episodes} demos, {total} samples, "
-        f"{attempts - episodes} failed expert episodes dropped",
-        file=sys.stderr,
-    )
-    return path
 
 
 def _split(n: int, valid_fraction: float, seed: int) -> tuple[list[int], list[int]]:

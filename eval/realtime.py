@@ -19,10 +19,12 @@ method sees the same seeds, noise and envs at every rate; results are appended p
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -63,25 +65,52 @@ def check_realtime_settings(cfg: DictConfig) -> None:
         raise EvalError(f"realtime.lead must be auto or an integer >= 0, got {rt.lead!r}")
 
 
+@dataclass
+class _Methods:
+    """The compared methods at every rate, as the episodes and the report use them. Each rate has its own
+    built methods (the budget variants' plans are made for that rate's deadline) and its own leads."""
+
+    rates: list[float]
+    execute_steps: int
+    variants: list  # with steps resolved by the last rate's FLOPs count
+    built: dict[float, dict]  # rate -> method -> built cache plan
+    budgets: dict[float, dict]  # rate -> budget method -> its plan's budget summary
+    flops: dict[float, dict]  # rate -> method -> FLOPs per call
+    latencies: dict[float, dict]  # rate -> method -> batch-1 latency samples (s), measured before the episodes
+    leads: dict[float, dict]  # rate -> method -> the lead its episodes start with
+
+
 def run_realtime(cfg: DictConfig) -> dict:
+    """``mode=realtime`` (the module docstring): the methods prepared per rate, the episodes not yet logged,
+    the report."""
     check_realtime_settings(cfg)
     setup = prepare(cfg)
-    policy, rt = setup.policy, cfg.realtime
     if not setup.trained:
         raise EvalError("mode=realtime runs episodes: it needs a trained checkpoint")
     if int(cfg.shard.count) > 1:
         raise EvalError("mode=realtime is not sharded (its methods share the machine's timing): use shard.count=1")
-    rates = [float(r) for r in rt.control_hz]
+    rates = [float(r) for r in cfg.realtime.control_hz]
     digest = realtime_digest(cfg)
     out = output_dir(cfg, "realtime", digest)  # auto: outputs/realtime/<checkpoint>-<digest>
     claim_out_dir(cfg, out, digest)
+    methods = _prepare_methods(cfg, setup, rates, out)
+    done = _run_episodes(cfg, setup, methods, out / "episodes.jsonl")
+    result = _report(cfg, setup, methods, done, out)
+    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")  # written before the plot can fail
+    (out / "report.md").write_text(markdown(result))
+    result["plots"] = plot(result, out)
+    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
-    execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else policy.n_action_steps
-    # One set of built methods per rate: the budget variants' plans are made for each rate's deadline.
+
+def _prepare_methods(cfg: DictConfig, setup, rates: list[float], out: Path) -> _Methods:
+    """Build, count and time every method at every rate, before any episode."""
+    rt = cfg.realtime
+    execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else setup.policy.n_action_steps
     built, budgets = {}, {}
     try:
         for rate in rates:
-            made, budgets[rate] = budget_plans(cfg, policy, setup.variants, setup.built, setup.calibrations,
+            made, budgets[rate] = budget_plans(cfg, setup.policy, setup.variants, setup.built, setup.calibrations,
                                                setup.latency_batch, out / f"{rate:g}hz", control_hz=rate,
                                                actions_per_chunk=execute_steps)
             built[rate] = {**setup.built, **made}
@@ -92,45 +121,60 @@ def run_realtime(cfg: DictConfig) -> dict:
     for rate in rates:
         counted = count_flops(setup, variants, built[rate])
         flops[rate], variants = counted.flops, counted.variants
-
-    # Batch-1 latency per method and rate, before the episodes: the lead each method requests chunks with.
-    latencies = {rate: measure_latency(policy, variants, built[rate], setup.latency_batch,
+    # Batch-1 latency per method and rate: the lead each method requests chunks with.
+    latencies = {rate: measure_latency(setup.policy, variants, built[rate], setup.latency_batch,
                                        repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup),
                                        threads=int(cfg.latency.threads)) for rate in rates}
     leads = {rate: {v.name: (auto_lead([1e3 * s for s in latencies[rate][v.name]], rate, execute_steps)
                              if rt.lead == "auto" else int(rt.lead)) for v in variants} for rate in rates}
+    return _Methods(rates, execute_steps, variants, built, budgets, flops, latencies, leads)
 
-    log_path = out / "episodes.jsonl"
+
+def _seeds(cfg: DictConfig) -> range:
+    return range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes))
+
+
+def _run_episodes(cfg: DictConfig, setup, methods: _Methods, log_path: Path) -> dict:
+    """Every (task, rate, method, seed) episode not yet in ``log_path``, each appended as it ends (a run
+    resumes where it stopped); returns every episode by that key."""
     done = {(e["task"], e["control_hz"], e["method"], e["seed"]): e for e in read_episodes(log_path)}
-    seeds = range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes))
-    total = len(setup.tasks) * len(seeds) * len(rates) * len(variants)
+    total = len(setup.tasks) * len(_seeds(cfg)) * len(methods.rates) * len(methods.variants)
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(int(cfg.latency.threads))  # batch 1, as on a robot: the latencies measured above
+    torch.set_num_threads(int(cfg.latency.threads))  # batch 1, as on a robot: the latencies measured before
     repair(log_path)
     try:
         with EnvPool(make_vector_env) as pool, open(log_path, "a") as log, \
                 tqdm(total=total, initial=len(done), disable=not cfg.progress, desc="realtime", leave=False) as bar:
             for task in setup.tasks:
-                instructions = episode_instructions(cfg, policy, task)
-                env = make_control_env(policy, task, max_episode_steps=cfg.max_episode_steps, pool=pool)
-                for seed in seeds:  # every method and rate on one seed before the next: drift hits all alike
-                    for rate in rates:
-                        for variant in variants:
-                            key = (task, rate, variant.name, seed)
-                            if key in done:
-                                continue
-                            trace = episode(cfg, policy, env, task, seed, rate, variant, built[rate],
-                                            leads[rate][variant.name], execute_steps, instructions)
-                            record = {"task": task, "control_hz": rate, "method": variant.name, **trace}
-                            log.write(json.dumps(record) + "\n")
-                            log.flush()
-                            os.fsync(log.fileno())
-                            done[key] = record
-                            bar.update(1)
+                instructions = episode_instructions(cfg, setup.policy, task)
+                env = make_control_env(setup.policy, task, max_episode_steps=cfg.max_episode_steps, pool=pool)
+                # every method and rate on one seed before the next: drift hits all alike
+                for seed, rate, variant in itertools.product(_seeds(cfg), methods.rates, methods.variants):
+                    key = (task, rate, variant.name, seed)
+                    if key in done:
+                        continue
+                    trace = episode(cfg, setup.policy, env, task, seed, rate, variant, methods.built[rate],
+                                    methods.leads[rate][variant.name], methods.execute_steps, instructions)
+                    record = {"task": task, "control_hz": rate, "method": variant.name, **trace}
+                    _append(log, record)
+                    done[key] = record
+                    bar.update(1)
     finally:
         torch.set_num_threads(previous_threads)
+    return done
 
-    result = {
+
+def _append(log, record: dict) -> None:
+    """One episode, on disk before the next starts: a crash loses at most the episode that was running."""
+    log.write(json.dumps(record) + "\n")
+    log.flush()
+    os.fsync(log.fileno())
+
+
+def _report(cfg: DictConfig, setup, methods: _Methods, done: dict, out: Path) -> dict:
+    """``report.json``'s content (before its plots)."""
+    policy = setup.policy
+    return {
         "schema": REPORT_SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bac.eval " + " ".join(sys.argv[1:]),
@@ -140,39 +184,38 @@ def run_realtime(cfg: DictConfig) -> dict:
         "tasks": setup.tasks,
         "seeds": [int(cfg.seed), int(cfg.seed) + int(cfg.episodes) - 1] if cfg.episodes > 0 else [],
         "sampler": {"kind": setup.base_sampler, "steps": setup.base_steps},
-        "settings": {**OmegaConf.to_container(rt, resolve=True), "execute_steps": execute_steps,
+        "settings": {**OmegaConf.to_container(cfg.realtime, resolve=True), "execute_steps": methods.execute_steps,
                      "threads": int(cfg.latency.threads)},
-        "rates": {},
+        "rates": {f"{rate:g}": _rate_report(setup.tasks, _seeds(cfg), methods, rate, done) for rate in methods.rates},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": sys.version.split()[0]},
         "packages": package_versions(),
     }
-    for rate in rates:
-        methods = {}
-        reference = [done[(t, rate, "full", s)] for t in setup.tasks for s in seeds if (t, rate, "full", s) in done]
-        for variant in variants:
-            runs = [done[(t, rate, variant.name, s)] for t in setup.tasks for s in seeds]
-            entry = {
-                "config": variant.describe(),
-                "lead": leads[rate][variant.name],
-                "largest_lead": max(int(r["lead"]) for r in runs),  # with adapt_lead: raised in the loop
-                "latency_before_episodes": summarize(latencies[rate][variant.name]),
-                "flops_per_call": int(flops[rate][variant.name]),
-                "control": summarize_runs(runs),
-                "success": reporting.success_summary(runs),
-                "per_task": {t: reporting.success_summary([r for r in runs if r["task"] == t]) for t in setup.tasks},
-            }
-            if reference and variant.name != "full":
-                entry["paired_vs_full"] = reporting.paired_difference(runs, reference)
-            if variant.name in budgets[rate]:
-                entry["budget"] = budgets[rate][variant.name]
-            methods[variant.name] = entry
-        result["rates"][f"{rate:g}"] = methods
-    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(result))
-    result["plots"] = plot(result, out)
-    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
-    return result
+
+
+def _rate_report(tasks: list[str], seeds: range, methods: _Methods, rate: float, done: dict) -> dict:
+    """Every method's entry at ``rate``, each paired with ``full`` on the same tasks and seeds."""
+    reference = [done[(t, rate, "full", s)] for t in tasks for s in seeds if (t, rate, "full", s) in done]
+    report = {}
+    for variant in methods.variants:
+        name = variant.name
+        runs = [done[(t, rate, name, s)] for t in tasks for s in seeds]
+        entry = {
+            "config": variant.describe(),
+            "lead": methods.leads[rate][name],
+            "largest_lead": max(int(r["lead"]) for r in runs),  # with adapt_lead: raised in the loop
+            "latency_before_episodes": summarize(methods.latencies[rate][name]),
+            "flops_per_call": int(methods.flops[rate][name]),
+            "control": summarize_runs(runs),
+            "success": reporting.success_summary(runs),
+            "per_task": {t: reporting.success_summary([r for r in runs if r["task"] == t]) for t in tasks},
+        }
+        if reference and name != "full":
+            entry["paired_vs_full"] = reporting.paired_difference(runs, reference)
+        if name in methods.budgets[rate]:
+            entry["budget"] = methods.budgets[rate][name]
+        report[name] = entry
+    return report
 
 
 def episode(cfg: DictConfig, policy, env, task: str, seed: int, rate: float, variant, built: dict, lead: int,

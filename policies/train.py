@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
@@ -66,24 +66,67 @@ def train(cfg: DictConfig, data: Any, tasks: list[str], *,
     """
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # before the policy is made: its initial weights come from this stream
     device = torch.device(cfg.device)
     run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    obs, actions, task_index = data.state, data.actions, data.task_index
-    frames, instructions, sources = data.frames, data.instructions, data.sources
-    policy = DiffusionPolicy(policy_config(cfg, obs.shape[-1], actions.shape[-1], tasks))
-    policy.obs_normalizer.fit(obs)
-    policy.action_normalizer.fit(actions)
-    if instructions is not None:
+    policy = _fitted_policy(cfg, data, tasks, extra_instructions, device)
+    training_batch = _batch_maker(data, device)
+    state = _training_state(policy, cfg, device)
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    state_path = run_dir / "train_state.pt"
+    step, elapsed = _resumed(state, state_path, settings) if cfg.resume and state_path.exists() else (0, 0.0)
+
+    with open(run_dir / "log.jsonl", "a") as log:
+        smoothed = math.nan  # the loss's moving average, for the bar, the log and the export (not resumed)
+        bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress,
+                   desc=f"train {cfg.policy.name}-{cfg.task}")
+        while step < cfg.steps:
+            started = time.perf_counter()
+            loss = _optimisation_step(state, training_batch, len(data.state), cfg.batch_size)
+            step += 1
+            elapsed += time.perf_counter() - started
+            value = loss.item()
+            smoothed = value if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * value
+            lr = state.lr_schedule.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr:.1e}")
+            if step % cfg.log_every == 0:
+                _append(log, {"step": step, "loss": smoothed, "lr": lr, "elapsed": round(elapsed, 1)})
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                state.save(state_path, step=step, elapsed=elapsed, settings=settings)
+                _export(state, export_dir, bool(cfg.export_half),
+                        _provenance(settings, step, smoothed, elapsed, data.sources))
+            if success_check is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                rates = success_check(DiffusionPolicy.load(export_dir, device=device))
+                tqdm.write(f"step {step}: closed-loop success "
+                           + ", ".join(f"{t} {r:.0%}" for t, r in rates.items()))
+                _append(log, {"step": step, "success": rates})
+        bar.close()
+    return export_dir
+
+
+def _fitted_policy(cfg: DictConfig, data: Any, tasks: list[str], extra_instructions: Sequence[str],
+                   device: torch.device) -> DiffusionPolicy:
+    """A new policy for ``data``'s widths, its normalisers fitted to the data, on ``device`` in training mode."""
+    policy = DiffusionPolicy(policy_config(cfg, data.state.shape[-1], data.actions.shape[-1], tasks))
+    policy.obs_normalizer.fit(data.state)
+    policy.action_normalizer.fit(data.actions)
+    if data.instructions is not None:
         # Encoded once and saved with the checkpoint: the demonstrations' instructions, and the held-out
         # paraphrases too (the encoder is frozen, so this leaks nothing), so evaluation needs no language model.
-        policy.language.add(instructions + list(extra_instructions))
-    policy.to(device).train()
-    obs, actions, task_index = obs.to(device), actions.to(device), task_index.to(device)
+        policy.language.add(data.instructions + list(extra_instructions))
+    return policy.to(device).train()
+
+
+def _batch_maker(data: Any, device: torch.device) -> Callable[[torch.Tensor], dict]:
+    """``training_batch(index)``: the windows at ``index`` as a policy batch (tasks by index, or by
+    instruction for a vision-language head, with its camera frames)."""
+    state, actions, task_index = data.state.to(device), data.actions.to(device), data.task_index.to(device)
+    frames, instructions = data.frames, data.instructions
 
     def training_batch(index: torch.Tensor) -> dict:
-        batch = {STATE: obs[index], ACTION: actions[index]}
+        batch = {STATE: state[index], ACTION: actions[index]}
         if instructions is None:
             batch[TASK] = task_index[index]
             return batch
@@ -92,76 +135,74 @@ def train(cfg: DictConfig, data: Any, tasks: list[str], *,
             batch[IMAGE_PREFIX + camera] = frames_to_images(f[index.cpu()]).to(device)
         return batch
 
+    return training_batch
+
+
+def _training_state(policy: DiffusionPolicy, cfg: DictConfig, device: torch.device) -> TrainingState:
+    """The policy with a fresh optimiser, LR schedule, EMA and random stream (seeded by ``cfg.seed``)."""
     optimizer = _optimizer(policy, cfg)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
     ema = EMAModel(policy.model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, power=cfg.ema_power)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    step, elapsed = 0, 0.0
-    settings = OmegaConf.to_container(cfg, resolve=True)
+    return TrainingState(policy, optimizer, lr_schedule, ema, generator)
 
-    training_state = TrainingState(policy, optimizer, lr_schedule, ema, generator)
-    state_path = run_dir / "train_state.pt"
-    if cfg.resume and state_path.exists():
-        def same_run(state: dict) -> None:
-            if state["settings"]["policy"] != settings["policy"] or state["settings"]["task"] != settings["task"]:
-                raise CheckpointError(f"{state_path} belongs to another policy or task; use another run_dir or "
-                                      "resume=false")
-            check_state_fits(policy, state["model"], f"this {policy.architecture} policy")
 
-        state = training_state.restore(state_path, same_run)
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        print(f"resumed {state_path} at step {step}")
+def _resumed(state: TrainingState, state_path: Path, settings: dict) -> tuple[int, float]:
+    """Restore ``state`` from an interrupted run of the same policy and task; its step and training seconds."""
+    policy = state.model
 
-    def export(loss: float) -> None:
-        exported = copy.deepcopy(policy).eval()
-        ema.copy_to(exported.model.parameters())
-        exported.provenance = {
-            "command": "bac-train " + " ".join(sys.argv[1:]),
-            "settings": settings,
-            "step": step,
-            "loss": loss,
-            "train_seconds": round(elapsed, 1),
-            "datasets": sources,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
-        }
-        exported.save(export_dir, half=bool(cfg.export_half))
+    def same_run(saved: dict) -> None:
+        if saved["settings"]["policy"] != settings["policy"] or saved["settings"]["task"] != settings["task"]:
+            raise CheckpointError(f"{state_path} belongs to another policy or task; use another run_dir or "
+                                  "resume=false")
+        check_state_fits(policy, saved["model"], f"this {policy.architecture} policy")
 
-    log = open(run_dir / "log.jsonl", "a")
-    smoothed = math.nan
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc=f"train {cfg.policy.name}-{cfg.task}")
-    while step < cfg.steps:
-        started = time.perf_counter()
-        batch = torch.randint(0, len(obs), (cfg.batch_size,), generator=generator, device=device)
-        loss = policy.compute_loss(training_batch(batch), generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        ema.step(policy.model.parameters())
-        step += 1
-        elapsed += time.perf_counter() - started
-        value = loss.item()
-        smoothed = value if math.isnan(smoothed) else 0.98 * smoothed + 0.02 * value
-        bar.update(1)
-        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.1e}")
-        if step % cfg.log_every == 0:
-            log.write(json.dumps({"step": step, "loss": smoothed, "lr": lr_schedule.get_last_lr()[0],
-                                  "elapsed": round(elapsed, 1)}) + "\n")
-            log.flush()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            training_state.save(state_path, step=step, elapsed=elapsed, settings=settings)
-            export(smoothed)
-        if success_check is not None and cfg.eval_every and step % cfg.eval_every == 0:
-            exported = DiffusionPolicy.load(export_dir, device=device)
-            rates = success_check(exported, tasks, cfg.eval_episodes)
-            tqdm.write(f"step {step}: closed-loop success " + ", ".join(f"{t} {r:.0%}" for t, r in rates.items()))
-            log.write(json.dumps({"step": step, "success": rates}) + "\n")
-            log.flush()
-    bar.close()
-    log.close()
-    return export_dir
+    saved = state.restore(state_path, same_run)
+    step, elapsed = int(saved["step"]), float(saved["elapsed"])
+    print(f"resumed {state_path} at step {step}")
+    return step, elapsed
+
+
+def _optimisation_step(state: TrainingState, training_batch: Callable[[torch.Tensor], dict], n_windows: int,
+                       batch_size: int) -> torch.Tensor:
+    """One AdamW step on a random batch of windows (drawn from ``state.generator``); the batch's loss."""
+    policy, generator = state.model, state.generator
+    index = torch.randint(0, n_windows, (batch_size,), generator=generator, device=generator.device)
+    loss = policy.compute_loss(training_batch(index), generator=generator)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+    state.optimizer.step()
+    state.lr_schedule.step()
+    state.ema.step(policy.model.parameters())
+    return loss
+
+
+def _provenance(settings: dict, step: int, loss: float, elapsed: float, sources: Any) -> dict:
+    """How an exported policy was made (saved in its config)."""
+    return {
+        "command": "bac-train " + " ".join(sys.argv[1:]),
+        "settings": settings,
+        "step": step,
+        "loss": loss,
+        "train_seconds": round(elapsed, 1),
+        "datasets": sources,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+
+
+def _export(state: TrainingState, export_dir: Path, half: bool, provenance: dict) -> None:
+    """Save a copy of the policy with the EMA weights as the inference checkpoint; training goes on with its own."""
+    exported = copy.deepcopy(state.model).eval()
+    state.ema.copy_to(exported.model.parameters())
+    exported.provenance = provenance
+    exported.save(export_dir, half=half)
+
+
+def _append(log: IO[str], record: dict) -> None:
+    log.write(json.dumps(record) + "\n")
+    log.flush()  # a killed run keeps every line written so far
 
 
 # Checked before any data is collected (bac.configs.settings.check_settings); the policy group checks its own fields.

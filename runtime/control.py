@@ -294,7 +294,26 @@ def _int_in(name: str, value: Any, low: int, high: int) -> int:
     return int(value)
 
 
-def _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max_steps):
+@dataclass(frozen=True)
+class _Settings:
+    """:func:`run_control_episode`'s settings, checked. ``control_hz`` as given (the trace records its float);
+    ``lead`` is ``"auto"`` until the first chunk's latency resolves it."""
+
+    control_hz: numbers.Real
+    horizon: int
+    execute_steps: int
+    lead: int | str
+    on_late: str
+    blend: int
+    max_steps: int | None
+    adapt_lead: bool  # as given: only its truth is read
+
+    @property
+    def dt(self) -> float:
+        return 1.0 / float(self.control_hz)
+
+
+def _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max_steps, adapt_lead) -> _Settings:
     if isinstance(control_hz, bool) or not isinstance(control_hz, numbers.Real) or not math.isfinite(control_hz) \
             or control_hz <= 0:
         raise ConfigError(f"control_hz must be a positive number of ticks per second, got {control_hz!r}")
@@ -309,7 +328,7 @@ def _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max
     blend = _int_in(f"blend (actions crossfaded after a takeover; at most the horizon {horizon})", blend, 0, horizon)
     if max_steps is not None:
         max_steps = _int_in("max_steps", max_steps, 1, 2**62)
-    return 1.0 / float(control_hz), horizon, s, lead, blend, max_steps
+    return _Settings(control_hz, horizon, s, lead, on_late, blend, max_steps, adapt_lead)
 
 
 class _Schedule:
@@ -349,20 +368,25 @@ class _Schedule:
             held = chunk.actions[(self.horizon if self.on_late == "continue" else end - chunk.t0) - 1]
         return held, -1
 
+    def _blended(self, tick: int, action: np.ndarray) -> np.ndarray:
+        """``action`` crossfaded from what the previous chunk would execute at ``tick``, for the first ``blend``
+        ticks after a takeover (a step between two chunks' plans jolts the robot)."""
+        if self.since_takeover >= self.blend or self.previous is None:
+            return action
+        before, before_end, held = self.previous
+        if tick < before_end:
+            old = before.actions[tick - before.t0]
+        else:
+            old, _ = self._late(before, before_end, held, tick)
+        w = (self.since_takeover + 1) / (self.blend + 1)
+        return (1 - w) * np.asarray(old, np.float64) + w * np.asarray(action, np.float64)
+
     def action(self, tick: int) -> tuple[np.ndarray, tuple[int, int]]:
         """The action for ``tick`` (before clipping) and its source ``(chunk index, action index)``."""
         current = self.current
         if tick < self.planned_end:
             index = tick - current.t0
-            action = current.actions[index]
-            if self.since_takeover < self.blend and self.previous is not None:
-                before, before_end, held = self.previous
-                if tick < before_end:
-                    old = before.actions[tick - before.t0]
-                else:
-                    old, _ = self._late(before, before_end, held, tick)
-                w = (self.since_takeover + 1) / (self.blend + 1)
-                action = (1 - w) * np.asarray(old, np.float64) + w * np.asarray(action, np.float64)
+            action = self._blended(tick, current.actions[index])
         else:  # a deadline miss: the next chunk is not here
             self.missed.append(tick)
             self.pending_misses += 1
@@ -372,6 +396,192 @@ class _Schedule:
         self.since_takeover += 1
         self.holding = index < 0
         return action, (current.record.index, index)
+
+
+class _Robot:
+    """The env as the loop drives it: observations turned into the policy's inputs, actions clipped and stepped."""
+
+    def __init__(self, policy: ChunkingPolicy, env: gym.vector.VectorEnv, task: str, instruction: str | None):
+        if getattr(env, "num_envs", None) != 1:
+            raise ConfigError(f"the control loop drives one robot: pass a vector env of 1 env "
+                              f"(make_env(task, 1, ...)), got num_envs={getattr(env, 'num_envs', None)}")
+        self.named_slices = observation_slices(env)
+        check_compatible(policy, env.single_observation_space, env.single_action_space, self.named_slices)
+        reads_instructions = bool(getattr(policy, "reads_instructions", False))
+        if reads_instructions != (instruction is not None):
+            raise ConfigError("this policy reads free-text instructions: pass instruction='...'" if reads_instructions
+                              else "this policy reads task names, not instructions")
+        self.policy, self.env = policy, env
+        self.task_input = instruction if instruction is not None else task
+        self.low, self.high = env.single_action_space.low, env.single_action_space.high
+        self.n_obs = int(policy.n_obs_steps)
+
+    def history(self, obs: np.ndarray, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The observation history after ``obs`` (the first one repeated when there is no ``previous``), by the
+        rule select_action uses."""
+        state = observation_batch(obs, self.task_input, self.policy, named_slices=self.named_slices)[STATE]
+        return next_history(previous, state, self.n_obs)
+
+    def batch(self, obs: np.ndarray, history: torch.Tensor) -> dict:
+        """An inference's input: cameras rendered now (only when the policy reads them), its own history copy."""
+        return {**observation_batch(obs, self.task_input, self.policy, self.env, render=True), STATE: history.clone()}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+        """Execute ``action`` clipped to the action space: ``(the executed action, observation, ended, success)``."""
+        action = np.clip(action, self.low, self.high)
+        obs, _, terminated, truncated, info = self.env.step(action[None])
+        success = bool(np.asarray(info["success"])[0])
+        return action, obs, bool(terminated[0] or truncated[0]), success
+
+
+class _Inference:
+    """Starts chunk inferences on the clock (each with its latency) and checks the chunks they return."""
+
+    def __init__(self, robot: _Robot, clock: Clock, generator: torch.Generator | None, horizon: int,
+                 latency_model: LatencyModel | None):
+        self.robot, self.clock, self.generator, self.horizon = robot, clock, generator, horizon
+        self.latency_model = latency_model
+        self.chunk_shape = (horizon, *robot.env.single_action_space.shape)
+        self.calls = 0
+
+    def submit(self, obs: np.ndarray, history: torch.Tensor) -> Job:
+        """Render (if the policy reads cameras) and start the inference from this observation history."""
+        batch = self.robot.batch(obs, history)
+
+        def infer() -> np.ndarray:
+            chunk = self.robot.policy.predict_action_chunk(batch, generator=self.generator, num_actions=self.horizon)
+            return chunk[0].detach().cpu().numpy()
+
+        latency = self._modelled_latency()
+        self.calls += 1
+        return self.clock.submit(infer, latency)
+
+    def _modelled_latency(self) -> float | None:
+        if self.latency_model is None:
+            return None
+        latency = float(self.latency_model(self.calls))
+        if not math.isfinite(latency) or latency < 0:
+            raise ConfigError(f"latency_model({self.calls}) gave {latency!r}; latencies are finite, non-negative ms")
+        return latency
+
+    def result(self, job: Job) -> tuple[np.ndarray, float]:
+        """``(chunk [H, A], latency_ms)``; a chunk of another shape is refused."""
+        actions, latency_ms = job.result()
+        actions = np.asarray(actions)
+        if actions.shape != self.chunk_shape:
+            raise ValueError(f"policy returned a chunk of shape {[1, *actions.shape]}, expected "
+                             f"{[1, *self.chunk_shape]} (predict_action_chunk(..., num_actions={self.horizon}))")
+        return actions, latency_ms
+
+
+@dataclass
+class _TickState:
+    """The episode so far, carried from tick to tick."""
+
+    obs: np.ndarray
+    history: torch.Tensor  # the last n_obs_steps observations, as the next inference reads them
+    lead: int | str
+    tick: int = 0
+    job: Job | None = None  # the inference in flight
+    job_start: int = 0  # the tick its observation was taken at
+    success: bool = False
+    first_wait_ticks: int = 0
+    first_action_s: float = 0.0
+    elapsed_s: float = 0.0
+    executed: list[np.ndarray] = field(default_factory=list)
+    sources: list[tuple[int, int]] = field(default_factory=list)
+    overruns: list[int] = field(default_factory=list)
+
+
+class _ControlLoop:
+    """One episode's ticks: each takes over a chunk that arrived, requests the next one when it is due and
+    executes one action."""
+
+    def __init__(self, settings: _Settings, robot: _Robot, inference: _Inference, clock: Clock, obs: np.ndarray):
+        self.settings, self.robot, self.inference, self.clock = settings, robot, inference, clock
+        self.plan = _Schedule(settings.horizon, settings.execute_steps, settings.on_late, settings.blend)
+        self.state = _TickState(obs, robot.history(obs), settings.lead)
+
+    def run(self) -> None:
+        self.clock.start(self.settings.dt)
+        self._first_chunk()
+        state = self.state
+        while True:
+            self._take_over_if_ready()
+            self._request_if_due()
+            self._take_over_if_ready()  # a result visible at once (zero latency) executes from this tick
+            if self._execute_action():
+                break
+            state.history = self.robot.history(state.obs, state.history)
+            if self.clock.next_tick():
+                state.overruns.append(state.tick)
+            state.tick += 1
+        if self.clock.next_tick():  # close the last tick's period: the elapsed time covers every tick
+            state.overruns.append(state.tick)
+        state.elapsed_s = self.clock.now()
+
+    def _first_chunk(self) -> None:
+        """The robot waits for its first chunk: time passes, the env does not step."""
+        state = self.state
+        state.job = self.inference.submit(state.obs, state.history)
+        while not state.job.ready():
+            self.clock.next_tick()
+            state.first_wait_ticks += 1
+        state.first_action_s = self.clock.now()
+        self._take_over()  # at tick 0, its observation's tick: nothing is dropped
+        if state.lead == "auto":
+            state.lead = self._lead_for(self.plan.chunks[0].record.latency_ms)
+
+    def _take_over_if_ready(self) -> None:
+        state = self.state
+        if state.job is None or not state.job.ready():
+            return
+        self._take_over()
+        if self.settings.adapt_lead:  # track the inference's own delay: calls in the loop run slower than a benchmark's
+            state.lead = max(state.lead, self._lead_for(self.plan.chunks[-1].record.latency_ms))
+
+    def _take_over(self) -> None:
+        """The finished inference's chunk runs from this tick (the actions for the ticks it took are dropped)."""
+        state = self.state
+        self.plan.take_over(*self.inference.result(state.job), t_start=state.job_start, tick=state.tick)
+        state.job = None
+
+    def _lead_for(self, latency_ms: float) -> int:
+        return auto_lead([latency_ms], self.settings.control_hz, self.settings.execute_steps)
+
+    def _request_if_due(self) -> None:
+        """Start the next inference ``lead`` ticks before the running chunk's planned end (one at a time)."""
+        state = self.state
+        if state.job is None and state.tick >= self.plan.planned_end - state.lead:
+            state.job, state.job_start = self.inference.submit(state.obs, state.history), state.tick
+
+    def _execute_action(self) -> bool:
+        """Execute this tick's action; True when the episode is over (the env ended it, or ``max_steps``)."""
+        state = self.state
+        action, source = self.plan.action(state.tick)
+        action, state.obs, ended, success = self.robot.step(action)
+        self.plan.last = action
+        state.executed.append(action)
+        state.sources.append(source)
+        state.success |= success
+        return ended or (self.settings.max_steps is not None and len(state.executed) >= self.settings.max_steps)
+
+    def discard_pending(self) -> None:
+        """Wait for an inference still in flight, so the policy is idle when the episode returns."""
+        if self.state.job is not None:
+            self.state.job.discard()
+
+    def trace(self, task: str, seed: int) -> EpisodeTrace:
+        """The finished episode, as plain data."""
+        settings, state, clock = self.settings, self.state, self.clock
+        return EpisodeTrace(
+            task=task, seed=int(seed), clock=getattr(clock, "name", type(clock).__name__),
+            control_hz=float(settings.control_hz), execute_steps=settings.execute_steps, lead=int(state.lead),
+            on_late=settings.on_late, blend=settings.blend, success=bool(state.success), steps=len(state.executed),
+            ticks=len(state.executed), elapsed_s=float(state.elapsed_s),
+            time_to_first_action_s=float(state.first_action_s), first_wait_ticks=state.first_wait_ticks,
+            chunks=[c.record for c in self.plan.chunks], missed_ticks=self.plan.missed,
+            overrun_ticks=state.overruns, actions=np.stack(state.executed), sources=state.sources)
 
 
 def run_control_episode(
@@ -409,107 +619,19 @@ def run_control_episode(
     The policy needs ``predict_action_chunk(batch, generator=..., num_actions=...)``, ``horizon``,
     ``n_obs_steps`` and ``n_action_steps`` (``bac.policies.policy.DiffusionPolicy`` has them).
     """
-    dt, horizon, s, lead, blend, max_steps = _check_settings(policy, control_hz, execute_steps, lead, on_late,
-                                                             blend, max_steps)
-    if getattr(env, "num_envs", None) != 1:
-        raise ConfigError(f"the control loop drives one robot: pass a vector env of 1 env "
-                          f"(make_env(task, 1, ...)), got num_envs={getattr(env, 'num_envs', None)}")
-    named_slices = observation_slices(env)
-    check_compatible(policy, env.single_observation_space, env.single_action_space, named_slices)
-    reads_instructions = bool(getattr(policy, "reads_instructions", False))
-    if reads_instructions != (instruction is not None):
-        raise ConfigError("this policy reads free-text instructions: pass instruction='...'" if reads_instructions
-                          else "this policy reads task names, not instructions")
-    task_input = instruction if instruction is not None else task
+    settings = _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max_steps, adapt_lead)
+    robot = _Robot(policy, env, task, instruction)
     clock = VirtualClock() if clock is None else clock
-    low, high = env.single_action_space.low, env.single_action_space.high
-    chunk_shape = (horizon, *env.single_action_space.shape)
-    n_obs = int(policy.n_obs_steps)
-    calls = 0
-
-    def submit(obs: np.ndarray, history: torch.Tensor) -> Job:
-        """Render (if the policy reads cameras) and start the inference from this observation history."""
-        nonlocal calls
-        batch = {**observation_batch(obs, task_input, policy, env, render=True), STATE: history.clone()}
-
-        def infer() -> np.ndarray:
-            chunk = policy.predict_action_chunk(batch, generator=generator, num_actions=horizon)
-            return chunk[0].detach().cpu().numpy()
-
-        latency = None
-        if latency_model is not None:
-            latency = float(latency_model(calls))
-            if not math.isfinite(latency) or latency < 0:
-                raise ConfigError(f"latency_model({calls}) gave {latency!r}; latencies are finite, non-negative ms")
-        calls += 1
-        return clock.submit(infer, latency)
-
-    def result(job: Job) -> tuple[np.ndarray, float]:
-        actions, latency_ms = job.result()
-        actions = np.asarray(actions)
-        if actions.shape != chunk_shape:
-            raise ValueError(f"policy returned a chunk of shape {[1, *actions.shape]}, expected {[1, *chunk_shape]} "
-                             f"(predict_action_chunk(..., num_actions={horizon}))")
-        return actions, latency_ms
-
-    plan = _Schedule(horizon, s, on_late, blend)
-    overruns: list[int] = []
-    executed: list[np.ndarray] = []
-    sources: list[tuple[int, int]] = []
+    inference = _Inference(robot, clock, generator, settings.horizon, latency_model)
     obs, _ = env.reset(seed=[int(seed)])
     policy.reset()
-    state = observation_batch(obs, task_input, policy, named_slices=named_slices)[STATE]
-    history = next_history(None, state, n_obs)  # the first observation repeated, as select_action
-    job: Job | None = None
+    loop = _ControlLoop(settings, robot, inference, clock, obs)
     try:
-        clock.start(dt)
-        job = submit(obs, history)
-        wait = 0
-        while not job.ready():  # the robot waits for its first chunk: time passes, the env does not step
-            clock.next_tick()
-            wait += 1
-        first_action_s = clock.now()
-        plan.take_over(*result(job), t_start=0, tick=0)  # its observation is still current: nothing is dropped
-        job, job_start = None, 0
-        if lead == "auto":
-            lead = auto_lead([plan.chunks[0].record.latency_ms], control_hz, s)
-        tick, success = 0, False
-        while True:
-            for attempt in range(2):  # take over a visible result; submit when due; a result visible at once
-                if job is not None and job.ready():
-                    plan.take_over(*result(job), t_start=job_start, tick=tick)
-                    job = None
-                    if adapt_lead:
-                        lead = max(lead, auto_lead([plan.chunks[-1].record.latency_ms], control_hz, s))
-                if attempt == 0 and job is None and tick >= plan.planned_end - lead:
-                    job, job_start = submit(obs, history), tick
-            action, source = plan.action(tick)
-            action = np.clip(action, low, high)
-            obs, _, terminated, truncated, info = env.step(action[None])
-            plan.last = action
-            executed.append(action)
-            sources.append(source)
-            success |= bool(np.asarray(info["success"])[0])
-            if bool(terminated[0] or truncated[0]) or (max_steps is not None and len(executed) >= max_steps):
-                break
-            state = observation_batch(obs, task_input, policy, named_slices=named_slices)[STATE]
-            history = next_history(history, state, n_obs)
-            if clock.next_tick():
-                overruns.append(tick)
-            tick += 1
-        if clock.next_tick():  # close the last tick's period: the elapsed time covers every tick
-            overruns.append(tick)
-        elapsed = clock.now()
+        loop.run()
     finally:
-        if job is not None:
-            job.discard()
+        loop.discard_pending()
         policy.reset()
-    return EpisodeTrace(
-        task=task, seed=int(seed), clock=getattr(clock, "name", type(clock).__name__), control_hz=float(control_hz),
-        execute_steps=s, lead=int(lead), on_late=on_late, blend=blend, success=bool(success), steps=len(executed),
-        ticks=len(executed), elapsed_s=float(elapsed), time_to_first_action_s=float(first_action_s),
-        first_wait_ticks=wait, chunks=[c.record for c in plan.chunks], missed_ticks=plan.missed,
-        overrun_ticks=overruns, actions=np.stack(executed), sources=sources)
+    return loop.trace(task, seed)
 
 
 def make_control_env(policy: ChunkingPolicy, task: str, *, make_env: EnvFactory | None = None,

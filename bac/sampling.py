@@ -467,8 +467,9 @@ class FusedSampler:
 
     def start(self) -> FusedTrajectory:
         """A new trajectory (one sampling call's state), independent of every other."""
-        self._current = FusedTrajectory(self._plan)
-        return self._current
+        trajectory = FusedTrajectory(self._plan)
+        self._current = trajectory  # only for the deprecated step(); another thread may replace it at once
+        return trajectory
 
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:

@@ -223,6 +223,22 @@ def test_interleaved_trajectories_of_one_sampler_are_independent():
         assert same_bits(samples[k], alone[k][-1])
 
 
+def test_start_returns_its_own_trajectory_when_another_starts_in_between():
+    """Another start() while one is under way (another thread, switched to when the trajectory it replaces is
+    freed) must not hand the first caller the second's trajectory: the race behind "step(1) follows step(1)"."""
+    import weakref
+
+    fused = FusedSampler(CASES["dpm-policy"](10)())
+    started_in_between = []
+    previous = fused.start()
+    previous.prev_x0 = torch.zeros(1)  # as after a step: freed with the trajectory
+    weakref.finalize(previous.prev_x0, lambda: started_in_between.append(fused.start()))
+    del previous  # kept alive only by the sampler's record of the last start (for the deprecated step)
+    mine = fused.start()  # replacing that record frees it and its tensor, whose finaliser starts another
+    assert started_in_between and mine is not started_in_between[0]
+    assert mine.last == -1 and mine.prev_x0 is None
+
+
 def test_the_deprecated_sampler_step_runs_the_last_started_trajectory():
     factory = CASES["dpm-policy"](10)
     fused = FusedSampler(factory())

@@ -73,8 +73,13 @@ def in_threads(jobs) -> list:
     results, errors = [None] * len(jobs), []
     start = threading.Barrier(len(jobs))
 
+    threads_per_op = torch.get_num_threads()
+
     def target(i):
         try:
+            # torch's thread count for this OS thread too (its first op would otherwise run on the default
+            # count: another reduction order, other bits than the same call alone)
+            torch.set_num_threads(threads_per_op)
             start.wait(timeout=60)
             results[i] = jobs[i]()
         except BaseException as err:  # surfaced below

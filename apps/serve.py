@@ -16,7 +16,8 @@ from bac.apps.common import report_errors
 from bac.configs import CONFIG_DIR
 from bac.configs.settings import FLOAT, INT, STR, check_settings
 from bac.errors import ConfigError
-from bac.runtime.server import PolicyServer
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def _settings() -> dict:
@@ -25,8 +26,24 @@ def _settings() -> dict:
         "sampler.steps": (INT, 1, True), "tuned": (STR, None, True), "plan": (STR, None, True),
         "method": (STR, None, True), "host": (STR, None, False), "port": (INT, 0, False), "seed": (INT, 0, False),
         "warmup": (INT, 0, False), "threads": (INT, 1, True), "max_message_mb": (INT, 1, False),
-        "shutdown_timeout_s": (FLOAT, 0, False), "log_level": (STR, None, False),
+        "shutdown_timeout_s": (FLOAT, 0, False), "log_level": (STR, None, False), "api_key": (STR, None, True),
+        "language_cache_size": (INT, 1, True),
     }
+
+
+def _server_class() -> type:
+    """:class:`bac.runtime.server.PolicyServer`, imported here so that ``--help`` works without the ``serve`` extra."""
+    try:
+        import msgpack  # noqa: F401 -- the 'serve' extra, checked before the policy is loaded
+        import websockets  # noqa: F401
+
+        from bac.runtime.server import PolicyServer
+    except ModuleNotFoundError as err:
+        if err.name not in ("msgpack", "websockets"):
+            raise
+        raise ConfigError(f"bac-serve needs the 'serve' extra ({err.name} is not installed): "
+                          "pip install 'bac[serve]'") from err
+    return PolicyServer
 
 
 def serve(cfg: Any) -> None:
@@ -37,11 +54,16 @@ def serve(cfg: Any) -> None:
                           f"{cfg.method_params!r}")
     if cfg.port > 65535:
         raise ConfigError(f"setting port must be <= 65535, got {cfg.port}")
+    if str(cfg.log_level).lower() not in LOG_LEVELS:
+        raise ConfigError(f"setting log_level must be one of {', '.join(LOG_LEVELS)}, got {cfg.log_level!r}")
+    if cfg.api_key is not None and not cfg.api_key.strip():
+        raise ConfigError("setting api_key is empty: set a key, or null for none (BAC_SERVE_API_KEY sets it too)")
+    server_class = _server_class()
     logging.basicConfig(level=str(cfg.log_level).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)  # latency: one thread is the stable choice on a shared CPU
     settings = OmegaConf.to_container(cfg, resolve=True)
-    PolicyServer.from_config(settings).serve_forever()  # logs its address once listening
+    server_class.from_config(settings).serve_forever()  # logs its address once listening
 
 
 def main() -> None:

@@ -10,7 +10,15 @@ worker thread beside the env). Budget variants (``{budget: {control_hz: target}}
 
 Before the episodes, each method's batch-1 latency is measured (interleaved, as in the closed-loop
 report) and sets its ``lead`` (``realtime.lead=auto``: :func:`bac.runtime.auto_lead` of those samples),
-so a chunk is requested early enough for its p100 of the warm-up samples. Episodes are paired: every
+so a chunk is requested early enough for its p100 of the warm-up samples.
+
+A modelled run (``realtime.latency_ms`` set) derives everything from the model, nothing from this
+machine's timing, so that two runs log the same episodes byte for byte whatever else the host runs:
+``lead=auto`` is :func:`bac.runtime.auto_lead` of the modelled latency, and the budget plans are made
+for a cost model in which every call takes that latency (:func:`bac.evaluation.budget.modelled_cost`).
+The latency measured before the episodes is then only reported.
+
+Episodes are paired: every
 method sees the same seeds, noise and envs at every rate; results are appended per episode to
 ``episodes.jsonl`` (resumable, like the closed-loop log). Report (``out_dir``, default
 ``outputs/realtime/<checkpoint>-<settings hash>``): ``report.json``, ``report.md`` and ``realtime.png``
@@ -21,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import sys
@@ -30,13 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 import bac
+from bac.configs import CONFIG_DIR
 from bac.envs.metaworld_env import make_vector_env
 from bac.runtime import (EnvPool, VirtualClock, WallClock, auto_lead, constant_latency, make_control_env,
                          run_control_episode, summarize_runs)
+from bac.runtime.control import ON_LATE
 
 from . import report as reporting
 from .budget import budget_plans
@@ -52,17 +63,88 @@ REPORT_SCHEMA = "bac.realtime/1"
 CLOCKS = {"virtual": VirtualClock, "wall": WallClock}
 
 
+# Upper bounds on what sizes a run's work: every rate runs every method on every seed, and a virtual clock
+# steps tick by tick through each chunk's latency (latency_ms * control_hz / 1000 ticks).
+MAX_RATES = 16
+MAX_CONTROL_HZ = 1000.0  # a tick per millisecond
+MAX_LATENCY_MS = 60_000.0  # a minute per chunk
+
+
 def check_realtime_settings(cfg: DictConfig) -> None:
-    rt = cfg.realtime
-    rates = list(rt.control_hz)
-    if not rates or any(isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 for r in rates):
-        raise EvalError(f"realtime.control_hz must be a non-empty list of positive rates, got {rates}")
-    if rt.clock not in CLOCKS:
+    """Every ``realtime.*`` setting, checked before any work: its kind, its range, the bounds on what sizes the
+    run and the settings that depend on each other. A bad one is an :class:`EvalError` naming the setting and
+    the value. What depends on the policy (its horizon) is :func:`check_realtime_for_policy`'s."""
+    rt = cfg.get("realtime")
+    known = list(OmegaConf.load(CONFIG_DIR / "eval.yaml").realtime)
+    if not isinstance(rt, DictConfig):
+        raise EvalError(f"realtime must be the block of settings {known}, got {rt!r}")
+    unknown = sorted(set(rt) - set(known))
+    if unknown:
+        raise EvalError(f"unknown setting realtime.{unknown[0]} (eval.yaml's realtime block has {', '.join(known)})")
+    _check_rates(rt.control_hz)
+    if not isinstance(rt.clock, str) or rt.clock not in CLOCKS:
         raise EvalError(f"realtime.clock must be one of {sorted(CLOCKS)}, got {rt.clock!r}")
-    if rt.latency_ms is not None and (rt.clock != "virtual" or not float(rt.latency_ms) >= 0):
-        raise EvalError("realtime.latency_ms (a modelled latency, >= 0) needs realtime.clock=virtual")
-    if not (rt.lead == "auto" or (isinstance(rt.lead, int) and rt.lead >= 0)):
-        raise EvalError(f"realtime.lead must be auto or an integer >= 0, got {rt.lead!r}")
+    if rt.latency_ms is not None:
+        if not _is_number(rt.latency_ms) or not 0 <= rt.latency_ms <= MAX_LATENCY_MS:
+            raise EvalError(f"realtime.latency_ms (a modelled latency) must be null or a number of ms in "
+                            f"[0, {MAX_LATENCY_MS:g}], got {rt.latency_ms!r}")
+        if rt.clock != "virtual":
+            raise EvalError("realtime.latency_ms (a modelled latency) needs realtime.clock=virtual: a wall clock "
+                            "measures the real one")
+    if not isinstance(rt.on_late, str) or rt.on_late not in ON_LATE:
+        raise EvalError(f"realtime.on_late must be one of {list(ON_LATE)}, got {rt.on_late!r}")
+    if not isinstance(rt.adapt_lead, bool):
+        raise EvalError(f"realtime.adapt_lead must be true or false, got {rt.adapt_lead!r}")
+    _check_integer("realtime.blend", rt.blend, 0, "actions crossfaded after a takeover")
+    if rt.execute_steps is not None:
+        _check_integer("realtime.execute_steps", rt.execute_steps, 1,
+                       "actions planned per chunk; null: the policy's n_action_steps", "null or ")
+    if rt.lead != "auto":
+        _check_integer("realtime.lead", rt.lead, 0, "ticks before a chunk's planned end", "auto or ")
+        if rt.execute_steps is not None and rt.lead > rt.execute_steps:
+            raise EvalError(f"realtime.lead={rt.lead} is over realtime.execute_steps={rt.execute_steps}: a chunk is "
+                            "requested at most its planned actions before its end")
+
+
+def check_realtime_for_policy(cfg: DictConfig, policy) -> None:
+    """The ``realtime.*`` settings bounded by the policy's horizon (after :func:`check_realtime_settings`).
+    ``policy``: the policy or its :class:`~bac.policies.config.PolicyConfig` (``config.json``, no weights
+    loaded): only its ``horizon`` and ``n_action_steps`` are read."""
+    rt, horizon = cfg.realtime, int(policy.horizon)
+    execute_steps = policy.n_action_steps if rt.execute_steps is None else int(rt.execute_steps)
+    if execute_steps > horizon:
+        raise EvalError(f"realtime.execute_steps={execute_steps} is over the policy's horizon of {horizon} actions")
+    if rt.blend > horizon:
+        raise EvalError(f"realtime.blend={rt.blend} is over the policy's horizon of {horizon} actions")
+    if rt.lead != "auto" and rt.lead > execute_steps:
+        raise EvalError(f"realtime.lead={rt.lead} is over the {execute_steps} actions planned per chunk "
+                        "(realtime.execute_steps, or the policy's n_action_steps)")
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_integer(name: str, value, low: int, meaning: str, alternative: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise EvalError(f"{name} must be {alternative}an integer >= {low} ({meaning}), got {value!r}")
+
+
+def _check_rates(rates) -> None:
+    """``realtime.control_hz``: a list of distinct positive rates, bounded (each one runs every method and seed)."""
+    if not isinstance(rates, (list, ListConfig)):
+        hint = f": write realtime.control_hz=[{rates}]" if _is_number(rates) else ""
+        raise EvalError(f"realtime.control_hz must be a list of rates in Hz, got {rates!r}{hint}")
+    if not 1 <= len(rates) <= MAX_RATES:
+        raise EvalError(f"realtime.control_hz must list 1 to {MAX_RATES} rates, got {len(rates)}")
+    for rate in rates:
+        if not _is_number(rate) or not 0 < rate <= MAX_CONTROL_HZ:
+            raise EvalError(f"realtime.control_hz: each rate must be a number in (0, {MAX_CONTROL_HZ:g}] Hz, "
+                            f"got {rate!r}")
+    names = [f"{rate:g}" for rate in rates]  # the report's keys
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise EvalError(f"realtime.control_hz lists {repeated[0]} Hz twice: each rate is run once")
 
 
 @dataclass
@@ -85,6 +167,7 @@ def run_realtime(cfg: DictConfig) -> dict:
     the report."""
     check_realtime_settings(cfg)
     setup = prepare(cfg)
+    check_realtime_for_policy(cfg, setup.policy)
     if not setup.trained:
         raise EvalError("mode=realtime runs episodes: it needs a trained checkpoint")
     if int(cfg.shard.count) > 1:
@@ -107,12 +190,13 @@ def _prepare_methods(cfg: DictConfig, setup, rates: list[float], out: Path) -> _
     """Build, count and time every method at every rate, before any episode."""
     rt = cfg.realtime
     execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else setup.policy.n_action_steps
+    modelled_ms = float(rt.latency_ms) if rt.latency_ms is not None else None
     built, budgets = {}, {}
     try:
         for rate in rates:
             made, budgets[rate] = budget_plans(cfg, setup.policy, setup.variants, setup.built, setup.calibrations,
                                                setup.latency_batch, out / f"{rate:g}hz", control_hz=rate,
-                                               actions_per_chunk=execute_steps)
+                                               actions_per_chunk=execute_steps, modelled_ms=modelled_ms)
             built[rate] = {**setup.built, **made}
     except (ValueError, bac.PlanMismatchError) as err:
         raise EvalError(str(err)) from err
@@ -121,13 +205,22 @@ def _prepare_methods(cfg: DictConfig, setup, rates: list[float], out: Path) -> _
     for rate in rates:
         counted = count_flops(setup, variants, built[rate])
         flops[rate], variants = counted.flops, counted.variants
-    # Batch-1 latency per method and rate: the lead each method requests chunks with.
+    # Batch-1 latency per method and rate: reported, and (unless modelled) the lead each method requests chunks with.
     latencies = {rate: measure_latency(setup.policy, variants, built[rate], setup.latency_batch,
                                        repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup),
                                        threads=int(cfg.latency.threads)) for rate in rates}
-    leads = {rate: {v.name: (auto_lead([1e3 * s for s in latencies[rate][v.name]], rate, execute_steps)
-                             if rt.lead == "auto" else int(rt.lead)) for v in variants} for rate in rates}
+    leads = {rate: {v.name: _lead(rt.lead, modelled_ms, latencies[rate][v.name], rate, execute_steps)
+                    for v in variants} for rate in rates}
     return _Methods(rates, execute_steps, variants, built, budgets, flops, latencies, leads)
+
+
+def _lead(lead, modelled_ms: float | None, measured_s: list[float], rate: float, execute_steps: int) -> int:
+    """The lead a method's episodes start with: as set, or ``auto`` from the modelled latency when there is one
+    (a modelled run derives nothing from this machine's timing), else from the latency measured here."""
+    if lead != "auto":
+        return int(lead)
+    latencies_ms = [modelled_ms] if modelled_ms is not None else [1e3 * s for s in measured_s]
+    return auto_lead(latencies_ms, rate, execute_steps)
 
 
 def _seeds(cfg: DictConfig) -> range:

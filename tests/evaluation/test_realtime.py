@@ -6,9 +6,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import bac
+import bac.evaluation.realtime as realtime
 from bac.configs import CONFIG_DIR
 from bac.evaluation.realtime import realtime_digest, run_realtime
 from bac.evaluation.settings import EvalError, output_dir
+from bac.runtime import auto_lead
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
@@ -53,6 +56,42 @@ def test_every_method_at_every_rate_paired_with_a_budget_plan_per_rate(checkpoin
     assert (out / "episodes.jsonl").read_text().splitlines() == lines
     run_realtime(config(checkpoint, tmp_path / "b"))
     assert (tmp_path / "b" / "episodes.jsonl").read_text().splitlines() == lines
+
+
+def test_a_modelled_run_derives_nothing_from_the_machines_timing(checkpoint, tmp_path, monkeypatch):
+    """A host 100 times slower (latency measured before the episodes) and no plan timer at all: the same episodes,
+    leads from the modelled latency, budget plans from the modelled cost."""
+    lines = _episodes_of(run_realtime(config(checkpoint, tmp_path / "here")))
+    measure = realtime.measure_latency
+
+    def slow_host(*args, **kwargs):
+        return {name: [100 * s for s in samples] for name, samples in measure(*args, **kwargs).items()}
+
+    def no_timer(*args, **kwargs):
+        raise AssertionError("a modelled run timed a plan")
+
+    monkeypatch.setattr(realtime, "measure_latency", slow_host)
+    monkeypatch.setattr(bac, "plan_timer", no_timer)
+    report = run_realtime(config(checkpoint, tmp_path / "loaded"))
+    assert _episodes_of(report) == lines
+    for rate, methods in report["rates"].items():
+        for entry in methods.values():
+            assert entry["lead"] == auto_lead([60.0], float(rate), 8)
+        budget = methods["budget"]["budget"]
+        assert budget["cost"]["source"] == "modelled" and budget["measured_ms"] is None
+        assert budget["computed_share"] == 1.0  # every call takes 60 ms whatever it skips: the budget buys all of it
+
+
+def _episodes_of(report: dict) -> list[str]:
+    return (Path(report["out_dir"]) / "episodes.jsonl").read_text().splitlines()
+
+
+def test_a_budget_below_the_modelled_latency_is_refused_before_any_episode(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(EvalError, match=r"method 'budget': its budget of 100 ms is below the modelled latency "
+                                        r"realtime.latency_ms=400"):
+        run_realtime(config(checkpoint, out, "realtime.control_hz=[40]", "realtime.latency_ms=400"))
+    assert not (out / "episodes.jsonl").exists()
 
 
 def test_a_chunk_slower_than_its_deadline_misses_ticks(checkpoint, tmp_path):

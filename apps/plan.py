@@ -1,7 +1,8 @@
 """``bac-plan show PLAN.json [--heatmap OUT.png]``: summary and blocks-by-steps heatmap.
 
-Any :class:`bac.BacError` (a missing, truncated or malformed plan file) is one
-line on stderr and exit status 2.
+Any :class:`bac.BacError` (a missing, truncated, malformed or too deeply nested plan file, an image format
+matplotlib does not write) and an image path that cannot be written are one line on stderr and exit
+status 2. A plan of more than ``bac.plan.HEATMAP_COLUMNS`` steps is drawn in bins of steps.
 """
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from pathlib import Path
 from bac.apps.common import debug_requested
 from bac.errors import BacError
 from bac.plan import Plan
+
+
+def _refused(message: str) -> int:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,16 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     except BacError as err:  # the message names the file and the field
         if debug_requested():
             raise
-        print("error: cannot read plan: " + " ".join(str(err).split()), file=sys.stderr)
-        return 2
+        return _refused(f"cannot read plan: {err}")
     print(plan.summary())
     if not args.no_heatmap:
         out = args.heatmap or args.plan.with_suffix(".png")
         try:
             plan.heatmap(out)
+        except BacError as err:
+            if debug_requested():
+                raise
+            return _refused(str(err))
         except OSError as err:  # an unwritable image path is the user's to fix, not a bug
-            print(f"error: cannot write heatmap {out}: {err}", file=sys.stderr)
-            return 2
+            return _refused(f"cannot write heatmap {out}: {err}")
         print(f"heatmap written to {out}")
     return 0
 

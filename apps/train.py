@@ -19,10 +19,13 @@ from bac.configs import CONFIG_DIR
 from bac.configs.settings import check_settings
 from bac.envs.instructions import INSTRUCTIONS
 from bac.envs.metaworld_env import make_vector_env
+from bac.envs.tasks import check_task
 from bac.envs.windows import load_image_windows, load_windows
+from bac.errors import ConfigError
+from bac.files import existing_folder
 from bac.policies.constants import STATE
 from bac.policies.policy import DiffusionPolicy
-from bac.policies.train import SETTINGS, policy_config, train
+from bac.policies.train import SETTINGS, check_training_settings, policy_config, train
 from bac.runtime import run_episodes
 
 
@@ -35,12 +38,41 @@ def success_rates(policy: DiffusionPolicy, tasks: list[str], episodes: int) -> d
     return rates
 
 
+def training_tasks(cfg: DictConfig) -> list[str]:
+    """The tasks to train on (``task``, or ``suite`` for ``task=suite``), checked: known, distinct, not none."""
+    tasks = list(cfg.suite) if cfg.task == "suite" else [cfg.task]
+    if not tasks:
+        raise ConfigError("setting suite is empty: list the tasks of task=suite")
+    try:
+        short = [check_task(task) for task in tasks]
+    except ConfigError as err:
+        raise ConfigError(f"setting {_task_setting(cfg)}: {err}") from None
+    if len(set(short)) != len(short):
+        raise ConfigError(f"setting suite lists a task twice: {tasks}")
+    return tasks
+
+
+def _task_setting(cfg: DictConfig) -> str:
+    return "suite" if cfg.task == "suite" else "task"
+
+
 def run_training(cfg: DictConfig) -> Path:
-    """Collect (or reuse) the demonstrations of ``cfg``'s tasks, train, export; returns the export folder."""
-    tasks = list(cfg.suite) if cfg.task == "suite" else [str(cfg.task)]
-    checked = policy_config(cfg, 1, 1, tasks)  # refuse bad policy settings before collecting any data
+    """Collect (or reuse) the demonstrations of ``cfg``'s tasks, train, export; returns the export folder.
+
+    Every setting is checked before any data is collected: the tasks, the policy, the training values,
+    the device and the folders."""
+    tasks = training_tasks(cfg)
+    checked = policy_config(cfg, 1, 1, tasks)
+    check_training_settings(cfg)
+    if cfg.data_dir is not None:
+        existing_folder(cfg.data_dir, "data_dir")  # written only when demonstrations must be collected
     extra_instructions = []
     if checked.is_vla:
+        unlabelled = [task for task in tasks if check_task(task) not in INSTRUCTIONS]
+        if unlabelled:
+            raise ConfigError(f"setting {_task_setting(cfg)}: a vision-language-action head trains on "
+                              f"instructions, and {unlabelled} have none; the tasks with instructions: "
+                              f"{sorted(INSTRUCTIONS)}")
         state_keys = list(checked.input_features[STATE].keys or ["state"])
         data = load_image_windows(tasks, cfg.episodes, cfg.data_dir, cfg.horizon, cfg.n_obs_steps, cfg.action_noise,
                                   state_keys, checked.cameras, checked.model.image_size)

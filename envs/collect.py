@@ -14,6 +14,8 @@ docs/guide/policies.md ("Experts and demonstrations").
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -27,6 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 from bac.envs.instructions import INSTRUCTIONS, instruction, train_instructions
+from bac.envs.tasks import check_task
+from bac.errors import ConfigError
+from bac.files import check_free_space, check_output_folder
 from bac.envs.metaworld_env import (
     CAMERAS,
     OBS_SLICES,
@@ -36,11 +41,20 @@ from bac.envs.metaworld_env import (
     expert_policy,
 )
 
-__all__ = ["FORMAT_VERSION", "collect", "dataset_path", "default_data_dir", "rollout_expert"]
+__all__ = ["FORMAT_VERSION", "DatasetExistsError", "collect", "dataset_path", "default_data_dir", "rollout_expert"]
 
 #: Bumped whenever what is written changes, so stale caches are not reused.
 FORMAT_VERSION = 2  # 2: reach's expert steers the tool centre (envs.metaworld_env.ReachTCPPolicy)
 _ROBOMIMIC_GYM_TYPE = 2  # robomimic.envs.env_base.EnvType.GYM_TYPE
+MAX_IMAGE_SIZE = 1024  # a frame is 3 * image_size**2 bytes, one per step and camera, all held in memory
+# The free-space estimate: measured 1.2-1.5 KB per step of a state-only dataset (plus the frames), and demos
+# as long as half the episode cap (the caps are about twice the experts' usual longest episode).
+_STATE_BYTES_PER_STEP = 1500
+
+
+class DatasetExistsError(ConfigError, FileExistsError):
+    """A dataset file with other settings is in the way: a :class:`bac.ConfigError` that ``except
+    FileExistsError`` (the error of earlier versions) also catches."""
 
 
 def default_data_dir() -> Path:
@@ -159,36 +173,83 @@ def collect(
         valid_fraction: share of demos in ``mask/valid`` (seeded split, at least one
             demo if there are two or more); the rest are in ``mask/train``.
         cameras: cameras (``envs.metaworld_env.CAMERAS``) whose frames are stored per step,
-            ``image_size`` pixels square; with them every demo also gets an instruction.
+            ``image_size`` pixels square (at most :data:`MAX_IMAGE_SIZE`); with them every demo also gets
+            an instruction.
+
+    Before any episode runs, each of these is a :class:`bac.ConfigError`: an unknown task, an impossible
+    setting, an ``out_dir`` that is a file or cannot be written, or one whose file system has less free
+    space than the dataset's estimate (demos half the episode cap long); a dataset with other settings in
+    the way is a :class:`DatasetExistsError`. A write that fails later (a disk filled meanwhile) is a
+    ``ConfigError`` too, and leaves no partial file.
     """
-    if episodes < 1:
-        raise ValueError("episodes must be >= 1")
+    check_task(task)
+    _check_arguments(episodes, seed_offset, post_success_steps, action_noise, max_episode_steps, valid_fraction,
+                     image_size)
     cameras = _checked_cameras(cameras)
     env = MetaWorldStateEnv(task, max_episode_steps=max_episode_steps, width=image_size, height=image_size)
     path = dataset_path(env.task, episodes, seed_offset, out_dir, action_noise, cameras, image_size)
     labelled = bool(cameras) and env.task in INSTRUCTIONS
     meta = _metadata(env, episodes, seed_offset, post_success_steps, action_noise, valid_fraction,
                      cameras, image_size, labelled)
-    if path.exists() and not overwrite and _reusable(path, meta):
+    try:
+        if path.exists() and not overwrite and _reusable(path, meta):
+            return path
+        _check_room(path, episodes, env.max_episode_steps, len(cameras) * 3 * image_size ** 2)
+        demos, attempts = _expert_demos(env, episodes, seed_offset, post_success_steps, action_noise, cameras,
+                                        progress)
+    finally:
         env.close()
-        return path
-    demos, attempts = _expert_demos(env, episodes, seed_offset, post_success_steps, action_noise, cameras, progress)
-    env.close()
 
     attrs = _dataset_attrs(env, demos, meta, attempts)
     instructions = [instruction(env.task, i) if labelled else None for i in range(len(demos))]
-    _write_dataset(path, demos, instructions, attrs, _split(len(demos), valid_fraction, seed_offset))
+    try:
+        _write_dataset(path, demos, instructions, attrs, _split(len(demos), valid_fraction, seed_offset))
+    except OSError as err:  # a full disk or a folder made read-only meanwhile; no partial file is left
+        raise ConfigError(f"setting out_dir: cannot write {path}: {err}; free some space or choose another "
+                          "out_dir") from err
     print(f"[envs.collect] wrote {path}: {episodes} demos, {attrs['total']} samples, "
           f"{attempts - episodes} failed expert episodes dropped", file=sys.stderr)
     return path
+
+
+def _check_arguments(episodes: int, seed_offset: int, post_success_steps: int, action_noise: float,
+                     max_episode_steps: int | None, valid_fraction: float, image_size: int) -> None:
+    """Refuse impossible settings before an environment is made (each a :class:`bac.ConfigError`)."""
+    def integer(name: str, value, low: int, high: float = math.inf) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+            bound = f"in [{low}, {high}]" if high < math.inf else f">= {low}"
+            raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+
+    integer("episodes", episodes, 1)
+    integer("seed_offset", seed_offset, 0)
+    integer("post_success_steps", post_success_steps, 0)
+    integer("image_size", image_size, 8, MAX_IMAGE_SIZE)
+    if max_episode_steps is not None:
+        integer("max_episode_steps", max_episode_steps, 1)
+    if isinstance(action_noise, bool) or not isinstance(action_noise, numbers.Real) \
+            or not (math.isfinite(action_noise) and action_noise >= 0):
+        raise ConfigError(f"action_noise is the standard deviation of the executed motion's noise: a finite number "
+                          f">= 0, got {action_noise!r}")
+    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, numbers.Real) \
+            or not 0 <= valid_fraction < 1:
+        raise ConfigError(f"valid_fraction is the share of demos held out for validation, in [0, 1), "
+                          f"got {valid_fraction!r}")
 
 
 def _checked_cameras(cameras: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     cameras = tuple(cameras)
     unknown = sorted(set(cameras) - set(CAMERAS))
     if unknown or len(set(cameras)) != len(cameras):
-        raise ValueError(f"cameras must be distinct names from {list(CAMERAS)}, got {list(cameras)}")
+        raise ConfigError(f"cameras must be distinct names from {list(CAMERAS)}, got {list(cameras)}")
     return cameras
+
+
+def _check_room(path: Path, episodes: int, episode_cap: int, frame_bytes: int) -> None:
+    """Refuse a dataset folder that cannot be written or lacks the space for the dataset (an estimate)."""
+    check_output_folder(path.parent, "out_dir")
+    needed = episodes * (episode_cap // 2) * (_STATE_BYTES_PER_STEP + frame_bytes)
+    check_free_space(path.parent, needed, "out_dir",
+                     f"{episodes} demos (estimated at half the {episode_cap}-step episode cap each)")
 
 
 def _metadata(
@@ -224,7 +285,7 @@ def _reusable(path: Path, meta: dict) -> bool:
     if existing is not None and existing.get("format_version", 0) < FORMAT_VERSION:
         print(f"[envs.collect] {path} is from an older collector; rewriting it", file=sys.stderr)
         return False
-    raise FileExistsError(
+    raise DatasetExistsError(
         f"{path} exists but was collected with other settings or is incomplete "
         f"(found {existing}, want {meta}); pass overwrite=true to replace it"
     )
@@ -242,8 +303,10 @@ def _expert_demos(
     bar = tqdm(total=episodes, desc=f"collect {env.task}", unit="demo", disable=not progress)
     while len(demos) < episodes:
         if attempts >= max_attempts:
-            raise RuntimeError(
-                f"expert succeeded on only {len(demos)} of {attempts} episodes of {env.task}"
+            raise ConfigError(
+                f"the expert succeeded on only {len(demos)} of {attempts} episodes of {env.task} "
+                f"(max_episode_steps={env.max_episode_steps}, action_noise={action_noise:g}): "
+                "raise max_episode_steps or lower action_noise"
             )
         seed = seed_offset + attempts
         attempts += 1

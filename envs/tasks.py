@@ -8,6 +8,10 @@ loads neither Meta-World nor MuJoCo; the environments themselves are built by
 
 from __future__ import annotations
 
+import difflib
+
+from bac.errors import ConfigError
+
 __all__ = [
     "ALL_TASKS",
     "DEFAULT_SUITE",
@@ -16,6 +20,7 @@ __all__ = [
     "HARD_SUITE",
     "MAX_EPISODE_STEPS",
     "METAWORLD_MAX_PATH_LENGTH",
+    "UnknownTaskError",
     "check_task",
     "env_id",
     "register_envs",
@@ -109,11 +114,22 @@ MAX_EPISODE_STEPS: dict[str, int] = {
 METAWORLD_MAX_PATH_LENGTH = 500
 
 
+class UnknownTaskError(ConfigError, KeyError):
+    """A task name that is not a Meta-World v3 task: a :class:`bac.ConfigError` that ``except KeyError``
+    (the error of earlier versions) also catches."""
+
+    __str__ = Exception.__str__  # KeyError's str() would quote the message
+
+
 def check_task(task: str) -> str:
-    """The short name of a task (``"push-v3"`` -> ``"push"``); KeyError if unknown."""
+    """The short name of a task (``"push-v3"`` -> ``"push"``); :class:`UnknownTaskError` if unknown."""
+    if not isinstance(task, str):
+        raise UnknownTaskError(f"a task is a Meta-World task name, got {task!r}")
     task = task.removesuffix("-v3")
     if task not in ALL_TASKS:
-        raise KeyError(f"unknown Meta-World task {task!r}; known: {', '.join(ALL_TASKS)}")
+        close = difflib.get_close_matches(task, ALL_TASKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UnknownTaskError(f"unknown Meta-World task {task!r}{hint}; known: {', '.join(ALL_TASKS)}")
     return task
 
 

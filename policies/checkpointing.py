@@ -11,8 +11,8 @@ against changed model settings, and names the file in every :class:`bac.Checkpoi
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import struct
 import warnings
 from pathlib import Path
@@ -158,12 +158,13 @@ class TrainingState:
             model, optimizer, lr_schedule, ema, generator)
 
     def save(self, path: Path, **extra: Any) -> None:
-        """Write the state and ``extra`` (tensors and plain values only) to ``path``; a crash leaves the old file."""
-        tmp = path.with_suffix(".tmp")
+        """Write the state and ``extra`` (tensors and plain values only) to ``path``; a crash leaves the old file,
+        and a failed write (a full disk) no temporary one."""
+        buffer = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "lr_schedule": self.lr_schedule.state_dict(), "ema": self.ema.state_dict(),
-                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), **extra}, tmp)
-        os.replace(tmp, path)
+                    "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), **extra}, buffer)
+        write_atomic(path, buffer.getbuffer())
 
     def restore(self, path: Path, check: Callable[[dict], None] | None = None) -> dict:
         """Load ``path`` (``weights_only``), let ``check`` refuse a foreign run, restore; returns the saved dict."""
@@ -185,10 +186,12 @@ class TrainingState:
 
 
 def resolve_checkpoint(name: str | Path) -> Path:
-    """A checkpoint directory: a path as given (when it exists or is absolute), else the shipped checkpoint
-    of that name (``policies/checkpoints/<name>``, package data in an install), else the path as given."""
+    """A checkpoint directory: a path as given (when it exists, is absolute or names a folder), else the
+    shipped checkpoint of that bare name (``policies/checkpoints/<name>``, package data in an install), else
+    the path as given. ``runs/<shipped name>`` that does not exist stays that path (a missing checkpoint),
+    never the shipped one of the same name."""
     path = Path(name)
-    if path.is_absolute() or path.exists():
+    if path.is_absolute() or path.exists() or len(path.parts) != 1:
         return path
     shipped = Path(__file__).resolve().parent / "checkpoints" / path.name
     return shipped if shipped.is_dir() else path

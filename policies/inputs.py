@@ -38,6 +38,7 @@ def check_state(config: PolicyConfig, batch: Batch, device: torch.device, histor
     if unknown:
         raise DataError(f"this policy does not read {unknown}; its observation features are "
                         f"{sorted(n for n in features if n.startswith('observation.'))}")
+    _refuse_non_real(STATE, batch[STATE])
     try:
         state = torch.as_tensor(batch[STATE], dtype=torch.float32, device=device)
     except (TypeError, ValueError, RuntimeError) as err:
@@ -56,6 +57,19 @@ def check_state(config: PolicyConfig, batch: Batch, device: torch.device, histor
         raise DataError(f"feature {STATE!r} contains NaN or inf in sample(s) {samples[:8]} (float32: finite "
                         "values beyond 3.4e38 overflow to inf)")
     return state
+
+
+def _refuse_non_real(name: str, value: Any) -> None:
+    """Refuse boolean and complex arrays, which a cast to float would silently turn into other numbers."""
+    if isinstance(value, torch.Tensor):
+        kind = "boolean" if value.dtype == torch.bool else "complex" if value.is_complex() else None
+    else:
+        try:
+            kind = {"b": "boolean", "c": "complex"}.get(np.asarray(value).dtype.kind)
+        except (TypeError, ValueError, RuntimeError):  # ragged or not numbers: the cast names the problem
+            kind = None
+    if kind:
+        raise DataError(f"feature {name!r} is a {kind} array; it must hold real numbers (float32)")
 
 
 def check_actions(config: PolicyConfig, batch: Batch, device: torch.device, size: int) -> torch.Tensor:
@@ -87,7 +101,9 @@ def task_indices(config: PolicyConfig, task: Any, size: int, device: torch.devic
         return None
     tasks = list(config.tasks)
     if isinstance(task, torch.Tensor):
-        indices = task.to(device).reshape(-1)
+        if task.is_floating_point() or task.is_complex() or task.dtype == torch.bool:
+            raise DataError(f"feature {TASK!r}: task indices must be an integer tensor, got {task.dtype}")
+        indices = task.to(device=device, dtype=torch.long).reshape(-1)  # one_hot takes int64 only
         if indices.numel() != size or indices.min() < 0 or indices.max() >= len(tasks):
             raise DataError(f"feature {TASK!r}: task indices must be {size} values in [0, {len(tasks)})")
         return indices if config.conditions_on_task else None
@@ -113,6 +129,7 @@ def check_images(config: PolicyConfig, batch: Batch, device: torch.device) -> to
     images = []
     for camera in config.cameras:
         name = IMAGE_PREFIX + camera
+        _refuse_non_real(name, batch[name])
         try:
             image = torch.as_tensor(batch[name], device=device)
         except (TypeError, ValueError, RuntimeError) as err:

@@ -5,6 +5,10 @@ weights (diffusers' ``EMAModel``), deterministic seeding. Every
 ``checkpoint_every`` steps the full training state goes to ``run_dir`` (resumed
 automatically after an interruption) and the EMA policy is exported to
 ``export_dir`` as safetensors + JSON (``export_half=true``: the denoiser's weights stored as float16).
+
+Settings are checked before any work (:func:`check_training_settings`: impossible values, the device, the
+output folders), free space before the first step; a write that fails later stops training with a
+:class:`bac.ConfigError` and keeps the last complete checkpoint.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from tqdm import tqdm
 
 from bac.configs.settings import BOOL, FLOAT, INT, SEQ, STR
 from bac.errors import CheckpointError, ConfigError
+from bac.files import check_free_space, check_output_folder
 
 from .checkpointing import TrainingState, check_state_fits
 from .config import PolicyConfig
@@ -54,6 +59,52 @@ def policy_config(cfg: DictConfig, state_dim: int, action_dim: int, tasks: list[
         raise ConfigError(f"policy settings ({cfg.policy.name}): {err}") from err
 
 
+MAX_BATCH_SIZE = 65_536  # a batch's windows are drawn at once: a larger one only exhausts memory
+# Values the settings' types and minimums let through but training cannot use: (the rule in words, the test).
+_VALUE_RULES = {
+    "lr": ("> 0", lambda v: v > 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "ema_power": ("> 0", lambda v: v > 0),
+    "ema_max_decay": ("in [0, 1]", lambda v: 0 <= v <= 1),
+}
+
+
+def check_device(name: Any) -> torch.device:
+    """The torch device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``), refused with a
+    :class:`bac.ConfigError` unless this torch build and machine have it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"setting device: {name!r} is not a torch device ({err}); use cpu or cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("a CPU-only build of torch" if torch.version.cuda is None
+                   else f"a CUDA build of torch {torch.__version__}, but no GPU is visible")
+            raise ConfigError(f"setting device={name}: this is {why}; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"setting device={name}: only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"setting device={name}: this torch build or machine has no MPS; use device=cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"setting device={name}: training runs on cpu, cuda or mps")
+    return device
+
+
+def check_training_settings(cfg: DictConfig) -> None:
+    """Refuse, before any data is read or collected, what ``check_settings``' types and minimums let through:
+    a learning rate of 0 or NaN, decays beyond 1, a batch too large for memory, a device this machine lacks,
+    and a ``run_dir`` or ``export_dir`` that is a file or cannot be written. Each a :class:`bac.ConfigError`."""
+    for key, (rule, holds) in _VALUE_RULES.items():
+        value = cfg[key]
+        if not (math.isfinite(value) and holds(value)):
+            raise ConfigError(f"setting {key} must be a finite number {rule}, got {value!r}")
+    if cfg.batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"setting batch_size must be <= {MAX_BATCH_SIZE}, got {cfg.batch_size}")
+    check_device(cfg.device)
+    check_output_folder(cfg.run_dir, "run_dir")
+    check_output_folder(cfg.export_dir, "export_dir")
+
+
 def train(cfg: DictConfig, data: Any, tasks: list[str], *,
           success_check: Callable[[DiffusionPolicy], dict[str, float]] | None = None,
           extra_instructions: Sequence[str] = ()) -> Path:
@@ -64,19 +115,36 @@ def train(cfg: DictConfig, data: Any, tasks: list[str], *,
     policy; ``extra_instructions``: encoded with the demonstrations' ones (held-out paraphrases).
     Returns the export folder.
     """
+    check_training_settings(cfg)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)  # before the policy is made: its initial weights come from this stream
     device = torch.device(cfg.device)
     run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     policy = _fitted_policy(cfg, data, tasks, extra_instructions, device)
+    _check_room(policy, run_dir, export_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     training_batch = _batch_maker(data, device)
     state = _training_state(policy, cfg, device)
     settings = OmegaConf.to_container(cfg, resolve=True)
     state_path = run_dir / "train_state.pt"
     step, elapsed = _resumed(state, state_path, settings) if cfg.resume and state_path.exists() else (0, 0.0)
 
+    try:
+        _train_steps(cfg, state, training_batch, data, settings, step, elapsed, success_check, device)
+    except OSError as err:  # a disk filled (or a folder made read-only) since the checks
+        raise ConfigError(f"training stopped: cannot write {err.filename or run_dir} "
+                          f"({err.strerror or err}); the last complete checkpoint is kept: free some space "
+                          "(or choose another run_dir / export_dir) and run again to resume") from err
+    return export_dir
+
+
+def _train_steps(cfg: DictConfig, state: TrainingState, training_batch: Callable[[torch.Tensor], dict], data: Any,
+                 settings: dict, step: int, elapsed: float,
+                 success_check: Callable[[DiffusionPolicy], dict[str, float]] | None, device: torch.device) -> None:
+    """Optimise from ``step`` to ``cfg.steps``, logging, checkpointing and exporting on the way."""
+    run_dir, export_dir = Path(cfg.run_dir), Path(cfg.export_dir)
+    state_path = run_dir / "train_state.pt"
     with open(run_dir / "log.jsonl", "a") as log:
         smoothed = math.nan  # the loss's moving average, for the bar, the log and the export (not resumed)
         bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress,
@@ -94,16 +162,27 @@ def train(cfg: DictConfig, data: Any, tasks: list[str], *,
             if step % cfg.log_every == 0:
                 _append(log, {"step": step, "loss": smoothed, "lr": lr, "elapsed": round(elapsed, 1)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                state.save(state_path, step=step, elapsed=elapsed, settings=settings)
+                # the export first: a run resumed after a failed write exports again at its next checkpoint
                 _export(state, export_dir, bool(cfg.export_half),
                         _provenance(settings, step, smoothed, elapsed, data.sources))
+                state.save(state_path, step=step, elapsed=elapsed, settings=settings)
             if success_check is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 rates = success_check(DiffusionPolicy.load(export_dir, device=device))
                 tqdm.write(f"step {step}: closed-loop success "
                            + ", ".join(f"{t} {r:.0%}" for t, r in rates.items()))
                 _append(log, {"step": step, "success": rates})
         bar.close()
-    return export_dir
+
+
+def _check_room(policy: DiffusionPolicy, run_dir: Path, export_dir: Path) -> None:
+    """Refuse to train when the output folders lack the space for the checkpoints, before the first step."""
+    weights = sum(t.numel() * t.element_size() for t in policy.state_dict().values())
+    # the training state holds the weights, AdamW's two moments and the EMA copy (4x), the export 1x;
+    # each is written beside the previous file before replacing it (2x)
+    needed = 10 * weights
+    what = "the training state and the export (10 times the weights' size, temporary copies included)"
+    for setting, folder in (("run_dir", run_dir), ("export_dir", export_dir)):
+        check_free_space(folder, needed, setting, what)
 
 
 def _fitted_policy(cfg: DictConfig, data: Any, tasks: list[str], extra_instructions: Sequence[str],

@@ -8,15 +8,19 @@ naming the file and the field.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from ..adapters import KINDS
 from ..checks import check_number
-from ..errors import PlanMismatchError
+from ..errors import ConfigError, PlanMismatchError
 from ..files import write_atomic
 from ..fit import check_made_for, scheduler_id
 from ..flops import executed_flops
@@ -29,6 +33,16 @@ _BLOCK_FIELDS = ("name", "kind", "layer", "update_steps")
 _MODEL_FIELDS = {"class": (str,), "num_layers": (int,), "width": (int, type(None)), "parameters": (str,),
                  "weights": (str,)}
 _MODEL_OPTIONAL = ("weights",)
+MAX_NESTING = 32  # levels of lists and objects in params and calibration (real plans use 1)
+HEATMAP_COLUMNS = 2000  # a longer plan is drawn in bins of steps, each shaded by the share of steps computed
+
+
+def _nesting(value: Any, limit: int) -> int:
+    """How deeply ``value`` nests lists and objects, counted up to ``limit + 1`` (so never deeper)."""
+    if limit < 0 or not isinstance(value, (Mapping, list, tuple)):
+        return 0
+    items = value.values() if isinstance(value, Mapping) else value
+    return 1 + max((_nesting(v, limit - 1) for v in items), default=0)
 
 
 def _is_int(value: Any) -> bool:
@@ -81,6 +95,8 @@ class _Reader:
     def mapping(self, value: Any, where: str) -> dict:
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
             raise self.wrong(where, "an object", value)
+        if _nesting(value, MAX_NESTING) > MAX_NESTING:
+            raise self.fail(f"field {where} nests lists and objects deeper than {MAX_NESTING} levels")
         return dict(value)
 
     def read(self, data: Any) -> dict:
@@ -297,25 +313,38 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise PlanMismatchError(f"plan file {path} is not valid JSON (truncated?): {err}") from None
+        except RecursionError:  # Python's JSON reader recurses per level of nesting
+            raise PlanMismatchError(f"plan file {path} nests lists or objects too deeply to be a plan") from None
         return cls.from_dict(data, source=f"file {path}")
 
     def heatmap(self, path: str | Path | None = None, ax=None):
-        """Draw blocks (rows) by steps (columns), updated vs reused; save to ``path`` if given."""
+        """Draw blocks (rows) by steps (columns), updated vs reused; save to ``path`` if given (written whole
+        or not at all; its suffix names the image format).
+
+        A plan of more than :data:`HEATMAP_COLUMNS` steps is drawn in that many bins of consecutive steps,
+        each shaded by the share of its steps computed, so drawing takes bounded memory for any step count."""
         import matplotlib
 
         if ax is None:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
+        from matplotlib.colors import LinearSegmentedColormap, ListedColormap
 
-        table = [[float(k in set(b.update_steps)) for k in range(self.num_steps)] for b in self.blocks]
+        bin_steps = math.ceil(self.num_steps / HEATMAP_COLUMNS)
+        colors = ["#e8e8e8", "#c0392b"]
         if ax is None:
             height = max(3.0, 0.18 * len(self.blocks) + 1.2)
             fig, ax = plt.subplots(figsize=(min(16.0, 3 + 0.09 * self.num_steps), height))
         fig = ax.figure
-        ax.imshow(table, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#e8e8e8", "#c0392b"]))
+        if bin_steps == 1:
+            ax.imshow(self._update_table(), aspect="auto", interpolation="nearest", cmap=ListedColormap(colors))
+            ax.set_xlabel("denoising step (execution order)")
+        else:
+            ax.imshow(self._update_shares(bin_steps), aspect="auto", interpolation="nearest", vmin=0, vmax=1,
+                      cmap=LinearSegmentedColormap.from_list("updates", colors),
+                      extent=(-0.5, self.num_steps - 0.5, len(self.blocks) - 0.5, -0.5))
+            ax.set_xlabel(f"denoising step (execution order), in bins of {bin_steps} steps shaded by the share computed")
         ax.set_yticks(range(len(self.blocks)), [b.name for b in self.blocks], fontsize=6)
-        ax.set_xlabel("denoising step (execution order)")
         ax.set_title(
             f"{self.method}: {self.computed_count()} of {len(self.blocks) * self.num_steps} block evaluations "
             "computed (red = update, grey = reuse)",
@@ -323,6 +352,35 @@ class Plan:
         )
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=150)
+            _save_figure(fig, Path(path))
             plt.close(fig)
         return fig
+
+    def _update_table(self) -> list[list[float]]:
+        """Per block, per step: 1.0 where the block is computed."""
+        table = []
+        for b in self.blocks:
+            row = [0.0] * self.num_steps
+            for k in b.update_steps:
+                row[k] = 1.0
+            table.append(row)
+        return table
+
+    def _update_shares(self, bin_steps: int):
+        """Per block, per bin of ``bin_steps`` consecutive steps: the share of the bin's steps computed."""
+        columns = math.ceil(self.num_steps / bin_steps)
+        widths = np.full(columns, bin_steps)
+        widths[-1] = self.num_steps - bin_steps * (columns - 1)
+        return np.stack([np.bincount(np.asarray(b.update_steps) // bin_steps, minlength=columns) / widths
+                         for b in self.blocks])
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` in the format its suffix names (png without one), whole or not at all."""
+    image_format = path.suffix.lstrip(".").lower() or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if image_format not in supported:
+        raise ConfigError(f"cannot draw a heatmap as {path}: the image formats are {', '.join(sorted(supported))}")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=image_format, dpi=150)
+    write_atomic(path, buffer.getvalue())

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from bac.errors import CheckpointError, ConfigError, DataError
+from bac.files import write_atomic
 
 __all__ = ["ENCODER", "ENTRY_BYTES", "MAX_TOKENS", "TOKEN_DIM", "LanguageCache", "SentenceEncoder"]
 
@@ -153,7 +155,8 @@ class LanguageCache:
         path = Path(path)
         sentences = sorted(self.entries)
         tensors = {self._key(s): self.entries[s].contiguous() for s in sentences}
-        save_file(tensors, str(path), metadata={"encoder": ENCODER, "sentences": json.dumps(sentences)})
+        # through bytes and a rename: a full disk leaves the old file or none, never a partial one
+        write_atomic(path, safetensors_bytes(tensors, metadata={"encoder": ENCODER, "sentences": json.dumps(sentences)}))
         return path
 
     @classmethod

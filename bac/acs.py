@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checks import check_number
+from .errors import DataError
 
 
 def acs_schedule(similarity, num_updates: int, maximize: bool = True) -> list[int]:
@@ -21,7 +22,7 @@ def acs_schedule(similarity, num_updates: int, maximize: bool = True) -> list[in
     """
     s = np.asarray(similarity, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
-        raise ValueError(f"similarity must be a non-empty square K x K matrix, got shape {s.shape}")
+        raise DataError(f"similarity must be a non-empty square K x K matrix, got shape {s.shape}")
     check_number("num_updates", num_updates, 1, s.shape[0], integer=True)
     _, choices = _dynamic_program(s, num_updates, maximize)
     steps, i = [], s.shape[0] - 1
@@ -40,7 +41,7 @@ def acs_scores(similarity, maximize: bool = True) -> np.ndarray:
     """
     s = np.asarray(similarity, dtype=np.float64)
     if s.ndim != 2 or s.shape[0] != s.shape[1] or s.shape[0] == 0:
-        raise ValueError(f"similarity must be a non-empty square K x K matrix, got shape {s.shape}")
+        raise DataError(f"similarity must be a non-empty square K x K matrix, got shape {s.shape}")
     values, _ = _dynamic_program(s, s.shape[0], maximize)
     return values
 
@@ -49,7 +50,7 @@ def _dynamic_program(s: np.ndarray, num_updates: int, maximize: bool) -> tuple[n
     """ACS's table for 1 .. ``num_updates`` segments: the optimal total score for each count (larger is
     better) and, per added segment, the argmax choices that backtracking reads."""
     if not np.isfinite(s).all():
-        raise ValueError("similarity matrix contains NaN or inf")
+        raise DataError("similarity matrix contains NaN or inf")
     k = s.shape[0]
     score = s if maximize else -s
     prefix = np.cumsum(score, axis=1)

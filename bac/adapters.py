@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import ConfigError, ConfigTypeError
 from .standins import stream_sums
 from .state import get_handle
 
@@ -59,7 +60,8 @@ class LayerAdapter:
     branches: tuple[tuple[str, str], ...] = ()
 
     def check(self, layer: nn.Module) -> None:
-        """Raise ``ValueError`` if this adapter cannot reproduce ``layer`` exactly (called for every layer)."""
+        """Raise :class:`bac.ConfigError` if this adapter cannot reproduce ``layer`` exactly (called for every
+        layer)."""
 
     def install(self, layer: nn.Module, runners: Sequence[Runner]) -> None:
         raise NotImplementedError
@@ -93,7 +95,7 @@ class LayerAdapter:
     def _check_kinds(self) -> None:
         for key, kind in self.branches:
             if kind not in KINDS:
-                raise ValueError(f"branch {key!r} has kind {kind!r}; expected one of {KINDS}")
+                raise ConfigError(f"branch {key!r} has kind {kind!r}; expected one of {KINDS}")
 
 
 class BranchAttributes(LayerAdapter):
@@ -116,10 +118,10 @@ class BranchAttributes(LayerAdapter):
         for attr, _ in self.branches:
             target = getattr(layer, attr, None)
             if target is None or not callable(target):
-                raise ValueError(f"{type(layer).__name__}.{attr} is not a callable branch")
+                raise ConfigError(f"{type(layer).__name__}.{attr} is not a callable branch")
             if (isinstance(target, nn.Module) and forward_replaced(target)) or attr in layer.__dict__:
-                raise ValueError(f"{type(layer).__name__}.{attr} is already replaced on the instance "
-                                 "(another accelerator or hook?); remove it first")
+                raise ConfigError(f"{type(layer).__name__}.{attr} is already replaced on the instance "
+                                  "(another accelerator or hook?); remove it first")
 
     def install(self, layer: nn.Module, runners: Sequence[Runner]) -> None:
         for (attr, _), runner in zip(self.branches, runners):
@@ -129,7 +131,7 @@ class BranchAttributes(LayerAdapter):
             elif callable(target):
                 setattr(layer, attr, partial(runner, target))
             else:
-                raise TypeError(f"{type(layer).__name__}.{attr} is not callable")
+                raise ConfigTypeError(f"{type(layer).__name__}.{attr} is not callable")
 
     def uninstall(self, layer: nn.Module) -> None:
         for attr, _ in self.branches:
@@ -174,8 +176,8 @@ class ForwardOverride(LayerAdapter):
 
     def check(self, layer: nn.Module) -> None:
         if forward_replaced(layer):
-            raise ValueError(f"{type(layer).__name__} already has a replaced forward "
-                             "(another accelerator or hook?); remove it first")
+            raise ConfigError(f"{type(layer).__name__} already has a replaced forward "
+                              "(another accelerator or hook?); remove it first")
 
     def install(self, layer: nn.Module, runners: Sequence[Runner]) -> None:
         layer.forward = partial(self._forward, layer, tuple(runners))
@@ -190,7 +192,7 @@ _REGISTRY: dict[type, LayerAdapter] = {}
 def register_adapter(layer_cls: type, adapter: LayerAdapter) -> LayerAdapter:
     """Register ``adapter`` for layers of exactly ``layer_cls``; returns it."""
     if not isinstance(adapter, LayerAdapter):
-        raise TypeError(f"adapter for {layer_cls.__name__} must be a LayerAdapter, got {type(adapter).__name__}")
+        raise ConfigTypeError(f"adapter for {layer_cls.__name__} must be a LayerAdapter, got {type(adapter).__name__}")
     _REGISTRY[layer_cls] = adapter
     return adapter
 
@@ -216,7 +218,7 @@ class ModelSpec:
     def weights_digest(self) -> str:
         """:func:`weights_digest` of the described model, now (not cached: the weights may have changed)."""
         if self.model is None:
-            raise ValueError("this ModelSpec was built without its model; describe the model with bac.describe")
+            raise ConfigError("this ModelSpec was built without its model; describe the model with bac.describe")
         return weights_digest(self.model)
 
 
@@ -266,7 +268,7 @@ def describe(model: nn.Module, adapters: Mapping[type, LayerAdapter] | None = No
             adapter.check(module)
         layers.append((path, module, adapter))
     if not layers:
-        raise ValueError(
+        raise ConfigError(
             f"{type(model).__name__} has no layer with a registered block adapter; "
             "declare its layers with bac.register_adapter(LayerClass, bac.BranchAttributes({...}))"
         )

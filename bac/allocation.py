@@ -26,7 +26,7 @@ def allocate_updates(gains: Sequence[Sequence[float]], costs: Sequence[int], bud
     blocks. Raises :class:`BudgetError` when even one update per block does not fit.
     """
     if len(gains) != len(costs) or not gains:
-        raise ValueError(f"need one gain row and one cost per block, got {len(gains)} and {len(costs)}")
+        raise ConfigError(f"need one gain row and one cost per block, got {len(gains)} and {len(costs)}")
     check_number("budget", budget, 0, integer=True)
     for c in costs:
         check_number("block cost (budget units)", c, 1, integer=True)

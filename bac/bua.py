@@ -5,6 +5,7 @@ from typing import Any, Mapping, Sequence
 
 from .adapters import KINDS
 from .checks import check_number
+from .errors import ConfigError
 
 
 def _as_block(block: Any) -> tuple[str, str, int]:
@@ -13,7 +14,7 @@ def _as_block(block: Any) -> tuple[str, str, int]:
     else:
         name, kind, layer = block.name, block.kind, block.layer
     if kind not in KINDS:
-        raise ValueError(f"block {name!r} has kind {kind!r}; expected one of {KINDS}")
+        raise ConfigError(f"block {name!r} has kind {kind!r}; expected one of {KINDS}")
     return str(name), kind, int(layer)
 
 

@@ -44,7 +44,7 @@ class BlockCost:
         """Predicted latency of a call with ``updates[b]`` evaluations of block ``b``."""
         missing = sorted(set(self.block_ms) - set(updates))
         if missing:
-            raise ValueError(f"no update count for blocks {missing[:4]}")
+            raise ConfigError(f"no update count for blocks {missing[:4]}")
         return self.fixed_ms + sum(self.block_ms[b] * updates[b] for b in self.block_ms)
 
     def predict_plan(self, plan: Plan) -> float:
@@ -67,10 +67,10 @@ class BlockCost:
         plans live in the sparse regime. Returns the model and the ``(updates, measured_ms)`` points.
         """
         if groups not in ("kind", "block"):
-            raise ValueError(f"groups must be 'kind' or 'block', got {groups!r}")
+            raise ConfigError(f"groups must be 'kind' or 'block', got {groups!r}")
         k = source.num_steps
         if k < 2:
-            raise ValueError("a cost model needs a sampler of at least 2 steps (one step cannot be cached)")
+            raise ConfigError("a cost model needs a sampler of at least 2 steps (one step cannot be cached)")
         names = [b.name for b in source.blocks]
         keys = [b.kind if groups == "kind" else b.name for b in source.blocks]
         members = {key: [n for n, g in zip(names, keys) if g == key] for key in dict.fromkeys(keys)}
@@ -210,7 +210,7 @@ def _deadline(deadline_ms: float | None, budget: float, control_hz: float | None
 
 def _check_search_options(metric: str, n: int, tolerance: float, max_refits: int, resolution: int) -> None:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        raise ConfigError(f"unknown metric {metric!r}; expected one of {METRICS}")
     check_number("n (BUA top-n)", n, 0, integer=True)
     check_number("tolerance", tolerance, 0)
     check_number("max_refits", max_refits, 0, integer=True)

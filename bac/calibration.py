@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
 from .adapters import KINDS, Block
-from .errors import PlanMismatchError
+from .errors import ConfigError, PlanMismatchError
 from .files import write_atomic
 from .fit import check_made_for
 
@@ -83,7 +83,7 @@ class Calibration:
 
     def matrix(self, metric: str) -> np.ndarray:
         if metric not in self.matrices:
-            raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+            raise ConfigError(f"unknown metric {metric!r}; expected one of {METRICS}")
         return self.matrices[metric]
 
     @property

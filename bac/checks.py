@@ -5,9 +5,12 @@ import math
 import numbers
 from typing import Any
 
+from .errors import ConfigError
+
 
 def check_number(name: str, value: Any, low: float, high: float = math.inf, integer: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a number (an integer if ``integer``) in ``[low, high]``.
+    """Raise :class:`bac.ConfigError` (a ``ValueError``) unless ``value`` is a number (an integer if ``integer``)
+    in ``[low, high]``.
 
     Booleans, strings and NaN are refused; NumPy scalars are numbers.
     """
@@ -15,4 +18,4 @@ def check_number(name: str, value: Any, low: float, high: float = math.inf, inte
     valid = not isinstance(value, bool) and isinstance(value, kind)
     if not valid or value != value or not low <= value <= high:
         what = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {what} in [{low}, {high}], got {value!r}")
+        raise ConfigError(f"{name} must be {what} in [{low}, {high}], got {value!r}")

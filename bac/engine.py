@@ -17,7 +17,8 @@ from torch import nn
 
 from .adapters import LayerAdapter, ModelSpec, describe
 from .checks import check_number
-from .errors import CacheStateError
+from .errors import CacheStateError, ConfigError, ConfigTypeError, PlanMismatchError
+from .fit import scheduler_id
 from .methods import Method
 from .plan import Plan
 from .rows import BoundSchedule, StaticRows, rows_from_table
@@ -48,14 +49,17 @@ class CacheHandle:
         observer: Observer | None = None,
         tap: Tap | None = None,
         step_hooks: bool = True,
+        scheduler: str | None = None,
     ):
         if get_handle(model) is not None:
-            raise RuntimeError(f"{type(model).__name__} is already accelerated; call handle.remove() first")
+            raise CacheStateError(f"{type(model).__name__} is already accelerated; call handle.remove() first")
         self.model = model
         self.spec = spec
         self.standin = standin
         self.plan = plan
         self.tap = tap
+        self._scheduler = scheduler  # the scheduler id the schedule was made for (None: unknown)
+        self._fitting: tuple = ()  # the last (num_steps, scheduler) check_sampler accepted
         self._threads = ThreadStates(schedule, len(spec.blocks), observer)
         self._local = self._threads.local  # what the hooks and runners read
         self._stats = HandleStats(spec, self._threads)
@@ -171,7 +175,7 @@ class CacheHandle:
         """
         bound, chosen, plan = _bind(self.spec, schedule, None, num_steps, scheduler, allow_other_weights)
         if chosen.describe() != self.standin.describe() or bound.static != self.schedule.static:
-            raise ValueError(
+            raise ConfigError(
                 f"reschedule keeps the handle's stand-in ({self.standin.describe()['standin']}) and "
                 f"{'static plan' if self.schedule.static else 'runtime rule'}; got "
                 f"{chosen.describe()['standin']} and {'a static plan' if bound.static else 'a runtime rule'}: "
@@ -179,6 +183,39 @@ class CacheHandle:
             )
         self._threads.reschedule(bound)
         self.plan = plan
+        self._scheduler, self._fitting = _scheduler_made_for(plan, scheduler), ()
+
+    def check_sampler(self, num_steps: int, scheduler: Any = None) -> None:
+        """Raise :class:`bac.PlanMismatchError` unless a sampling call of ``num_steps`` denoiser calls with
+        ``scheduler`` fits this handle's schedule: a static plan's step count exactly, a runtime rule's at
+        most, and the scheduler the plan was made for (or :func:`accelerate` was given) where both are known.
+
+        ``scheduler``: a diffusers scheduler, a value carrying one in ``.scheduler``, a
+        :func:`bac.scheduler_id`, or ``None`` (not checked). Call it before a sampling call whose sampler may
+        differ from the one the model was accelerated for (a policy view with another sampler shares the
+        denoiser: ``DiffusionPolicy`` does, once per call). The last sampler accepted is remembered, so
+        checking the same one again is one comparison.
+        """
+        fitting = self._fitting
+        if fitting and fitting[0] == num_steps and fitting[1] is scheduler:
+            return
+        schedule = self.schedule
+        if num_steps > schedule.limit or (schedule.exact_length and num_steps != schedule.limit):
+            made = "a plan" if schedule.exact_length else "a runtime rule"
+            raise PlanMismatchError(
+                f"the sampler runs {num_steps} denoising steps, but the model is accelerated with {made} "
+                f"({schedule.name}) made for {schedule.limit}: accelerate for this sampler (a plan made for "
+                f"{num_steps} steps; handle.reschedule or handle.remove() and accelerate again)"
+            )
+        wanted = scheduler_id(scheduler)
+        if wanted is not None and self._scheduler is not None and wanted != self._scheduler:
+            made, used = self._scheduler.split("(")[0], wanted.split("(")[0]
+            raise PlanMismatchError(
+                f"the sampler uses {used if used != made else f'another configuration of {used}'}, but the model "
+                f"is accelerated with a schedule ({schedule.name}) made for {made}: accelerate for this sampler "
+                "(handle.reschedule, or handle.remove() and accelerate again)"
+            )
+        self._fitting = (num_steps, scheduler)
 
     # -- contexts --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -202,8 +239,8 @@ class CacheHandle:
         """
         local = self._local
         if name == "default" or name == local.state.name:
-            raise ValueError(f"cannot drop context {name!r}: it is "
-                             f"{'the default context' if name == 'default' else 'active in this thread'}")
+            raise ConfigError(f"cannot drop context {name!r}: it is "
+                              f"{'the default context' if name == 'default' else 'active in this thread'}")
         record = local.record
         state = record.contexts.pop(name, None)
         if state is None:
@@ -347,7 +384,13 @@ def accelerate(
     """
     spec = describe(model, adapters)
     bound, chosen, plan = _bind(spec, schedule, standin, num_steps, scheduler, allow_other_weights)
-    return CacheHandle(model, spec, bound, chosen, plan=plan, tap=tap, step_hooks=step_hooks)
+    return CacheHandle(model, spec, bound, chosen, plan=plan, tap=tap, step_hooks=step_hooks,
+                       scheduler=_scheduler_made_for(plan, scheduler))
+
+
+def _scheduler_made_for(plan: Plan | None, scheduler: Any) -> str | None:
+    """The scheduler id a handle's schedule was made for: the plan's, else the one ``accelerate`` was given."""
+    return (plan.scheduler if plan is not None else None) or scheduler_id(scheduler)
 
 
 def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standin | None, num_steps: int | None,
@@ -355,7 +398,7 @@ def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standi
     """The bound schedule, stand-in and plan (if static) of ``schedule`` on ``spec``, every fit checked."""
     if isinstance(schedule, Method):
         if standin is not None:
-            raise ValueError(f"method {schedule.name!r} already has its stand-in ({schedule.standin!r})")
+            raise ConfigError(f"method {schedule.name!r} already has its stand-in ({schedule.standin!r})")
         schedule, standin = schedule.schedule, schedule.standin
     if isinstance(schedule, Plan):
         schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler, allow_other_weights=allow_other_weights)
@@ -367,7 +410,7 @@ def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standi
                      integer=True)
         chosen = make_standin(standin or schedule.standin or REUSE)
         return schedule.bind(spec, num_steps), chosen, None
-    raise TypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
+    raise ConfigTypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
 
 
 def _input_shape(args: tuple, kwargs: dict) -> torch.Size | None:

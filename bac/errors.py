@@ -16,6 +16,11 @@ class ConfigError(BacError, ValueError):
     """A setting (Hydra config, argument, config file field) is missing, unknown or out of range."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument of the wrong type (a model where a Calibration belongs, a non-callable branch): a
+    :class:`ConfigError` that ``except TypeError`` also catches."""
+
+
 class CheckpointError(BacError, ValueError):
     """A checkpoint or weights file is missing, corrupt, or does not fit its config."""
 

@@ -9,7 +9,7 @@ import json
 import warnings
 from typing import Any, Sequence
 
-from .errors import PlanMismatchError
+from .errors import ConfigTypeError, PlanMismatchError
 
 
 def scheduler_id(scheduler: Any) -> str | None:
@@ -20,7 +20,7 @@ def scheduler_id(scheduler: Any) -> str | None:
     scheduler = getattr(scheduler, "scheduler", scheduler)
     config = getattr(scheduler, "config", None)
     if config is None:
-        raise TypeError(f"cannot describe scheduler {scheduler!r}: pass a string or a diffusers scheduler")
+        raise ConfigTypeError(f"cannot describe scheduler {scheduler!r}: pass a string or a diffusers scheduler")
     items = {k: v for k, v in dict(config).items() if not k.startswith("_") and k != "trained_betas"}
     return f"{type(scheduler).__name__}({json.dumps(items, sort_keys=True, default=str)})"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checks import check_number
+from .errors import ConfigError, DataError
 
 ORDERS = (0, 1)  # stand-ins the dynamic program is exact for: reuse and linear extrapolation
 
@@ -101,7 +102,7 @@ def schedule_error(gram, steps, order: int = 1) -> float:
     k = errors.shape[1]
     steps = sorted(set(int(s) for s in steps))
     if not steps or steps[0] != 0 or steps[-1] >= k:
-        raise ValueError(f"update steps must start at 0 and lie in 0..{k - 1}, got {steps}")
+        raise ConfigError(f"update steps must start at 0 and lie in 0..{k - 1}, got {steps}")
     total, previous = 0.0, k
     for u, v in zip(steps, steps[1:] + [k]):
         total += errors[previous, u, u + 1:v].sum()
@@ -112,7 +113,7 @@ def schedule_error(gram, steps, order: int = 1) -> float:
 def _check_gram(gram) -> np.ndarray:
     g = np.asarray(gram, dtype=np.float64)
     if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
-        raise ValueError(f"a Gram matrix must be a non-empty square K x K matrix, got shape {g.shape}")
+        raise DataError(f"a Gram matrix must be a non-empty square K x K matrix, got shape {g.shape}")
     if not np.isfinite(g).all():
-        raise ValueError("Gram matrix contains NaN or inf")
+        raise DataError("Gram matrix contains NaN or inf")
     return g

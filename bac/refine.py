@@ -17,6 +17,7 @@ from torch import nn
 from .adapters import LayerAdapter, describe
 from .checks import check_number
 from .engine import accelerate
+from .errors import ConfigError, ConfigTypeError
 from .methods import Method
 from .plan import Plan
 
@@ -47,14 +48,14 @@ def refine(
     of every block in each round).
     """
     if not isinstance(method, Method) or not isinstance(method.schedule, Plan):
-        raise TypeError("refine improves a static plan: pass a bac.Method built from a plan (bac.build_method)")
+        raise ConfigTypeError("refine improves a static plan: pass a bac.Method built from a plan (bac.build_method)")
     check_number("rounds", rounds, 1, integer=True)
     if max_candidates is not None:
         check_number("max_candidates", max_candidates, 1, integer=True)
     limit = max_candidates if max_candidates is not None else float("inf")
     inputs = list(inputs)
     if not inputs:
-        raise ValueError("refine needs at least one input")
+        raise ConfigError("refine needs at least one input")
     plan, spec = method.schedule, describe(model, adapters)
     plan.check_fits(spec)
     k = plan.num_steps
@@ -73,9 +74,9 @@ def refine(
     with torch.no_grad():
         reference = outputs(None)
         if not all(torch.equal(a, b) for a, b in zip(outputs(None), reference)):
-            raise ValueError("sample_fn gives different outputs for the same input (unseeded noise, or a generator "
-                             "consumed by the first call?): refinement compares outputs, so seed each call from its "
-                             "input")
+            raise ConfigError("sample_fn gives different outputs for the same input (unseeded noise, or a generator "
+                              "consumed by the first call?): refinement compares outputs, so seed each call from its "
+                              "input")
     norm = sum(float(r.square().sum()) for r in reference) ** 0.5
 
     def deviation(steps: dict[str, list[int]]) -> float:
@@ -134,5 +135,5 @@ def _flat(output: Any) -> torch.Tensor:
     parts = output if isinstance(output, (tuple, list)) else (output,)
     tensors = [torch.as_tensor(p).detach().double().cpu().reshape(-1) for p in parts if p is not None]
     if not tensors:
-        raise TypeError(f"sample_fn returned {type(output).__name__}, not a tensor or tensors")
+        raise ConfigTypeError(f"sample_fn returned {type(output).__name__}, not a tensor or tensors")
     return torch.cat(tensors)

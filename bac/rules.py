@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from .adapters import ModelSpec
 from .checks import check_number
+from .errors import PlanMismatchError
 from .rows import NOTIFY, RUN, STORE, BoundSchedule
 from .standins import Reuse, Taylor, TaylorSeries, relative_l1
 
@@ -40,7 +41,8 @@ def _probe(spec: ModelSpec) -> int:
     first = spec.blocks[0].layer
     count = sum(1 for b in spec.blocks if b.layer == first)
     if count == len(spec.blocks):
-        raise ValueError("a whole-model rule needs at least two layers: the first is the probe, the rest are cached")
+        raise PlanMismatchError("a whole-model rule needs at least two layers: the first is the probe, the rest "
+                                "are cached")
     return count
 
 

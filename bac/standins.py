@@ -13,6 +13,7 @@ import math
 from typing import Any, Callable
 
 from .checks import check_number
+from .errors import ConfigError
 
 
 def map_outputs(fn: Callable[..., Any], *outputs: Any) -> Any:
@@ -147,4 +148,4 @@ def make_standin(standin: "str | Standin") -> Standin:
         return REUSE
     if isinstance(standin, str) and standin.startswith("taylor-") and standin[7:] in ("1", "2"):
         return Taylor(int(standin[7:]))
-    raise ValueError(f"unknown stand-in {standin!r}; expected 'reuse', 'taylor-1' or 'taylor-2'")
+    raise ConfigError(f"unknown stand-in {standin!r}; expected 'reuse', 'taylor-1' or 'taylor-2'")

@@ -91,6 +91,20 @@ def paired_difference(method: list[dict], reference: list[dict]) -> dict:
     }
 
 
+def significant(paired: dict) -> bool:
+    """Whether a paired difference is significant at 5%: by the exact McNemar test, the one test every
+    report's "significant" refers to (a "lossless" verdict is a different question, answered by the paired
+    interval against the tolerance)."""
+    return paired["mcnemar_p"] < 0.05
+
+
+def interval_disagrees(paired: dict) -> bool:
+    """Whether Newcombe's paired 95% interval excluding 0 and McNemar's p < 0.05 disagree. They can at small n:
+    5 pairs all won by the reference give the interval (-100, -38.6) points but p = 0.0625."""
+    low, high = paired["ci95"]
+    return (low > 0 or high < 0) != significant(paired)
+
+
 def pairs_needed(both: int, only_method: int, only_reference: int, neither: int, tolerance: float,
                  limit: int = 1 << 20) -> int | None:
     """Paired episodes a lossless verdict needs (the paired 95% interval's lower end above ``-tolerance``)
@@ -120,8 +134,9 @@ def pairs_needed(both: int, only_method: int, only_reference: int, neither: int,
 def verdict(methods: dict, reference: str, tolerance_points: float) -> dict:
     """The fastest configuration whose success is within ``tolerance_points`` of the reference's on the
     paired episodes, and whether the data support that: lossless at 95% when the paired interval of its
-    difference lies above ``-tolerance_points``. Faster configurations are listed with their (significant or
-    not) losses. Methods without episodes give no verdict."""
+    difference lies above ``-tolerance_points``. Faster configurations are listed with their losses,
+    significant or not by the exact McNemar test (:func:`significant`), and whether the paired interval
+    disagrees (:func:`interval_disagrees`). Methods without episodes give no verdict."""
     tolerance = tolerance_points / 100
     ref = methods.get(reference) or {}
     if not (ref.get("success") or {}).get("episodes"):
@@ -140,14 +155,30 @@ def verdict(methods: dict, reference: str, tolerance_points: float) -> dict:
         "reference": reference, "tolerance_points": tolerance_points, "pick": pick,
         "speedup": scored[pick]["speedup"], "pairs": paired["pairs"], "delta_points": 100 * paired["mean"],
         "ci95_points": [100 * paired["ci95"][0], 100 * paired["ci95"][1]], "mcnemar_p": paired["mcnemar_p"],
-        "lossless_at_95": lossless,
+        "significant_loss": significant(paired) and paired["mean"] < 0,
+        "interval_disagrees": interval_disagrees(paired), "lossless_at_95": lossless,
         "pairs_needed": None if pick == reference else pairs_needed(*counts, tolerance),
-        "faster": [{"method": name, "speedup": scored[name]["speedup"],
-                    "delta_points": 100 * scored[name]["paired_vs_full"]["mean"],
-                    "mcnemar_p": scored[name]["paired_vs_full"]["mcnemar_p"],
-                    "significant_loss": scored[name]["paired_vs_full"]["mcnemar_p"] < 0.05
-                    and scored[name]["paired_vs_full"]["mean"] < 0} for name in faster],
+        "faster": [_loss(name, scored[name]) for name in faster],
     }
+
+
+def _loss(name: str, method: dict) -> dict:
+    """A faster configuration outside the tolerance, as the verdict lists it."""
+    paired = method["paired_vs_full"]
+    return {"method": name, "speedup": method["speedup"], "delta_points": 100 * paired["mean"],
+            "ci95_points": [100 * paired["ci95"][0], 100 * paired["ci95"][1]], "mcnemar_p": paired["mcnemar_p"],
+            "significant_loss": significant(paired) and paired["mean"] < 0,
+            "interval_disagrees": interval_disagrees(paired)}
+
+
+def _disagreement(entry: dict) -> str:
+    """What to add where a McNemar verdict is printed beside a paired interval that reads otherwise."""
+    if not entry.get("interval_disagrees"):
+        return ""
+    lo, hi = entry["ci95_points"]
+    reads = "excludes 0" if lo > 0 or hi < 0 else "reaches 0"
+    return (f"; its paired interval ({lo:+.1f}, {hi:+.1f}) {reads}: at this sample size the exact test and "
+            "Newcombe's interval disagree, and significance here follows the exact test")
 
 
 def verdict_line(v: dict) -> str:
@@ -159,8 +190,9 @@ def verdict_line(v: dict) -> str:
     faster = v["faster"]
     if faster:
         losses = "; ".join(f"{f['method']} ({f['speedup']:.1f}x) {f['delta_points']:+.1f} points, McNemar p "
-                           f"{f['mcnemar_p']:.2g}" + (" (a significant loss)" if f["significant_loss"]
-                                                     else " (not significant)") for f in faster[:2])
+                           f"{f['mcnemar_p']:.2g} ("
+                           + ("a significant loss" if f["significant_loss"] else "not significant")
+                           + _disagreement(f) + ")" for f in faster[:2])
         more = f"; {len(faster) - 2} more" if len(faster) > 2 else ""
         beyond = f" Faster but outside the tolerance: {losses}{more}."
     else:
@@ -176,8 +208,11 @@ def verdict_line(v: dict) -> str:
         return f"{head}: lossless at 95% (the interval lies above -{tol} points).{beyond}"
     needed = (f"; a lossless verdict needs about {v['pairs_needed']} paired episodes or more (if both succeed "
               f"equally often, at this rate of disagreement)" if v["pairs_needed"] else "")
+    if v.get("significant_loss"):  # within the tolerance, yet a loss by the exact test: never "not significant"
+        return (f"{head}: a **significant loss** within the tolerance, not lossless at {episodes} (the interval "
+                f"reaches {lo:+.1f} points).{beyond}")
     return (f"{head}: **not significant** at {episodes} (the interval reaches "
-            f"{lo:+.1f} points){needed}.{beyond}")
+            f"{lo:+.1f} points{_disagreement(v)}){needed}.{beyond}")
 
 
 def _pct(x) -> str:
@@ -217,6 +252,12 @@ def markdown(report: dict) -> str:
             + f" | {lat['p50_ms']:.1f} | {lat['p99_ms']:.1f} | {lat['hz']:.1f} | {m['speedup']:.2f}x"
             f" | {m['flops_per_call'] / 1e9:.3f} | {_pct(m['skipped_share'])}% |"
         )
+    disagree = [name for name, m in methods.items()
+                if (m.get("paired_vs_full") or {}).get("pairs") and interval_disagrees(m["paired_vs_full"])]
+    if disagree:
+        lines += ["", f"{', '.join(disagree)}: the paired interval and the McNemar p-value disagree on whether the "
+                      "difference is 0, as the exact test and Newcombe's interval can at small n; "
+                      "\"significant\" in this report follows the exact McNemar test."]
     if any(m.get("per_task") for m in methods.values()):
         lines += ["", "Success % per task:", "", "| method | " + " | ".join(tasks) + " |",
                   "|---|" + "---|" * len(tasks)]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import bac
-from bac.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from bac.errors import CheckpointError, ConfigError, ConfigTypeError, DataError, NonFiniteError
 
 from . import inputs
 from .checkpointing import CheckpointNotFoundError, check_state_fits, read_weights, save_weights
@@ -108,9 +108,10 @@ class DiffusionPolicy(nn.Module):
 
     def __init__(self, config: PolicyConfig, *args: Any, on_nonfinite: str = "raise", **kwargs: Any):
         if not isinstance(config, PolicyConfig) or args or kwargs:  # the pre-config call styles, named clearly
-            raise TypeError("DiffusionPolicy(config) takes one PolicyConfig: DiffusionPolicy(PolicyConfig.build("
-                            "architecture, model, state_dim=..., action_dim=..., tasks=[...], horizon=..., ...)), "
-                            f"got {type(config).__name__}" + (" and more arguments" if args or kwargs else ""))
+            raise ConfigTypeError(
+                "DiffusionPolicy(config) takes one PolicyConfig: DiffusionPolicy(PolicyConfig.build(architecture, "
+                "model, state_dim=..., action_dim=..., tasks=[...], horizon=..., ...)), "
+                f"got {type(config).__name__}" + (" and more arguments" if args or kwargs else ""))
         super().__init__()
         self.config = config
         sizes = ({"state_dim": config.state_dim} if config.is_vla else {"cond_dim": config.cond_dim})
@@ -241,6 +242,9 @@ class DiffusionPolicy(nn.Module):
         unchecked actions ``[B, num_actions, A]``. The whole horizon is sampled either way, so the noise drawn
         from ``generator`` and the first actions do not depend on ``num_actions``."""
         num_actions = inputs.check_num_actions(self.config, num_actions)
+        handle = bac.get_handle(self.model)
+        if handle is not None:  # a view's sampler may differ from the one the shared denoiser is accelerated for
+            handle.check_sampler(self.sampler.steps, self.sampler.scheduler)
         state = inputs.check_state(self.config, batch, self.device, history=True)
         cond = self._condition(state, batch)  # for a VLA head: the prefix, encoded once per call
         shape = (state.shape[0], self.horizon, self.action_dim)

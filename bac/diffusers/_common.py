@@ -6,9 +6,10 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ..adapters import ForwardOverride, forward_replaced
+from ..errors import ConfigError
 
 
-class UnsupportedBlockError(ValueError):
+class UnsupportedBlockError(ConfigError):
     """A diffusers block is configured in a way its bac adapter does not reproduce exactly."""
 
 

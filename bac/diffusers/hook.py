@@ -190,7 +190,7 @@ def diffusers_caches(transformer: nn.Module) -> list[str]:
 def refuse_diffusers_caches(transformer: nn.Module, what: str) -> None:
     found = diffusers_caches(transformer)
     if found:
-        raise RuntimeError(
+        raise CacheStateError(
             f"{what}: {type(transformer).__name__} has a diffusers cache ({', '.join(found)}), and bac and a "
             "diffusers cache cannot cache one model at once. Remove the diffusers cache (transformer.disable_cache(), "
             "or HookRegistry.remove_hook for hooks applied directly) first"
@@ -202,7 +202,7 @@ def contexts_hooked(transformer: nn.Module):
     """bac's hook for the duration, without trajectory control: ``cache_context(name)`` selects the context
     ``name`` of whichever handle accelerates ``transformer`` (calibration and refinement make their own)."""
     if bac_hook(transformer) is not None:
-        raise RuntimeError("bac caching is enabled on this transformer; call bac.diffusers.disable_cache first")
+        raise CacheStateError("bac caching is enabled on this transformer; call bac.diffusers.disable_cache first")
     refuse_diffusers_caches(transformer, "bac cannot calibrate or refine this transformer")
     registry = registry_of(transformer)
     registry.register_hook(BacHook(transformer), HOOK_NAME)

@@ -31,7 +31,7 @@ from torch import nn
 from ..adapters import describe
 from ..calibration import Calibration
 from ..engine import CacheHandle, accelerate
-from ..errors import PlanMismatchError
+from ..errors import CacheStateError, ConfigError, ConfigTypeError, PlanMismatchError
 from ..methods import Method, available_methods, build_method, needs_calibration
 from ..plan import Plan
 from ..recorder import calibrate as calibrate_model
@@ -57,9 +57,9 @@ def _split(target: Any) -> tuple[Any, nn.Module]:
         return None, target
     transformer = getattr(target, "transformer", None)
     if not isinstance(transformer, nn.Module):
-        raise TypeError(f"{type(target).__name__} is neither a transformer nor a pipeline with a .transformer")
+        raise ConfigTypeError(f"{type(target).__name__} is neither a transformer nor a pipeline with a .transformer")
     if getattr(target, "transformer_2", None) is not None:
-        raise ValueError(
+        raise ConfigError(
             f"{type(target).__name__} has two transformers (Wan 2.2's two-stage denoising); bac.diffusers caches "
             "pipelines with one transformer: accelerate each stage's transformer with bac.accelerate instead"
         )
@@ -81,7 +81,7 @@ def _sampler(pipe: Any, sample_fn: Callable[[Any], Any] | None, doing: str) -> C
     if sample_fn is not None:
         return sample_fn
     if pipe is None:
-        raise TypeError(f"{doing} a bare transformer needs sample_fn, which runs one sampling loop per input")
+        raise ConfigTypeError(f"{doing} a bare transformer needs sample_fn, which runs one sampling loop per input")
 
     def fresh(generator):
         if isinstance(generator, (list, tuple)):
@@ -179,7 +179,7 @@ def enable_cache(
     """
     pipe, transformer = _split(target)
     if bac_hook(transformer) is not None:
-        raise RuntimeError("bac caching is already enabled on this transformer; call disable_cache first")
+        raise CacheStateError("bac caching is already enabled on this transformer; call disable_cache first")
     refuse_diffusers_caches(transformer, "bac.diffusers.enable_cache")
     adapters = adapters_for(transformer)
     if isinstance(calibration, (str, os.PathLike)):
@@ -190,17 +190,17 @@ def enable_cache(
     wanted = wanted or (_default_steps(pipe) if pipe is not None else None)
     if isinstance(method, str):
         if needs_calibration(method) and calibration is None:
-            raise ValueError(
+            raise ConfigError(
                 f"method {method!r} is planned from a calibration: pass calibration=bac.diffusers.calibrate(pipe, ...)"
             )
     elif params:
-        raise ValueError(f"parameters {sorted(params)} only apply to a method given by name")
+        raise ConfigError(f"parameters {sorted(params)} only apply to a method given by name")
     planned = method.num_steps if not isinstance(method, str) else None  # a Plan's (or static Method's) count
     if planned is not None and num_inference_steps is not None and planned != num_inference_steps:
         raise PlanMismatchError(f"the plan was made for {planned} steps, not num_inference_steps={num_inference_steps}")
     steps = planned or wanted
     if steps is None:
-        raise ValueError("pass num_inference_steps: the number of denoiser calls per sampling call")
+        raise ConfigError("pass num_inference_steps: the number of denoiser calls per sampling call")
     source = calibration if calibration is not None else describe(transformer, adapters)
     replan = pipe is not None and isinstance(method, str) and needs_calibration(method) and \
         calibration.timesteps is not None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..allocation import allocate_updates
 from ..checks import check_number
+from ..errors import ConfigError
 from ..forecast import ORDERS, forecast_errors, forecast_schedule
 from ..standins import REUSE, Taylor
 from .registry import register_method
@@ -28,7 +29,7 @@ class ForecastACSParams:
         check_number("M (updates per block)", self.M, 1, integer=True)
         check_number("order", self.order, 0, max(ORDERS), integer=True)
         if not isinstance(self.allocate, bool):
-            raise ValueError(f"allocate must be true or false, not {self.allocate!r}")
+            raise ConfigError(f"allocate must be true or false, not {self.allocate!r}")
 
 
 @register_method("forecast-acs", ForecastACSParams, needs_calibration=True)

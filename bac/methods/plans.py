@@ -19,12 +19,13 @@ from ..acs import acs_schedule
 from ..bua import bubbling_union
 from ..calibration import METRICS
 from ..checks import check_number
+from ..errors import ConfigError
 from .registry import register_method, same_steps
 
 
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        raise ConfigError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
 
 def _check_budget(M: int, num_steps: int) -> int:
@@ -50,7 +51,7 @@ class UniformParams:
 
     def __post_init__(self):
         if (self.M is None) == (self.interval is None):
-            raise ValueError("uniform needs exactly one of M (updates per block) or interval")
+            raise ConfigError("uniform needs exactly one of M (updates per block) or interval")
         if self.interval is not None:
             check_number("interval", self.interval, 1, integer=True)
         else:
@@ -88,7 +89,7 @@ def unified_acs(params, spec, num_steps, calibration):
     else:
         names = [b.name for b in spec.blocks]
         if params.reference not in names:
-            raise ValueError(f"reference block {params.reference!r} is not one of the model's blocks")
+            raise ConfigError(f"reference block {params.reference!r} is not one of the model's blocks")
         matrix = matrices[names.index(params.reference)]
     steps = acs_schedule(matrix, _check_budget(params.M, num_steps), params.metric == "cosine")
     return same_steps(spec.blocks, steps), None

@@ -18,6 +18,7 @@ from torch import nn
 from ..adapters import ModelSpec, describe
 from ..calibration import Calibration
 from ..checks import check_number
+from ..errors import ConfigError, ConfigTypeError, PlanMismatchError
 from ..plan import Plan
 from ..rules import Rule
 from ..standins import REUSE, Standin, make_standin
@@ -75,14 +76,14 @@ def register_method(name: str, params: type, needs_calibration: bool = False, st
     (``rule.standin``) or reuse.
     """
     if not dataclasses.is_dataclass(params) or not isinstance(params, type):
-        raise TypeError(f"method {name!r}: params must be a dataclass type, not {params!r}")
+        raise ConfigTypeError(f"method {name!r}: params must be a dataclass type, not {params!r}")
     missing = [f.name for f in dataclasses.fields(params) if f.default is dataclasses.MISSING]
     if missing:
-        raise TypeError(f"method {name!r}: every parameter needs a default, {missing} have none")
+        raise ConfigTypeError(f"method {name!r}: every parameter needs a default, {missing} have none")
 
     def decorator(fn: Builder) -> Builder:
         if name in _METHODS:
-            raise ValueError(f"caching method {name!r} is already registered")
+            raise ConfigError(f"caching method {name!r} is already registered")
         _METHODS[name] = MethodInfo(name, params, needs_calibration, static, fn)
         return fn
 
@@ -97,7 +98,7 @@ def available_methods() -> list[str]:
 def method_info(name: str) -> MethodInfo:
     """The registration of method ``name`` (parameters, calibration need, summary)."""
     if name not in _METHODS:
-        raise ValueError(f"unknown caching method {name!r}; available: {available_methods()}")
+        raise ConfigError(f"unknown caching method {name!r}; available: {available_methods()}")
     return _METHODS[name]
 
 
@@ -112,7 +113,7 @@ def method_params(name: str, **values: Any) -> Any:
     known = info.defaults()
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"method {name!r} takes parameters {sorted(known)}, not {unknown}")
+        raise ConfigError(f"method {name!r} takes parameters {sorted(known)}, not {unknown}")
     return info.params(**values)
 
 
@@ -139,16 +140,16 @@ def build_method(
     values = method_params(name, **params)
     calibration = source if isinstance(source, Calibration) else None
     if info.needs_calibration and calibration is None:
-        raise ValueError(f"method {name!r} needs a Calibration (bac.calibrate), not a model")
+        raise ConfigError(f"method {name!r} needs a Calibration (bac.calibrate), not a model")
     if isinstance(source, nn.Module):
         source = describe(source)
     if calibration is not None:
         if info.needs_calibration and num_steps is not None and num_steps != calibration.num_steps:
-            raise ValueError(f"calibration covers {calibration.num_steps} steps, not {num_steps}")
+            raise PlanMismatchError(f"calibration covers {calibration.num_steps} steps, not {num_steps}")
         num_steps = calibration.num_steps if num_steps is None else num_steps
         scheduler = calibration.scheduler if scheduler is None else scheduler
     if info.static and num_steps is None:
-        raise ValueError(f"method {name!r} makes a static plan and needs num_steps when no calibration is given")
+        raise ConfigError(f"method {name!r} makes a static plan and needs num_steps when no calibration is given")
     if num_steps is not None:
         check_number("num_steps (the sampler's step count)", num_steps, 1, integer=True)
     schedule, own_standin = info.build(values, source, num_steps, calibration)
@@ -162,7 +163,7 @@ def build_method(
         )
     elif info.static or not isinstance(schedule, Rule):
         wanted = "update steps per block" if info.static else "a bac.Rule"
-        raise TypeError(f"method {name!r} built {type(schedule).__name__}, not {wanted}")
+        raise ConfigTypeError(f"method {name!r} built {type(schedule).__name__}, not {wanted}")
     chosen = make_standin(standin) if standin is not None else own_standin or getattr(schedule, "standin", None)
     return Method(name, schedule, chosen or REUSE, recorded)
 
@@ -178,7 +179,7 @@ def make_plan(
     """The static plan of ``method`` (see :func:`build_method`); a runtime rule is an error."""
     built = build_method(method, source, num_steps=num_steps, scheduler=scheduler, **params)
     if not isinstance(built.schedule, Plan):
-        raise ValueError(f"method {method!r} is a runtime rule, not a static plan: use bac.build_method")
+        raise ConfigError(f"method {method!r} is a runtime rule, not a static plan: use bac.build_method")
     return built.schedule
 
 

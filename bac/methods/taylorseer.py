@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import check_number
+from ..errors import ConfigError
 from ..standins import Taylor
 from .registry import register_method, same_steps
 
@@ -24,7 +25,7 @@ class TaylorSeerParams:
 def taylorseer(params, spec, num_steps, calibration):
     """TaylorSeer: every block computed in the first ``warmup`` steps and then every ``interval`` steps."""
     if num_steps is None:
-        raise ValueError("taylorseer makes a static plan and needs num_steps, the sampler's step count")
+        raise ConfigError("taylorseer makes a static plan and needs num_steps, the sampler's step count")
     warmup, interval = params.warmup, params.interval
     steps = sorted(set(range(min(warmup, num_steps))) | set(range(warmup, num_steps, interval)))
     return same_steps(spec.blocks, steps), Taylor(params.order)

@@ -26,16 +26,25 @@ def checkpoint_digest(checkpoint: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+DIGEST_KEYS = ("checkpoint", "tasks", "episodes", "seed", "sampler", "methods", "run_methods", "calibration", "M", "n",
+               "tuned")
+# Settings that entered the digest after runs were recorded: in it only when they differ from these defaults,
+# so that every recorded run keeps its digest (and its folder).
+LATER_KEYS = {"instructions": "held_out", "max_episode_steps": None, "device": "cpu"}
+DIGEST_SETTINGS = (*DIGEST_KEYS, *LATER_KEYS)  # every setting a digest covers
+
+
 def settings_digest(cfg: DictConfig) -> str:
-    """Short hash of the settings a run's results depend on (and of a trained checkpoint's weights)."""
-    keys = ("checkpoint", "tasks", "episodes", "seed", "sampler", "methods", "run_methods", "calibration", "M", "n",
-            "tuned")
-    relevant = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in keys}
+    """Short hash of the settings a run's results depend on (and of a trained checkpoint's weights).
+
+    ``num_envs`` also changes the episodes (it sets the waves, and so the noise) but recorded runs differ
+    in it: it is checked against the recorded run before one resumes (``settings.check_recorded_run``)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    relevant = {k: settings.get(k) for k in DIGEST_KEYS}
     relevant["calibration"] = {k: v for k, v in relevant["calibration"].items() if k != "recompute"}
     if relevant["tuned"] is None:  # no tuned file: the digest of runs made before the setting existed
         del relevant["tuned"]
-    if cfg.instructions != "held_out":  # other instructions are another run (the default keeps earlier digests)
-        relevant["instructions"] = cfg.instructions
+    relevant |= {k: settings.get(k) for k, default in LATER_KEYS.items() if settings.get(k, default) != default}
     checkpoint = resolve_checkpoint(str(cfg.checkpoint))
     if (checkpoint / "model.safetensors").is_file():  # a retrained checkpoint is another run
         relevant["weights"] = checkpoint_digest(checkpoint)

@@ -37,7 +37,8 @@ from .budget import budget_plans
 from .closed_loop import run_task
 from .latency import PREFIX, measure_latency
 from .provenance import package_versions, settings_digest
-from .settings import EvalError, claim_out_dir, output_dir
+from .realtime import check_realtime_settings
+from .settings import RECORDED_SETTINGS, EvalError, claim_out_dir, output_dir
 from .setup import FlopCount, Setup, count_flops, episode_instructions, prepare
 from .timing import summarize
 from .variants import applied
@@ -64,15 +65,9 @@ def __getattr__(name: str):
 
 
 def run(cfg: DictConfig) -> dict:
-    setup = prepare(cfg)
+    check_realtime_settings(cfg)  # realtime.* are the main job's settings too: a typo there is refused as well
+    setup = prepare(cfg)  # every other setting is checked first, before any work (eval/preflight.py)
     out = output_dir(cfg)
-    if int(cfg.shard.count) > 1 and not (setup.trained and cfg.episodes > 0):
-        raise EvalError("shards share out episodes: a run without episodes (episodes=0, an untrained policy) is "
-                        "not sharded (shard.count=1)")
-    if int(cfg.shard.count) > 1 and any(v.budgeted for v in setup.variants):
-        # Each shard would measure its own plan on its own (loaded) machine: not one run any more.
-        raise EvalError("budget variants are made from latency measured in the run: evaluate them unsharded "
-                        "(shard.count=1)")
     try:
         made, budgets = budget_plans(cfg, setup.policy, setup.variants, setup.built, setup.calibrations,
                                      setup.latency_batch, out)
@@ -82,16 +77,13 @@ def run(cfg: DictConfig) -> dict:
     counted = count_flops(setup, setup.variants, built)
     variants = counted.variants
 
-    claim_out_dir(cfg, out, settings_digest(cfg))
+    claim_out_dir(cfg, out, settings_digest(cfg), RECORDED_SETTINGS)
 
     # Closed-loop success, paired over seeds; a shard runs its share of the cells (eval/shards.py).
     seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes)))
     index, count = int(cfg.shard.index), int(cfg.shard.count)
     cells = [(task, v.name) for task in setup.tasks for v in variants]
-    try:
-        mine = set(shards.shard_cells(cells, index, count))
-    except ValueError as err:
-        raise EvalError(str(err)) from err
+    mine = set(shards.shard_cells(cells, index, count))
     seconds = dict(setup.seconds)
     if setup.trained and cfg.episodes > 0:
         logged = shards.logged_episodes(out)

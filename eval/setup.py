@@ -16,16 +16,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import bac
-from bac.configs import CONFIG_DIR
 from bac.envs.calibration_inputs import CALIBRATION_INPUTS, calibration_inputs_facts, draw_calibration_inputs, \
     shipped_calibration_inputs
 from bac.envs.collect import collect, default_data_dir
 from bac.envs.dataset import ImageLanguageWindows, calibration_observations
-from bac.envs.instructions import instruction, swapped_task
-from bac.envs.metaworld_env import ALL_TASKS, make_env
-from bac.envs.tasks import HARD_SUITE
+from bac.envs.instructions import instruction
+from bac.envs.metaworld_env import make_env
 from bac.policies.checkpointing import resolve_checkpoint
-from bac.policies.config import PolicyConfig
 from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.tuned import TunedConfig
@@ -35,8 +32,11 @@ from bac.runtime import check_compatible, observation_slices
 from .budget import budget_path
 from .latency import flops_per_call
 from .provenance import checkpoint_digest
-from .settings import UNTRAINED, EvalError, apply_threads, check_eval_settings
-from .variants import Variant, flops_target, load_or_build, parse_variants, plan_path
+# INSTRUCTION_SETS and resolve_tasks live in .preflight; imported here, where they were documented before
+from .preflight import INSTRUCTION_SETS, check_before_work, instruction_source, resolve_tasks, \
+    untrained_config  # noqa: F401
+from .settings import UNTRAINED, EvalError, apply_threads
+from .variants import Variant, flops_target, load_or_build, plan_path
 
 
 def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
@@ -56,20 +56,9 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
 
     if str(cfg.checkpoint).startswith(UNTRAINED):
         name = str(cfg.checkpoint)[len(UNTRAINED):]
-        config_path = CONFIG_DIR / "policy" / f"{name}.yaml"
-        if not config_path.exists():
-            raise EvalError(f"unknown policy config {name!r} (no configs/policy/{name}.yaml)")
-        spec = OmegaConf.load(config_path)
         tasks = list(cfg.untrained_tasks)
-        if not tasks:
-            raise EvalError("untrained_tasks is empty: an untrained policy takes its shapes from the first task's env")
         observation_space, action_space, _ = env_spaces(tasks[0])  # the feature shapes come from the env
-        try:
-            config = PolicyConfig.build(spec.architecture, OmegaConf.to_container(spec.model, resolve=True),
-                                        state_dim=int(observation_space.shape[0]), action_dim=int(action_space.shape[0]),
-                                        tasks=tasks, provenance={"untrained": name})
-        except ValueError as err:
-            raise EvalError(f"configs/policy/{name}.yaml: {err}") from err
+        config = untrained_config(cfg, int(observation_space.shape[0]), int(action_space.shape[0]))
         torch.manual_seed(0)  # deterministic random weights, so cached plans stay valid
         policy = DiffusionPolicy(config)
         obs = np.concatenate([calibration_observations(collect(t, cfg.calibration.episodes, progress=False), 256)
@@ -89,25 +78,6 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
     return policy, Path(cfg.plan_cache) / f"{directory.name}-{checkpoint_digest(directory)}", True
 
 
-def resolve_tasks(cfg: DictConfig, policy: DiffusionPolicy) -> list[str]:
-    tasks = list(cfg.tasks)
-    if tasks == ["suite"]:
-        tasks = list(policy.tasks)
-    elif tasks == ["hard"]:
-        tasks = list(HARD_SUITE)
-    for task in tasks:
-        if task not in ALL_TASKS:
-            raise EvalError(f"unknown task {task!r}; Meta-World tasks include {', '.join(ALL_TASKS[:8])}, ...")
-        if policy.tasks and task not in policy.tasks:
-            raise EvalError(f"the policy was trained on {policy.tasks}, not on {task!r}")
-    if not tasks:
-        raise EvalError("no tasks to evaluate")
-    return tasks
-
-
-INSTRUCTION_SETS = ("held_out", "train", "swapped")
-
-
 def episode_instructions(cfg: DictConfig, policy: DiffusionPolicy, task: str):
     """The instruction of each episode (``seed -> text``) for a policy that reads instructions, else None.
 
@@ -117,13 +87,7 @@ def episode_instructions(cfg: DictConfig, policy: DiffusionPolicy, task: str):
     """
     if not policy.reads_instructions:
         return None
-    if cfg.instructions not in INSTRUCTION_SETS:
-        raise EvalError(f"instructions must be one of {INSTRUCTION_SETS}, got {cfg.instructions!r}")
-    try:
-        source = swapped_task(task) if cfg.instructions == "swapped" else task
-        instruction(source, 0)
-    except KeyError as err:
-        raise EvalError(str(err.args[0])) from err
+    source = instruction_source(cfg.instructions, task)
     held_out = cfg.instructions != "train"
     return lambda seed: instruction(source, seed, held_out=held_out)
 
@@ -258,8 +222,9 @@ class Setup:
 
 
 def prepare(cfg: DictConfig) -> Setup:
-    """Load the policy at its base sampler, calibrate and build every variant but the budget ones."""
-    check_eval_settings(cfg)
+    """Check every setting (:func:`bac.evaluation.preflight.check_before_work`), then load the policy at its base
+    sampler, calibrate and build every variant but the budget ones."""
+    variants = check_before_work(cfg)
     apply_threads(cfg)
     policy, plan_dir, trained = load_policy(cfg)
     tasks = resolve_tasks(cfg, policy)
@@ -269,7 +234,6 @@ def prepare(cfg: DictConfig) -> Setup:
             policy = policy.with_sampler(kind, cfg.sampler.steps)
     except ValueError as err:
         raise EvalError(str(err)) from err
-    base_sampler, base_steps = policy.sampler.kind, policy.sampler.steps
     method_config = OmegaConf.to_container(cfg.methods, resolve=True)
     start = time.perf_counter()
     demo_obs, inputs_source = calibration_batch(cfg, policy)
@@ -277,7 +241,6 @@ def prepare(cfg: DictConfig) -> Setup:
     start = time.perf_counter()
 
     try:
-        variants = parse_variants(method_config, cfg.run_methods, base_sampler, base_steps, auto_steps=base_steps)
         # One calibration per sampler and step count that a calibrated method runs on (a plan is made for
         # the sampler it caches: bac on DDIM-10 beside full DDPM-100 in one run).
         calibrations: dict[str, bac.Calibration] = {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,12 @@ def check_tune_settings(cfg: DictConfig) -> None:
                           "evaluation of its pick stays held out")
     if cfg.budget_ms is not None and cfg.rate_hz is not None:
         raise ConfigError("set budget_ms or rate_hz, not both")
+    for key in ("budget_ms", "rate_hz"):  # checked here, not after every candidate ran: no call takes 0 ms
+        value = cfg.get(key)
+        if value is not None and not 0 < value < math.inf:
+            raise ConfigError(f"setting {key} must be a number > 0 (or null: no budget), got {value!r}")
+    if cfg.tolerance_points > 100:
+        raise ConfigError(f"setting tolerance_points must be <= 100 (success points), got {cfg.tolerance_points!r}")
     if OmegaConf.select(cfg, f"methods.{REFERENCE}", default=None) is None or (
             cfg.run_methods and REFERENCE not in cfg.run_methods):
         raise ConfigError(f"the candidate methods need {REFERENCE!r} (DDPM with all steps): the reference "
@@ -198,7 +205,7 @@ def plot_front(candidates: dict[str, dict], chosen: str, path: Path) -> None:
 
 def _digest(cfg: DictConfig) -> str:
     """What the results depend on (the evaluator's settings digest, weights included, plus the tuner's
-    own): ``progress``, ``latency.*`` or ``device`` do not move the output, so the same run resumes there."""
+    own): ``progress`` or ``latency.*`` do not move the output, so the same run resumes there."""
     tuner = {k: cfg.get(k) for k in TUNE_KEYS}
     text = settings_digest(cfg) + json.dumps(tuner, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]

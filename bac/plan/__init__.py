@@ -202,11 +202,11 @@ class Plan:
         """
         missing = [b.name for b in spec.blocks if b.name not in update_steps]
         if missing:
-            raise ValueError(f"no update steps for blocks {missing}")
+            raise ConfigError(f"no update steps for blocks {missing}")
         for b in spec.blocks:  # int(2.7) would silently become step 2
             bad = [s for s in update_steps[b.name] if not _is_int(s)]
             if bad:
-                raise ValueError(f"block {b.name}: update steps must be integers, got {bad[:4]}")
+                raise ConfigError(f"block {b.name}: update steps must be integers, got {bad[:4]}")
         blocks = tuple(
             PlanBlock(b.name, b.kind, b.layer, tuple(int(s) for s in update_steps[b.name])) for b in spec.blocks
         )

@@ -48,6 +48,11 @@ def reschedule_to_another_standin(c):
 
 # (call on the context, kind, message fragment, the built-in exception it raised before)
 CASES = {
+    "plan without a block's steps": (lambda c: bac.Plan.from_steps(c.spec, {}, num_steps=K, method="custom"),
+                                     ConfigError, "no update steps for blocks", ValueError),
+    "plan with fractional steps": (lambda c: bac.Plan.from_steps(
+        c.spec, {b.name: [0, 2.5] for b in c.spec.blocks}, num_steps=K, method="custom"),
+        ConfigError, "update steps must be integers", ValueError),
     "unknown method": (lambda c: bac.build_method("bca", c.spec, num_steps=K), ConfigError,
                        "unknown caching method 'bca'", ValueError),
     "unknown parameter": (lambda c: bac.method_params("bac", M=3, m=2), ConfigError,

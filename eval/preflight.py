@@ -14,13 +14,13 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bac import checks
 from bac.configs import CONFIG_DIR
 from bac.envs.instructions import instruction, swapped_task
 from bac.envs.tasks import ALL_TASKS, HARD_SUITE, episode_cap
-from bac.errors import BacError
+from bac.errors import BacError, ConfigError
 from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.config import PolicyConfig, read_config
 from bac.policies.diffusion import training_scheduler
@@ -102,22 +102,11 @@ def configured_variants(cfg: DictConfig, config: PolicyConfig) -> list[Variant]:
 
 
 def check_device(device: str) -> None:
-    """``device``: a torch device this build of torch and this machine have."""
+    """``device``: a torch device this build of torch and this machine have (:func:`bac.checks.check_device`)."""
     try:
-        kind = torch.device(device).type
-    except RuntimeError as err:
-        raise EvalError(f"device={device!r} is not a torch device ({err}); use cpu or cuda") from err
-    if kind == "cuda" and not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible GPU"
-        raise EvalError(f"device={device}: CUDA is not available here ({build}, torch {torch.__version__}); "
-                        "use device=cpu, or install a CUDA build of torch")
-    if kind == "cuda" and torch.device(device).index is not None and \
-            torch.device(device).index >= torch.cuda.device_count():
-        raise EvalError(f"device={device}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise EvalError(f"device={device}: MPS is not available here; use device=cpu")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise EvalError(f"device={device}: the evaluator runs on cpu, cuda or mps")
+        checks.check_device(device)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
 
 
 def policy_config(cfg: DictConfig) -> PolicyConfig:

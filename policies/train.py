@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from bac.configs.settings import BOOL, FLOAT, INT, SEQ, STR
+from bac.checks import check_device
 from bac.errors import CheckpointError, ConfigError
 from bac.files import check_free_space, check_output_folder
 
@@ -67,27 +68,6 @@ _VALUE_RULES = {
     "ema_power": ("> 0", lambda v: v > 0),
     "ema_max_decay": ("in [0, 1]", lambda v: 0 <= v <= 1),
 }
-
-
-def check_device(name: Any) -> torch.device:
-    """The torch device ``name`` (``cpu``, ``cuda``, ``cuda:1``, ``mps``), refused with a
-    :class:`bac.ConfigError` unless this torch build and machine have it."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"setting device: {name!r} is not a torch device ({err}); use cpu or cuda") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("a CPU-only build of torch" if torch.version.cuda is None
-                   else f"a CUDA build of torch {torch.__version__}, but no GPU is visible")
-            raise ConfigError(f"setting device={name}: this is {why}; use device=cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"setting device={name}: only {torch.cuda.device_count()} GPU(s) are visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"setting device={name}: this torch build or machine has no MPS; use device=cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"setting device={name}: training runs on cpu, cuda or mps")
-    return device
 
 
 def check_training_settings(cfg: DictConfig) -> None:

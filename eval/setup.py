@@ -42,7 +42,8 @@ from .variants import Variant, flops_target, load_or_build, plan_path
 def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
     """The policy to evaluate, where its plans are cached, and whether it is trained.
 
-    Plans and calibration of a checkpoint live in ``<plan_cache>/<checkpoint>-<weights digest>/``
+    Plans and calibration of a checkpoint live in ``<plan_cache>/<checkpoint>-<weights digest>/`` (in a
+    folder per calibration setting, :func:`calibration_folder`)
     (a shipped checkpoint may sit in a read-only install): their fit check compares the model's
     structure only, so a retrained checkpoint of the same shape must not find (and silently
     reuse) the plans of its predecessor.
@@ -90,6 +91,13 @@ def episode_instructions(cfg: DictConfig, policy: DiffusionPolicy, task: str):
     source = instruction_source(cfg.instructions, task)
     held_out = cfg.instructions != "train"
     return lambda seed: instruction(source, seed, held_out=held_out)
+
+
+def calibration_folder(plan_dir: Path, cfg: DictConfig) -> Path:
+    """Where the calibrations and the plans made from them are cached: one folder per calibration setting
+    (``samples``, ``seed``, ``episodes``), so a run with other settings never reuses them."""
+    c = cfg.calibration
+    return plan_dir / f"calibration-n{int(c.samples)}-seed{int(c.seed)}-episodes{int(c.episodes)}"
 
 
 def calibration_settings(cfg: DictConfig, policy: DiffusionPolicy) -> dict:
@@ -226,7 +234,8 @@ def prepare(cfg: DictConfig) -> Setup:
     sampler, calibrate and build every variant but the budget ones."""
     variants = check_before_work(cfg)
     apply_threads(cfg)
-    policy, plan_dir, trained = load_policy(cfg)
+    policy, checkpoint_dir, trained = load_policy(cfg)
+    plan_dir = calibration_folder(checkpoint_dir, cfg)
     tasks = resolve_tasks(cfg, policy)
     try:
         if cfg.sampler.kind is not None or cfg.sampler.steps is not None:  # null, null: the policy's own default

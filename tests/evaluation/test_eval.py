@@ -166,7 +166,7 @@ def test_bad_overrides_exit_non_zero_with_a_clear_message(checkpoint, tmp_path, 
 def test_plan_for_another_model_is_refused(checkpoint, tmp_path):
     cfg = config(checkpoint, tmp_path, "run_methods=[bac]", "episodes=0")
     run(cfg)
-    plan_files = list(plan_cache(checkpoint).glob("tiny-*/bac-*-ddpm6.json"))
+    plan_files = list(plan_cache(checkpoint).glob("tiny-*/calibration-*/bac-*-ddpm6.json"))
     assert plan_files
     other = DiffusionPolicy(tiny_config(width=64))
     foreign = bac.make_plan(other.model, "uniform", num_steps=6, M=2)

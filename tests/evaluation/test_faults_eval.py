@@ -272,3 +272,15 @@ def test_every_upper_bound_is_documented():
     guide = (REPO / "docs" / "guide" / "evaluation.md").read_text()
     for key, limit in settings.LIMITS.items():
         assert f"`{key}` ≤ {limit:,}".replace(",", " ") in guide, key
+
+
+@pytest.mark.parametrize("setting", ["samples=5", "seed=1", "episodes=7"])
+def test_other_calibration_settings_never_reuse_cached_calibrations_or_plans(setting, tmp_path):
+    """Calibrations and the plans made from them are cached per calibration setting: a run with another
+    setting (once, ``calibration.episodes`` was in no cache name) finds none of them."""
+    from bac.evaluation.setup import calibration_folder
+
+    base = OmegaConf.create({"calibration": {"samples": 16, "seed": 0, "episodes": 100}})
+    other = OmegaConf.merge(base, OmegaConf.from_dotlist([f"calibration.{setting}"]))
+    assert calibration_folder(tmp_path, base) != calibration_folder(tmp_path, other)
+    assert calibration_folder(tmp_path, base) == calibration_folder(tmp_path, OmegaConf.create(base))

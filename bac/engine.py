@@ -25,7 +25,7 @@ from .rows import BoundSchedule, StaticRows, rows_from_table
 from .rules import Rule
 from .runners import Tap, make_runner
 from .standins import REUSE, Standin, make_standin
-from .state import Observer, ThreadStates, attach, detach, get_handle
+from .state import Context, Observer, ThreadStates, attach, detach, get_handle
 from .stats import HandleStats
 
 
@@ -216,6 +216,34 @@ class CacheHandle:
                 "(handle.reschedule, or handle.remove() and accelerate again)"
             )
         self._fitting = (num_steps, scheduler)
+
+    # -- whole-call graphs (bac.graphs) ------------------------------------------------
+    @contextlib.contextmanager
+    def scratch(self, name: str = "trace") -> Iterator[None]:
+        """Run this thread's denoiser calls in a fresh context ``name`` that leaves nothing behind: no cached
+        value in another context, no count in :meth:`stats` (tracing a whole call into a graph,
+        :mod:`bac.graphs`). Each call in it starts at step 0: call :meth:`begin_call` through the model as usual."""
+        local, record = self._local, self._local.record
+        saved = (local.state, record.fresh, record.closed, record.trajectories, record.calls)
+        local.state = Context(name, self.schedule, len(self.spec.blocks))
+        try:
+            yield
+        finally:
+            local.state, record.fresh, record.closed, record.trajectories, record.calls = saved
+
+    def count_graph_call(self) -> None:
+        """Count one sampling call that ran as a graph traced from this handle's static plan
+        (:mod:`bac.graphs`): :meth:`stats` shows it as the engine would have run it, all of the plan's steps
+        in this thread's active context. A graph decides nothing at run time, so this is bookkeeping only."""
+        if not self.schedule.static:
+            raise CacheStateError("only a static plan's calls run as graphs; a runtime rule decides per step")
+        record = self._local.record
+        record.restart()  # folds the previous call's counts in, as new_trajectory does
+        state, limit = self._local.state, self.schedule.limit
+        state.step = state.done = limit - 1
+        record.fresh, record.closed = False, True
+        record.trajectories += 1
+        record.calls += limit
 
     # -- contexts --------------------------------------------------------------------
     @contextlib.contextmanager

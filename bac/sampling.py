@@ -38,7 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from bac.errors import ConfigError
 
-__all__ = ["FusedSampler", "FusedTrajectory"]
+__all__ = ["DrawnNoise", "FusedSampler", "FusedTrajectory", "draw_noise"]
 
 #: ``fn(coefficients, model_output, sample, generator, trajectory) -> prev_sample``
 StepFunction = Callable[[tuple, torch.Tensor, torch.Tensor, Any, "FusedTrajectory"], torch.Tensor]
@@ -109,6 +109,32 @@ def _check_config(scheduler: Any) -> None:
                               f"supported: {', '.join(repr(a) for a in allowed)}")
 
 
+class DrawnNoise:
+    """Noise drawn before the call, handed out in order where a step would draw from a generator: pass it as
+    a trajectory step's ``generator``. A traced call (:mod:`bac.graphs`) takes its noise as an input this way,
+    so the graph holds no random number generator and stays seeded by its caller."""
+
+    __slots__ = ("_noise", "_next")
+
+    def __init__(self, noise: torch.Tensor):
+        self._noise, self._next = noise, 0  # [draws, *sample shape]
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        if self._next >= self._noise.shape[0]:
+            raise ConfigError(f"DrawnNoise: a step needs noise draw {self._next + 1}, but only "
+                              f"{self._noise.shape[0]} were given (FusedSampler.noise_draws says how many)")
+        value = self._noise[self._next]
+        self._next += 1
+        if tuple(value.shape) != tuple(shape):
+            raise ConfigError(f"DrawnNoise: drawn noise has shape {list(value.shape)}, the step needs {list(shape)}")
+        return value.to(dtype)
+
+
+def draw_noise(shape, generator, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The draw a step makes from ``generator`` (what :class:`DrawnNoise` replaces), the same values."""
+    return _noise(shape, generator, device, dtype)
+
+
 def _noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """diffusers' ``randn_tensor(shape, generator=generator, device=device, dtype=dtype)``, the same draw.
 
@@ -116,6 +142,8 @@ def _noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.
     generator, or one generator on that device, on a CPU or CUDA device), that call is made directly
     (its checks cost more than the draw on a tiny sample); anything else goes to ``randn_tensor``.
     """
+    if isinstance(generator, DrawnNoise):
+        return generator.take(shape, dtype)
     if device.type in ("cpu", "cuda") and (generator is None or (type(generator) is torch.Generator
                                                                 and generator.device == device)):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
@@ -409,6 +437,12 @@ _PLAN_BUILDERS: dict[type, Callable[[Any], StepPlan]] = {
 }
 
 
+def _draws_noise(fn: StepFunction, c: tuple) -> bool:
+    if fn in (_ddpm_epsilon, _ddpm_sample, _ddpm_v):
+        return c[5] is not None  # the std; None at the last step
+    return fn is _flow_stochastic
+
+
 class FusedTrajectory:
     """One sampling call of a :class:`FusedSampler`: what :meth:`FusedSampler.start` returns.
 
@@ -460,6 +494,8 @@ class FusedSampler:
         # 0-dim coefficient tensors, kept where the scheduler keeps them (the CPU): on CUDA, dividing by them
         # would round differently (docs/guide/core.md, "The fused sampler step")
         self._plan: StepPlan = build(scheduler)
+        #: how many noise draws one sampling call's steps make (DDPM's steps before the last; stochastic flow)
+        self.noise_draws = sum(_draws_noise(fn, c) for fn, c in self._plan)
         self._current = FusedTrajectory(self._plan)  # only for the deprecated FusedSampler.step
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from .diffusion import sample_chunk, training_loss, training_scheduler
 from .dit import DiTPolicyHead
 from .dpt import TransformerForDiffusion
 from .features import next_history
+from .graph_call import CompiledCall
 from .gr00t import GR00THead
 from .inputs import Batch
 from .language import CACHE_FILE, LanguageCache
@@ -125,6 +126,7 @@ class DiffusionPolicy(nn.Module):
         # A VLA head reads free-text instructions: their frozen language tokens, encoded once each.
         self.language = LanguageCache() if config.is_vla else None
         self.sampler = self.make_sampler(*DEFAULT_SAMPLERS.get(config.architecture, ("ddpm", None)))
+        self.graph: CompiledCall | None = None  # compile_call's graphs of the sampling call, or eager
         self.on_nonfinite = on_nonfinite
         # Chunks held by on_nonfinite="hold": {"samples": [...], "message": ...}; kept across reset() so the
         # runtime can report them after an episode.
@@ -191,22 +193,52 @@ class DiffusionPolicy(nn.Module):
 
         DDPM (all training steps by default), DDIM or DPM-Solver++ (fewer steps); a flow-matching policy
         with flow-matching Euler steps (``"flow"``; steps required)."""
-        sampler = self.make_sampler(kind, steps)
+        return self._view(self.make_sampler(kind, steps))
+
+    def _view(self, sampler: Sampler, graph: CompiledCall | None = None) -> "DiffusionPolicy":
         view = copy.copy(self)
         # its own registries of the same modules, parameters and buffers: setting a module on the view
         # does not change this policy
         view.__dict__.update(_modules=dict(self._modules), _parameters=dict(self._parameters),
                              _buffers=dict(self._buffers))
-        view.sampler = sampler
+        view.sampler, view.graph = sampler, graph
         view.nonfinite_events = []
         view.reset()
         return view
+
+    def compile_call(self, batch: int | Sequence[int] = 1, backend: str = "inductor", mode: str | None = None,
+                     threads: int | None = None, onnx: str | Path | None = None) -> "DiffusionPolicy":
+        """This policy with each sampling call run as one graph: a view sharing the weights, whose calls run
+        the sampler's steps unrolled with the plan the denoiser is accelerated with now (or none) baked in
+        (:mod:`bac.graphs`, docs/guide/graphs.md). Built here for each of the ``batch`` sizes (a VLA head:
+        on the first call with each instruction length), so the first call pays no compilation.
+
+        ``backend``: ``"inductor"`` (``torch.compile``; ``mode="reduce-overhead"`` adds CUDA graphs on a
+        GPU), ``"aot_eager"``, or ``"onnxruntime"`` (exported to ONNX, run in ONNX Runtime with ``threads``
+        threads; ``onnx``: serve that exported file, made by ``bac-export`` for this configuration, instead).
+        The view refuses other batch sizes, and every call once the denoiser's handle is removed or
+        rescheduled; a runtime rule cannot be compiled (it decides on the host at every step).
+        """
+        sizes = (batch,) if isinstance(batch, int) and not isinstance(batch, bool) else tuple(batch)
+        view = self._view(self.sampler)
+        view.graph = CompiledCall(view, sizes, backend, mode, threads, None if onnx is None else str(onnx))
+        return view
+
+    def export_onnx(self, path: str | Path, batch: int = 1) -> Path:
+        """Write this view's sampling call (sampler, current plan, ``batch``) as an ONNX model with its
+        description in the metadata (:func:`bac.policies.graph_call.describe_call`); see :meth:`compile_call`."""
+        call = CompiledCall(self, (batch,), "onnxruntime")
+        (graph,) = call.graphs.values() if call.graphs else (None,)
+        if graph is None:
+            raise ConfigError("a VLA head's call is exported from an example call: use compile_call(backend="
+                              "'onnxruntime'), run it once, then save one of view.graph.graphs")
+        return graph.save_onnx(path)
 
     def set_sampler(self, kind: str = "ddpm", steps: int | None = None) -> "DiffusionPolicy":
         """Deprecated: change this policy's sampler in place (every caller sharing it changes too);
         use :meth:`with_sampler`."""
         _deprecated("set_sampler(kind, steps)", "with_sampler(kind, steps), which returns a view")
-        self.sampler = self.make_sampler(kind, steps)
+        self.sampler, self.graph = self.make_sampler(kind, steps), None
         return self
 
     sampler_kind = _Renamed("sampler.kind")
@@ -248,7 +280,10 @@ class DiffusionPolicy(nn.Module):
         state = inputs.check_state(self.config, batch, self.device, history=True)
         cond = self._condition(state, batch)  # for a VLA head: the prefix, encoded once per call
         shape = (state.shape[0], self.horizon, self.action_dim)
-        x = sample_chunk(self.model, self.sampler, cond, shape, generator, self.device)
+        if self.graph is not None:
+            x = self.graph.sample(cond, shape, generator, self.device)
+        else:
+            x = sample_chunk(self.model, self.sampler, cond, shape, generator, self.device)
         return state, self.action_normalizer.inverse(x[:, :num_actions])
 
     # -- inference -------------------------------------------------------------------

@@ -124,6 +124,6 @@ class TunedConfig:
         ``policy`` is a :class:`bac.policies.policy.DiffusionPolicy` (``make_sampler``, ``accelerate``); the
         plan is checked against its model, weights and sampler (:class:`bac.PlanMismatchError`).
         """
-        policy.sampler = policy.make_sampler(self.sampler, self.steps)
+        policy.sampler, policy.graph = policy.make_sampler(self.sampler, self.steps), None
         method = self.method_for(policy)
         return policy.accelerate(method) if method is not None else None

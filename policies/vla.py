@@ -99,6 +99,10 @@ class Prefix:
         return torch.cat([self.vision, self.language], 1), torch.cat([visible, self.language_mask], 1)
 
 
+# its tensors flatten and rebuild (torch.utils._pytree), so a whole-call graph takes them as inputs
+torch.export.register_dataclass(Prefix, serialized_type_name="bac.policies.vla.Prefix")
+
+
 class PrefixEncoder(nn.Module):
     """Observation -> :class:`Prefix`: the image encoder, a projection of the language tokens, a state MLP."""
 

@@ -127,7 +127,7 @@ class DrawnNoise:
         self._next += 1
         if tuple(value.shape) != tuple(shape):
             raise ConfigError(f"DrawnNoise: drawn noise has shape {list(value.shape)}, the step needs {list(shape)}")
-        return value.to(dtype)
+        return value.to(dtype, copy=True)  # the step writes into its draw
 
 
 def draw_noise(shape, generator, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

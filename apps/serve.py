@@ -1,6 +1,8 @@
 """``bac-serve``: serve a policy over websockets (openpi's message shape) until SIGINT/SIGTERM.
 
     bac-serve checkpoint=dpt-metaworld sampler.kind=ddim sampler.steps=4 method=uniform method_params={interval:2}
+    bac-serve ... compile=whole                                   # the sampling call as one torch.compile graph
+    bac-serve ... compile=whole backend=onnxruntime onnx=model.onnx   # a bac-export file in ONNX Runtime
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def _settings() -> dict:
         "method": (STR, None, True), "host": (STR, None, False), "port": (INT, 0, False), "seed": (INT, 0, False),
         "warmup": (INT, 0, False), "threads": (INT, 1, True), "max_message_mb": (INT, 1, False),
         "shutdown_timeout_s": (FLOAT, 0, False), "log_level": (STR, None, False), "api_key": (STR, None, True),
-        "language_cache_size": (INT, 1, True),
+        "language_cache_size": (INT, 1, True), "compile": (STR, None, False), "backend": (STR, None, False),
+        "onnx": (STR, None, True),
     }
 
 

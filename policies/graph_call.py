@@ -66,6 +66,16 @@ def describe_call(policy: Any, batch: int) -> dict:
     }
 
 
+def _short(key: str, value: Any) -> str:
+    """A description field for a message: a plan by its method, parameters and steps, anything else cut short."""
+    if key == "plan" and isinstance(value, dict):
+        return f"{value.get('method')} {value.get('params')} ({value.get('num_steps')} steps)"
+    if key == "plan" and value is None:
+        return "no plan"
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 class CompiledCall:
     """A policy view's sampling calls run as graphs: ``CompiledCall(view, batch_sizes, backend, mode, threads)``.
 
@@ -136,7 +146,8 @@ class CompiledCall:
         if differ:
             raise PlanMismatchError(
                 f"exported call {path} was made for another configuration ({', '.join(differ)} differ): "
-                + "; ".join(f"{k}: file {made.get(k)!r} vs this policy {wanted[k]!r}" for k in differ[:3]))
+                + "; ".join(f"{k}: file {_short(k, made.get(k))} vs this policy {_short(k, wanted[k])}"
+                            for k in differ[:3]))
         key = None
         if not policy.config.is_vla:
             key, _, _ = self._key(torch.zeros(batch, policy.n_obs_steps, policy.config.cond_dim))

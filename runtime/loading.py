@@ -1,11 +1,12 @@
-"""The served policy: loaded from a checkpoint, given its sampler, accelerated at most one way, described for
-the metadata a client receives on connect (``docs/guide/server.md``)."""
+"""The served policy: loaded from a checkpoint, given its sampler, accelerated at most one way, compiled or
+served from an exported file if asked, described for the metadata a client receives on connect
+(``docs/guide/server.md``)."""
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import bac
 from bac.errors import BacError, ConfigError
@@ -39,14 +40,29 @@ def choose_sampler(policy: DiffusionPolicy, kind: str | None = None,
 
 def load_policy(checkpoint: str | Path, *, device: str = "cpu", sampler: str | None = None,
                 steps: int | None = None, tuned: str | Path | None = None, plan: str | Path | None = None,
-                method: str | None = None, method_params: Mapping[str, Any] | None = None) -> ServedPolicy:
-    """Load a policy and accelerate it at most one way.
+                method: str | None = None, method_params: Mapping[str, Any] | None = None,
+                compile: str = "none", backend: str = "torch", onnx: str | Path | None = None,
+                batch_sizes: Sequence[int] = (1,)) -> ServedPolicy:
+    """Load a policy, accelerate it at most one way, then compile it as :func:`compile_policy` says.
 
     ``tuned``: a ``python -m bac.tune`` result (sets the sampler too, so ``sampler``/``steps`` must be
     unset); ``plan``: a plan file; ``method``: an uncalibrated method by name with ``method_params``
     (a calibrated one, ``bac``/``acs``, needs a plan file: ``bac-plan``). Every problem is a
     :class:`bac.ConfigError` (or the plan's and checkpoint's own errors).
     """
+    check_compile(compile, backend, onnx)
+    served = _accelerated(checkpoint, device=device, sampler=sampler, steps=steps, tuned=tuned, plan=plan,
+                          method=method, method_params=method_params)
+    if compile == "none":
+        return served
+    policy = compile_policy(served.policy, compile, backend, onnx, batch_sizes)
+    source = {**served.source, "compile": compile, "backend": backend, **({"onnx": str(onnx)} if onnx else {})}
+    return ServedPolicy(policy, served.handle, source)
+
+
+def _accelerated(checkpoint: str | Path, *, device: str, sampler: str | None, steps: int | None,
+                 tuned: str | Path | None, plan: str | Path | None, method: str | None,
+                 method_params: Mapping[str, Any] | None) -> ServedPolicy:
     chosen = [name for name, value in (("tuned", tuned), ("plan", plan), ("method", method)) if value]
     if len(chosen) > 1:
         raise ConfigError(f"accelerate one way: set one of tuned, plan, method (got {chosen})")
@@ -64,6 +80,55 @@ def load_policy(checkpoint: str | Path, *, device: str = "cpu", sampler: str | N
         built = _method_by_name(policy, choice, method, dict(method_params or {}))
         return ServedPolicy(policy, policy.accelerate(built), {"method_source": "by name"})
     return ServedPolicy(policy, None, {})
+
+
+# ----------------------------------------------------------------------------- compiled or exported
+#: How a served call runs: eagerly, its DP-T branches compiled, or the whole sampling call as one graph.
+COMPILE_MODES = ("none", "blocks", "whole")
+#: What runs a compiled call: torch.compile (inductor), or ONNX Runtime (whole calls only).
+SERVE_BACKENDS = ("torch", "onnxruntime")
+
+
+def check_compile(compile: str, backend: str, onnx: str | Path | None) -> None:
+    """Refuse a combination of the settings ``compile``, ``backend`` and ``onnx`` that means nothing."""
+    if compile not in COMPILE_MODES:
+        raise ConfigError(f"setting compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+    if backend not in SERVE_BACKENDS:
+        raise ConfigError(f"setting backend must be one of {', '.join(SERVE_BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime" and compile != "whole":
+        raise ConfigError(f"backend=onnxruntime runs a whole-call graph: set compile=whole (got compile={compile})")
+    if onnx and backend != "onnxruntime":
+        raise ConfigError(f"onnx={onnx} is served by ONNX Runtime: set compile=whole backend=onnxruntime")
+
+
+def compile_policy(policy: DiffusionPolicy, compile: str = "none", backend: str = "torch",
+                   onnx: str | Path | None = None, batch_sizes: Sequence[int] = (1,)) -> DiffusionPolicy:
+    """``policy`` (accelerated as it will run) ready to call: as it is (``compile="none"``), its DP-T
+    branches compiled in place (``"blocks"``: ``compile_blocks``), or a view whose sampling calls for
+    ``batch_sizes`` run as one graph with the current plan baked in (``"whole"``: ``compile_call``, with
+    ``torch.compile``'s inductor or ONNX Runtime; ``onnx``: serve that exported file, whose metadata must
+    describe this policy, sampler and plan). Graphs are built here, so the first call pays no compilation
+    (a VLA head's: on the first call with each instruction length). A runtime rule cannot be a whole call."""
+    check_compile(compile, backend, onnx)
+    if compile == "none":
+        return policy
+    if compile == "blocks":
+        if not hasattr(policy.model, "compile_blocks"):
+            raise ConfigError(f"compile=blocks compiles a DP-T's branches; {policy.architecture} has none: "
+                              "use compile=whole")
+        policy.model.compile_blocks()
+        return policy
+    handle = bac.get_handle(policy.model)
+    if handle is not None and not handle.schedule.static:
+        raise ConfigError(f"compile=whole needs a static plan, but {handle.schedule.name!r} is a runtime rule "
+                          "(it decides on the host from tensor values at every step): use a plan, or compile=none "
+                          "or compile=blocks")
+    sizes = list(batch_sizes)
+    if onnx:
+        if len(sizes) != 1:
+            raise ConfigError(f"an exported file serves one batch size, not {sizes}")
+        return policy.compile_call(sizes[0], backend="onnxruntime", onnx=str(onnx))
+    return policy.compile_call(sizes, backend="inductor" if backend == "torch" else backend)
 
 
 def load_served_policy(checkpoint: str | Path, **how: Any) -> tuple[DiffusionPolicy, dict[str, Any]]:

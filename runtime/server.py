@@ -88,11 +88,16 @@ class PolicyServer:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "PolicyServer":
-        """A server from ``configs/serve.yaml``'s settings (the policy loaded and accelerated)."""
+        """A server from ``configs/serve.yaml``'s settings (the policy loaded, accelerated and, with ``compile``/
+        ``backend``/``onnx``, compiled for the server's batch of one before it listens)."""
         served = load_policy(
             cfg["checkpoint"], device=cfg.get("device", "cpu"), sampler=cfg["sampler"]["kind"],
             steps=cfg["sampler"]["steps"], tuned=cfg.get("tuned"), plan=cfg.get("plan"), method=cfg.get("method"),
-            method_params=dict(cfg.get("method_params") or {}))
+            method_params=dict(cfg.get("method_params") or {}), compile=cfg.get("compile") or "none",
+            backend=cfg.get("backend") or "torch", onnx=cfg.get("onnx"))
+        if served.policy.graph is not None:
+            logger.info("sampling calls run as one graph (%s): built in %s s", served.policy.graph.backend,
+                        {shape: round(seconds, 2) for shape, seconds in served.policy.graph.build_seconds.items()})
         return cls(served.policy, cfg.get("host", "127.0.0.1"), cfg.get("port", DEFAULT_PORT),
                    warmup=cfg.get("warmup", 3), seed=cfg.get("seed", 0), checkpoint=str(cfg["checkpoint"]),
                    source=served.source, handle=served.handle,

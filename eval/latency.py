@@ -13,7 +13,7 @@ from bac.policies.constants import STATE
 from bac.policies.policy import Batch, DiffusionPolicy
 
 from .timing import synchronize
-from .variants import Variant, applied
+from .variants import Compilation, Variant, applied
 
 
 PREFIX = "vision-language prefix"
@@ -28,8 +28,11 @@ def measure_latency(
     repeats: int,
     warmup: int,
     threads: int,
+    compilation: Compilation | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per ``predict_action_chunk(batch)`` call (a batch of 1); methods take turns, the first one rotating.
+    ``compilation``: how the calls run (:func:`applied`; ``None``: eagerly). A compiled call's graphs are built
+    in its warm-up (at least one call), never in a timed call.
 
     For a policy that reads images, also :data:`PREFIX`: the seconds of ``policy.condition(batch)`` alone
     (the observation prefix a VLA head encodes once per call), timed in the same rotation.
@@ -40,15 +43,16 @@ def measure_latency(
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     if policy.cameras:
         times[PREFIX] = []
+    compiled = compilation is not None and compilation.mode != "none"
     try:
         for method in methods:
-            with applied(policy, method, schedules.get(method.name)) as (view, _):
-                for _ in range(warmup):
+            with applied(policy, method, schedules.get(method.name), compilation) as (view, _):
+                for _ in range(max(warmup, 1) if compiled else warmup):
                     view.predict_action_chunk(batch, generator=generator)
         for r in range(repeats):
             shift = r % len(methods)
             for method in methods[shift:] + methods[:shift]:
-                with applied(policy, method, schedules.get(method.name)) as (view, _):
+                with applied(policy, method, schedules.get(method.name), compilation) as (view, _):
                     synchronize(policy.device)
                     start = time.perf_counter()
                     view.predict_action_chunk(batch, generator=generator)

@@ -5,17 +5,19 @@ What needs the policy is read from its checkpoint's ``config.json`` only (its ki
 never from its weights; an ``untrained:`` policy's from its ``configs/policy`` file. The checks, in order:
 kinds, ranges and upper bounds (:mod:`.settings`), the device, the policy and its tasks, the instructions
 against the policy's kind, the base sampler, every method (names, parameters, samplers, FLOPs targets), the
-``tuned`` file, the shards, the output and plan folders (folders, writable, free space for an estimate of what
+``tuned`` file, how the calls run (``compile``, ``backend``: against the policy and every method), the shards, the output and plan folders (folders, writable, free space for an estimate of what
 the run writes) and, for a run that resumes, the recorded run's settings.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+import bac
 from bac import checks
 from bac.configs import CONFIG_DIR
 from bac.envs.instructions import instruction, swapped_task
@@ -30,7 +32,7 @@ from bac.policies.tuned import TunedConfig
 from .provenance import settings_digest
 from .settings import RECORDED_SETTINGS, UNTRAINED, EvalError, check_eval_settings, check_recorded_run, \
     output_dir
-from .variants import Variant, flops_target, parse_variants
+from .variants import BACKENDS, COMPILE_MODES, Variant, flops_target, parse_variants
 
 INSTRUCTION_SETS = ("held_out", "train", "swapped")
 MODES = ("closed_loop", "realtime")
@@ -59,6 +61,7 @@ def check_before_work(cfg: DictConfig) -> list[Variant]:
         raise EvalError(f"instructions={cfg.instructions}: the {config.architecture} policy reads no instructions "
                         "(a state policy; only vision-language heads do): leave instructions out")
     variants = configured_variants(cfg, config)
+    check_compilation(cfg, config, variants)
     check_shards(cfg, variants)
     check_folders(cfg, len(tasks), len(variants) + (cfg.tuned is not None), max_steps(cfg, tasks))
     if cfg.mode == "closed_loop":  # a realtime run checks its own record (its own digest) before its episodes
@@ -99,6 +102,30 @@ def configured_variants(cfg: DictConfig, config: PolicyConfig) -> list[Variant]:
             raise EvalError(f"method {variant.name!r} matches the FLOPs of {target!r}, which is not a caching method "
                             "of this run")
     return variants
+
+
+def check_compilation(cfg: DictConfig, config: PolicyConfig, variants: list[Variant]) -> None:
+    """``compile`` and ``backend``: known values that fit together, the policy and every method (a runtime rule
+    decides on the host at every step: it cannot run as one graph)."""
+    mode, backend = cfg.compile, cfg.backend
+    if mode not in COMPILE_MODES:
+        raise EvalError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise EvalError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "onnxruntime" and mode != "whole":
+        raise EvalError(f"backend=onnxruntime runs each policy call exported whole: it needs compile=whole, "
+                        f"got compile={mode}")
+    if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        raise EvalError("backend=onnxruntime needs onnx, onnxscript and onnxruntime: pip install 'bac[export]'")
+    if mode == "blocks" and config.architecture != "dpt":
+        raise EvalError(f"compile=blocks compiles DP-T's branches (TransformerForDiffusion.compile_blocks); the "
+                        f"{config.architecture} policy has none: use compile=whole or compile=none")
+    if mode == "whole":
+        for variant in variants:
+            if variant.method is not None and not variant.budgeted and not bac.method_info(variant.method).static:
+                raise EvalError(f"method {variant.name!r} caches with the runtime rule {variant.method!r}, which "
+                                "decides on the host at every step: it cannot run as one graph (compile=whole); "
+                                "leave it out with run_methods=[...], or use compile=none")
 
 
 def check_device(device: str) -> None:

@@ -30,7 +30,9 @@ DIGEST_KEYS = ("checkpoint", "tasks", "episodes", "seed", "sampler", "methods", 
                "tuned")
 # Settings that entered the digest after runs were recorded: in it only when they differ from these defaults,
 # so that every recorded run keeps its digest (and its folder).
-LATER_KEYS = {"instructions": "held_out", "max_episode_steps": None, "device": "cpu"}
+# compile and backend: a compiled call may round differently from the eager one, so its episodes are another run's.
+LATER_KEYS = {"instructions": "held_out", "max_episode_steps": None, "device": "cpu", "compile": "none",
+              "backend": "torch"}
 DIGEST_SETTINGS = (*DIGEST_KEYS, *LATER_KEYS)  # every setting a digest covers
 
 

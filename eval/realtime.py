@@ -57,7 +57,7 @@ from .provenance import package_versions, settings_digest
 from .settings import EvalError, claim_out_dir, output_dir
 from .setup import count_flops, episode_instructions, prepare
 from .timing import summarize
-from .variants import applied
+from .variants import Compilation, applied
 
 REPORT_SCHEMA = "bac.realtime/1"
 CLOCKS = {"virtual": VirtualClock, "wall": WallClock}
@@ -176,8 +176,9 @@ def run_realtime(cfg: DictConfig) -> dict:
     digest = realtime_digest(cfg)
     out = output_dir(cfg, "realtime", digest)  # auto: outputs/realtime/<checkpoint>-<digest>
     claim_out_dir(cfg, out, digest)
-    methods = _prepare_methods(cfg, setup, rates, out)
-    done = _run_episodes(cfg, setup, methods, out / "episodes.jsonl")
+    with Compilation(cfg.compile, cfg.backend, [1]) as compilation:  # the control loop calls at batch 1
+        methods = _prepare_methods(cfg, setup, rates, out, compilation)
+        done = _run_episodes(cfg, setup, methods, out / "episodes.jsonl", compilation)
     result = _report(cfg, setup, methods, done, out)
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")  # written before the plot can fail
     (out / "report.md").write_text(markdown(result))
@@ -186,8 +187,9 @@ def run_realtime(cfg: DictConfig) -> dict:
     return result
 
 
-def _prepare_methods(cfg: DictConfig, setup, rates: list[float], out: Path) -> _Methods:
-    """Build, count and time every method at every rate, before any episode."""
+def _prepare_methods(cfg: DictConfig, setup, rates: list[float], out: Path, compilation: Compilation) -> _Methods:
+    """Build, count and time every method at every rate (``compilation``: as the episodes run), before any
+    episode."""
     rt = cfg.realtime
     execute_steps = int(rt.execute_steps) if rt.execute_steps is not None else setup.policy.n_action_steps
     modelled_ms = float(rt.latency_ms) if rt.latency_ms is not None else None
@@ -208,7 +210,8 @@ def _prepare_methods(cfg: DictConfig, setup, rates: list[float], out: Path) -> _
     # Batch-1 latency per method and rate: reported, and (unless modelled) the lead each method requests chunks with.
     latencies = {rate: measure_latency(setup.policy, variants, built[rate], setup.latency_batch,
                                        repeats=int(cfg.latency.repeats), warmup=int(cfg.latency.warmup),
-                                       threads=int(cfg.latency.threads)) for rate in rates}
+                                       threads=int(cfg.latency.threads), compilation=compilation)
+                 for rate in rates}
     leads = {rate: {v.name: _lead(rt.lead, modelled_ms, latencies[rate][v.name], rate, execute_steps)
                     for v in variants} for rate in rates}
     return _Methods(rates, execute_steps, variants, built, budgets, flops, latencies, leads)
@@ -227,7 +230,7 @@ def _seeds(cfg: DictConfig) -> range:
     return range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes))
 
 
-def _run_episodes(cfg: DictConfig, setup, methods: _Methods, log_path: Path) -> dict:
+def _run_episodes(cfg: DictConfig, setup, methods: _Methods, log_path: Path, compilation: Compilation) -> dict:
     """Every (task, rate, method, seed) episode not yet in ``log_path``, each appended as it ends (a run
     resumes where it stopped); returns every episode by that key."""
     done = {(e["task"], e["control_hz"], e["method"], e["seed"]): e for e in read_episodes(log_path)}
@@ -247,7 +250,8 @@ def _run_episodes(cfg: DictConfig, setup, methods: _Methods, log_path: Path) -> 
                     if key in done:
                         continue
                     trace = episode(cfg, setup.policy, env, task, seed, rate, variant, methods.built[rate],
-                                    methods.leads[rate][variant.name], methods.execute_steps, instructions)
+                                    methods.leads[rate][variant.name], methods.execute_steps, instructions,
+                                    compilation)
                     record = {"task": task, "control_hz": rate, "method": variant.name, **trace}
                     _append(log, record)
                     done[key] = record
@@ -279,6 +283,7 @@ def _report(cfg: DictConfig, setup, methods: _Methods, done: dict, out: Path) ->
         "sampler": {"kind": setup.base_sampler, "steps": setup.base_steps},
         "settings": {**OmegaConf.to_container(cfg.realtime, resolve=True), "execute_steps": methods.execute_steps,
                      "threads": int(cfg.latency.threads)},
+        "compile": {"mode": str(cfg.compile), "backend": str(cfg.backend)},
         "rates": {f"{rate:g}": _rate_report(setup.tasks, _seeds(cfg), methods, rate, done) for rate in methods.rates},
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "python": sys.version.split()[0]},
@@ -312,12 +317,14 @@ def _rate_report(tasks: list[str], seeds: range, methods: _Methods, rate: float,
 
 
 def episode(cfg: DictConfig, policy, env, task: str, seed: int, rate: float, variant, built: dict, lead: int,
-            execute_steps: int, instructions) -> dict:
-    """One paired control episode of ``variant`` at ``rate``: its noise seeded from the episode seed."""
+            execute_steps: int, instructions, compilation: Compilation) -> dict:
+    """One paired control episode of ``variant`` at ``rate``: its noise seeded from the episode seed, its calls
+    run as ``compilation`` says."""
     rt = cfg.realtime
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     latency_model = constant_latency(float(rt.latency_ms)) if rt.latency_ms is not None else None
-    with applied(policy, variant, built.get(variant.name)) as (view, _), CLOCKS[rt.clock]() as clock:
+    with applied(policy, variant, built.get(variant.name), compilation) as (view, _), \
+            CLOCKS[rt.clock]() as clock:
         trace = run_control_episode(view, env, task, seed=seed, control_hz=rate, clock=clock, generator=generator,
                                     execute_steps=execute_steps, lead=lead, adapt_lead=bool(rt.adapt_lead),
                                     on_late=rt.on_late, blend=int(rt.blend),

@@ -225,12 +225,15 @@ def markdown(report: dict) -> str:
     seeds = report["environment"]["seeds"]
     episodes = (f"{report['environment']['episodes_per_task']} episodes per task (seeds {seeds[0]}–{seeds[1]})"
                 if seeds else "no episodes (latency only)")
+    compiled = report.get("compile") or {"mode": "none"}  # reports made before the setting have none
+    calls = "" if compiled["mode"] == "none" else \
+        f" Calls compiled (compile={compiled['mode']}, backend={compiled['backend']}), in the episodes and timed."
     lines = [
         f"# bac evaluation: {report['policy']['checkpoint']}",
         "",
         f"Tasks: {', '.join(tasks)}; {episodes}; "
         f"latency at batch 1, {report['latency_settings']['threads']} thread(s), "
-        f"{report['latency_settings']['repeats']} interleaved repeats.",
+        f"{report['latency_settings']['repeats']} interleaved repeats.{calls}",
         "",
         f"| method | settings | success % (95% CI) | Δ vs {report.get('reference_method', 'full')} (paired 95% CI) "
         "| McNemar p | p50 ms | p99 ms | Hz "

@@ -41,7 +41,7 @@ from .realtime import check_realtime_settings
 from .settings import RECORDED_SETTINGS, EvalError, claim_out_dir, output_dir
 from .setup import FlopCount, Setup, count_flops, episode_instructions, prepare
 from .timing import summarize
-from .variants import applied
+from .variants import Compilation, applied, wave_sizes
 
 
 # Names this module held while it doubled as a library: deprecated here, each in its own module now.
@@ -75,9 +75,18 @@ def run(cfg: DictConfig) -> dict:
         raise EvalError(str(err)) from err
     built = {**setup.built, **made}
     counted = count_flops(setup, setup.variants, built)
-    variants = counted.variants
 
     claim_out_dir(cfg, out, settings_digest(cfg), RECORDED_SETTINGS)
+    # Compiled calls are built for every batch size the run calls with: its waves, and batch 1 (latency, videos).
+    episodes = int(cfg.episodes) if setup.trained else 0
+    with Compilation(cfg.compile, cfg.backend, [1, *wave_sizes(episodes, int(cfg.num_envs))]) as compilation:
+        return closed_loop(cfg, setup, out, built, budgets, counted, compilation)
+
+
+def closed_loop(cfg: DictConfig, setup: Setup, out: Path, built: dict[str, bac.Method], budgets: dict,
+                counted: FlopCount, compilation: Compilation) -> dict:
+    """The episodes of this run's (or shard's) cells, then, once every shard's are logged, the report."""
+    variants = counted.variants
 
     # Closed-loop success, paired over seeds; a shard runs its share of the cells (eval/shards.py).
     seeds = list(range(int(cfg.seed), int(cfg.seed) + int(cfg.episodes)))
@@ -92,7 +101,7 @@ def run(cfg: DictConfig) -> dict:
         start = time.perf_counter()
         with EnvPool(make_vector_env) as envs:  # one set of environments per task, shared by every method
             for task, name in (cell for cell in cells if cell in mine):
-                with applied(setup.policy, by_name[name], built.get(name)) as (policy, _):
+                with applied(setup.policy, by_name[name], built.get(name), compilation) as (policy, _):
                     run_task(policy, task, name, seeds, log_path, num_envs=int(cfg.num_envs),
                              max_episode_steps=cfg.max_episode_steps, progress=cfg.progress,
                              instructions=episode_instructions(cfg, policy, task), envs=envs, logged=logged)
@@ -103,30 +112,35 @@ def run(cfg: DictConfig) -> dict:
                   + ("" if left else "; another shard writes the report"))
             return {"out_dir": str(out), "shard": {"index": index, "count": count, "episodes_left": left}}
     try:
-        return report(cfg, setup, out, built=built, budgets=budgets, counted=counted, seeds=seeds, seconds=seconds)
+        return report(cfg, setup, out, built=built, budgets=budgets, counted=counted, seeds=seeds, seconds=seconds,
+                      compilation=compilation)
     finally:
         if count > 1:
             shards.release_report(out)
 
 
 def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Method], budgets: dict,
-           counted: FlopCount, seeds: list[int], seconds: dict) -> dict:
+           counted: FlopCount, seeds: list[int], seconds: dict, compilation: Compilation) -> dict:
     """Latency of every variant (interleaved, batch 1) and the report of the episodes logged in ``out``.
 
     ``built``: every caching variant's method (``budgets``: what the budget plans were made for); ``counted``:
-    the variants (steps resolved) and their FLOPs; ``seconds``: the run's wall time per phase so far."""
+    the variants (steps resolved) and their FLOPs; ``seconds``: the run's wall time per phase so far;
+    ``compilation``: how the calls run."""
     policy, variants = setup.policy, counted.variants
     episodes: dict[str, list[dict]] = {v.name: [] for v in variants}
     if setup.trained and cfg.episodes > 0:
         logged = {(e["task"], e["method"], e["seed"]): e for e in shards.logged_episodes(out)}
         for v in variants:
             episodes[v.name] = [logged[(task, v.name, seed)] for task in setup.tasks for seed in seeds]
-    videos = save_videos(cfg, policy, variants, built, setup.tasks, out) if setup.trained and cfg.video else []
+    videos = save_videos(cfg, policy, variants, built, setup.tasks, out, compilation) \
+        if setup.trained and cfg.video else []
 
     start = time.perf_counter()
     latencies = measure_latency(policy, variants, built, setup.latency_batch, repeats=int(cfg.latency.repeats),
-                                warmup=int(cfg.latency.warmup), threads=int(cfg.latency.threads))
+                                warmup=int(cfg.latency.warmup), threads=int(cfg.latency.threads),
+                                compilation=compilation)
     seconds = {**seconds, "latency": time.perf_counter() - start}
+    build_seconds = compilation.build_seconds()
     prefix_times = latencies.pop(PREFIX, None)
     reference = "full" if "full" in latencies else variants[0].name
     full_p50 = float(np.median(latencies[reference]))
@@ -148,6 +162,8 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
         "calibration": {key: c.facts() | {"from": "demonstrations", "inputs": setup.calibration_inputs,
                                           "file_dir": str(setup.plan_dir)}
                         for key, c in setup.calibrations.items()} or None,
+        "compile": {"mode": compilation.mode, "backend": compilation.backend,
+                    "batch_sizes": compilation.batch_sizes if compilation.mode == "whole" else None},
         "latency_settings": {"batch": 1, "threads": int(cfg.latency.threads), "repeats": int(cfg.latency.repeats),
                              "warmup": int(cfg.latency.warmup), "device": str(policy.device), "interleaved": True},
         "reference_method": reference,
@@ -175,6 +191,8 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
                               / counted.flops[variant.name]),
             "skipped_share": counted.skipped[variant.name],
         }
+        if compilation.mode == "whole":  # seconds its graphs took to build, for every batch size and thread count
+            entry["graph_build_seconds"] = build_seconds.get(variant.name, 0.0)
         if variant.name in budgets:
             entry["budget"] = budgets[variant.name]
             matched = variant.params.get("match")
@@ -200,7 +218,7 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
 
 
 def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built: dict, tasks: list[str],
-                out: Path) -> list[dict]:
+                out: Path, compilation: Compilation) -> list[dict]:
     """One rollout GIF per variant and task (``video=true``): the first evaluation seed, at batch 1.
 
     Existing videos are kept, so a resumed run records only what is missing.
@@ -213,7 +231,7 @@ def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built:
             if path.exists():
                 records.append(record)
                 continue
-            with applied(policy, variant, built.get(variant.name)) as (view, _):
+            with applied(policy, variant, built.get(variant.name), compilation) as (view, _):
                 generator = torch.Generator(device=policy.device).manual_seed(int(cfg.seed))
                 result, frames = record_episode(view, task, int(cfg.seed), make_env=make_vector_env, generator=generator,
                                                 max_episode_steps=cfg.max_episode_steps,

@@ -11,7 +11,7 @@ from bac.configs import CONFIG_DIR
 from bac.configs.settings import BOOL, FLOAT, INT, SEQ, STR, check_settings
 from bac.errors import ConfigError
 
-from .provenance import DIGEST_SETTINGS, settings_digest
+from .provenance import DIGEST_SETTINGS, LATER_KEYS, settings_digest
 
 UNTRAINED = "untrained:"
 
@@ -37,6 +37,7 @@ SETTINGS = {
     "mode": (STR, None, False), "realtime.clock": (STR, None, False), "realtime.blend": (INT, 0, False),
     "realtime.on_late": (STR, None, False), "realtime.execute_steps": (INT, 1, True),
     "realtime.adapt_lead": (BOOL, None, False), "shard.index": (INT, 0, False), "shard.count": (INT, 1, False),
+    "compile": (STR, None, False), "backend": (STR, None, False),
 }
 
 
@@ -94,8 +95,10 @@ def check_recorded_run(cfg: DictConfig, out: Path, digest: str, recorded_setting
         raise EvalError(f"{run_file} is not a run record ({err}); pick another out_dir, or delete the folder") from err
     now = OmegaConf.to_container(cfg, resolve=True)
     keys = (*DIGEST_SETTINGS, *recorded_settings) if recorded.get("digest") != digest else recorded_settings
-    changed = [f"{key}={short(before.get(key))} there, {short(now.get(key))} now" for key in keys
-               if before.get(key) != now.get(key)]
+    # a run recorded before a later setting existed ran with its default
+    before = {key: before.get(key, LATER_KEYS.get(key)) for key in keys}
+    changed = [f"{key}={short(before[key])} there, {short(now.get(key))} now" for key in keys
+               if before[key] != now.get(key)]
     if recorded.get("digest") != digest or changed:
         raise EvalError(f"{out} holds a run with other settings ({'; '.join(changed) or 'the weights or settings'}"
                         f"): its episodes are not this run's; pick another out_dir (or out_dir=auto)")

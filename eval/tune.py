@@ -6,7 +6,8 @@ method and budget; the ``methods`` group, ``front`` by default, which always inc
 all steps as the reference and fewer DDIM steps as the simple alternative) with the evaluator
 itself (:func:`bac.evaluation.run.run`): paired closed-loop episodes on *calibration* seeds (from
 0, the demonstration range; evaluation seeds start at :data:`EVALUATION_SEED` and are refused)
-and interleaved batch-1 latency. Then:
+and interleaved batch-1 latency, measured the way the user deploys (``compile``, ``backend``: each candidate's
+calls compiled or exported as they will run, its graphs built before any timed call). Then:
 
 * the Pareto front: candidates no other candidate beats on both success and latency;
 * the pick: among candidates within ``budget_ms`` whose pooled success is at most
@@ -141,6 +142,7 @@ def tune(cfg: DictConfig) -> dict:
         "reference": REFERENCE,
         "tolerance_points": float(cfg.tolerance_points),
         "budget_ms": limit,
+        "compile": report["compile"],  # how the candidates' calls ran and were timed
         "pick": chosen,
         "lossless": lossless,
         "caching_picked": candidates[chosen]["config"].get("cache") is not None,

@@ -13,17 +13,27 @@ A *budget* variant (``{budget: {match: bac}}``, ``{budget: {latency_ms: 40}}`` o
 :func:`bac.plan_for_budget` on this machine: per-block update counts for a latency measured
 here (``match``: the measured latency of another variant of the same sampler). Its plan
 depends on this machine's timings, so it is made in every run and saved with the report.
+
+How the variants' policy calls run (settings ``compile`` and ``backend``, :class:`Compilation`): eagerly
+(``none``), with DP-T's branches compiled (``blocks``), or each call as one graph with the variant's plan baked
+in (``whole``: ``torch.compile``, or exported to ONNX and run in ONNX Runtime).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
 
 import bac
 from bac.policies.policy import DiffusionPolicy
+from bac.runtime.loading import COMPILE_MODES, SERVE_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -143,16 +153,96 @@ def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Ca
     return method
 
 
+BACKENDS = SERVE_BACKENDS  # the settings' values are the server's (bac.runtime.loading)
+#: The ``torch.compile`` backend of ``backend=torch``. Tests set ``aot_eager``: inductor takes seconds per graph.
+TORCH_COMPILER = "inductor"
+
+
+def wave_sizes(episodes: int, num_envs: int) -> list[int]:
+    """The batch sizes a closed-loop run calls the policy with: its waves are slices of ``num_envs`` seeds,
+    the last one shorter when ``num_envs`` does not divide ``episodes`` (finished episodes stay in their wave)."""
+    sizes = {min(num_envs, episodes)} if episodes > 0 else set()
+    if episodes > num_envs and episodes % num_envs:
+        sizes.add(episodes % num_envs)
+    return sorted(sizes)
+
+
+def own_denoiser(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules sharing its parameters and buffers: it can hold a handle of its own."""
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+class Compilation:
+    """How the variants' policy calls run (settings ``compile`` and ``backend``; :data:`COMPILE_MODES`).
+
+    ``whole``: each variant's view is compiled (``view.compile_call``) once per run for ``batch_sizes`` and
+    the threads torch runs with when it is first used (inductor and ONNX Runtime fix their thread count when
+    they build). A compiled call is bound to the handle it was made with, so the view gets a denoiser of its own
+    that shares the weights (:func:`own_denoiser`) and keeps its handle until :meth:`close`: the episodes and
+    every interleaved latency repeat call the same graphs, built once. ``blocks``: DP-T's branches are compiled
+    while a variant's block runs (:func:`applied`).
+    """
+
+    def __init__(self, mode: str = "none", backend: str = "torch", batch_sizes: Sequence[int] = (1,)):
+        self.mode, self.backend, self.batch_sizes = mode, backend, sorted(set(batch_sizes))
+        self._views: dict[tuple, tuple[str, Any, DiffusionPolicy, bac.CacheHandle | None]] = {}
+
+    def view(self, policy: DiffusionPolicy, variant: Variant,
+             method: bac.Method | None) -> tuple[DiffusionPolicy, bac.CacheHandle | None]:
+        """``variant``'s compiled view of ``policy`` cached by ``method`` (built on first use) and its handle."""
+        threads = torch.get_num_threads()
+        key = (variant.name, id(method), threads)
+        if key not in self._views:
+            view = policy.with_sampler(variant.sampler, variant.steps)
+            view.model = own_denoiser(view.model)
+            handle = view.accelerate(method) if method is not None else None
+            backend = "onnxruntime" if self.backend == "onnxruntime" else TORCH_COMPILER
+            compiled = view.compile_call(self.batch_sizes, backend=backend, threads=threads)
+            self._views[key] = (variant.name, method, compiled, handle)  # method kept: its id is in the key
+        return self._views[key][2:]
+
+    def build_seconds(self) -> dict[str, float]:
+        """Seconds each variant's graphs took to build (trace and compile, or export and load), all together."""
+        seconds: dict[str, float] = {}
+        for name, _, view, _ in self._views.values():
+            seconds[name] = seconds.get(name, 0.0) + sum(view.graph.build_seconds.values())
+        return seconds
+
+    def close(self) -> None:
+        """Remove the handles of the compiled views."""
+        for _, _, _, handle in self._views.values():
+            if handle is not None:
+                handle.remove()
+        self._views.clear()
+
+    def __enter__(self) -> "Compilation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @contextlib.contextmanager
-def applied(policy: DiffusionPolicy, variant: Variant,
-            method: bac.Method | None) -> Iterator[tuple[DiffusionPolicy, bac.CacheHandle | None]]:
+def applied(policy: DiffusionPolicy, variant: Variant, method: bac.Method | None,
+            compilation: Compilation | None = None) -> Iterator[tuple[DiffusionPolicy, bac.CacheHandle | None]]:
     """``(view, handle)`` for the block: ``view`` samples with the variant's sampler (``policy.with_sampler``,
     sharing its weights; ``policy`` itself is left as it is) and ``handle`` caches its denoiser with ``method``
-    (``None``: no caching), removed when the block ends."""
+    (``None``: no caching), removed when the block ends. ``compilation`` (``None``: eager): ``whole``, the
+    variant's compiled view (:meth:`Compilation.view`, kept beyond the block); ``blocks``, DP-T's branches
+    compiled while the block runs."""
+    if compilation is not None and compilation.mode == "whole":
+        yield compilation.view(policy, variant, method)
+        return
     view = policy.with_sampler(variant.sampler, variant.steps)
     handle = view.accelerate(method) if method is not None else None
+    blocks = compilation is not None and compilation.mode == "blocks"
     try:
+        if blocks:  # the shared denoiser's branches: eager again when the block ends
+            view.model.compile_blocks(backend=TORCH_COMPILER)
         yield view, handle
     finally:
+        if blocks:
+            view.model.compile_blocks(False)
         if handle is not None:
             handle.remove()

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,18 +77,6 @@ def _observation(policy: Any, batch: int, instruction: str) -> dict[str, Any]:
     return obs
 
 
-def _write(policy: Any, out: Path, batch: int, obs: dict[str, Any]) -> None:
-    """The call's ONNX file. A VLA head's graph is traced from an example call (its prefix's shapes depend
-    on the instruction's length), so it is built with ``compile_call`` on ``obs`` and saved from there."""
-    if not policy.config.is_vla:
-        policy.export_onnx(out, batch)
-        return
-    view = policy.compile_call(batch, backend="onnxruntime")
-    view.predict_action_chunk(obs)
-    (graph,) = view.graph.graphs.values()
-    graph.save_onnx(out)
-
-
 def _plan(plan: Any) -> str:
     if plan is None:
         return "no plan"
@@ -111,7 +97,7 @@ def export(args: argparse.Namespace) -> None:
     obs = _observation(policy, args.batch, args.instruction)
     started = time.perf_counter()
     try:
-        _write(policy, args.out, args.batch, obs)
+        policy.export_onnx(args.out, args.batch, instruction=args.instruction if policy.reads_instructions else None)
     except OSError as err:
         raise ConfigError(f"cannot write --out {args.out}: {err}") from err
     seconds = time.perf_counter() - started
@@ -132,7 +118,6 @@ def export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``bac-export``: see the module docstring (``bac-export --help``)."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter warns of operators this call never uses
     report_errors(export)(_parser().parse_args(argv))
 
 

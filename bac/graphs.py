@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -155,9 +157,18 @@ def to_onnx(exported: torch.export.ExportedProgram, inputs: Sequence[torch.Tenso
     ``metadata`` as JSON under the model's metadata key :data:`METADATA_KEY`."""
     _onnx_modules()
     names = [f"input_{i}" for i in range(len(inputs))]
-    with contextlib.redirect_stdout(None):  # the exporter prints its progress
-        program = torch.onnx.export(exported, tuple(inputs), input_names=names, output_names=["output"],
-                                    dynamo=True, verbose=False)
+    # The exporter prints its progress, logs a warning per torchvision operator it cannot register when
+    # torchvision is absent (bac does not use it), and trips a deprecation inside torch's own pytree code.
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(None), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            program = torch.onnx.export(exported, tuple(inputs), input_names=names, output_names=["output"],
+                                        dynamo=True, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata, sort_keys=True)

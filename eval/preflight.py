@@ -28,11 +28,12 @@ from bac.policies.config import PolicyConfig, read_config
 from bac.policies.diffusion import training_scheduler
 from bac.policies.sampler import DEFAULT_SAMPLERS, Sampler
 from bac.policies.tuned import TunedConfig
+from bac.runtime.loading import COMPILE_MODES, SERVE_BACKENDS
 
 from .provenance import settings_digest
 from .settings import RECORDED_SETTINGS, UNTRAINED, EvalError, check_eval_settings, check_recorded_run, \
     output_dir
-from .variants import BACKENDS, COMPILE_MODES, Variant, flops_target, parse_variants
+from .variants import Variant, flops_target, parse_variants
 
 INSTRUCTION_SETS = ("held_out", "train", "swapped")
 MODES = ("closed_loop", "realtime")
@@ -110,8 +111,8 @@ def check_compilation(cfg: DictConfig, config: PolicyConfig, variants: list[Vari
     mode, backend = cfg.compile, cfg.backend
     if mode not in COMPILE_MODES:
         raise EvalError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
-    if backend not in BACKENDS:
-        raise EvalError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in SERVE_BACKENDS:
+        raise EvalError(f"backend must be one of {SERVE_BACKENDS}, got {backend!r}")
     if backend == "onnxruntime" and mode != "whole":
         raise EvalError(f"backend=onnxruntime runs each policy call exported whole: it needs compile=whole, "
                         f"got compile={mode}")

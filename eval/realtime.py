@@ -55,7 +55,7 @@ from .closed_loop import read_episodes, repair
 from .latency import measure_latency
 from .provenance import package_versions, settings_digest
 from .settings import EvalError, claim_out_dir, output_dir
-from .setup import count_flops, episode_instructions, prepare
+from .setup import count_flops, episode_instructions, prepare, run_instructions
 from .timing import summarize
 from .variants import Compilation, applied
 
@@ -176,7 +176,9 @@ def run_realtime(cfg: DictConfig) -> dict:
     digest = realtime_digest(cfg)
     out = output_dir(cfg, "realtime", digest)  # auto: outputs/realtime/<checkpoint>-<digest>
     claim_out_dir(cfg, out, digest)
-    with Compilation(cfg.compile, cfg.backend, [1]) as compilation:  # the control loop calls at batch 1
+    # the control loop calls at batch 1; a VLA head's graphs for the run's instruction lengths are built here,
+    # not inside a timed chunk
+    with Compilation(cfg.compile, cfg.backend, [1], run_instructions(cfg, setup.policy, setup.tasks)) as compilation:
         methods = _prepare_methods(cfg, setup, rates, out, compilation)
         done = _run_episodes(cfg, setup, methods, out / "episodes.jsonl", compilation)
     result = _report(cfg, setup, methods, done, out)

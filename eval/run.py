@@ -39,7 +39,7 @@ from .latency import PREFIX, measure_latency
 from .provenance import package_versions, settings_digest
 from .realtime import check_realtime_settings
 from .settings import RECORDED_SETTINGS, EvalError, claim_out_dir, output_dir
-from .setup import FlopCount, Setup, count_flops, episode_instructions, prepare
+from .setup import FlopCount, Setup, count_flops, episode_instructions, prepare, run_instructions
 from .timing import summarize
 from .variants import Compilation, applied, wave_sizes
 
@@ -79,7 +79,8 @@ def run(cfg: DictConfig) -> dict:
     claim_out_dir(cfg, out, settings_digest(cfg), RECORDED_SETTINGS)
     # Compiled calls are built for every batch size the run calls with: its waves, and batch 1 (latency, videos).
     episodes = int(cfg.episodes) if setup.trained else 0
-    with Compilation(cfg.compile, cfg.backend, [1, *wave_sizes(episodes, int(cfg.num_envs))]) as compilation:
+    with Compilation(cfg.compile, cfg.backend, [1, *wave_sizes(episodes, int(cfg.num_envs))],
+                     run_instructions(cfg, setup.policy, setup.tasks)) as compilation:
         return closed_loop(cfg, setup, out, built, budgets, counted, compilation)
 
 

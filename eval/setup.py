@@ -20,7 +20,7 @@ from bac.envs.calibration_inputs import CALIBRATION_INPUTS, calibration_inputs_f
     shipped_calibration_inputs
 from bac.envs.collect import collect, default_data_dir
 from bac.envs.dataset import ImageLanguageWindows, calibration_observations
-from bac.envs.instructions import instruction
+from bac.envs.instructions import held_out_instructions, instruction, train_instructions
 from bac.envs.metaworld_env import make_env
 from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
@@ -77,6 +77,14 @@ def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from err
     return policy, Path(cfg.plan_cache) / f"{directory.name}-{checkpoint_digest(directory)}", True
+
+
+def run_instructions(cfg: DictConfig, policy: DiffusionPolicy, tasks: list[str]) -> list[str]:
+    """Every instruction an episode of ``tasks`` can read (:func:`episode_instructions`); none for a state policy."""
+    if not policy.reads_instructions:
+        return []
+    pool = train_instructions if cfg.instructions == "train" else held_out_instructions
+    return [text for task in tasks for text in pool(instruction_source(cfg.instructions, task))]
 
 
 def episode_instructions(cfg: DictConfig, policy: DiffusionPolicy, task: str):

@@ -33,7 +33,6 @@ from torch import nn
 
 import bac
 from bac.policies.policy import DiffusionPolicy
-from bac.runtime.loading import COMPILE_MODES, SERVE_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,6 @@ def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Ca
     return method
 
 
-BACKENDS = SERVE_BACKENDS  # the settings' values are the server's (bac.runtime.loading)
 #: The ``torch.compile`` backend of ``backend=torch``. Tests set ``aot_eager``: inductor takes seconds per graph.
 TORCH_COMPILER = "inductor"
 
@@ -174,7 +172,7 @@ def own_denoiser(model: nn.Module) -> nn.Module:
 
 
 class Compilation:
-    """How the variants' policy calls run (settings ``compile`` and ``backend``; :data:`COMPILE_MODES`).
+    """How the variants' policy calls run (settings ``compile`` and ``backend``; :data:`bac.runtime.loading.COMPILE_MODES`).
 
     ``whole``: each variant's view is compiled (``view.compile_call``) once per run for ``batch_sizes`` and
     the threads torch runs with when it is first used (inductor and ONNX Runtime fix their thread count when
@@ -184,8 +182,10 @@ class Compilation:
     while a variant's block runs (:func:`applied`).
     """
 
-    def __init__(self, mode: str = "none", backend: str = "torch", batch_sizes: Sequence[int] = (1,)):
+    def __init__(self, mode: str = "none", backend: str = "torch", batch_sizes: Sequence[int] = (1,),
+                 instructions: Sequence[str] = ()):
         self.mode, self.backend, self.batch_sizes = mode, backend, sorted(set(batch_sizes))
+        self.instructions = list(instructions)  # a VLA head's graphs are built for their token lengths
         self._views: dict[tuple, tuple[str, Any, DiffusionPolicy, bac.CacheHandle | None]] = {}
 
     def view(self, policy: DiffusionPolicy, variant: Variant,
@@ -198,7 +198,8 @@ class Compilation:
             view.model = own_denoiser(view.model)
             handle = view.accelerate(method) if method is not None else None
             backend = "onnxruntime" if self.backend == "onnxruntime" else TORCH_COMPILER
-            compiled = view.compile_call(self.batch_sizes, backend=backend, threads=threads)
+            compiled = view.compile_call(self.batch_sizes, backend=backend, threads=threads,
+                                         instructions=self.instructions)
             self._views[key] = (variant.name, method, compiled, handle)  # method kept: its id is in the key
         return self._views[key][2:]
 

@@ -20,12 +20,13 @@ from bac.errors import ConfigError, PlanMismatchError
 from bac.graphs import BACKENDS, GraphCall, OnnxCall, trace
 from bac.sampling import DrawnNoise, draw_noise
 
+from .constants import IMAGE_PREFIX, STATE, TASK
 from .sampler import Sampler
 
-__all__ = ["CompiledCall", "SamplingCall", "describe_call"]
+__all__ = ["CompiledCall", "SamplingCall", "describe_call", "example_observation"]
 
 #: Graphs a view keeps per distinct input shapes (a VLA head's instruction length sets its prefix's shapes).
-MAX_GRAPHS = 8
+MAX_GRAPHS = 32
 
 
 class SamplingCall(nn.Module):
@@ -76,19 +77,45 @@ def _short(key: str, value: Any) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def example_observation(policy: Any, batch: int, instruction: str | None = None) -> dict[str, Any]:
+    """An observation batch of the shapes a policy call takes: zero state history and images, the task
+    ``instruction`` (a VLA head) or the policy's first task."""
+    obs: dict[str, Any] = {STATE: torch.zeros(batch, policy.n_obs_steps, policy.state_dim, device=policy.device)}
+    for name, feature in policy.input_features.items():
+        if name.startswith(IMAGE_PREFIX):
+            obs[name] = torch.zeros(batch, *feature.shape, device=policy.device)
+    if policy.reads_instructions:
+        if instruction is None:
+            raise ConfigError("a VLA head's example observation needs an instruction")
+        obs[TASK] = [instruction] * batch
+    elif TASK in policy.input_features:
+        obs[TASK] = policy.tasks[0]
+    return obs
+
+
+def _one_per_length(policy: Any, instructions: Sequence[str]) -> list[str]:
+    """One of ``instructions`` per distinct token length (what a VLA head's prefix shapes depend on)."""
+    chosen: dict[int, str] = {}
+    for text in dict.fromkeys(instructions):
+        tokens, _ = policy.language([text])
+        chosen.setdefault(tokens.shape[1], text)
+    return list(chosen.values())
+
+
 class CompiledCall:
     """A policy view's sampling calls run as graphs: ``CompiledCall(view, batch_sizes, backend, mode, threads)``.
 
     Made for the view's sampler and for the plan its denoiser is accelerated with now (or none): a call
     after the handle was removed or rescheduled is a :class:`bac.PlanMismatchError`, a batch size outside
     ``batch_sizes`` a :class:`bac.ConfigError`. A plain condition (DP-T, DiT) has its graphs built here;
-    a VLA head's prefix shapes depend on the instruction's length, so its graph for each length is built
-    on the first call with it (at most :data:`MAX_GRAPHS`). ``onnx``: serve this exported file (its
-    metadata must describe this view) instead of tracing.
+    a VLA head's prefix shapes depend on the instruction's length, so its graphs are built here for the
+    lengths of ``instructions`` (one per length and batch size), and for any other length on the first
+    call with it (at most :data:`MAX_GRAPHS` in all). ``onnx``: serve this exported file (its metadata
+    must describe this view) instead of tracing.
     """
 
     def __init__(self, policy: Any, batch_sizes: Sequence[int], backend: str = "inductor", mode: str | None = None,
-                 threads: int | None = None, onnx: str | None = None):
+                 threads: int | None = None, onnx: str | None = None, instructions: Sequence[str] = ()):
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         sizes = tuple(batch_sizes)
@@ -109,6 +136,10 @@ class CompiledCall:
         elif not policy.config.is_vla:
             for batch in sizes:
                 self._graph(torch.zeros(batch, policy.n_obs_steps, policy.config.cond_dim, device=self.device), batch)
+        else:  # a batch's prefix is padded to its longest instruction: one graph per instruction length covers all
+            for text in _one_per_length(policy, instructions):
+                for batch in sizes:
+                    self._graph(policy.condition(example_observation(policy, batch, text)), batch)
 
     @property
     def build_seconds(self) -> dict:

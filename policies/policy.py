@@ -207,11 +207,13 @@ class DiffusionPolicy(nn.Module):
         return view
 
     def compile_call(self, batch: int | Sequence[int] = 1, backend: str = "inductor", mode: str | None = None,
-                     threads: int | None = None, onnx: str | Path | None = None) -> "DiffusionPolicy":
+                     threads: int | None = None, onnx: str | Path | None = None,
+                     instructions: Sequence[str] = ()) -> "DiffusionPolicy":
         """This policy with each sampling call run as one graph: a view sharing the weights, whose calls run
         the sampler's steps unrolled with the plan the denoiser is accelerated with now (or none) baked in
-        (:mod:`bac.graphs`, docs/guide/graphs.md). Built here for each of the ``batch`` sizes (a VLA head:
-        on the first call with each instruction length), so the first call pays no compilation.
+        (:mod:`bac.graphs`, docs/guide/graphs.md). Built here for each of the ``batch`` sizes, so the first
+        call pays no compilation (a VLA head: for the token lengths of ``instructions``, the ones its calls
+        will read; another length is built on the first call with it).
 
         ``backend``: ``"inductor"`` (``torch.compile``; ``mode="reduce-overhead"`` adds CUDA graphs on a
         GPU), ``"aot_eager"``, or ``"onnxruntime"`` (exported to ONNX, run in ONNX Runtime with ``threads``
@@ -221,17 +223,18 @@ class DiffusionPolicy(nn.Module):
         """
         sizes = (batch,) if isinstance(batch, int) and not isinstance(batch, bool) else tuple(batch)
         view = self._view(self.sampler)
-        view.graph = CompiledCall(view, sizes, backend, mode, threads, None if onnx is None else str(onnx))
+        view.graph = CompiledCall(view, sizes, backend, mode, threads, None if onnx is None else str(onnx),
+                                  instructions)
         return view
 
-    def export_onnx(self, path: str | Path, batch: int = 1) -> Path:
+    def export_onnx(self, path: str | Path, batch: int = 1, instruction: str | None = None) -> Path:
         """Write this view's sampling call (sampler, current plan, ``batch``) as an ONNX model with its
-        description in the metadata (:func:`bac.policies.graph_call.describe_call`); see :meth:`compile_call`."""
-        call = CompiledCall(self, (batch,), "onnxruntime")
-        (graph,) = call.graphs.values() if call.graphs else (None,)
-        if graph is None:
-            raise ConfigError("a VLA head's call is exported from an example call: use compile_call(backend="
-                              "'onnxruntime'), run it once, then save one of view.graph.graphs")
+        description in the metadata (:func:`bac.policies.graph_call.describe_call`); see :meth:`compile_call`.
+        A VLA head's call is made for ``instruction``'s token length (the file serves instructions of it)."""
+        if self.config.is_vla and instruction is None:
+            raise ConfigError("a VLA head's exported call is made for one instruction length: pass instruction=")
+        call = CompiledCall(self, (batch,), "onnxruntime", instructions=[instruction] if instruction else ())
+        (graph,) = call.graphs.values()
         return graph.save_onnx(path)
 
     def set_sampler(self, kind: str = "ddpm", steps: int | None = None) -> "DiffusionPolicy":

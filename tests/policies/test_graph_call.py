@@ -17,7 +17,7 @@ import bac
 from bac.graphs import GraphCall, OnnxCall, trace
 
 from .test_policies import batch, tiny_policy
-from .test_vla import observation, tiny_head
+from .test_vla import INSTRUCTIONS, observation, tiny_head
 
 RTOL = 1e-5  # inductor / ONNX Runtime against eager, relative to the chunk's largest magnitude
 HEAD_SAMPLERS = {"gr00t": ("flow", 4), "pi0": ("flow", 3), "rdt": ("dpm", 4)}
@@ -132,6 +132,29 @@ def test_exported_file_is_served_and_checked(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a model")
     with pytest.raises(bac.CheckpointError, match="bad.onnx"):
         OnnxCall(tmp_path / "bad.onnx")
+
+
+def test_vla_graphs_are_built_for_the_instruction_lengths_up_front(tmp_path):
+    """A VLA head's prefix shapes follow the batch's longest instruction: compile_call(instructions=...)
+    builds one graph per token length and batch size, and calls with those instructions build nothing more;
+    an exported VLA call serves its instruction's length and refuses another."""
+    policy = tiny_head("gr00t").with_sampler("flow", 3)
+    graphed = policy.compile_call(batch=[1, 2], backend="aot_eager", instructions=INSTRUCTIONS)
+    lengths = {policy.language([text])[0].shape[1] for text in INSTRUCTIONS}
+    assert len(graphed.graph.graphs) == 2 * len(lengths) == 6
+    for texts in (INSTRUCTIONS[:2], INSTRUCTIONS[1:], [INSTRUCTIONS[2]] * 2):
+        obs = observation(2, instructions=texts)
+        _close(_chunk(graphed, obs), _chunk(policy, obs), 1e-6)
+    assert len(graphed.graph.graphs) == 6
+    path = tmp_path / "head.onnx"
+    with pytest.raises(bac.ConfigError, match="instruction="):
+        policy.export_onnx(path, batch=1)
+    policy.export_onnx(path, batch=1, instruction=INSTRUCTIONS[0])
+    served = policy.compile_call(batch=1, backend="onnxruntime", onnx=path)
+    obs = observation(1, instructions=[INSTRUCTIONS[0]])
+    _close(_chunk(served, obs), _chunk(policy, obs))
+    with pytest.raises(bac.ConfigError, match="traced for"):
+        _chunk(served, observation(1, instructions=[INSTRUCTIONS[2]]))
 
 
 def test_what_does_not_fit_is_refused():

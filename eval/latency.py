@@ -13,10 +13,22 @@ from bac.policies.constants import STATE
 from bac.policies.policy import Batch, DiffusionPolicy
 
 from .timing import synchronize
+from . import variants
 from .variants import Compilation, Variant, applied
 
 
 PREFIX = "vision-language prefix"
+#: The key of an uncached method's latency with its denoiser under ``torch.compile``: what a capable user
+#: deploys without bac (the whole model compiled, the sampling loop in Python).
+CAPABLE_USER = "{} + torch.compile(model)"
+
+
+def capable_user_view(policy: DiffusionPolicy, method: Variant) -> DiffusionPolicy:
+    """``method`` (uncached) with the whole denoiser ``torch.compile``-d, as a user would run it without bac;
+    the policy's own denoiser stays as it is."""
+    view = policy.with_sampler(method.sampler, method.steps)
+    view.model = torch.compile(view.model, dynamic=False, backend=variants.TORCH_COMPILER)
+    return view
 
 
 def measure_latency(
@@ -29,13 +41,15 @@ def measure_latency(
     warmup: int,
     threads: int,
     compilation: Compilation | None = None,
+    capable_user: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per ``predict_action_chunk(batch)`` call (a batch of 1); methods take turns, the first one rotating.
     ``compilation``: how the calls run (:func:`applied`; ``None``: eagerly). A compiled call's graphs are built
     in its warm-up (at least one call), never in a timed call.
 
     For a policy that reads images, also :data:`PREFIX`: the seconds of ``policy.condition(batch)`` alone
-    (the observation prefix a VLA head encodes once per call), timed in the same rotation.
+    (the observation prefix a VLA head encodes once per call), timed in the same rotation. ``capable_user``:
+    also every uncached method as :data:`CAPABLE_USER` (:func:`capable_user_view`), in the same rotation.
     """
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -44,20 +58,33 @@ def measure_latency(
     if policy.cameras:
         times[PREFIX] = []
     compiled = compilation is not None and compilation.mode != "none"
+    baselines = {CAPABLE_USER.format(m.name): capable_user_view(policy, m)
+                 for m in methods if capable_user and schedules.get(m.name) is None}
+    times |= {name: [] for name in baselines}
+
+    def timed(view: DiffusionPolicy, name: str) -> None:
+        synchronize(policy.device)
+        start = time.perf_counter()
+        view.predict_action_chunk(batch, generator=generator)
+        synchronize(policy.device)
+        times[name].append(time.perf_counter() - start)
+
     try:
         for method in methods:
             with applied(policy, method, schedules.get(method.name), compilation) as (view, _):
                 for _ in range(max(warmup, 1) if compiled else warmup):
                     view.predict_action_chunk(batch, generator=generator)
+        for view in baselines.values():  # torch.compile compiles on the first calls: never in a timed one
+            for _ in range(max(warmup, 2)):
+                view.predict_action_chunk(batch, generator=generator)
         for r in range(repeats):
             shift = r % len(methods)
             for method in methods[shift:] + methods[:shift]:
                 with applied(policy, method, schedules.get(method.name), compilation) as (view, _):
-                    synchronize(policy.device)
-                    start = time.perf_counter()
-                    view.predict_action_chunk(batch, generator=generator)
-                    synchronize(policy.device)
-                    times[method.name].append(time.perf_counter() - start)
+                    timed(view, method.name)
+                baseline = CAPABLE_USER.format(method.name)
+                if baseline in baselines:
+                    timed(baselines[baseline], baseline)
             if policy.cameras:
                 with torch.no_grad():
                     synchronize(policy.device)

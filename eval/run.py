@@ -35,7 +35,7 @@ from . import report as reporting
 from . import shards
 from .budget import budget_plans
 from .closed_loop import run_task
-from .latency import PREFIX, measure_latency
+from .latency import CAPABLE_USER, PREFIX, measure_latency
 from .provenance import package_versions, settings_digest
 from .realtime import check_realtime_settings
 from .settings import RECORDED_SETTINGS, EvalError, claim_out_dir, output_dir
@@ -139,10 +139,12 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
     start = time.perf_counter()
     latencies = measure_latency(policy, variants, built, setup.latency_batch, repeats=int(cfg.latency.repeats),
                                 warmup=int(cfg.latency.warmup), threads=int(cfg.latency.threads),
-                                compilation=compilation)
+                                compilation=compilation, capable_user=bool(cfg.latency.get("capable_user", False)))
     seconds = {**seconds, "latency": time.perf_counter() - start}
     build_seconds = compilation.build_seconds()
     prefix_times = latencies.pop(PREFIX, None)
+    compiled_baselines = {v.name: latencies.pop(CAPABLE_USER.format(v.name)) for v in variants
+                          if CAPABLE_USER.format(v.name) in latencies}
     reference = "full" if "full" in latencies else variants[0].name
     full_p50 = float(np.median(latencies[reference]))
     result = {
@@ -210,6 +212,8 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
         result["methods"][variant.name] = entry
     # the tuner passes its evaluation no tolerance_points (it applies its own): the evaluator's default then
     result["verdict"] = reporting.verdict(result["methods"], reference, float(cfg.get("tolerance_points", 2.0)))
+    result["capable_user"] = reporting.capable_user(result["methods"], compiled_baselines, reference,
+                                                    float(cfg.get("tolerance_points", 2.0)))
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.md").write_text(reporting.markdown(result))
     bac_plan = next((built[v.name].schedule for v in variants if v.method == "bac"), None)

@@ -15,3 +15,12 @@ def tiny_checkpoint(tmp_path_factory):
     policy.obs_normalizer.fit(torch.randn(100, 39))
     policy.action_normalizer.fit(torch.rand(100, 4) * 2 - 1)
     return policy.save(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def quick_torch_compile(monkeypatch):
+    """The main job also times each uncached method under torch.compile (the capable user's configuration):
+    here with dynamo's ``eager`` backend, the same code path without inductor's seconds of code generation."""
+    from bac.evaluation import variants
+
+    monkeypatch.setattr(variants, "TORCH_COMPILER", "eager")

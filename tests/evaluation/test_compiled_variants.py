@@ -6,6 +6,7 @@ The runs here compile with ``aot_eager`` (``variants.TORCH_COMPILER``): inductor
 """
 import contextlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +52,8 @@ def test_whole_compiled_run_gives_the_eager_runs_episodes_and_actions(tiny_check
                                                                       aot_eager):
     """DP-T full and with a uniform plan: the same episodes and bit-identical chunks; the compiled run calls its
     graphs at every batch size of its waves (3 episodes in waves of 2: 2, then 1) and records its build time."""
-    settings = ("run_methods=[full,uniform]", "max_episode_steps=12")
+    # without the capable user's torch.compile(model) rows, whose calls are not the variants' graphs
+    settings = ("run_methods=[full,uniform]", "max_episode_steps=12", "latency.capable_user=false")
     chunks = recorded_chunks(monkeypatch)
     eager = run(compose_config("eval", tiny_checkpoint, tmp_path / "eager", *settings))
     eager_chunks, compiled_chunks = list(chunks), chunks
@@ -153,3 +155,36 @@ def test_resuming_an_eager_run_compiled_is_refused_naming_the_setting(tiny_check
     (out / "run.json").write_text(json.dumps({"digest": settings_digest(eager), "config": config}))
     with pytest.raises(EvalError, match="holds a run with other settings \\(compile='none' there, 'whole' now\\)"):
         run(compose_config("eval", tiny_checkpoint, tmp_path, f"out_dir={out}", "compile=whole"))
+
+
+def test_report_times_the_capable_users_configuration(tiny_checkpoint, tmp_path):
+    """Every uncached method is also timed under torch.compile(model) in the same rotation; the baseline is the
+    fewest-steps uncached method within the tolerance (the verdict over the uncached methods), and every method
+    is compared with it; the policy's own denoiser is never left compiled."""
+    timed_views = []
+    view = latency_module.capable_user_view
+
+    def recording(policy, method):
+        timed_views.append(view(policy, method))
+        return timed_views[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(latency_module, "capable_user_view", recording)
+        report = run(compose_config("eval", tiny_checkpoint, tmp_path, "run_methods=[full,ddim,bac]"))
+    capable = report["capable_user"]
+    uncached = [name for name, m in report["methods"].items() if m["config"]["cache"] is None]
+    assert sorted(capable["compiled"]) == sorted(uncached) == ["ddim", "full"]
+    assert len(timed_views) == 2 and all(isinstance(v.model, torch._dynamo.eval_frame.OptimizedModule)
+                                         for v in timed_views)
+    # the verdict over the uncached methods only: the reference, or ddim where it is within the tolerance
+    within = report["methods"]["ddim"]["paired_vs_full"]["mean"] >= -0.02 - 1e-12
+    faster = report["methods"]["ddim"]["speedup"] > 1
+    assert capable["method"] == ("ddim" if within and faster else "full")
+    assert capable["compiled"][capable["method"]]["repeats"] == 3  # latency.repeats, interleaved with the methods
+    base = capable["latency"]["p50_ms"]
+    for m in report["methods"].values():
+        assert m["vs_capable_user"] == pytest.approx(base / m["latency"]["p50_ms"])
+    text = (Path(report["out_dir"]) / "report.md").read_text()
+    assert "vs capable user" in text and f"torch.compile(model), {capable['method']}" in text
+    policy = DiffusionPolicy.load(tiny_checkpoint)
+    assert not isinstance(policy.model, torch._dynamo.eval_frame.OptimizedModule)

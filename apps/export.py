@@ -22,7 +22,8 @@ import torch
 
 from bac.apps.common import report_errors
 from bac.errors import ConfigError
-from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
+from bac.policies.constants import STATE
+from bac.policies.graph_call import example_observation
 from bac.runtime.loading import load_policy
 
 SEED = 0  # the comparison's observation and noise
@@ -66,14 +67,9 @@ def _method(words: list[str] | None) -> tuple[str | None, dict[str, Any]]:
 def _observation(policy: Any, batch: int, instruction: str) -> dict[str, Any]:
     """A random observation (seeded): states drawn around the training range, zero images, a known task
     (a VLA head: ``instruction``)."""
-    generator = torch.Generator().manual_seed(SEED)
-    state = torch.randn(batch, policy.n_obs_steps, policy.state_dim, generator=generator)
-    obs: dict[str, Any] = {STATE: policy.obs_normalizer.inverse(state.to(policy.device))}
-    for name, feature in policy.input_features.items():
-        if name.startswith(IMAGE_PREFIX):
-            obs[name] = torch.zeros(batch, *feature.shape, device=policy.device)
-    if TASK in policy.input_features:
-        obs[TASK] = [instruction] * batch if policy.reads_instructions else policy.tasks[0]
+    obs = example_observation(policy, batch, instruction if policy.reads_instructions else None)
+    state = torch.randn(batch, policy.n_obs_steps, policy.state_dim, generator=torch.Generator().manual_seed(SEED))
+    obs[STATE] = policy.obs_normalizer.inverse(state.to(policy.device))
     return obs
 
 

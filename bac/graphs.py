@@ -112,17 +112,8 @@ class GraphCall:
         self._run(list(inputs))  # compile / load now, not on the first real call
         self.build_seconds = time.perf_counter() - started
 
-    def check(self, inputs: Sequence[torch.Tensor]) -> None:
-        """Raise :class:`bac.ConfigError` unless ``inputs`` have the shapes and dtypes the graph was traced for."""
-        if len(inputs) != len(self.specs):
-            raise ConfigError(f"the graph takes {len(self.specs)} inputs, got {len(inputs)}")
-        for name, value, spec in zip(self.names, inputs, self.specs):
-            if not isinstance(value, torch.Tensor) or _spec(value) != spec:
-                got = _spec(value) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ConfigError(f"the graph was traced for {name} {spec}, got {got}: trace one for these inputs")
-
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        self.check(inputs)
+        _check_inputs(self.names, self.specs, inputs)
         return self._run(list(inputs))
 
     def _run_torch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
@@ -140,6 +131,16 @@ class GraphCall:
         if self.onnx is None:
             raise ConfigError(f"this graph runs with {self.backend}; trace it with backend='onnxruntime' to save it")
         return write_atomic(path, self.onnx)
+
+
+def _check_inputs(names: list[str], specs: list[dict], inputs: Sequence[Any]) -> None:
+    """Raise :class:`bac.ConfigError` unless ``inputs`` have the shapes and dtypes a graph was made for."""
+    if len(inputs) != len(specs):
+        raise ConfigError(f"the graph takes {len(specs)} inputs, got {len(inputs)}")
+    for name, value, spec in zip(names, inputs, specs):
+        if not isinstance(value, torch.Tensor) or _spec(value) != spec:
+            got = _spec(value) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ConfigError(f"the graph was traced for {name} {spec}, got {got}: trace one for these inputs")
 
 
 def _onnx_modules():
@@ -213,7 +214,7 @@ class OnnxCall:
                       for i in self._session.get_inputs()]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        GraphCall.check(self, inputs)
+        _check_inputs(self.names, self.specs, inputs)
         feeds = {name: value.detach().cpu().numpy() for name, value in zip(self.names, inputs)}
         (out,) = self._session.run(None, feeds)
         return torch.from_numpy(out).to(self.device)

@@ -441,6 +441,72 @@ def diffusers_bench() -> dict[str, str]:
     return out
 
 
+def graphs_bench() -> dict[str, str]:
+    """benchmarks/bench_graphs.py: the headline across sets (every configuration in the process, and only the
+    headline's two in another run), then per set the ms (build s) of every mode and configuration and each
+    cached plan's measured/ideal, and the build times against the steps unrolled."""
+    d = load("graphs/bench_graphs.json")
+    comparisons = [("whole_call_pick_vs_model_compiled_ddim4", "pick whole call / DDIM-4 torch.compile(model)"),
+                   ("onnxruntime_pick_vs_onnxruntime_ddim4", "ONNX RT pick / ONNX RT DDIM-4"),
+                   ("onnxruntime_pick_vs_model_compiled_ddim4", "ONNX RT pick / DDIM-4 torch.compile(model)"),
+                   ("whole_call_pick_vs_whole_call_ddim4", "pick whole call / DDIM-4 whole call"),
+                   ("eager_pick_vs_eager_ddim4", "pick eager / DDIM-4 eager")]
+    head = []
+    for key, r in d["results"].items():
+        h, warm = r["headline"], r.get("headline_warm") or {}
+        for tag, label in comparisons:
+            if tag in h:
+                v, w = h[tag], warm.get(tag)
+                head.append([key, label, f"{h['ideal']:.2f}x",
+                             f"{v['pick_ms']:.2f} / {v['ddim4_ms']:.2f}", f"{v['speedup']:.2f}x ({v['measured_over_ideal']:.2f})",
+                             "—" if w is None else f"{w['pick_ms']:.2f} / {w['ddim4_ms']:.2f}",
+                             "—" if w is None else f"{w['speedup']:.2f}x ({w['measured_over_ideal']:.2f})"])
+    deployed = []
+    alone = load("graphs/bench_graphs_deployed.json")
+    for key, r in alone["results"].items():
+        h = r["headline"]
+        deployed += [[key, label, f"{h['ideal']:.2f}x", f"{h[tag]['pick_ms']:.2f}", f"{h[tag]['ddim4_ms']:.2f}",
+                      f"{h[tag]['speedup']:.2f}x", f"{h[tag]['measured_over_ideal']:.2f}"]
+                     for tag, label in comparisons if tag in h]
+    sets = []
+    for key, r in d["results"].items():
+        modes = [m for m in d["modes"] if any(k.startswith(f"{m}/") for k in r["rows"])]
+        rows = [[name] + [f"{r['rows'][f'{m}/{name}']['p50_ms']:.2f} ({r['rows'][f'{m}/{name}']['build_seconds']:.1f})"
+                          if f"{m}/{name}" in r["rows"] else "—" for m in modes] for name in r["flops_per_call"]]
+        keys = ("ideal_vs_full", "speedup_vs_full", "measured_over_ideal_vs_full", "ideal_vs_uncached_equivalent",
+                "speedup_vs_uncached_equivalent", "measured_over_ideal_vs_uncached_equivalent")
+        cached = [[f"{name.split('/', 1)[1]}, {name.split('/', 1)[0]}"]
+                  + ["—" if row.get(k) is None else f"{row[k]:.2f}" for k in keys]
+                  for name, row in r["rows"].items() if "speedup_vs_uncached_equivalent" in row]
+        checks = r["checks"]
+        deviations = ", ".join(f"{name} {value:.1g}" for name, value in
+                               checks["max_relative_deviation_whole_call_vs_eager"].items())
+        breaks = sum(checks["graph_breaks_at_build"].values())
+        sets += [f"### {key}: median ms (build s)", "", table(["configuration"] + modes, rows), "",
+                 table(["cached plan, mode", "ideal vs full", "x full", "meas/ideal", "ideal vs uncached",
+                        "x uncached", "meas/ideal"], cached), "",
+                 f"Graph breaks at build: {breaks}; graphs compiled after warm-up: "
+                 f"{len(checks['compiled_after_warmup'])}. Whole call against eager, largest deviation relative "
+                 f"to the chunk's magnitude: {deviations}.", ""]
+    k = load("graphs/k100_builds.json")
+    builds = k["builds_seconds"]
+    steps = sorted({int(n) for column in builds.values() for n in column})
+    unrolling = table(["K (steps unrolled)"] + [f"{name} build s" for name in builds],
+                      [[str(n)] + [f"{builds[name][str(n)]:.1f}" if str(n) in builds[name] else "—" for name in builds]
+                       for n in steps])
+    unrolling += (f"\n\nK = 100 (DDPM-100): ONNX export {k['onnxruntime_k100_ddpm_full']['note']}; inductor: "
+                  f"{k['inductor_k100']['note']}, estimated {k['inductor_k100']['estimate_seconds']} s.")
+    return {"headline": table(["set", "comparison", "FLOP ideal", "all rotated: ms", "speedup (meas/ideal)",
+                               "headline calls only: ms", "speedup (meas/ideal)"], head),
+            "unrolling": unrolling,
+            "deployed": table(["set", "comparison", "FLOP ideal", "pick ms", "DDIM-4 ms", "speedup", "meas/ideal"],
+                              deployed) + f"\n\n{alone['repeats']} interleaved repeats of the {len(alone['configs'])} "
+                              f"configurations x {len(alone['modes'])} modes; host: {alone.get('host')}.",
+            "sets": "\n".join(sets).strip(),
+            "host": f"Host during the run: {d.get('host') or 'not recorded'}; {d['repeats']} interleaved repeats; "
+                    f"dropped: {', '.join(d.get('dropped') or []) or 'nothing'}."}
+
+
 def core_bench() -> dict[str, str]:
     d = load("bench_core.json")
     models = d["models"]
@@ -565,6 +631,10 @@ STUDIES = (
     Study("diffusers", "Caching methods on diffusers' DiT, FLUX and Wan",
           "This project's methods against diffusers' own caches at their best settings, per deviation budget.",
           ("bench_diffusers",), diffusers_bench),
+    Study("graphs", "One graph per policy call: whole-call graphs against eager and compiled models",
+          "The call unrolled into one graph with the plan baked in (torch.compile, ONNX Runtime) against eager, "
+          "compile_blocks and the capable user's torch.compile(model), per configuration.",
+          ("graphs",), graphs_bench),
     Study("core-benchmark", "Core benchmark: the executor, the engine's overhead, compilation",
           "Every configuration of one policy call against the reference implementation, interleaved in one "
           "process.", ("bench_core.json", "bench_core_batch50.json"), core_bench),

@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from bac.evaluation.timing import summarize, synchronize
-from bac.policies.policy import DiffusionPolicy
 
 import bac
+from bac.evaluation.timing import summarize, synchronize
+from bac.policies.policy import DiffusionPolicy
 
 from .bench_graphs import load_policy
 

@@ -111,9 +111,16 @@ def eval_methods(report: dict, names: list[str] | None = None) -> str:
         rows.append([name, settings(m["config"]), rate_ci(m.get("success")), delta(d),
                      pvalue(mcnemar_p(d)) if d and d.get("pairs") else "—",
                      f"{lat['p50_ms']:.1f}", f"{lat['p99_ms']:.1f}", f"{lat['hz']:.1f}", f"{m['speedup']:.2f}x",
-                     f"{m['ideal_speedup']:.2f}x", f"{m['flops_per_call'] / 1e9:.3f}", f"{pct(m['skipped_share'])}%"])
-    return table(["method", "settings", "success % (95% CI)", "Δ vs full (paired 95% CI)", "McNemar p", "p50 ms",
-                  "p99 ms", "Hz", "speedup", "ideal (FLOPs)", "GFLOPs/call", "skipped"], rows)
+                     f"{m['ideal_speedup']:.2f}x", f"{m['flops_per_call'] / 1e9:.3f}", f"{pct(m['skipped_share'])}%"]
+                    + ([f"{m['vs_capable_user']:.2f}x"] if report.get("capable_user") else []))
+    capable = report.get("capable_user")
+    text = table(["method", "settings", "success % (95% CI)", "Δ vs full (paired 95% CI)", "McNemar p", "p50 ms",
+                  "p99 ms", "Hz", "speedup", "ideal (FLOPs)", "GFLOPs/call", "skipped"]
+                 + (["vs capable user"] if capable else []), rows)
+    if capable:  # reports since the capable user's configuration is timed (eval/report.py capable_user)
+        text += (f"\n\nThe capable user's configuration: {capable['configuration']} ({capable['chosen_by']}), p50 "
+                 f"{capable['latency']['p50_ms']:.1f} ms, timed in the same rotation.")
+    return text
 
 
 def eval_per_task(report: dict, counts: bool = False) -> str:
@@ -634,7 +641,8 @@ STUDIES = (
     Study("graphs", "One graph per policy call: whole-call graphs against eager and compiled models",
           "The call unrolled into one graph with the plan baked in (torch.compile, ONNX Runtime) against eager, "
           "compile_blocks and the capable user's torch.compile(model), per configuration.",
-          ("graphs",), graphs_bench),
+          ("graphs", "main-job-eager", "main-job-whole"),
+          lambda: {**graphs_bench(), **eval_run("main-job-eager"), **eval_run("main-job-whole")}),
     Study("core-benchmark", "Core benchmark: the executor, the engine's overhead, compilation",
           "Every configuration of one policy call against the reference implementation, interleaved in one "
           "process.", ("bench_core.json", "bench_core_batch50.json"), core_bench),

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +37,21 @@ BACKENDS = TORCH_BACKENDS + ("onnxruntime",)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 #: The ONNX metadata key a traced call's description is kept under.
 METADATA_KEY = "bac"
+
+
+def inductor_compiler() -> str | None:
+    """The C++ compiler ``torch.compile``'s inductor builds CPU kernels with (``$CXX``, else g++, c++ or
+    clang++ on the PATH), or ``None``: without one, inductor fails on the first compiled call."""
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def torch_compile_unavailable(device: torch.device | str, backend: str = "inductor") -> str | None:
+    """Why ``torch.compile(backend=backend)`` cannot compile for ``device`` on this machine, or ``None``."""
+    if backend != "inductor" or str(device).startswith("cuda") or inductor_compiler() is not None:
+        return None
+    return ("torch.compile's inductor builds CPU kernels with a C++ compiler and none was found (g++, c++, "
+            "clang++ or $CXX): install one (e.g. apt install g++)")
 
 
 def accelerated(module: nn.Module) -> list[Any]:

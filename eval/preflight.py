@@ -33,6 +33,7 @@ from bac.runtime.loading import COMPILE_MODES, SERVE_BACKENDS
 from .provenance import settings_digest
 from .settings import RECORDED_SETTINGS, UNTRAINED, EvalError, check_eval_settings, check_recorded_run, \
     output_dir
+from . import variants as variants_module
 from .variants import Variant, flops_target, parse_variants
 
 INSTRUCTION_SETS = ("held_out", "train", "swapped")
@@ -118,6 +119,11 @@ def check_compilation(cfg: DictConfig, config: PolicyConfig, variants: list[Vari
                         f"got compile={mode}")
     if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
         raise EvalError("backend=onnxruntime needs onnx, onnxscript and onnxruntime: pip install 'bac[export]'")
+    unavailable = variants_module.torch_compile_unavailable(cfg.device) if mode != "none" and backend == "torch" \
+        else None
+    if unavailable:
+        raise EvalError(f"compile={mode} with backend=torch: {unavailable}; or use compile=whole "
+                        "backend=onnxruntime, or compile=none")
     if mode == "blocks" and config.architecture != "dpt":
         raise EvalError(f"compile=blocks compiles DP-T's branches (TransformerForDiffusion.compile_blocks); the "
                         f"{config.architecture} policy has none: use compile=whole or compile=none")

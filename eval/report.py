@@ -313,6 +313,9 @@ def markdown(report: dict) -> str:
                       f"bac): p50 {base['p50_ms']:.1f} ms, {base['hz']:.1f} Hz, timed in the same rotation; "
                       "\"vs capable user\" is its p50 over each method's"
                       + (f". Other uncached methods so compiled: {others}." if others else ".")]
+    if report.get("capable_user_not_timed"):
+        lines += ["", f"The capable user's configuration (torch.compile(model)) was not timed: "
+                      f"{report['capable_user_not_timed']}."]
     if report.get("verdict"):
         lines += ["", verdict_line(report["verdict"])]
     return "\n".join(lines) + "\n"

@@ -41,7 +41,7 @@ from .realtime import check_realtime_settings
 from .settings import RECORDED_SETTINGS, EvalError, claim_out_dir, output_dir
 from .setup import FlopCount, Setup, count_flops, episode_instructions, prepare, run_instructions
 from .timing import summarize
-from .variants import Compilation, applied, wave_sizes
+from .variants import Compilation, applied, torch_compile_unavailable, wave_sizes
 
 
 # Names this module held while it doubled as a library: deprecated here, each in its own module now.
@@ -136,10 +136,16 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
     videos = save_videos(cfg, policy, variants, built, setup.tasks, out, compilation) \
         if setup.trained and cfg.video else []
 
+    # the capable user's torch.compile(model) rows, unless torch.compile cannot compile here (said, not hidden)
+    capable_user = bool(cfg.latency.get("capable_user", False))
+    capable_user_skipped = torch_compile_unavailable(cfg.device) if capable_user else None
+    if capable_user_skipped:
+        capable_user = False
+        print(f"[bac.eval] the capable user's configuration is not timed: {capable_user_skipped}", file=sys.stderr)
     start = time.perf_counter()
     latencies = measure_latency(policy, variants, built, setup.latency_batch, repeats=int(cfg.latency.repeats),
                                 warmup=int(cfg.latency.warmup), threads=int(cfg.latency.threads),
-                                compilation=compilation, capable_user=bool(cfg.latency.get("capable_user", False)))
+                                compilation=compilation, capable_user=capable_user)
     seconds = {**seconds, "latency": time.perf_counter() - start}
     build_seconds = compilation.build_seconds()
     prefix_times = latencies.pop(PREFIX, None)
@@ -214,6 +220,8 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
     result["verdict"] = reporting.verdict(result["methods"], reference, float(cfg.get("tolerance_points", 2.0)))
     result["capable_user"] = reporting.capable_user(result["methods"], compiled_baselines, reference,
                                                     float(cfg.get("tolerance_points", 2.0)))
+    if capable_user_skipped:
+        result["capable_user_not_timed"] = capable_user_skipped
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.md").write_text(reporting.markdown(result))
     bac_plan = next((built[v.name].schedule for v in variants if v.method == "bac"), None)

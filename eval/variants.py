@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import bac
+from bac import graphs
 from bac.policies.policy import DiffusionPolicy
 
 
@@ -154,6 +155,11 @@ def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Ca
 
 #: The ``torch.compile`` backend of ``backend=torch``. Tests set ``aot_eager``: inductor takes seconds per graph.
 TORCH_COMPILER = "inductor"
+
+
+def torch_compile_unavailable(device: str) -> str | None:
+    """Why ``torch.compile`` (:data:`TORCH_COMPILER`) cannot compile on ``device`` here, or ``None`` if it can."""
+    return graphs.torch_compile_unavailable(device, TORCH_COMPILER)
 
 
 def wave_sizes(episodes: int, num_envs: int) -> list[int]:

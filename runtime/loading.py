@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import bac
+from bac import graphs
 from bac.errors import BacError, ConfigError
 from bac.policies.checkpointing import resolve_checkpoint
 from bac.policies.constants import ACTION
@@ -112,6 +113,10 @@ def compile_policy(policy: DiffusionPolicy, compile: str = "none", backend: str 
     check_compile(compile, backend, onnx)
     if compile == "none":
         return policy
+    unavailable = graphs.torch_compile_unavailable(policy.device) if backend == "torch" else None
+    if unavailable:
+        raise ConfigError(f"compile={compile} with backend=torch: {unavailable}; or use compile=whole "
+                          "backend=onnxruntime")
     if compile == "blocks":
         if not hasattr(policy.model, "compile_blocks"):
             raise ConfigError(f"compile=blocks compiles a DP-T's branches; {policy.architecture} has none: "

@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from bac import graphs
 from bac.evaluation import latency as latency_module
 from bac.evaluation import variants
 from bac.evaluation.provenance import settings_digest
@@ -188,3 +189,17 @@ def test_report_times_the_capable_users_configuration(tiny_checkpoint, tmp_path)
     assert "vs capable user" in text and f"torch.compile(model), {capable['method']}" in text
     policy = DiffusionPolicy.load(tiny_checkpoint)
     assert not isinstance(policy.model, torch._dynamo.eval_frame.OptimizedModule)
+
+
+def test_without_a_cpp_compiler_torch_compile_is_refused_or_said(tiny_checkpoint, tmp_path, monkeypatch):
+    """inductor needs a C++ compiler for CPU kernels: compile=whole/blocks with backend=torch is refused before
+    any work, and the default run says in its report that the capable user's configuration was not timed."""
+    monkeypatch.setattr(variants, "TORCH_COMPILER", "inductor")
+    monkeypatch.setattr(graphs, "inductor_compiler", lambda: None)
+    for mode in ("whole", "blocks"):
+        with pytest.raises(EvalError, match="C\\+\\+ compiler"):
+            run(compose_config("eval", tiny_checkpoint, tmp_path / mode, f"compile={mode}"))
+    report = run(compose_config("eval", tiny_checkpoint, tmp_path / "default", "run_methods=[full,uniform]"))
+    assert report["capable_user"] is None and "C++ compiler" in report["capable_user_not_timed"]
+    assert "was not timed" in (Path(report["out_dir"]) / "report.md").read_text()
+    assert variants.torch_compile_unavailable("cuda") is None  # CUDA kernels are Triton's, not the C++ compiler's

@@ -134,3 +134,16 @@ def test_bac_serve_checks_the_compile_settings():
                                  (["++compile=1"], "setting compile must be a string")):
             with pytest.raises(ConfigError, match=error):
                 serve(compose("serve", overrides=overrides))
+
+
+def test_torch_compile_without_a_cpp_compiler_is_refused_at_load(monkeypatch):
+    """inductor builds CPU kernels with a C++ compiler: without one, compile=whole|blocks (backend=torch) is a
+    clear ConfigError at load, not a compiler traceback on the first request; ONNX Runtime needs none."""
+    from bac import graphs
+
+    monkeypatch.setattr(graphs, "inductor_compiler", lambda: None)
+    policy = tiny_policy("dpt").with_sampler("ddim", 3)
+    for mode in ("whole", "blocks"):
+        with pytest.raises(bac.ConfigError, match="C\\+\\+ compiler"):
+            compile_policy(policy, mode, "torch")
+    assert compile_policy(policy, "whole", "onnxruntime").graph.backend == "onnxruntime"

@@ -195,13 +195,13 @@ class DiffusionPolicy(nn.Module):
         with flow-matching Euler steps (``"flow"``; steps required)."""
         return self._view(self.make_sampler(kind, steps))
 
-    def _view(self, sampler: Sampler, graph: CompiledCall | None = None) -> "DiffusionPolicy":
+    def _view(self, sampler: Sampler) -> "DiffusionPolicy":
         view = copy.copy(self)
         # its own registries of the same modules, parameters and buffers: setting a module on the view
         # does not change this policy
         view.__dict__.update(_modules=dict(self._modules), _parameters=dict(self._parameters),
                              _buffers=dict(self._buffers))
-        view.sampler, view.graph = sampler, graph
+        view.sampler, view.graph = sampler, None
         view.nonfinite_events = []
         view.reset()
         return view

@@ -30,6 +30,11 @@ from .errors import CheckpointError, ConfigError
 from .files import write_atomic
 from .state import get_handle
 
+#: The ``compile`` setting of the evaluator, the tuner and the server: eager, DP-T's branches compiled
+#: (``compile_blocks``), or each sampling call as one graph (this module).
+COMPILE_MODES = ("none", "blocks", "whole")
+#: Their ``backend`` setting: what runs a compiled call, torch.compile or ONNX Runtime (whole calls only).
+SETTING_BACKENDS = ("torch", "onnxruntime")
 #: How a traced call runs: torch.compile backends, or ONNX Runtime.
 TORCH_BACKENDS = ("inductor", "aot_eager", "eager")
 BACKENDS = TORCH_BACKENDS + ("onnxruntime",)

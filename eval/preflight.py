@@ -28,7 +28,7 @@ from bac.policies.config import PolicyConfig, read_config
 from bac.policies.diffusion import training_scheduler
 from bac.policies.sampler import DEFAULT_SAMPLERS, Sampler
 from bac.policies.tuned import TunedConfig
-from bac.runtime.loading import COMPILE_MODES, SERVE_BACKENDS
+from bac.graphs import COMPILE_MODES, SETTING_BACKENDS
 
 from .provenance import settings_digest
 from .settings import RECORDED_SETTINGS, UNTRAINED, EvalError, check_eval_settings, check_recorded_run, \
@@ -112,8 +112,8 @@ def check_compilation(cfg: DictConfig, config: PolicyConfig, variants: list[Vari
     mode, backend = cfg.compile, cfg.backend
     if mode not in COMPILE_MODES:
         raise EvalError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
-    if backend not in SERVE_BACKENDS:
-        raise EvalError(f"backend must be one of {SERVE_BACKENDS}, got {backend!r}")
+    if backend not in SETTING_BACKENDS:
+        raise EvalError(f"backend must be one of {SETTING_BACKENDS}, got {backend!r}")
     if backend == "onnxruntime" and mode != "whole":
         raise EvalError(f"backend=onnxruntime runs each policy call exported whole: it needs compile=whole, "
                         f"got compile={mode}")

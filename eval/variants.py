@@ -178,7 +178,7 @@ def own_denoiser(model: nn.Module) -> nn.Module:
 
 
 class Compilation:
-    """How the variants' policy calls run (settings ``compile`` and ``backend``; :data:`bac.runtime.loading.COMPILE_MODES`).
+    """How the variants' policy calls run (settings ``compile`` and ``backend``; :data:`bac.graphs.COMPILE_MODES`).
 
     ``whole``: each variant's view is compiled (``view.compile_call``) once per run for ``batch_sizes`` and
     the threads torch runs with when it is first used (inductor and ONNX Runtime fix their thread count when

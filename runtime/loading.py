@@ -84,10 +84,8 @@ def _accelerated(checkpoint: str | Path, *, device: str, sampler: str | None, st
 
 
 # ----------------------------------------------------------------------------- compiled or exported
-#: How a served call runs: eagerly, its DP-T branches compiled, or the whole sampling call as one graph.
-COMPILE_MODES = ("none", "blocks", "whole")
-#: What runs a compiled call: torch.compile (inductor), or ONNX Runtime (whole calls only).
-SERVE_BACKENDS = ("torch", "onnxruntime")
+#: How a served call runs (``compile``) and what runs a compiled one (``backend``): the evaluator's settings.
+COMPILE_MODES, SERVE_BACKENDS = graphs.COMPILE_MODES, graphs.SETTING_BACKENDS
 
 
 def check_compile(compile: str, backend: str, onnx: str | Path | None) -> None:

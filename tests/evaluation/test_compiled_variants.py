@@ -203,3 +203,15 @@ def test_without_a_cpp_compiler_torch_compile_is_refused_or_said(tiny_checkpoint
     assert report["capable_user"] is None and "C++ compiler" in report["capable_user_not_timed"]
     assert "was not timed" in (Path(report["out_dir"]) / "report.md").read_text()
     assert variants.torch_compile_unavailable("cuda") is None  # CUDA kernels are Triton's, not the C++ compiler's
+
+
+def test_the_main_job_imports_without_the_serve_extra():
+    """README's main job installs the eval extra only: nothing the evaluator imports may need msgpack or
+    websockets (the serve extra), the compile settings included."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['msgpack'] = None; sys.modules['websockets'] = None; "
+            "import bac.evaluation.run, bac.evaluation.tune, bac.apps.eval")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -56,6 +56,17 @@ COMPILED = ["full", "bac-M10", "ddim-4", "ddim-5", "bac-M3-ddim10", "uniform-M2-
 COMPILED_WHOLE = ["full", "ddim-5"]
 
 
+def load_policy(label: str) -> DiffusionPolicy:
+    """``shipped`` (the six-task DP-T checkpoint) or ``paper`` (the paper's 8 x 256 DP-T, random weights: latency
+    depends on the plan, not on the weights)."""
+    if label == "shipped":
+        return DiffusionPolicy.load(SHIPPED)
+    if label == "paper":
+        config = PolicyConfig.build("dpt", {"width": 256, "num_layers": 8, "heads": 4}, state_dim=39, action_dim=4)
+        return DiffusionPolicy(config).eval()
+    raise SystemExit(f"unknown model {label!r}; expected shipped or paper")
+
+
 def reference_call(policy: DiffusionPolicy, batch: dict, generator: torch.Generator) -> torch.Tensor:
     """The policy's sampling written with diffusers and PyTorch's modules only (no executor, no bac)."""
     model, sampler = policy.model, policy.sampler.scheduler  # the reference policy's own copy (bench_model)
@@ -222,13 +233,7 @@ def run(repeats: int, models: list[str], batches: list[int], compile_: bool, cal
     torch.manual_seed(seed)
     results = {}
     for label in models:
-        if label == "shipped":
-            policy = DiffusionPolicy.load(SHIPPED)
-        elif label == "paper":
-            config = PolicyConfig.build("dpt", {"width": 256, "num_layers": 8, "heads": 4}, state_dim=39, action_dim=4)
-            policy = DiffusionPolicy(config).eval()
-        else:
-            raise SystemExit(f"unknown model {label!r}; expected shipped or paper")
+        policy = load_policy(label)
         for batch in batches:  # compiled configurations at batch 1 only (the real-time case)
             obs = torch.randn(batch, policy.n_obs_steps, policy.state_dim, generator=torch.Generator().manual_seed(seed))
             key = label if batch == 1 else f"{label}/batch{batch}"

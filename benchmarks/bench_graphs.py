@@ -41,11 +41,10 @@ import torch
 
 import bac
 from bac.evaluation.timing import summarize
-from bac.policies.config import PolicyConfig
 from bac.policies.policy import DiffusionPolicy
 
 from . import bench_core
-from .bench_core import SHIPPED, _dynamo_counts, _flops
+from .bench_core import _dynamo_counts, _flops, load_policy
 
 DEFAULT_OUT = Path("outputs") / "bench_graphs.json"
 _CORE = {c[0]: c for c in bench_core.CONFIGS}
@@ -59,15 +58,6 @@ GRAPH_MODES = ("whole_call", "onnxruntime")
 #: The calls the headline compares, timed again among themselves only (bench_set's "headline_warm").
 HEADLINE_CALLS = [f"{mode}/{name}" for mode in ("eager", "model_compiled", "whole_call", "onnxruntime")
                   for name in (PICK, "ddim-4")]
-
-
-def load_policy(label: str) -> DiffusionPolicy:
-    if label == "shipped":
-        return DiffusionPolicy.load(SHIPPED)
-    if label == "paper":  # bench_core's paper-size DP-T (random weights: latency depends on the plan only)
-        config = PolicyConfig.build("dpt", {"width": 256, "num_layers": 8, "heads": 4}, state_dim=39, action_dim=4)
-        return DiffusionPolicy(config).eval()
-    raise SystemExit(f"unknown model {label!r}; expected shipped or paper")
 
 
 class Configured:
@@ -214,7 +204,7 @@ def bench_set(label: str, policy: DiffusionPolicy, batch_size: int, names: list[
         # them between a configuration's calls, which weighs on small models at batch 1.
         few = [key for key in HEADLINE_CALLS if key in calls]
         warm: dict[str, list[float]] = {key: [] for key in few}
-        for r in range(args.headline_repeats):
+        for r in range(args.headline_repeats if few else 0):  # none: the configurations exclude the headline's
             for key in few[r % len(few):] + few[: r % len(few)]:
                 start = time.perf_counter()
                 calls[key]()

@@ -32,7 +32,7 @@ import bac
 from bac.evaluation.timing import summarize, synchronize
 from bac.policies.policy import DiffusionPolicy
 
-from .bench_graphs import load_policy
+from .bench_core import load_policy
 
 DEFAULT_OUT = Path("outputs") / "gpu_graphs.json"
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "policies" / "checkpoints"

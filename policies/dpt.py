@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bac
+from bac.graphs import CUDA_GRAPH_MODES
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -90,10 +91,6 @@ def compiled_branches(**options) -> SimpleNamespace:
             compiled = {name: _cloned(fn) for name, fn in compiled.items()}
         _COMPILED[key] = SimpleNamespace(**compiled)
     return _COMPILED[key]
-
-
-#: torch.compile modes that replay CUDA graphs on a GPU.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def _cloned(fn):

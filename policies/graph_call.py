@@ -52,6 +52,7 @@ class SamplingCall(nn.Module):
 def describe_call(policy: Any, batch: int) -> dict:
     """What a policy view's graph is made for (stored with an exported call, compared when one is loaded)."""
     handle = bac.get_handle(policy.model)
+    config = policy.config.to_dict()
     return {
         "bac": bac.__version__,
         "architecture": policy.architecture,
@@ -62,8 +63,7 @@ def describe_call(policy: Any, batch: int) -> dict:
         "batch": batch,
         "horizon": policy.horizon,
         "action_dim": policy.action_dim,
-        "features": {"input": policy.config.to_dict().get("input_features"),
-                     "output": policy.config.to_dict().get("output_features")},
+        "features": {"input": config.get("input_features"), "output": config.get("output_features")},
     }
 
 

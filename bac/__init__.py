@@ -20,7 +20,7 @@ from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, Mo
 from .bua import bubbling_union
 from .budget import BlockCost, BudgetError, BudgetPlan, allocate_updates, plan_for_budget, plan_timer
 from .calibration import METRICS, Calibration
-from .engine import CacheHandle, StepOverflowError, accelerate, get_handle, new_trajectory
+from .engine import CacheHandle, StepOverflowError, abandon_trajectory, accelerate, get_handle, new_trajectory
 from .errors import (
     BacError,
     CacheStateError,
@@ -101,6 +101,7 @@ __all__ = [
     "needs_calibration",
     "get_handle",
     "new_trajectory",
+    "abandon_trajectory",
     "plan_for_budget",
     "plan_timer",
     "refine",

@@ -110,7 +110,7 @@ class CacheHandle:
                 "handle.context(name), or make the schedule for this sampler's step count"
             )
         shape = _input_shape(args, kwargs)
-        if step == 0:
+        if step == state.start:
             state.shape = shape
         elif shape != state.shape:
             expected = state.shape
@@ -123,7 +123,7 @@ class CacheHandle:
                 "this thread's cache has been cleared"
             )
         state.step = step
-        state.row = state.schedule.row(state)
+        state.row = state.schedule.row(state) if step != state.start or step == 0 else state.schedule.first_row(state)
         record = local.record
         record.calls += 1
         if record.fresh:
@@ -136,18 +136,31 @@ class CacheHandle:
         state.done = state.step  # this call returned: a trajectory that stops here ended, not broke off
 
     # -- trajectory control ----------------------------------------------------------
-    def new_trajectory(self) -> None:
+    def new_trajectory(self, start: int = 0) -> None:
         """Start a new sampling call in this thread: every context restarts at step 0 with an empty cache.
+
+        ``start``: the call's first denoiser call is step ``start`` of the schedule (a warm start, which
+        runs a K-step sampler's last K - start steps): the plan's rows from there, the first computing every
+        block. Only a static plan can (a runtime rule decides from the steps before: ConfigError).
 
         Raises :class:`bac.CacheStateError` if the previous call ran fewer
         denoiser calls than a static plan covers (docs/guide/core.md, "Inside the engine");
         the new call has started all the same, so a retry goes through.
         """
         record = self._local.record
+        if start and not self.schedule.static:
+            self.schedule.first_row(None)  # raises: a runtime rule cannot begin after step 0
+        if start and not 0 < start < self.schedule.limit:
+            raise ConfigError(f"a trajectory begins at a step in [0, {self.schedule.limit - 1}], got {start}")
         short = record.short_runs(self.schedule)
-        record.restart()
+        record.restart(start)
         if short:
             raise _short_error(short, self.schedule.limit, "the previous sampling call")
+
+    def abandon_trajectory(self) -> None:
+        """This thread's sampling call stops here on purpose, before the plan's last step (a warm start's
+        check step, :mod:`bac.policies.warm`): the next :meth:`new_trajectory` does not report it as short."""
+        self._local.record.closed = True
 
     def end_trajectory(self) -> None:
         """Mark the end of this thread's sampling call and check its length now.
@@ -219,31 +232,34 @@ class CacheHandle:
 
     # -- whole-call graphs (bac.graphs) ------------------------------------------------
     @contextlib.contextmanager
-    def scratch(self, name: str = "trace") -> Iterator[None]:
+    def scratch(self, name: str = "trace", start: int = 0) -> Iterator[None]:
         """Run this thread's denoiser calls in a fresh context ``name`` that leaves nothing behind: no cached
         value in another context, no count in :meth:`stats` (tracing a whole call into a graph,
-        :mod:`bac.graphs`). Each call in it starts at step 0: call :meth:`begin_call` through the model as usual."""
+        :mod:`bac.graphs`). Its first call is step ``start`` (see :meth:`new_trajectory`): call
+        :meth:`begin_call` through the model as usual."""
+        if start and not self.schedule.static:
+            self.schedule.first_row(None)  # raises: a runtime rule cannot begin after step 0
         local, record = self._local, self._local.record
         saved = (local.state, record.fresh, record.closed, record.trajectories, record.calls)
-        local.state = Context(name, self.schedule, len(self.spec.blocks))
+        local.state = Context(name, self.schedule, len(self.spec.blocks), start)
         try:
             yield
         finally:
             local.state, record.fresh, record.closed, record.trajectories, record.calls = saved
 
-    def count_graph_call(self) -> None:
+    def count_graph_call(self, start: int = 0) -> None:
         """Count one sampling call that ran as a graph traced from this handle's static plan
         (:mod:`bac.graphs`): :meth:`stats` shows it as the engine would have run it, all of the plan's steps
         in this thread's active context. A graph decides nothing at run time, so this is bookkeeping only."""
         if not self.schedule.static:
             raise CacheStateError("only a static plan's calls run as graphs; a runtime rule decides per step")
         record = self._local.record
-        record.restart()  # folds the previous call's counts in, as new_trajectory does
+        record.restart(start)  # folds the previous call's counts in, as new_trajectory does
         state, limit = self._local.state, self.schedule.limit
         state.step = state.done = limit - 1
         record.fresh, record.closed = False, True
         record.trajectories += 1
-        record.calls += limit
+        record.calls += limit - start
 
     # -- contexts --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -456,8 +472,16 @@ def _shape_text(shape: torch.Size | None) -> str:
     return "(no tensor)" if shape is None else str(list(shape))
 
 
-def new_trajectory(model: nn.Module) -> None:
+def abandon_trajectory(model: nn.Module) -> None:
+    """:meth:`CacheHandle.abandon_trajectory` on ``model``'s handle; does nothing if it is not accelerated."""
+    handle = get_handle(model)
+    if handle is not None:
+        handle.abandon_trajectory()
+
+
+def new_trajectory(model: nn.Module, start: int = 0) -> None:
     """Mark the start of a sampling call on ``model``; does nothing if it is not accelerated.
+    ``start``: its first denoiser call is that step of the schedule (a warm start, :meth:`CacheHandle.new_trajectory`).
 
     Policies call this at the top of their sampling function so that caching
     needs no other cooperation from the caller. Raises
@@ -466,4 +490,4 @@ def new_trajectory(model: nn.Module) -> None:
     """
     handle = get_handle(model)
     if handle is not None:
-        handle.new_trajectory()
+        handle.new_trajectory(start)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
+from .errors import ConfigError
+
 RUN, STORE, NOTIFY = 1, 2, 4
 
 
@@ -53,12 +55,19 @@ class BoundSchedule:
     def new_state(self) -> Any:
         return None
 
-    def ran(self, steps: int) -> tuple[list[int], list[int]]:
-        """Per block, how often the first ``steps`` rows compute and skip it (static schedules only)."""
+    def ran(self, steps: int, start: int = 0) -> tuple[list[int], list[int]]:
+        """Per block, how often rows ``start .. steps - 1`` compute and skip it, the first computing every
+        block (a trajectory begun at ``start``; static schedules only)."""
         raise NotImplementedError
 
     def row(self, state) -> Sequence[int]:
         raise NotImplementedError
+
+    def first_row(self, state) -> Sequence[int]:
+        """The row of a trajectory's first step when it is not step 0 (a warm start): every block computed,
+        and stored, since no earlier value exists to stand in (static schedules only)."""
+        raise ConfigError(f"a trajectory begun after step 0 (a warm start) needs a static plan; {self.name} "
+                          "decides at run time from the steps before")
 
     def notify(self, state, i: int, out: Any) -> None:
         """Block ``i`` (whose bits in the row have ``NOTIFY``) computed ``out`` at ``state.step``."""
@@ -82,12 +91,21 @@ class StaticRows(BoundSchedule):
         for row in rows:
             self._computed.append([c + bool(a & RUN) for c, a in zip(self._computed[-1], row)])
 
+        self._first = (RUN | STORE,) * len(rows[0]) if rows else ()
+
     def row(self, state) -> Sequence[int]:
         return self.rows[state.step]
 
-    def ran(self, steps: int) -> tuple[list[int], list[int]]:
+    def first_row(self, state) -> Sequence[int]:
+        return self._first
+
+    def ran(self, steps: int, start: int = 0) -> tuple[list[int], list[int]]:
         computed = self._computed[steps]
-        return list(computed), [steps - c for c in computed]
+        if start and steps > start:  # rows start+1 .. steps-1 as planned, row start computing every block
+            computed = [c - first + 1 for c, first in zip(computed, self._computed[start + 1])]
+        elif start:
+            computed = [0] * len(computed)
+        return list(computed), [max(steps - start, 0) - c for c in computed]
 
 
 class AlwaysCompute(BoundSchedule):
@@ -102,5 +120,8 @@ class AlwaysCompute(BoundSchedule):
     def row(self, state) -> Sequence[int]:
         return self._row
 
-    def ran(self, steps: int) -> tuple[list[int], list[int]]:
-        return [steps] * len(self._row), [0] * len(self._row)
+    def first_row(self, state) -> Sequence[int]:
+        return self._row
+
+    def ran(self, steps: int, start: int = 0) -> tuple[list[int], list[int]]:
+        return [max(steps - start, 0)] * len(self._row), [0] * len(self._row)

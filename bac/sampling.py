@@ -437,6 +437,38 @@ _PLAN_BUILDERS: dict[type, Callable[[Any], StepPlan]] = {
 }
 
 
+def _alpha_scales(s: Any) -> list[tuple]:
+    """DDPM/DDIM ``add_noise`` at each timestep: (sqrt(alpha_bar), sqrt(1 - alpha_bar)), as diffusers computes them."""
+    alphas = s.alphas_cumprod.to(dtype=torch.float32)
+    return [(alphas[t] ** 0.5, (1 - alphas[t]) ** 0.5) for t in s.timesteps]
+
+
+def _dpm_scales(s: Any) -> list[tuple]:
+    return [tuple(s._sigma_to_alpha_sigma_t(s.sigmas[j])) for j in range(len(s.timesteps))]
+
+
+def _flow_scales(s: Any) -> list[tuple]:
+    return [(1.0 - s.sigmas[j], s.sigmas[j]) for j in range(len(s.timesteps))]
+
+
+def _alpha_x0(s: Any) -> list[tuple]:
+    return [(s.config.prediction_type, a, b) for a, b in _alpha_scales(s)]
+
+
+def _dpm_x0_coefficients(s: Any) -> list[tuple]:
+    return [(s.config.prediction_type, a, b) for a, b in _dpm_scales(s)]
+
+
+def _flow_x0(s: Any) -> list[tuple]:
+    return [("v_prediction", 1.0, s.sigmas[j]) for j in range(len(s.timesteps))]  # x0 = x - sigma * velocity
+
+
+_NOISE_SCALES = {DDPMScheduler: _alpha_scales, DDIMScheduler: _alpha_scales, DPMSolverMultistepScheduler: _dpm_scales,
+                 FlowMatchEulerDiscreteScheduler: _flow_scales}
+_X0_COEFFICIENTS = {DDPMScheduler: _alpha_x0, DDIMScheduler: _alpha_x0, DPMSolverMultistepScheduler: _dpm_x0_coefficients,
+                    FlowMatchEulerDiscreteScheduler: _flow_x0}
+
+
 def _draws_noise(fn: StepFunction, c: tuple) -> bool:
     if fn in (_ddpm_epsilon, _ddpm_sample, _ddpm_v):
         return c[5] is not None  # the std; None at the last step
@@ -450,12 +482,13 @@ class FusedTrajectory:
     calls running at the same time, each with its own trajectory, share only the sampler's coefficients.
     """
 
-    __slots__ = ("_plan", "prev_x0", "last")
+    __slots__ = ("_plan", "prev_x0", "last", "begin")
 
-    def __init__(self, plan: StepPlan):
+    def __init__(self, plan: StepPlan, begin: int = 0):
         self._plan = plan
         self.prev_x0: torch.Tensor | None = None
-        self.last = -1
+        self.last = begin - 1
+        self.begin = begin
 
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
@@ -497,15 +530,52 @@ class FusedSampler:
         #: how many noise draws one sampling call's steps make (DDPM's steps before the last; stochastic flow)
         self.noise_draws = sum(_draws_noise(fn, c) for fn, c in self._plan)
         self._current = FusedTrajectory(self._plan)  # only for the deprecated FusedSampler.step
+        # A warm start (a trajectory begun at step i > 0): where the sample entering step i lies between the
+        # data and the noise (add_noise's coefficients), and how a step's model output predicts the data.
+        self._noise_scales = _NOISE_SCALES[type(scheduler)](scheduler)
+        self._x0_coefficients = _X0_COEFFICIENTS[type(scheduler)](scheduler)
+        # DPM-Solver's first step of a trajectory is first order: a trajectory begun at i > 0 takes it there
+        self._first_steps = ([(_dpm_first, c[:4] + _dpm_first_order_coefficients(scheduler, j))
+                              for j, (_, c) in enumerate(self._plan)] if type(scheduler) is DPMSolverMultistepScheduler
+                             else None)
+        self._begun: dict[int, StepPlan] = {0: self._plan}
 
     def __repr__(self) -> str:
         return f"FusedSampler({self.kind}, num_steps={self.num_steps})"
 
-    def start(self) -> FusedTrajectory:
-        """A new trajectory (one sampling call's state), independent of every other."""
-        trajectory = FusedTrajectory(self._plan)
+    def start(self, begin: int = 0) -> FusedTrajectory:
+        """A new trajectory (one sampling call's state), independent of every other, whose steps run for
+        ``i = begin .. num_steps - 1``. ``begin > 0`` is a warm start (the sample entering step ``begin``:
+        :meth:`noised`): bit for bit diffusers' steps after ``scheduler.set_begin_index(begin)`` (DPM-Solver
+        takes a first-order step there, as its first step of any trajectory)."""
+        plan = self._begun.get(begin)
+        if plan is None:
+            if isinstance(begin, bool) or not isinstance(begin, int) or not 0 <= begin < self.num_steps:
+                raise ConfigError(f"FusedSampler: a trajectory begins at a step index in [0, {self.num_steps - 1}], "
+                                  f"got {begin!r}")
+            plan = list(self._plan)
+            if self._first_steps is not None:
+                plan[begin] = self._first_steps[begin]
+            self._begun[begin] = plan  # the same value whichever thread builds it first
+        trajectory = FusedTrajectory(plan, begin)
         self._current = trajectory  # only for the deprecated step(); another thread may replace it at once
         return trajectory
+
+    def noised(self, i: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The sample entering step ``i`` for data ``x0`` and Gaussian ``noise``: the scheduler's own forward
+        process at that step (DDPM/DDIM ``add_noise`` at ``timesteps[i]``, DPM-Solver ``add_noise`` at
+        sigma ``i``, flow matching ``scale_noise``), what a trajectory begun at ``i`` starts from."""
+        data_scale, noise_scale = self._noise_scales[i]
+        return data_scale * x0 + noise_scale * noise
+
+    def predict_x0(self, i: int, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The data (clean sample) the model output at step ``i`` on ``sample`` predicts (no clipping)."""
+        prediction, sample_scale, output_scale = self._x0_coefficients[i]
+        if prediction == "sample":
+            return model_output
+        if prediction == "epsilon":
+            return (sample - output_scale * model_output) / sample_scale
+        return sample_scale * sample - output_scale * model_output  # v-prediction; flow: x - sigma * v
 
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:

@@ -43,9 +43,10 @@ def detach(model: Any, handle: Any) -> bool:
 class Context:
     """One context's trajectory: step, row, cached values, rule state, and per-block totals."""
 
-    __slots__ = ("name", "schedule", "step", "row", "cache", "rule_state", "computed", "skipped", "shape", "done")
+    __slots__ = ("name", "schedule", "step", "row", "cache", "rule_state", "computed", "skipped", "shape", "done",
+                 "start")
 
-    def __init__(self, name: str, schedule: BoundSchedule, num_blocks: int):
+    def __init__(self, name: str, schedule: BoundSchedule, num_blocks: int, start: int = 0):
         self.name = name
         self.schedule = schedule
         # Per-block totals. A static schedule's runners count nothing: its trajectories are folded in
@@ -53,27 +54,31 @@ class Context:
         self.computed = [0] * num_blocks
         self.skipped = [0] * num_blocks
         self.step = -1
-        self.reset()
+        self.start = 0
+        self.reset(start=start)
 
     def counts(self) -> tuple[list[int], list[int]]:
         """Computed and skipped totals per block, the current trajectory included (for a static schedule,
         from its rows: a step interrupted inside the model counts as run whole)."""
         if not self.schedule.static or self.step < 0:
             return self.computed, self.skipped
-        computed, skipped = self.schedule.ran(self.step + 1)
+        computed, skipped = self.schedule.ran(self.step + 1, self.start)
         return [a + b for a, b in zip(self.computed, computed)], [a + b for a, b in zip(self.skipped, skipped)]
 
     def add_counts(self, computed: list[int], skipped: list[int]) -> None:
         self.computed = [a + b for a, b in zip(self.computed, computed)]
         self.skipped = [a + b for a, b in zip(self.skipped, skipped)]
 
-    def reset(self, schedule: BoundSchedule | None = None) -> None:
-        """Start a new trajectory (under ``schedule`` from now on, if given); the totals so far are kept."""
+    def reset(self, schedule: BoundSchedule | None = None, start: int = 0) -> None:
+        """Start a new trajectory (under ``schedule`` from now on, if given) whose first denoiser call is step
+        ``start`` (a warm start: the plan's rows from there, its first one computing every block); the
+        totals so far are kept."""
         if self.schedule.static and self.step >= 0:
             self.computed, self.skipped = self.counts()
         if schedule is not None:
             self.schedule = schedule
-        self.step = -1
+        self.start = start
+        self.step = start - 1
         self.done = -1  # step of the last denoiser call that returned (an interrupted call leaves it behind)
         self.shape = None  # the first tensor input's shape at step 0: what the cached values are for
         self.row = None
@@ -84,9 +89,10 @@ class Context:
 class ThreadRecord:
     """One thread's contexts and call counters (kept for the handle's statistics)."""
 
-    __slots__ = ("contexts", "fresh", "closed", "trajectories", "calls", "mark")
+    __slots__ = ("contexts", "fresh", "closed", "trajectories", "calls", "mark", "start")
 
     def __init__(self):
+        self.start = 0  # the current trajectory's first step (a warm start's, else 0)
         self.contexts: dict[str, Context] = {}
         self.fresh = True
         self.closed = False  # the current trajectory's length was checked (end_trajectory)
@@ -99,12 +105,14 @@ class ThreadRecord:
         if self.closed or not schedule.exact_length:
             return {}
         limit = schedule.limit
-        return {name: s.step + 1 for name, s in self.contexts.items() if 0 <= s.step < limit - 1 and s.done == s.step}
+        return {name: s.step + 1 for name, s in self.contexts.items()
+                if s.start <= s.step < limit - 1 and s.done == s.step}
 
-    def restart(self) -> None:
-        """Start a new trajectory in every context (see :meth:`Context.reset`)."""
+    def restart(self, start: int = 0) -> None:
+        """Start a new trajectory in every context, at step ``start`` (see :meth:`Context.reset`)."""
+        self.start = start
         for state in self.contexts.values():
-            state.reset()
+            state.reset(start=start)
         self.fresh = True
         self.closed = False
         self.mark = totals([self])
@@ -143,9 +151,10 @@ class ThreadStates:
 
     def context(self, name: str, record: ThreadRecord | None = None) -> Context:
         """The context ``name`` of ``record`` (default: the calling thread's), made on first use."""
-        contexts = (record or self.local.record).contexts
+        record = record or self.local.record
+        contexts = record.contexts
         if name not in contexts:
-            contexts[name] = Context(name, self.schedule, self.num_blocks)
+            contexts[name] = Context(name, self.schedule, self.num_blocks, record.start)
         return contexts[name]
 
     def reschedule(self, schedule: BoundSchedule) -> None:

@@ -21,14 +21,36 @@ def sample_chunk(model: nn.Module, sampler: Sampler, cond: Any, shape: tuple[int
                  generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """A normalised action chunk ``shape`` = ``[B, horizon, action_dim]`` denoised from Gaussian noise drawn
     from ``generator``, conditioned on ``cond``, with ``sampler``'s steps (one trajectory of its own)."""
-    bac.new_trajectory(model)
-    fused = sampler.fused
-    trajectory = fused.start()  # multistep solvers keep per-call state in it
-    prepared = model.prepare(cond, fused.timesteps)  # per-call invariants, computed once
-    x = torch.randn(shape, generator=generator, device=device)
-    for i, t in enumerate(fused.timesteps):
-        x = trajectory.step(i, model(x, t, cond, prepared=prepared[i]), x, generator=generator)
-    return x
+    return StepRunner(model, sampler, cond, generator)(torch.randn(shape, generator=generator, device=device), 0)
+
+
+class StepRunner:
+    """One sampling call's denoising steps, run in pieces (a warm start, :mod:`bac.policies.warm`):
+    ``runner(x, begin, end=None, keep=None, resume=False)`` runs steps ``begin .. end - 1`` on ``x`` in a new
+    trajectory begun at ``begin`` (the denoiser's cache handle too), or with ``resume`` goes on with it."""
+
+    def __init__(self, model: nn.Module, sampler: Sampler, cond: Any, generator: torch.Generator | None):
+        self.model, self.fused, self.cond, self.generator = model, sampler.fused, cond, generator
+        self.prepared = None
+        self.trajectory = None
+
+    def __call__(self, x: torch.Tensor, begin: int, end: int | None = None, keep: Any = None,
+                 resume: bool = False) -> torch.Tensor:
+        fused, model, cond = self.fused, self.model, self.cond
+        if not resume:
+            if self.trajectory is not None:  # a warm start's check step: that trajectory stops there on purpose
+                bac.abandon_trajectory(model)
+            bac.new_trajectory(model, begin)
+            self.trajectory = fused.start(begin)  # multistep solvers keep per-call state in it
+        if self.prepared is None:
+            self.prepared = model.prepare(cond, fused.timesteps)  # per-call invariants, computed once
+        trajectory, prepared, timesteps = self.trajectory, self.prepared, fused.timesteps
+        for i in range(begin, fused.num_steps if end is None else end):
+            out = model(x, timesteps[i], cond, prepared=prepared[i])
+            if keep is not None:
+                keep(i, x, out)
+            x = trajectory.step(i, out, x, generator=self.generator)
+        return x
 
 
 def training_loss(model: nn.Module, noise_scheduler: Any, config: PolicyConfig, target: torch.Tensor, cond: Any,

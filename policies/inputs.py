@@ -95,6 +95,14 @@ def check_num_actions(config: PolicyConfig, num_actions: int | None) -> int:
     return int(num_actions)
 
 
+def check_shift(shift: Any) -> int:
+    """A warm start's ``shift`` (actions of the last chunk run since its observation): an integer >= 0."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or shift < 0:
+        raise ConfigError(f"shift must be an integer >= 0 (actions of the last chunk executed since its "
+                          f"observation), got {shift!r}")
+    return int(shift)
+
+
 def task_indices(config: PolicyConfig, task: Any, size: int, device: torch.device) -> torch.Tensor | None:
     """Task names (one, or one per sample) or a tensor of task indices -> indices; None without one-hot."""
     if TASK not in config.input_features:

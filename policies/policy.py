@@ -26,8 +26,8 @@ from bac.errors import CheckpointError, ConfigError, ConfigTypeError, DataError,
 from . import inputs
 from .checkpointing import CheckpointNotFoundError, check_state_fits, read_weights, save_weights
 from .config import WEIGHTS_FILE, PolicyConfig, read_config
-from .constants import STATE
-from .diffusion import sample_chunk, training_loss, training_scheduler
+from .constants import STATE, TASK
+from .diffusion import StepRunner, sample_chunk, training_loss, training_scheduler
 from .dit import DiTPolicyHead
 from .dpt import TransformerForDiffusion
 from .features import next_history
@@ -40,6 +40,7 @@ from .normalize import Normalizer
 from .pi0 import Pi0Head
 from .rdt import RDTHead
 from .sampler import DEFAULT_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, Sampler  # noqa: F401  (SAMPLERS, FLOW_SAMPLERS: importable here as before)
+from .warm import DEFAULT_JUMP, WarmStart, WarmState, warm_sample
 
 __all__ = ["DiffusionPolicy", "ARCHITECTURES", "EXTREME", "Normalizer"]
 
@@ -127,10 +128,12 @@ class DiffusionPolicy(nn.Module):
         self.language = LanguageCache() if config.is_vla else None
         self.sampler = self.make_sampler(*DEFAULT_SAMPLERS.get(config.architecture, ("ddpm", None)))
         self.graph: CompiledCall | None = None  # compile_call's graphs of the sampling call, or eager
+        self.warm: WarmStart | None = None  # with_warm_start's setting: calls begin from the last chunk
         self.on_nonfinite = on_nonfinite
         # Chunks held by on_nonfinite="hold": {"samples": [...], "message": ...}; kept across reset() so the
         # runtime can report them after an episode.
         self.nonfinite_events: list[dict] = []
+        self._warm_state = WarmState()
         self.reset()
 
     # -- configuration -----------------------------------------------------------------
@@ -195,6 +198,22 @@ class DiffusionPolicy(nn.Module):
         with flow-matching Euler steps (``"flow"``; steps required)."""
         return self._view(self.make_sampler(kind, steps))
 
+    def with_warm_start(self, start: int, variant: str = "plain", threshold: float | None = None,
+                        jump: float = DEFAULT_JUMP) -> "DiffusionPolicy":
+        """This policy with warm-started sampling calls (:mod:`bac.policies.warm`, docs/guide/warm-starts.md):
+        a view sharing the weights whose :meth:`select_action` begins each chunk after the first of an episode
+        from the previous chunk, noised to step ``start`` of its sampler (``variant``: ``"plain"``,
+        ``"checked"`` or ``"falcon"``, the last two with ``threshold``). ``start=0``: every call cold.
+        :meth:`predict_action_chunk` warm-starts where it is given a :class:`WarmState`. A compiled view's
+        graphs are made for the warm calls too (call :meth:`compile_call` on this view)."""
+        warm = WarmStart(start, variant, threshold, jump)
+        warm.check(self.sampler.steps)
+        if self.graph is not None:
+            raise ConfigError("compile the warm-started view: policy.with_warm_start(...).compile_call(...)")
+        view = self._view(self.sampler)
+        view.warm = warm
+        return view
+
     def _view(self, sampler: Sampler) -> "DiffusionPolicy":
         view = copy.copy(self)
         # its own registries of the same modules, parameters and buffers: setting a module on the view
@@ -202,7 +221,10 @@ class DiffusionPolicy(nn.Module):
         view.__dict__.update(_modules=dict(self._modules), _parameters=dict(self._parameters),
                              _buffers=dict(self._buffers))
         view.sampler, view.graph = sampler, None
+        if self.warm is not None and sampler is not self.sampler:
+            view.warm = None  # made for another schedule: with_warm_start again
         view.nonfinite_events = []
+        view._warm_state = WarmState()  # its own episode state
         view.reset()
         return view
 
@@ -271,8 +293,8 @@ class DiffusionPolicy(nn.Module):
         target = self.action_normalizer(actions)
         return training_loss(self.model, self.noise_scheduler, self.config, target, cond, generator)
 
-    def _sample(self, batch: Batch, generator: torch.Generator | None,
-                num_actions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, batch: Batch, generator: torch.Generator | None, num_actions: int | None = None,
+                warm_state: WarmState | None = None, shift: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The checked observation history and the first ``num_actions`` (default ``n_action_steps``) sampled,
         unchecked actions ``[B, num_actions, A]``. The whole horizon is sampled either way, so the noise drawn
         from ``generator`` and the first actions do not depend on ``num_actions``."""
@@ -283,7 +305,14 @@ class DiffusionPolicy(nn.Module):
         state = inputs.check_state(self.config, batch, self.device, history=True)
         cond = self._condition(state, batch)  # for a VLA head: the prefix, encoded once per call
         shape = (state.shape[0], self.horizon, self.action_dim)
-        if self.graph is not None:
+        if self.warm is not None and warm_state is not None:
+            shift = self.n_action_steps if shift is None else inputs.check_shift(shift)
+            noise = torch.randn(shape, generator=generator, device=self.device)  # a cold call's starting draw
+            runner = (self.graph.runner(cond, generator) if self.graph is not None
+                      else StepRunner(self.model, self.sampler, cond, generator))
+            x = warm_sample(self.warm, warm_state, self.sampler.fused, noise, runner,
+                            self.obs_normalizer(state[:, -1]), batch.get(TASK), shift)
+        elif self.graph is not None:
             x = self.graph.sample(cond, shape, generator, self.device)
         else:
             x = sample_chunk(self.model, self.sampler, cond, shape, generator, self.device)
@@ -296,10 +325,12 @@ class DiffusionPolicy(nn.Module):
         self._history: torch.Tensor | None = None
         self._queue: list[torch.Tensor] = []
         self._last_action: torch.Tensor | None = None
+        self._warm_state.reset()  # select_action's: a new episode starts cold (its counts are kept)
 
     @torch.no_grad()
     def predict_action_chunk(self, batch: Batch, generator: torch.Generator | None = None,
-                             num_actions: int | None = None) -> torch.Tensor:
+                             num_actions: int | None = None, warm_state: WarmState | None = None,
+                             shift: int | None = None) -> torch.Tensor:
         """One sampling call: the ``[B, num_actions, action_dim]`` actions to execute next.
 
         ``batch["observation.state"]`` is the observation history ``[B, n_obs_steps, D]``. ``num_actions``:
@@ -308,8 +339,13 @@ class DiffusionPolicy(nn.Module):
         ``[1, horizon]`` is a :class:`bac.ConfigError`. Non-finite actions (among those returned) raise
         :class:`bac.NonFiniteError` (whatever :attr:`on_nonfinite` says; see :class:`DiffusionPolicy`), with the
         chunk in ``err.actions`` and the failed samples in ``err.samples``.
+
+        A warm-started view (:meth:`with_warm_start`) begins from the last chunk of ``warm_state`` (a
+        :class:`~bac.policies.warm.WarmState` the caller keeps per stream of calls, e.g. per robot or session),
+        advanced by ``shift`` actions (how many of that chunk ran between its observation and this one;
+        default ``n_action_steps``), and updates it; without ``warm_state`` the call is cold.
         """
-        state, actions = self._sample(batch, generator, num_actions)
+        state, actions = self._sample(batch, generator, num_actions, warm_state, shift)
         if not torch.isfinite(actions).all():  # the guard: one reduction per chunk; diagnosis only on failure
             raise self._nonfinite_error(state, actions)
         return actions
@@ -339,7 +375,8 @@ class DiffusionPolicy(nn.Module):
         self._history = next_history(self._history, state, self.n_obs_steps)
         if not self._queue:
             try:
-                chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator)
+                chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator,
+                                                  warm_state=self._warm_state)
             except NonFiniteError as err:
                 if self.on_nonfinite != "hold" or getattr(err, "actions", None) is None:
                     raise
@@ -347,6 +384,12 @@ class DiffusionPolicy(nn.Module):
             self._queue = list(chunk.unbind(1))
         self._last_action = self._queue.pop(0)
         return self._last_action
+
+    @property
+    def warm_counts(self) -> dict:
+        """What :meth:`select_action`'s sampling calls did since this view was made: ``calls``, ``warm_calls``
+        (begun from the last chunk) and ``evaluations`` (denoiser evaluations); zeros without warm starts."""
+        return self._warm_state.counts()
 
     @property
     def chunk_due(self) -> bool:

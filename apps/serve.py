@@ -3,6 +3,7 @@
     bac-serve checkpoint=dpt-metaworld sampler.kind=ddim sampler.steps=4 method=uniform method_params={interval:2}
     bac-serve ... compile=whole                                   # the sampling call as one torch.compile graph
     bac-serve ... compile=whole backend=onnxruntime onnx=model.onnx   # a bac-export file in ONNX Runtime
+    bac-serve ... warm={start:2}                                  # calls begin from the session's last chunk
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _settings() -> dict:
         "warmup": (INT, 0, False), "threads": (INT, 1, True), "max_message_mb": (INT, 1, False),
         "shutdown_timeout_s": (FLOAT, 0, False), "log_level": (STR, None, False), "api_key": (STR, None, True),
         "language_cache_size": (INT, 1, True), "compile": (STR, None, False), "backend": (STR, None, False),
-        "onnx": (STR, None, True),
+        "onnx": (STR, None, True), "warm.start": (INT, 0, False), "warm.variant": (STR, None, True),
+        "warm.threshold": (FLOAT, None, True), "warm.jump": (FLOAT, None, True),
     }
 
 
@@ -55,6 +57,8 @@ def serve(cfg: Any) -> None:
     if not isinstance(cfg.method_params, Mapping) and cfg.method_params is not None:
         raise ConfigError(f"setting method_params must be a mapping (method_params={{interval:2}}), got "
                           f"{cfg.method_params!r}")
+    if not isinstance(cfg.warm, Mapping) and cfg.warm is not None:
+        raise ConfigError(f"setting warm must be a mapping (warm={{start:2}}) or null, got {cfg.warm!r}")
     if cfg.port > 65535:
         raise ConfigError(f"setting port must be <= 65535, got {cfg.port}")
     if str(cfg.log_level).lower() not in LOG_LEVELS:

@@ -375,8 +375,8 @@ class DiffusionPolicy(nn.Module):
         self._history = next_history(self._history, state, self.n_obs_steps)
         if not self._queue:
             try:
-                chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator,
-                                                  warm_state=self._warm_state)
+                warm = {"warm_state": self._warm_state} if self.warm is not None else {}  # a subclass may not take it
+                chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator, **warm)
             except NonFiniteError as err:
                 if self.on_nonfinite != "hold" or getattr(err, "actions", None) is None:
                     raise

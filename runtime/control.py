@@ -23,6 +23,7 @@ import torch
 
 from bac.errors import ConfigError
 from bac.policies.features import next_history  # the history rule select_action uses
+from bac.policies.warm import WarmState
 
 from .episodes import STATE, ChunkingPolicy, EnvFactory, EnvPool, check_compatible, observation_batch, \
     observation_slices, render_settings
@@ -221,7 +222,9 @@ class EpisodeTrace:
     first chunk's wait (``first_wait_ticks``) is not among them, so on a :class:`VirtualClock`
     ``elapsed_s = (first_wait_ticks + ticks) * dt``. ``actions`` (executed, clipped, ``[ticks, A]``) and
     ``sources`` (per tick: ``(chunk index, action index)``, action index -1 when an action was held)
-    are left out of :meth:`to_dict` unless asked for."""
+    are left out of :meth:`to_dict` unless asked for. ``warm``: for a warm-started policy, what its calls did
+    (``calls``, ``warm_calls``, ``evaluations``: denoiser evaluations; a call still in flight at the end
+    included); ``None`` (and left out of :meth:`to_dict`) otherwise."""
 
     task: str
     seed: int
@@ -242,6 +245,7 @@ class EpisodeTrace:
     overrun_ticks: list[int]
     actions: np.ndarray = field(repr=False)
     sources: list[tuple[int, int]] = field(repr=False)
+    warm: dict | None = None
 
     @property
     def achieved_hz(self) -> float:
@@ -269,7 +273,8 @@ class EpisodeTrace:
         return len(self.missed_ticks) - sum(c.missed_ticks for c in self.chunks)
 
     def to_dict(self, actions: bool = False) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("actions", "sources")}
+        left_out = ("actions", "sources") + (("warm",) if self.warm is None else ())
+        out = {k: v for k, v in asdict(self).items() if k not in left_out}
         out.update(achieved_hz=self.achieved_hz, latencies_ms=self.latencies_ms, delays=self.delays,
                    late_chunks=self.late_chunks)
         if actions:
@@ -435,21 +440,33 @@ class _Robot:
 
 
 class _Inference:
-    """Starts chunk inferences on the clock (each with its latency) and checks the chunks they return."""
+    """Starts chunk inferences on the clock (each with its latency) and checks the chunks they return.
+
+    ``warm_state``: a warm-started policy's state for this episode's calls (``None``: the policy is called as
+    any policy is, ``predict_action_chunk(batch, generator=..., num_actions=...)``)."""
 
     def __init__(self, robot: _Robot, clock: Clock, generator: torch.Generator | None, horizon: int,
-                 latency_model: LatencyModel | None):
+                 latency_model: LatencyModel | None, warm_state: WarmState | None = None):
         self.robot, self.clock, self.generator, self.horizon = robot, clock, generator, horizon
-        self.latency_model = latency_model
+        self.latency_model, self.warm_state = latency_model, warm_state
         self.chunk_shape = (horizon, *robot.env.single_action_space.shape)
         self.calls = 0
+        self.last_tick = 0  # the observation tick of the last inference: its chunk's index 0 is that tick's action
 
-    def submit(self, obs: np.ndarray, history: torch.Tensor) -> Job:
-        """Render (if the policy reads cameras) and start the inference from this observation history."""
+    def submit(self, obs: np.ndarray, history: torch.Tensor, tick: int) -> Job:
+        """Render (if the policy reads cameras) and start the inference from this observation history, taken at
+        ``tick``."""
         batch = self.robot.batch(obs, history)
+        kwargs: dict[str, Any] = {"generator": self.generator, "num_actions": self.horizon}
+        if self.warm_state is not None:
+            # The last chunk's index i is the action for tick last_tick + i, this one's index 0 for tick: the prior
+            # advances by the ticks between the two observations, whatever the delay drops at takeover (the
+            # same ticks of both). A chunk that has run out (shift >= horizon) is no prior: the call is cold.
+            kwargs.update(warm_state=self.warm_state, shift=tick - self.last_tick)
+        self.last_tick = tick
 
         def infer() -> np.ndarray:
-            chunk = self.robot.policy.predict_action_chunk(batch, generator=self.generator, num_actions=self.horizon)
+            chunk = self.robot.policy.predict_action_chunk(batch, **kwargs)
             return chunk[0].detach().cpu().numpy()
 
         latency = self._modelled_latency()
@@ -523,7 +540,7 @@ class _ControlLoop:
     def _first_chunk(self) -> None:
         """The robot waits for its first chunk: time passes, the env does not step."""
         state = self.state
-        state.job = self.inference.submit(state.obs, state.history)
+        state.job = self.inference.submit(state.obs, state.history, state.tick)
         while not state.job.ready():
             self.clock.next_tick()
             state.first_wait_ticks += 1
@@ -553,7 +570,7 @@ class _ControlLoop:
         """Start the next inference ``lead`` ticks before the running chunk's planned end (one at a time)."""
         state = self.state
         if state.job is None and state.tick >= self.plan.planned_end - state.lead:
-            state.job, state.job_start = self.inference.submit(state.obs, state.history), state.tick
+            state.job, state.job_start = self.inference.submit(state.obs, state.history, state.tick), state.tick
 
     def _execute_action(self) -> bool:
         """Execute this tick's action; True when the episode is over (the env ended it, or ``max_steps``)."""
@@ -581,7 +598,8 @@ class _ControlLoop:
             ticks=len(state.executed), elapsed_s=float(state.elapsed_s),
             time_to_first_action_s=float(state.first_action_s), first_wait_ticks=state.first_wait_ticks,
             chunks=[c.record for c in self.plan.chunks], missed_ticks=self.plan.missed,
-            overrun_ticks=state.overruns, actions=np.stack(state.executed), sources=state.sources)
+            overrun_ticks=state.overruns, actions=np.stack(state.executed), sources=state.sources,
+            warm=None if self.inference.warm_state is None else self.inference.warm_state.counts())
 
 
 def run_control_episode(
@@ -618,11 +636,17 @@ def run_control_episode(
     measured compute time (call 0 is the first chunk). The episode ends at its first success or a cap.
     The policy needs ``predict_action_chunk(batch, generator=..., num_actions=...)``, ``horizon``,
     ``n_obs_steps`` and ``n_action_steps`` (``bac.policies.policy.DiffusionPolicy`` has them).
+
+    A warm-started policy (``policy.warm`` set: ``DiffusionPolicy.with_warm_start``) gets a fresh
+    :class:`~bac.policies.warm.WarmState` for the episode and, at every call, ``warm_state=`` and ``shift=``
+    (the ticks since the last call's observation, which its chunk's index 0 is the action for); the trace's
+    ``warm`` counts its calls, warm calls and denoiser evaluations.
     """
     settings = _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max_steps, adapt_lead)
     robot = _Robot(policy, env, task, instruction)
     clock = VirtualClock() if clock is None else clock
-    inference = _Inference(robot, clock, generator, settings.horizon, latency_model)
+    warm_state = WarmState() if getattr(policy, "warm", None) is not None else None
+    inference = _Inference(robot, clock, generator, settings.horizon, latency_model, warm_state)
     obs, _ = env.reset(seed=[int(seed)])
     policy.reset()
     loop = _ControlLoop(settings, robot, inference, clock, obs)
@@ -659,7 +683,9 @@ def summarize_runs(traces: Iterable[EpisodeTrace | Mapping[str, Any]], warmup_ch
     The first ``warmup_chunks`` chunks of each episode (the one the robot waits for, with the first call's
     one-off costs) are left out of the latency percentiles (nearest rank, over every episode's remaining
     chunks), of the mean delay and of the misses (misses while waiting for a warm-up chunk). ``notes``
-    says when a tail percentile rests on too few samples to be more than the largest one.
+    says when a tail percentile rests on too few samples to be more than the largest one. Episodes of a
+    warm-started policy add ``warm``: their calls, warm calls and denoiser evaluations summed, with
+    ``evaluations_per_call`` (every call counted, the warm-up chunk's too).
     """
     warmup_chunks = _int_in("warmup_chunks", warmup_chunks, 0, 2**31)
     rows = [t.to_dict() if isinstance(t, EpisodeTrace) else dict(t) for t in traces]
@@ -687,7 +713,7 @@ def summarize_runs(traces: Iterable[EpisodeTrace | Mapping[str, Any]], warmup_ch
     else:
         latency = {"samples": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
         notes.append(f"no chunk after the first {warmup_chunks} of any episode: no latency statistics")
-    return {
+    summary = {
         "episodes": len(rows),
         "success_rate": sum(bool(r["success"]) for r in rows) / len(rows),
         "warmup_chunks": warmup_chunks,
@@ -703,6 +729,11 @@ def summarize_runs(traces: Iterable[EpisodeTrace | Mapping[str, Any]], warmup_ch
         "overruns": int(sum(len(r["overrun_ticks"]) for r in rows)),
         "notes": notes,
     }
+    warm = [r["warm"] for r in rows if r.get("warm") is not None]
+    if warm:
+        totals = {key: int(sum(w[key] for w in warm)) for key in ("calls", "warm_calls", "evaluations")}
+        summary["warm"] = {**totals, "evaluations_per_call": totals["evaluations"] / max(totals["calls"], 1)}
+    return summary
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
@@ -721,4 +752,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
              f"first action after {summary['time_to_first_action_s'] * 1e3:.0f} ms"]
     if summary["overruns"]:
         parts.append(f"{summary['overruns']} overruns")
+    if "warm" in summary:
+        warm = summary["warm"]
+        parts.append(f"{warm['warm_calls']} of {warm['calls']} calls warm, "
+                     f"{warm['evaluations_per_call']:.2f} evaluations per call")
     return "; ".join(parts) + (f" ({'; '.join(summary['notes'])})" if summary["notes"] else "")

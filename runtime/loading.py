@@ -1,6 +1,6 @@
-"""The served policy: loaded from a checkpoint, given its sampler, accelerated at most one way, compiled or
-served from an exported file if asked, described for the metadata a client receives on connect
-(``docs/guide/server.md``)."""
+"""The served policy: loaded from a checkpoint, given its sampler, accelerated at most one way, warm-started
+if asked, compiled or served from an exported file if asked, described for the metadata a client receives on
+connect (``docs/guide/server.md``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,7 @@ from bac.policies.constants import ACTION
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.sampler import Sampler
 
-from .protocol import PROTOCOL, PROTOCOL_VERSION, accepts_num_actions
+from .protocol import PROTOCOL, PROTOCOL_VERSION, accepts_num_actions, warm_started
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,22 +43,52 @@ def load_policy(checkpoint: str | Path, *, device: str = "cpu", sampler: str | N
                 steps: int | None = None, tuned: str | Path | None = None, plan: str | Path | None = None,
                 method: str | None = None, method_params: Mapping[str, Any] | None = None,
                 compile: str = "none", backend: str = "torch", onnx: str | Path | None = None,
-                batch_sizes: Sequence[int] = (1,)) -> ServedPolicy:
-    """Load a policy, accelerate it at most one way, then compile it as :func:`compile_policy` says.
+                batch_sizes: Sequence[int] = (1,), warm: Mapping[str, Any] | None = None) -> ServedPolicy:
+    """Load a policy, accelerate it at most one way, warm-start it if asked, then compile it as
+    :func:`compile_policy` says.
 
     ``tuned``: a ``python -m bac.tune`` result (sets the sampler too, so ``sampler``/``steps`` must be
     unset); ``plan``: a plan file; ``method``: an uncalibrated method by name with ``method_params``
-    (a calibrated one, ``bac``/``acs``, needs a plan file: ``bac-plan``). Every problem is a
+    (a calibrated one, ``bac``/``acs``, needs a plan file: ``bac-plan``). ``warm``: ``None``, or the
+    setting ``{start, variant, threshold, jump}`` (:func:`warm_start`). Every problem is a
     :class:`bac.ConfigError` (or the plan's and checkpoint's own errors).
     """
     check_compile(compile, backend, onnx)
     served = _accelerated(checkpoint, device=device, sampler=sampler, steps=steps, tuned=tuned, plan=plan,
                           method=method, method_params=method_params)
+    if warm is not None:
+        served = ServedPolicy(warm_start(served.policy, warm), served.handle, served.source)
     if compile == "none":
         return served
     policy = compile_policy(served.policy, compile, backend, onnx, batch_sizes)
     source = {**served.source, "compile": compile, "backend": backend, **({"onnx": str(onnx)} if onnx else {})}
     return ServedPolicy(policy, served.handle, source)
+
+
+#: the keys of the serve setting ``warm`` (``DiffusionPolicy.with_warm_start``'s arguments)
+WARM_KEYS = ("start", "variant", "threshold", "jump")
+
+
+def warm_start(policy: DiffusionPolicy, warm: Mapping[str, Any]) -> DiffusionPolicy:
+    """``policy.with_warm_start(**warm)`` for the serve setting ``warm`` (``start`` required; ``variant``,
+    ``threshold`` and ``jump`` optional, null meaning the default), refused with a :class:`bac.ConfigError`
+    naming the setting where it does not fit: an unknown key, a start outside the sampler's steps, or a
+    runtime rule's acceleration (it decides from the steps before, so a call cannot begin after step 0)."""
+    if not isinstance(warm, Mapping):
+        raise ConfigError(f"setting warm must be a mapping (warm={{start:2}}) or null, got {warm!r}")
+    unknown = sorted(set(map(str, warm)) - set(WARM_KEYS))
+    if unknown:
+        raise ConfigError(f"setting warm: unknown key(s) {unknown}; it takes {list(WARM_KEYS)}")
+    if warm.get("start") is None:
+        raise ConfigError("setting warm needs start: the sampler step a warm call begins at (warm={start:2})")
+    handle = bac.get_handle(policy.model)
+    if warm["start"] and handle is not None and not handle.schedule.static:
+        raise ConfigError(f"setting warm: {handle.schedule.name!r} is a runtime rule (it decides from the steps "
+                          "before), so a call cannot begin after step 0: accelerate with a plan, or leave warm null")
+    try:
+        return policy.with_warm_start(**{key: value for key, value in warm.items() if value is not None})
+    except ConfigError as err:
+        raise ConfigError(f"setting warm: {err}") from err
 
 
 def _accelerated(checkpoint: str | Path, *, device: str, sampler: str | None, steps: int | None,
@@ -191,11 +221,14 @@ def metadata(policy: Any, checkpoint: str | None = None, source: Mapping[str, An
         "sampler": {"kind": sampler.kind, "steps": sampler.steps},
         "acceleration": acceleration_summary(policy, source, handle),
         "accepts_num_actions": accepts_num_actions(policy),
+        "warm_start": policy.warm.describe() if warm_started(policy) else None,
     }
 
 
 def describe(metadata: Mapping[str, Any]) -> str:
-    """One line for the log: checkpoint (or architecture), sampler and caching method."""
+    """One line for the log: checkpoint (or architecture), sampler, caching method and warm start."""
     acceleration = (metadata["acceleration"] or {}).get("method") or "no caching"
+    warm = metadata.get("warm_start")
+    warm_text = f", warm start at step {warm['start']} ({warm['variant']})" if warm else ""
     return (f"{metadata['policy']['checkpoint'] or metadata['policy']['architecture']} "
-            f"({metadata['sampler']['kind']}-{metadata['sampler']['steps']}, {acceleration})")
+            f"({metadata['sampler']['kind']}-{metadata['sampler']['steps']}, {acceleration}{warm_text})")

@@ -26,6 +26,8 @@ from .msgpack_numpy import packb, unpackb
 
 PROTOCOL, PROTOCOL_VERSION = "bac-policy-server", 1
 NUM_ACTIONS = "num_actions"
+SHIFT = "shift"  # a warm-started policy's: actions of the previous chunk executed since its observation
+MAX_SHIFT = 2**31  # any shift >= horizon means the same (a late chunk: cold), so larger ones are refused as typos
 RESET, SEED = "reset", "seed"
 MAX_QUOTED = 200  # characters of a refused value quoted in an error text
 MAX_QUOTED_KEYS = 8  # unknown keys named in an error text
@@ -99,12 +101,14 @@ def reset_seed(request: Mapping[str, Any], default_seed: int) -> int:
 @dataclasses.dataclass
 class Observation:
     """One checked request: ``state`` float32 ``[D]`` (current) or ``[n_obs_steps, D]`` (history), images
-    float32 ``[3, S, S]`` in [0, 1] by feature name."""
+    float32 ``[3, S, S]`` in [0, 1] by feature name; ``shift``: for a warm-started policy, the actions of the
+    previous chunk executed since its observation (``None``: its ``n_action_steps``)."""
 
     state: np.ndarray
     task: str | None
     images: dict[str, np.ndarray]
     num_actions: int | None = None
+    shift: int | None = None
 
 
 def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
@@ -137,19 +141,23 @@ def parse_observation(policy: Any, message: Mapping[str, Any]) -> Observation:
     _check_keys(policy, message, cameras)
     state, task = _state(policy, message[STATE]), _task(policy, message.get(TASK))  # checked in this order
     images = {key: _image(key, message[key], policy.input_features[key].shape) for key in cameras}
-    return Observation(state, task, images, _num_actions(policy, message.get(NUM_ACTIONS)))
+    return Observation(state, task, images, _num_actions(policy, message.get(NUM_ACTIONS)),
+                       _shift(policy, message.get(SHIFT)))
 
 
 def _check_keys(policy: Any, message: Mapping[str, Any], cameras: list[str]) -> None:
     n, dim = policy.n_obs_steps, policy.state_dim
-    known = [STATE, *cameras, *([TASK] if TASK in policy.input_features else []), NUM_ACTIONS]
-    unknown = sorted(set(message) - set(known))
+    required = [STATE, *cameras, *([TASK] if TASK in policy.input_features else [])]
+    optional = [NUM_ACTIONS, *([SHIFT] if warm_started(policy) else [])]
+    unknown = sorted(set(message) - set(required) - set(optional))
     if unknown:
-        raise DataError(f"unknown key(s) {_quote_keys(unknown)}; this policy reads {known[:-1]} (and optional {NUM_ACTIONS!r}), "
-                        f"or send {{{RESET!r}: true, {SEED!r}: int}}")
-    missing = [key for key in known[:-1] if key not in message]
+        hint = f" ({SHIFT!r} is read only by a warm-started policy: this server's metadata has warm_start null)" \
+            if SHIFT in unknown and SHIFT not in optional else ""
+        raise DataError(f"unknown key(s) {_quote_keys(unknown)}; this policy reads {required} (and optional "
+                        f"{', '.join(map(repr, optional))}), or send {{{RESET!r}: true, {SEED!r}: int}}{hint}")
+    missing = [key for key in required if key not in message]
     if missing:
-        raise DataError(f"observation is missing key(s) {missing}; this policy reads {known[:-1]} "
+        raise DataError(f"observation is missing key(s) {missing}; this policy reads {required} "
                         f"({STATE!r}: float [{dim}] or [{n}, {dim}])")
 
 
@@ -204,6 +212,23 @@ def _num_actions(policy: Any, num_actions: Any) -> int | None:
         raise DataError(f"{NUM_ACTIONS!r} must be an integer in [1, horizon={policy.horizon}] (or left out for "
                         f"n_action_steps={policy.n_action_steps}), got {quote(num_actions)}")
     return num_actions
+
+
+def warm_started(policy: Any) -> bool:
+    """Whether ``policy`` warm-starts its calls from the last chunk (``DiffusionPolicy.with_warm_start``)."""
+    return getattr(policy, "warm", None) is not None
+
+
+def _shift(policy: Any, shift: Any) -> int | None:
+    if shift is None:
+        return None
+    if isinstance(shift, np.integer):
+        shift = int(shift)
+    if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift < MAX_SHIFT:
+        raise DataError(f"{SHIFT!r} must be an integer in [0, 2**31): the actions of the previous chunk executed "
+                        f"since its observation (or left out for n_action_steps={policy.n_action_steps}), "
+                        f"got {quote(shift)}")
+    return shift
 
 
 def accepts_num_actions(policy: Any) -> bool:

@@ -1,7 +1,7 @@
 """The policy server's per-client state and the one thread every policy call runs on.
 
 Each connection is a :class:`Session`: its observation history, its noise generator, its cache context
-(named by the session id). :class:`InferenceThread` runs every policy call, a session's or the
+(named by the session id) and, for a warm-started policy, its warm-start state. :class:`InferenceThread` runs every policy call, a session's or the
 warm-up's, on one worker thread in arrival order, so the policy, its sampler and its cache handle are
 never called concurrently; a session's cache context lives on that thread (contexts are per thread),
 which is why it is also dropped there.
@@ -24,8 +24,9 @@ import bac
 from bac.errors import ConfigError, DataError
 from bac.policies.constants import STATE, TASK
 from bac.policies.features import next_history
+from bac.policies.warm import WarmState, jumped
 
-from .protocol import NUM_ACTIONS, Observation, parse_observation, synthetic_request
+from .protocol import NUM_ACTIONS, Observation, parse_observation, synthetic_request, warm_started
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,35 +42,53 @@ class Session:
     id: str
     peer: str
     generator: torch.Generator
+    seed: int  # the server's default seed: a new episode's without a seed of its own
     history: torch.Tensor | None = None  # [1, n_obs_steps, D], what the next current observation is appended to
+    warm: WarmState = dataclasses.field(default_factory=WarmState)  # read only for a warm-started policy
     requests: int = 0
+    jumps: int = 0  # new episodes begun because the observation jumped (a warm-started policy)
     refused: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # error kind -> count
     closed: bool = False
 
     def reset(self, seed: int) -> None:
-        """A new episode: the history cleared, the generator reseeded."""
+        """A new episode: the history cleared, the generator reseeded, the warm-start state forgotten."""
         self.history = None
         self.generator.manual_seed(seed)
+        self.warm.reset()
 
     def predict(self, policy: Any, observation: Observation) -> np.ndarray:
-        """One policy call: the chunk ``[n, A]`` float32. The history is kept only if the call succeeded."""
+        """One policy call: the chunk ``[n, A]`` float32. The history is kept only if the call succeeded.
+
+        For a warm-started policy, an observation that jumped from the last call's (``policy.warm.jump``) begins
+        a new episode first, as a reset without a seed would (openpi's client's ``reset()`` sends nothing), and
+        the call warm-starts from this session's last chunk advanced by ``observation.shift`` actions."""
         state = torch.from_numpy(observation.state)[None].to(policy.device)
+        kwargs: dict[str, Any] = {"generator": self.generator}
+        if warm_started(policy):
+            self._new_episode_if_jumped(policy, state if state.ndim == 2 else state[:, -1])
+            kwargs.update(warm_state=self.warm, shift=observation.shift)
         history = state if state.ndim == 3 else next_history(self.history, state, policy.n_obs_steps)
         batch: dict[str, Any] = {STATE: history}
         if observation.task is not None:
             batch[TASK] = observation.task
         for key, image in observation.images.items():
             batch[key] = torch.from_numpy(image)[None].to(policy.device)
-        kwargs: dict[str, Any] = {"generator": self.generator}
         if observation.num_actions is not None:
             kwargs[NUM_ACTIONS] = observation.num_actions
         actions = policy.predict_action_chunk(batch, **kwargs)
         self.history = history
         return np.ascontiguousarray(actions[0].detach().cpu().numpy(), dtype=np.float32)
 
+    def _new_episode_if_jumped(self, policy: Any, current: torch.Tensor) -> None:
+        """Reset (default seed) when the normalised current state ``[1, D]`` jumped from the last call's."""
+        before = self.warm.observation
+        if before is not None and jumped(before, policy.obs_normalizer(current), policy.warm.jump):
+            self.reset(self.seed)
+            self.jumps += 1
+
 
 def new_session(session_id: str, peer: str, seed: int, device: torch.device | str) -> Session:
-    return Session(session_id, peer, torch.Generator(device=device).manual_seed(seed))
+    return Session(session_id, peer, torch.Generator(device=device).manual_seed(seed), seed)
 
 
 class Sessions:

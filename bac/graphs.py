@@ -69,13 +69,14 @@ def accelerated(module: nn.Module) -> list[Any]:
     return handles
 
 
-def trace(module: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
+def trace(module: nn.Module, inputs: Sequence[torch.Tensor], start: int = 0) -> torch.export.ExportedProgram:
     """``module(*inputs)`` traced into one graph (``torch.export``, non-strict, without gradients).
 
     Every accelerated denoiser in ``module`` must run a static plan (:class:`bac.Plan`); the trace runs in
     a scratch context of its handle (:meth:`bac.CacheHandle.scratch`), so it leaves no cached value and no
-    count behind. Any Python decision ``module`` makes is taken at trace time: the graph is only valid for
-    inputs of these shapes, this plan and these weights.
+    count behind. ``start``: the first denoiser call is that step of the plan (a warm start's segment: the
+    plan's rows from there, the first computing every block). Any Python decision ``module`` makes is
+    taken at trace time: the graph is only valid for inputs of these shapes, this plan and these weights.
     """
     handles = accelerated(module)
     for handle in handles:
@@ -89,7 +90,7 @@ def trace(module: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.export.Exp
             raise ConfigError(f"a traced call takes tensors only, got {type(value).__name__}")
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for handle in handles:
-            stack.enter_context(handle.scratch())
+            stack.enter_context(handle.scratch(start=start))
         return torch.export.export(module, tuple(inputs), strict=False)
 
 

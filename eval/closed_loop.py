@@ -1,7 +1,7 @@
 """Seeded closed-loop success with nothing lost: episode results are appended as JSON lines.
 
-Every finished episode is one line ``{"task", "method", "seed", "success", "steps"}``
-written with a single ``write`` and flushed, so an interrupted run (Ctrl-C, a
+Every finished episode is one line ``{"task", "method", "seed", "success", "steps"}`` (a warm-started
+method's also ``"warm"``: its wave's calls, see :func:`run_task`) written with a single ``write`` and flushed, so an interrupted run (Ctrl-C, a
 killed job) leaves at most one torn last line, which is ignored. Re-running with
 the same output file skips the episodes already there and repeats none, and gives
 the same results as an uninterrupted run (waves are fixed slices of the seed list).
@@ -63,6 +63,11 @@ def run_task(
     instruction, for a policy that reads instructions (see ``bac.runtime.run_episodes``). ``envs``: a pool
     shared by the methods run on one task, so their waves reuse one set of environments. ``logged``: the
     episodes already done (default: those in ``log_path``); a sharded run passes every shard's.
+
+    A warm-started view (``policy.warm`` set) counts its calls (``policy.warm_counts``): what a wave's calls
+    did, ``{"wave": its first seed, "calls", "warm_calls", "evaluations"}``, goes on every line of the wave
+    (written with its episodes, so no episode is logged without it; a wave is rerun whole, with the same noise,
+    so a resumed run records the same counts).
     """
     seeds = list(seeds)
     logged = read_episodes(log_path) if logged is None else logged
@@ -74,16 +79,22 @@ def run_task(
     todo = [wave for wave in waves if any(s not in done for s in wave)]
     repair(log_path)
     cap = int(max_episode_steps) if max_episode_steps else episode_cap(task)
+    counted = getattr(policy, "warm", None) is not None
     with open(log_path, "a") as log, StepProgress(task, method, len(todo), cap, seeds, done,
                                                   progress and bool(todo)) as bar:
         for number, wave in enumerate(todo):
             generator = torch.Generator(device=policy.device).manual_seed(wave[0])
-            for result in run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
-                                       generator=generator, instructions=instructions, envs=envs,
-                                       on_step=bar.step):
+            before = policy.warm_counts if counted else None
+            # the wave's results all come once it ends (run_wave): its counts are known before any is written
+            results = list(run_episodes(policy, task, wave, num_envs=num_envs, max_episode_steps=max_episode_steps,
+                                        generator=generator, instructions=instructions, envs=envs,
+                                        on_step=bar.step))
+            calls = {"wave": wave[0], **{key: value - before[key] for key, value in policy.warm_counts.items()}} \
+                if counted else None
+            for result in results:
                 if result["seed"] in done:
                     continue
-                record = {"task": task, "method": method, **result}
+                record = {"task": task, "method": method, **result, **({"warm": calls} if counted else {})}
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 os.fsync(log.fileno())

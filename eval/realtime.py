@@ -310,6 +310,8 @@ def _rate_report(tasks: list[str], seeds: range, methods: _Methods, rate: float,
             "success": reporting.success_summary(runs),
             "per_task": {t: reporting.success_summary([r for r in runs if r["task"] == t]) for t in tasks},
         }
+        warm = entry["control"].get("warm")  # a warm-started method's calls, counted by the control loop
+        entry["evaluations_per_call"] = warm["evaluations_per_call"] if warm else float(variant.steps)
         if reference and name != "full":
             entry["paired_vs_full"] = reporting.paired_difference(runs, reference)
         if name in methods.budgets[rate]:
@@ -386,6 +388,10 @@ def markdown(report: dict) -> str:
                 f"({lat['samples']}) | {m['lead']}{lead_raised(m)}, {c['mean_delay_ticks'] or 0:.2f} "
                 f"| {c['missed_ticks']} "
                 f"({c['late_chunks']}) | {c['achieved_hz']:.1f} | {1000 * c['time_to_first_action_s']:.0f} |")
+        warm = [f"{name} {m['evaluations_per_call']:.2f}" for name, m in methods.items() if "warm" in m["config"]]
+        if warm:
+            lines += ["", "Denoiser evaluations per call of the warm-started methods (every call of the episodes): "
+                          + ", ".join(warm) + "."]
         notes = sorted({n for m in methods.values() for n in m["control"]["notes"]})
         if notes:
             lines += ["", "Notes: " + "; ".join(notes) + "."]

@@ -34,6 +34,18 @@ def success_summary(episodes: list[dict]) -> dict:
     return {"episodes": n, "successes": k, "rate": k / n if n else None, "wilson95": wilson(k, n)}
 
 
+def call_counts(episodes: list[dict]) -> dict | None:
+    """What a warm-started method's calls did over ``episodes`` (each wave's counts are on every line of the
+    wave, ``"warm"``: counted once): calls, warm calls, denoiser evaluations, evaluations per call and the share
+    of warm calls; None when no episode carries counts."""
+    waves = {(e["task"], e["warm"]["wave"]): e["warm"] for e in episodes if "warm" in e}
+    if not waves:
+        return None
+    total = {key: sum(wave[key] for wave in waves.values()) for key in ("calls", "warm_calls", "evaluations")}
+    return {**total, "evaluations_per_call": total["evaluations"] / total["calls"],
+            "warm_share": total["warm_calls"] / total["calls"]}
+
+
 def mcnemar_exact(only_method: int, only_reference: int) -> float:
     """Two-sided exact McNemar test: the discordant pairs under H0 are Binomial(b + c, 1/2)."""
     from scipy.stats import binomtest
@@ -238,6 +250,11 @@ def verdict_line(v: dict) -> str:
             f"{lo:+.1f} points{_disagreement(v)}){needed}.{beyond}")
 
 
+def _setting(value) -> str:
+    """A setting's value in the table: a warm start's as ``start=2 variant=plain ...``."""
+    return " ".join(f"{k}={v}" for k, v in value.items() if v is not None) if isinstance(value, dict) else str(value)
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
@@ -252,6 +269,7 @@ def markdown(report: dict) -> str:
     capable = report.get("capable_user")
     calls = "" if compiled["mode"] == "none" else \
         f" Calls compiled (compile={compiled['mode']}, backend={compiled['backend']}), in the episodes and timed."
+    warm = any("warm" in m for m in methods.values())  # the evaluations per call shown only beside warm starts
     lines = [
         f"# bac evaluation: {report['policy']['checkpoint']}",
         "",
@@ -261,14 +279,15 @@ def markdown(report: dict) -> str:
         "",
         f"| method | settings | success % (95% CI) | Δ vs {report.get('reference_method', 'full')} (paired 95% CI) "
         "| McNemar p | p50 ms | p99 ms | Hz "
-        "| speedup | GFLOPs/call | skipped |" + (" vs capable user |" if capable else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if capable else ""),
+        "| speedup | GFLOPs/call | skipped |" + (" evals/call | warm % |" if warm else "")
+        + (" vs capable user |" if capable else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if warm else "") + ("---|" if capable else ""),
     ]
     for name, m in methods.items():
         s = m.get("success") or {}
         ci = s.get("wilson95")
         d = m.get("paired_vs_full") or {}
-        settings = ", ".join(f"{k}={v}" for k, v in m["config"].items() if v is not None)
+        settings = ", ".join(f"{k}={_setting(v)}" for k, v in m["config"].items() if v is not None)
         lat = m["latency"]
         lines.append(
             f"| {name} | {settings} | "
@@ -278,6 +297,7 @@ def markdown(report: dict) -> str:
                if d.get("pairs") else "— | —")
             + f" | {lat['p50_ms']:.1f} | {lat['p99_ms']:.1f} | {lat['hz']:.1f} | {m['speedup']:.2f}x"
             f" | {m['flops_per_call'] / 1e9:.3f} | {_pct(m['skipped_share'])}% |"
+            + (f" {m['evaluations_per_call']:.2f} | {_pct(m['warm_share'])} |" if warm else "")
             + (f" {m['vs_capable_user']:.2f}x |" if capable else "")
         )
     disagree = [name for name, m in methods.items()
@@ -292,6 +312,14 @@ def markdown(report: dict) -> str:
         for name, m in methods.items():
             per = m.get("per_task") or {}
             lines.append(f"| {name} | " + " | ".join(_pct(per.get(t, {}).get("rate")) for t in tasks) + " |")
+    if warm:
+        lines += ["", "Warm-started methods: latency, speedup and FLOPs are per call, linear in denoiser evaluations "
+                      "between the cold call and the warm call measured at batch 1 (p50 ms):"]
+        lines += [f"- {name} ({m['warm']['setting']['variant']} from step {m['warm']['setting']['start']}): cold "
+                  f"{m['warm']['cold_call']['p50_ms']:.1f} ms ({m['warm']['cold_call']['evaluations']} evaluations), "
+                  f"warm {m['warm']['warm_call']['p50_ms']:.1f} ms ({m['warm']['warm_call']['evaluations']:.2f}); "
+                  f"at {m['evaluations_per_call']:.2f} per call ({_pct(m['warm_share'])}% of calls warm)"
+                  for name, m in methods.items() if "warm" in m]
     prefix = report.get("prefix")
     if prefix:
         lines += ["", f"Vision-language prefix (encoded once per call, never cached): p50 "

@@ -35,7 +35,7 @@ from . import report as reporting
 from . import shards
 from .budget import budget_plans
 from .closed_loop import run_task
-from .latency import CAPABLE_USER, PREFIX, measure_latency
+from .latency import CAPABLE_USER, PREFIX, WARM_CALL, WARM_CALL_EVALUATIONS, measure_latency, per_call
 from .provenance import package_versions, settings_digest
 from .realtime import check_realtime_settings
 from .settings import RECORDED_SETTINGS, EvalError, claim_out_dir, output_dir
@@ -151,6 +151,7 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
     prefix_times = latencies.pop(PREFIX, None)
     compiled_baselines = {v.name: latencies.pop(CAPABLE_USER.format(v.name)) for v in variants
                           if CAPABLE_USER.format(v.name) in latencies}
+    warm = {v.name: warm_starts(v, episodes[v.name], latencies, counted) for v in variants if v.warm is not None}
     reference = "full" if "full" in latencies else variants[0].name
     full_p50 = float(np.median(latencies[reference]))
     result = {
@@ -189,17 +190,22 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
         "packages": package_versions(),
     }
     for variant in variants:
+        calls = warm.get(variant.name)  # a warm-started variant's, per call: between its cold and its warm call
+        flops = calls["flops_per_call"] if calls else int(counted.flops[variant.name])
         entry = {
             "config": variant.describe(),
             "plan_file": None if (plan := setup.plan_file(variant, out)) is None else str(plan),
             "latency": summarize(latencies[variant.name]),
             "speedup": full_p50 / float(np.median(latencies[variant.name])),
-            "flops_per_call": int(counted.flops[variant.name]),
+            "flops_per_call": flops,
             # FLOPs of the reference (full computation of the base sampler, or the first method) per call
-            "ideal_speedup": ((counted.full_flops if reference == "full" else counted.flops[reference])
-                              / counted.flops[variant.name]),
+            "ideal_speedup": (counted.full_flops if reference == "full" else counted.flops[reference]) / flops,
             "skipped_share": counted.skipped[variant.name],
+            "evaluations_per_call": calls["evaluations_per_call"] if calls else float(variant.steps),
+            "warm_share": calls["warm_share"] if calls else 0.0,
         }
+        if calls:
+            entry["warm"] = calls
         if compilation.mode == "whole":  # seconds its graphs took to build, for every batch size and thread count
             entry["graph_build_seconds"] = build_seconds.get(variant.name, 0.0)
         if variant.name in budgets:
@@ -228,6 +234,33 @@ def report(cfg: DictConfig, setup: Setup, out: Path, *, built: dict[str, bac.Met
     result["plots"] = reporting.plots(result, latencies, out, bac_plan)
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def warm_starts(variant, episodes: list[dict], latencies: dict[str, list[float]], counted: FlopCount) -> dict:
+    """A warm-started variant's calls: what its episodes' calls did (:func:`reporting.call_counts`; without
+    episodes, every call as the warm one), both measured calls, and its latency and FLOPs per call on the line
+    between them at its mean evaluations per call (``latencies[variant.name]`` becomes that; the warm call's
+    samples are taken out of ``latencies``)."""
+    steps = variant.steps
+    cold, warm = latencies[variant.name], latencies.pop(WARM_CALL.format(variant.name))
+    made = latencies.pop(WARM_CALL_EVALUATIONS.format(variant.name))
+    warm_call_evaluations = sum(made) / len(made)
+    calls = reporting.call_counts(episodes)
+    evaluations = calls["evaluations_per_call"] if calls else warm_call_evaluations
+    latencies[variant.name] = per_call(cold, warm, steps, warm_call_evaluations, evaluations)
+    cold_flops, warm_flops = counted.flops[variant.name], counted.warm_flops[variant.name]
+    return {
+        "setting": variant.warm.describe(),
+        "calls": calls,  # None: no episodes
+        "evaluations_per_call": evaluations,
+        "warm_share": calls["warm_share"] if calls else 1.0,
+        "cold_call": summarize(cold) | {"evaluations": steps, "flops": cold_flops},
+        "warm_call": summarize(warm) | {"evaluations": warm_call_evaluations, "flops": warm_flops},
+        "flops_per_call": round(per_call([cold_flops], [warm_flops], steps, variant.warm.warm_evaluations(steps),
+                                         evaluations)[0]),
+        "per_call": "latency and FLOPs linear in denoiser evaluations between the cold and the warm call, at "
+                    + ("the episodes' mean evaluations per call" if calls else "the warm call's (no episodes)"),
+    }
 
 
 def save_videos(cfg: DictConfig, policy: DiffusionPolicy, variants: list, built: dict, tasks: list[str],

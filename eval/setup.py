@@ -36,7 +36,7 @@ from .provenance import checkpoint_digest
 from .preflight import INSTRUCTION_SETS, check_before_work, instruction_source, resolve_tasks, \
     untrained_config  # noqa: F401
 from .settings import UNTRAINED, EvalError, apply_threads
-from .variants import Variant, flops_target, load_or_build, plan_path
+from .variants import Variant, flops_target, load_or_build, plan_path, sampling_view
 
 
 def load_policy(cfg: DictConfig) -> tuple[DiffusionPolicy, Path, bool]:
@@ -186,8 +186,8 @@ def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, 
 def tuned_variant(policy: DiffusionPolicy, path: Path) -> tuple[Variant, bac.Method | None, Path | None]:
     """The ``tuned=`` variant: a ``python -m bac.tune`` pick, its method (plan checked to fit) and plan file."""
     tuned = TunedConfig.load(path)
-    variant = Variant("tuned", tuned.sampler, tuned.steps, tuned.method, dict(tuned.params))
-    view = policy.with_sampler(tuned.sampler, tuned.steps)
+    variant = Variant("tuned", tuned.sampler, tuned.steps, tuned.method, dict(tuned.params), tuned.warm_start())
+    view = sampling_view(policy, variant)
     method = tuned.method_for(view)  # the stand-in policy.use_tuned(path) applies
     if method is not None:
         method.schedule.check_fits(bac.describe(view.model), num_steps=view.sampler.steps,
@@ -289,18 +289,20 @@ def prepare(cfg: DictConfig) -> Setup:
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """FLOPs per call of every variant (``variants``: ``steps: auto`` resolved), its share of block evaluations
-    skipped, and the FLOPs of full computation on the base sampler."""
+    """FLOPs per call of every variant (``variants``: ``steps: auto`` resolved; a warm-started one's: of its cold
+    call), its share of block evaluations skipped, the FLOPs of full computation on the base sampler, and of
+    each warm-started variant's warm call."""
     variants: list[Variant]
     flops: dict[str, int]
     skipped: dict[str, float]
     full_flops: int
+    warm_flops: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def count_flops(setup: Setup, variants: list[Variant], built: dict[str, bac.Method]) -> FlopCount:
     """The FLOPs of ``variants`` cached by ``built``; ``steps: auto[:<name>]`` variants get as many steps as that
     variant's FLOPs (``bac`` by default): the returned ``variants`` (``variants`` itself is left as it is)."""
-    per_step, flops, skipped, prepare_flops = flops_per_call(setup.policy, variants, built, setup.latency_batch)
+    per_step, flops, skipped, prepare_flops, warm_flops = flops_per_call(setup.policy, variants, built, setup.latency_batch)
     auto = {v.name: target for v in variants
             if (target := flops_target(setup.method_config.get(v.name, {}).get("steps"))) is not None}
     matched = {}
@@ -313,4 +315,5 @@ def count_flops(setup: Setup, variants: list[Variant], built: dict[str, bac.Meth
         matched[name] = max(1, round((flops[target] - prepare_flops(target_steps)) / per_step))
         flops[name] = matched[name] * per_step + prepare_flops(matched[name])
     resolved = [dataclasses.replace(v, steps=matched[v.name]) if v.name in matched else v for v in variants]
-    return FlopCount(resolved, flops, skipped, setup.base_steps * per_step + prepare_flops(setup.base_steps))
+    return FlopCount(resolved, flops, skipped, setup.base_steps * per_step + prepare_flops(setup.base_steps),
+                     warm_flops)

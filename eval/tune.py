@@ -2,7 +2,7 @@
 
 For a policy, its tasks and optionally a latency budget (``budget_ms``, or a control rate
 ``rate_hz``), it evaluates every candidate configuration (sampler kind, step count, caching
-method and budget; the ``methods`` group, ``front`` by default, which always includes DDPM with
+method and budget, warm start: its start step and variant; the ``methods`` group, ``front`` by default, which always includes DDPM with
 all steps as the reference and fewer DDIM steps as the simple alternative) with the evaluator
 itself (:func:`bac.evaluation.run.run`): paired closed-loop episodes on *calibration* seeds (from
 0, the demonstration range; evaluation seeds start at :data:`EVALUATION_SEED` and are refused)
@@ -126,6 +126,7 @@ def tune(cfg: DictConfig) -> dict:
             "config": m["config"], "plan_file": m["plan_file"], "successes": m["success"]["successes"],
             "episodes": m["success"]["episodes"], "rate": m["success"]["rate"], "p50_ms": m["latency"]["p50_ms"],
             "p95_ms": m["latency"]["p95_ms"], "speedup": m["speedup"], "ideal_speedup": m["ideal_speedup"],
+            "evaluations_per_call": m["evaluations_per_call"], "warm_share": m["warm_share"],
             "paired_vs_reference": m["paired_vs_full"],
         }
     limit = budget(cfg)
@@ -160,6 +161,7 @@ def write_tuned(cfg: DictConfig, eval_cfg: DictConfig, candidate: dict, out: Pat
                 result: dict) -> Path:
     config = dict(candidate["config"])
     sampler, steps, method = config.pop("sampler"), config.pop("steps"), config.pop("cache")
+    warm = config.pop("warm", None)
     plan = None
     if method is not None:
         plan = "plan.json"
@@ -176,7 +178,8 @@ def write_tuned(cfg: DictConfig, eval_cfg: DictConfig, candidate: dict, out: Pat
              "calibration_seeds": result["calibration_seeds"], "tasks": result["tasks"]}
     tuned = TunedConfig(sampler, int(steps), method, config, plan,
                         checkpoint_digest(checkpoint) if (checkpoint / "model.safetensors").is_file() else None,
-                        float(cfg.tolerance_points), limit, found)
+                        float(cfg.tolerance_points), limit, found,
+                        **({"warm": warm} if warm is not None else {}))  # a cold pick's file as before
     return tuned.save(out / "tuned.json")
 
 

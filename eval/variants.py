@@ -1,11 +1,12 @@
 """Variants: the configurations the evaluator compares, each a sampler plus, optionally, a bac caching method.
 
-A variant is configured (``configs/methods/*.yaml``) as ``{sampler: ddpm|ddim|dpm, steps: N|auto,
-cache: <bac method>, **its parameters}``: ``full`` is the plain sampler, ``ddim`` fewer
+A variant is configured (``configs/methods/*.yaml``) as ``{sampler: ddpm|ddim|dpm|flow, steps: N|auto,
+cache: <bac method>, **its parameters, warm: {start: S, variant: plain|checked|falcon, threshold: T, jump: J}}``: ``full`` is the plain sampler, ``ddim`` fewer
 denoising steps (``steps: auto`` matches the FLOPs of the ``bac`` variant, ``steps: auto:<name>`` those
 of the variant ``<name>``), the caching
 variants any of :func:`bac.available_methods` on the full sampler (``standin: taylor-1``
-replaces a method's stand-in). Plans of calibrated methods are cached as plan files next to
+replaces a method's stand-in), and ``warm`` warm-starts each call after an episode's first from the last
+chunk (:class:`bac.policies.warm.WarmStart`; only ``start`` is required). Plans of calibrated methods are cached as plan files next to
 the calibration; the others are rebuilt every run (they are a few list operations).
 
 A *budget* variant (``{budget: {match: bac}}``, ``{budget: {latency_ms: 40}}`` or
@@ -33,21 +34,27 @@ from torch import nn
 
 import bac
 from bac import graphs
+from bac.errors import ConfigError
 from bac.policies.policy import DiffusionPolicy
+from bac.policies.warm import WarmStart
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compared configuration: ``sampler`` with ``steps``, cached by ``method`` (``None``: no caching)."""
+    """One compared configuration: ``sampler`` with ``steps``, cached by ``method`` (``None``: no caching),
+    warm-started as ``warm`` says (``None``: every call cold)."""
 
     name: str
     sampler: str
     steps: int
     method: str | None = None
     params: dict = field(default_factory=dict)
+    warm: WarmStart | None = None
 
     def describe(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, "cache": self.method, **self.params}
+        """The configuration as a report shows it (a cold variant's as before warm starts existed)."""
+        warm = {} if self.warm is None else {"warm": self.warm.describe()}
+        return {"sampler": self.sampler, "steps": self.steps, "cache": self.method, **self.params, **warm}
 
     @property
     def budgeted(self) -> bool:
@@ -81,6 +88,27 @@ def parse_budget(name: str, spec: Mapping[str, Any]) -> dict:
     return {**target, **spec}
 
 
+WARM_KEYS = ("start", "variant", "threshold", "jump")
+
+
+def parse_warm(name: str, spec: Any, steps: int, method: str | None) -> WarmStart | None:
+    """A variant's ``warm`` block (``None``: cold), checked against its steps and caching method."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping) or "start" not in spec or set(spec) - set(WARM_KEYS):
+        raise ValueError(f"method {name!r}: warm must be {{start: S, variant: plain|checked|falcon, threshold: T, "
+                         f"jump: J}} (start required), got {spec!r}")
+    if method is not None and not bac.method_info(method).static:
+        raise ValueError(f"method {name!r}: a warm call begins after step 0, where the runtime rule {method!r} "
+                         "cannot start: warm-start a static plan, or no caching")
+    try:
+        warm = WarmStart(**spec)
+        warm.check(int(steps))
+    except ConfigError as err:
+        raise ValueError(f"method {name!r}: {err}") from err
+    return warm
+
+
 def flops_target(steps: Any) -> str | None:
     """The variant whose FLOPs ``steps`` asks to match: ``auto`` -> ``bac``, ``auto:<name>`` -> ``<name>``."""
     if not isinstance(steps, str) or not (steps == "auto" or steps.startswith("auto:")):
@@ -101,13 +129,19 @@ def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sa
         sampler = spec.pop("sampler", default_sampler)
         steps = spec.pop("steps", default_steps)
         method = spec.pop("cache", None)
+        warm = spec.pop("warm", None)
         if flops_target(steps) is not None:
+            if warm is not None:
+                raise ValueError(f"method {name!r}: a warm start begins at a step of its schedule: give steps "
+                                 f"(not {steps})")
             if auto_steps is None:
                 raise ValueError(f"method {name!r} has steps={steps}, which needs a method to match")
             steps = auto_steps
         if BUDGET in spec:
             if method is not None:
                 raise ValueError(f"method {name!r}: a budget plan is its own method; drop cache={method!r}")
+            if warm is not None:  # its plan is made for the latency of a cold call
+                raise ValueError(f"method {name!r}: a budget plan is made for cold calls; drop warm")
             variants.append(Variant(name, sampler, int(steps), BUDGET, parse_budget(name, spec)))
             continue
         if method is None and spec:
@@ -116,7 +150,7 @@ def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sa
             bac.method_params(method, **{k: v for k, v in spec.items() if k != "standin"})  # names and values
             if "standin" in spec:
                 bac.make_standin(spec["standin"])
-        variants.append(Variant(name, sampler, int(steps), method, spec))
+        variants.append(Variant(name, sampler, int(steps), method, spec, parse_warm(name, warm, steps, method)))
     return variants
 
 
@@ -200,7 +234,7 @@ class Compilation:
         threads = torch.get_num_threads()
         key = (variant.name, id(method), threads)
         if key not in self._views:
-            view = policy.with_sampler(variant.sampler, variant.steps)
+            view = sampling_view(policy, variant)
             view.model = own_denoiser(view.model)
             handle = view.accelerate(method) if method is not None else None
             backend = "onnxruntime" if self.backend == "onnxruntime" else TORCH_COMPILER
@@ -230,6 +264,12 @@ class Compilation:
         self.close()
 
 
+def sampling_view(policy: DiffusionPolicy, variant: Variant) -> DiffusionPolicy:
+    """A view of ``policy`` (sharing its weights) sampling with ``variant``'s sampler, warm-started as it says."""
+    view = policy.with_sampler(variant.sampler, variant.steps)
+    return view if variant.warm is None else view.with_warm_start(**variant.warm.describe())
+
+
 @contextlib.contextmanager
 def applied(policy: DiffusionPolicy, variant: Variant, method: bac.Method | None,
             compilation: Compilation | None = None) -> Iterator[tuple[DiffusionPolicy, bac.CacheHandle | None]]:
@@ -237,11 +277,12 @@ def applied(policy: DiffusionPolicy, variant: Variant, method: bac.Method | None
     sharing its weights; ``policy`` itself is left as it is) and ``handle`` caches its denoiser with ``method``
     (``None``: no caching), removed when the block ends. ``compilation`` (``None``: eager): ``whole``, the
     variant's compiled view (:meth:`Compilation.view`, kept beyond the block); ``blocks``, DP-T's branches
-    compiled while the block runs."""
+    compiled while the block runs. A warm-started variant's view (:func:`sampling_view`) keeps its own
+    :attr:`~bac.policies.policy.DiffusionPolicy.warm_counts`."""
     if compilation is not None and compilation.mode == "whole":
         yield compilation.view(policy, variant, method)
         return
-    view = policy.with_sampler(variant.sampler, variant.steps)
+    view = sampling_view(policy, variant)
     handle = view.accelerate(method) if method is not None else None
     blocks = compilation is not None and compilation.mode == "blocks"
     try:

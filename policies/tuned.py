@@ -6,7 +6,9 @@ A JSON file (``tuned.json``) next to its plan file::
      "plan": "plan.json", "weights": "<weights digest of the calibrated model>", "tolerance_points": 2.0,
      "budget_ms": null, "found": {...what the tuner measured...}}
 
-``method`` and ``plan`` are ``null`` when caching did not win (the pick is a plain sampler).
+``method`` and ``plan`` are ``null`` when caching did not win (the pick is a plain sampler). A warm-started
+pick adds ``"warm": {"start": ..., "variant": ..., "threshold": ..., "jump": ...}`` (docs/guide/warm-starts.md);
+a cold pick has no ``warm`` field.
 One line applies it: ``policy.use_tuned("outputs/tune/.../tuned.json")`` (or
 :meth:`TunedConfig.apply`); the plan is checked against the policy's model, weights and
 sampler as any plan is. Every problem with the file is a :class:`bac.ConfigError` naming the file
@@ -22,10 +24,12 @@ from typing import Any
 import bac
 from bac.errors import ConfigError
 
+from .warm import WarmStart
+
 FORMAT = "bac-tuned/1"
 _FIELDS = {"format": str, "sampler": str, "steps": int, "method": (str, type(None)), "params": dict,
            "plan": (str, type(None)), "weights": (str, type(None)), "tolerance_points": (int, float),
-           "budget_ms": (int, float, type(None)), "found": dict}
+           "budget_ms": (int, float, type(None)), "found": dict, "warm": (dict, type(None))}
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,13 @@ class TunedConfig:
     tolerance_points: float = 2.0
     budget_ms: float | None = None
     found: dict = field(default_factory=dict)  # what the tuner measured (success, latency, candidates)
+    warm: dict | None = None  # a warm-started pick's WarmStart fields (None: cold calls)
     path: Path | None = field(default=None, compare=False)  # where it was read from
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        data = {"format": FORMAT, **{k: v for k, v in asdict(self).items() if k != "path"}}
+        data = {"format": FORMAT, **{k: v for k, v in asdict(self).items()
+                                     if k != "path" and not (k == "warm" and v is None)}}
         path.write_text(json.dumps(data, indent=1) + "\n")
         return path
 
@@ -84,8 +90,16 @@ class TunedConfig:
             raise ConfigError(f"{path}: fields 'method' and 'plan' must both be set or both be null")
         if data.get("plan") is not None and not (path.parent / data["plan"]).is_file():
             raise ConfigError(f"{path}: field 'plan' names {path.parent / data['plan']}, which does not exist")
+        if data.get("warm") is not None:
+            try:
+                WarmStart(**data["warm"]).check(data["steps"])
+            except (ConfigError, TypeError) as err:
+                raise ConfigError(f"{path}: field 'warm': {err}") from err
         data.pop("format")
         return cls(**data, path=path)
+
+    def warm_start(self) -> WarmStart | None:
+        return WarmStart(**self.warm) if self.warm is not None else None
 
     def plan_path(self) -> Path | None:
         if self.plan is None:
@@ -125,5 +139,7 @@ class TunedConfig:
         plan is checked against its model, weights and sampler (:class:`bac.PlanMismatchError`).
         """
         policy.sampler, policy.graph = policy.make_sampler(self.sampler, self.steps), None
+        policy.warm = self.warm_start()  # select_action warm-starts from its own state (reset: cold)
+        policy.reset()
         method = self.method_for(policy)
         return policy.accelerate(method) if method is not None else None

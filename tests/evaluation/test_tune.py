@@ -83,6 +83,31 @@ def test_plain_sampler_pick_has_no_plan(checkpoint, tmp_path):
     assert tuned.found["calibration_seeds"] == [0, 1] and tuned.weights is not None
 
 
+def test_warm_pick_is_recorded_and_applied(checkpoint, tmp_path):
+    """A warm-started pick's tuned file carries its warm start; use_tuned and bac.eval tuned= apply it."""
+    warm = {"start": 2, "variant": "plain", "threshold": None, "jump": 0.75}
+    tuned = tuned_file(checkpoint, tmp_path, {"sampler": "ddim", "steps": 6, "cache": None, "warm": dict(warm)})
+    assert tuned.warm == warm and json.loads(tuned.path.read_text())["warm"] == warm
+    policy = DiffusionPolicy.load(checkpoint)
+    policy.use_tuned(tuned.path)
+    assert policy.warm.describe() == warm
+    by_hand = DiffusionPolicy.load(checkpoint).with_sampler("ddim", 6).with_warm_start(2)
+    obs = {"observation.state": torch.randn(2, 39, generator=torch.Generator().manual_seed(3)), "task": "reach"}
+    for _ in range(2 * policy.n_action_steps):  # two chunks: the second one warm
+        assert torch.equal(policy.select_action(obs, generator=torch.Generator().manual_seed(1)),
+                           by_hand.select_action(obs, generator=torch.Generator().manual_seed(1)))
+    assert policy.warm_counts["warm_calls"] == 1
+    variant, _, _ = tuned_variant(DiffusionPolicy.load(checkpoint), tuned.path)
+    assert variant.warm.describe() == warm
+    (tmp_path / "cold").mkdir()
+    cold = tuned_file(checkpoint, tmp_path / "cold", {"sampler": "ddim", "steps": 6, "cache": None})
+    assert "warm" not in json.loads(cold.path.read_text())  # a cold pick's file is as before
+    data = json.loads(tuned.path.read_text())
+    tuned.path.write_text(json.dumps({**data, "warm": {**warm, "start": 6}}))
+    with pytest.raises(bac.ConfigError, match="field 'warm': warm start at step 6 does not fit"):
+        TunedConfig.load(tuned.path)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["run_methods=[ddim-4,bac-M2-ddim4]"], "need 'full'"),
     (["methods=all", "run_methods=[full,fbcache]"], "runtime rule 'fbcache'"),

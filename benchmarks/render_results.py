@@ -103,6 +103,7 @@ def images(run: str, names: list[str] | None = None) -> str:
 def eval_methods(report: dict, names: list[str] | None = None) -> str:
     """The evaluator's table of one closed-loop report (every method, or ``names`` in that order)."""
     methods = report["methods"]
+    warm = any("warm" in m for m in methods.values())  # reports with warm-started methods (docs/guide/warm-starts.md)
     rows = []
     for name in names or list(methods):
         m = methods[name]
@@ -112,11 +113,12 @@ def eval_methods(report: dict, names: list[str] | None = None) -> str:
                      pvalue(mcnemar_p(d)) if d and d.get("pairs") else "—",
                      f"{lat['p50_ms']:.1f}", f"{lat['p99_ms']:.1f}", f"{lat['hz']:.1f}", f"{m['speedup']:.2f}x",
                      f"{m['ideal_speedup']:.2f}x", f"{m['flops_per_call'] / 1e9:.3f}", f"{pct(m['skipped_share'])}%"]
+                    + ([f"{m['evaluations_per_call']:.2f}", f"{pct(m['warm_share'], 0)}%"] if warm else [])
                     + ([f"{m['vs_capable_user']:.2f}x"] if report.get("capable_user") else []))
     capable = report.get("capable_user")
     text = table(["method", "settings", "success % (95% CI)", "Δ vs full (paired 95% CI)", "McNemar p", "p50 ms",
                   "p99 ms", "Hz", "speedup", "ideal (FLOPs)", "GFLOPs/call", "skipped"]
-                 + (["vs capable user"] if capable else []), rows)
+                 + (["evals/call", "warm calls"] if warm else []) + (["vs capable user"] if capable else []), rows)
     if capable:  # reports since the capable user's configuration is timed (eval/report.py capable_user)
         text += (f"\n\nThe capable user's configuration: {capable['configuration']} ({capable['chosen_by']}), p50 "
                  f"{capable['latency']['p50_ms']:.1f} ms, timed in the same rotation.")
@@ -193,6 +195,7 @@ def realtime_run(run: str) -> dict[str, str]:
              f"chunk of {report['policy']['horizon']}; late chunks: {s['on_late']}; lead {s['lead']}"
              + (" (raised after a slower chunk)" if s.get("adapt_lead") else "") + f"; {s['threads']} thread(s)."]
     for rate, methods in report["rates"].items():
+        warm = any("evaluations_per_call" in m for m in methods.values())  # runs with warm-started methods
         rows = []
         for name, m in methods.items():
             c = m["control"]
@@ -204,12 +207,13 @@ def realtime_run(run: str) -> dict[str, str]:
             rows.append([label, rate_ci(m["success"]), delta(m.get("paired_vs_full")), f"{ms} ({lat['samples']})",
                          f"{m['lead']}" + (f"→{largest}" if largest > m["lead"] else ""),
                          f"{c['missed_ticks']} ({c['late_chunks']})", f"{c['achieved_hz']:.1f}",
-                         f"{1000 * c['time_to_first_action_s']:.0f}"])
+                         f"{1000 * c['time_to_first_action_s']:.0f}"]
+                        + ([f"{m['evaluations_per_call']:.2f}" if "evaluations_per_call" in m else "—"] if warm else []))
         lines += ["", (f"**{rate} Hz** (a chunk of {s['execute_steps']} actions lasts "
                        f"{1000 * s['execute_steps'] / float(rate):.0f} ms):"), "",
                   table(["method", "success % (95% CI)", "Δ vs full (paired 95% CI)",
                          "chunk ms p50/p95/p99/max (samples)", "lead (ticks)", "missed ticks (late chunks)",
-                         "achieved Hz", "first action ms"], rows)]
+                         "achieved Hz", "first action ms"] + (["evals/call"] if warm else []), rows)]
         notes = sorted({n for m in methods.values() for n in m["control"].get("notes", [])})
         if notes:
             lines += ["", "Notes: " + "; ".join(notes) + "."]
@@ -384,6 +388,91 @@ def fastest_lossless() -> dict[str, str]:
                    + table(["candidate", "settings", "successes", "Δ vs reference (95%)", "p50 ms", "speedup",
                             "ideal", "on the front", ""], rows))
     out["tune.plots"] = images("tune-dpt-metaworld", ["front.png"])
+    return out
+
+
+def warm_table(run: str) -> dict[str, str]:
+    """``<run>.warm``: a warm-start study's configurations by per-call latency, with the losslessness (Δ within
+    2 points of the reference, paired), the Pareto front (success against per-call latency) and the headline:
+    the fastest lossless warm-started configuration against the fastest lossless cold one."""
+    report = load(f"{run}/report.json")
+    methods, reference = report["methods"], report["reference_method"]
+    full = methods[reference]
+
+    def lossless(name: str) -> bool:
+        d = methods[name].get("paired_vs_full")
+        return name == reference or (d is not None and d["mean"] >= -0.02 - 1e-9)
+
+    def on_front(name: str) -> bool:
+        m = methods[name]
+        return not any(o["success"]["rate"] >= m["success"]["rate"] and o["latency"]["p50_ms"] <= m["latency"]["p50_ms"]
+                       and (o["success"]["rate"], o["latency"]["p50_ms"]) != (m["success"]["rate"], m["latency"]["p50_ms"])
+                       for o in methods.values())
+
+    capable = report.get("capable_user")
+    rows = []
+    for name in sorted(methods, key=lambda n: methods[n]["latency"]["p50_ms"]):
+        m = methods[name]
+        d = m.get("paired_vs_full")
+        warm = m.get("warm", {}).get("setting")
+        rows.append([name, settings({k: v for k, v in m["config"].items() if k != "warm"})
+                     + (f", warm from {warm['start']}" + ("" if warm["variant"] == "plain" else
+                                                         f" {warm['variant']} {warm['threshold']:g}") if warm else ""),
+                     f"{m['success']['successes']}/{m['success']['episodes']}", "—" if name == reference else delta(d),
+                     "—" if name == reference or not d else pvalue(mcnemar_p(d)),
+                     f"{m['evaluations_per_call']:.2f}", f"{pct(m['warm_share'], 0)}%", f"{m['latency']['p50_ms']:.2f}",
+                     f"{m['speedup']:.2f}x", f"{m['flops_per_call'] / 1e9:.3f}",
+                     f"{m['vs_capable_user']:.2f}x" if "vs_capable_user" in m else "—",
+                     "yes" if lossless(name) else "no", "yes" if on_front(name) else ""])
+    out = table(["configuration", "settings", "successes", "Δ vs reference (paired 95% CI)", "McNemar p",
+                 "evals/call", "warm calls", "p50 ms/call", "speedup", "GFLOPs/call", "vs capable user",
+                 "lossless", "Pareto"], rows)
+    lossless_names = [n for n in methods if lossless(n)]
+    fastest = {kind: min((n for n in lossless_names if ("warm" in methods[n]) == (kind == "warm")),
+                         key=lambda n: methods[n]["latency"]["p50_ms"], default=None) for kind in ("warm", "cold")}
+    fastest["fewest steps"] = min((n for n in lossless_names if "warm" not in methods[n] and not methods[n]["config"].get("cache")),
+                                  key=lambda n: methods[n]["latency"]["p50_ms"], default=None)
+    if fastest["warm"] and fastest["cold"]:
+        w = methods[fastest["warm"]]
+        out += (f"\n\nFastest lossless (point estimate within 2 points of `{reference}`, "
+                f"{full['success']['episodes']} pairs): warm `{fastest['warm']}` {w['latency']['p50_ms']:.2f} ms per call "
+                f"({w['evaluations_per_call']:.2f} evaluations)")
+        for kind in ("cold", "fewest steps"):
+            c = methods[fastest[kind]]
+            out += (f"; against the fastest lossless {'cold configuration' if kind == 'cold' else 'cold sampler without caching'}"
+                    f" `{fastest[kind]}` {c['latency']['p50_ms']:.2f} ms ({c['evaluations_per_call']:.2f}): "
+                    f"**{c['latency']['p50_ms'] / w['latency']['p50_ms']:.2f}x** per call "
+                    f"({c['flops_per_call'] / w['flops_per_call']:.2f}x in FLOPs)")
+        out += "."
+    if capable:
+        out += (f" The capable user's configuration, {capable['configuration']}: p50 "
+                f"{capable['latency']['p50_ms']:.2f} ms.")
+    return {f"{run}.warm": out}
+
+
+#: The warm-start study's closed-loop runs (benchmarks/results/warm/<run>), in the order the page shows them.
+WARM_RUNS = ("dpt-hard", "dit-hard", "gr00t", "pi0", "rdt")
+
+
+def warm_smoothness(name: str) -> dict[str, str]:
+    """``warm/<name>`` (benchmarks/warm_smoothness.py): jerk and seam jumps of the executed actions."""
+    d = load(f"warm/{name}.json")
+    rows = [[config, f"{r['successes']}/{r['episodes']}", f"{r['jerk_mean']:.3f}", f"{r['jerk_p95']:.3f}",
+             f"{r['seam_jump']:.3f}", f"{r['step_change']:.3f}"] for config, r in d["results"].items()]
+    head = (f"`warm/{name}` — {d['checkpoint']}, {len(d['tasks'])} tasks, seeds {d['seeds'][0]}–{d['seeds'][1]} "
+            "(norms of the executed actions, before clipping):\n\n")
+    return {f"warm/{name}": head + table(["configuration", "successes", "jerk mean", "jerk p95",
+                                            "action jump at a seam", "action change within a chunk"], rows)}
+
+
+def warm_starts() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for run in WARM_RUNS:
+        out.update(warm_table(f"warm/{run}"))
+        out.update(eval_run(f"warm/{run}"))
+    out.update(warm_smoothness("smoothness-dpt"))
+    out.update(warm_smoothness("smoothness-dit"))
+    out.update(realtime_run("warm/realtime-40hz"))
     return out
 
 
@@ -643,6 +732,10 @@ STUDIES = (
           "compile_blocks and the capable user's torch.compile(model), per configuration.",
           ("graphs", "main-job-eager", "main-job-whole"),
           lambda: {**graphs_bench(), **eval_run("main-job-eager"), **eval_run("main-job-whole")}),
+    Study("warm-starts", "Warm starts: reuse across control steps",
+          "Each call begun from the previous chunk at a later step of the sampler, against cold calls with the "
+          "same evaluations, caching on few steps and full computation: the harder suite (DP-T, DiT) and three "
+          "VLA heads, 400 pairs each; seam smoothness; the 40 Hz control loop.", ("warm",), warm_starts),
     Study("core-benchmark", "Core benchmark: the executor, the engine's overhead, compilation",
           "Every configuration of one policy call against the reference implementation, interleaved in one "
           "process.", ("bench_core.json", "bench_core_batch50.json"), core_bench),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import bac
 from bac.envs.metaworld_env import make_vector_env
 from bac.envs.tasks import HARD_SUITE
 from bac.policies.checkpointing import resolve_checkpoint
@@ -39,10 +40,12 @@ CONFIGURATIONS = {
     "ddim-4": ("ddim", 4, None),
     "ddim-3": ("ddim", 3, None),
     "ddim-2": ("ddim", 2, None),
-    "warm-ddim4-from1": ("ddim", 4, {"start": 1}),
-    "warm-ddim6-from2": ("ddim", 6, {"start": 2}),
-    "warm-ddim3-from1": ("ddim", 3, {"start": 1}),
+    "warm1-ddim4": ("ddim", 4, {"start": 1}),
+    "warm2-ddim6": ("ddim", 6, {"start": 2}),
+    "warm1-ddim3": ("ddim", 3, {"start": 1}),
 }
+#: name -> uniform M=2 caching on top of the configuration's sampler
+CACHED = {"uniform-M2-ddim4": ("ddim", 4, None), "uniform-M2-warm2-ddim6": ("ddim", 6, {"start": 2})}
 
 
 class Recorder:
@@ -93,8 +96,11 @@ def main() -> None:
     results: dict[str, dict] = {}
     begin = time.perf_counter()
     with EnvPool(make_vector_env) as envs:
-        for name, (sampler, steps, warm) in CONFIGURATIONS.items():
+        for name, (sampler, steps, warm) in {**CONFIGURATIONS, **CACHED}.items():
             view = policy.with_sampler(sampler, steps)
+            handle = (view.accelerate(bac.build_method("uniform", view.model, num_steps=steps,
+                                                       scheduler=view.sampler.scheduler, M=2))
+                      if name in CACHED else None)
             recorder = Recorder(view.with_warm_start(**warm) if warm else view)
             episodes, successes = [], 0
             for task in args.tasks:
@@ -107,11 +113,14 @@ def main() -> None:
                              **{k: float(np.mean([e[k] for e in episodes])) for k in episodes[0]},
                              "warm_counts": recorder.view.warm_counts}
             print(name, json.dumps(results[name]), flush=True)
+            if handle is not None:
+                handle.remove()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"checkpoint": args.checkpoint, "tasks": args.tasks, "seeds": [seeds[0], seeds[-1]],
-                               "configurations": {k: {"sampler": s, "steps": n, "warm": w}
-                                                  for k, (s, n, w) in CONFIGURATIONS.items()},
+                               "configurations": {k: {"sampler": s, "steps": n, "warm": w,
+                                                      "cache": "uniform M=2" if k in CACHED else None}
+                                                  for k, (s, n, w) in {**CONFIGURATIONS, **CACHED}.items()},
                                "results": results, "wall_seconds": round(time.perf_counter() - begin, 1),
                                "torch": torch.__version__, "machine": platform.machine()}, indent=1) + "\n")
     print(f"wrote {out}")

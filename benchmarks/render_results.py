@@ -465,6 +465,32 @@ def warm_smoothness(name: str) -> dict[str, str]:
                                             "action jump at a seam", "action change within a chunk"], rows)}
 
 
+def warm_whole(eager: str, whole: str) -> dict[str, str]:
+    """``<whole>``: a latency-only ``compile=whole`` run of some of ``eager``'s configurations: each call one
+    graph, a warm method's cold and warm calls measured, its per-call latency at the evaluations per call
+    of ``eager``'s episodes; beside ``torch.compile(model)`` (the capable user's) with the same cold steps."""
+    closed, timed = load(f"{eager}/report.json")["methods"], load(f"{whole}/report.json")
+    compiled = timed["capable_user"]["compiled"]
+    rows = []
+    for name, m in timed["methods"].items():
+        warm, evaluations = m.get("warm"), closed[name]["evaluations_per_call"]
+        if warm:
+            cold_ms, warm_ms = warm["cold_call"]["p50_ms"], warm["warm_call"]["p50_ms"]
+            steps, fewer = m["config"]["steps"], warm["warm_call"]["evaluations"]
+            per_call = cold_ms + (warm_ms - cold_ms) * (steps - evaluations) / (steps - fewer)
+        else:
+            cold_ms = warm_ms = per_call = m["latency"]["p50_ms"]
+        baseline = compiled.get(name)
+        rows.append([name, f"{closed[name]['success']['successes']}/{closed[name]['success']['episodes']}",
+                     f"{evaluations:.2f}", f"{cold_ms:.2f}", f"{warm_ms:.2f}" if warm else "—", f"{per_call:.2f}",
+                     f"{baseline['p50_ms']:.2f}" if baseline else "—"])
+    head = (f"`{whole}` — every call one inductor graph (`compile=whole`), batch 1, one thread, "
+            f"{timed['latency_settings']['repeats']} interleaved repeats (p50 ms); successes and evaluations per "
+            f"call from `{eager}`'s episodes:\n\n")
+    return {whole: head + table(["configuration", "successes", "evals/call", "cold call", "warm call",
+                                 "per call", "torch.compile(model)"], rows)}
+
+
 def warm_starts() -> dict[str, str]:
     out: dict[str, str] = {}
     for run in WARM_RUNS:
@@ -472,6 +498,7 @@ def warm_starts() -> dict[str, str]:
         out.update(eval_run(f"warm/{run}"))
     out.update(warm_smoothness("smoothness-dpt"))
     out.update(warm_smoothness("smoothness-dit"))
+    out.update(warm_whole("warm/dpt-hard", "warm/dpt-whole"))
     out.update(realtime_run("warm/realtime-40hz"))
     return out
 

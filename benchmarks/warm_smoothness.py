@@ -122,7 +122,8 @@ def main() -> None:
                                                       "cache": "uniform M=2" if k in CACHED else None}
                                                   for k, (s, n, w) in {**CONFIGURATIONS, **CACHED}.items()},
                                "results": results, "wall_seconds": round(time.perf_counter() - begin, 1),
-                               "torch": torch.__version__, "machine": platform.machine()}, indent=1) + "\n")
+                               "packages": {"torch": torch.__version__},
+                               "machine": {"platform": platform.platform()}}, indent=1) + "\n")
     print(f"wrote {out}")
 
 

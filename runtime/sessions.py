@@ -1,8 +1,8 @@
 """The policy server's per-client state and the one thread every policy call runs on.
 
 Each connection is a :class:`Session`: its observation history, its noise generator, its cache context
-(named by the session id) and, for a warm-started policy, its warm-start state. :class:`InferenceThread` runs every policy call, a session's or the
-warm-up's, on one worker thread in arrival order, so the policy, its sampler and its cache handle are
+(named by the session id) and, for a warm-started policy, its warm-start state. :class:`InferenceThread`
+runs every policy call, a session's or the warm-up's, on one worker thread in arrival order, so the policy, its sampler and its cache handle are
 never called concurrently; a session's cache context lives on that thread (contexts are per thread),
 which is why it is also dropped there.
 """

@@ -347,6 +347,8 @@ class DiffusionPolicy(nn.Module):
         """
         state, actions = self._sample(batch, generator, num_actions, warm_state, shift)
         if not torch.isfinite(actions).all():  # the guard: one reduction per chunk; diagnosis only on failure
+            if warm_state is not None:
+                warm_state.reset()  # never begin a call from a non-finite chunk
             raise self._nonfinite_error(state, actions)
         return actions
 

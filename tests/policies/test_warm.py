@@ -90,6 +90,17 @@ def test_select_action_warm_starts_within_an_episode_and_reset_starts_cold():
     assert policy.with_warm_start(2).warm_counts["calls"] == 0  # a new view: its own state
 
 
+def test_a_non_finite_chunk_is_never_a_prior():
+    view, state = tiny_policy("dpt").with_sampler("ddim", 6).with_warm_start(3), WarmState()
+    call(view, state=state)
+    bad = OBS.clone()
+    bad[0, :, 5] = 1e30  # finite, far outside the training range: non-finite actions
+    with pytest.raises(bac.NonFiniteError):
+        call(view, bad, state=state)
+    assert state.prior is None  # the next call is cold
+    assert torch.equal(call(view, state=state), call(view.with_warm_start(0)))
+
+
 def test_each_row_warm_starts_from_its_own_prior():
     view = tiny_policy("dpt").with_sampler("ddim", 6).with_warm_start(3)
     state = WarmState()

@@ -403,6 +403,10 @@ def warm_table(run: str) -> dict[str, str]:
         d = methods[name].get("paired_vs_full")
         return name == reference or (d is not None and d["mean"] >= -0.02 - 1e-9)
 
+    def sure(name: str) -> bool:  # Newcombe's paired interval lies above -2 points
+        d = methods[name].get("paired_vs_full")
+        return name == reference or (d is not None and d["ci95"][0] >= -0.02 - 1e-9)
+
     def on_front(name: str) -> bool:
         m = methods[name]
         return not any(o["success"]["rate"] >= m["success"]["rate"] and o["latency"]["p50_ms"] <= m["latency"]["p50_ms"]
@@ -423,7 +427,8 @@ def warm_table(run: str) -> dict[str, str]:
                      f"{m['evaluations_per_call']:.2f}", f"{pct(m['warm_share'], 0)}%", f"{m['latency']['p50_ms']:.2f}",
                      f"{m['speedup']:.2f}x", f"{m['flops_per_call'] / 1e9:.3f}",
                      f"{m['vs_capable_user']:.2f}x" if "vs_capable_user" in m else "—",
-                     "yes" if lossless(name) else "no", "yes" if on_front(name) else ""])
+                     ("yes, at 95 %" if sure(name) else "yes") if lossless(name) else "no",
+                     "yes" if on_front(name) else ""])
     out = table(["configuration", "settings", "successes", "Δ vs reference (paired 95% CI)", "McNemar p",
                  "evals/call", "warm calls", "p50 ms/call", "speedup", "GFLOPs/call", "vs capable user",
                  "lossless", "Pareto"], rows)

@@ -1,8 +1,8 @@
 """Seeded closed-loop success with nothing lost: episode results are appended as JSON lines.
 
 Every finished episode is one line ``{"task", "method", "seed", "success", "steps"}`` (a warm-started
-method's also ``"warm"``: its wave's calls, see :func:`run_task`) written with a single ``write`` and flushed, so an interrupted run (Ctrl-C, a
-killed job) leaves at most one torn last line, which is ignored. Re-running with
+method's also ``"warm"``: its wave's calls, see :func:`run_task`) written with a single ``write`` and
+flushed, so an interrupted run (Ctrl-C, a killed job) leaves at most one torn last line, which is ignored. Re-running with
 the same output file skips the episodes already there and repeats none, and gives
 the same results as an uninterrupted run (waves are fixed slices of the seed list).
 """

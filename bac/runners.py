@@ -77,12 +77,19 @@ def _plain(i: int, local: PerThread, standin: Standin) -> GatedRunner:
             else:
                 raw, out = observed(apply, fn, args, kwargs)
             if bits & STORE:
-                store(state.cache, i, state.step, raw if ungated else out)
+                store(state.cache, i, state.step, _constant(raw if ungated else out))
             return out
         value = fill(state.cache, i, state.step)
         return apply(value) if ungated and apply is not None else value
 
     return run_gated
+
+
+def _constant(value: Any) -> Any:
+    """A value to keep for later steps, cut from the autograd graph: a guided step (real-time chunking's
+    vector-Jacobian product) differentiates through the blocks it computes, and a reused or forecast value is
+    a constant of the step that reads it (its graph is freed with its own step's backward)."""
+    return value.detach() if getattr(value, "requires_grad", False) else value
 
 
 def _notified_and_counted(i: int, local: PerThread, gated: GatedRunner) -> GatedRunner:
@@ -96,7 +103,7 @@ def _notified_and_counted(i: int, local: PerThread, gated: GatedRunner) -> Gated
             return gated(apply, fn, *args, **kwargs)
         out = gated(apply, fn, *args, **kwargs)
         if bits & NOTIFY:
-            state.schedule.notify(state, i, out)
+            state.schedule.notify(state, i, _constant(out))
         state.computed[i] += 1
         return out
 

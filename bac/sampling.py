@@ -577,6 +577,22 @@ class FusedSampler:
             return (sample - output_scale * model_output) / sample_scale
         return sample_scale * sample - output_scale * model_output  # v-prediction; flow: x - sigma * v
 
+    def scales(self, i: int) -> tuple[float, float]:
+        """``(data_scale, noise_scale)`` of the sample entering step ``i``: ``x = data_scale * x0 +
+        noise_scale * noise`` (what :meth:`noised` computes), as Python floats."""
+        return tuple(float(v) for v in self._noise_scales[i])
+
+    def shift_output(self, i: int, model_output: torch.Tensor, change: torch.Tensor) -> torch.Tensor:
+        """The model output at step ``i`` whose data prediction (:meth:`predict_x0`, on the same sample) is
+        moved by ``change``: how a guidance term on the data enters the sampler's own step, whatever the
+        model predicts (noise, data, velocity)."""
+        prediction, sample_scale, output_scale = self._x0_coefficients[i]
+        if prediction == "sample":
+            return model_output + change
+        if prediction == "epsilon":  # x0 = (x - b * eps) / a
+            return model_output - change * (sample_scale / output_scale)
+        return model_output - change / output_scale  # v-prediction and flow: x0 = a * x - b * v
+
     def step(self, i: int, model_output: torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """Deprecated: the step of the trajectory the last :meth:`start` made (not safe across threads)."""

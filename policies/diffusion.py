@@ -33,6 +33,7 @@ class StepRunner:
         self.model, self.fused, self.cond, self.generator = model, sampler.fused, cond, generator
         self.prepared = None
         self.trajectory = None
+        self.guide = None  # real-time chunking's guidance (bac.policies.rtc.Guide), set per call
 
     def __call__(self, x: torch.Tensor, begin: int, end: int | None = None, keep: Any = None,
                  resume: bool = False) -> torch.Tensor:
@@ -46,7 +47,10 @@ class StepRunner:
             self.prepared = model.prepare(cond, fused.timesteps)  # per-call invariants, computed once
         trajectory, prepared, timesteps = self.trajectory, self.prepared, fused.timesteps
         for i in range(begin, fused.num_steps if end is None else end):
-            out = model(x, timesteps[i], cond, prepared=prepared[i])
+            if self.guide is None:
+                out = model(x, timesteps[i], cond, prepared=prepared[i])
+            else:
+                out = self.guide(i, x, lambda sample: model(sample, timesteps[i], cond, prepared=prepared[i]))
             if keep is not None:
                 keep(i, x, out)
             x = trajectory.step(i, out, x, generator=self.generator)

@@ -168,6 +168,10 @@ class CompiledCall:
             raise ConfigError(f"batch sizes must be positive integers, got {list(sizes)}")
         if onnx is not None and (backend != "onnxruntime" or len(sizes) != 1):
             raise ConfigError("an exported file serves one batch size with backend='onnxruntime'")
+        if getattr(policy, "rtc", None) is not None:
+            raise ConfigError(f"real-time chunking ({policy.rtc.name}) is not compiled: its guided steps take a "
+                              "vector-Jacobian product through the denoiser, run eagerly (compile the view without "
+                              "with_rtc, or run it eagerly)")
         self.warm = policy.warm if policy.warm is not None and policy.warm.start else None  # start 0: all cold
         if self.warm is not None and backend == "onnxruntime":
             raise ConfigError(f"backend='onnxruntime' serves cold calls only; a warm-started view ({self.warm.name}) "

@@ -40,6 +40,7 @@ from .normalize import Normalizer
 from .pi0 import Pi0Head
 from .rdt import RDTHead
 from .sampler import DEFAULT_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, Sampler  # noqa: F401  (SAMPLERS, FLOW_SAMPLERS: importable here as before)
+from .rtc import DEFAULT_MAX_GUIDANCE, RealTimeChunking, check_delay
 from .warm import DEFAULT_JUMP, WarmStart, WarmState, warm_sample
 
 __all__ = ["DiffusionPolicy", "ARCHITECTURES", "EXTREME", "Normalizer"]
@@ -129,6 +130,7 @@ class DiffusionPolicy(nn.Module):
         self.sampler = self.make_sampler(*DEFAULT_SAMPLERS.get(config.architecture, ("ddpm", None)))
         self.graph: CompiledCall | None = None  # compile_call's graphs of the sampling call, or eager
         self.warm: WarmStart | None = None  # with_warm_start's setting: calls begin from the last chunk
+        self.rtc: RealTimeChunking | None = None  # with_rtc's setting: calls continue the last chunk
         self.on_nonfinite = on_nonfinite
         # Chunks held by on_nonfinite="hold": {"samples": [...], "message": ...}; kept across reset() so the
         # runtime can report them after an episode.
@@ -214,6 +216,29 @@ class DiffusionPolicy(nn.Module):
         view.warm = warm
         return view
 
+    def with_rtc(self, max_guidance: float = DEFAULT_MAX_GUIDANCE) -> "DiffusionPolicy":
+        """This policy with real-time chunking (:mod:`bac.policies.rtc`, docs/guide/real-time-chunking.md): a view
+        sharing the weights whose calls, given the stream's :class:`WarmState` and a ``delay``, continue the
+        previous chunk: its actions that still run during the inference (``delay``) are frozen, the rest of the
+        overlap is inpainted toward it by guidance clipped at ``max_guidance`` (the paper's beta). The first call
+        of a stream, and any call the previous chunk is no prior for, is a plain call. Combines with a plain
+        warm start (``with_warm_start(...).with_rtc()``); graphs (:meth:`compile_call`) refuse it."""
+        rtc = RealTimeChunking(max_guidance)
+        if self.warm is not None and self.warm.variant != "plain":
+            raise ConfigError(f"real-time chunking combines with plain warm starts, not {self.warm.variant!r}")
+        if self.graph is not None:
+            raise ConfigError("real-time chunking's guided steps run eagerly: add it before compile_call, which "
+                              "refuses it")
+        view = self._view(self.sampler)
+        view.rtc = rtc
+        return view
+
+    @property
+    def streams(self) -> bool:
+        """Whether this view's calls read the previous chunk (a warm start or real-time chunking): such a
+        call takes the caller's :class:`WarmState` (``predict_action_chunk(..., warm_state=)``)."""
+        return self.warm is not None or self.rtc is not None
+
     def _view(self, sampler: Sampler) -> "DiffusionPolicy":
         view = copy.copy(self)
         # its own registries of the same modules, parameters and buffers: setting a module on the view
@@ -294,7 +319,8 @@ class DiffusionPolicy(nn.Module):
         return training_loss(self.model, self.noise_scheduler, self.config, target, cond, generator)
 
     def _sample(self, batch: Batch, generator: torch.Generator | None, num_actions: int | None = None,
-                warm_state: WarmState | None = None, shift: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                warm_state: WarmState | None = None, shift: int | None = None,
+                delay: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The checked observation history and the first ``num_actions`` (default ``n_action_steps``) sampled,
         unchecked actions ``[B, num_actions, A]``. The whole horizon is sampled either way, so the noise drawn
         from ``generator`` and the first actions do not depend on ``num_actions``."""
@@ -305,13 +331,15 @@ class DiffusionPolicy(nn.Module):
         state = inputs.check_state(self.config, batch, self.device, history=True)
         cond = self._condition(state, batch)  # for a VLA head: the prefix, encoded once per call
         shape = (state.shape[0], self.horizon, self.action_dim)
-        if self.warm is not None and warm_state is not None:
+        delay = 0 if delay is None else check_delay(delay)
+        if self.streams and warm_state is not None:
             shift = self.n_action_steps if shift is None else inputs.check_shift(shift)
             noise = torch.randn(shape, generator=generator, device=self.device)  # a cold call's starting draw
             runner = (self.graph.runner(cond, generator) if self.graph is not None
                       else StepRunner(self.model, self.sampler, cond, generator))
-            x = warm_sample(self.warm, warm_state, self.sampler.fused, noise, runner,
-                            self.obs_normalizer(state[:, -1]), batch.get(TASK), shift)
+            warm = self.warm if self.warm is not None else WarmStart(0)
+            x = warm_sample(warm, warm_state, self.sampler.fused, noise, runner, self.obs_normalizer(state[:, -1]),
+                            batch.get(TASK), shift, self.rtc, delay)
         elif self.graph is not None:
             x = self.graph.sample(cond, shape, generator, self.device)
         else:
@@ -330,7 +358,7 @@ class DiffusionPolicy(nn.Module):
     @torch.no_grad()
     def predict_action_chunk(self, batch: Batch, generator: torch.Generator | None = None,
                              num_actions: int | None = None, warm_state: WarmState | None = None,
-                             shift: int | None = None) -> torch.Tensor:
+                             shift: int | None = None, delay: int | None = None) -> torch.Tensor:
         """One sampling call: the ``[B, num_actions, action_dim]`` actions to execute next.
 
         ``batch["observation.state"]`` is the observation history ``[B, n_obs_steps, D]``. ``num_actions``:
@@ -343,9 +371,11 @@ class DiffusionPolicy(nn.Module):
         A warm-started view (:meth:`with_warm_start`) begins from the last chunk of ``warm_state`` (a
         :class:`~bac.policies.warm.WarmState` the caller keeps per stream of calls, e.g. per robot or session),
         advanced by ``shift`` actions (how many of that chunk ran between its observation and this one;
-        default ``n_action_steps``), and updates it; without ``warm_state`` the call is cold.
+        default ``n_action_steps``), and updates it; without ``warm_state`` the call is cold. A view with
+        real-time chunking (:meth:`with_rtc`) continues that chunk the same way, its first ``delay`` actions (the
+        ones that run before this chunk takes over; default 0) returned unchanged.
         """
-        state, actions = self._sample(batch, generator, num_actions, warm_state, shift)
+        state, actions = self._sample(batch, generator, num_actions, warm_state, shift, delay)
         if not torch.isfinite(actions).all():  # the guard: one reduction per chunk; diagnosis only on failure
             if warm_state is not None:
                 warm_state.reset()  # never begin a call from a non-finite chunk
@@ -377,7 +407,7 @@ class DiffusionPolicy(nn.Module):
         self._history = next_history(self._history, state, self.n_obs_steps)
         if not self._queue:
             try:
-                warm = {"warm_state": self._warm_state} if self.warm is not None else {}  # a subclass may not take it
+                warm = {"warm_state": self._warm_state} if self.streams else {}  # a subclass may not take it
                 chunk = self.predict_action_chunk({**batch, STATE: self._history}, generator=generator, **warm)
             except NonFiniteError as err:
                 if self.on_nonfinite != "hold" or getattr(err, "actions", None) is None:

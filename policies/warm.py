@@ -35,6 +35,8 @@ import torch
 
 from bac.errors import ConfigError
 
+from .rtc import Guide, RealTimeChunking, prefix_weights
+
 VARIANTS = ("plain", "checked", "falcon")
 #: the default largest observation change a warm call accepts: the RMS over the normalised state's features
 #: ([-1, 1] over the training range). Within Meta-World episodes one chunk (8 steps) moves it by 0.07 (median),
@@ -99,7 +101,7 @@ class WarmState:
     ``warm_calls`` and ``evaluations`` count what the calls made with it did."""
 
     def __init__(self) -> None:
-        self.calls = self.warm_calls = self.evaluations = 0
+        self.calls = self.warm_calls = self.guided_calls = self.evaluations = 0
         self.reset()
 
     def reset(self) -> None:
@@ -109,7 +111,8 @@ class WarmState:
         self.task: Any = None
 
     def counts(self) -> dict:
-        return {"calls": self.calls, "warm_calls": self.warm_calls, "evaluations": self.evaluations}
+        return {"calls": self.calls, "warm_calls": self.warm_calls, "guided_calls": self.guided_calls,
+                "evaluations": self.evaluations}
 
 
 def shifted(chunk: torch.Tensor, shift: int) -> torch.Tensor:
@@ -160,13 +163,24 @@ Runner = Callable[..., torch.Tensor]
 
 
 def warm_sample(warm: WarmStart, state: WarmState, fused: Any, noise: torch.Tensor, runner: Runner,
-                observation: torch.Tensor, task: Any, shift: int) -> torch.Tensor:
-    """One sampling call with warm starts: the normalised chunk, ``state`` updated. ``noise`` is the draw a
+                observation: torch.Tensor, task: Any, shift: int, rtc: RealTimeChunking | None = None,
+                delay: int = 0) -> torch.Tensor:
+    """One sampling call of a stream: the normalised chunk, ``state`` updated. ``noise`` is the draw a
     cold call starts from; ``runner`` runs the sampler's steps (see :data:`Runner`); ``observation`` is the
-    normalised current state ``[B, D]``."""
+    normalised current state ``[B, D]``. ``warm``: the warm start (``WarmStart(0)``: none). ``rtc``: real-time
+    chunking (:mod:`bac.policies.rtc`) with ``delay`` frozen actions, where the last chunk is a valid prior:
+    the runner's ``guide`` is set for the call and the frozen actions are the last chunk's."""
     steps, horizon = fused.num_steps, noise.shape[1]
-    reason = cold_reason(state, observation, task, shift, horizon, warm.jump) if warm.start else "start 0"
+    valid = cold_reason(state, observation, task, shift, horizon, warm.jump)
+    reason = valid if warm.start else "start 0"
     keep, kept = _keeper(warm, fused) if warm.variant == "falcon" else (None, None)
+    guided = rtc is not None and valid is None
+    if guided:
+        if warm.variant != "plain":
+            raise ConfigError(f"real-time chunking combines with plain warm starts, not {warm.variant!r}")
+        target, overlap = shifted(state.prior, shift), horizon - shift
+        frozen = min(delay, overlap)
+        runner.guide = Guide(target, prefix_weights(horizon, frozen, overlap), fused, rtc.scales(fused))
     evaluations, warm_call = steps, False
     if reason is not None:
         x = runner(noise, 0, None, keep)
@@ -186,8 +200,12 @@ def warm_sample(warm: WarmStart, state: WarmState, fused: Any, noise: torch.Tens
             evaluations, warm_call = 1 + steps - begin, True
     if kept is not None:
         state.candidates = kept
+    if guided:
+        runner.guide = None
+        x = torch.cat([target[:, :frozen], x[:, frozen:]], dim=1)  # the actions that run before it takes over
     state.calls += 1
     state.warm_calls += warm_call
+    state.guided_calls += guided
     state.evaluations += evaluations
     state.prior, state.observation, state.task = x, observation, task
     return x

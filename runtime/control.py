@@ -29,6 +29,8 @@ from .episodes import STATE, ChunkingPolicy, EnvFactory, EnvPool, check_compatib
     observation_slices, render_settings
 
 ON_LATE = ("hold", "continue")
+#: real-time chunking's delay estimate without a modelled latency: the slowest of this many last chunks
+DELAY_WINDOW = 10
 LatencyModel = Callable[[int], float]
 
 
@@ -222,9 +224,11 @@ class EpisodeTrace:
     first chunk's wait (``first_wait_ticks``) is not among them, so on a :class:`VirtualClock`
     ``elapsed_s = (first_wait_ticks + ticks) * dt``. ``actions`` (executed, clipped, ``[ticks, A]``) and
     ``sources`` (per tick: ``(chunk index, action index)``, action index -1 when an action was held)
-    are left out of :meth:`to_dict` unless asked for. ``warm``: for a warm-started policy, what its calls did
-    (``calls``, ``warm_calls``, ``evaluations``: denoiser evaluations; a call still in flight at the end
-    included); ``None`` (and left out of :meth:`to_dict`) otherwise."""
+    are left out of :meth:`to_dict` unless asked for. ``warm``: for a policy whose calls read the last chunk (a
+    warm start, real-time chunking), what its calls did (``calls``, ``warm_calls``, ``guided_calls``,
+    ``evaluations``: denoiser evaluations; a call still in flight at the end included); ``None`` (and left out
+    of :meth:`to_dict`) otherwise. Smoothness (:func:`smoothness`): ``seam_jumps``, the executed action's change
+    at each tick a new chunk took over, and ``jerk``, the mean and 95th percentile of its second difference."""
 
     task: str
     seed: int
@@ -246,6 +250,8 @@ class EpisodeTrace:
     actions: np.ndarray = field(repr=False)
     sources: list[tuple[int, int]] = field(repr=False)
     warm: dict | None = None
+    seam_jumps: list[float] = field(default_factory=list)
+    jerk: dict = field(default_factory=dict)
 
     @property
     def achieved_hz(self) -> float:
@@ -280,6 +286,21 @@ class EpisodeTrace:
         if actions:
             out.update(actions=np.asarray(self.actions).tolist(), sources=[list(s) for s in self.sources])
         return out
+
+
+def smoothness(actions: np.ndarray, sources: list[tuple[int, int]]) -> tuple[list[float], dict]:
+    """``(seam_jumps, jerk)`` of an episode's executed actions ``[T, A]`` and their sources: the norm of
+    ``a[t] - a[t-1]`` at each tick ``t`` whose action came from another chunk than the tick before's (a takeover,
+    blended or not), and of the second difference ``a[t+1] - 2 a[t] + a[t-1]`` (Meta-World's actions are
+    end-effector displacements, so this is the commanded motion's jerk up to a constant): ``{"mean", "p95",
+    "ticks"}`` over the episode."""
+    actions = np.asarray(actions, dtype=np.float64)
+    seams = [float(np.linalg.norm(actions[t] - actions[t - 1])) for t in range(1, len(sources))
+             if sources[t][0] != sources[t - 1][0] and sources[t][1] >= 0]
+    if len(actions) < 3:
+        return seams, {"mean": 0.0, "p95": 0.0, "ticks": 0}
+    second = np.linalg.norm(actions[2:] - 2 * actions[1:-1] + actions[:-2], axis=1)
+    return seams, {"mean": float(second.mean()), "p95": float(np.percentile(second, 95)), "ticks": int(second.size)}
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -446,9 +467,12 @@ class _Inference:
     any policy is, ``predict_action_chunk(batch, generator=..., num_actions=...)``)."""
 
     def __init__(self, robot: _Robot, clock: Clock, generator: torch.Generator | None, horizon: int,
-                 latency_model: LatencyModel | None, warm_state: WarmState | None = None):
+                 latency_model: LatencyModel | None, warm_state: WarmState | None = None,
+                 control_hz: float = 0.0):
         self.robot, self.clock, self.generator, self.horizon = robot, clock, generator, horizon
-        self.latency_model, self.warm_state = latency_model, warm_state
+        self.latency_model, self.warm_state, self.control_hz = latency_model, warm_state, float(control_hz)
+        self.rtc = getattr(robot.policy, "rtc", None) is not None
+        self.latencies: list[float] = []  # ms, of the chunks returned so far
         self.chunk_shape = (horizon, *robot.env.single_action_space.shape)
         self.calls = 0
         self.last_tick = 0  # the observation tick of the last inference: its chunk's index 0 is that tick's action
@@ -464,14 +488,24 @@ class _Inference:
             # same ticks of both). A chunk that has run out (shift >= horizon) is no prior: the call is cold.
             kwargs.update(warm_state=self.warm_state, shift=tick - self.last_tick)
         self.last_tick = tick
+        latency = self._modelled_latency()
+        if self.rtc:  # real-time chunking freezes the actions the last chunk still runs while this one is computed
+            kwargs["delay"] = self._expected_delay(latency)
 
         def infer() -> np.ndarray:
             chunk = self.robot.policy.predict_action_chunk(batch, **kwargs)
             return chunk[0].detach().cpu().numpy()
 
-        latency = self._modelled_latency()
         self.calls += 1
         return self.clock.submit(infer, latency)
+
+    def _expected_delay(self, modelled_ms: float | None) -> int:
+        """Ticks from this observation to its chunk's takeover: from the modelled latency when there is one,
+        else from the slowest of the last :data:`DELAY_WINDOW` chunks (0 before the first)."""
+        window = [modelled_ms] if modelled_ms is not None else self.latencies[-DELAY_WINDOW:]
+        if not window:
+            return 0
+        return max(0, math.ceil(max(window) / 1e3 * self.control_hz - 1e-9))
 
     def _modelled_latency(self) -> float | None:
         if self.latency_model is None:
@@ -488,6 +522,7 @@ class _Inference:
         if actions.shape != self.chunk_shape:
             raise ValueError(f"policy returned a chunk of shape {[1, *actions.shape]}, expected "
                              f"{[1, *self.chunk_shape]} (predict_action_chunk(..., num_actions={self.horizon}))")
+        self.latencies.append(float(latency_ms))
         return actions, latency_ms
 
 
@@ -591,6 +626,8 @@ class _ControlLoop:
     def trace(self, task: str, seed: int) -> EpisodeTrace:
         """The finished episode, as plain data."""
         settings, state, clock = self.settings, self.state, self.clock
+        actions = np.stack(state.executed)
+        seam_jumps, jerk = smoothness(actions, state.sources)
         return EpisodeTrace(
             task=task, seed=int(seed), clock=getattr(clock, "name", type(clock).__name__),
             control_hz=float(settings.control_hz), execute_steps=settings.execute_steps, lead=int(state.lead),
@@ -598,8 +635,9 @@ class _ControlLoop:
             ticks=len(state.executed), elapsed_s=float(state.elapsed_s),
             time_to_first_action_s=float(state.first_action_s), first_wait_ticks=state.first_wait_ticks,
             chunks=[c.record for c in self.plan.chunks], missed_ticks=self.plan.missed,
-            overrun_ticks=state.overruns, actions=np.stack(state.executed), sources=state.sources,
-            warm=None if self.inference.warm_state is None else self.inference.warm_state.counts())
+            overrun_ticks=state.overruns, actions=actions, sources=state.sources,
+            warm=None if self.inference.warm_state is None else self.inference.warm_state.counts(),
+            seam_jumps=seam_jumps, jerk=jerk)
 
 
 def run_control_episode(
@@ -640,13 +678,19 @@ def run_control_episode(
     A warm-started policy (``policy.warm`` set: ``DiffusionPolicy.with_warm_start``) gets a fresh
     :class:`~bac.policies.warm.WarmState` for the episode and, at every call, ``warm_state=`` and ``shift=``
     (the ticks since the last call's observation, which its chunk's index 0 is the action for); the trace's
-    ``warm`` counts its calls, warm calls and denoiser evaluations.
+    ``warm`` counts its calls, warm calls and denoiser evaluations. A view with real-time chunking
+    (``policy.rtc`` set: ``DiffusionPolicy.with_rtc``) gets the same state and, at every call, ``delay=``: the
+    ticks until its chunk takes over, from ``latency_model`` when given, else from the slowest of the last
+    :data:`DELAY_WINDOW` chunks' latencies (the actions the running chunk executes meanwhile are frozen).
+    It assumes the running chunk runs on while the next is computed (a lead covering the latency, or
+    ``on_late="continue"``).
     """
     settings = _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max_steps, adapt_lead)
     robot = _Robot(policy, env, task, instruction)
     clock = VirtualClock() if clock is None else clock
-    warm_state = WarmState() if getattr(policy, "warm", None) is not None else None
-    inference = _Inference(robot, clock, generator, settings.horizon, latency_model, warm_state)
+    streams = getattr(policy, "warm", None) is not None or getattr(policy, "rtc", None) is not None
+    warm_state = WarmState() if streams else None
+    inference = _Inference(robot, clock, generator, settings.horizon, latency_model, warm_state, settings.control_hz)
     obs, _ = env.reset(seed=[int(seed)])
     policy.reset()
     loop = _ControlLoop(settings, robot, inference, clock, obs)
@@ -685,7 +729,9 @@ def summarize_runs(traces: Iterable[EpisodeTrace | Mapping[str, Any]], warmup_ch
     chunks), of the mean delay and of the misses (misses while waiting for a warm-up chunk). ``notes``
     says when a tail percentile rests on too few samples to be more than the largest one. Episodes of a
     warm-started policy add ``warm``: their calls, warm calls and denoiser evaluations summed, with
-    ``evaluations_per_call`` (every call counted, the warm-up chunk's too).
+    ``evaluations_per_call`` (every call counted, the warm-up chunk's too). ``smoothness`` summarises the
+    episodes' seam jumps and jerk (:func:`smoothness`); ``steps_to_success`` is the mean steps of the
+    successful episodes (``None`` without one).
     """
     warmup_chunks = _int_in("warmup_chunks", warmup_chunks, 0, 2**31)
     rows = [t.to_dict() if isinstance(t, EpisodeTrace) else dict(t) for t in traces]
@@ -729,11 +775,30 @@ def summarize_runs(traces: Iterable[EpisodeTrace | Mapping[str, Any]], warmup_ch
         "overruns": int(sum(len(r["overrun_ticks"]) for r in rows)),
         "notes": notes,
     }
+    summary["smoothness"] = _smoothness_summary(rows)
+    successes = [r["steps"] for r in rows if r["success"]]
+    summary["steps_to_success"] = float(np.mean(successes)) if successes else None
     warm = [r["warm"] for r in rows if r.get("warm") is not None]
     if warm:
-        totals = {key: int(sum(w[key] for w in warm)) for key in ("calls", "warm_calls", "evaluations")}
+        totals = {key: int(sum(w.get(key, 0) for w in warm)) for key in ("calls", "warm_calls", "guided_calls",
+                                                                         "evaluations")}
         summary["warm"] = {**totals, "evaluations_per_call": totals["evaluations"] / max(totals["calls"], 1)}
     return summary
+
+
+def _smoothness_summary(rows: list[dict]) -> dict | None:
+    """Seam jumps pooled over every takeover (mean, nearest-rank p95) and jerk (the tick-weighted mean, and the
+    mean over episodes of each one's p95), of episodes that recorded them."""
+    rows = [r for r in rows if r.get("jerk")]
+    if not rows:
+        return None
+    seams = np.sort(np.asarray([j for r in rows for j in r.get("seam_jumps", [])], dtype=np.float64))
+    ticks = sum(r["jerk"]["ticks"] for r in rows)
+    return {"seams": int(seams.size),
+            "seam_jump_mean": float(seams.mean()) if seams.size else None,
+            "seam_jump_p95": _nearest_rank(seams, 95) if seams.size else None,
+            "jerk_mean": sum(r["jerk"]["mean"] * r["jerk"]["ticks"] for r in rows) / ticks if ticks else None,
+            "jerk_p95": float(np.mean([r["jerk"]["p95"] for r in rows]))}
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

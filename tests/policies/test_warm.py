@@ -33,7 +33,7 @@ def test_start_zero_and_every_first_call_are_the_cold_call(sampler, variant, thr
     warm_view, warm_state = policy.with_warm_start(3, variant, threshold), WarmState()
     assert torch.equal(call(warm_view, state=warm_state), cold)  # no earlier chunk
     assert not torch.equal(call(warm_view, state=warm_state), cold)  # begun from the first chunk
-    assert warm_state.counts() == {"calls": 2, "warm_calls": 1,
+    assert warm_state.counts() == {"calls": 2, "warm_calls": 1, "guided_calls": 0,
                                    "evaluations": 6 + (6 - 3 if variant == "plain" else 1 + 6 - 3)}
     assert torch.equal(call(warm_view), cold)  # no state given: cold, nothing kept
 
@@ -86,7 +86,7 @@ def test_select_action_warm_starts_within_an_episode_and_reset_starts_cold():
     n = policy.n_action_steps
     assert torch.equal(warm[:n], cold[:n]) and not torch.equal(warm[n:], cold[n:])
     assert torch.equal(episode(view), warm)  # reset: the same episode again
-    assert view.warm_counts == {"calls": 4, "warm_calls": 2, "evaluations": 2 * (6 + 4)}
+    assert view.warm_counts == {"calls": 4, "warm_calls": 2, "guided_calls": 0, "evaluations": 2 * (6 + 4)}
     assert policy.with_warm_start(2).warm_counts["calls"] == 0  # a new view: its own state
 
 

@@ -219,12 +219,13 @@ def test_zero_latency_warm_control_executes_what_select_action_executes():
     finally:
         env.close()
     assert np.array_equal(trace.actions, actions) and trace.steps == result["steps"] == 27
-    assert trace.warm == {"calls": 4, "warm_calls": 3, "evaluations": 4 + 3 * 2}
-    assert policy.warm_counts == {"calls": 4, "warm_calls": 3, "evaluations": 10}  # select_action's own
+    assert trace.warm == {"calls": 4, "warm_calls": 3, "guided_calls": 0, "evaluations": 4 + 3 * 2}
+    assert policy.warm_counts == {"calls": 4, "warm_calls": 3, "guided_calls": 0, "evaluations": 10}  # select_action's own
     row = trace.to_dict()
     assert row["warm"] == trace.warm
     summary = summarize_runs([trace, trace])
-    assert summary["warm"] == {"calls": 8, "warm_calls": 6, "evaluations": 20, "evaluations_per_call": 2.5}
+    assert summary["warm"] == {"calls": 8, "warm_calls": 6, "guided_calls": 0, "evaluations": 20,
+                              "evaluations_per_call": 2.5}
     assert "6 of 8 calls warm, 2.50 evaluations per call" in format_summary(summary)
 
 

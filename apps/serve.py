@@ -4,6 +4,7 @@
     bac-serve ... compile=whole                                   # the sampling call as one torch.compile graph
     bac-serve ... compile=whole backend=onnxruntime onnx=model.onnx   # a bac-export file in ONNX Runtime
     bac-serve ... warm={start:2}                                  # calls begin from the session's last chunk
+    bac-serve ... rtc={max_guidance:5}                            # real-time chunking: calls continue the last chunk
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def _settings() -> dict:
         "language_cache_size": (INT, 1, True), "compile": (STR, None, False), "backend": (STR, None, False),
         "onnx": (STR, None, True), "warm.start": (INT, 0, False), "warm.variant": (STR, None, True),
         "warm.threshold": (FLOAT, None, True), "warm.jump": (FLOAT, None, True),
+        "rtc.max_guidance": (FLOAT, 0, True),
     }
 
 
@@ -59,6 +61,9 @@ def serve(cfg: Any) -> None:
                           f"{cfg.method_params!r}")
     if not isinstance(cfg.warm, Mapping) and cfg.warm is not None:
         raise ConfigError(f"setting warm must be a mapping (warm={{start:2}}) or null, got {cfg.warm!r}")
+    if not isinstance(cfg.rtc, Mapping) and cfg.rtc is not None:
+        raise ConfigError(f"setting rtc must be a mapping (rtc={{max_guidance:5}}, or rtc={{}} for the defaults) or "
+                          f"null, got {cfg.rtc!r}")
     if cfg.port > 65535:
         raise ConfigError(f"setting port must be <= 65535, got {cfg.port}")
     if str(cfg.log_level).lower() not in LOG_LEVELS:

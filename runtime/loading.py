@@ -1,5 +1,5 @@
 """The served policy: loaded from a checkpoint, given its sampler, accelerated at most one way, warm-started
-if asked, compiled or served from an exported file if asked, described for the metadata a client receives on
+and given real-time chunking if asked, compiled or served from an exported file if asked, described for the metadata a client receives on
 connect (``docs/guide/server.md``)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from bac.policies.constants import ACTION
 from bac.policies.policy import DiffusionPolicy
 from bac.policies.sampler import Sampler
 
-from .protocol import PROTOCOL, PROTOCOL_VERSION, accepts_num_actions, warm_started
+from .protocol import PROTOCOL, PROTOCOL_VERSION, accepts_num_actions, real_time_chunked, warm_started
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,21 +43,29 @@ def load_policy(checkpoint: str | Path, *, device: str = "cpu", sampler: str | N
                 steps: int | None = None, tuned: str | Path | None = None, plan: str | Path | None = None,
                 method: str | None = None, method_params: Mapping[str, Any] | None = None,
                 compile: str = "none", backend: str = "torch", onnx: str | Path | None = None,
-                batch_sizes: Sequence[int] = (1,), warm: Mapping[str, Any] | None = None) -> ServedPolicy:
-    """Load a policy, accelerate it at most one way, warm-start it if asked, then compile it as
-    :func:`compile_policy` says.
+                batch_sizes: Sequence[int] = (1,), warm: Mapping[str, Any] | None = None,
+                rtc: Mapping[str, Any] | None = None) -> ServedPolicy:
+    """Load a policy, accelerate it at most one way, warm-start it and give it real-time chunking if asked,
+    then compile it as :func:`compile_policy` says.
 
     ``tuned``: a ``python -m bac.tune`` result (sets the sampler too, so ``sampler``/``steps`` must be
     unset); ``plan``: a plan file; ``method``: an uncalibrated method by name with ``method_params``
     (a calibrated one, ``bac``/``acs``, needs a plan file: ``bac-plan``). ``warm``: ``None``, or the
-    setting ``{start, variant, threshold, jump}`` (:func:`warm_start`). Every problem is a
+    setting ``{start, variant, threshold, jump}`` (:func:`warm_start`). ``rtc``: ``None``, or the setting
+    ``{max_guidance}`` (:func:`real_time_chunking`), applied after the warm start. Every problem is a
     :class:`bac.ConfigError` (or the plan's and checkpoint's own errors).
     """
     check_compile(compile, backend, onnx)
+    if rtc is not None and compile == "whole":
+        raise ConfigError("setting rtc: real-time chunking's guided steps run eagerly (a vector-Jacobian product "
+                          "through the denoiser at each step), not as a whole-call graph: set compile=none or "
+                          "compile=blocks, or rtc=null")
     served = _accelerated(checkpoint, device=device, sampler=sampler, steps=steps, tuned=tuned, plan=plan,
                           method=method, method_params=method_params)
     if warm is not None:
         served = ServedPolicy(warm_start(served.policy, warm), served.handle, served.source)
+    if rtc is not None:
+        served = ServedPolicy(real_time_chunking(served.policy, rtc), served.handle, served.source)
     if compile == "none":
         return served
     policy = compile_policy(served.policy, compile, backend, onnx, batch_sizes)
@@ -89,6 +97,26 @@ def warm_start(policy: DiffusionPolicy, warm: Mapping[str, Any]) -> DiffusionPol
         return policy.with_warm_start(**{key: value for key, value in warm.items() if value is not None})
     except ConfigError as err:
         raise ConfigError(f"setting warm: {err}") from err
+
+
+#: the keys of the serve setting ``rtc`` (``DiffusionPolicy.with_rtc``'s arguments)
+RTC_KEYS = ("max_guidance",)
+
+
+def real_time_chunking(policy: DiffusionPolicy, rtc: Mapping[str, Any]) -> DiffusionPolicy:
+    """``policy.with_rtc(**rtc)`` for the serve setting ``rtc`` (``max_guidance`` optional, null meaning the
+    default), refused with a :class:`bac.ConfigError` naming the setting where it does not fit: an unknown key,
+    a guidance clip that is not a number >= 0, or a warm start other than plain."""
+    if not isinstance(rtc, Mapping):
+        raise ConfigError(f"setting rtc must be a mapping (rtc={{max_guidance:5}}, or rtc={{}} for the defaults) "
+                          f"or null, got {rtc!r}")
+    unknown = sorted(set(map(str, rtc)) - set(RTC_KEYS))
+    if unknown:
+        raise ConfigError(f"setting rtc: unknown key(s) {unknown}; it takes {list(RTC_KEYS)}")
+    try:
+        return policy.with_rtc(**{key: value for key, value in rtc.items() if value is not None})
+    except ConfigError as err:
+        raise ConfigError(f"setting rtc: {err}") from err
 
 
 def _accelerated(checkpoint: str | Path, *, device: str, sampler: str | None, steps: int | None,
@@ -222,13 +250,16 @@ def metadata(policy: Any, checkpoint: str | None = None, source: Mapping[str, An
         "acceleration": acceleration_summary(policy, source, handle),
         "accepts_num_actions": accepts_num_actions(policy),
         "warm_start": policy.warm.describe() if warm_started(policy) else None,
+        "rtc": policy.rtc.describe() if real_time_chunked(policy) else None,
     }
 
 
 def describe(metadata: Mapping[str, Any]) -> str:
-    """One line for the log: checkpoint (or architecture), sampler, caching method and warm start."""
+    """One line for the log: checkpoint (or architecture), sampler, caching method, warm start and real-time
+    chunking."""
     acceleration = (metadata["acceleration"] or {}).get("method") or "no caching"
-    warm = metadata.get("warm_start")
+    warm, rtc = metadata.get("warm_start"), metadata.get("rtc")
     warm_text = f", warm start at step {warm['start']} ({warm['variant']})" if warm else ""
+    rtc_text = f", real-time chunking (max_guidance {rtc['max_guidance']:g})" if rtc else ""
     return (f"{metadata['policy']['checkpoint'] or metadata['policy']['architecture']} "
-            f"({metadata['sampler']['kind']}-{metadata['sampler']['steps']}, {acceleration}{warm_text})")
+            f"({metadata['sampler']['kind']}-{metadata['sampler']['steps']}, {acceleration}{warm_text}{rtc_text})")

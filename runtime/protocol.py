@@ -27,7 +27,10 @@ from .msgpack_numpy import packb, unpackb
 PROTOCOL, PROTOCOL_VERSION = "bac-policy-server", 1
 NUM_ACTIONS = "num_actions"
 SHIFT = "shift"  # a warm-started policy's: actions of the previous chunk executed since its observation
-MAX_SHIFT = 2**31  # any shift >= horizon means the same (a late chunk: cold), so larger ones are refused as typos
+DELAY = "delay"  # a real-time chunked policy's: actions of the current chunk still executed before the new one
+# Any shift >= horizon means the same (a late chunk: cold), any delay >= horizon too (the whole overlap frozen),
+# so larger ones are refused as typos.
+MAX_ACTION_COUNT, MAX_ACTION_COUNT_TEXT = 2**31, "2**31"
 RESET, SEED = "reset", "seed"
 MAX_QUOTED = 200  # characters of a refused value quoted in an error text
 MAX_QUOTED_KEYS = 8  # unknown keys named in an error text
@@ -101,14 +104,17 @@ def reset_seed(request: Mapping[str, Any], default_seed: int) -> int:
 @dataclasses.dataclass
 class Observation:
     """One checked request: ``state`` float32 ``[D]`` (current) or ``[n_obs_steps, D]`` (history), images
-    float32 ``[3, S, S]`` in [0, 1] by feature name; ``shift``: for a warm-started policy, the actions of the
-    previous chunk executed since its observation (``None``: its ``n_action_steps``)."""
+    float32 ``[3, S, S]`` in [0, 1] by feature name; ``shift``: for a policy that reads the previous chunk (a
+    warm start, real-time chunking), the actions of that chunk executed since its observation (``None``: its
+    ``n_action_steps``); ``delay``: for real-time chunking, the actions of the client's current chunk it still
+    executes before this one takes over, the frozen prefix (``None``: 0)."""
 
     state: np.ndarray
     task: str | None
     images: dict[str, np.ndarray]
     num_actions: int | None = None
     shift: int | None = None
+    delay: int | None = None
 
 
 def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
@@ -142,17 +148,21 @@ def parse_observation(policy: Any, message: Mapping[str, Any]) -> Observation:
     state, task = _state(policy, message[STATE]), _task(policy, message.get(TASK))  # checked in this order
     images = {key: _image(key, message[key], policy.input_features[key].shape) for key in cameras}
     return Observation(state, task, images, _num_actions(policy, message.get(NUM_ACTIONS)),
-                       _shift(policy, message.get(SHIFT)))
+                       _shift(policy, message.get(SHIFT)), _delay(message.get(DELAY)))
 
 
 def _check_keys(policy: Any, message: Mapping[str, Any], cameras: list[str]) -> None:
     n, dim = policy.n_obs_steps, policy.state_dim
     required = [STATE, *cameras, *([TASK] if TASK in policy.input_features else [])]
-    optional = [NUM_ACTIONS, *([SHIFT] if warm_started(policy) else [])]
+    optional = [NUM_ACTIONS, *([SHIFT] if reads_last_chunk(policy) else []),
+                *([DELAY] if real_time_chunked(policy) else [])]
     unknown = sorted(set(message) - set(required) - set(optional))
     if unknown:
-        hint = f" ({SHIFT!r} is read only by a warm-started policy: this server's metadata has warm_start null)" \
-            if SHIFT in unknown and SHIFT not in optional else ""
+        hints = {SHIFT: f" ({SHIFT!r} is read only by a warm-started policy or one with real-time chunking: this "
+                        "server's metadata has warm_start null and rtc null)",
+                 DELAY: f" ({DELAY!r} is read only by a policy with real-time chunking: this server's metadata has "
+                        "rtc null; serve it with the setting rtc={max_guidance:5})"}
+        hint = "".join(hints[key] for key in (SHIFT, DELAY) if key in unknown and key not in optional)
         raise DataError(f"unknown key(s) {_quote_keys(unknown)}; this policy reads {required} (and optional "
                         f"{', '.join(map(repr, optional))}), or send {{{RESET!r}: true, {SEED!r}: int}}{hint}")
     missing = [key for key in required if key not in message]
@@ -219,16 +229,35 @@ def warm_started(policy: Any) -> bool:
     return getattr(policy, "warm", None) is not None
 
 
-def _shift(policy: Any, shift: Any) -> int | None:
-    if shift is None:
+def real_time_chunked(policy: Any) -> bool:
+    """Whether ``policy`` continues the last chunk by real-time chunking (``DiffusionPolicy.with_rtc``)."""
+    return getattr(policy, "rtc", None) is not None
+
+
+def reads_last_chunk(policy: Any) -> bool:
+    """Whether ``policy``'s calls read the session's last chunk (a warm start or real-time chunking)."""
+    return warm_started(policy) or real_time_chunked(policy)
+
+
+def _action_count(key: str, value: Any, meaning: str) -> int | None:
+    """An optional count of actions ``key``: ``None``, or an int (numpy's too) in ``[0, MAX_ACTION_COUNT)``."""
+    if value is None:
         return None
-    if isinstance(shift, np.integer):
-        shift = int(shift)
-    if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift < MAX_SHIFT:
-        raise DataError(f"{SHIFT!r} must be an integer in [0, 2**31): the actions of the previous chunk executed "
-                        f"since its observation (or left out for n_action_steps={policy.n_action_steps}), "
-                        f"got {quote(shift)}")
-    return shift
+    if isinstance(value, np.integer):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_ACTION_COUNT:
+        raise DataError(f"{key!r} must be an integer in [0, {MAX_ACTION_COUNT_TEXT}): {meaning}, got {quote(value)}")
+    return value
+
+
+def _shift(policy: Any, shift: Any) -> int | None:
+    return _action_count(SHIFT, shift, "the actions of the previous chunk executed since its "
+                         f"observation (or left out for n_action_steps={policy.n_action_steps})")
+
+
+def _delay(delay: Any) -> int | None:
+    return _action_count(DELAY, delay, "the actions of the client's current chunk it still executes before the new "
+                         "one takes over, which the new one returns unchanged (or left out for 0)")
 
 
 def accepts_num_actions(policy: Any) -> bool:

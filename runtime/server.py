@@ -4,8 +4,8 @@
 
 openpi's message shapes (msgpack-encoded numpy arrays; metadata on connect, ``infer(obs) ->
 {"actions": (H, A)}``), one inference thread, one session per connection (its own observation
-history, generator, cache context and warm-start state; a new episode is a new connection or a reset
-message, and for a warm-started policy an observation that jumped). Refusals
+history, generator, cache context and last chunk for warm starts or real-time chunking; a new episode is a new
+connection or a reset message, and for a policy that reads the last chunk an observation that jumped). Refusals
 are answered and logged bounded: values clipped (:mod:`.protocol`), one WARNING per session and error
 kind. An optional shared key (openpi's ``api_key``) is checked at the handshake (:mod:`.lifecycle`). The protocol, message by message, for a client in any
 language: ``docs/guide/server.md`` (the docs site's "The policy server" page).
@@ -31,7 +31,7 @@ from .loading import acceleration_summary, describe, load_policy, load_served_po
 from .msgpack_numpy import packb
 from .protocol import (PROTOCOL, PROTOCOL_VERSION, RESET, Observation, Unavailable, accepts_num_actions, actions_reply,
                        check_num_actions, decode_request, error_kind, error_text, parse_observation, reset_reply,
-                       reset_seed, warm_started)
+                       reads_last_chunk, real_time_chunked, reset_seed, warm_started)
 from .sessions import InferenceThread, Session, Sessions
 
 DEFAULT_PORT = 8000
@@ -95,7 +95,8 @@ class PolicyServer:
             cfg["checkpoint"], device=cfg.get("device", "cpu"), sampler=cfg["sampler"]["kind"],
             steps=cfg["sampler"]["steps"], tuned=cfg.get("tuned"), plan=cfg.get("plan"), method=cfg.get("method"),
             method_params=dict(cfg.get("method_params") or {}), compile=cfg.get("compile") or "none",
-            backend=cfg.get("backend") or "torch", onnx=cfg.get("onnx"), warm=cfg.get("warm"))
+            backend=cfg.get("backend") or "torch", onnx=cfg.get("onnx"), warm=cfg.get("warm"),
+            rtc=cfg.get("rtc"))
         if served.policy.graph is not None:
             logger.info("sampling calls run as one graph (%s): built in %s s", served.policy.graph.backend,
                         {shape: round(seconds, 2) for shape, seconds in served.policy.graph.build_seconds.items()})
@@ -191,10 +192,18 @@ class PolicyServer:
             with contextlib.suppress(RuntimeError):  # the executor is shut down only after every handler returned
                 await self._inference.run(self._inference.drop, session)
             refused = ", ".join(f"{count} {kind}" for kind, count in session.refused.items())
-            warm = (f"; {session.warm.warm_calls} of {session.warm.calls} calls warm, {session.jumps} new "
-                    f"episode(s) on an observation jump" if warm_started(self.policy) else "")
             logger.info("%s disconnected after %d request(s)%s%s", session.id, session.requests,
-                        f" ({refused} refused)" if refused else "", warm)
+                        f" ({refused} refused)" if refused else "", self._last_chunk_text(session))
+
+    def _last_chunk_text(self, session: Session) -> str:
+        """For a policy that reads the last chunk, what the session's calls did with it (the disconnect line)."""
+        if not reads_last_chunk(self.policy):
+            return ""
+        state = session.warm
+        done = [f"{state.warm_calls} of {state.calls} calls warm"] if warm_started(self.policy) else []
+        done += [f"{state.guided_calls} of {state.calls} calls guided (real-time chunking)"] \
+            if real_time_chunked(self.policy) else []
+        return f"; {', '.join(done)}, {session.jumps} new episode(s) on an observation jump"
 
     async def _reply(self, session: Session, message: Any) -> bytes | str | None:
         """The reply frame to one message: packed actions / reset acknowledgement, or an error text

@@ -1,10 +1,10 @@
 """The policy server's per-client state and the one thread every policy call runs on.
 
 Each connection is a :class:`Session`: its observation history, its noise generator, its cache context
-(named by the session id) and, for a warm-started policy, its warm-start state. :class:`InferenceThread`
-runs every policy call, a session's or the warm-up's, on one worker thread in arrival order, so the policy, its sampler and its cache handle are
-never called concurrently; a session's cache context lives on that thread (contexts are per thread),
-which is why it is also dropped there.
+(named by the session id) and, for a policy that reads the last chunk (a warm start, real-time chunking), that
+chunk's state. :class:`InferenceThread` runs every policy call, a session's or the warm-up's, on one worker
+thread in arrival order, so the policy, its sampler and its cache handle are never called concurrently; a
+session's cache context lives on that thread (contexts are per thread), which is why it is also dropped there.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ import bac
 from bac.errors import ConfigError, DataError
 from bac.policies.constants import STATE, TASK
 from bac.policies.features import next_history
-from bac.policies.warm import WarmState, jumped
+from bac.policies.warm import DEFAULT_JUMP, WarmState, jumped
 
-from .protocol import NUM_ACTIONS, Observation, parse_observation, synthetic_request, warm_started
+from .protocol import (NUM_ACTIONS, Observation, parse_observation, reads_last_chunk, real_time_chunked,
+                       synthetic_request, warm_started)
 
 
 @dataclasses.dataclass(eq=False)
@@ -44,14 +45,15 @@ class Session:
     generator: torch.Generator
     seed: int  # the server's default seed: a new episode's without a seed of its own
     history: torch.Tensor | None = None  # [1, n_obs_steps, D], what the next current observation is appended to
-    warm: WarmState = dataclasses.field(default_factory=WarmState)  # read only for a warm-started policy
+    # the last chunk, read only by a policy that reads it (a warm start, real-time chunking)
+    warm: WarmState = dataclasses.field(default_factory=WarmState)
     requests: int = 0
-    jumps: int = 0  # new episodes begun because the observation jumped (a warm-started policy)
+    jumps: int = 0  # new episodes begun because the observation jumped (a policy that reads the last chunk)
     refused: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # error kind -> count
     closed: bool = False
 
     def reset(self, seed: int) -> None:
-        """A new episode: the history cleared, the generator reseeded, the warm-start state forgotten."""
+        """A new episode: the history cleared, the generator reseeded, the last chunk forgotten."""
         self.history = None
         self.generator.manual_seed(seed)
         self.warm.reset()
@@ -59,14 +61,18 @@ class Session:
     def predict(self, policy: Any, observation: Observation) -> np.ndarray:
         """One policy call: the chunk ``[n, A]`` float32. The history is kept only if the call succeeded.
 
-        For a warm-started policy, an observation that jumped from the last call's (``policy.warm.jump``) begins
-        a new episode first, as a reset without a seed would (openpi's client's ``reset()`` sends nothing), and
-        the call warm-starts from this session's last chunk advanced by ``observation.shift`` actions."""
+        For a policy that reads the last chunk, an observation that jumped from the last call's (:func:`jump_of`)
+        begins a new episode first, as a reset without a seed would (openpi's client's ``reset()`` sends
+        nothing), and the call continues this session's last chunk advanced by ``observation.shift`` actions
+        (warm-starts from it; with real-time chunking, returns its first ``observation.delay`` actions unchanged
+        and guides the rest of the overlap toward it)."""
         state = torch.from_numpy(observation.state)[None].to(policy.device)
         kwargs: dict[str, Any] = {"generator": self.generator}
-        if warm_started(policy):
+        if reads_last_chunk(policy):
             self._new_episode_if_jumped(policy, state if state.ndim == 2 else state[:, -1])
             kwargs.update(warm_state=self.warm, shift=observation.shift)
+        if real_time_chunked(policy):
+            kwargs["delay"] = observation.delay
         history = state if state.ndim == 3 else next_history(self.history, state, policy.n_obs_steps)
         batch: dict[str, Any] = {STATE: history}
         if observation.task is not None:
@@ -82,9 +88,15 @@ class Session:
     def _new_episode_if_jumped(self, policy: Any, current: torch.Tensor) -> None:
         """Reset (default seed) when the normalised current state ``[1, D]`` jumped from the last call's."""
         before = self.warm.observation
-        if before is not None and jumped(before, policy.obs_normalizer(current), policy.warm.jump):
+        if before is not None and jumped(before, policy.obs_normalizer(current), jump_of(policy)):
             self.reset(self.seed)
             self.jumps += 1
+
+
+def jump_of(policy: Any) -> float:
+    """The largest change of the normalised state a call continues the last chunk across: the warm start's
+    ``jump``, else (real-time chunking alone) the default, which its calls use too."""
+    return policy.warm.jump if warm_started(policy) else DEFAULT_JUMP
 
 
 def new_session(session_id: str, peer: str, seed: int, device: torch.device | str) -> Session:

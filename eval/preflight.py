@@ -63,6 +63,11 @@ def check_before_work(cfg: DictConfig) -> list[Variant]:
         raise EvalError(f"instructions={cfg.instructions}: the {config.architecture} policy reads no instructions "
                         "(a state policy; only vision-language heads do): leave instructions out")
     variants = configured_variants(cfg, config)
+    guided = [v.name for v in variants if v.rtc is not None]
+    if guided and cfg.mode != "realtime":
+        raise EvalError(f"method {guided[0]!r} uses real-time chunking, which continues a chunk that runs while the "
+                        "next is computed: it is for mode=realtime (a closed-loop call has no inference delay, and "
+                        "its latency table times unguided calls)")
     check_compilation(cfg, config, variants)
     check_shards(cfg, variants)
     check_folders(cfg, len(tasks), len(variants) + (cfg.tuned is not None), max_steps(cfg, tasks))
@@ -129,6 +134,9 @@ def check_compilation(cfg: DictConfig, config: PolicyConfig, variants: list[Vari
                         f"{config.architecture} policy has none: use compile=whole or compile=none")
     if mode == "whole":
         for variant in variants:
+            if variant.rtc is not None:
+                raise EvalError(f"method {variant.name!r} uses real-time chunking, whose guided steps run eagerly "
+                                "(a vector-Jacobian product through the denoiser): use compile=none for it")
             if variant.method is not None and not variant.budgeted and not bac.method_info(variant.method).static:
                 raise EvalError(f"method {variant.name!r} caches with the runtime rule {variant.method!r}, which "
                                 "decides on the host at every step: it cannot run as one graph (compile=whole); "

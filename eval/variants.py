@@ -6,7 +6,9 @@ denoising steps (``steps: auto`` matches the FLOPs of the ``bac`` variant, ``ste
 of the variant ``<name>``), the caching
 variants any of :func:`bac.available_methods` on the full sampler (``standin: taylor-1``
 replaces a method's stand-in), and ``warm`` warm-starts each call after an episode's first from the last
-chunk (:class:`bac.policies.warm.WarmStart`; only ``start`` is required). Plans of calibrated methods are cached as plan files next to
+chunk (:class:`bac.policies.warm.WarmStart`; only ``start`` is required); ``rtc: {max_guidance: B}`` (or ``{}``)
+adds real-time chunking (:class:`bac.policies.rtc.RealTimeChunking`; ``mode=realtime`` only, where calls overlap
+the running chunk). Plans of calibrated methods are cached as plan files next to
 the calibration; the others are rebuilt every run (they are a few list operations).
 
 A *budget* variant (``{budget: {match: bac}}``, ``{budget: {latency_ms: 40}}`` or
@@ -36,6 +38,7 @@ import bac
 from bac import graphs
 from bac.errors import ConfigError
 from bac.policies.policy import DiffusionPolicy
+from bac.policies.rtc import RealTimeChunking
 from bac.policies.warm import WarmStart
 
 
@@ -50,11 +53,14 @@ class Variant:
     method: str | None = None
     params: dict = field(default_factory=dict)
     warm: WarmStart | None = None
+    rtc: RealTimeChunking | None = None
 
     def describe(self) -> dict:
-        """The configuration as a report shows it (a cold variant's as before warm starts existed)."""
+        """The configuration as a report shows it (a variant without warm starts or real-time chunking as
+        before they existed)."""
         warm = {} if self.warm is None else {"warm": self.warm.describe()}
-        return {"sampler": self.sampler, "steps": self.steps, "cache": self.method, **self.params, **warm}
+        rtc = {} if self.rtc is None else {"rtc": self.rtc.describe()}
+        return {"sampler": self.sampler, "steps": self.steps, "cache": self.method, **self.params, **warm, **rtc}
 
     @property
     def budgeted(self) -> bool:
@@ -109,6 +115,23 @@ def parse_warm(name: str, spec: Any, steps: int, method: str | None) -> WarmStar
     return warm
 
 
+RTC_KEYS = ("max_guidance",)
+
+
+def parse_rtc(name: str, spec: Any, warm: WarmStart | None) -> RealTimeChunking | None:
+    """A variant's ``rtc`` block (``None``: none; ``{}``: the paper's settings), checked."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping) or set(spec) - set(RTC_KEYS):
+        raise ValueError(f"method {name!r}: rtc must be {{max_guidance: B}} or {{}} (the paper's clip 5), got {spec!r}")
+    if warm is not None and warm.variant != "plain":
+        raise ValueError(f"method {name!r}: real-time chunking combines with plain warm starts, not {warm.variant!r}")
+    try:
+        return RealTimeChunking(**spec)
+    except ConfigError as err:
+        raise ValueError(f"method {name!r}: {err}") from err
+
+
 def flops_target(steps: Any) -> str | None:
     """The variant whose FLOPs ``steps`` asks to match: ``auto`` -> ``bac``, ``auto:<name>`` -> ``<name>``."""
     if not isinstance(steps, str) or not (steps == "auto" or steps.startswith("auto:")):
@@ -130,6 +153,7 @@ def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sa
         steps = spec.pop("steps", default_steps)
         method = spec.pop("cache", None)
         warm = spec.pop("warm", None)
+        rtc = spec.pop("rtc", None)
         if flops_target(steps) is not None:
             if warm is not None:
                 raise ValueError(f"method {name!r}: a warm start begins at a step of its schedule: give steps "
@@ -140,8 +164,9 @@ def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sa
         if BUDGET in spec:
             if method is not None:
                 raise ValueError(f"method {name!r}: a budget plan is its own method; drop cache={method!r}")
-            if warm is not None:  # its plan is made for the latency of a cold call
-                raise ValueError(f"method {name!r}: a budget plan is made for cold calls; drop warm")
+            if warm is not None or rtc is not None:  # its plan is made for the latency of a cold, unguided call
+                raise ValueError(f"method {name!r}: a budget plan is made for cold, unguided calls; drop "
+                                 + ("warm" if warm is not None else "rtc"))
             variants.append(Variant(name, sampler, int(steps), BUDGET, parse_budget(name, spec)))
             continue
         if method is None and spec:
@@ -150,7 +175,8 @@ def parse_variants(config: Mapping[str, Mapping[str, Any]], selected, default_sa
             bac.method_params(method, **{k: v for k, v in spec.items() if k != "standin"})  # names and values
             if "standin" in spec:
                 bac.make_standin(spec["standin"])
-        variants.append(Variant(name, sampler, int(steps), method, spec, parse_warm(name, warm, steps, method)))
+        warm = parse_warm(name, warm, steps, method)
+        variants.append(Variant(name, sampler, int(steps), method, spec, warm, parse_rtc(name, rtc, warm)))
     return variants
 
 
@@ -265,9 +291,11 @@ class Compilation:
 
 
 def sampling_view(policy: DiffusionPolicy, variant: Variant) -> DiffusionPolicy:
-    """A view of ``policy`` (sharing its weights) sampling with ``variant``'s sampler, warm-started as it says."""
+    """A view of ``policy`` (sharing its weights) sampling with ``variant``'s sampler, warm-started and with
+    real-time chunking as it says."""
     view = policy.with_sampler(variant.sampler, variant.steps)
-    return view if variant.warm is None else view.with_warm_start(**variant.warm.describe())
+    view = view if variant.warm is None else view.with_warm_start(**variant.warm.describe())
+    return view if variant.rtc is None else view.with_rtc(**variant.rtc.describe())
 
 
 @contextlib.contextmanager

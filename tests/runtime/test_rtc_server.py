@@ -5,16 +5,15 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 
 from bac.errors import ConfigError
-from bac.policies.warm import DEFAULT_JUMP, WarmState, jumped
+from bac.policies.warm import DEFAULT_JUMP, jumped
 from bac.runtime.client import ObservationError, PolicyClient
 from bac.runtime.loading import describe, load_policy, metadata, real_time_chunking
 
 from .test_server import SHIPPED, STATE, serving, tiny_policy
 from .test_server_faults import OpenpiStyleClient
-from .test_warm_runtime import normalised, same, walk
+from .test_warm_runtime import local_chunks, normalised, same, walk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HORIZON = 16  # the tiny policy's; it returns n_action_steps = 8 actions by default
@@ -22,20 +21,6 @@ HORIZON = 16  # the tiny policy's; it returns n_action_steps = 8 actions by defa
 
 def rtc_policy(steps=3, **settings):
     return tiny_policy(steps).with_rtc(**settings)
-
-
-def local_chunks(policy, observations, task, seed, **fields):
-    """What a fresh server session gives for current observations sent one per request, from a local policy
-    with its own state; ``fields``: per request, lists of ``shift``, ``delay`` and ``num_actions``."""
-    generator, state = torch.Generator().manual_seed(seed), WarmState()
-    history, chunks = None, []
-    for i, observation in enumerate(observations):
-        history = np.repeat(observation[None], 2, 0) if history is None else \
-            np.concatenate([history[1:], observation[None]])
-        batch = {STATE: torch.from_numpy(history)[None], "task": task}
-        kwargs = {key: values[i] for key, values in fields.items()}
-        chunks.append(policy.predict_action_chunk(batch, generator=generator, warm_state=state, **kwargs)[0].numpy())
-    return chunks, state
 
 
 def requests(client, observations, task, **fields):

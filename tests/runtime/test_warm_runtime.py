@@ -38,17 +38,18 @@ def normalised(policy, observations):
     return policy.obs_normalizer(torch.from_numpy(observations))
 
 
-def local_chunks(policy, observations, task, seed, shifts=None):
-    """What a fresh server session gives for current observations sent one per request (``shifts``: the
-    requests' ``shift`` fields), from a local policy with its own warm state: ``(chunks, state)``."""
+def local_chunks(policy, observations, task, seed, **fields):
+    """What a fresh server session gives for current observations sent one per request, from a local policy
+    with its own state: ``(chunks, state)``; ``fields``: per request, lists of ``shift``, ``delay`` and
+    ``num_actions`` (the requests' fields)."""
     generator, state = torch.Generator().manual_seed(seed), WarmState()
     history, chunks = None, []
     for i, observation in enumerate(observations):
         history = np.repeat(observation[None], 2, 0) if history is None else \
             np.concatenate([history[1:], observation[None]])
         batch = {STATE: torch.from_numpy(history)[None], "task": task}
-        shift = None if shifts is None else shifts[i]
-        chunks.append(policy.predict_action_chunk(batch, generator=generator, warm_state=state, shift=shift)[0].numpy())
+        kwargs = {key: values[i] for key, values in fields.items()}
+        chunks.append(policy.predict_action_chunk(batch, generator=generator, warm_state=state, **kwargs)[0].numpy())
     return chunks, state
 
 
@@ -133,7 +134,7 @@ def test_the_shift_field_aligns_the_prior_and_a_late_chunk_is_cold():
     policy = warm_policy()
     episode = walk(0.5, 4, 6)
     shifts = [0, 3, 16, 5]  # 16 = the horizon: the previous chunk has run out
-    expected, state = local_chunks(policy, episode, "reach", 0, shifts)
+    expected, state = local_chunks(policy, episode, "reach", 0, shift=shifts)
     assert state.warm_calls == 2  # the first and the late call are cold
     default, _ = local_chunks(policy, episode, "reach", 0)
     assert not np.array_equal(expected[1], default[1])  # shift 3 is not the default 8

@@ -29,6 +29,7 @@ import json
 import platform
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -117,7 +118,8 @@ def main() -> None:
               "first_seed": FIRST_SEED, "warmup_seed": WARMUP_SEED,
               "warmup_calls": args.warmup_calls, "min_ticks": args.ticks, "loop": LOOP, "threads": 1,
               "clocks": clocks, "command": "python -m benchmarks.realtime_deadlines " + " ".join(sys.argv[1:]),
-              "machine": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for c in clocks:

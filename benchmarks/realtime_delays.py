@@ -20,7 +20,9 @@ paired). The modes (:data:`MODES`):
 
 At 0 and 200 ms the ``dpt`` set also runs how RTC combines (:data:`MODES`): ``rtc10`` (clip 10, LeRobot's
 default), ``warm1`` (a plain warm start from step 1 instead of RTC), ``warm1-rtc`` (both) and ``uniform2-rtc``
-(RTC on uniform caching, M=2); at 200 ms, ``rtc20`` (clip 20) and DDIM-10 with and without RTC.
+(RTC on uniform caching, M=2); at 200 ms, ``rtc20`` (clip 20) and DDIM-10 with and without RTC; at the other
+latencies ``warm1`` and ``warm1-rtc`` (the best combination at 200 ms). The ``vla`` set runs ``warm1`` and
+``warm1-rtc`` beside the four modes.
 
 Sets: ``dpt``: the harder suite's DP-T on DDIM-4 (the fewest lossless steps, issue 33's 400-pair table) at
 20 Hz with latencies 0, 50, 100, 200, 300 and 400 ms. The simulated env has no wall time: a rate and a latency
@@ -41,6 +43,7 @@ import json
 import os
 import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +76,10 @@ SETS = {
     "dpt": {"checkpoint": "dpt-metaworld-hard", "sampler": ("ddim", 4), "tasks": list(HARD_SUITE),
             "cells": [(20, ms, MAIN_MODES) for ms in (0, 50, 100, 200, 300, 400)]
             + [(20, ms, ("rtc10", "warm1", "warm1-rtc", "uniform2-rtc")) for ms in (0, 200)]
-            + [(20, 200, ("rtc20", "continue-ddim10", "rtc-ddim10"))]},
+            + [(20, 200, ("rtc20", "continue-ddim10", "rtc-ddim10"))]
+            + [(20, ms, ("warm1", "warm1-rtc")) for ms in (50, 100, 300, 400)]},
     "vla": {"checkpoint": "pi0-metaworld", "sampler": ("flow", 5), "tasks": None,
-            "cells": [(20, ms, MAIN_MODES) for ms in (0, 200)]},
+            "cells": [(20, ms, MAIN_MODES + ("warm1", "warm1-rtc")) for ms in (0, 200)]},
 }
 FIRST_SEED = 300000
 #: (rate, latency) cells the issue names that are the same episodes as a 20 Hz cell (the same delay in ticks)
@@ -159,7 +163,9 @@ def report(name: str, out: Path) -> dict:
     result = {"set": name, "checkpoint": spec["checkpoint"], "sampler": list(spec["sampler"]),
               "modes": {m: {"loop": loop, **extras} for m, (loop, extras) in MODES.items()},
               "first_seed": FIRST_SEED, "cells": [],
-              "machine": platform.platform(), "torch": torch.__version__}
+              "command": f"python -m benchmarks.realtime_delays --set {name}",
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__}}
     for (hz, ms, mode), runs in sorted(by_cell.items()):
         reference = by_cell.get((hz, 0, "continue"), [])
         control = summarize_runs(runs)
@@ -188,7 +194,7 @@ def plot(result: dict, path: Path) -> None:
     rates = sorted({c["control_hz"] for c in result["cells"]})
     fig, axes = plt.subplots(2, len(rates), figsize=(4.5 * len(rates), 7), squeeze=False)
     for col, hz in enumerate(rates):
-        for mode in MAIN_MODES:
+        for mode in MAIN_MODES + ("warm1-rtc",):
             cs = sorted((c for c in result["cells"] if c["control_hz"] == hz and c["mode"] == mode),
                         key=lambda c: c["latency_ms"])
             x = [c["latency_ms"] for c in cs]

@@ -12,7 +12,8 @@ vector-Jacobian product. Configurations:
 * ``plain + torch.compile(model)`` / ``rtc + torch.compile(model)``: the capable user's, the denoiser compiled
   (inductor; the guided call differentiates through the compiled denoiser, AOTAutograd's backward);
 * ``plain whole-call graph``: the call as one graph (``compile_call``; RTC views refuse it);
-* ``uniform-M2 + rtc``: RTC on a uniform caching plan (M=2): the product runs through computed blocks only.
+* ``uniform-M2 + rtc``: RTC on a uniform caching plan (M=2): the product runs through computed blocks only;
+* ``warm1 + rtc``: begun from the previous chunk at step 1 (3 guided steps), the best mode of the delay study.
 
 Recorded: benchmarks/results/realtime-delays/rtc-latency.json.
 """
@@ -22,7 +23,9 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -46,7 +49,8 @@ def configurations(policy: DiffusionPolicy) -> dict[str, tuple[DiffusionPolicy, 
                                     scheduler=policy.sampler))
     return {"plain": (policy, False), "rtc": (policy.with_rtc(), True),
             "plain + torch.compile(model)": (compiled, False), "rtc + torch.compile(model)": (compiled.with_rtc(), True),
-            "plain whole-call graph": (policy.compile_call(1), False), "uniform-M2 + rtc": (cached.with_rtc(), True)}
+            "plain whole-call graph": (policy.compile_call(1), False), "uniform-M2 + rtc": (cached.with_rtc(), True),
+            "warm1 + rtc": (policy.with_warm_start(1).with_rtc(), True)}
 
 
 def timed_call(view: DiffusionPolicy, guided: bool, batch: dict, previous: torch.Tensor) -> float:
@@ -85,8 +89,10 @@ def main() -> None:
                 times[name].append(seconds)
     plain = statistics.median(times["plain"])
     result = {"checkpoint": args.checkpoint, "sampler": args.sampler, "batch": 1, "threads": 1,
-              "repeats": args.repeats, "shift": SHIFT, "delay": DELAY, "machine": platform.platform(),
-              "torch": torch.__version__,
+              "repeats": args.repeats, "shift": SHIFT, "delay": DELAY,
+              "command": "python -m benchmarks.rtc_latency " + " ".join(sys.argv[1:]),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__},
               "p50_ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
               "vs_plain": {name: statistics.median(t) / plain for name, t in times.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

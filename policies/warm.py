@@ -94,7 +94,8 @@ class WarmStart:
 
 
 class WarmState:
-    """One stream's warm-start state (rows of a batch: one per episode of a vector env, a server session).
+    """One stream's last chunk, read by warm starts and by real-time chunking (rows of a batch: one per episode
+    of a vector env, a server session).
 
     Holds the last chunk (normalised, the whole horizon), for ``falcon`` its partially denoised samples,
     and the observation and task it was made for; :meth:`reset` forgets them (a new episode). ``calls``,
@@ -171,10 +172,10 @@ def warm_sample(warm: WarmStart, state: WarmState, fused: Any, noise: torch.Tens
     chunking (:mod:`bac.policies.rtc`) with ``delay`` frozen actions, where the last chunk is a valid prior:
     the runner's ``guide`` is set for the call and the frozen actions are the last chunk's."""
     steps, horizon = fused.num_steps, noise.shape[1]
-    valid = cold_reason(state, observation, task, shift, horizon, warm.jump)
-    reason = valid if warm.start else "start 0"
+    invalid = cold_reason(state, observation, task, shift, horizon, warm.jump)  # why the last chunk is no prior
+    reason = invalid if warm.start else "start 0"
     keep, kept = _keeper(warm, fused) if warm.variant == "falcon" else (None, None)
-    guided = rtc is not None and valid is None
+    guided = rtc is not None and invalid is None
     if guided:
         if warm.variant != "plain":
             raise ConfigError(f"real-time chunking combines with plain warm starts, not {warm.variant!r}")

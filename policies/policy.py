@@ -210,6 +210,8 @@ class DiffusionPolicy(nn.Module):
         graphs are made for the warm calls too (call :meth:`compile_call` on this view)."""
         warm = WarmStart(start, variant, threshold, jump)
         warm.check(self.sampler.steps)
+        if self.rtc is not None and variant != "plain":
+            raise ConfigError(f"real-time chunking combines with plain warm starts, not {variant!r}")
         if self.graph is not None:
             raise ConfigError("compile the warm-started view: policy.with_warm_start(...).compile_call(...)")
         view = self._view(self.sampler)

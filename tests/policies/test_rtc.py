@@ -151,6 +151,8 @@ def test_rtc_combines_with_a_plain_warm_start_only():
     assert state.counts() == {"calls": 2, "warm_calls": 1, "guided_calls": 1, "evaluations": 4 + 3}
     with pytest.raises(ConfigError, match="plain warm starts"):
         policy.with_warm_start(2, "checked", 0.5).with_rtc()
+    with pytest.raises(ConfigError, match="plain warm starts"):
+        policy.with_rtc().with_warm_start(2, "falcon", 0.5)
 
 
 def test_bad_settings_are_refused():

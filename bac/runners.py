@@ -76,8 +76,9 @@ def _plain(i: int, local: PerThread, standin: Standin) -> GatedRunner:
                 out = raw if apply is None else apply(raw)
             else:
                 raw, out = observed(apply, fn, args, kwargs)
-            if bits & STORE:
-                store(state.cache, i, state.step, _constant(raw if ungated else out))
+            if bits & STORE:  # kept cut from autograd (see _constant), inline: the hot path
+                kept = raw if ungated else out
+                store(state.cache, i, state.step, kept.detach() if getattr(kept, "requires_grad", False) else kept)
             return out
         value = fill(state.cache, i, state.step)
         return apply(value) if ungated and apply is not None else value

@@ -31,6 +31,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -49,23 +50,9 @@ WARMUP_SEED = 290000  # the warm-up's episodes: held out from the measured ones
 LOOP = {"on_late": "continue", "adapt_lead": True, "blend": 0}  # the evaluator's defaults (configs/eval.yaml)
 
 
-class Envs:
-    """One pooled 1-env vector env per task (the tasks run in turn; building one costs about a second)."""
-
-    def __init__(self, policy: DiffusionPolicy) -> None:
-        self.policy, self.pools = policy, {}
-
-    def __call__(self, task: str):
-        pool = self.pools.setdefault(task, EnvPool(make_vector_env))
-        return make_control_env(self.policy, task, pool=pool)
-
-    def close(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
-
-
-def measure(policy: DiffusionPolicy, envs: Envs, clock_name: str, ticks: int, warmup_calls: int) -> dict:
-    """The warm-up, then episodes until ``ticks`` ticks ran, on one clock."""
+def measure(policy: DiffusionPolicy, envs: Callable[[str], Any], clock_name: str, ticks: int,
+            warmup_calls: int) -> dict:
+    """The warm-up, then episodes until ``ticks`` ticks ran, on one clock (``envs(task)``: the task's pooled env)."""
     tasks = list(HARD_SUITE)
     execute_steps = policy.n_action_steps
     began = time.perf_counter()
@@ -108,11 +95,9 @@ def main() -> None:
         parser.error("--ticks and --warmup-calls must be at least 1")
     torch.set_num_threads(1)  # batch 1 on one thread, as the evaluator's latency.threads default
     policy = DiffusionPolicy.load(resolve_checkpoint(CHECKPOINT)).with_sampler(*SAMPLER)
-    envs = Envs(policy)
-    try:
+    with EnvPool(make_vector_env) as pool:  # one env per task, reused by every episode of it
+        envs = lambda task: make_control_env(policy, task, pool=pool)  # noqa: E731
         clocks = [measure(policy, envs, name, args.ticks, args.warmup_calls) for name in args.clocks]
-    finally:
-        envs.close()
     result = {"checkpoint": CHECKPOINT, "sampler": list(SAMPLER), "control_hz": CONTROL_HZ,
               "execute_steps": policy.n_action_steps, "horizon": policy.horizon, "tasks": list(HARD_SUITE),
               "first_seed": FIRST_SEED, "warmup_seed": WARMUP_SEED,

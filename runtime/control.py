@@ -27,6 +27,7 @@ from bac.policies.warm import WarmState
 
 from .episodes import STATE, ChunkingPolicy, EnvFactory, EnvPool, check_compatible, observation_batch, \
     observation_slices, render_settings
+from .protocol import reads_last_chunk, real_time_chunked
 
 ON_LATE = ("hold", "continue")
 #: real-time chunking's delay estimate without a modelled latency: the slowest of this many last chunks
@@ -471,7 +472,7 @@ class _Inference:
                  control_hz: float = 0.0):
         self.robot, self.clock, self.generator, self.horizon = robot, clock, generator, horizon
         self.latency_model, self.warm_state, self.control_hz = latency_model, warm_state, float(control_hz)
-        self.rtc = getattr(robot.policy, "rtc", None) is not None
+        self.rtc = real_time_chunked(robot.policy)
         self.latencies: list[float] = []  # ms, of the chunks returned so far
         self.chunk_shape = (horizon, *robot.env.single_action_space.shape)
         self.calls = 0
@@ -688,8 +689,7 @@ def run_control_episode(
     settings = _check_settings(policy, control_hz, execute_steps, lead, on_late, blend, max_steps, adapt_lead)
     robot = _Robot(policy, env, task, instruction)
     clock = VirtualClock() if clock is None else clock
-    streams = getattr(policy, "warm", None) is not None or getattr(policy, "rtc", None) is not None
-    warm_state = WarmState() if streams else None
+    warm_state = WarmState() if reads_last_chunk(policy) else None
     inference = _Inference(robot, clock, generator, settings.horizon, latency_model, warm_state, settings.control_hz)
     obs, _ = env.reset(seed=[int(seed)])
     policy.reset()

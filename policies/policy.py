@@ -41,7 +41,7 @@ from .pi0 import Pi0Head
 from .rdt import RDTHead
 from .sampler import DEFAULT_SAMPLERS, FLOW_SAMPLERS, SAMPLERS, Sampler  # noqa: F401  (SAMPLERS, FLOW_SAMPLERS: importable here as before)
 from .rtc import DEFAULT_MAX_GUIDANCE, RealTimeChunking, check_delay
-from .warm import DEFAULT_JUMP, WarmStart, WarmState, warm_sample
+from .warm import DEFAULT_JUMP, WarmStart, WarmState, reads_last_chunk, warm_sample
 
 __all__ = ["DiffusionPolicy", "ARCHITECTURES", "EXTREME", "Normalizer"]
 
@@ -239,7 +239,7 @@ class DiffusionPolicy(nn.Module):
     def streams(self) -> bool:
         """Whether this view's calls read the previous chunk (a warm start or real-time chunking): such a
         call takes the caller's :class:`WarmState` (``predict_action_chunk(..., warm_state=)``)."""
-        return self.warm is not None or self.rtc is not None
+        return reads_last_chunk(self)
 
     def _view(self, sampler: Sampler) -> "DiffusionPolicy":
         view = copy.copy(self)

@@ -116,6 +116,22 @@ class WarmState:
                 "evaluations": self.evaluations}
 
 
+def warm_started(policy: Any) -> bool:
+    """Whether ``policy`` warm-starts its calls from the last chunk (``DiffusionPolicy.with_warm_start``)."""
+    return getattr(policy, "warm", None) is not None
+
+
+def real_time_chunked(policy: Any) -> bool:
+    """Whether ``policy`` continues the last chunk by real-time chunking (``DiffusionPolicy.with_rtc``)."""
+    return getattr(policy, "rtc", None) is not None
+
+
+def reads_last_chunk(policy: Any) -> bool:
+    """Whether ``policy``'s calls read the stream's last chunk (a warm start or real-time chunking): a caller
+    keeps a :class:`WarmState` per stream for them. Any policy object (a runtime's, a stand-in) may be asked."""
+    return warm_started(policy) or real_time_chunked(policy)
+
+
 def shifted(chunk: torch.Tensor, shift: int) -> torch.Tensor:
     """``chunk`` ``[B, H, A]`` advanced by ``shift`` actions, the tail padded with its last action."""
     if shift == 0:

@@ -23,11 +23,10 @@ import torch
 
 from bac.errors import ConfigError
 from bac.policies.features import next_history  # the history rule select_action uses
-from bac.policies.warm import WarmState
+from bac.policies.warm import WarmState, reads_last_chunk, real_time_chunked
 
 from .episodes import STATE, ChunkingPolicy, EnvFactory, EnvPool, check_compatible, observation_batch, \
     observation_slices, render_settings
-from .protocol import reads_last_chunk, real_time_chunked
 
 ON_LATE = ("hold", "continue")
 #: real-time chunking's delay estimate without a modelled latency: the slowest of this many last chunks

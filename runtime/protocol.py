@@ -21,6 +21,7 @@ import torch
 from bac.errors import BacError, DataError
 from bac.policies.constants import IMAGE_PREFIX, STATE, TASK
 from bac.policies.vla import frames_to_images
+from bac.policies.warm import reads_last_chunk, real_time_chunked, warm_started  # noqa: F401  (the server's too)
 
 from .msgpack_numpy import packb, unpackb
 
@@ -222,21 +223,6 @@ def _num_actions(policy: Any, num_actions: Any) -> int | None:
         raise DataError(f"{NUM_ACTIONS!r} must be an integer in [1, horizon={policy.horizon}] (or left out for "
                         f"n_action_steps={policy.n_action_steps}), got {quote(num_actions)}")
     return num_actions
-
-
-def warm_started(policy: Any) -> bool:
-    """Whether ``policy`` warm-starts its calls from the last chunk (``DiffusionPolicy.with_warm_start``)."""
-    return getattr(policy, "warm", None) is not None
-
-
-def real_time_chunked(policy: Any) -> bool:
-    """Whether ``policy`` continues the last chunk by real-time chunking (``DiffusionPolicy.with_rtc``)."""
-    return getattr(policy, "rtc", None) is not None
-
-
-def reads_last_chunk(policy: Any) -> bool:
-    """Whether ``policy``'s calls read the session's last chunk (a warm start or real-time chunking)."""
-    return warm_started(policy) or real_time_chunked(policy)
 
 
 def _action_count(key: str, value: Any, meaning: str) -> int | None:

@@ -16,6 +16,7 @@ docs/guide/caching-methods.md.
 __version__ = "0.2.0"
 
 from .acs import acs_schedule, acs_scores
+from .adjust import adjust_timesteps
 from .adapters import Block, BranchAttributes, ForwardOverride, LayerAdapter, ModelSpec, describe, register_adapter
 from .bua import bubbling_union
 from .budget import BlockCost, BudgetError, BudgetPlan, allocate_updates, plan_for_budget, plan_timer
@@ -48,7 +49,7 @@ from .plan import Plan, PlanBlock
 from .recorder import calibrate
 from .refine import refine
 from .rules import CGTaylor, FirstBlockCache, Rule, Sortblock
-from .standins import REUSE, Reuse, Taylor, make_standin
+from .standins import REUSE, Linear, Reuse, Taylor, make_standin
 
 __all__ = [
     "BacError",
@@ -68,6 +69,7 @@ __all__ = [
     "FirstBlockCache",
     "ForwardOverride",
     "LayerAdapter",
+    "Linear",
     "METRICS",
     "Method",
     "MethodInfo",
@@ -85,6 +87,7 @@ __all__ = [
     "__version__",
     "accelerate",
     "acs_schedule",
+    "adjust_timesteps",
     "acs_scores",
     "allocate_updates",
     "available_methods",

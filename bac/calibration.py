@@ -48,6 +48,9 @@ class Calibration:
     reuse_error: np.ndarray  # [num_blocks]: mean over step pairs a < t of mean |r_a - r_t|
     gram: np.ndarray | None = None  # [num_blocks, K, K]: mean over samples of <r_a, r_t> / D
     timesteps: np.ndarray | None = None  # [K]: the sampler's timesteps, where known (bac.diffusers.calibrate)
+    # [num_blocks]: ProfilingDiT's foreground ratio of each block's attention, NaN where a block attends nowhere
+    # (calibrate(..., attention=True))
+    focus: np.ndarray | None = None
 
     def for_timesteps(self, timesteps) -> "Calibration":
         """The statistics of the calibrated steps at ``timesteps``: a sampler with fewer steps on the same grid.
@@ -119,8 +122,8 @@ class Calibration:
             "date": self.date,
             "scheduler": self.scheduler,
         }
-        optional = {name: value for name, value in (("gram", self.gram), ("timesteps", self.timesteps))
-                    if value is not None}
+        optional = {name: value for name, value in (("gram", self.gram), ("timesteps", self.timesteps),
+                                                    ("focus", self.focus)) if value is not None}
         return write_atomic(path, save({**self.matrices, "reuse_error": self.reuse_error, **optional},
                                        metadata={"bac": json.dumps(meta)}))
 
@@ -178,6 +181,8 @@ class Calibration:
             raise bad(f"array 'gram' has shape {arrays['gram'].shape}, expected {(n, num_steps, num_steps)}")
         if "timesteps" in arrays and arrays["timesteps"].shape != (num_steps,):
             raise bad(f"array 'timesteps' has shape {arrays['timesteps'].shape}, expected {(num_steps,)}")
+        if "focus" in arrays and arrays["focus"].shape != (n,):
+            raise bad(f"array 'focus' has shape {arrays['focus'].shape}, expected {(n,)}")
         return cls(
             blocks=tuple(Block(name, kind, layer) for name, kind, layer in blocks),
             fingerprint=meta["fingerprint"],
@@ -190,4 +195,5 @@ class Calibration:
             reuse_error=arrays["reuse_error"],
             gram=arrays.get("gram"),
             timesteps=arrays.get("timesteps"),
+            focus=arrays.get("focus"),
         )

@@ -81,7 +81,7 @@ class CacheHandle:
             self._step_hooks = [
                 model.register_forward_pre_hook(lambda module, args, kwargs: self.begin_call(args, kwargs),
                                                 with_kwargs=True),
-                model.register_forward_hook(lambda module, args, output: self.end_call()),
+                model.register_forward_hook(lambda module, args, output: self.end_call(output)),
             ]
         attach(model, self)
 
@@ -123,17 +123,23 @@ class CacheHandle:
                 "this thread's cache has been cleared"
             )
         state.step = step
-        state.row = state.schedule.row(state) if step != state.start or step == 0 else state.schedule.first_row(state)
+        planned = step != state.start or step == 0
+        state.row = state.schedule.row(state) if planned else state.schedule.first_row(state)
+        scales = state.schedule.scales  # None but for a plan with a fitted timestep adjustment
+        state.scale = scales[step] if scales is not None and planned else 1.0
         record = local.record
         record.calls += 1
         if record.fresh:
             record.fresh = False
             record.trajectories += 1
 
-    def end_call(self) -> None:
-        """The denoiser call begun by :meth:`begin_call` returned (an exception skips it)."""
+    def end_call(self, output: Any = None) -> Any:
+        """The denoiser call begun by :meth:`begin_call` returned ``output`` (an exception skips it); returns
+        the output the caller gets: ``output`` itself, or scaled where the plan adjusts this step
+        (ERTACache's timestep adjustment, :meth:`bac.Plan.output_scales`)."""
         state = self._local.state
         state.done = state.step  # this call returned: a trajectory that stops here ended, not broke off
+        return output if state.scale == 1.0 or output is None else scale_output(output, state.scale)
 
     # -- trajectory control ----------------------------------------------------------
     def new_trajectory(self, start: int = 0) -> None:
@@ -446,15 +452,30 @@ def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standi
         schedule, standin = schedule.schedule, schedule.standin
     if isinstance(schedule, Plan):
         schedule.check_fits(spec, num_steps=num_steps, scheduler=scheduler, allow_other_weights=allow_other_weights)
-        chosen = make_standin(standin or REUSE)
+        chosen = make_standin(standin or schedule.fitted_standin() or REUSE)
         rows = rows_from_table(schedule.step_table(), chosen.keeps_history)
-        return StaticRows(rows, schedule.num_steps, schedule.method, schedule.params), chosen, schedule
+        bound = StaticRows(rows, schedule.num_steps, schedule.method, schedule.params, schedule.output_scales())
+        return bound, chosen, schedule
     if isinstance(schedule, Rule):
         check_number(f"num_steps (a runtime rule, {schedule.name}, needs the sampler's step count)", num_steps, 1,
                      integer=True)
         chosen = make_standin(standin or schedule.standin or REUSE)
         return schedule.bind(spec, num_steps), chosen, None
     raise ConfigTypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
+
+
+def scale_output(output: Any, scale: float) -> Any:
+    """A denoiser's output times ``scale``: a tensor, the first tensor of a tuple or list, or the ``sample`` of
+    an output object (diffusers' ``Transformer2DModelOutput``); anything else is a :class:`bac.ConfigError`."""
+    if isinstance(output, torch.Tensor):
+        return output * scale
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return type(output)([output[0] * scale, *output[1:]])
+    if isinstance(getattr(output, "sample", None), torch.Tensor):
+        return type(output)(**{**output, "sample": output.sample * scale})
+    raise ConfigError(f"the plan scales the denoiser's output at this step (a fitted timestep adjustment), but "
+                      f"the output is a {type(output).__name__}: a tensor, a tuple of tensors or an object with "
+                      "a .sample tensor can be scaled")
 
 
 def _input_shape(args: tuple, kwargs: dict) -> torch.Size | None:

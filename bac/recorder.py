@@ -12,10 +12,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
 from .adapters import Block, LayerAdapter, describe
+from .attention import AttentionProbe, attention_focus, call_received
 from .calibration import METRICS, Calibration, reuse_errors
 from .engine import CacheHandle
 from .errors import DataError, NonFiniteError
@@ -115,6 +117,53 @@ class _Recorder:
         self.samples += r.shape[0]
 
 
+class _AttentionProfile:
+    """Observer of the attention-profiling pass: per context, block and step, the attention keys received
+    (:class:`bac.attention.AttentionProbe`), folded into each block's foreground ratio after every call.
+
+    A pass of its own: torch's attention functions under a ``TorchFunctionMode`` may take other kernels
+    (``nn.MultiheadAttention`` leaves its fused path), so the statistics come from a pass without it."""
+
+    def __init__(self, num_blocks: int):
+        self.handle: CacheHandle | None = None
+        self.received: dict[str, list[list]] = {}
+        self.sums = [(0.0, 0)] * num_blocks
+
+    def __call__(self, i, fn, args, kwargs):
+        with AttentionProbe() as probe:
+            out = fn(*args, **kwargs)
+        calls = self.received.setdefault(self.handle.active_context, [[] for _ in self.sums])
+        calls[i].append(call_received(probe.received))
+        return out
+
+    def finish(self) -> None:
+        for received in self.received.values():
+            for step in zip(*received):  # one step of every block
+                for b, (total, count) in enumerate(attention_focus(list(step))):
+                    self.sums[b] = (self.sums[b][0] + total, self.sums[b][1] + count)
+        self.received = {}
+
+    def focus(self) -> np.ndarray:
+        """Per block, the mean foreground ratio of its attention; NaN for a block that attends nowhere."""
+        return np.array([total / count if count else np.nan for total, count in self.sums])
+
+
+def _profile_attention(model, spec, sample_fn, inputs, seed: int, devices) -> np.ndarray:
+    profile = _AttentionProfile(len(spec.blocks))
+    handle = CacheHandle(model, spec, AlwaysCompute(len(spec.blocks)), observer=profile)
+    profile.handle = handle
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            for x in inputs:
+                handle.new_trajectory()
+                sample_fn(x)
+                profile.finish()
+    finally:
+        handle.remove()
+    return profile.focus()
+
+
 def calibrate(
     model: nn.Module,
     sample_fn: Callable[[Any], Any],
@@ -123,6 +172,7 @@ def calibrate(
     seed: int = 0,
     scheduler: Any = None,
     adapters: Mapping[type, LayerAdapter] | None = None,
+    attention: bool = False,
 ) -> Calibration:
     """Record every block's residual at every step over full sampling calls.
 
@@ -138,10 +188,17 @@ def calibrate(
     made from it are refused on other weights (see :meth:`bac.Plan.check_fits`).
     An input whose batch has no samples is a :class:`bac.DataError`, a block
     output with NaN or inf a :class:`bac.NonFiniteError`.
+
+    ``attention=True`` also profiles where each block's attention goes (ProfilingDiT's foreground ratio,
+    :func:`bac.attention.attention_focus`, recorded as ``Calibration.focus``), through torch's attention
+    functions (:class:`bac.attention.AttentionProbe`), in a second pass over the inputs (the statistics are
+    those of a calibration without it); it forms every attention matrix explicitly, so it costs memory
+    quadratic in the token count.
     """
     spec = describe(model, adapters)
     weights = spec.weights_digest()  # before sampling: what the statistics are of
     recorder = _Recorder(spec.blocks, spec.batch_dims())
+    inputs = list(inputs)
     handle = CacheHandle(model, spec, AlwaysCompute(len(spec.blocks)), observer=recorder)
     recorder.handle = handle
     devices = [p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"][:1]
@@ -157,6 +214,7 @@ def calibrate(
         handle.remove()
     if recorder.sums is None:
         raise DataError("calibrate needs at least one calibration input")
+    focus = _profile_attention(model, spec, sample_fn, inputs, seed, devices) if attention else None
     matrices = {m: (s / recorder.samples).numpy() for m, s in recorder.sums.items()}
     gram = matrices.pop("gram")
     k = recorder.num_steps
@@ -172,4 +230,5 @@ def calibrate(
         matrices=matrices,
         reuse_error=reuse_error,
         gram=gram,
+        focus=focus,
     )

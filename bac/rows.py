@@ -51,6 +51,8 @@ class BoundSchedule:
     # True: the rows do not depend on the data (never NOTIFY), so what ran is known from the step count
     # alone (:meth:`ran`) and the hot path counts nothing
     static = False
+    # the denoiser output's scale per step (a plan's fitted timestep adjustment), or None: unscaled
+    scales: "tuple[float, ...] | None" = None
 
     def new_state(self) -> Any:
         return None
@@ -79,10 +81,12 @@ class StaticRows(BoundSchedule):
     exact_length = True
     static = True
 
-    def __init__(self, rows: Sequence[Sequence[int]], limit: int, name: str, params: dict | None = None):
+    def __init__(self, rows: Sequence[Sequence[int]], limit: int, name: str, params: dict | None = None,
+                 scales: Sequence[float] | None = None):
         if any(bits & NOTIFY for row in rows for bits in row):
             raise ValueError("static rows cannot NOTIFY: what runs must not depend on the data")
         self.rows = rows
+        self.scales = None if scales is None or all(s == 1.0 for s in scales) else tuple(scales)
         self.limit = limit
         self.name = name
         self.params = dict(params or {})

@@ -2,7 +2,9 @@
 
 ``Reuse`` returns the block's last computed residual (BAC, FORA, FBCache); ``Taylor(order)`` forecasts it
 from the block's computed values with finite differences over step indices (TaylorSeer; ``order=1`` is
-Sortblock's linear extrapolation), degrading to reuse while there is one computed value. For a branch with
+Sortblock's linear extrapolation), degrading to reuse while there is one computed value; ``Linear``
+combines the last two computed values with coefficients fitted per block and step on a calibration
+(ERTACache's residual rectification, :mod:`bac.methods.ertacache`). For a branch with
 an exact gate (``runner.gated``) ``Taylor`` forecasts the ungated output and applies the current gate. A
 stand-in keeps its per-block memory in the context's ``cache`` list, so classifier-free-guidance branches
 never share it; block outputs may be tensors or tuples of tensors (``None`` entries pass through).
@@ -135,17 +137,56 @@ class Taylor:
         return f"Taylor(order={self.order})"
 
 
+class Linear:
+    """A skipped block as ``a * r_c + b * r_p``: its last two computed values (steps ``c`` and ``p``) with
+    coefficients fitted per block and skipped step (ERTACache's closed-form residual rectification).
+
+    ``coefficients[i]`` maps a step ``t`` to ``(c, a, b)``: the fit assumed block ``i`` was last computed at
+    step ``c``. Where the block's history does not match (a warm start began the trajectory later, or a
+    refined plan moved an update) or no fit exists, the last value is reused as is.
+    """
+
+    keeps_history = True  # the value before the last computed one enters the fit
+    recomputes_gate = False  # fitted on the gated values a block hands on (what calibration records)
+
+    def __init__(self, coefficients: "list[dict[int, tuple[int, float, float]]]"):
+        self.coefficients = coefficients
+
+    def store(self, cache: list, i: int, step: int, out: Any) -> None:
+        last = cache[i]
+        cache[i] = (step, out, last[1] if last is not None else None)
+
+    def fill(self, cache: list, i: int, step: int) -> Any:
+        last_step, last, previous = cache[i]
+        fit = self.coefficients[i].get(step)
+        if fit is None or fit[0] != last_step:
+            return last
+        _, a, b = fit
+        if b == 0.0 or previous is None:
+            return map_outputs(lambda r: r * a, last)
+        return map_outputs(lambda r, q: r * a + q * b, last, previous)
+
+    def describe(self) -> dict:
+        return {"standin": "linear"}
+
+    def __repr__(self) -> str:
+        return f"Linear({sum(len(c) for c in self.coefficients)} fitted block steps)"
+
+
 REUSE = Reuse()
 
-Standin = Reuse | Taylor
+Standin = Reuse | Taylor | Linear
 
 
 def make_standin(standin: "str | Standin") -> Standin:
     """A stand-in by name: ``"reuse"``, ``"taylor-1"`` or ``"taylor-2"`` (or a stand-in, returned as is)."""
-    if isinstance(standin, (Reuse, Taylor)):
+    if isinstance(standin, (Reuse, Taylor, Linear)):
         return standin
     if standin == "reuse":
         return REUSE
     if isinstance(standin, str) and standin.startswith("taylor-") and standin[7:] in ("1", "2"):
         return Taylor(int(standin[7:]))
+    if standin == "linear":
+        raise ConfigError("the 'linear' stand-in is fitted per block and step: it comes with its plan "
+                          "(bac.build_method('ertacache', calibration) or a loaded ertacache plan)")
     raise ConfigError(f"unknown stand-in {standin!r}; expected 'reuse', 'taylor-1' or 'taylor-2'")

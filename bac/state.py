@@ -44,7 +44,7 @@ class Context:
     """One context's trajectory: step, row, cached values, rule state, and per-block totals."""
 
     __slots__ = ("name", "schedule", "step", "row", "cache", "rule_state", "computed", "skipped", "shape", "done",
-                 "start")
+                 "start", "scale")
 
     def __init__(self, name: str, schedule: BoundSchedule, num_blocks: int, start: int = 0):
         self.name = name
@@ -55,6 +55,7 @@ class Context:
         self.skipped = [0] * num_blocks
         self.step = -1
         self.start = 0
+        self.scale = 1.0  # the denoiser output's scale at this step (bac.rows.BoundSchedule.scales)
         self.reset(start=start)
 
     def counts(self) -> tuple[list[int], list[int]]:

@@ -1,11 +1,12 @@
 """Caching methods on diffusers' DiT, FLUX and Wan, against diffusers' own caches at their best settings.
 
     python -m benchmarks.bench_diffusers [--models dit flux wan dit-digits flux-pipeline wan-pipeline]
-        [--steps 20] [--repeats 3] [--grid case] [--device auto] [--out DIR]
+        [--steps 20] [--repeats 3] [--grid case] [--device auto] [--out DIR] [--resume]
 
 Six cases (random-weight transformers shaped like the released models, the digits DiT trained here, and the
 real tiny FLUX and Wan pipelines), each on the same noise and conditioning for every method: every method of
-this project and diffusers' caches over grids of settings, timed interleaved, compared at matched deviation
+this project and its peers (diffusers' caches, cache-dit's DBCache) over grids of settings, fewer sampler
+steps and torch.compile (with full and fewer steps), timed interleaved, compared at matched deviation
 from full computation. To run diffusers' caches as peers, the benchmark gives them what their pipelines do
 not (``CacheMixin`` on DiT, a ``cache_context`` with step and noise level, explicit TaylorSeerCache
 patterns, SeaCache visual latents). What runs, how it is measured, and those peer adaptations:
@@ -22,6 +23,7 @@ import io
 import json
 import logging
 import math
+import os
 import platform
 import re
 import time
@@ -29,7 +31,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
+import cache_dit
 import diffusers
 import numpy as np
 import torch
@@ -44,6 +48,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from diffusers.utils.torch_utils import unwrap_module
+from cache_dit.caching.patch_functors import DiTPatchFunctor
+from cache_dit.envs import ENV as CACHE_DIT_ENV
 
 import bac
 import bac.diffusers
@@ -331,15 +337,28 @@ def sample(case: Case, target, input, steps: int) -> torch.Tensor:
 
 @dataclass
 class Setting:
-    family: str  # method name; "diffusers:" and the cache's name for diffusers' own caches
+    family: str  # method name; "diffusers:" / "cache-dit:" and the cache's name for the peers' caches
     params: dict  # the method's parameters, or the cache config's
     enable: Callable[[], Any]
     disable: Callable[[], None]
     info: dict = field(default_factory=dict)  # recorded with the result (a refinement's time and deviations)
+    steps: int | None = None  # sampling steps; None: the case's
+    target: Any = None  # what a sampling call runs on; None: the case's (a bare loop's compiled transformer)
+    compiled: bool = False  # runs torch.compile'd code: one untimed call before the timed rounds
 
     @property
     def label(self) -> str:
         return label(self.family, self.params)
+
+
+PEER_PREFIXES = ("diffusers:", "cache-dit:")
+# the families that are neither this project's nor a peer's, and their side
+SIDES = {"full": "full", "fewer-steps": "fewer-steps", "compile": "compile", "compile+fewer-steps": "compile"}
+
+
+def side(family: str) -> str:
+    """Which side of the comparison a family is on: "full", "peer", "fewer-steps", "compile" or "project"."""
+    return "peer" if family.startswith(PEER_PREFIXES) else SIDES.get(family, "project")
 
 
 def label(family: str, params: dict) -> str:
@@ -349,7 +368,8 @@ def label(family: str, params: dict) -> str:
 
 ABBREVIATIONS = {"interval": "i", "order": "o", "threshold": "t", "gate": "t", "fraction": "f",
                  "cache_interval": "i", "max_order": "o", "disable_cache_before_step": "w", "max_skip_steps": "s",
-                 "residual_order": "o"}
+                 "residual_order": "o", "steps": "n", "residual_diff_threshold": "t", "max_warmup_steps": "w",
+                 "taylorseer_order": "o"}
 
 
 def short_label(params: dict) -> str:
@@ -368,15 +388,28 @@ def bac_grid(case: Case, steps: int, grid: str) -> list[tuple[str, dict]]:
     if grid == "tiny":
         return [("bac", {"M": max(2, steps // 2), "n": 2}), ("taylorseer", {"interval": 2, "order": 1}),
                 ("forecast-acs", {"M": max(2, steps // 2), "order": 1}),
-                ("fbcache", {"threshold": case.thresholds[-1]})]
+                ("fbcache", {"threshold": case.thresholds[-1]}),
+                ("ertacache", {"threshold": case.thresholds[-1]}),
+                ("profiling-dit", {"share": 0.5, "interval": 2})]
     if grid == "full":
         taylorseer = [("taylorseer", {"interval": i, "order": 1}) for i in range(2, 7)]
         taylorseer += [("taylorseer", {"interval": i, "order": 2}) for i in (2, 3, 4)]
+        # long intervals at every phase (the warm-up moves the computed steps: 0-1, 2, 8, 14, ... for 6/2)
+        taylorseer += [("taylorseer", {"interval": i, "order": 1, "warmup": w}) for i in (6, 7, 8, 9) for w in (2, 3, 4)]
+        # the tightest budget: the early steps, whose errors the sampler carries furthest, all computed
+        taylorseer += [("taylorseer", {"interval": i, "order": 1, "warmup": w}) for i in (2, 3, 4) for w in (20, 25, 30)]
         forecast = [("forecast-acs", {"M": m, "order": 1}) for m in (max(2, steps // 5), third, max(2, steps // 2))]
         forecast += [("forecast-acs", {"M": third, "order": 1, "allocate": True})]
+        # ERTACache's threshold is a relative L2 distance of the whole residual, on fbcache's scale
+        erta = [("ertacache", {"threshold": t}) for t in sorted({0.02, 0.05, *case.thresholds[1:]})]
+        erta += [("ertacache", {"threshold": case.thresholds[1], "terms": 0})]  # the same schedule, unrectified
+        profiling = [("profiling-dit", {"share": share, "interval": interval})
+                     for share in (0.34, 0.5, 0.67, 1.0) for interval in (3, 6)]
     else:
         taylorseer = [("taylorseer", {"interval": 2, "order": 2}), ("taylorseer", {"interval": 4, "order": 2})]
         forecast = [("forecast-acs", {"M": third, "order": 1})]
+        erta = [("ertacache", {"threshold": t}) for t in case.thresholds[:2]]
+        profiling = [("profiling-dit", {"share": 0.5, "interval": 3}), ("profiling-dit", {"share": 1.0, "interval": 3})]
     return [
         ("bac", {"M": max(2, steps // 6), "n": 3}),
         ("bac", {"M": max(2, steps // 4), "n": 3}),
@@ -390,7 +423,37 @@ def bac_grid(case: Case, steps: int, grid: str) -> list[tuple[str, dict]]:
         *[("cg-taylor", {"gate": threshold}) for threshold in case.thresholds],
         ("sortblock", {"fraction": 0.5, "interval": 4}),
         ("sortblock", {"fraction": 0.25, "interval": 4}),
+        *erta,
+        *profiling,
     ]
+
+
+def adjust_grid(case: Case, grid: str) -> list[tuple[str, dict]]:
+    """The ERTACache plans whose timestep adjustment is fitted (each also in :func:`bac_grid`)."""
+    if grid == "tiny":
+        return [("ertacache", {"threshold": case.thresholds[-1]})]
+    if grid == "full":
+        return [("ertacache", {"threshold": t}) for t in sorted({0.03, 0.05, case.thresholds[2]})]
+    return [("ertacache", {"threshold": case.thresholds[0]})]
+
+
+def adjusted_settings(case: Case, target, model, calibration: bac.Calibration, steps: int, grid: str,
+                      inputs: list, log) -> list[Setting]:
+    """ERTACache with its timestep adjustment (:func:`bac.diffusers.adjust_timesteps`) fitted on ``inputs``
+    (not the evaluation inputs), each a family ``ertacache+adjusted``; the fitting time goes with the result."""
+    settings = []
+    for family, params in adjust_grid(case, grid):
+        method = build(family, model, calibration, steps, params)
+        started = time.perf_counter()
+        adjusted = bac.diffusers.adjust_timesteps(target, method, inputs,
+                                                  sample_fn=lambda x: sample(case, target, x, steps))
+        seconds = time.perf_counter() - started
+        scales = [s for s in adjusted.schedule.params["step_scales"] if s != 1.0]
+        log(f"  adjusted ertacache {short_label(params)} in {seconds:.0f} s: {len(scales)} steps scaled, "
+            f"{min(scales, default=1):.3f} to {max(scales, default=1):.3f}")
+        settings.append(bac_setting("ertacache+adjusted", params, target, adjusted, steps,
+                                    {"adjustment": {"seconds": seconds, "scaled_steps": len(scales)}}))
+    return settings
 
 
 def refine_grid(steps: int, grid: str) -> list[tuple[str, dict]]:
@@ -551,6 +614,130 @@ def diffusers_settings(case: Case, target, model, input, steps: int, grid: str) 
     return settings, notes
 
 
+def fewer_steps_grid(steps: int, grid: str) -> list[int]:
+    """Step counts below the case's own, for the simple alternative: fewer sampler steps."""
+    if grid == "tiny":
+        return [max(1, steps // 2)]
+    fractions = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8) if grid == "full" else (0.25, 0.4, 0.5, 0.7)
+    return sorted({n for n in (round(steps * f) for f in fractions) if 1 <= n < steps})
+
+
+def alternative_settings(case: Case, target, model, steps: int, grid: str) -> list[Setting]:
+    """Fewer sampler steps, and ``torch.compile(transformer)`` (default mode) with full and fewer steps: the
+    capable user. One compiled module serves every compile setting; a pipeline samples with it as its
+    ``transformer`` while a compile setting is enabled, a bare loop calls it directly. No cache is enabled
+    with it: a setting enables either."""
+    fewer = fewer_steps_grid(steps, grid)
+    settings = [Setting("fewer-steps", {"steps": n}, lambda: None, lambda: None, steps=n) for n in fewer]
+    compiled = torch.compile(model)
+    if case.pipeline is not None:
+        enable, disable, loop_target = (lambda: setattr(target, "transformer", compiled),
+                                        lambda: setattr(target, "transformer", model), None)
+    else:
+        enable, disable, loop_target = lambda: None, lambda: None, compiled
+    settings.append(Setting("compile", {}, enable, disable, target=loop_target, compiled=True))
+    settings += [Setting("compile+fewer-steps", {"steps": n}, enable, disable, steps=n, target=loop_target,
+                         compiled=True) for n in fewer]
+    return settings
+
+
+def _quiet_cache_dit() -> None:
+    """cache-dit logs every enable and disable (info, warnings) on its own handlers: errors only."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+CACHE_DIT_FAMILIES = ("cache-dit:DBCache", "cache-dit:DBCache+TaylorSeer")
+
+
+def cache_dit_grid(steps: int, grid: str, thresholds: tuple[float, ...], blocks: int) -> list[tuple[str, dict]]:
+    """(family, parameters) of cache-dit's DBCache, without and with its TaylorSeer calibrator: first (Fn) and
+    last (Bn) blocks always computed, the residual-difference threshold (the case's, which span how much its
+    first blocks change per step, as for FirstBlockCache), steps computed before caching starts and the
+    calibrator's order. Settings that would compute every block (Fn + Bn >= ``blocks``) are left out."""
+    warmup = max(1, steps // 12)
+    if grid == "tiny":
+        dbcache = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=thresholds[-1],
+                       max_warmup_steps=1)
+        return [(CACHE_DIT_FAMILIES[0], dbcache), (CACHE_DIT_FAMILIES[1], {**dbcache, "taylorseer_order": 1})]
+
+    def settings(fn_bn, warmups, orders=(None,)):
+        return [(CACHE_DIT_FAMILIES[order is not None],
+                 dict(Fn_compute_blocks=fn, Bn_compute_blocks=bn, residual_diff_threshold=t, max_warmup_steps=w,
+                      **({} if order is None else {"taylorseer_order": order})))
+                for fn, bn in fn_bn for w in warmups for order in orders for t in thresholds if fn + bn < blocks]
+
+    if grid == "small":
+        return settings([(1, 0)], [warmup]) + settings([(1, 0)], [warmup], orders=(1,))
+    return (settings([(1, 0), (2, 0), (1, 1)], [warmup]) + settings([(1, 0)], [8])
+            + settings([(1, 0), (1, 1)], [warmup], orders=(1,)) + settings([(1, 0)], [warmup], orders=(2,)))
+
+
+def _cache_dit_blocks(model) -> list[torch.nn.ModuleList]:
+    """The block lists cache-dit caches on (those of its own adapters for DiT, FLUX and Wan)."""
+    if isinstance(model, FluxTransformer2DModel):
+        return [model.transformer_blocks, model.single_transformer_blocks]
+    return [model.blocks] if isinstance(model, WanTransformer3DModel) else [model.transformer_blocks]
+
+
+def cache_dit_settings(case: Case, target, model, steps: int, grid: str) -> tuple[list[Setting], dict]:
+    """cache-dit's DBCache over :func:`cache_dit_grid`: on a pipeline through cache-dit's own adapter for it;
+    on a bare transformer through cache-dit's transformer-only path (FLUX, Wan: its registered adapters) or,
+    for DiT (the subclass with diffusers' CacheMixin, which cache-dit's class-name registry does not
+    recognise), a ``BlockAdapter`` built as cache-dit's own DiT adapter is, with its ``DiTPatchFunctor``.
+    Classifier-free guidance as two calls per step (Wan, the pipelines, cond first) is declared with
+    ``enable_separate_cfg``; the digits DiT batches it into one call. Checked once here first: a failure is
+    recorded in the notes, not raised."""
+    separate_cfg = case.guidance is not None or case.pipeline is not None
+    notes = {"cache_dit_separate_cfg": separate_cfg}
+    blocks = min(len(b) for b in _cache_dit_blocks(model))
+    grid_settings = cache_dit_grid(steps, grid, case.thresholds, blocks)
+
+    def enable(params: dict) -> None:
+        params = dict(params)
+        order = params.pop("taylorseer_order", None)
+        config = cache_dit.DBCacheConfig(**params, num_inference_steps=steps, enable_separate_cfg=separate_cfg)
+        calibrator = None if order is None else cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order)
+        attributes[0], submodules[0] = set(model.__dict__), list(model._modules)
+        if case.pipeline is not None:
+            handle[0] = target
+        elif isinstance(model, (FluxTransformer2DModel, WanTransformer3DModel)):
+            handle[0] = model
+        else:  # its patch functor skips classes defined outside diffusers unless told (cache-dit's switch)
+            with mock.patch.object(CACHE_DIT_ENV, "CACHE_DIT_PATCH_FUNCTOR_DISABLE_DIFFUSERS_CHECK", True):
+                handle[0] = cache_dit.BlockAdapter(transformer=model, blocks=model.transformer_blocks,
+                                                   forward_pattern=cache_dit.ForwardPattern.Pattern_3,
+                                                   patch_functor=DiTPatchFunctor())
+        _quiet_cache_dit()
+        cache_dit.enable_cache(handle[0], cache_config=config, calibrator_config=calibrator)
+
+    def disable() -> None:
+        cache_dit.disable_cache(handle[0])
+        # cache-dit leaves the patched forward (and the patch's marks) on the transformer, and its block lists
+        # re-registered last (it swaps them per call): restore both (bac's plans check the parameters' order)
+        for name in set(model.__dict__) - attributes[0]:
+            del model.__dict__[name]
+        for name in submodules[0]:
+            model._modules[name] = model._modules.pop(name)
+
+    handle, attributes, submodules = [None], [set()], [[]]
+    settings = [Setting(family, p, lambda p=p: enable(p), disable) for family, p in grid_settings]
+    if not settings:
+        notes["cache_dit_error"] = f"no DBCache setting leaves a block to cache ({blocks} blocks)"
+        return [], notes
+    try:
+        settings[0].enable()
+        try:
+            sample(case, target, case.inputs(0, next(model.parameters()).device), 1)
+        finally:
+            settings[0].disable()
+    except Exception as err:  # reported in the output, not hidden
+        notes["cache_dit_error"] = f"{type(err).__name__}: {err}"
+        return [], notes
+    return settings, notes
+
+
 # --- measurement -------------------------------------------------------------------------------------
 
 
@@ -565,43 +752,62 @@ def deviation(x: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def evaluate(case: Case, target, model, settings: list[Setting], input, steps: int, log) -> tuple[list[dict], int]:
-    """Untimed pass: each setting's output (deviation from the first setting's, full computation) and
-    real branch evaluations (skipped share); and the transformer calls per sampling call."""
-    results, reference = [], None
+    """Untimed pass: each setting's output (deviation from the first setting's, full computation at the
+    case's steps), its transformer calls and real branch evaluations, counted; the skipped share is the
+    share of the full run's branch evaluations not run (fewer steps skip whole calls). Returns the results
+    and the full run's transformer calls per sampling call. Compiled settings compile here, untimed."""
+    results, reference, full_calls = [], None, None
     for setting in settings:
         counts, counters = count_branches(model)
         calls = [0]  # transformer calls: every branch runs once per call unless skipped
         counters.append(model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1)))
         setting.enable()
         try:
-            out = sample(case, target, input, steps)
+            out = sample(case, target if setting.target is None else setting.target, input, setting.steps or steps)
         finally:
             setting.disable()
             for counter in reversed(counters):
                 counter.remove()
         reference = out if reference is None else reference
+        full_calls = full_calls or calls[0]
         results.append({"family": setting.family, "setting": setting.label, "params": setting.params,
-                        "skipped_share": 1 - sum(counts.values()) / (calls[0] * len(counts)),
+                        "transformer_calls": calls[0],
+                        "skipped_share": 1 - sum(counts.values()) / (full_calls * len(counts)),
                         **deviation(out, reference), "finite": bool(torch.isfinite(out).all()),
                         **(case.quality(out, input) if case.quality else {}), **setting.info, "times": []})
         log(f"  {setting.label:<60} skipped {100 * results[-1]['skipped_share']:5.1f}%  "
             f"rel L2 {results[-1]['rel_l2']:.4f}" + "".join(
                 f"  {k} {v:.3f}" for k, v in results[-1].items() if k == "class_accuracy"))
-    return results, calls[0]  # the same for every setting
+    return results, full_calls
 
 
 def time_interleaved(case: Case, target, settings: list[Setting], results: list[dict], input, steps: int,
                      repeats: int, device: torch.device, log) -> None:
-    """``repeats`` rounds of one timed sampling call per setting; latency medians and speedups into ``results``."""
+    """``repeats`` rounds of one timed sampling call per setting; latency medians and speedups into ``results``.
+    A compiled setting first runs one untimed call as it is timed (without evaluate's counters, which its
+    compiled code guards on); the graphs dynamo compiles during its timed calls are counted into its result
+    (``compilations_while_timed``: 0 unless a recompilation was timed)."""
+    graphs = torch._dynamo.utils.counters["stats"]
+    for setting, result in zip(settings, results):
+        if setting.compiled:
+            result["compilations_while_timed"] = 0
+            setting.enable()
+            try:
+                sample(case, target if setting.target is None else setting.target, input, setting.steps or steps)
+            finally:
+                setting.disable()
     for round_index in range(repeats):
         for setting, result in zip(settings, results):
             setting.enable()
             try:
+                compiled_before = graphs["unique_graphs"]
                 synchronize(device)
                 start = time.perf_counter()
-                sample(case, target, input, steps)
+                sample(case, target if setting.target is None else setting.target, input, setting.steps or steps)
                 synchronize(device)
                 result["times"].append(time.perf_counter() - start)
+                if setting.compiled:
+                    result["compilations_while_timed"] += graphs["unique_graphs"] - compiled_before
             finally:
                 setting.disable()
         log(f"  round {round_index + 1}/{repeats}: full {1e3 * results[0]['times'][-1]:.0f} ms")
@@ -630,24 +836,33 @@ def bench_model(case: Case, steps: int, repeats: int, device: torch.device, seed
     inputs = case.inputs(seed, device)
     calibration_inputs = [case.inputs(seed + 1 + i, device) for i in range(2)]
     log(f"[{case.name}] {parameters / 1e6:.2f} M transformer parameters, {steps} steps, {grid} grid: calibrating")
-    calibration = bac.diffusers.calibrate(target, calibration_inputs,
+    calibration = bac.diffusers.calibrate(target, calibration_inputs, attention=True,  # ProfilingDiT's profile
                                           sample_fn=lambda x: sample(case, target, x, steps))
     settings = [Setting("full", {}, lambda: None, lambda: None)]
     settings += bac_settings(case, target, model, calibration, steps, grid)
     notes = {}
+    refine_inputs = calibration_inputs[:1]
     if case.refine_inputs is not None:
         refine_inputs = case.refine_inputs(calibration_inputs)
         notes["refine_inputs"] = (case.refine_inputs.__doc__ or "").strip() or "a subset of the calibration inputs"
         settings += refined_settings(case, target, model, calibration, steps, grid, refine_inputs, log)
+    settings += adjusted_settings(case, target, model, calibration, steps, grid, refine_inputs, log)
     peers, peer_notes = diffusers_settings(case, target, model, inputs, steps, grid)
     settings += peers
     notes.update(peer_notes)
-    for name in ("magcache_error", "seacache_error"):
+    peers, peer_notes = cache_dit_settings(case, target, model, steps, grid)
+    settings += peers
+    notes.update(peer_notes)
+    settings += alternative_settings(case, target, model, steps, grid)
+    for name in ("magcache_error", "seacache_error", "cache_dit_error"):
         if name in notes:
             log(f"  {name}: {notes[name]}")
 
     results, calls = evaluate(case, target, model, settings, inputs, steps, log)
     time_interleaved(case, target, settings, results, inputs, steps, repeats, device, log)
+    for r in results:
+        if r.get("compilations_while_timed"):
+            log(f"  {r['setting']}: recompiled while timed ({r['compilations_while_timed']} graphs)")
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     return {"model": case.name, "shaped_like": case.shaped_like, "weights": case.weights,
             "pipeline": type(target).__name__ if case.pipeline else None,
@@ -661,10 +876,11 @@ def bench_model(case: Case, steps: int, repeats: int, device: torch.device, seed
 
 
 def matched(results: list[dict], budget: float) -> dict[str, dict]:
-    """Per method family, the fastest setting that skips something, with deviation (relative L2) within ``budget``."""
+    """Per method family, the fastest setting with deviation (relative L2) within ``budget`` that skips
+    something (compiled full steps: that compiles)."""
     best = {}
     for r in results:
-        if r["family"] == "full" or r["skipped_share"] == 0 or r["rel_l2"] > budget:
+        if r["family"] == "full" or (r["skipped_share"] == 0 and r["family"] != "compile") or r["rel_l2"] > budget:
             continue
         if r["family"] not in best or r["speedup"] > best[r["family"]]["speedup"]:
             best[r["family"]] = r
@@ -679,13 +895,23 @@ def _brief(r: dict | None) -> dict | None:
 
 
 def summary(results: list[dict], budget: float) -> dict:
-    """Within ``budget``: the fastest setting per family, the best of this project's methods (every family
-    but full and diffusers'), the best of diffusers' caches, and the ratio of their speedups."""
+    """Within ``budget``: the fastest setting per family; the best of this project's methods, of the peers
+    (diffusers' caches and cache-dit) and of diffusers' caches alone; the ratio of the project's best speedup
+    to the peers' best, where a side with no setting within the budget counts as full computation, 1.0x
+    (``full_computation``: the sides that had none); and the fastest fewer-steps and compiled settings
+    (never project rows)."""
     best = sorted(matched(results, budget).values(), key=lambda r: -r["speedup"])
-    project = next((r for r in best if not r["family"].startswith("diffusers:")), None)
-    peer = next((r for r in best if r["family"].startswith("diffusers:")), None)
-    return {"fastest": [_brief(r) for r in best], "best_project": _brief(project), "best_diffusers": _brief(peer),
-            "ratio": project["speedup"] / peer["speedup"] if project and peer else None}
+
+    def first(condition):
+        return next((r for r in best if condition(r["family"])), None)
+
+    project, peer = first(lambda f: side(f) == "project"), first(lambda f: side(f) == "peer")
+    return {"fastest": [_brief(r) for r in best], "best_project": _brief(project), "best_peer": _brief(peer),
+            "best_diffusers": _brief(first(lambda f: f.startswith("diffusers:"))),
+            "ratio": (project["speedup"] if project else 1.0) / (peer["speedup"] if peer else 1.0),
+            "full_computation": [name for name, r in (("project", project), ("peer", peer)) if r is None],
+            "fewer_steps": _brief(first(lambda f: side(f) == "fewer-steps")),
+            "compile": _brief(first(lambda f: side(f) == "compile"))}
 
 
 def markdown(report: dict) -> str:
@@ -703,16 +929,18 @@ def markdown(report: dict) -> str:
         for r in model["results"]:
             lines.append(f"| {r['family']} | {r['setting']} | {r['speedup']:.2f}x | {100 * r['skipped_share']:.0f}% | "
                          f"{r['rel_l2']:.4f} | {r['psnr_db']:.1f} |" + (f" {r['class_accuracy']:.2f} |" if accuracy else ""))
-        lines += ["", "Best of this project against the best of diffusers' caches, within each deviation budget:", "",
-                  "| rel. L2 <= | best project method | speedup | rel. L2 "
-                  "| best diffusers cache | speedup | rel. L2 | ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Best of this project against the best peer (diffusers' caches, cache-dit), fewer steps and "
+                      "torch.compile, within each deviation budget (a side with nothing within it: full "
+                      "computation, 1.0x):", "",
+                  "| rel. L2 <= | project best | best peer | ratio | fewer steps best | compile best |",
+                  "|---|---|---|---|---|---|"]
         for budget, s in model["matched"].items():
-            cells = []
-            for r in (s["best_project"], s["best_diffusers"]):
-                cells += [r["setting"], f"{r['speedup']:.2f}x", f"{r['rel_l2']:.4f}"] if r else ["none", "", ""]
-            ratio = f"{s['ratio']:.2f}" if s["ratio"] is not None else "n/a"
-            lines.append(f"| {budget} | " + " | ".join(cells) + f" | {ratio} |")
+            cells = [f"{r['setting']} {r['speedup']:.2f}x ({r['rel_l2']:.4f})" if r else "full computation 1.00x"
+                     for r in (s["best_project"], s["best_peer"])]
+            cells.append(f"{s['ratio']:.2f}")
+            cells += [f"{r['setting']} {r['speedup']:.2f}x ({r['rel_l2']:.4f})" if r else "none"
+                      for r in (s["fewer_steps"], s["compile"])]
+            lines.append(f"| {budget} | " + " | ".join(cells) + " |")
         for budget, s in model["matched"].items():
             lines += ["", f"Fastest setting per method with relative L2 <= {budget}: " + (", ".join(
                 f"{r['setting']} {r['speedup']:.2f}x" for r in s["fastest"]) or "none")]
@@ -723,7 +951,11 @@ def markdown(report: dict) -> str:
                       "; ".join(f"{r['refinement']['from']} {r['refinement']['deviation_before']:.4f} -> "
                                 f"{r['refinement']['deviation_after']:.4f} in {r['refinement']['seconds']:.0f} s"
                                 for r in refined)]
-        for name, peer in (("magcache_error", "MagCache"), ("seacache_error", "SeaCache")):
+        recompiled = [r["setting"] for r in model["results"] if r.get("compilations_while_timed")]
+        if recompiled:
+            lines += ["", "Recompiled while timed: " + ", ".join(recompiled)]
+        for name, peer in (("magcache_error", "MagCache"), ("seacache_error", "SeaCache"),
+                           ("cache_dit_error", "cache-dit")):
             if name in model:
                 lines += ["", f"{peer} could not run here: {model[name]}"]
         lines.append("")
@@ -741,12 +973,16 @@ def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-PEER_COLORS = ("black", "darkgoldenrod", "navy", "teal", "indigo", "chocolate")  # none of tab10's
+PEER_COLORS = ("black", "darkgoldenrod", "navy", "teal", "indigo", "chocolate", "darkslategray",
+               "saddlebrown")  # none of tab10's
+ALTERNATIVE_STYLES = {"fewer-steps": ("dimgray", ":", "^"), "compile": ("magenta", "-.", "D"),
+                      "compile+fewer-steps": ("darkmagenta", "-.", "v")}  # color, line, marker
 
 
 def plot(report: dict, path: Path) -> None:
     """Speedup against deviation, one panel per model: every setting as a labelled marker, each family's
-    front (its best speedup at each deviation) as a line, diffusers' caches dashed, budgets dotted."""
+    front (its best speedup at each deviation) as a line, the peers' caches dashed, fewer steps dotted,
+    torch.compile dash-dotted, budgets dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -760,21 +996,21 @@ def plot(report: dict, path: Path) -> None:
         ax.remove()
     for ax, model in zip(axes.flat, models):
         families = sorted({r["family"] for r in model["results"] if r["family"] != "full"})
-        ours = [f for f in families if not f.startswith("diffusers:")]
-        peers = [f for f in families if f.startswith("diffusers:")]
-        colors = {**{f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(ours)},
-                  **{f: PEER_COLORS[i % len(PEER_COLORS)] for i, f in enumerate(peers)}}
-        for family in ours + peers:
+        ours = [f for f in families if side(f) == "project"]
+        peers = [f for f in families if side(f) == "peer"]
+        styles = {**{f: (plt.get_cmap("tab10")(i % 10), "-", "o") for i, f in enumerate(ours)},
+                  **{f: (PEER_COLORS[i % len(PEER_COLORS)], "--", "s") for i, f in enumerate(peers)},
+                  **ALTERNATIVE_STYLES}
+        for family in families:
             # settings that skipped nothing have zero deviation and no place on a log axis
             points = [r for r in model["results"] if r["family"] == family and r["rel_l2"] > 0]
             if not points:
                 continue
-            peer, color = family.startswith("diffusers:"), colors[family]
+            color, line, marker = styles[family]
             front = _front([(r["rel_l2"], r["speedup"]) for r in points])
-            ax.plot([p[0] for p in front], [p[1] for p in front], "--" if peer else "-", color=color, lw=1.2,
-                    label=family)
+            ax.plot([p[0] for p in front], [p[1] for p in front], line, color=color, lw=1.2, label=family)
             ax.scatter([r["rel_l2"] for r in points], [r["speedup"] for r in points], s=14, color=color,
-                       marker="s" if peer else "o", zorder=3)
+                       marker=marker, zorder=3)
             for r in points:
                 ax.annotate(short_label(r["params"]), (r["rel_l2"], r["speedup"]), xytext=(3, 2),
                             textcoords="offset points", fontsize=5, color=color)
@@ -790,8 +1026,27 @@ def plot(report: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="upper left", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    partial = path.with_name(path.name + ".partial")
+    fig.savefig(partial, dpi=130, format=path.suffix.lstrip("."))
     plt.close(fig)
+    os.replace(partial, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Writes ``path`` whole or not at all (a run stopped mid-write leaves the previous file)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def read_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--resume: {path} is not a report ({err}); remove it or choose another --out")
+    if not isinstance(report, dict) or not isinstance(report.get("models"), list):
+        raise SystemExit(f"--resume: {path} has no list of models; remove it or choose another --out")
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -809,6 +1064,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS),
                         help="deviation budgets (relative L2) of the summary, for cases without their own")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the cases of --out's report.json run with the same options, run the others")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -821,10 +1078,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "python": platform.python_version()},
         "machine": {"processor": platform.processor() or platform.machine(), "cpus": torch.get_num_threads()},
         "notes": ("weights random except dit-digits (trained here); speedup = median full latency / median method "
-                  "latency from interleaved rounds; skipped = share of branch evaluations not run (counted on each "
-                  "branch's attention/FFN module, under any cache's hooks); the best project method is the "
-                  "fastest of every family but full and diffusers' within the budget, the best diffusers cache the "
-                  "fastest of diffusers' caches over their grids; refined plans are refined on inputs apart from the "
+                  "latency from interleaved rounds; skipped = share of the full run's branch evaluations not run "
+                  "(counted on each branch's attention/FFN module, under any cache's hooks; fewer steps skip whole "
+                  "transformer calls); the best project method is the fastest of this project's families within "
+                  "the budget, the best peer the fastest of diffusers' caches and cache-dit's DBCache over their "
+                  "grids, a side with none within the budget full computation (1.0x); fewer steps and "
+                  "torch.compile (default mode, compiled untimed) are neither; refined plans are refined on inputs apart from the "
                   "evaluation inputs; diffusers' caches run with CacheMixin added to DiT, cache_context with step "
                   "and noise level on every call of the sampling loops, explicit TaylorSeerCache patterns and "
                   "SeaCache visual latents for DiT and FLUX (see the module docstring)"),
@@ -832,11 +1091,24 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     grid = None if args.grid == "case" else args.grid
+    # a case is kept on --resume only if recorded with every option that changes its results
+    options = {"steps": args.steps, "repeats": args.repeats, "grid": args.grid, "seed": args.seed,
+               "threads": args.threads, "budgets": args.budgets, "device": str(device)}
+    if args.resume and (args.out / "report.json").exists():
+        report["models"] = read_report(args.out / "report.json")["models"]
     for name in args.models:
-        report["models"].append(bench_model(CASES[name], args.steps, args.repeats, device, args.seed, print,
-                                            budgets=tuple(args.budgets), grid=grid))
-        (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "report.md").write_text(markdown(report))
+        recorded = next((i for i, m in enumerate(report["models"]) if m["model"] == name), None)
+        if recorded is not None and report["models"][recorded].get("options") == options:
+            print(f"[{name}] recorded in {args.out / 'report.json'} with the same options: kept")
+            continue
+        model = {**bench_model(CASES[name], args.steps, args.repeats, device, args.seed, print,
+                               budgets=tuple(args.budgets), grid=grid), "options": options}
+        if recorded is None:
+            report["models"].append(model)
+        else:
+            report["models"][recorded] = model
+        write_atomic(args.out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_atomic(args.out / "report.md", markdown(report))
     plot(report, args.out / "speedup_vs_deviation.png")
     print(markdown(report))
     return report

@@ -164,8 +164,11 @@ def image_calibration_batch(cfg: DictConfig, policy: DiffusionPolicy, tasks: lis
     return batch
 
 
-def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, batch: dict) -> bac.Calibration:
-    """The calibration of ``policy``'s sampler on ``batch``: its cached file when that fits, else made and saved."""
+def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, batch: dict,
+                      attention: bool = False) -> bac.Calibration:
+    """The calibration of ``policy``'s sampler on ``batch``: its cached file when that fits, else made and saved.
+    ``attention``: it must profile attention (ProfilingDiT); a cached file without the profile is made again
+    (profiling leaves every other statistic as it was)."""
     sampler = policy.sampler
     path = plan_dir / (f"calibration-{sampler.kind}{sampler.steps}"
                        f"-n{cfg.calibration.samples}-seed{cfg.calibration.seed}.safetensors")
@@ -176,9 +179,10 @@ def load_or_calibrate(cfg: DictConfig, policy: DiffusionPolicy, plan_dir: Path, 
         except bac.PlanMismatchError as err:
             raise EvalError(f"cached calibration {path} does not fit this policy or sampler ({err}); "
                             "re-run with calibration.recompute=true to replace it") from err
-        return calibration
+        if calibration.focus is not None or not attention:
+            return calibration
     calibration = bac.calibrate(policy.model, policy.predict_action_chunk, [batch], seed=cfg.calibration.seed,
-                                scheduler=sampler.scheduler)
+                                scheduler=sampler.scheduler, attention=attention)
     calibration.save(path)
     return calibration
 
@@ -262,6 +266,8 @@ def prepare(cfg: DictConfig) -> Setup:
         # the sampler it caches: bac on DDIM-10 beside full DDPM-100 in one run).
         calibrations: dict[str, bac.Calibration] = {}
         built: dict[str, bac.Method] = {}
+        profiled = {f"{v.sampler}{v.steps}" for v in variants  # ProfilingDiT's calibration profiles attention
+                    if v.method is not None and not v.budgeted and bac.method_info(v.method).needs_attention}
         for variant in variants:
             if variant.method is not None:
                 view = policy.with_sampler(variant.sampler, variant.steps)
@@ -269,7 +275,7 @@ def prepare(cfg: DictConfig) -> Setup:
                 if variant.calibrated:
                     key = f"{variant.sampler}{variant.steps}"
                     if key not in calibrations:
-                        calibrations[key] = load_or_calibrate(cfg, view, plan_dir, demo_obs)
+                        calibrations[key] = load_or_calibrate(cfg, view, plan_dir, demo_obs, key in profiled)
                     calibration = calibrations[key]
                 if not variant.budgeted:  # made by budget_plans, once the others exist (one may be its target)
                     built[variant.name] = load_or_build(view, variant, calibration, plan_dir,

@@ -208,7 +208,7 @@ def load_or_build(policy: DiffusionPolicy, variant: Variant, calibration: bac.Ca
                 f"cached plan {path} does not fit this policy/sampler: {err}. "
                 "Re-run with calibration.recompute=true to replace it."
             ) from err
-        return dataclasses.replace(method, schedule=plan)
+        return dataclasses.replace(method, schedule=plan, standin=plan.fitted_standin() or method.standin)
     method.schedule.save(path)
     return method
 

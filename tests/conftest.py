@@ -15,7 +15,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def exhaustive_settings():
     """``exhaustive_settings(num_steps)``: per caching method, parameters under which it computes every
-    block at every step."""
+    block at every step (calibrations for them profile attention: ProfilingDiT's needs it)."""
 
     def settings(num_steps: int) -> dict[str, dict]:
         return {
@@ -29,6 +29,8 @@ def exhaustive_settings():
             "fbcache": {"threshold": 0.0},
             "cg-taylor": {"gate": 0.0},
             "sortblock": {"fraction": 1.0},
+            "ertacache": {"threshold": 0.0},
+            "profiling-dit": {"share": 0.0},
         }
 
     return settings
@@ -48,4 +50,6 @@ def skipping_settings():
         "fbcache": {"threshold": 10.0},
         "cg-taylor": {"gate": 10.0},
         "sortblock": {"fraction": 0.34, "interval": 4},
+        "ertacache": {"threshold": 1.5, "warmup": 2},  # steps 0 and 1, then every step rectified from both
+        "profiling-dit": {"share": 0.67, "warmup": 1, "interval": 3},
     }

@@ -21,7 +21,7 @@ from ._common import UnsupportedBlockError
 from .blocks import ADAPTERS, adapters_for
 from .dit import BASIC_BLOCK, BASIC_BLOCK_WITH_CA
 from .flux import FLUX_DOUBLE_BLOCK, FLUX_SINGLE_BLOCK
-from .pipeline import calibrate, disable_cache, enable_cache, refine
+from .pipeline import adjust_timesteps, calibrate, disable_cache, enable_cache, refine
 from .wan import WAN_BLOCK
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "UnsupportedBlockError",
     "WAN_BLOCK",
     "adapters_for",
+    "adjust_timesteps",
     "calibrate",
     "disable_cache",
     "enable_cache",

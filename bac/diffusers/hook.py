@@ -87,7 +87,7 @@ class BacHook(ModelHook):
 
     def post_forward(self, module: nn.Module, output):
         if self.calls is not None:
-            self.calls.handle.end_call()
+            return self.calls.handle.end_call(output)
         return output
 
     def reset_state(self, module: nn.Module) -> nn.Module:

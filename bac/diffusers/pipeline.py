@@ -29,6 +29,7 @@ from diffusers.models.cache_utils import CacheMixin
 from torch import nn
 
 from ..adapters import describe
+from ..adjust import adjust_timesteps as adjust_model_timesteps
 from ..calibration import Calibration
 from ..engine import CacheHandle, accelerate
 from ..errors import CacheStateError, ConfigError, ConfigTypeError, PlanMismatchError
@@ -100,8 +101,10 @@ def calibrate(
     *,
     sample_fn: Callable[[Any], Any] | None = None,
     seed: int = 0,
+    attention: bool = False,
 ) -> Calibration:
-    """Record every block's residual over full sampling calls (see :func:`bac.calibrate`).
+    """Record every block's residual over full sampling calls (see :func:`bac.calibrate`; ``attention=True``
+    profiles attention too, for ProfilingDiT).
 
     On a pipeline, each input is the keyword arguments of one pipeline call,
     ``pipe(**kwargs)``. On a bare transformer, ``sample_fn(input)`` runs one
@@ -119,6 +122,7 @@ def calibrate(
             seed=seed,
             scheduler=pipe.scheduler if pipe is not None else None,
             adapters=adapters_for(transformer),
+            attention=attention,
         )
     timesteps = _timesteps(pipe)  # the last call's: every call ran calibration.num_steps steps (checked)
     if timesteps is not None and len(timesteps) == calibration.num_steps:
@@ -154,6 +158,21 @@ def refine(
     with contexts_hooked(transformer):
         return refine_plan(transformer, method, sample_fn, inputs, rounds=rounds, max_candidates=max_candidates,
                            adapters=adapters_for(transformer), log=log)
+
+
+def adjust_timesteps(
+    target: Any,
+    method: Method,
+    inputs: list[Any],
+    *,
+    sample_fn: Callable[[Any], Any] | None = None,
+) -> Method:
+    """:func:`bac.adjust_timesteps` on a pipeline or a bare transformer: ``method``'s plan with ERTACache's
+    output scale fitted at every cached step. Inputs are as for :func:`calibrate`."""
+    pipe, transformer = _split(target)
+    sample_fn = _sampler(pipe, sample_fn, "adjusting timesteps of")
+    with contexts_hooked(transformer):
+        return adjust_model_timesteps(transformer, method, sample_fn, inputs, adapters=adapters_for(transformer))
 
 
 def enable_cache(

@@ -5,7 +5,7 @@ does not run; :func:`build_method` makes one by name, and any method takes ``sta
 ``"taylor-2"``, ``"reuse"``) to replace its stand-in. The table of every built-in method:
 docs/guide/caching-methods.md ("Every method").
 """
-from . import forecast, plans, runtime_rules, taylorseer  # noqa: F401  (register the built-in methods)
+from . import ertacache, forecast, plans, profiling, runtime_rules, taylorseer  # noqa: F401  (the built-in methods)
 from .registry import (
     Method,
     MethodInfo,

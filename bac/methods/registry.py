@@ -23,7 +23,8 @@ from ..plan import Plan
 from ..rules import Rule
 from ..standins import REUSE, Standin, make_standin
 
-# builder(params, spec, num_steps, calibration) -> (update steps per block name | Rule, stand-in or None)
+# builder(params, spec, num_steps, calibration) -> (update steps per block name | Rule, stand-in or None[, fitted])
+# where `fitted` (a static method's profile or fit: JSON data) joins the plan's params, so a plan file carries it
 Builder = Callable[[Any, Any, "int | None", "Calibration | None"], tuple]
 
 
@@ -36,6 +37,7 @@ class MethodInfo:
     needs_calibration: bool
     static: bool  # builds update steps (a plan) rather than a runtime rule
     build: Builder
+    needs_attention: bool = False  # its calibration must profile attention (bac.calibrate(..., attention=True))
 
     @property
     def summary(self) -> str:
@@ -66,14 +68,16 @@ class Method:
 _METHODS: dict[str, MethodInfo] = {}
 
 
-def register_method(name: str, params: type, needs_calibration: bool = False, static: bool = True):
-    """Register ``fn(params, spec, num_steps, calibration) -> (schedule, stand-in)`` as method ``name``.
+def register_method(name: str, params: type, needs_calibration: bool = False, static: bool = True,
+                    needs_attention: bool = False):
+    """Register ``fn(params, spec, num_steps, calibration) -> (schedule, stand-in[, fitted])`` as method ``name``.
 
     ``params`` is a dataclass whose fields (with defaults) are the method's
     parameters. A ``static`` method's schedule is a dict of update steps per
     block name (made into a :class:`bac.Plan` for ``num_steps``); otherwise it
     is a :class:`bac.Rule`. A stand-in of ``None`` means the rule's own
-    (``rule.standin``) or reuse.
+    (``rule.standin``), the plan's fitted one, or reuse. ``fitted`` (JSON data: a profile, a fit) joins the
+    plan's params, so a plan file carries it. ``needs_attention``: the calibration must profile attention.
     """
     if not dataclasses.is_dataclass(params) or not isinstance(params, type):
         raise ConfigTypeError(f"method {name!r}: params must be a dataclass type, not {params!r}")
@@ -84,7 +88,7 @@ def register_method(name: str, params: type, needs_calibration: bool = False, st
     def decorator(fn: Builder) -> Builder:
         if name in _METHODS:
             raise ConfigError(f"caching method {name!r} is already registered")
-        _METHODS[name] = MethodInfo(name, params, needs_calibration, static, fn)
+        _METHODS[name] = MethodInfo(name, params, needs_calibration, static, fn, needs_attention)
         return fn
 
     return decorator
@@ -152,15 +156,16 @@ def build_method(
         raise ConfigError(f"method {name!r} makes a static plan and needs num_steps when no calibration is given")
     if num_steps is not None:
         check_number("num_steps (the sampler's step count)", num_steps, 1, integer=True)
-    schedule, own_standin = info.build(values, source, num_steps, calibration)
+    schedule, own_standin, *fitted = info.build(values, source, num_steps, calibration)
     recorded = {k: v for k, v in dataclasses.asdict(values).items() if v is not None}
     if info.static and isinstance(schedule, Mapping):
         # only a plan planned from calibration statistics depends on the weights they were recorded on
         weights = calibration.weights if calibration is not None and info.needs_calibration else None
         schedule = Plan.from_steps(
-            source, schedule, num_steps, name, recorded, scheduler=scheduler,
+            source, schedule, num_steps, name, {**recorded, **(fitted[0] if fitted else {})}, scheduler=scheduler,
             calibration=calibration.facts() if calibration else None, weights=weights,
         )
+        own_standin = own_standin or schedule.fitted_standin()
     elif info.static or not isinstance(schedule, Rule):
         wanted = "update steps per block" if info.static else "a bac.Rule"
         raise ConfigTypeError(f"method {name!r} built {type(schedule).__name__}, not {wanted}")

@@ -24,6 +24,7 @@ from ..errors import ConfigError, PlanMismatchError
 from ..files import write_atomic
 from ..fit import check_made_for, scheduler_id
 from ..flops import executed_flops
+from ..standins import Linear
 
 SCHEMA_VERSION = 1
 
@@ -263,6 +264,45 @@ class Plan:
         for b in self.blocks:
             lines.append(f"    {b.name:<{width}}  {b.kind:<3} L{b.layer:<3} {len(b.update_steps):>4} updates")
         return "\n".join(lines)
+
+    # -- fitted parts (ERTACache: bac.methods.ertacache) ------------------------------------
+    def fitted_standin(self) -> Linear | None:
+        """The stand-in fitted into the plan (``params["rectification"]``: per block name, per skipped step,
+        ``[c, a, b]``: the step ``c`` the block was last computed at and the coefficients of its last two
+        computed values), or ``None``. A malformed fit is a :class:`bac.PlanMismatchError`."""
+        fits = self.params.get("rectification")
+        if fits is None:
+            return None
+        if not isinstance(fits, Mapping) or set(fits) - {b.name for b in self.blocks}:
+            raise PlanMismatchError(f"plan params.rectification must map this plan's block names to fits, got "
+                                    f"{sorted(fits)[:4] if isinstance(fits, Mapping) else type(fits).__name__}")
+        coefficients = []
+        for block in self.blocks:
+            steps, table = set(block.update_steps), {}
+            for key, fit in dict(fits.get(block.name, {})).items():
+                t = int(key) if isinstance(key, str) and key.isdigit() else -1
+                ok = (isinstance(fit, list) and len(fit) == 3 and _is_int(fit[0]) and fit[0] in steps
+                      and 0 <= fit[0] < t < self.num_steps and t not in steps
+                      and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in fit[1:]))
+                if not ok:
+                    raise PlanMismatchError(f"plan params.rectification[{block.name!r}][{key!r}] must be "
+                                            f"[computed step before it, a, b] at a skipped step, got {fit!r}"[:300])
+                table[t] = (int(fit[0]), float(fit[1]), float(fit[2]))
+            coefficients.append(table)
+        return Linear(coefficients)
+
+    def output_scales(self) -> tuple[float, ...] | None:
+        """The denoiser output's scale at each step (``params["step_scales"]``, ERTACache's timestep
+        adjustment), or ``None``; a malformed list is a :class:`bac.PlanMismatchError`."""
+        scales = self.params.get("step_scales")
+        if scales is None:
+            return None
+        if not (isinstance(scales, list) and len(scales) == self.num_steps and all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in scales)):
+            raise PlanMismatchError(f"plan params.step_scales must be {self.num_steps} positive numbers, one per "
+                                    f"step, got {str(scales)[:200]}")
+        return tuple(float(v) for v in scales)
 
     # -- checks ----------------------------------------------------------------------
     def check_fits(self, spec, num_steps: int | None = None, scheduler: Any = None,

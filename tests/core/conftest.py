@@ -108,5 +108,6 @@ def tiny_stack():
 def calibrated(request, tiny_denoiser, ddpm_scheduler, sample_actions):
     model, scheduler = tiny_denoiser(), ddpm_scheduler(request.module.K)
     obs = torch.randn(2, 2, 5, generator=torch.Generator().manual_seed(1))
-    calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler)
+    calibration = bac.calibrate(model, lambda o: sample_actions(model, scheduler, o), [obs], scheduler=scheduler,
+                                attention=True)
     return model, scheduler, calibration

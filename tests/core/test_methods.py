@@ -11,8 +11,8 @@ from bac.standins import TaylorSeries, relative_l1
 K = 12  # the sampler's steps
 
 # the methods of the exhaustive_settings fixture
-EXHAUSTIVE_METHODS = ("acs", "bac", "cg-taylor", "every-step", "fbcache", "forecast-acs", "sortblock", "taylorseer",
-                      "unified-acs", "uniform")
+EXHAUSTIVE_METHODS = ("acs", "bac", "cg-taylor", "ertacache", "every-step", "fbcache", "forecast-acs",
+                      "profiling-dit", "sortblock", "taylorseer", "unified-acs", "uniform")
 SKIPPING_METHODS = tuple(m for m in EXHAUSTIVE_METHODS if m != "every-step")
 # The sub-module that does the work of each branch of nn.TransformerDecoderLayer: counted independently.
 WITNESS = {"sa": "self_attn", "ca": "multihead_attn", "ffn": "linear1"}

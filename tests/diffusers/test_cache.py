@@ -13,8 +13,8 @@ from benchmarks.digits_dit import CachingDiT
 
 CASE_NAMES = ("dit", "flux", "wan")  # the conftest's cases
 # the methods of the exhaustive_settings fixture
-EXHAUSTIVE_METHODS = ("acs", "bac", "cg-taylor", "every-step", "fbcache", "forecast-acs", "sortblock", "taylorseer",
-                      "unified-acs", "uniform")
+EXHAUSTIVE_METHODS = ("acs", "bac", "cg-taylor", "ertacache", "every-step", "fbcache", "forecast-acs",
+                      "profiling-dit", "sortblock", "taylorseer", "unified-acs", "uniform")
 SKIPPING = {
     "uniform": {"interval": 2},
     "unified-acs": {"M": 3},
@@ -26,6 +26,9 @@ SKIPPING = {
     "fbcache": {"threshold": 10.0},
     "cg-taylor": {"gate": 10.0},
     "sortblock": {"fraction": 0.4, "interval": 3, "warmup": 1},
+    "ertacache": {"threshold": 1.5, "warmup": 2},
+    "ertacache+adjusted": {"threshold": 1.5, "warmup": 2},  # with the timestep adjustment fitted
+    "profiling-dit": {"share": 0.5, "warmup": 1, "interval": 2},
 }
 CALIBRATIONS = {}
 
@@ -39,14 +42,22 @@ def cached(sample, K):
 
     def calibration_of(case, model):
         if case.name not in CALIBRATIONS:
-            CALIBRATIONS[case.name] = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2])
+            CALIBRATIONS[case.name] = bac.calibrate(model, lambda seed: sample(case, model, seed), [1, 2],
+                                                    attention=True)
         return CALIBRATIONS[case.name]
 
     @contextlib.contextmanager
     def cached(case, model, method, params):
         name = method.split("+")[0]
         calibration = calibration_of(case, model) if bac.methods.needs_calibration(name) else None
-        handle = bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
+        if method.endswith("+adjusted"):  # ERTACache's timestep adjustment, fitted on an input of its own
+            built = bac.build_method(name, calibration, **params)
+            adjusted = bac.diffusers.adjust_timesteps(model, built, [3], sample_fn=lambda seed: sample(case, model, seed))
+            scales = adjusted.schedule.params["step_scales"]
+            assert any(s != 1.0 for s in scales) == (built.schedule.skipped_count() > 0)
+            handle = bac.diffusers.enable_cache(model, adjusted, num_inference_steps=K)
+        else:
+            handle = bac.diffusers.enable_cache(model, name, calibration=calibration, num_inference_steps=K, **params)
         try:
             yield handle
         finally:
@@ -80,12 +91,14 @@ def test_skipped_evaluations_match_what_the_method_reports(name, method, cases, 
     counts, hooks = count_branches(model)
     try:
         with cached(case, model, method, SKIPPING[method]) as handle:
+            before = dict(counts)  # fitting a timestep adjustment ran the model too
             outputs = sample(case, model)
             stats = handle.stats()
     finally:
         for h in hooks:
             h.remove()
-    assert {block: b["computed"] for block, b in stats["per_block"].items()} == counts
+    assert {block: b["computed"] for block, b in stats["per_block"].items()} == {
+        block: counts[block] - before[block] for block in counts}
     assert stats["skipped"] > 0 and stats["computed"] + stats["skipped"] == K * len(counts)
     assert all(torch.isfinite(out).all() for out in outputs) and not all_equal(outputs, reference)
     assert all_equal(sample(case, model), reference)  # disable_cache restored the plain model
@@ -173,7 +186,8 @@ def test_dit_pipeline_runs_every_method_and_disable_restores(dit_pipe, method, t
     name = method.split("+")[0]
     calibration = None
     if bac.methods.needs_calibration(name):
-        calibration = bac.diffusers.calibrate(pipe, [dict(class_labels=[2, 5], num_inference_steps=K, output_type="np")])
+        calibration = bac.diffusers.calibrate(pipe, [dict(class_labels=[2, 5], num_inference_steps=K, output_type="np")],
+                                              attention=True)
         assert calibration.num_steps == K and calibration.samples == 4  # guidance batched: 2 labels x 2
         calibration = calibration.save(tmp_path / "calibration.safetensors")  # enable_cache also takes the file
     handle = bac.diffusers.enable_cache(pipe, name, calibration=calibration, num_inference_steps=K, **SKIPPING[method])

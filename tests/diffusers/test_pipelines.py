@@ -45,7 +45,7 @@ def reference(pipe, kind):
 
 @pytest.fixture(scope="module")
 def calibration(pipe, kind):
-    return bac.diffusers.calibrate(pipe, [call_kwargs(kind, num_inference_steps=K, seed=1)])
+    return bac.diffusers.calibrate(pipe, [call_kwargs(kind, num_inference_steps=K, seed=1)], attention=True)
 
 
 def enable(pipe, method, params, calibration):

@@ -479,7 +479,8 @@ def test_both_policy_architectures_accept_every_method(architecture, skipping_se
     policy = tiny_policy(architecture)
     obs = torch.randn(2, 2, 39)
     reference = chunk(policy, obs)
-    calibration = bac.calibrate(policy.model, lambda o: chunk(policy, o), [obs], scheduler=policy.sampler)
+    calibration = bac.calibrate(policy.model, lambda o: chunk(policy, o), [obs], scheduler=policy.sampler,
+                                attention=True)
     steps = policy.sampler.steps
     for name in bac.available_methods():
         params = {k: min(v, steps) if k == "M" else v for k, v in skipping_settings.get(name, {}).items()}

@@ -79,7 +79,8 @@ def test_every_head_accepts_every_method(architecture, skipping_settings):
     policy = tiny_head(architecture, steps=6)
     obs = observation(2)
     reference = chunk(policy, obs)
-    calibration = bac.calibrate(policy.model, lambda o: chunk(policy, o), [obs], scheduler=policy.sampler)
+    calibration = bac.calibrate(policy.model, lambda o: chunk(policy, o), [obs], scheduler=policy.sampler,
+                                attention=True)
     for name in bac.available_methods():
         params = {k: min(v, 6) if k == "M" else v for k, v in skipping_settings.get(name, {}).items()}
         with policy.accelerate(bac.build_method(name, calibration, **params)) as handle:

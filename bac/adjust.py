@@ -18,21 +18,10 @@ import torch
 from torch import nn
 
 from .adapters import LayerAdapter, describe
-from .engine import accelerate
+from .engine import accelerate, output_tensor
 from .errors import ConfigError, ConfigTypeError, NonFiniteError
 from .methods import Method
 from .plan import Plan
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    if isinstance(getattr(output, "sample", None), torch.Tensor):
-        return output.sample
-    raise ConfigTypeError(f"adjust_timesteps scales the denoiser's output, a {type(output).__name__}: "
-                          "a tensor, a tuple of tensors or an object with a .sample tensor can be scaled")
 
 
 def adjust_timesteps(
@@ -72,10 +61,10 @@ def adjust_timesteps(
             nested[0] = True
             try:
                 with handle.scratch("full output", start=step):
-                    full = _first_tensor(module(*args, **kwargs)).double()
+                    full = output_tensor(module(*args, **kwargs)).double()
             finally:
                 nested[0] = False
-            cached = _first_tensor(output).double()
+            cached = output_tensor(output).double()
             dots[step] += float((full * cached).sum())
             norms[step] += float(cached.square().sum())
             return None

@@ -464,18 +464,28 @@ def _bind(spec: ModelSpec, schedule: Plan | Rule | Method, standin: str | Standi
     raise ConfigTypeError(f"schedule must be a bac.Plan, a runtime rule or a bac.Method, not {type(schedule).__name__}")
 
 
-def scale_output(output: Any, scale: float) -> Any:
-    """A denoiser's output times ``scale``: a tensor, the first tensor of a tuple or list, or the ``sample`` of
-    an output object (diffusers' ``Transformer2DModelOutput``); anything else is a :class:`bac.ConfigError`."""
+def output_tensor(output: Any) -> torch.Tensor:
+    """A denoiser's prediction: the output itself, the first tensor of a tuple or list, or the ``sample`` of an
+    output object (diffusers' ``Transformer2DModelOutput``); anything else is a :class:`bac.ConfigError`."""
     if isinstance(output, torch.Tensor):
-        return output * scale
+        return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return type(output)([output[0] * scale, *output[1:]])
+        return output[0]
     if isinstance(getattr(output, "sample", None), torch.Tensor):
-        return type(output)(**{**output, "sample": output.sample * scale})
-    raise ConfigError(f"the plan scales the denoiser's output at this step (a fitted timestep adjustment), but "
-                      f"the output is a {type(output).__name__}: a tensor, a tuple of tensors or an object with "
-                      "a .sample tensor can be scaled")
+        return output.sample
+    raise ConfigError(f"a fitted timestep adjustment scales the denoiser's output, but it is a "
+                      f"{type(output).__name__}: a tensor, a tuple of tensors or an object with a .sample tensor "
+                      "can be scaled")
+
+
+def scale_output(output: Any, scale: float) -> Any:
+    """``output`` (see :func:`output_tensor`) with its prediction times ``scale``, in the same container."""
+    scaled = output_tensor(output) * scale
+    if isinstance(output, torch.Tensor):
+        return scaled
+    if isinstance(output, (tuple, list)):
+        return type(output)([scaled, *output[1:]])
+    return type(output)(**{**output, "sample": scaled})
 
 
 def _input_shape(args: tuple, kwargs: dict) -> torch.Size | None:

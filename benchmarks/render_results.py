@@ -601,13 +601,16 @@ def diffusers_bench() -> dict[str, str]:
         full_ms = model["results"][0]["latency"]["p50_ms"]
         for i, (budget, s) in enumerate(model["matched"].items()):
             cells = []
-            for r in (s["best_project"], s["best_diffusers"]):
-                cells += [r["setting"], f"{r['speedup']:.2f}x ({r['rel_l2']:.4f})"] if r else ["—", "—"]
-            ratio = f"**{s['ratio']:.2f}**" if s["ratio"] is not None else "—"
+            for r in (s["best_project"], s["best_peer"]):  # nothing within the budget: full computation, 1.0x
+                cells += [r["setting"], f"{r['speedup']:.2f}x ({r['rel_l2']:.4f})"] if r else ["full computation",
+                                                                                                "1.00x"]
+            for r in (s["fewer_steps"], s["compile"]):
+                cells.append(f"{r['setting']} {r['speedup']:.2f}x ({r['rel_l2']:.4f})" if r else "none")
             rows.append([f"{model['model']} ({full_ms:.0f} ms)" if i == 0 else model["model"], f"≤ {budget}"]
-                        + cells + [ratio])
+                        + cells[:4] + [f"**{s['ratio']:.2f}**"] + cells[4:])
     out = {"best": table(["model (full ms)", "budget (rel. L2)", "best of this project", "speedup (rel. L2)",
-                          "best diffusers cache", "speedup (rel. L2)", "ratio"], rows),
+                          "best peer (diffusers, cache-dit)", "speedup (rel. L2)", "ratio", "fewer steps",
+                          "torch.compile"], rows),
            "plots": images("bench_diffusers")}
     for model in d["models"]:
         accuracy = "class_accuracy" in model["results"][0]
@@ -625,7 +628,13 @@ def diffusers_bench() -> dict[str, str]:
             text += ("\n\nOutput-aware refinement on " + model["refine_inputs"] + ": " + "; ".join(
                 f"{r['refinement']['from']} {r['refinement']['deviation_before']:.4f} → "
                 f"{r['refinement']['deviation_after']:.4f} in {r['refinement']['seconds']:.0f} s" for r in refined))
-        for name, peer in (("magcache_error", "MagCache"), ("seacache_error", "SeaCache")):
+        adjusted = [r for r in model["results"] if "adjustment" in r]
+        if adjusted:
+            text += ("\n\nERTACache's timestep adjustment fitted on the same inputs as refinement: " + "; ".join(
+                f"{r['setting']} {r['adjustment']['scaled_steps']} steps scaled in {r['adjustment']['seconds']:.0f} s"
+                for r in adjusted))
+        for name, peer in (("magcache_error", "MagCache"), ("seacache_error", "SeaCache"),
+                           ("cache_dit_error", "cache-dit")):
             if name in model:
                 text += f"\n\n{peer}: {model[name]}"
         out[f"model.{model['model']}"] = text

@@ -13,7 +13,7 @@ import bac
 from bac.attention import AttentionProbe, attention_focus, received_attention
 from bac.methods.ertacache import profiled_steps, rectification
 from bac.methods.profiling import recompute_steps
-from bac.sampling import FusedSampler
+from bac.sampling import DrawnNoise, FusedSampler
 
 K = 10
 
@@ -272,3 +272,35 @@ def test_profiling_dit_caches_the_lowest_scoring_layers(profiled):
 def test_profiling_dit_needs_the_attention_profile(profiled):
     with pytest.raises(bac.ConfigError, match="attention=True"):
         bac.build_method("profiling-dit", dataclasses.replace(profiled[2], focus=None))
+
+
+def test_a_traced_call_bakes_in_the_rectification_and_the_output_scales(profiled):
+    """One graph per call (bac.graphs): an adjusted ERTACache plan traced equals the eager cached call."""
+    from bac.graphs import GraphCall, trace
+    model, scheduler, calibration, obs = profiled
+    method = bac.build_method("ertacache", calibration, threshold=0.3)
+    plan = method.schedule
+    scales = [1.0 if all(row) else 0.9 + 0.01 * k for k, row in enumerate(plan.step_table())]
+    adjusted = bac.Method("ertacache", dataclasses.replace(plan, params={**plan.params, "step_scales": scales}))
+    sampler = FusedSampler(scheduler)
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, noise, cond):  # DDPM: every draw given up front, as bac.graphs needs
+            trajectory, drawn, x = sampler.start(), DrawnNoise(noise[1:]), noise[0]
+            for i, t in enumerate(sampler.timesteps):
+                x = trajectory.step(i, self.model(x, t, cond), x, generator=drawn)
+            return x
+
+    loop, x = Loop(), torch.randn(1 + sampler.noise_draws, 3, 8, 3)
+    with bac.accelerate(model, adjusted, num_steps=K), torch.no_grad():
+        bac.new_trajectory(model)
+        eager = loop(x, obs)
+        graph = GraphCall(trace(loop, [x, obs]), [x, obs], backend="eager")
+        assert (graph(x, obs) - eager).abs().max() <= 1e-5 * eager.abs().max()
+    with bac.accelerate(model, method, num_steps=K), torch.no_grad():
+        bac.new_trajectory(model)
+        assert not torch.allclose(loop(x, obs), eager)  # the scales changed the call

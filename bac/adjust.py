@@ -36,7 +36,8 @@ def adjust_timesteps(
     docstring); ``sample_fn(x)`` runs one sampling call for input ``x``, as for :func:`bac.refine`.
 
     Returns a :class:`bac.Method` of the same name and stand-in whose plan's params add ``step_scales`` (1.0 at
-    steps that compute every block); its parameters record ``adjusted: True``.
+    steps that compute every block, and where the fit is not positive: a cached output pointing away from the
+    full one is no interval to scale); its parameters record ``adjusted: True``.
     """
     if not isinstance(method, Method) or not isinstance(method.schedule, Plan):
         raise ConfigTypeError("adjust_timesteps fits a static plan: pass a bac.Method built from a plan")
@@ -76,8 +77,10 @@ def adjust_timesteps(
                 sample_fn(x)
         finally:
             hook.remove()
-    scales = [dots[k] / norms[k] if skipping[k] and norms[k] > 0 else 1.0 for k in range(plan.num_steps)]
-    if not all(torch.isfinite(torch.tensor(scales))):
+    fitted = [dots[k] / norms[k] if skipping[k] and norms[k] > 0 else 1.0 for k in range(plan.num_steps)]
+    if not all(torch.isfinite(torch.tensor(fitted))):
         raise NonFiniteError("adjust_timesteps: the fitted output scales are not finite (NaN or inf outputs?)")
+    # a fit <= 0 (the cached output points away from the full one) is no interval: that step is left as it is
+    scales = [s if s > 0 else 1.0 for s in fitted]
     adjusted = dataclasses.replace(plan, params={**params, "step_scales": [round(s, 6) for s in scales]})
     return Method(method.name, adjusted, method.standin, {**method.params, "adjusted": True})

@@ -718,6 +718,8 @@ def cache_dit_settings(case: Case, target, model, steps: int, grid: str) -> tupl
         # re-registered last (it swaps them per call): restore both (bac's plans check the parameters' order)
         for name in set(model.__dict__) - attributes[0]:
             del model.__dict__[name]
+        for name in set(model._modules) - set(submodules[0]):  # DiT's patch hoists the first block's embedder
+            del model._modules[name]
         for name in submodules[0]:
             model._modules[name] = model._modules.pop(name)
 

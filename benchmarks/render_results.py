@@ -845,6 +845,11 @@ STUDIES = (
           "Hold, continue, blend and real-time chunking at fixed inference latencies on the virtual clock: the "
           "harder suite's DP-T at 0-400 ms and pi0's flow head at 0 and 200 ms, 400 pairs per cell; seams, jerk, "
           "steps to success.", ("realtime-delays",), real_time_chunking),
+    Study("seed-methods", "ERTACache and ProfilingDiT: their mechanisms on trained weights, and the harder suite",
+          "ERTACache's rectification and ProfilingDiT's layer split measured against full computation on every "
+          "trained model; both methods in the closed loop beside bac, uniform caching and fewer steps at "
+          "matched FLOPs, 400 pairs each.", ("seed-methods", "seed-methods-dpt-hard", "seed-methods-dpt-hard-bac5"),
+          lambda: {**eval_run("seed-methods-dpt-hard"), **eval_run("seed-methods-dpt-hard-bac5")}),
     Study("core-benchmark", "Core benchmark: the executor, the engine's overhead, compilation",
           "Every configuration of one policy call against the reference implementation, interleaved in one "
           "process.", ("bench_core.json", "bench_core_batch50.json"), core_bench),

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import bench_diffusers as bench
 
@@ -118,8 +119,15 @@ def test_dit_digits_grid():
     assert [p["M"] for f, p in grid if f == "bac"] == [8, 12, 20]
     assert [(p["M"], p.get("allocate", False)) for f, p in grid if f == "forecast-acs"] == [
         (10, False), (17, False), (25, False), (17, True)]
-    assert sorted((p["interval"], p["order"]) for f, p in grid if f == "taylorseer") == [
-        (2, 1), (2, 2), (3, 1), (3, 2), (4, 1), (4, 2), (5, 1), (6, 1)]
+    taylorseer = [(p["interval"], p["order"], p.get("warmup", 1)) for f, p in grid if f == "taylorseer"]
+    assert sorted(t for t in taylorseer if t[2] == 1) == [
+        (2, 1, 1), (2, 2, 1), (3, 1, 1), (3, 2, 1), (4, 1, 1), (4, 2, 1), (5, 1, 1), (6, 1, 1)]
+    # every phase of the long intervals, and late-skipping schedules for the tightest budget
+    assert {(i, w) for i, _, w in taylorseer if 1 < w < 20} == {(i, w) for i in (6, 7, 8, 9) for w in (2, 3, 4)}
+    assert {(i, w) for i, _, w in taylorseer if w >= 20} == {(i, w) for i in (2, 3, 4) for w in (20, 25, 30)}
+    assert [p["threshold"] for f, p in grid if f == "ertacache" and "terms" not in p] == [0.02, 0.03, 0.05, 0.08, 0.2]
+    assert len([1 for f, _ in grid if f == "profiling-dit"]) == 8
+    assert all(setting in grid for setting in bench.adjust_grid(case, "full"))
     assert all(setting in grid for setting in bench.refine_grid(50, "full"))
     peers = bench.diffusers_grid(50, "full", case.thresholds)
     assert len(peers["TaylorSeerCache"]) == 14 and len(peers["MagCache"]) == 4 and len(peers["SeaCache"]) == 8
@@ -129,3 +137,22 @@ def test_dit_digits_grid():
     assert {f for f, _ in dbcache} == set(bench.CACHE_DIT_FAMILIES) and len(dbcache) == 28
     assert all(p["Fn_compute_blocks"] + p["Bn_compute_blocks"] < 2
                for _, p in bench.cache_dit_grid(20, "small", case.thresholds, blocks=2))
+
+
+def test_cache_dit_leaves_the_dit_as_it_was(one_thread):
+    """cache-dit's DiT patch hoists the first block's embedder into the transformer: disabling must undo it,
+    or bac's plans (which check the parameters' names and order) refuse the model afterwards."""
+    case = bench.CASES["dit-digits"]
+    model = case.build(case.config).eval()
+    names = [name for name, _ in model.named_parameters()]
+    x = case.inputs(0, torch.device("cpu"))
+    x = (x[0][:4], {k: v[:4] for k, v in x[1].items()})
+    reference = bench.sample(case, model, x, 3)
+    settings, notes = bench.cache_dit_settings(case, model, model, 3, "tiny")
+    assert settings and "cache_dit_error" not in notes
+    for setting in settings:
+        setting.enable()
+        bench.sample(case, model, x, 3)
+        setting.disable()
+    assert [name for name, _ in model.named_parameters()] == names
+    assert torch.equal(bench.sample(case, model, x, 3), reference)

@@ -114,7 +114,8 @@ class TunedConfig:
         """The caching method to accelerate ``policy`` with (``None``: no caching), its stand-in included.
 
         The stand-in is the one the tuner measured: ``params["standin"]`` when set, else the method's
-        own (``taylorseer`` forecasts; the calibrated plans reuse). Call after the sampler is set.
+        own (``taylorseer`` forecasts; the calibrated plans reuse, or use the stand-in fitted into the plan).
+        Call after the sampler is set.
         """
         plan = self.load_plan()
         if plan is None:
@@ -123,8 +124,8 @@ class TunedConfig:
         try:
             if "standin" in self.params:
                 standin = bac.make_standin(self.params["standin"])
-            elif bac.needs_calibration(self.method):  # their builders bring no stand-in of their own: reuse
-                standin = bac.REUSE
+            elif bac.needs_calibration(self.method):  # the plan's fitted stand-in (ERTACache's), else reuse
+                standin = plan.fitted_standin() or bac.REUSE
             else:  # an uncalibrated static method (uniform, taylorseer): its builder names its stand-in
                 standin = bac.build_method(self.method, policy.model, num_steps=self.steps, scheduler=policy.sampler.scheduler,
                                            **params).standin

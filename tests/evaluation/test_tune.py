@@ -130,3 +130,22 @@ def test_tuned_reader_checks_steps_and_method_params(tmp_path, edit, message):
     path.write_text(json.dumps(json.loads(path.read_text()) | edit))
     with pytest.raises(bac.ConfigError, match=message):
         TunedConfig.load(path)
+
+
+def test_a_tuned_ertacache_plan_brings_its_fitted_stand_in(checkpoint, tmp_path):
+    """A calibrated plan with a fit (ERTACache's rectification) applies with that stand-in, not plain reuse."""
+    policy = DiffusionPolicy.load(checkpoint).with_sampler("ddim", 6)
+    obs = {"observation.state": torch.randn(4, 2, 39, generator=torch.Generator().manual_seed(5)), "task": "reach"}
+    calibration = bac.calibrate(policy.model, lambda o: policy.predict_action_chunk(o), [obs],
+                                scheduler=policy.sampler.scheduler)
+    method = bac.build_method("ertacache", calibration, threshold=0.5, warmup=2)
+    assert method.schedule.skipped_count() > 0 and isinstance(method.standin, bac.Linear)
+    method.schedule.save(tmp_path / "plan.json")
+    tuned = TunedConfig.load(TunedConfig("ddim", 6, "ertacache", {"threshold": 0.5, "warmup": 2}, "plan.json")
+                             .save(tmp_path / "tuned.json"))
+    assert isinstance(tuned.method_for(policy).standin, bac.Linear)
+    loaded = DiffusionPolicy.load(checkpoint)
+    handle = loaded.use_tuned(tuned.path)
+    with policy.accelerate(method):
+        assert torch.equal(actions(loaded), actions(policy))
+    handle.remove()

@@ -699,7 +699,7 @@ def cache_dit_settings(case: Case, target, model, steps: int, grid: str) -> tupl
         order = params.pop("taylorseer_order", None)
         config = cache_dit.DBCacheConfig(**params, num_inference_steps=steps, enable_separate_cfg=separate_cfg)
         calibrator = None if order is None else cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order)
-        attributes[0], submodules[0] = set(model.__dict__), list(model._modules)
+        attributes[0], submodules[0] = dict(model.__dict__), dict(model._modules)
         if case.pipeline is not None:
             handle[0] = target
         elif isinstance(model, (FluxTransformer2DModel, WanTransformer3DModel)):
@@ -714,16 +714,17 @@ def cache_dit_settings(case: Case, target, model, steps: int, grid: str) -> tupl
 
     def disable() -> None:
         cache_dit.disable_cache(handle[0])
-        # cache-dit leaves the patched forward (and the patch's marks) on the transformer, and its block lists
-        # re-registered last (it swaps them per call): restore both (bac's plans check the parameters' order)
-        for name in set(model.__dict__) - attributes[0]:
+        # cache-dit leaves the patched forward (and the patch's marks) on the transformer, over whatever forward
+        # was there (a diffusers hook registry's), its block lists re-registered last (it swaps them per call)
+        # and DiT's first embedder hoisted into the transformer: restore the attributes and the submodules as
+        # they were (bac's plans check the parameters' names and order)
+        for name in set(model.__dict__) - set(attributes[0]):
             del model.__dict__[name]
-        for name in set(model._modules) - set(submodules[0]):  # DiT's patch hoists the first block's embedder
-            del model._modules[name]
-        for name in submodules[0]:
-            model._modules[name] = model._modules.pop(name)
+        model.__dict__.update(attributes[0])
+        model._modules.clear()
+        model._modules.update(submodules[0])
 
-    handle, attributes, submodules = [None], [set()], [[]]
+    handle, attributes, submodules = [None], [{}], [{}]
     settings = [Setting(family, p, lambda p=p: enable(p), disable) for family, p in grid_settings]
     if not settings:
         notes["cache_dit_error"] = f"no DBCache setting leaves a block to cache ({blocks} blocks)"

@@ -11,3 +11,6 @@ run dit-digits case=dit-digits
 run pi0-metaworld checkpoint=pi0-metaworld tasks=[suite]
 run gr00t-metaworld checkpoint=gr00t-metaworld tasks=[suite]
 run rdt-metaworld checkpoint=rdt-metaworld tasks=[suite]
+# the hard-suite policies on DDIM-10 too, the sampler of configs/methods/seed_methods.yaml's closed loop
+run dpt-metaworld-hard-ddim10 checkpoint=dpt-metaworld-hard tasks=[hard] sampler.kind=ddim sampler.steps=10
+run dit-metaworld-hard-ddim10 checkpoint=dit-metaworld-hard tasks=[hard] sampler.kind=ddim sampler.steps=10

@@ -475,7 +475,7 @@ def test_configured_suites_are_the_default_suite():
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("architecture", ["dpt", "dit"])
-def test_both_policy_architectures_accept_every_method(architecture, skipping_settings):
+def test_both_policy_architectures_accept_every_method(architecture, skipping_settings, exhaustive_settings):
     policy = tiny_policy(architecture)
     obs = torch.randn(2, 2, 39)
     reference = chunk(policy, obs)
@@ -489,6 +489,9 @@ def test_both_policy_architectures_accept_every_method(architecture, skipping_se
             stats = handle.stats()
         assert actions.shape == reference.shape and torch.isfinite(actions).all(), name
         assert (stats["skipped"] > 0) == (name != "every-step"), name
+        if name in ("ertacache", "profiling-dit"):  # their every-step settings give the plain call bit for bit
+            with policy.accelerate(bac.build_method(name, calibration, **exhaustive_settings(steps)[name])):
+                assert torch.equal(chunk(policy, obs), reference), name
     assert torch.equal(chunk(policy, obs), reference)
 
 

@@ -75,7 +75,7 @@ def test_every_step_plan_gives_bit_identical_actions(architecture):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("architecture", HEADS)
-def test_every_head_accepts_every_method(architecture, skipping_settings):
+def test_every_head_accepts_every_method(architecture, skipping_settings, exhaustive_settings):
     policy = tiny_head(architecture, steps=6)
     obs = observation(2)
     reference = chunk(policy, obs)
@@ -88,6 +88,9 @@ def test_every_head_accepts_every_method(architecture, skipping_settings):
             stats = handle.stats()
         assert actions.shape == reference.shape and torch.isfinite(actions).all(), name
         assert (stats["skipped"] > 0) == (name != "every-step"), name
+        if name in ("ertacache", "profiling-dit"):  # their every-step settings give the plain call bit for bit
+            with policy.accelerate(bac.build_method(name, calibration, **exhaustive_settings(6)[name])):
+                assert torch.equal(chunk(policy, obs), reference), name
     assert torch.equal(chunk(policy, obs), reference)
 
 

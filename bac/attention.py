@@ -11,6 +11,7 @@ so profiling costs memory quadratic in the token count: it runs on calibration i
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -54,10 +55,13 @@ class AttentionProbe(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.received.append(_sdpa_received(args, kwargs).detach())
         elif func is F.multi_head_attention_forward:
-            # the weights from a second call: asking the caller's call for them would change its kernel (and
-            # so its output's last bits), and profiling must not change what the model computes
-            _, weights = func(*args, **{**kwargs, "need_weights": True, "average_attn_weights": True})
-            self.received.append(weights.float().mean(1).detach())  # [batch, queries, keys] -> [batch, keys]
+            # the caller's call, asked for its weights (under the mode it left the fused kernel anyway, which is
+            # why calibration profiles in a pass of its own): handed back as the caller asked
+            wanted = kwargs.get("need_weights", True)
+            out, weights = func(*args, **{**kwargs, "need_weights": True})
+            averaged = weights.mean(1) if weights.dim() == 4 else weights  # per head: [batch, heads, q, keys]
+            self.received.append(averaged.float().mean(1).detach())  # [batch, queries, keys] -> [batch, keys]
+            return out, weights if wanted else None
         return func(*args, **kwargs)
 
 
